@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# GPU check: on a CUDA machine with torch already installed and no network, build blockops for this GPU,
+# run the test suite (CUDA cases included) and the full benchmark suite, and leave logs and JSON in the
+# folder given as the first argument. Takes well under 8 minutes on an H100/H200.
+#   bash bench/gpu_check.sh OUT_DIR [WHEEL_DIR]
+# WHEEL_DIR may hold wheels missing on that machine (nvidia-cutlass); they are installed with --no-deps into
+# a private folder put on PYTHONPATH.
+set -uo pipefail
+out=${1:?usage: bench/gpu_check.sh OUT_DIR [WHEEL_DIR]}
+wheels=${2:-}
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+if [ -n "$wheels" ] && ls "$wheels"/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/blockops-site "$wheels"/*.whl
+  export PYTHONPATH=/tmp/blockops-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+arch=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m >= 9 else ''))")
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch}
+export MAX_JOBS=${MAX_JOBS:-16}
+{ nvidia-smi; $PY -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"; } > "$out/machine.txt" 2>&1
+echo "== build for $TORCH_CUDA_ARCH_LIST"
+start=$(date +%s)
+$PY -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - start )) s"
+$PY -m blockops info | tee "$out/build_info.json"
+echo "== tests"
+timeout 300 $PY -m pytest -q -x --junitxml="$out/tests.xml" tests > "$out/tests.log" 2>&1
+test_rc=$?
+tail -15 "$out/tests.log"
+echo "== benchmarks"
+timeout 240 $PY -m blockops bench --full --json "$out/bench.json" > "$out/bench.log" 2>&1
+bench_rc=$?
+cat "$out/bench.log"
+echo "tests rc=$test_rc bench rc=$bench_rc"
+exit $(( test_rc != 0 || bench_rc != 0 ))

@@ -1,0 +1,33 @@
+"""blockops: fast, trainable building blocks for block-wise methods (low-bit and VQ GEMM, block-sparse and
+PaTH attention, cached-block skipping), as `torch.ops.blockops.*` ops, nn.Modules and benchmarks."""
+from __future__ import annotations
+
+import copy
+
+from blockops._loader import load as _load
+
+_C, _BUILD_INFO = _load()
+
+from blockops import ops  # noqa: E402  (registers fake implementations and autograd)
+from blockops.ops import pack_bits, unpack_bits  # noqa: E402
+
+__version__ = _BUILD_INFO["version"]
+
+
+def build_info() -> dict:
+    """What this build contains.
+
+    Keys: ``version``, ``torch_version`` (the torch it was built against), ``compiler``, ``cpu_isa``
+    (``"avx2+fma"`` or ``"portable"``: what the CPU kernels use in this process), ``cpu_families``
+    (kernel family -> CPU ISA), ``cuda_compiled``, ``cuda_version``, ``cuda_families`` (kernel family ->
+    list of CUDA architectures it was compiled for, e.g. ``["8.0", "9.0a"]``), ``cutlass_include``.
+    """
+    return copy.deepcopy(_BUILD_INFO)
+
+
+def kernel_call_counts() -> dict[str, int]:
+    """Calls per compiled kernel entry point (``"<op>.<backend>"``), counted inside the C++ library."""
+    return dict(_C.kernel_call_counts())
+
+
+__all__ = ["build_info", "kernel_call_counts", "ops", "pack_bits", "unpack_bits"]

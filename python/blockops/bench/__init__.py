@@ -1,0 +1,28 @@
+"""Benchmarks of every kernel family (used by `python -m blockops bench` and the scripts in bench/).
+
+Each family module has `run(device, quick=True) -> list[Result]`; FAMILIES lists them in suite order.
+"""
+from __future__ import annotations
+
+from blockops.bench import bitpack
+from blockops.bench.harness import Result, format_table, machine_description, plot, write_json
+
+FAMILIES = {
+    "bitpack": bitpack.run,
+}
+
+
+def run_suite(device: str, families=None, quick: bool = True, progress: bool = True) -> list[Result]:
+    from tqdm import tqdm
+
+    names = list(families or FAMILIES)
+    unknown = [n for n in names if n not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown benchmark families {unknown}; known: {list(FAMILIES)}")
+    results: list[Result] = []
+    for name in tqdm(names, desc="benchmark families", disable=not progress):
+        results.extend(FAMILIES[name](device, quick=quick))
+    return results
+
+
+__all__ = ["FAMILIES", "Result", "format_table", "machine_description", "plot", "run_suite", "write_json"]

@@ -1,0 +1,29 @@
+"""Print what the build needs to know about this Python environment, one KEY=value per line.
+
+Used by CMakeLists.txt. Imports torch (CPU-only work, no GPU is touched) and locates, without importing,
+the nvidia-cutlass headers and the CUDA library headers/libnvrtc shipped in torch's nvidia-* wheels.
+"""
+import glob
+import importlib.util
+import os
+
+import torch
+
+
+def first(paths):
+    paths = sorted(p for p in paths if os.path.exists(p))
+    return paths[-1] if paths else ""
+
+
+site = os.path.dirname(os.path.dirname(torch.__file__))  # the site-packages holding torch
+cutlass = ""
+spec = importlib.util.find_spec("cutlass_library")  # finds the package without running it
+if spec is not None and spec.submodule_search_locations:
+    cutlass = first([os.path.join(spec.submodule_search_locations[0], "source", "include")])
+
+print(f"TORCH_VERSION={torch.__version__}")
+print(f"TORCH_CUDA={torch.version.cuda or ''}")
+print(f"TORCH_CMAKE_PREFIX={torch.utils.cmake_prefix_path}")
+print(f"NVIDIA_INCLUDE={first(glob.glob(os.path.join(site, 'nvidia', 'cu[0-9]*', 'include')))}")
+print(f"NVIDIA_NVRTC={first(glob.glob(os.path.join(site, 'nvidia', 'cu[0-9]*', 'lib', 'libnvrtc.so.[0-9]*')))}")
+print(f"CUTLASS_INCLUDE={cutlass}")
