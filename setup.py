@@ -39,7 +39,10 @@ class CMakeExtension(Extension):
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
-        build_dir = ROOT / "build" / f"cmake-py{sys.version_info.major}{sys.version_info.minor}"
+        cpu_only = os.environ.get("BLOCKOPS_CUDA") == "0"
+        # One build folder per Python and per CPU-only/CUDA flavour, so switching does not rebuild everything.
+        flavour = "-cpu" if cpu_only else ""
+        build_dir = ROOT / "build" / f"cmake-py{sys.version_info.major}{sys.version_info.minor}{flavour}"
         build_dir.mkdir(parents=True, exist_ok=True)
         cmake = cmake_executable()
         configure = [
@@ -54,7 +57,7 @@ class CMakeBuild(build_ext):
             configure.append(f"-DCMAKE_MAKE_PROGRAM={Path(ninja.BIN_DIR) / 'ninja'}")
         except ImportError:
             pass
-        if os.environ.get("BLOCKOPS_CUDA") == "0":
+        if cpu_only:
             configure.append("-DBLOCKOPS_CUDA=OFF")
         subprocess.run(configure, check=True)
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)

@@ -23,6 +23,8 @@ if spec is not None and spec.submodule_search_locations:
 
 print(f"TORCH_VERSION={torch.__version__}")
 print(f"TORCH_CUDA={torch.version.cuda or ''}")
+print(f"TORCH_ROOT={os.path.dirname(torch.__file__)}")
+print(f"TORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}")
 print(f"TORCH_CMAKE_PREFIX={torch.utils.cmake_prefix_path}")
 print(f"NVIDIA_INCLUDE={first(glob.glob(os.path.join(site, 'nvidia', 'cu[0-9]*', 'include')))}")
 print(f"NVIDIA_NVRTC={first(glob.glob(os.path.join(site, 'nvidia', 'cu[0-9]*', 'lib', 'libnvrtc.so.[0-9]*')))}")
