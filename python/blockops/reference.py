@@ -30,3 +30,18 @@ def ref_unpack_bits(packed: torch.Tensor, bits: int, size: int, dim: int = -1) -
     v = (p.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     v = v.reshape(*v.shape[:-2], -1)[..., :size]
     return v.to(torch.uint8).movedim(-1, dim).contiguous()
+
+
+def ref_quant_dequantize(qweight, scales, zeros, bits: int, group_size: int) -> torch.Tensor:
+    """Reference for ``blockops.ops.quant_dequantize``, in fp32: ``W_hat [out, in]``."""
+    in_features = scales.shape[0] * group_size
+    q = ref_unpack_bits(qweight, bits, in_features, 0).float()          # [in, out]
+    s = scales.float().repeat_interleave(group_size, 0)
+    z = zeros.float().repeat_interleave(group_size, 0)
+    return ((q - z) * s).t().contiguous()
+
+
+def ref_quant_linear(x, qweight, scales, zeros, bits: int, group_size: int, bias=None) -> torch.Tensor:
+    """Reference for ``blockops.ops.quant_linear``: dequantize, then an fp32 matmul."""
+    y = x.float() @ ref_quant_dequantize(qweight, scales, zeros, bits, group_size).t()
+    return y if bias is None else y + bias.float()

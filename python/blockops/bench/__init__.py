@@ -4,11 +4,12 @@ Each family module has `run(device, quick=True) -> list[Result]`; FAMILIES lists
 """
 from __future__ import annotations
 
-from blockops.bench import bitpack
+from blockops.bench import bitpack, lowbit
 from blockops.bench.harness import Result, format_table, machine_description, plot, write_json
 
 FAMILIES = {
     "bitpack": bitpack.run,
+    "lowbit": lowbit.run,
 }
 
 

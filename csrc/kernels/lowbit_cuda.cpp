@@ -1,0 +1,156 @@
+// CUDA glue for the low-bit GEMM ops: argument checks (shared with the CPU path), allocation, launch on the
+// current stream, cuBLAS for the many-row products, and the CUDA dispatch registration. Compiled by the host
+// compiler; the kernels themselves are in lowbit.cu.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/matmul.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/accumulate.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../checks.h"
+#include "../introspection.h"
+#include "../lowbit_op.h"
+#include "lowbit_launch.h"
+
+namespace blockops::lowbit {
+namespace {
+
+KernelCounter linear_counter("quant_linear.cuda");
+KernelCounter dequantize_counter("quant_dequantize.cuda");
+KernelCounter grad_input_counter("quant_linear_grad_input.cuda");
+KernelCounter grad_scales_counter("quant_grad_scales.cuda");
+
+DType dtype_of(at::ScalarType s) {
+  switch (s) {
+    case at::kFloat: return DType::kF32;
+    case at::kHalf: return DType::kF16;
+    case at::kBFloat16: return DType::kBF16;
+    default: TORCH_INTERNAL_ASSERT(false, "lowbit checks let an unsupported dtype through: ", s);
+  }
+}
+
+// Leading dims of an activation [..., features] flattened; 0 features still leaves the rows countable.
+int64_t rows_of(const at::Tensor& t) { return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1); }
+
+std::vector<int64_t> with_last_dim(const at::Tensor& t, int64_t last) {
+  std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
+  sizes.back() = last;
+  return sizes;
+}
+
+// W_hat [out, in] in `dtype` (rounded once from fp32), for the cuBLAS paths.
+at::Tensor dequantize_to(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+                         const Geometry& g, at::ScalarType dtype, cudaStream_t stream) {
+  at::Tensor w_hat = at::empty({g.out, g.in}, scales.options().dtype(dtype));
+  if (w_hat.numel() == 0) return w_hat;
+  C10_CUDA_CHECK(launch_quant_dequantize(qweight.const_data_ptr<int32_t>(), scales.const_data_ptr(),
+                                         zeros.const_data_ptr(), dtype_of(scales.scalar_type()),
+                                         w_hat.mutable_data_ptr(), dtype_of(dtype), g, stream));
+  return w_hat;
+}
+
+at::Tensor quant_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                             const at::Tensor& zeros, int64_t bits, int64_t group_size,
+                             const c10::optional<at::Tensor>& bias) {
+  constexpr const char* op = "blockops.quant_linear";
+  const Geometry g = check_weight(op, qweight, scales, zeros, bits, group_size);
+  check_activation(op, "x", x, g.in, qweight);
+  check_bias(op, bias, g, qweight);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t m = rows_of(x);
+  if (m == 0 || g.out == 0) return at::empty(with_last_dim(x, g.out), x.options());
+  linear_counter.hit();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  if (m > kGemvMaxRows) {
+    // Enough rows to amortise one pass writing W_hat: dequantize, then a tensor-core GEMM.
+    const at::Tensor w_hat = dequantize_to(qweight, scales, zeros, g, x.scalar_type(), stream);
+    c10::optional<at::Tensor> b;
+    if (bias.has_value()) b = bias->to(x.scalar_type());
+    return at::linear(x, w_hat, b);
+  }
+
+  at::Tensor y = at::empty(with_last_dim(x, g.out), x.options());
+  // check_bias fixes dtype and shape, not strides; the GEMV indexes the bias densely (a no-op when it is).
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const int splits = quant_gemv_splits(g, m);
+  at::Tensor workspace;
+  if (splits > 1) workspace = at::empty({m, g.out}, x.options().dtype(at::kFloat));
+
+  GemvParams p{};
+  p.x = x.const_data_ptr();
+  p.x_type = dtype_of(x.scalar_type());
+  p.qweight = qweight.const_data_ptr<int32_t>();
+  p.scales = scales.const_data_ptr();
+  p.zeros = zeros.const_data_ptr();
+  p.param_type = dtype_of(scales.scalar_type());
+  p.bias = b.defined() ? b.const_data_ptr() : nullptr;
+  p.bias_type = b.defined() ? dtype_of(b.scalar_type()) : DType::kF32;
+  p.y = y.mutable_data_ptr();
+  p.workspace = splits > 1 ? workspace.mutable_data_ptr<float>() : nullptr;
+  p.m = m;
+  p.g = g;
+  C10_CUDA_CHECK(launch_quant_gemv(p, splits, stream));
+  return y;
+}
+
+at::Tensor quant_dequantize_cuda(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+                                 int64_t bits, int64_t group_size) {
+  constexpr const char* op = "blockops.quant_dequantize";
+  const Geometry g = check_weight(op, qweight, scales, zeros, bits, group_size);
+  const c10::cuda::CUDAGuard guard(qweight.device());
+  if (g.out * g.in > 0) dequantize_counter.hit();
+  return dequantize_to(qweight, scales, zeros, g, scales.scalar_type(), c10::cuda::getCurrentCUDAStream());
+}
+
+at::Tensor quant_linear_grad_input_cuda(const at::Tensor& grad_out, const at::Tensor& qweight,
+                                        const at::Tensor& scales, const at::Tensor& zeros, int64_t bits,
+                                        int64_t group_size) {
+  constexpr const char* op = "blockops.quant_linear_grad_input";
+  const Geometry g = check_weight(op, qweight, scales, zeros, bits, group_size);
+  check_activation(op, "grad_out", grad_out, g.out, qweight);
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  if (rows_of(grad_out) == 0 || g.in == 0) return at::empty(with_last_dim(grad_out, g.in), grad_out.options());
+  grad_input_counter.hit();
+  // grad_x = grad_out @ W_hat: W_hat [out, in] is already the right operand, no transpose.
+  const at::Tensor w_hat =
+      dequantize_to(qweight, scales, zeros, g, grad_out.scalar_type(), c10::cuda::getCurrentCUDAStream());
+  return at::matmul(grad_out, w_hat);
+}
+
+at::Tensor quant_grad_scales_cuda(const at::Tensor& t, const at::Tensor& qweight, const at::Tensor& zeros,
+                                  int64_t bits, int64_t group_size) {
+  constexpr const char* op = "blockops.quant_grad_scales";
+  // zeros stands in for scales: the same shape and dtype rules apply to both.
+  const Geometry g = check_weight(op, qweight, zeros, zeros, bits, group_size);
+  check_dtype(t, {at::kFloat}, op, "t");
+  check_same_device(t, qweight, op, "t", "qweight");
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == g.out && t.size(1) == g.in, op, ": t must have shape [", g.out, ", ",
+              g.in, "] (grad_out^T @ x), got ", t.sizes());
+  check_contiguous(t, op, "t");
+  const c10::cuda::CUDAGuard guard(qweight.device());
+  at::Tensor grad = at::empty({g.groups(), g.out}, t.options());
+  if (grad.numel() == 0) return grad;
+  grad_scales_counter.hit();
+  C10_CUDA_CHECK(launch_quant_grad_scales(t.const_data_ptr<float>(), qweight.const_data_ptr<int32_t>(),
+                                          zeros.const_data_ptr(), dtype_of(zeros.scalar_type()),
+                                          grad.mutable_data_ptr<float>(), g, c10::cuda::getCurrentCUDAStream()));
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(blockops, CUDA, m) {
+  m.impl("quant_linear", &quant_linear_cuda);
+  m.impl("quant_dequantize", &quant_dequantize_cuda);
+  m.impl("quant_linear_grad_input", &quant_linear_grad_input_cuda);
+  m.impl("quant_grad_scales", &quant_grad_scales_cuda);
+}
+
+}  // namespace blockops::lowbit

@@ -1,0 +1,50 @@
+// Launchers of the low-bit GEMM CUDA kernels (kernels/lowbit.cu). Torch-free: the glue in lowbit_cuda.cpp
+// passes raw pointers, the geometry, the dtypes and the stream. Every pointer is to contiguous row-major
+// device memory; the glue's checks guarantee the shapes named below.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "../lowbit.h"
+
+namespace blockops::lowbit {
+
+// Floating dtypes the kernels read and write (activations, outputs, scales, zeros, bias).
+enum class DType { kF32, kF16, kBF16 };
+
+// Rows of x up to which quant_linear runs the fused GEMV; above it, dequantize + cuBLAS GEMM.
+constexpr int64_t kGemvMaxRows = 8;
+
+struct GemvParams {
+  const void* x;            // [m, in], x_type
+  DType x_type;             // also y's dtype
+  const int32_t* qweight;   // [words, out]
+  const void* scales;       // [in / g, out], param_type
+  const void* zeros;        // [in / g, out], param_type
+  DType param_type;
+  const void* bias;         // [out], bias_type; nullptr: no bias
+  DType bias_type;
+  void* y;                  // [m, out], x_type
+  float* workspace;         // [m, out] fp32 when splits > 1 (the launcher zeroes it), else unused
+  int64_t m;                // 1 ..= kGemvMaxRows
+  Geometry g;
+};
+
+// How many K splits launch_quant_gemv should use for m rows times this weight on the current device (>= 1).
+// The glue allocates GemvParams::workspace when this is > 1.
+int quant_gemv_splits(const Geometry& g, int64_t m);
+
+// y = x @ W_hat^T (+ bias) for m <= kGemvMaxRows rows; `splits` from quant_gemv_splits.
+cudaError_t launch_quant_gemv(const GemvParams& p, int splits, cudaStream_t stream);
+
+// out [out, in] (out_type) = W_hat, computed in fp32 and rounded once.
+cudaError_t launch_quant_dequantize(const int32_t* qweight, const void* scales, const void* zeros,
+                                    DType param_type, void* out, DType out_type, const Geometry& g,
+                                    cudaStream_t stream);
+
+// out [in / g, out] fp32: out[grp, n] = sum_{k in grp} (q[k, n] - zeros[grp, n]) * t[n, k], t [out, in] fp32.
+cudaError_t launch_quant_grad_scales(const float* t, const int32_t* qweight, const void* zeros, DType zero_type,
+                                     float* out, const Geometry& g, cudaStream_t stream);
+
+}  // namespace blockops::lowbit

@@ -1,0 +1,576 @@
+// Low-bit GEMM on the CPU: the shared argument checks and the CPU kernels of the lowbit family.
+//
+// quant_linear, small batch (M <= kGemvMaxRows, the decode case) -- a fused GEMV that reads every packed
+// weight once and never materialises W_hat:
+//
+//      qweight [words, out] int32                 threads own column tiles of kTileCols = 16 columns
+//      +-------+-------+-------+----               (one 64-byte cache line per packed row) and walk
+//      | tile0 | tile1 | tile2 | ...              down the rows; the rows kPrefetchRows ahead are
+//      |  16   |  16   |       |                  prefetched, because the hardware prefetchers do not
+//      v rows  v       v                          follow a stride of `out * 4` bytes across pages.
+//
+//   per 16-column tile and per chunk of <= 4 activation rows (kept in registers):
+//     for each group:  acc[m] = sum_{k in grp} x[m, k] * q[k, :]          (codes unpacked in registers)
+//                      y[m, :] += s[grp, :] * (acc[m] - z[grp, :] * xsum[m, grp])
+//   A second chunk of rows re-reads the tile from L1/L2, not memory (a tile is 16 * words * 4 bytes).
+//
+// quant_linear, larger batches -- dequantize blocks of kBlockRows output rows into fp32 and hand them to
+// ATen's blocked GEMM (at::mm); only one block of W_hat exists at a time.
+// quant_linear_grad_input -- the same blocks, multiplied the other way.
+// quant_grad_scales -- a reduction over each group of the packed weight against t = grad_out^T x.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/add.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+#include <type_traits>
+
+#if BLOCKOPS_X86_DISPATCH
+#include <immintrin.h>
+#endif
+
+#include "checks.h"
+#include "cpu_features.h"
+#include "introspection.h"
+#include "lowbit_op.h"
+
+namespace blockops::lowbit {
+
+// ---------------------------------------------------------------------------------------------------------
+// Argument checks (shared with the CUDA glue)
+// ---------------------------------------------------------------------------------------------------------
+
+Geometry check_weight(const char* op, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+                      int64_t bits, int64_t group_size) {
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4, op, ": bits must be 2, 3 or 4, got ", bits);
+  TORCH_CHECK(group_size >= 16 && group_size % 16 == 0, op, ": group_size must be a positive multiple of 16, got ",
+              group_size);
+  check_dtype(qweight, {at::kInt}, op, "qweight");
+  check_dtype(scales, {at::kHalf, at::kBFloat16, at::kFloat}, op, "scales");
+  TORCH_CHECK(zeros.scalar_type() == scales.scalar_type(), op, ": zeros must have the scales' dtype ",
+              scales.scalar_type(), ", got ", zeros.scalar_type());
+  TORCH_CHECK(qweight.dim() == 2 && scales.dim() == 2, op, ": qweight and scales must be 2-D, got shapes ",
+              qweight.sizes(), " and ", scales.sizes());
+  TORCH_CHECK(zeros.sizes() == scales.sizes(), op, ": zeros shape ", zeros.sizes(), " must equal scales shape ",
+              scales.sizes());
+  check_same_device(scales, qweight, op, "scales", "qweight");
+  check_same_device(zeros, qweight, op, "zeros", "qweight");
+  check_contiguous(qweight, op, "qweight");
+  check_contiguous(scales, op, "scales");
+  check_contiguous(zeros, op, "zeros");
+  const Geometry g{scales.size(0) * group_size, scales.size(1), static_cast<int>(bits), static_cast<int>(group_size)};
+  TORCH_CHECK(qweight.size(1) == g.out, op, ": qweight has ", qweight.size(1), " output columns but scales has ",
+              g.out);
+  TORCH_CHECK(qweight.size(0) == g.words(), op, ": in = scales.size(0) * group_size = ", g.in, " needs ", g.words(),
+              " packed rows of ", g.per_word(), " ", bits, "-bit codes, but qweight has ", qweight.size(0),
+              " (shape ", qweight.sizes(), ")");
+  return g;
+}
+
+void check_activation(const char* op, const char* arg, const at::Tensor& t, int64_t features,
+                      const at::Tensor& qweight) {
+  check_dtype(t, {at::kHalf, at::kBFloat16, at::kFloat}, op, arg);
+  check_same_device(t, qweight, op, arg, "qweight");
+  check_ndim_at_least(t, 1, op, arg);
+  TORCH_CHECK(t.size(-1) == features, op, ": ", arg, " must have ", features, " features in its last dim, got shape ",
+              t.sizes());
+  check_contiguous(t, op, arg);
+}
+
+void check_bias(const char* op, const c10::optional<at::Tensor>& bias, const Geometry& g, const at::Tensor& qweight) {
+  if (!bias.has_value()) return;
+  check_dtype(*bias, {at::kHalf, at::kBFloat16, at::kFloat}, op, "bias");
+  check_same_device(*bias, qweight, op, "bias", "qweight");
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.out, op, ": bias must have shape [", g.out, "], got ",
+              bias->sizes());
+}
+
+namespace {
+
+constexpr const char* kLinear = "blockops.quant_linear";
+constexpr const char* kDequant = "blockops.quant_dequantize";
+constexpr const char* kGradInput = "blockops.quant_linear_grad_input";
+constexpr const char* kGradScales = "blockops.quant_grad_scales";
+
+KernelCounter linear_counter("quant_linear.cpu");
+KernelCounter dequant_counter("quant_dequantize.cpu");
+KernelCounter grad_input_counter("quant_linear_grad_input.cpu");
+KernelCounter grad_scales_counter("quant_grad_scales.cpu");
+FamilyRegistration family("lowbit", cpu_isa_name);
+
+constexpr int64_t kGemvMaxRows = 8;    // above this the blocked GEMM on dequantized tiles wins
+constexpr int kTileCols = 16;          // one 64-byte cache line of a packed row; two AVX2 vectors
+constexpr int kRowsPerPass = 4;        // activation rows kept in registers per pass over a tile
+constexpr int kPrefetchRows = 32;      // packed rows fetched ahead (~ memory latency / time per row)
+constexpr int64_t kBlockRows = 512;    // output rows dequantized at once on the GEMM paths (<= 8 MB fp32)
+
+// What one GEMV pass needs: fp32 activations [M, in], their per-group sums [M, groups], fp32 scales and
+// zeros [groups, out], the fp32 output [M, out].
+struct GemvArgs {
+  const float* x;
+  const float* xsum;
+  // Only for the 16-bit fixed-point path (below): per row, packed row r and step j, the int16 activations
+  // of inputs r*p + j (low half) and r*p + p/2 + j (high half); and the per-(row, group) fixed-point step.
+  const int32_t* xpairs;
+  const float* xstep;
+  const int32_t* qweight;
+  const float* scales;
+  const float* zeros;
+  float* y;
+  Geometry g;
+};
+
+// Walks inputs k = 0, 1, ... in pieces that stay inside one packed word and one group: word row r, lanes
+// [t0, t1). With 3-bit codes (10 per word) a word can straddle two groups. Advances without divisions,
+// which would otherwise cost more than the unpacking for narrow tiles.
+struct WordCursor {
+  int per;
+  int64_t r = 0;
+  int t = 0;
+
+  explicit WordCursor(const Geometry& g) : per(g.per_word()) {}
+  // Lanes of the current word for at most `left` more inputs; returns the lane count taken.
+  int take(int64_t left, int* t0) {
+    *t0 = t;
+    const int n = static_cast<int>(std::min<int64_t>(per - t, left));
+    return n;
+  }
+  void advance(int n) {
+    t += n;
+    if (t == per) {
+      t = 0;
+      ++r;
+    }
+  }
+};
+
+// Portable GEMV over columns [n0, n0 + ncols), ncols <= kTileCols, activation rows [m0, m0 + rows).
+template <int kBits>
+void gemv_tile_portable(const GemvArgs& a, int64_t n0, int ncols, int64_t m0, int rows) {
+  const Geometry& g = a.g;
+  constexpr uint32_t kMask = (1u << kBits) - 1u;
+  for (int m = 0; m < rows; ++m) {
+    const float* x = a.x + (m0 + m) * g.in;
+    float y[kTileCols] = {};
+    WordCursor cur(g);
+    for (int64_t grp = 0; grp < g.groups(); ++grp) {
+      float acc[kTileCols] = {};
+      for (int64_t left = g.group_size; left > 0;) {
+        int t0;
+        const int n = cur.take(left, &t0);
+        const uint32_t* words = reinterpret_cast<const uint32_t*>(a.qweight + cur.r * g.out + n0);
+        const float* xr = x + cur.r * g.per_word();
+        for (int c = 0; c < ncols; ++c) {
+          const uint32_t w = words[c];
+          float s = 0.f;
+          for (int t = t0; t < t0 + n; ++t) s += xr[t] * static_cast<float>((w >> (kBits * t)) & kMask);
+          acc[c] += s;
+        }
+        cur.advance(n);
+        left -= n;
+      }
+      const float xs = a.xsum[(m0 + m) * g.groups() + grp];
+      const float* sc = a.scales + grp * g.out + n0;
+      const float* ze = a.zeros + grp * g.out + n0;
+      for (int c = 0; c < ncols; ++c) y[c] += sc[c] * (acc[c] - ze[c] * xs);
+    }
+    for (int c = 0; c < ncols; ++c) a.y[(m0 + m) * g.out + n0 + c] = y[c];
+  }
+}
+
+#if BLOCKOPS_X86_DISPATCH
+// AVX2/FMA GEMV over one full 16-column tile and kRows activation rows. Codes are unpacked with a shift by
+// a compile-time amount and a mask, converted to fp32 and multiplied by the broadcast activation. With
+// few rows the FMA latency (4 cycles) would dominate, so consecutive lanes rotate over kSets independent
+// accumulators: 2 * kRows * kSets >= 8 chains keep both FMA ports busy.
+template <int kBits, int kRows>
+BLOCKOPS_TARGET_AVX2 void gemv_tile_avx2(const GemvArgs& a, int64_t n0, int64_t m0) {
+  constexpr int kSets = kRows >= 4 ? 1 : 4 / kRows;
+  const Geometry& g = a.g;
+  const __m256i mask = _mm256_set1_epi32((1 << kBits) - 1);
+  __m256 y_lo[kRows], y_hi[kRows];
+  for (int m = 0; m < kRows; ++m) y_lo[m] = y_hi[m] = _mm256_setzero_ps();
+  WordCursor cur(g);
+  for (int64_t grp = 0; grp < g.groups(); ++grp) {
+    __m256 acc_lo[kSets][kRows], acc_hi[kSets][kRows];
+    for (int j = 0; j < kSets; ++j)
+      for (int m = 0; m < kRows; ++m) acc_lo[j][m] = acc_hi[j][m] = _mm256_setzero_ps();
+    for (int64_t left = g.group_size; left > 0;) {
+      int t0;
+      const int n = cur.take(left, &t0);
+      const int32_t* row = a.qweight + cur.r * g.out + n0;
+      _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * g.out), _MM_HINT_T0);
+      __m256i w_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
+      __m256i w_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 8));
+      // Bring lane t0 to the bottom; afterwards every step shifts by the constant kBits.
+      const __m128i first = _mm_cvtsi32_si128(kBits * t0);
+      w_lo = _mm256_srl_epi32(w_lo, first);
+      w_hi = _mm256_srl_epi32(w_hi, first);
+      const float* xr = a.x + m0 * g.in + cur.r * g.per_word() + t0;
+      int t = 0;
+      for (; t + kSets <= n; t += kSets) {
+#pragma GCC unroll 4
+        for (int j = 0; j < kSets; ++j) {
+          const __m256 q_lo = _mm256_cvtepi32_ps(_mm256_and_si256(w_lo, mask));
+          const __m256 q_hi = _mm256_cvtepi32_ps(_mm256_and_si256(w_hi, mask));
+          w_lo = _mm256_srli_epi32(w_lo, kBits);
+          w_hi = _mm256_srli_epi32(w_hi, kBits);
+          for (int m = 0; m < kRows; ++m) {
+            const __m256 xv = _mm256_broadcast_ss(xr + m * g.in + t + j);
+            acc_lo[j][m] = _mm256_fmadd_ps(xv, q_lo, acc_lo[j][m]);
+            acc_hi[j][m] = _mm256_fmadd_ps(xv, q_hi, acc_hi[j][m]);
+          }
+        }
+      }
+      for (; t < n; ++t) {
+        const __m256 q_lo = _mm256_cvtepi32_ps(_mm256_and_si256(w_lo, mask));
+        const __m256 q_hi = _mm256_cvtepi32_ps(_mm256_and_si256(w_hi, mask));
+        w_lo = _mm256_srli_epi32(w_lo, kBits);
+        w_hi = _mm256_srli_epi32(w_hi, kBits);
+        for (int m = 0; m < kRows; ++m) {
+          const __m256 xv = _mm256_broadcast_ss(xr + m * g.in + t);
+          acc_lo[0][m] = _mm256_fmadd_ps(xv, q_lo, acc_lo[0][m]);
+          acc_hi[0][m] = _mm256_fmadd_ps(xv, q_hi, acc_hi[0][m]);
+        }
+      }
+      cur.advance(n);
+      left -= n;
+    }
+    const float* sc = a.scales + grp * g.out + n0;
+    const float* ze = a.zeros + grp * g.out + n0;
+    const __m256 s_lo = _mm256_loadu_ps(sc), s_hi = _mm256_loadu_ps(sc + 8);
+    const __m256 z_lo = _mm256_loadu_ps(ze), z_hi = _mm256_loadu_ps(ze + 8);
+    for (int m = 0; m < kRows; ++m) {
+      __m256 lo = acc_lo[0][m], hi = acc_hi[0][m];
+      for (int j = 1; j < kSets; ++j) {
+        lo = _mm256_add_ps(lo, acc_lo[j][m]);
+        hi = _mm256_add_ps(hi, acc_hi[j][m]);
+      }
+      const __m256 xs = _mm256_broadcast_ss(a.xsum + (m0 + m) * g.groups() + grp);
+      y_lo[m] = _mm256_fmadd_ps(s_lo, _mm256_fnmadd_ps(z_lo, xs, lo), y_lo[m]);
+      y_hi[m] = _mm256_fmadd_ps(s_hi, _mm256_fnmadd_ps(z_hi, xs, hi), y_hi[m]);
+    }
+  }
+  for (int m = 0; m < kRows; ++m) {
+    _mm256_storeu_ps(a.y + (m0 + m) * g.out + n0, y_lo[m]);
+    _mm256_storeu_ps(a.y + (m0 + m) * g.out + n0 + 8, y_hi[m]);
+  }
+}
+
+// The 2- and 4-bit decode kernel on 16-bit fixed-point activations. An int32 lane (one column) of a packed
+// word holds codes k in its low half and k + p/2 in its high half, so one shift and one mask leave two
+// codes per lane as int16 pairs; _mm256_madd_epi16 multiplies them by the matching pair of int16
+// activations and adds the two products: 16 weights cost 4 instructions instead of the float path's 8.
+// Activations are rounded per (row, group) to 16-bit fixed point, step = max|x| / 32767 (relative error
+// <= 1.5e-5 of the group's largest activation: finer than fp16 or bf16 inputs). Group sums stay in int32:
+// |code * x16| * group_size <= 15 * 32767 * 1024 < 2^31 (kFixedPointMaxGroup).
+template <int kBits, int kRows>
+BLOCKOPS_TARGET_AVX2 void gemv_tile_avx2_fixed(const GemvArgs& a, int64_t n0, int64_t m0) {
+  constexpr int kPer = 32 / kBits;
+  constexpr int kHalf = kPer / 2;
+  constexpr int kField = (1 << kBits) - 1;
+  const Geometry& g = a.g;
+  const __m256i mask = _mm256_set1_epi32(kField | (kField << 16));
+  const int64_t rows_per_group = g.group_size / kPer;
+  const int64_t pair_stride = g.words() * kHalf;  // xpairs per activation row
+  __m256 y_lo[kRows], y_hi[kRows];
+  for (int m = 0; m < kRows; ++m) y_lo[m] = y_hi[m] = _mm256_setzero_ps();
+  for (int64_t grp = 0; grp < g.groups(); ++grp) {
+    __m256i acc_lo[kRows], acc_hi[kRows];
+    for (int m = 0; m < kRows; ++m) acc_lo[m] = acc_hi[m] = _mm256_setzero_si256();
+    for (int64_t r = grp * rows_per_group; r < (grp + 1) * rows_per_group; ++r) {
+      const int32_t* row = a.qweight + r * g.out + n0;
+      _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * g.out), _MM_HINT_T0);
+      __m256i w_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
+      __m256i w_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 8));
+      const int32_t* xp = a.xpairs + m0 * pair_stride + r * kHalf;
+#pragma GCC unroll 8
+      for (int j = 0; j < kHalf; ++j) {
+        const __m256i c_lo = _mm256_and_si256(w_lo, mask);
+        const __m256i c_hi = _mm256_and_si256(w_hi, mask);
+        w_lo = _mm256_srli_epi32(w_lo, kBits);
+        w_hi = _mm256_srli_epi32(w_hi, kBits);
+        for (int m = 0; m < kRows; ++m) {
+          const __m256i xv = _mm256_set1_epi32(xp[m * pair_stride + j]);
+          acc_lo[m] = _mm256_add_epi32(acc_lo[m], _mm256_madd_epi16(c_lo, xv));
+          acc_hi[m] = _mm256_add_epi32(acc_hi[m], _mm256_madd_epi16(c_hi, xv));
+        }
+      }
+    }
+    const float* sc = a.scales + grp * g.out + n0;
+    const float* ze = a.zeros + grp * g.out + n0;
+    const __m256 s_lo = _mm256_loadu_ps(sc), s_hi = _mm256_loadu_ps(sc + 8);
+    const __m256 z_lo = _mm256_loadu_ps(ze), z_hi = _mm256_loadu_ps(ze + 8);
+    for (int m = 0; m < kRows; ++m) {
+      const __m256 step = _mm256_broadcast_ss(a.xstep + (m0 + m) * g.groups() + grp);
+      const __m256 xs = _mm256_broadcast_ss(a.xsum + (m0 + m) * g.groups() + grp);
+      const __m256 lo = _mm256_mul_ps(_mm256_cvtepi32_ps(acc_lo[m]), step);
+      const __m256 hi = _mm256_mul_ps(_mm256_cvtepi32_ps(acc_hi[m]), step);
+      y_lo[m] = _mm256_fmadd_ps(s_lo, _mm256_fnmadd_ps(z_lo, xs, lo), y_lo[m]);
+      y_hi[m] = _mm256_fmadd_ps(s_hi, _mm256_fnmadd_ps(z_hi, xs, hi), y_hi[m]);
+    }
+  }
+  for (int m = 0; m < kRows; ++m) {
+    _mm256_storeu_ps(a.y + (m0 + m) * g.out + n0, y_lo[m]);
+    _mm256_storeu_ps(a.y + (m0 + m) * g.out + n0 + 8, y_hi[m]);
+  }
+}
+
+template <int kBits>
+BLOCKOPS_TARGET_AVX2 void gemv_rows_avx2(const GemvArgs& a, int64_t n0, int64_t m0, int rows) {
+  if constexpr (kBits != 3) {
+    if (a.xpairs != nullptr) {
+      switch (rows) {
+        case 1: return gemv_tile_avx2_fixed<kBits, 1>(a, n0, m0);
+        case 2: return gemv_tile_avx2_fixed<kBits, 2>(a, n0, m0);
+        case 3: return gemv_tile_avx2_fixed<kBits, 3>(a, n0, m0);
+        default: return gemv_tile_avx2_fixed<kBits, 4>(a, n0, m0);
+      }
+    }
+  }
+  switch (rows) {
+    case 1: return gemv_tile_avx2<kBits, 1>(a, n0, m0);
+    case 2: return gemv_tile_avx2<kBits, 2>(a, n0, m0);
+    case 3: return gemv_tile_avx2<kBits, 3>(a, n0, m0);
+    default: return gemv_tile_avx2<kBits, 4>(a, n0, m0);
+  }
+}
+#endif
+
+template <int kBits>
+void gemv(const GemvArgs& a, int64_t rows) {
+  const Geometry& g = a.g;
+  const int64_t tiles = (g.out + kTileCols - 1) / kTileCols;
+  const bool avx2 = cpu_has_avx2_fma();
+  // One task per tile at least 16 tiles' worth of work: tiles are small, but the threads must not share
+  // cache lines of y (a tile's outputs are 64 bytes, one line).
+  at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t n0 = tile * kTileCols;
+      const int ncols = static_cast<int>(std::min<int64_t>(kTileCols, g.out - n0));
+      for (int64_t m0 = 0; m0 < rows; m0 += kRowsPerPass) {
+        const int chunk = static_cast<int>(std::min<int64_t>(kRowsPerPass, rows - m0));
+#if BLOCKOPS_X86_DISPATCH
+        if (avx2 && ncols == kTileCols) {
+          gemv_rows_avx2<kBits>(a, n0, m0, chunk);
+          continue;
+        }
+#endif
+        gemv_tile_portable<kBits>(a, n0, ncols, m0, chunk);
+      }
+    }
+  });
+  (void)avx2;
+}
+
+constexpr int64_t kFixedPointMaxGroup = 1024;  // keeps the int32 group sums of the fixed-point path exact
+
+// Inputs of the fixed-point decode kernel: int16 activations paired as gemv_tile_avx2_fixed reads them
+// (xpairs [rows, words, p/2] int32) and the fixed-point step per (row, group) (xstep [rows, groups]).
+void prepare_fixed_point(const at::Tensor& x32, const Geometry& g, at::Tensor& xpairs, at::Tensor& xstep) {
+  const int64_t rows = x32.size(0);
+  const int per = g.per_word(), half = per / 2;
+  xpairs = at::empty({rows, g.words(), half}, x32.options().dtype(at::kInt));
+  xstep = at::empty({rows, g.groups()}, x32.options());
+  const float* x = x32.const_data_ptr<float>();
+  int32_t* pairs = xpairs.mutable_data_ptr<int32_t>();
+  float* steps = xstep.mutable_data_ptr<float>();
+  std::vector<int16_t> fixed(g.in);
+  for (int64_t m = 0; m < rows; ++m) {
+    const float* xm = x + m * g.in;
+    for (int64_t grp = 0; grp < g.groups(); ++grp) {
+      float peak = 0.f;
+      for (int64_t k = grp * g.group_size; k < (grp + 1) * g.group_size; ++k) peak = std::max(peak, std::abs(xm[k]));
+      const float step = peak > 0.f ? peak / 32767.f : 1.f;
+      steps[m * g.groups() + grp] = step;
+      for (int64_t k = grp * g.group_size; k < (grp + 1) * g.group_size; ++k) {
+        fixed[k] = static_cast<int16_t>(std::nearbyint(xm[k] / step));
+      }
+    }
+    for (int64_t r = 0; r < g.words(); ++r) {
+      for (int j = 0; j < half; ++j) {
+        const uint32_t lo = static_cast<uint16_t>(fixed[r * per + j]);
+        const uint32_t hi = static_cast<uint16_t>(fixed[r * per + half + j]);
+        pairs[(m * g.words() + r) * half + j] = static_cast<int32_t>(lo | (hi << 16));
+      }
+    }
+  }
+}
+
+// Dequantizes output columns [n0, n0 + nb) of W_hat^T into out ([in, nb] fp32, row-major): the packed
+// rows are walked in order and the loop over columns is unit-stride (vectorised). Scales and zeros are fp32
+// [groups, out].
+template <int kBits>
+__attribute__((always_inline)) inline void dequant_cols_body(const int32_t* qweight, const float* scales,
+                                                             const float* zeros, const Geometry& g, int64_t n0,
+                                                             int64_t nb, float* out, int64_t r_begin, int64_t r_end) {
+  constexpr int kPer = 32 / kBits;
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(qweight + r * g.out + n0);
+    const int lanes = static_cast<int>(std::min<int64_t>(kPer, g.in - r * kPer));
+    for (int t = 0; t < lanes; ++t) {
+      const int64_t k = r * kPer + t;
+      const float* s = scales + (k / g.group_size) * g.out + n0;
+      const float* z = zeros + (k / g.group_size) * g.out + n0;
+      float* dst = out + k * nb;
+      for (int64_t c = 0; c < nb; ++c) {
+        dst[c] = (static_cast<float>((w[c] >> (kBits * t)) & ((1u << kBits) - 1u)) - z[c]) * s[c];
+      }
+    }
+  }
+}
+
+template <int kBits>
+BLOCKOPS_TARGET_AVX2 void dequant_cols_avx2(const int32_t* q, const float* s, const float* z, const Geometry& g,
+                                            int64_t n0, int64_t nb, float* out, int64_t rb, int64_t re) {
+  dequant_cols_body<kBits>(q, s, z, g, n0, nb, out, rb, re);
+}
+
+template <int kBits>
+void dequant_cols_portable(const int32_t* q, const float* s, const float* z, const Geometry& g, int64_t n0,
+                           int64_t nb, float* out, int64_t rb, int64_t re) {
+  dequant_cols_body<kBits>(q, s, z, g, n0, nb, out, rb, re);
+}
+
+void dequant_cols(const int32_t* qweight, const float* scales, const float* zeros, const Geometry& g, int64_t n0,
+                  int64_t nb, float* out) {
+  const bool avx2 = cpu_has_avx2_fma();
+  auto run = [&](auto bits_tag) {
+    constexpr int kBits = decltype(bits_tag)::value;
+    at::parallel_for(0, g.words(), 4, [&](int64_t rb, int64_t re) {
+      avx2 ? dequant_cols_avx2<kBits>(qweight, scales, zeros, g, n0, nb, out, rb, re)
+           : dequant_cols_portable<kBits>(qweight, scales, zeros, g, n0, nb, out, rb, re);
+    });
+  };
+  switch (g.bits) {
+    case 2: return run(std::integral_constant<int, 2>{});
+    case 3: return run(std::integral_constant<int, 3>{});
+    default: return run(std::integral_constant<int, 4>{});
+  }
+}
+
+at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
+
+// Runs f(n0, nb, w) over blocks of kBlockRows output columns, w = W_hat^T[:, n0:n0+nb] as fp32 [in, nb];
+// one block buffer is reused, so at most kBlockRows * in floats of W_hat exist at a time. With unit scales
+// the block holds q - z instead (what the scales' gradient needs).
+template <typename F>
+void for_each_dequantized_block(const at::Tensor& qweight, const at::Tensor& scales32, const at::Tensor& zeros32,
+                                const Geometry& g, F&& f) {
+  at::Tensor buffer = at::empty({g.in * std::min(kBlockRows, g.out)}, scales32.options());
+  for (int64_t n0 = 0; n0 < g.out; n0 += kBlockRows) {
+    const int64_t nb = std::min(kBlockRows, g.out - n0);
+    at::Tensor w = buffer.narrow(0, 0, g.in * nb).view({g.in, nb});
+    dequant_cols(qweight.const_data_ptr<int32_t>(), scales32.const_data_ptr<float>(), zeros32.const_data_ptr<float>(),
+                 g, n0, nb, w.mutable_data_ptr<float>());
+    f(n0, nb, w);
+  }
+}
+
+at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                            const at::Tensor& zeros, int64_t bits, int64_t group_size,
+                            const c10::optional<at::Tensor>& bias) {
+  const Geometry g = check_weight(kLinear, qweight, scales, zeros, bits, group_size);
+  check_activation(kLinear, "x", x, g.in, qweight);
+  check_bias(kLinear, bias, g, qweight);
+  std::vector<int64_t> out_sizes = x.sizes().vec();
+  out_sizes.back() = g.out;
+  const int64_t rows = x.numel() / std::max<int64_t>(g.in, 1);
+  if (rows == 0 || g.out == 0) return at::zeros(out_sizes, x.options());
+  linear_counter.hit();
+  const at::Tensor x32 = as_float(x).reshape({rows, g.in});
+  const at::Tensor s32 = as_float(scales), z32 = as_float(zeros);
+  at::Tensor y32 = at::empty({rows, g.out}, x32.options());
+  if (rows <= kGemvMaxRows) {
+    const at::Tensor xsum = x32.view({rows, g.groups(), g.group_size}).sum(-1).contiguous();
+    at::Tensor xpairs, xstep;
+    const bool fixed_point = cpu_has_avx2_fma() && g.bits != 3 && g.group_size <= kFixedPointMaxGroup;
+    if (fixed_point) prepare_fixed_point(x32, g, xpairs, xstep);
+    const GemvArgs a{x32.const_data_ptr<float>(),
+                     xsum.const_data_ptr<float>(),
+                     fixed_point ? xpairs.const_data_ptr<int32_t>() : nullptr,
+                     fixed_point ? xstep.const_data_ptr<float>() : nullptr,
+                     qweight.const_data_ptr<int32_t>(),
+                     s32.const_data_ptr<float>(),
+                     z32.const_data_ptr<float>(),
+                     y32.mutable_data_ptr<float>(),
+                     g};
+    switch (g.bits) {
+      case 2: gemv<2>(a, rows); break;
+      case 3: gemv<3>(a, rows); break;
+      default: gemv<4>(a, rows); break;
+    }
+  } else {
+    for_each_dequantized_block(qweight, s32, z32, g, [&](int64_t n0, int64_t nb, const at::Tensor& w) {
+      y32.narrow(1, n0, nb).copy_(at::mm(x32, w));
+    });
+  }
+  if (bias.has_value()) y32.add_(as_float(*bias));
+  return y32.to(x.scalar_type()).view(out_sizes);
+}
+
+at::Tensor quant_dequantize_cpu(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+                                int64_t bits, int64_t group_size) {
+  const Geometry g = check_weight(kDequant, qweight, scales, zeros, bits, group_size);
+  dequant_counter.hit();
+  at::Tensor out = at::empty({g.out, g.in}, scales.options());
+  if (out.numel() == 0) return out;
+  for_each_dequantized_block(qweight, as_float(scales), as_float(zeros), g,
+                             [&](int64_t n0, int64_t nb, const at::Tensor& w) { out.narrow(0, n0, nb).copy_(w.t()); });
+  return out;
+}
+
+at::Tensor quant_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& qweight, const at::Tensor& scales,
+                                       const at::Tensor& zeros, int64_t bits, int64_t group_size) {
+  const Geometry g = check_weight(kGradInput, qweight, scales, zeros, bits, group_size);
+  check_activation(kGradInput, "grad_out", grad_out, g.out, qweight);
+  std::vector<int64_t> out_sizes = grad_out.sizes().vec();
+  out_sizes.back() = g.in;
+  const int64_t rows = grad_out.numel() / std::max<int64_t>(g.out, 1);
+  if (rows == 0 || g.in == 0) return at::zeros(out_sizes, grad_out.options());
+  grad_input_counter.hit();
+  const at::Tensor gy = as_float(grad_out).reshape({rows, g.out});
+  at::Tensor gx = at::zeros({rows, g.in}, gy.options());
+  for_each_dequantized_block(qweight, as_float(scales), as_float(zeros), g,
+                             [&](int64_t n0, int64_t nb, const at::Tensor& w) { gx.addmm_(gy.narrow(1, n0, nb), w.t()); });
+  return gx.to(grad_out.scalar_type()).view(out_sizes);
+}
+
+at::Tensor quant_grad_scales_cpu(const at::Tensor& t, const at::Tensor& qweight, const at::Tensor& zeros, int64_t bits,
+                                 int64_t group_size) {
+  const Geometry g = check_weight(kGradScales, qweight, zeros, zeros, bits, group_size);
+  check_dtype(t, {at::kFloat}, kGradScales, "t");
+  check_same_device(t, qweight, kGradScales, "t", "qweight");
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == g.out && t.size(1) == g.in, kGradScales, ": t must have shape [", g.out,
+              ", ", g.in, "] (grad_out^T @ x), got ", t.sizes());
+  check_contiguous(t, kGradScales, "t");
+  grad_scales_counter.hit();
+  at::Tensor grad = at::empty({g.groups(), g.out}, t.options());
+  if (grad.numel() == 0) return grad;
+  const at::Tensor ones = at::ones({g.groups(), g.out}, t.options());
+  // Block of (q - z) [in, nb] times t^T, summed within each group.
+  for_each_dequantized_block(qweight, ones, as_float(zeros), g, [&](int64_t n0, int64_t nb, const at::Tensor& qz) {
+    grad.narrow(1, n0, nb).copy_(at::mul(qz, t.narrow(0, n0, nb).t()).view({g.groups(), g.group_size, nb}).sum(1));
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(blockops, CPU, m) {
+  m.impl("quant_linear", &quant_linear_cpu);
+  m.impl("quant_dequantize", &quant_dequantize_cpu);
+  m.impl("quant_linear_grad_input", &quant_linear_grad_input_cpu);
+  m.impl("quant_grad_scales", &quant_grad_scales_cpu);
+}
+
+}  // namespace blockops::lowbit

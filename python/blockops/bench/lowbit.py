@@ -1,0 +1,87 @@
+"""Low-bit GEMM benchmark: blockops.quant_linear (w2g64, w3g64, w4g128) on Llama layer shapes against, in the
+same run, F.linear with dense weights (fp32 and bf16 on CPU, fp16 cuBLAS on GPU) and, on CPU, PyTorch's own
+4-bit kernel `_weight_int4pack_mm_for_cpu`. GB/s counts the packed weight bytes (codes + scales + zeros) per
+call, the figure to hold against memory bandwidth at small batch."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from blockops import ops
+from blockops.bench.harness import Result, time_ms
+from blockops.reference import ref_quant_linear
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    in_features: int
+    out_features: int
+    bits: int
+    group_size: int
+    rows: int
+
+
+_LLAMA = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)]
+QUICK_CPU = [Config(4096, 11008, 2, 64, 1), Config(4096, 11008, 2, 64, 4), Config(4096, 11008, 4, 128, 1),
+             Config(4096, 4096, 2, 64, 64)]
+FULL_CPU = [Config(i, o, 2, 64, m) for i, o in _LLAMA for m in (1, 4, 16, 64)] + \
+           [Config(4096, 11008, 3, 64, 1), Config(4096, 11008, 4, 128, 1), Config(4096, 4096, 2, 64, 512)]
+QUICK_CUDA = [Config(4096, 14336, 2, 64, m) for m in (1, 16)] + [Config(8192, 28672, 2, 64, 1)]
+FULL_CUDA = [Config(i, o, 2, 64, m) for i, o in _LLAMA + [(8192, 28672)] for m in (1, 4, 16, 64, 512)] + \
+            [Config(4096, 14336, b, g, 1) for b, g in ((3, 64), (4, 128))]
+
+
+def _weights(c: Config, device: str, scale_dtype: torch.dtype):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 2**c.bits, (c.in_features, c.out_features), generator=g, dtype=torch.int32)
+    groups = c.in_features // c.group_size
+    scales = (torch.rand(groups, c.out_features, generator=g) * 0.01 + 0.001).to(scale_dtype)
+    zeros = torch.randint(0, 2**c.bits, (groups, c.out_features), generator=g).to(scale_dtype)
+    return ops.pack_bits(q, c.bits, 0).to(device), scales.to(device), zeros.to(device)
+
+
+def _int4_cpu_baseline(c: Config, x: torch.Tensor):
+    """PyTorch's CPU int4 kernel on the same shape (4-bit, group 128 here: what it supports)."""
+    codes = torch.randint(0, 16, (c.out_features, c.in_features), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    scales_zeros = torch.rand(c.in_features // 128, c.out_features, 2, dtype=x.dtype)
+    return lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 128, scales_zeros)
+
+
+def run(device: str, quick: bool = True) -> list[Result]:
+    cuda = torch.device(device).type == "cuda"
+    configs = (QUICK_CUDA if quick else FULL_CUDA) if cuda else (QUICK_CPU if quick else FULL_CPU)
+    results = []
+    for c in configs:
+        act = torch.float16 if cuda else torch.float32
+        qweight, scales, zeros = _weights(c, device, torch.float16)
+        x = torch.randn(c.rows, c.in_features, device=device, dtype=act)
+        y = ops.quant_linear(x, qweight, scales, zeros, c.bits, c.group_size)
+        ref = ref_quant_linear(x, qweight, scales, zeros, c.bits, c.group_size)
+        err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+        weight_bytes = qweight.numel() * 4 + scales.numel() * 2 + zeros.numel() * 2
+        flops = 2.0 * c.rows * c.in_features * c.out_features
+        ours = time_ms(lambda: ops.quant_linear(x, qweight, scales, zeros, c.bits, c.group_size), device)
+        shape = f"{c.in_features}x{c.out_features} M={c.rows}"
+        op = f"quant_linear w{c.bits}g{c.group_size}"
+        dense_dtypes = [torch.float16] if cuda else [torch.float32, torch.bfloat16]
+        for dtype in dense_dtypes:
+            w = torch.randn(c.out_features, c.in_features, device=device, dtype=dtype)
+            xd = x.to(dtype)
+            base = time_ms(lambda: F.linear(xd, w), device)
+            name = f"F.linear {str(dtype).replace('torch.', '')}" + (" (cuBLAS)" if cuda else "")
+            results.append(Result("lowbit", op, shape, device, ours, name, base, bytes_moved=weight_bytes,
+                                  flops=flops, max_error=err))
+            del w
+        if not cuda and c.rows <= 64:
+            try:
+                xb = x.to(torch.bfloat16)
+                base = time_ms(_int4_cpu_baseline(c, xb), device)
+                results.append(Result("lowbit", op, shape, device, ours, "torch int4 CPU (w4g128)", base,
+                                      bytes_moved=weight_bytes, flops=flops, max_error=err))
+            except (RuntimeError, AttributeError) as e:  # older torch without the op: say so, don't hide it
+                results.append(Result("lowbit", op, shape, device, ours, "torch int4 CPU", float("nan"),
+                                      note=f"baseline unavailable: {e}"[:80]))
+    return results

@@ -1,0 +1,307 @@
+"""2/3/4-bit group-wise GEMM: kernels vs the dequantize-then-matmul reference, gradients, GPTQ round trips,
+QuantLinear, quantize_, checkpoint loading, opcheck, torch.compile and error paths."""
+import pytest
+import torch
+from helpers import DEVICES, assert_close_to_reference, assert_compiles, kernel_ran, opcheck, rel_error
+from torch import nn
+
+import blockops
+from blockops import ops
+from blockops.nn import QuantLinear
+from blockops.reference import ref_quant_dequantize, ref_quant_linear
+
+
+def random_weight(in_features, out_features, bits, group_size, dtype, device, seed=0, fractional_zeros=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 2**bits, (in_features, out_features), generator=g, dtype=torch.int32)
+    groups = in_features // group_size
+    scales = (torch.rand(groups, out_features, generator=g) * 0.02 + 0.005).to(dtype)
+    zeros = torch.randint(0, 2**bits, (groups, out_features), generator=g).float()
+    if fractional_zeros:
+        zeros = zeros + torch.rand(groups, out_features, generator=g) - 0.5
+    return ops.pack_bits(q, bits, 0).to(device), scales.to(device), zeros.to(dtype).to(device)
+
+
+# Relative mean error vs the fp32 reference. fp32: the CPU decode kernel for 2/4-bit rounds activations to
+# 16-bit fixed point per group (error ~3e-5); fp16/bf16 outputs are limited by their own rounding.
+MAX_REL = {torch.float32: 2e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("rows", [1, 3, 8, 17])
+def test_quant_linear_matches_reference(device, bits, group_size, rows):
+    in_features, out_features = 384, 72  # 72: a tile and a partial tile of columns
+    qweight, scales, zeros = random_weight(in_features, out_features, bits, group_size, torch.float16, device)
+    x = torch.randn(rows, in_features, device=device)
+    with kernel_ran("quant_linear", device):
+        y = ops.quant_linear(x, qweight, scales, zeros, bits, group_size)
+    assert_close_to_reference(y, ref_quant_linear(x, qweight, scales, zeros, bits, group_size), MAX_REL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 33])
+def test_dtypes_and_bias(device, x_dtype, scale_dtype, rows):
+    qweight, scales, zeros = random_weight(256, 48, 2, 64, scale_dtype, device, fractional_zeros=True)
+    bias = torch.randn(48, device=device, dtype=x_dtype)
+    x = torch.randn(2, rows, 256, device=device, dtype=x_dtype)
+    y = ops.quant_linear(x, qweight, scales, zeros, 2, 64, bias)
+    assert y.dtype == x_dtype and y.shape == (2, rows, 48)
+    ref = ref_quant_linear(x, qweight, scales, zeros, 2, 64, bias)
+    assert_close_to_reference(y, ref, MAX_REL[x_dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits,group_size", [(2, 32), (3, 32), (4, 96), (3, 48), (2, 160)])
+def test_dequantize_is_exact(device, bits, group_size):
+    qweight, scales, zeros = random_weight(480, 40, bits, group_size, torch.float32, device)
+    with kernel_ran("quant_dequantize", device):
+        w = ops.quant_dequantize(qweight, scales, zeros, bits, group_size)
+    torch.testing.assert_close(w, ref_quant_dequantize(qweight, scales, zeros, bits, group_size), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("rows", [1, 5, 20])
+def test_gradients_match_autograd_through_reference(device, bits, rows):
+    qweight, scales, zeros = random_weight(192, 40, bits, 32, torch.float32, device, fractional_zeros=True)
+    bias = torch.randn(40, device=device)
+    x = torch.randn(rows, 192, device=device)
+    grad_out = torch.randn(rows, 40, device=device)
+    leaves = [t.clone().requires_grad_() for t in (x, scales, zeros, bias)]
+    with kernel_ran("quant_linear_grad_input", device), kernel_ran("quant_grad_scales", device):
+        ops.quant_linear(leaves[0], qweight, leaves[1], leaves[2], bits, 32, leaves[3]).backward(grad_out)
+    ref_leaves = [t.clone().double().requires_grad_() for t in (x, scales, zeros, bias)]
+    ref_quant_linear_f64(ref_leaves[0], qweight, ref_leaves[1], ref_leaves[2], bits, 32, ref_leaves[3]).backward(
+        grad_out.double())
+    for name, ours, ref in zip(("x", "scales", "zeros", "bias"), leaves, ref_leaves):
+        assert rel_error(ours.grad, ref.grad) < 1e-5, name
+
+
+def ref_quant_linear_f64(x, qweight, scales, zeros, bits, group_size, bias):
+    in_features = scales.shape[0] * group_size
+    q = blockops.unpack_bits(qweight, bits, in_features, 0).double()
+    w = (q - zeros.repeat_interleave(group_size, 0)) * scales.repeat_interleave(group_size, 0)
+    return x @ w + bias
+
+
+@pytest.mark.filterwarnings("ignore:Input #")
+def test_gradcheck_small():
+    """Finite differences (the kernels compute in fp32, so loose tolerances), without a bias argument."""
+    qweight, scales, zeros = random_weight(64, 16, 2, 32, torch.float32, "cpu", fractional_zeros=True)
+    x = torch.randn(3, 64, dtype=torch.float32, requires_grad=True)
+    s = scales.clone().requires_grad_()
+    z = zeros.clone().requires_grad_()
+
+    def f(x, s, z):
+        return ops.quant_linear(x, qweight, s, z, 2, 32)
+
+    torch.autograd.gradcheck(f, (x, s, z), eps=1e-2, atol=1e-2, rtol=1e-2, fast_mode=True)
+
+
+# ---- QuantLinear and checkpoints --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_from_linear_is_round_to_nearest(device, bits):
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 96).to(device)
+    layer = QuantLinear.from_linear(linear, bits=bits, group_size=64, dtype=torch.float32)
+    w = linear.weight.detach().reshape(96, 4, 64)
+    step = ((w.amax(-1) - w.amin(-1)) / (2**bits - 1)).repeat_interleave(64, 1)
+    err = (layer.dequantize() - linear.weight.detach()).abs()
+    assert (err <= step * 0.5 + 1e-5).all(), "an element is further than half a step from its grid point"
+    x = torch.randn(5, 256, device=device)
+    torch.testing.assert_close(layer(x), x @ layer.dequantize().t() + linear.bias, rtol=1e-4, atol=1e-4)
+    assert f"bits={bits}" in repr(layer) and "bits_per_weight" in repr(layer)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
+def test_gptq_round_trip_is_exact(bits, fmt):
+    torch.manual_seed(bits)
+    layer = QuantLinear.from_linear(nn.Linear(128, 50), bits=bits, group_size=32)
+    tensors = layer.to_gptq(fmt)
+    assert tensors["qzeros"].shape == (4, ops.packed_length(50, bits))
+    back = QuantLinear.from_gptq(tensors["qweight"], tensors["qzeros"], tensors["scales"], tensors["bias"],
+                                 bits=bits, group_size=32, checkpoint_format=fmt, g_idx=tensors["g_idx"])
+    for name in ("qweight", "scales", "zeros", "bias"):
+        assert torch.equal(getattr(back, name), getattr(layer, name)), name
+    again = back.to_gptq(fmt)
+    for name, t in tensors.items():
+        assert torch.equal(again[name], t), name
+
+
+def test_gptq_v1_stores_zero_minus_one():
+    layer = QuantLinear(32, 8, bits=4, group_size=32)
+    with torch.no_grad():
+        layer.zeros.copy_(torch.tensor([[0, 1, 2, 3, 8, 13, 14, 15]], dtype=layer.zeros.dtype))
+    v1 = blockops.unpack_bits(layer.to_gptq("gptq")["qzeros"], 4, 8, 1)
+    v2 = blockops.unpack_bits(layer.to_gptq("gptq_v2")["qzeros"], 4, 8, 1)
+    assert v2.tolist() == [[0, 1, 2, 3, 8, 13, 14, 15]]
+    assert v1.tolist() == [[15, 0, 1, 2, 7, 12, 13, 14]]
+
+
+def test_efficientqat_3bit_packs_ten_per_word():
+    q = torch.randint(0, 8, (64, 4), dtype=torch.int32)
+    layer = QuantLinear.from_gptq(blockops.pack_bits(q, 3, 0), blockops.pack_bits(torch.zeros(2, 4, dtype=torch.int32), 3, 1),
+                                  torch.ones(2, 4, dtype=torch.float16), bits=3, group_size=32)
+    assert layer.qweight.shape == (7, 4)  # ceil(64 / 10)
+    torch.testing.assert_close(layer.dequantize().float(), q.t().float())
+
+
+def test_quantize_and_load_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32), nn.ReLU(), nn.Linear(32, 10))
+    reference = nn.Sequential(*[m for m in model])  # same modules, for the expected outputs
+    x = torch.randn(4, 64)
+    blockops.quantize_(model, blockops.QuantConfig(bits=4, group_size=32), filter_fn=lambda m, name: name != "4")
+    assert isinstance(model[0], QuantLinear) and isinstance(model[2], QuantLinear)
+    assert isinstance(model[4], nn.Linear) and not isinstance(model[4], QuantLinear)
+    y = model(x)
+    state = {}
+    for name in ("0", "2"):
+        state.update({f"{name}.{k}": v for k, v in model.get_submodule(name).to_gptq().items()})
+    state.update({"4.weight": model[4].weight.detach(), "4.bias": model[4].bias.detach()})
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "quantize_config.json").write_text('{"bits": 4, "group_size": 32}')
+    fresh = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32), nn.ReLU(), nn.Linear(32, 10))
+    blockops.load_gptq_checkpoint(fresh, str(tmp_path))
+    assert isinstance(fresh[0], QuantLinear)
+    torch.testing.assert_close(fresh(x), y)
+    del reference
+
+
+def test_checkpoint_errors():
+    layer = QuantLinear.from_linear(nn.Linear(64, 16), bits=2, group_size=32)
+    state = {f"0.{k}": v for k, v in layer.to_gptq().items()}
+    model = nn.Sequential(nn.Linear(64, 16))
+    missing = {k: v for k, v in state.items() if not k.endswith("qzeros")}
+    with pytest.raises(KeyError, match="missing 0.qzeros"):
+        blockops.load_gptq_checkpoint(model, missing, bits=2, group_size=32)
+    with pytest.raises(ValueError, match="qweight shape"):
+        blockops.load_gptq_checkpoint(model, state, bits=4, group_size=32)
+    with pytest.raises(ValueError, match="32->16 in the model but 64->16 in the checkpoint"):
+        blockops.load_gptq_checkpoint(nn.Sequential(nn.Linear(32, 16)), state, bits=2, group_size=32)
+
+
+def test_module_errors():
+    with pytest.raises(ValueError, match="not divisible by group_size"):
+        QuantLinear.from_linear(nn.Linear(100, 8), bits=2, group_size=64)
+    with pytest.raises(ValueError, match="bits must be 2, 3 or 4"):
+        QuantLinear(64, 8, bits=5)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        QuantLinear(64, 8, group_size=24)
+    with pytest.raises(ValueError, match="not divisible"):
+        blockops.quantize_(nn.Sequential(nn.Linear(100, 8)), blockops.QuantConfig(2, 64))
+    layer = QuantLinear(64, 8, bits=2, group_size=32)
+    with torch.no_grad():
+        layer.zeros.fill_(0.5)
+    with pytest.raises(ValueError, match="zero points must be integers"):
+        layer.to_gptq()
+    with pytest.raises(ValueError, match="act-order"):
+        t = QuantLinear(64, 8, bits=2, group_size=32).to_gptq()
+        QuantLinear.from_gptq(t["qweight"], t["qzeros"], t["scales"], bits=2, group_size=32,
+                              g_idx=torch.zeros(64, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_op_errors_name_the_problem(device):
+    qweight, scales, zeros = random_weight(128, 16, 2, 64, torch.float16, device)
+    x = torch.randn(2, 128, device=device)
+    with pytest.raises(RuntimeError, match="bits must be 2, 3 or 4"):
+        ops.quant_linear(x, qweight, scales, zeros, 5, 64)
+    with pytest.raises(RuntimeError, match="group_size must be a positive multiple of 16"):
+        ops.quant_linear(x, qweight, scales, zeros, 2, 40)
+    with pytest.raises(RuntimeError, match="needs 8 packed rows"):
+        ops.quant_linear(x, qweight[:7].contiguous(), scales, zeros, 2, 64)
+    with pytest.raises(RuntimeError, match="must have 128 features"):
+        ops.quant_linear(torch.randn(2, 127, device=device), qweight, scales, zeros, 2, 64)
+    with pytest.raises(RuntimeError, match="x must have dtype in"):
+        ops.quant_linear(x.double(), qweight, scales, zeros, 2, 64)
+    with pytest.raises(RuntimeError, match="qweight must have dtype in"):
+        ops.quant_linear(x, qweight.long(), scales, zeros, 2, 64)
+    with pytest.raises(RuntimeError, match="zeros must have the scales' dtype"):
+        ops.quant_linear(x, qweight, scales, zeros.float(), 2, 64)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        ops.quant_linear(torch.randn(128, 2, device=device).t(), qweight, scales, zeros, 2, 64)
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        ops.quant_linear(x, qweight, scales, zeros, 2, 64, torch.zeros(15, device=device))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for a second device")
+def test_mixed_devices_are_an_error():
+    qweight, scales, zeros = random_weight(128, 16, 2, 64, torch.float16, "cuda")
+    with pytest.raises(RuntimeError, match="x is on cpu but qweight is on cuda"):
+        ops.quant_linear(torch.randn(2, 128), qweight, scales, zeros, 2, 64)
+
+
+# ---- registration, tracing, compile ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    qweight, scales, zeros = random_weight(128, 24, 3, 32, torch.float32, device)
+    bias = torch.randn(24, device=device)
+    for rows in (2, 12):
+        x = torch.randn(rows, 128, device=device)
+        opcheck(torch.ops.blockops.quant_linear.default, (x, qweight, scales, zeros, 3, 32, bias))
+        opcheck(torch.ops.blockops.quant_linear.default,
+                (x.requires_grad_(), qweight, scales.clone().requires_grad_(), zeros, 3, 32, None))
+    opcheck(torch.ops.blockops.quant_dequantize.default, (qweight, scales, zeros, 3, 32))
+    opcheck(torch.ops.blockops.quant_linear_grad_input.default,
+            (torch.randn(3, 24, device=device), qweight, scales, zeros, 3, 32))
+    opcheck(torch.ops.blockops.quant_grad_scales.default, (torch.randn(24, 128, device=device), qweight, zeros, 3, 32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_model_with_quant_linear(device):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 32)).to(device)
+    blockops.quantize_(model, blockops.QuantConfig(bits=2, group_size=32, dtype=torch.float32))
+    x = torch.randn(3, 64, device=device)
+    assert_compiles(model, x)
+
+
+def test_e2e_qp_style_training_updates_only_scales():
+    torch.manual_seed(0)
+    teacher = nn.Linear(64, 32)
+    layer = QuantLinear.from_linear(teacher, bits=2, group_size=32, dtype=torch.float32)
+    layer.bias.requires_grad_(False)
+    qweight_before, zeros_before = layer.qweight.clone(), layer.zeros.clone()
+    opt = torch.optim.AdamW([layer.scales], lr=1e-3)
+    x = torch.randn(64, 64)
+    losses = []
+    for _ in range(30):
+        loss = (layer(x) - teacher(x).detach()).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert torch.equal(layer.qweight, qweight_before) and torch.equal(layer.zeros, zeros_before)
+
+
+def test_portable_cpu_path_matches():
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, blockops\n"
+        "from blockops.reference import ref_quant_linear\n"
+        "assert blockops.build_info()['cpu_families']['lowbit'] == 'portable'\n"
+        "q = torch.randint(0, 8, (320, 40), dtype=torch.int32)\n"
+        "qw = blockops.pack_bits(q, 3, 0); s = torch.rand(10, 40); z = torch.rand(10, 40) * 7\n"
+        "x = torch.randn(5, 320)\n"
+        "y = blockops.ops.quant_linear(x, qw, s, z, 3, 32)\n"
+        "ref = ref_quant_linear(x, qw, s, z, 3, 32)\n"
+        "assert ((y - ref).abs().max() / ref.abs().max()) < 1e-5\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, BLOCKOPS_CPU_ISA="portable"))
