@@ -4,9 +4,13 @@
 
 namespace blockops {
 
-// True when this process may run the BLOCKOPS_TARGET_AVX2 functions. BLOCKOPS_CPU_ISA=portable in the
-// environment forces the portable paths (used by tests to exercise both).
+// True when this process may run the BLOCKOPS_TARGET_AVX2 functions. In the environment,
+// BLOCKOPS_CPU_ISA=portable forces the portable paths and BLOCKOPS_CPU_ISA=avx2 stops at AVX2 (tests use
+// both to exercise every path on one machine).
 bool cpu_has_avx2_fma();
+
+// True when this process may run the BLOCKOPS_TARGET_AVX512_VNNI functions (AVX512-VNNI with AVX512VL).
+bool cpu_has_avx512_vnni();
 
 // "avx2+fma" or "portable": the ISA the CPU kernels use in this process.
 const char* cpu_isa_name();

@@ -105,12 +105,16 @@ KernelCounter linear_counter("quant_linear.cpu");
 KernelCounter dequant_counter("quant_dequantize.cpu");
 KernelCounter grad_input_counter("quant_linear_grad_input.cpu");
 KernelCounter grad_scales_counter("quant_grad_scales.cpu");
-FamilyRegistration family("lowbit", cpu_isa_name);
+// The fixed-point decode kernel uses AVX512-VNNI where the CPU has it; the rest of the family AVX2/FMA.
+const char* lowbit_cpu_isa() { return cpu_has_avx512_vnni() ? "avx2+fma, avx512-vnni (decode)" : cpu_isa_name(); }
+FamilyRegistration family("lowbit", lowbit_cpu_isa);
 
-constexpr int64_t kGemvMaxRows = 8;    // above this the blocked GEMM on dequantized tiles wins
+constexpr int64_t kGemvMaxRows = 64;   // measured: up to here the decode kernel (passes of 4 rows) beats
+                                       // dequantized blocks + fp32 GEMM on 2 AVX-512 cores
 constexpr int kTileCols = 16;          // one 64-byte cache line of a packed row; two AVX2 vectors
 constexpr int kRowsPerPass = 4;        // activation rows kept in registers per pass over a tile
 constexpr int kPrefetchRows = 32;      // packed rows fetched ahead (~ memory latency / time per row)
+constexpr int kBandTiles = 16;         // fixed-point path: 256 columns (1 KiB of each packed row) per task
 constexpr int64_t kBlockRows = 512;    // output rows dequantized at once on the GEMM paths (<= 8 MB fp32)
 
 // What one GEMV pass needs: fp32 activations [M, in], their per-group sums [M, groups], fp32 scales and
@@ -273,70 +277,95 @@ BLOCKOPS_TARGET_AVX2 void gemv_tile_avx2(const GemvArgs& a, int64_t n0, int64_t 
 // Activations are rounded per (row, group) to 16-bit fixed point, step = max|x| / 32767 (relative error
 // <= 1.5e-5 of the group's largest activation: finer than fp16 or bf16 inputs). Group sums stay in int32:
 // |code * x16| * group_size <= 15 * 32767 * 1024 < 2^31 (kFixedPointMaxGroup).
-template <int kBits, int kRows>
-BLOCKOPS_TARGET_AVX2 void gemv_tile_avx2_fixed(const GemvArgs& a, int64_t n0, int64_t m0) {
-  constexpr int kPer = 32 / kBits;
-  constexpr int kHalf = kPer / 2;
-  constexpr int kField = (1 << kBits) - 1;
-  const Geometry& g = a.g;
-  const __m256i mask = _mm256_set1_epi32(kField | (kField << 16));
-  const int64_t rows_per_group = g.group_size / kPer;
-  const int64_t pair_stride = g.words() * kHalf;  // xpairs per activation row
-  __m256 y_lo[kRows], y_hi[kRows];
-  for (int m = 0; m < kRows; ++m) y_lo[m] = y_hi[m] = _mm256_setzero_ps();
-  for (int64_t grp = 0; grp < g.groups(); ++grp) {
-    __m256i acc_lo[kRows], acc_hi[kRows];
-    for (int m = 0; m < kRows; ++m) acc_lo[m] = acc_hi[m] = _mm256_setzero_si256();
-    for (int64_t r = grp * rows_per_group; r < (grp + 1) * rows_per_group; ++r) {
-      const int32_t* row = a.qweight + r * g.out + n0;
-      _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * g.out), _MM_HINT_T0);
-      __m256i w_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
-      __m256i w_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 8));
-      const int32_t* xp = a.xpairs + m0 * pair_stride + r * kHalf;
-#pragma GCC unroll 8
-      for (int j = 0; j < kHalf; ++j) {
-        const __m256i c_lo = _mm256_and_si256(w_lo, mask);
-        const __m256i c_hi = _mm256_and_si256(w_hi, mask);
-        w_lo = _mm256_srli_epi32(w_lo, kBits);
-        w_hi = _mm256_srli_epi32(w_hi, kBits);
-        for (int m = 0; m < kRows; ++m) {
-          const __m256i xv = _mm256_set1_epi32(xp[m * pair_stride + j]);
-          acc_lo[m] = _mm256_add_epi32(acc_lo[m], _mm256_madd_epi16(c_lo, xv));
-          acc_hi[m] = _mm256_add_epi32(acc_hi[m], _mm256_madd_epi16(c_hi, xv));
-        }
-      }
-    }
-    const float* sc = a.scales + grp * g.out + n0;
-    const float* ze = a.zeros + grp * g.out + n0;
-    const __m256 s_lo = _mm256_loadu_ps(sc), s_hi = _mm256_loadu_ps(sc + 8);
-    const __m256 z_lo = _mm256_loadu_ps(ze), z_hi = _mm256_loadu_ps(ze + 8);
-    for (int m = 0; m < kRows; ++m) {
-      const __m256 step = _mm256_broadcast_ss(a.xstep + (m0 + m) * g.groups() + grp);
-      const __m256 xs = _mm256_broadcast_ss(a.xsum + (m0 + m) * g.groups() + grp);
-      const __m256 lo = _mm256_mul_ps(_mm256_cvtepi32_ps(acc_lo[m]), step);
-      const __m256 hi = _mm256_mul_ps(_mm256_cvtepi32_ps(acc_hi[m]), step);
-      y_lo[m] = _mm256_fmadd_ps(s_lo, _mm256_fnmadd_ps(z_lo, xs, lo), y_lo[m]);
-      y_hi[m] = _mm256_fmadd_ps(s_hi, _mm256_fnmadd_ps(z_hi, xs, hi), y_hi[m]);
-    }
-  }
-  for (int m = 0; m < kRows; ++m) {
-    _mm256_storeu_ps(a.y + (m0 + m) * g.out + n0, y_lo[m]);
-    _mm256_storeu_ps(a.y + (m0 + m) * g.out + n0 + 8, y_hi[m]);
+// The fixed-point band kernel, stamped out once per ISA by the macro below: GCC cannot inline an
+// intrinsic of a wider ISA into a shared template body, so the body is a macro and only the dot-product
+// step DOT(acc, codes, x) differs: AVX2 multiplies int16 pairs and adds (madd + add), AVX512-VNNI does
+// both in one instruction (vpdpwssd on 256-bit registers, via AVX512VL).
+// Per-group integer sums (acc) and the band's fp32 outputs (y) live in L1, not registers: a band is wider
+// than the register file, and they are touched once per packed row and once per group respectively.
+#define BLOCKOPS_DEFINE_FIXED_BAND(NAME, TARGET, DOT) \
+template <int kBits, int kRows>                                                                                    \
+TARGET void NAME(const GemvArgs& a, int64_t n0, int tiles, int64_t m0) {                                           \
+  constexpr int kPer = 32 / kBits;                                                                                 \
+  constexpr int kHalf = kPer / 2;                                                                                  \
+  constexpr int kField = (1 << kBits) - 1;                                                                         \
+  constexpr int kBandCols = kBandTiles * kTileCols;                                                                \
+  const Geometry& g = a.g;                                                                                         \
+  const __m256i mask = _mm256_set1_epi32(kField | (kField << 16));                                                 \
+  const int64_t rows_per_group = g.group_size / kPer;                                                              \
+  const int64_t pair_stride = g.words() * kHalf;                                                                   \
+  const int cols = tiles * kTileCols;                                                                              \
+  alignas(32) int32_t acc[kRows][kBandCols];                                                                       \
+  alignas(32) float y[kRows][kBandCols];                                                                           \
+  for (int m = 0; m < kRows; ++m)                                                                                  \
+    for (int c = 0; c < cols; ++c) y[m][c] = 0.f;                                                                  \
+  for (int64_t grp = 0; grp < g.groups(); ++grp) {                                                                 \
+    for (int m = 0; m < kRows; ++m)                                                                                \
+      for (int c = 0; c < cols; ++c) acc[m][c] = 0;                                                                \
+    for (int64_t r = grp * rows_per_group; r < (grp + 1) * rows_per_group; ++r) {                                  \
+      const int32_t* row = a.qweight + r * g.out + n0;                                                             \
+      const char* ahead = reinterpret_cast<const char*>(row + kPrefetchRows * g.out);                              \
+      for (int line = 0; line < tiles; ++line) _mm_prefetch(ahead + line * 64, _MM_HINT_T0);                       \
+      const int32_t* xp = a.xpairs + m0 * pair_stride + r * kHalf;                                                 \
+      for (int tile = 0; tile < tiles; ++tile) {                                                                   \
+        __m256i w_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + tile * kTileCols));               \
+        __m256i w_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + tile * kTileCols + 8));           \
+        __m256i s_lo[kRows], s_hi[kRows];                                                                          \
+        for (int m = 0; m < kRows; ++m) s_lo[m] = s_hi[m] = _mm256_setzero_si256();                                \
+_Pragma("GCC unroll 8")                                                                                            \
+        for (int j = 0; j < kHalf; ++j) {                                                                          \
+          const __m256i c_lo = _mm256_and_si256(w_lo, mask);                                                       \
+          const __m256i c_hi = _mm256_and_si256(w_hi, mask);                                                       \
+          w_lo = _mm256_srli_epi32(w_lo, kBits);                                                                   \
+          w_hi = _mm256_srli_epi32(w_hi, kBits);                                                                   \
+          for (int m = 0; m < kRows; ++m) {                                                                        \
+            const __m256i xv = _mm256_set1_epi32(xp[m * pair_stride + j]);                                         \
+            s_lo[m] = DOT(s_lo[m], c_lo, xv);                                                                      \
+            s_hi[m] = DOT(s_hi[m], c_hi, xv);                                                                      \
+          }                                                                                                        \
+        }                                                                                                          \
+        for (int m = 0; m < kRows; ++m) {                                                                          \
+          __m256i* dst = reinterpret_cast<__m256i*>(&acc[m][tile * kTileCols]);                                    \
+          _mm256_store_si256(dst, _mm256_add_epi32(_mm256_load_si256(dst), s_lo[m]));                              \
+          _mm256_store_si256(dst + 1, _mm256_add_epi32(_mm256_load_si256(dst + 1), s_hi[m]));                      \
+        }                                                                                                          \
+      }                                                                                                            \
+    }                                                                                                              \
+    const float* sc = a.scales + grp * g.out + n0;                                                                 \
+    const float* ze = a.zeros + grp * g.out + n0;                                                                  \
+    for (int m = 0; m < kRows; ++m) {                                                                              \
+      const __m256 step = _mm256_broadcast_ss(a.xstep + (m0 + m) * g.groups() + grp);                              \
+      const __m256 xs = _mm256_broadcast_ss(a.xsum + (m0 + m) * g.groups() + grp);                                 \
+      for (int c = 0; c < cols; c += 8) {                                                                          \
+        const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_load_si256(                                     \
+                                             reinterpret_cast<const __m256i*>(&acc[m][c]))), step);                \
+        const __m256 corrected = _mm256_fnmadd_ps(_mm256_loadu_ps(ze + c), xs, dot);                               \
+        _mm256_store_ps(&y[m][c], _mm256_fmadd_ps(_mm256_loadu_ps(sc + c), corrected, _mm256_load_ps(&y[m][c])));  \
+      }                                                                                                            \
+    }                                                                                                              \
+  }                                                                                                                \
+  for (int m = 0; m < kRows; ++m)                                                                                  \
+    for (int c = 0; c < cols; c += 8) _mm256_storeu_ps(a.y + (m0 + m) * g.out + n0 + c, _mm256_load_ps(&y[m][c])); \
+}
+
+#define BLOCKOPS_DOT_AVX2(acc, codes, x) _mm256_add_epi32(acc, _mm256_madd_epi16(codes, x))
+#define BLOCKOPS_DOT_VNNI(acc, codes, x) _mm256_dpwssd_epi32(acc, codes, x)
+BLOCKOPS_DEFINE_FIXED_BAND(gemv_band_fixed_avx2, BLOCKOPS_TARGET_AVX2, BLOCKOPS_DOT_AVX2)
+BLOCKOPS_DEFINE_FIXED_BAND(gemv_band_fixed_vnni, BLOCKOPS_TARGET_AVX512_VNNI, BLOCKOPS_DOT_VNNI)
+
+template <int kBits>
+void gemv_band_fixed(const GemvArgs& a, int64_t n0, int tiles, int64_t m0, int rows) {
+  const bool vnni = cpu_has_avx512_vnni();
+  switch (rows) {
+    case 1: return vnni ? gemv_band_fixed_vnni<kBits, 1>(a, n0, tiles, m0) : gemv_band_fixed_avx2<kBits, 1>(a, n0, tiles, m0);
+    case 2: return vnni ? gemv_band_fixed_vnni<kBits, 2>(a, n0, tiles, m0) : gemv_band_fixed_avx2<kBits, 2>(a, n0, tiles, m0);
+    case 3: return vnni ? gemv_band_fixed_vnni<kBits, 3>(a, n0, tiles, m0) : gemv_band_fixed_avx2<kBits, 3>(a, n0, tiles, m0);
+    default: return vnni ? gemv_band_fixed_vnni<kBits, 4>(a, n0, tiles, m0) : gemv_band_fixed_avx2<kBits, 4>(a, n0, tiles, m0);
   }
 }
 
 template <int kBits>
 BLOCKOPS_TARGET_AVX2 void gemv_rows_avx2(const GemvArgs& a, int64_t n0, int64_t m0, int rows) {
-  if constexpr (kBits != 3) {
-    if (a.xpairs != nullptr) {
-      switch (rows) {
-        case 1: return gemv_tile_avx2_fixed<kBits, 1>(a, n0, m0);
-        case 2: return gemv_tile_avx2_fixed<kBits, 2>(a, n0, m0);
-        case 3: return gemv_tile_avx2_fixed<kBits, 3>(a, n0, m0);
-        default: return gemv_tile_avx2_fixed<kBits, 4>(a, n0, m0);
-      }
-    }
-  }
   switch (rows) {
     case 1: return gemv_tile_avx2<kBits, 1>(a, n0, m0);
     case 2: return gemv_tile_avx2<kBits, 2>(a, n0, m0);
@@ -351,6 +380,32 @@ void gemv(const GemvArgs& a, int64_t rows) {
   const Geometry& g = a.g;
   const int64_t tiles = (g.out + kTileCols - 1) / kTileCols;
   const bool avx2 = cpu_has_avx2_fma();
+#if BLOCKOPS_X86_DISPATCH
+  if constexpr (kBits != 3) {
+    if (a.xpairs != nullptr) {
+      // Fixed-point path: threads take bands of full tiles; the partial tile at the end (out % 16 columns)
+      // goes to the portable kernel.
+      const int64_t full = g.out / kTileCols;
+      const int64_t bands = (full + kBandTiles - 1) / kBandTiles;
+      at::parallel_for(0, bands, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t band = begin; band < end; ++band) {
+          const int band_tiles = static_cast<int>(std::min<int64_t>(kBandTiles, full - band * kBandTiles));
+          for (int64_t m0 = 0; m0 < rows; m0 += kRowsPerPass) {
+            gemv_band_fixed<kBits>(a, band * kBandTiles * kTileCols, band_tiles, m0,
+                                   static_cast<int>(std::min<int64_t>(kRowsPerPass, rows - m0)));
+          }
+        }
+      });
+      if (full < tiles) {
+        for (int64_t m0 = 0; m0 < rows; m0 += kRowsPerPass) {
+          gemv_tile_portable<kBits>(a, full * kTileCols, static_cast<int>(g.out - full * kTileCols), m0,
+                                    static_cast<int>(std::min<int64_t>(kRowsPerPass, rows - m0)));
+        }
+      }
+      return;
+    }
+  }
+#endif
   // One task per tile at least 16 tiles' worth of work: tiles are small, but the threads must not share
   // cache lines of y (a tile's outputs are 64 bytes, one line).
   at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
@@ -518,15 +573,48 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
   return y32.to(x.scalar_type()).view(out_sizes);
 }
 
+// W_hat [out, in] written directly: tasks take tiles of kTileCols output rows (one cache line of each packed
+// row), and each packed word fills p consecutive entries of one output row, so reads and writes both stream.
+void dequant_rows(const int32_t* qweight, const float* scales, const float* zeros, const Geometry& g, float* out) {
+  const int per = g.per_word();
+  const uint32_t mask = (1u << g.bits) - 1u;
+  const int64_t tiles = (g.out + kTileCols - 1) / kTileCols;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t n_end = std::min<int64_t>(g.out, (tile + 1) * kTileCols);
+      for (int64_t r = 0; r < g.words(); ++r) {
+        const int64_t k0 = r * per;
+        const int lanes = static_cast<int>(std::min<int64_t>(per, g.in - k0));
+        const int64_t grp0 = k0 / g.group_size;
+        // A 3-bit word can cross one group boundary: lanes from `split` on belong to the next group.
+        const int split = static_cast<int>(std::min<int64_t>(lanes, (grp0 + 1) * g.group_size - k0));
+        for (int64_t n = tile * kTileCols; n < n_end; ++n) {
+          const uint32_t w = static_cast<uint32_t>(qweight[r * g.out + n]);
+          float* dst = out + n * g.in + k0;
+          float s = scales[grp0 * g.out + n], z = zeros[grp0 * g.out + n];
+          for (int t = 0; t < lanes; ++t) {
+            if (t == split) {
+              s = scales[(grp0 + 1) * g.out + n];
+              z = zeros[(grp0 + 1) * g.out + n];
+            }
+            dst[t] = dequant(static_cast<int>((w >> (g.bits * t)) & mask), s, z);
+          }
+        }
+      }
+    }
+  });
+}
+
 at::Tensor quant_dequantize_cpu(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
                                 int64_t bits, int64_t group_size) {
   const Geometry g = check_weight(kDequant, qweight, scales, zeros, bits, group_size);
   dequant_counter.hit();
-  at::Tensor out = at::empty({g.out, g.in}, scales.options());
-  if (out.numel() == 0) return out;
-  for_each_dequantized_block(qweight, as_float(scales), as_float(zeros), g,
-                             [&](int64_t n0, int64_t nb, const at::Tensor& w) { out.narrow(0, n0, nb).copy_(w.t()); });
-  return out;
+  at::Tensor out = at::empty({g.out, g.in}, scales.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out.to(scales.scalar_type());
+  const at::Tensor s32 = as_float(scales), z32 = as_float(zeros);
+  dequant_rows(qweight.const_data_ptr<int32_t>(), s32.const_data_ptr<float>(), z32.const_data_ptr<float>(), g,
+               out.mutable_data_ptr<float>());
+  return out.to(scales.scalar_type());
 }
 
 at::Tensor quant_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& qweight, const at::Tensor& scales,

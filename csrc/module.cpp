@@ -61,6 +61,21 @@ bool cpu_has_avx2_fma() {
 #endif
 }
 
+bool cpu_has_avx512_vnni() {
+#if BLOCKOPS_X86_DISPATCH
+  static const bool has = [] {
+    const char* forced = std::getenv("BLOCKOPS_CPU_ISA");
+    if (forced != nullptr && (std::strcmp(forced, "avx2") == 0 || std::strcmp(forced, "portable") == 0)) return false;
+    __builtin_cpu_init();
+    return cpu_has_avx2_fma() && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vnni");
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
 const char* cpu_isa_name() { return cpu_has_avx2_fma() ? "avx2+fma" : "portable"; }
 
 std::string build_info_json() {
@@ -80,6 +95,11 @@ std::string build_info_json() {
   json += "\"torch_version\": \"" BLOCKOPS_TORCH_VERSION "\", ";
   json += "\"compiler\": \"" BLOCKOPS_CXX_COMPILER "\", ";
   json += std::string("\"cpu_isa\": \"") + cpu_isa_name() + "\", ";
+#ifdef _OPENMP
+  json += "\"cpu_parallel\": \"openmp\", ";
+#else
+  json += "\"cpu_parallel\": \"none\", ";
+#endif
   json += "\"cpu_families\": " + families + ", ";
   json += std::string("\"cuda_compiled\": ") + (BLOCKOPS_CUDA_BUILT ? "true" : "false") + ", ";
   json += "\"cuda_version\": \"" BLOCKOPS_CUDA_VERSION "\", ";

@@ -14,6 +14,9 @@ def test_build_info_describes_the_build():
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
     assert info["cpu_isa"] in ("avx2+fma", "portable")
     assert "bitpack" in info["cpu_families"]
+    # at::parallel_for only runs in parallel in code compiled with OpenMP (torch's backend here).
+    if "OpenMP" in torch.__config__.parallel_info():
+        assert info["cpu_parallel"] == "openmp"
     if info["cuda_compiled"]:
         assert info["cuda_version"]
         assert info["cuda_families"].get("bitpack"), info

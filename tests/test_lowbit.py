@@ -30,7 +30,7 @@ MAX_REL = {torch.float32: 2e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-@pytest.mark.parametrize("rows", [1, 3, 8, 17])
+@pytest.mark.parametrize("rows", [1, 3, 8, 17, 70])
 def test_quant_linear_matches_reference(device, bits, group_size, rows):
     in_features, out_features = 384, 72  # 72: a tile and a partial tile of columns
     qweight, scales, zeros = random_weight(in_features, out_features, bits, group_size, torch.float16, device)
@@ -43,7 +43,7 @@ def test_quant_linear_matches_reference(device, bits, group_size, rows):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rows", [1, 33])
+@pytest.mark.parametrize("rows", [1, 33, 70])
 def test_dtypes_and_bias(device, x_dtype, scale_dtype, rows):
     qweight, scales, zeros = random_weight(256, 48, 2, 64, scale_dtype, device, fractional_zeros=True)
     bias = torch.randn(48, device=device, dtype=x_dtype)
@@ -55,7 +55,7 @@ def test_dtypes_and_bias(device, x_dtype, scale_dtype, rows):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("bits,group_size", [(2, 32), (3, 32), (4, 96), (3, 48), (2, 160)])
+@pytest.mark.parametrize("bits,group_size", [(2, 32), (3, 32), (4, 96), (3, 48), (2, 160), (3, 80)])
 def test_dequantize_is_exact(device, bits, group_size):
     qweight, scales, zeros = random_weight(480, 40, bits, group_size, torch.float32, device)
     with kernel_ran("quant_dequantize", device):
@@ -249,7 +249,7 @@ def test_mixed_devices_are_an_error():
 def test_opcheck(device):
     qweight, scales, zeros = random_weight(128, 24, 3, 32, torch.float32, device)
     bias = torch.randn(24, device=device)
-    for rows in (2, 12):
+    for rows in (2, 12, 70):
         x = torch.randn(rows, 128, device=device)
         opcheck(torch.ops.blockops.quant_linear.default, (x, qweight, scales, zeros, 3, 32, bias))
         opcheck(torch.ops.blockops.quant_linear.default,
@@ -288,7 +288,11 @@ def test_e2e_qp_style_training_updates_only_scales():
     assert torch.equal(layer.qweight, qweight_before) and torch.equal(layer.zeros, zeros_before)
 
 
-def test_portable_cpu_path_matches():
+@pytest.mark.parametrize("isa", ["portable", "avx2"])
+def test_every_cpu_code_path_matches(isa):
+    """BLOCKOPS_CPU_ISA forces the portable kernels, or stops at AVX2 (no AVX512-VNNI): each path on its own
+    must match the reference, for the float (3-bit) and fixed-point (2/4-bit) decode kernels and a partial
+    last tile of columns."""
     import os
     import subprocess
     import sys
@@ -296,12 +300,14 @@ def test_portable_cpu_path_matches():
     code = (
         "import torch, blockops\n"
         "from blockops.reference import ref_quant_linear\n"
-        "assert blockops.build_info()['cpu_families']['lowbit'] == 'portable'\n"
-        "q = torch.randint(0, 8, (320, 40), dtype=torch.int32)\n"
-        "qw = blockops.pack_bits(q, 3, 0); s = torch.rand(10, 40); z = torch.rand(10, 40) * 7\n"
-        "x = torch.randn(5, 320)\n"
-        "y = blockops.ops.quant_linear(x, qw, s, z, 3, 32)\n"
-        "ref = ref_quant_linear(x, qw, s, z, 3, 32)\n"
-        "assert ((y - ref).abs().max() / ref.abs().max()) < 1e-5\n"
+        f"assert blockops.build_info()['cpu_families']['lowbit'] == ({isa!r} if {isa!r} == 'portable' else 'avx2+fma')\n"
+        "for bits in (2, 3, 4):\n"
+        "    q = torch.randint(0, 2**bits, (320, 300), dtype=torch.int32)\n"
+        "    qw = blockops.pack_bits(q, bits, 0); s = torch.rand(10, 300); z = torch.rand(10, 300) * 3\n"
+        "    for rows in (1, 6):\n"
+        "        x = torch.randn(rows, 320)\n"
+        "        y = blockops.ops.quant_linear(x, qw, s, z, bits, 32)\n"
+        "        ref = ref_quant_linear(x, qw, s, z, bits, 32)\n"
+        "        assert ((y - ref).abs().mean() / ref.abs().mean()) < 2e-4, (bits, rows)\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, BLOCKOPS_CPU_ISA="portable"))
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, BLOCKOPS_CPU_ISA=isa))

@@ -20,7 +20,8 @@ def build_info() -> dict:
     """What this build contains.
 
     Keys: ``version``, ``torch_version`` (the torch it was built against), ``compiler``, ``cpu_isa``
-    (``"avx2+fma"`` or ``"portable"``: what the CPU kernels use in this process), ``cpu_families``
+    (``"avx2+fma"`` or ``"portable"``: what the CPU kernels use in this process), ``cpu_parallel``
+    (``"openmp"`` when the CPU kernels run on torch's threads), ``cpu_families``
     (kernel family -> CPU ISA), ``cuda_compiled``, ``cuda_version``, ``cuda_families`` (kernel family ->
     list of CUDA architectures it was compiled for, e.g. ``["8.0", "9.0a"]``), ``cutlass_include``.
     """

@@ -27,11 +27,12 @@ def main(argv=None) -> int:
         print(json.dumps(blockops.build_info(), indent=2))
         return 0
 
-    from blockops.bench import format_table, machine_description, plot, run_suite, write_json
+    from blockops.bench import format_table, machine_description, plot, read_bandwidth_gbps, run_suite, write_json
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     results = run_suite(device, args.family, quick=not args.full)
-    title = f"blockops {blockops.__version__} on {machine_description(device)}"
+    title = (f"blockops {blockops.__version__} on {machine_description(device)}; "
+             f"read bandwidth {read_bandwidth_gbps(device):.1f} GB/s")
     if args.json:
         write_json(results, args.json, device)
     if args.plot:

@@ -5,7 +5,7 @@ Each family module has `run(device, quick=True) -> list[Result]`; FAMILIES lists
 from __future__ import annotations
 
 from blockops.bench import bitpack, lowbit
-from blockops.bench.harness import Result, format_table, machine_description, plot, write_json
+from blockops.bench.harness import Result, format_table, machine_description, plot, read_bandwidth_gbps, write_json
 
 FAMILIES = {
     "bitpack": bitpack.run,
@@ -26,4 +26,5 @@ def run_suite(device: str, families=None, quick: bool = True, progress: bool = T
     return results
 
 
-__all__ = ["FAMILIES", "Result", "format_table", "machine_description", "plot", "run_suite", "write_json"]
+__all__ = ["FAMILIES", "Result", "format_table", "machine_description", "plot", "read_bandwidth_gbps", "run_suite",
+           "write_json"]

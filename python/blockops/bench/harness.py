@@ -92,6 +92,14 @@ def machine_description(device: str) -> str:
     return f"{name}, torch {torch.__version__}"
 
 
+def read_bandwidth_gbps(device: str, megabytes: int = 256) -> float:
+    """Achievable read bandwidth: GB/s of summing a large fp32 tensor (the limit memory-bound kernels such
+    as small-batch GEMV are held against), measured in the same run."""
+    t = torch.ones(megabytes * 2**20 // 4, device=device)
+    ms = time_ms(lambda: t.sum(), device, min_repeats=5, min_seconds=0.3)
+    return t.numel() * 4 / (ms * 1e-3) / 1e9
+
+
 def format_table(results: list[Result]) -> str:
     header = ["family", "op", "shape", "dev", "blockops ms", "baseline", "base ms", "speed-up", "GB/s", "TFLOP/s",
               "max err"]
@@ -110,6 +118,7 @@ def write_json(results: list[Result], path: str, device: str) -> None:
     payload = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": machine_description(device),
+        "read_bandwidth_gbps": read_bandwidth_gbps(device),
         "build": blockops.build_info(),
         "results": [r.as_dict() for r in results],
     }
