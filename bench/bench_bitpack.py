@@ -3,7 +3,7 @@ import argparse
 
 import torch
 
-from blockops.bench import bitpack, format_table, machine_description, write_json
+from blockops.bench import bitpack, format_table, machine_description, read_bandwidth_gbps, write_json
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
@@ -12,5 +12,5 @@ if __name__ == "__main__":
     args = parser.parse_args()
     results = bitpack.run(args.device, quick=False)
     write_json(results, args.json, args.device)
-    print(machine_description(args.device))
+    print(f"{machine_description(args.device)}; read bandwidth {read_bandwidth_gbps(args.device):.1f} GB/s")
     print(format_table(results))

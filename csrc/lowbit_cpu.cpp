@@ -117,6 +117,8 @@ constexpr int kPrefetchRows = 32;      // packed rows fetched ahead (~ memory la
 constexpr int kBandTiles = 16;         // fixed-point path: 256 columns (1 KiB of each packed row) per task
 constexpr int64_t kBlockRows = 512;    // output rows dequantized at once on the GEMM paths (<= 8 MB fp32)
 
+enum class ParamType { kF32, kF16, kBF16 };  // dtype of scales and zeros as the caller stores them
+
 // What one GEMV pass needs: fp32 activations [M, in], their per-group sums [M, groups], fp32 scales and
 // zeros [groups, out], the fp32 output [M, out].
 struct GemvArgs {
@@ -127,8 +129,11 @@ struct GemvArgs {
   const int32_t* xpairs;
   const float* xstep;
   const int32_t* qweight;
-  const float* scales;
+  const float* scales;       // fp32 copies: float and portable kernels (null on the fixed-point path)
   const float* zeros;
+  const void* scales_native;  // the caller's scales / zeros as stored, read by the fixed-point kernel
+  const void* zeros_native;
+  ParamType param_type;
   float* y;
   Geometry g;
 };
@@ -270,6 +275,24 @@ BLOCKOPS_TARGET_AVX2 void gemv_tile_avx2(const GemvArgs& a, int64_t n0, int64_t 
   }
 }
 
+#if BLOCKOPS_X86_DISPATCH
+// Eight scales (or zeros) from index i as fp32, whatever their storage dtype: converting them here, once per
+// group, costs less than converting the whole [groups, out] tensors on every call.
+BLOCKOPS_TARGET_AVX2 __attribute__((always_inline)) inline __m256 load8_as_float(const void* base, int64_t i,
+                                                                                  ParamType type) {
+  switch (type) {
+    case ParamType::kF16:
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i)));
+    case ParamType::kBF16:  // bf16 is the high half of an fp32
+      return _mm256_castsi256_ps(_mm256_slli_epi32(
+          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i))),
+          16));
+    default:
+      return _mm256_loadu_ps(static_cast<const float*>(base) + i);
+  }
+}
+#endif
+
 // The 2- and 4-bit decode kernel on 16-bit fixed-point activations. An int32 lane (one column) of a packed
 // word holds codes k in its low half and k + p/2 in its high half, so one shift and one mask leave two
 // codes per lane as int16 pairs; _mm256_madd_epi16 multiplies them by the matching pair of int16
@@ -331,16 +354,17 @@ _Pragma("GCC unroll 8")                                                         
         }                                                                                                          \
       }                                                                                                            \
     }                                                                                                              \
-    const float* sc = a.scales + grp * g.out + n0;                                                                 \
-    const float* ze = a.zeros + grp * g.out + n0;                                                                  \
+    const int64_t param_row = grp * g.out + n0;                                                                    \
     for (int m = 0; m < kRows; ++m) {                                                                              \
       const __m256 step = _mm256_broadcast_ss(a.xstep + (m0 + m) * g.groups() + grp);                              \
       const __m256 xs = _mm256_broadcast_ss(a.xsum + (m0 + m) * g.groups() + grp);                                 \
       for (int c = 0; c < cols; c += 8) {                                                                          \
         const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_load_si256(                                     \
                                              reinterpret_cast<const __m256i*>(&acc[m][c]))), step);                \
-        const __m256 corrected = _mm256_fnmadd_ps(_mm256_loadu_ps(ze + c), xs, dot);                               \
-        _mm256_store_ps(&y[m][c], _mm256_fmadd_ps(_mm256_loadu_ps(sc + c), corrected, _mm256_load_ps(&y[m][c])));  \
+        const __m256 zero = load8_as_float(a.zeros_native, param_row + c, a.param_type);                            \
+        const __m256 scale = load8_as_float(a.scales_native, param_row + c, a.param_type);                          \
+        const __m256 corrected = _mm256_fnmadd_ps(zero, xs, dot);                                                   \
+        _mm256_store_ps(&y[m][c], _mm256_fmadd_ps(scale, corrected, _mm256_load_ps(&y[m][c])));                    \
       }                                                                                                            \
     }                                                                                                              \
   }                                                                                                                \
@@ -543,20 +567,30 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
   if (rows == 0 || g.out == 0) return at::zeros(out_sizes, x.options());
   linear_counter.hit();
   const at::Tensor x32 = as_float(x).reshape({rows, g.in});
-  const at::Tensor s32 = as_float(scales), z32 = as_float(zeros);
   at::Tensor y32 = at::empty({rows, g.out}, x32.options());
   if (rows <= kGemvMaxRows) {
     const at::Tensor xsum = x32.view({rows, g.groups(), g.group_size}).sum(-1).contiguous();
     at::Tensor xpairs, xstep;
     const bool fixed_point = cpu_has_avx2_fma() && g.bits != 3 && g.group_size <= kFixedPointMaxGroup;
     if (fixed_point) prepare_fixed_point(x32, g, xpairs, xstep);
+    // fp32 copies of scales and zeros only where a float or portable kernel reads them (the fixed-point
+    // kernel converts as it goes; the portable one takes the partial tile of columns at the end).
+    const bool need_f32 = !fixed_point || g.out % kTileCols != 0;
+    const at::Tensor s32 = need_f32 ? as_float(scales) : at::Tensor();
+    const at::Tensor z32 = need_f32 ? as_float(zeros) : at::Tensor();
+    const ParamType param_type = scales.scalar_type() == at::kHalf       ? ParamType::kF16
+                                 : scales.scalar_type() == at::kBFloat16 ? ParamType::kBF16
+                                                                         : ParamType::kF32;
     const GemvArgs a{x32.const_data_ptr<float>(),
                      xsum.const_data_ptr<float>(),
                      fixed_point ? xpairs.const_data_ptr<int32_t>() : nullptr,
                      fixed_point ? xstep.const_data_ptr<float>() : nullptr,
                      qweight.const_data_ptr<int32_t>(),
-                     s32.const_data_ptr<float>(),
-                     z32.const_data_ptr<float>(),
+                     need_f32 ? s32.const_data_ptr<float>() : nullptr,
+                     need_f32 ? z32.const_data_ptr<float>() : nullptr,
+                     scales.const_data_ptr(),
+                     zeros.const_data_ptr(),
+                     param_type,
                      y32.mutable_data_ptr<float>(),
                      g};
     switch (g.bits) {
@@ -565,9 +599,8 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
       default: gemv<4>(a, rows); break;
     }
   } else {
-    for_each_dequantized_block(qweight, s32, z32, g, [&](int64_t n0, int64_t nb, const at::Tensor& w) {
-      y32.narrow(1, n0, nb).copy_(at::mm(x32, w));
-    });
+    for_each_dequantized_block(qweight, as_float(scales), as_float(zeros), g,
+                               [&](int64_t n0, int64_t nb, const at::Tensor& w) { y32.narrow(1, n0, nb).copy_(at::mm(x32, w)); });
   }
   if (bias.has_value()) y32.add_(as_float(*bias));
   return y32.to(x.scalar_type()).view(out_sizes);

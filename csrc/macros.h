@@ -11,8 +11,8 @@
 // runs on every x86-64 and the rest of the file keeps the portable baseline ISA.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
 #define BLOCKOPS_X86_DISPATCH 1
-#define BLOCKOPS_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define BLOCKOPS_TARGET_AVX512_VNNI __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")))
+#define BLOCKOPS_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))  // every AVX2 CPU has F16C
+#define BLOCKOPS_TARGET_AVX512_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 #else
 #define BLOCKOPS_X86_DISPATCH 0
 #define BLOCKOPS_TARGET_AVX2
