@@ -16,6 +16,10 @@ if [ -n "$wheels" ] && ls "$wheels"/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/blockops-site "$wheels"/*.whl
   export PYTHONPATH=/tmp/blockops-site${PYTHONPATH:+:$PYTHONPATH}
 fi
+if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu_check: no CUDA device visible to torch; run this on a GPU machine" >&2
+  exit 2
+fi
 arch=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m >= 9 else ''))")
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch}
 export MAX_JOBS=${MAX_JOBS:-16}

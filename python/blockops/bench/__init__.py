@@ -13,6 +13,22 @@ FAMILIES = {
 }
 
 
+def family_main(name: str) -> None:
+    """Command line of a bench/bench_<family>.py script: every shape of one family, table and JSON."""
+    import argparse
+
+    import torch
+
+    parser = argparse.ArgumentParser(description=f"blockops {name} benchmark, all shapes")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default=f"bench_results/{name}.json")
+    args = parser.parse_args()
+    results = FAMILIES[name](args.device, quick=False)
+    write_json(results, args.json, args.device)
+    print(f"{machine_description(args.device)}; read bandwidth {read_bandwidth_gbps(args.device):.1f} GB/s")
+    print(format_table(results))
+
+
 def run_suite(device: str, families=None, quick: bool = True, progress: bool = True) -> list[Result]:
     from tqdm import tqdm
 
@@ -26,5 +42,5 @@ def run_suite(device: str, families=None, quick: bool = True, progress: bool = T
     return results
 
 
-__all__ = ["FAMILIES", "Result", "format_table", "machine_description", "plot", "read_bandwidth_gbps", "run_suite",
+__all__ = ["FAMILIES", "family_main", "Result", "format_table", "machine_description", "plot", "read_bandwidth_gbps", "run_suite",
            "write_json"]
