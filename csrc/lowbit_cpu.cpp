@@ -1,31 +1,31 @@
 // Low-bit GEMM on the CPU: the shared argument checks and the CPU kernels of the lowbit family.
 //
-// quant_linear, small batch (M <= kGemvMaxRows, the decode case) -- a fused GEMV that reads every packed
-// weight once and never materialises W_hat:
+// quant_linear, M <= kGemvMaxRows rows (decode and small batches) -- fused kernels that read every packed
+// weight once per pass of up to kRowsPerPass activation rows and never materialise W_hat:
 //
-//      qweight [words, out] int32                 threads own column tiles of kTileCols = 16 columns
-//      +-------+-------+-------+----               (one 64-byte cache line per packed row) and walk
-//      | tile0 | tile1 | tile2 | ...              down the rows; the rows kPrefetchRows ahead are
-//      |  16   |  16   |       |                  prefetched, because the hardware prefetchers do not
-//      v rows  v       v                          follow a stride of `out * 4` bytes across pages.
+//      qweight [words, out] int32        2/4-bit (fixed-point kernel): a task owns a band of kBandTiles
+//      +------ band 0 ------+-- band 1 --    tiles (256 columns, 1 KiB of each packed row) and walks down
+//      | t0 | t1 | ... | t15| t0 | ...       the rows; the rows kPrefetchRows ahead are prefetched, since
+//      |16c |16c |     |16c |                the hardware prefetchers do not follow a stride of out * 4
+//      v    v    v     v    v                bytes across pages. 3-bit and portable kernels: one task per
+//                                           16-column tile, same walk.
+//   per tile and pass:  for each group:  acc[m] = sum_{k in grp} x[m, k] * q[k, :]   (codes unpacked in
+//                                        y[m, :] += s[grp, :] * (acc[m] - z[grp, :] * xsum[m, grp])   registers)
+//   A second pass re-reads the band from L2, not memory.
 //
-//   per 16-column tile and per chunk of <= 4 activation rows (kept in registers):
-//     for each group:  acc[m] = sum_{k in grp} x[m, k] * q[k, :]          (codes unpacked in registers)
-//                      y[m, :] += s[grp, :] * (acc[m] - z[grp, :] * xsum[m, grp])
-//   A second chunk of rows re-reads the tile from L1/L2, not memory (a tile is 16 * words * 4 bytes).
-//
-// quant_linear, larger batches -- dequantize blocks of kBlockRows output rows into fp32 and hand them to
+// quant_linear, larger batches -- dequantize blocks of kBlockRows output features into fp32 and hand them to
 // ATen's blocked GEMM (at::mm); only one block of W_hat exists at a time.
-// quant_linear_grad_input -- the same blocks, multiplied the other way.
-// quant_grad_scales -- a reduction over each group of the packed weight against t = grad_out^T x.
+// quant_dequantize -- W_hat written row by row (dequant_rows).
+// quant_linear_grad_input -- the same blocks as the batched path, multiplied the other way.
+// quant_grad_scales -- the blocks with unit scales (q - z), times t = grad_out^T x, summed per group.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/add.h>
-#include <ATen/ops/mul.h>
-#include <ATen/ops/sum.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
 #include <ATen/ops/ones.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -115,7 +115,8 @@ constexpr int kTileCols = 16;          // one 64-byte cache line of a packed row
 constexpr int kRowsPerPass = 4;        // activation rows kept in registers per pass over a tile
 constexpr int kPrefetchRows = 32;      // packed rows fetched ahead (~ memory latency / time per row)
 constexpr int kBandTiles = 16;         // fixed-point path: 256 columns (1 KiB of each packed row) per task
-constexpr int64_t kBlockRows = 512;    // output rows dequantized at once on the GEMM paths (<= 8 MB fp32)
+constexpr int64_t kBlockRows = 512;    // output features (rows of W_hat) dequantized at once on the GEMM
+                                       // paths: <= 512 * in fp32, e.g. 8 MB at in = 4096
 
 enum class ParamType { kF32, kF16, kBF16 };  // dtype of scales and zeros as the caller stores them
 
