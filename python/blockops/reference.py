@@ -45,3 +45,28 @@ def ref_quant_linear(x, qweight, scales, zeros, bits: int, group_size: int, bias
     """Reference for ``blockops.ops.quant_linear``: dequantize, then an fp32 matmul."""
     y = x.float() @ ref_quant_dequantize(qweight, scales, zeros, bits, group_size).t()
     return y if bias is None else y + bias.float()
+
+
+def ref_masked_attention(q, k, v, dense_mask, scale=None):
+    """Reference for block-sparse attention: softmax over the visible keys only, computed in q's dtype (pass
+    fp64 for an exact reference).
+
+    Args:
+        q: ``[B, H, Tq, D]``; k: ``[B, Hk, Tk, D]``; v: ``[B, Hk, Tk, Dv]`` (``H`` a multiple of ``Hk``: GQA).
+        dense_mask: bool, broadcastable to ``[B, H, Tq, Tk]`` (True = visible), e.g. ``BlockMask.to_dense()``.
+        scale: score scale, default ``D ** -0.5``.
+
+    Returns:
+        ``(out [B, H, Tq, Dv], lse [B, H, Tq])`` with ``lse`` the natural log-sum-exp of the scaled visible scores.
+        Rows with no visible key give ``out = 0`` and ``lse = -inf`` (not NaN).
+    """
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = (q @ k.transpose(-1, -2).to(q.dtype)) * scale
+    s = s.masked_fill(~dense_mask.to(torch.bool), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).unsqueeze(-1))
+    out = p @ v.to(q.dtype)
+    return out, lse

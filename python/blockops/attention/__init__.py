@@ -1,0 +1,22 @@
+"""Block-sparse attention: the block mask (`BlockMask`), its builders for the seed papers' patterns
+(`blockops.attention.masks`) and the generalized Hilbert token order for video latents
+(`blockops.attention.hilbert`).
+
+Quick start::
+
+    from blockops.attention import masks
+    m = masks.causal(1000, block_q=64, block_kv=64)      # BlockMask, [B'=1, H'=1]
+    print(m)                                             # shape, block sizes, density, partial/full counts
+    print(masks.sliding_window(256, 64, block_q=32, block_kv=32).to_ascii())
+    dense = m.to_dense()                                 # bool [1, 1, 1000, 1000], exact
+
+The attention op itself (`block_sparse_attention`) reads the lists and bit tiles described in
+`blockops.attention.block_mask`.
+"""
+from blockops.attention import hilbert, masks
+from blockops.attention.block_mask import BLOCK_SIZES, BlockMask, Density
+from blockops.attention.hilbert import hilbert_order, inverse_permutation, reorder, restore
+from blockops.attention.masks import and_masks, or_masks, per_head
+
+__all__ = ["BLOCK_SIZES", "BlockMask", "Density", "and_masks", "hilbert", "hilbert_order", "inverse_permutation",
+           "masks", "or_masks", "per_head", "reorder", "restore"]
