@@ -22,6 +22,7 @@ namespace blockops::lowbit {
 namespace {
 
 KernelCounter linear_counter("quant_linear.cuda");
+KernelCounter linear_mma_counter("quant_linear_mma.cuda");  // the tensor-core path of quant_linear ran
 KernelCounter dequantize_counter("quant_dequantize.cuda");
 KernelCounter grad_input_counter("quant_linear_grad_input.cuda");
 KernelCounter grad_scales_counter("quant_grad_scales.cuda");
@@ -68,21 +69,8 @@ at::Tensor quant_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, con
   linear_counter.hit();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  if (m > kGemvMaxRows) {
-    // Enough rows to amortise one pass writing W_hat: dequantize, then a tensor-core GEMM.
-    const at::Tensor w_hat = dequantize_to(qweight, scales, zeros, g, x.scalar_type(), stream);
-    c10::optional<at::Tensor> b;
-    if (bias.has_value()) b = bias->to(x.scalar_type());
-    return at::linear(x, w_hat, b);
-  }
-
-  at::Tensor y = at::empty(with_last_dim(x, g.out), x.options());
-  // check_bias fixes dtype and shape, not strides; the GEMV indexes the bias densely (a no-op when it is).
+  // check_bias fixes dtype and shape, not strides; the kernels index the bias densely (a no-op when it is).
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const int splits = quant_gemv_splits(g, m);
-  at::Tensor workspace;
-  if (splits > 1) workspace = at::empty({m, g.out}, x.options().dtype(at::kFloat));
-
   GemvParams p{};
   p.x = x.const_data_ptr();
   p.x_type = dtype_of(x.scalar_type());
@@ -92,11 +80,33 @@ at::Tensor quant_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, con
   p.param_type = dtype_of(scales.scalar_type());
   p.bias = b.defined() ? b.const_data_ptr() : nullptr;
   p.bias_type = b.defined() ? dtype_of(b.scalar_type()) : DType::kF32;
-  p.y = y.mutable_data_ptr();
-  p.workspace = splits > 1 ? workspace.mutable_data_ptr<float>() : nullptr;
   p.m = m;
   p.g = g;
-  C10_CUDA_CHECK(launch_quant_gemv(p, splits, stream));
+
+  // Up to kGemvMaxRows: the fused GEMV. Up to kMmaMaxRows (fp16 / bf16 x, out % 8 == 0, aligned operands):
+  // the fused tensor-core kernel, weights read once and dequantized in registers.
+  const bool gemv = m <= kGemvMaxRows;
+  if (!gemv && !quant_mma_supported(p)) {
+    // Enough rows to amortise one pass writing W_hat (or an operand the fused kernel does not take):
+    // dequantize, then a tensor-core GEMM.
+    const at::Tensor w_hat = dequantize_to(qweight, scales, zeros, g, x.scalar_type(), stream);
+    c10::optional<at::Tensor> bias_x;
+    if (bias.has_value()) bias_x = bias->to(x.scalar_type());
+    return at::linear(x, w_hat, bias_x);
+  }
+
+  at::Tensor y = at::empty(with_last_dim(x, g.out), x.options());
+  const int splits = gemv ? quant_gemv_splits(g, m) : quant_mma_splits(g, m);
+  at::Tensor workspace;
+  if (splits > 1) workspace = at::empty({m, g.out}, x.options().dtype(at::kFloat));
+  p.y = y.mutable_data_ptr();
+  p.workspace = splits > 1 ? workspace.mutable_data_ptr<float>() : nullptr;
+  if (gemv) {
+    C10_CUDA_CHECK(launch_quant_gemv(p, splits, stream));
+  } else {
+    linear_mma_counter.hit();
+    C10_CUDA_CHECK(launch_quant_mma(p, splits, stream));
+  }
   return y;
 }
 

@@ -1,6 +1,6 @@
-// Launchers of the low-bit GEMM CUDA kernels (kernels/lowbit.cu). Torch-free: the glue in lowbit_cuda.cpp
-// passes raw pointers, the geometry, the dtypes and the stream. Every pointer is to contiguous row-major
-// device memory; the glue's checks guarantee the shapes named below.
+// Launchers of the low-bit GEMM CUDA kernels (kernels/lowbit.cu, kernels/lowbit_mma.cu). Torch-free: the glue
+// in lowbit_cuda.cpp passes raw pointers, the geometry, the dtypes and the stream. Every pointer is to contiguous
+// row-major device memory; the glue's checks guarantee the shapes named below.
 #pragma once
 #include <cuda_runtime_api.h>
 
@@ -13,9 +13,12 @@ namespace blockops::lowbit {
 // Floating dtypes the kernels read and write (activations, outputs, scales, zeros, bias).
 enum class DType { kF32, kF16, kBF16 };
 
-// Rows of x up to which quant_linear runs the fused GEMV; above it, dequantize + cuBLAS GEMM.
+// Rows of x up to which quant_linear runs the fused GEMV; above it, the tensor-core kernel (when
+// quant_mma_supported) up to kMmaMaxRows, else dequantize + cuBLAS GEMM.
 constexpr int64_t kGemvMaxRows = 8;
+constexpr int64_t kMmaMaxRows = 64;
 
+// Arguments of the fused GEMV and of the tensor-core kernel (same pointers; only the row range differs).
 struct GemvParams {
   const void* x;            // [m, in], x_type
   DType x_type;             // also y's dtype
@@ -27,7 +30,7 @@ struct GemvParams {
   DType bias_type;
   void* y;                  // [m, out], x_type
   float* workspace;         // [m, out] fp32 when splits > 1 (the launcher zeroes it), else unused
-  int64_t m;                // 1 ..= kGemvMaxRows
+  int64_t m;                // 1 ..= kGemvMaxRows (GEMV), kGemvMaxRows < m <= kMmaMaxRows (mma)
   Geometry g;
 };
 
@@ -37,6 +40,18 @@ int quant_gemv_splits(const Geometry& g, int64_t m);
 
 // y = x @ W_hat^T (+ bias) for m <= kGemvMaxRows rows; `splits` from quant_gemv_splits.
 cudaError_t launch_quant_gemv(const GemvParams& p, int splits, cudaStream_t stream);
+
+// Whether launch_quant_mma takes these arguments: kGemvMaxRows < m <= kMmaMaxRows, x fp16 or bf16, out a
+// positive multiple of 8, x / qweight / scales / zeros 16-byte aligned, and its shared memory fits the current
+// device. Otherwise quant_linear keeps dequantize + cuBLAS.
+bool quant_mma_supported(const GemvParams& p);
+
+// How many K splits launch_quant_mma should use for m rows times this weight on the current device (>= 1).
+// The glue allocates GemvParams::workspace when this is > 1.
+int quant_mma_splits(const Geometry& g, int64_t m);
+
+// y = x @ W_hat^T (+ bias) on tensor cores, weights dequantized in registers; `splits` from quant_mma_splits.
+cudaError_t launch_quant_mma(const GemvParams& p, int splits, cudaStream_t stream);
 
 // out [out, in] (out_type) = W_hat, computed in fp32 and rounded once.
 cudaError_t launch_quant_dequantize(const int32_t* qweight, const void* scales, const void* zeros,
