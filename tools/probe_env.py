@@ -26,6 +26,11 @@ print(f"TORCH_CUDA={torch.version.cuda or ''}")
 print(f"TORCH_ROOT={os.path.dirname(torch.__file__)}")
 print(f"TORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}")
 print(f"TORCH_CMAKE_PREFIX={torch.utils.cmake_prefix_path}")
-print(f"NVIDIA_INCLUDE={first(glob.glob(os.path.join(site, 'nvidia', 'cu[0-9]*', 'include')))}")
-print(f"NVIDIA_NVRTC={first(glob.glob(os.path.join(site, 'nvidia', 'cu[0-9]*', 'lib', 'libnvrtc.so.[0-9]*')))}")
+# torch's CUDA wheels ship the math libraries either merged (nvidia/cu13/include, .../lib) or one package per
+# library (nvidia/cublas/include, nvidia/cuda_nvrtc/lib, ...): list every include folder, '|'-separated.
+includes = sorted(glob.glob(os.path.join(site, "nvidia", "cu[0-9]*", "include")))
+includes += sorted(p for p in glob.glob(os.path.join(site, "nvidia", "*", "include")) if p not in includes)
+nvrtc = glob.glob(os.path.join(site, "nvidia", "*", "lib", "libnvrtc.so.[0-9]*"))
+print(f"NVIDIA_INCLUDE={'|'.join(includes)}")
+print(f"NVIDIA_NVRTC={first(nvrtc)}")
 print(f"CUTLASS_INCLUDE={cutlass}")
