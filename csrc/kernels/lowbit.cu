@@ -29,6 +29,7 @@
 #include <climits>
 #include <cstdint>
 
+#include "lowbit_device.cuh"
 #include "lowbit_launch.h"
 
 namespace blockops::lowbit {
@@ -58,25 +59,6 @@ int blocks_for(int64_t work) {
 // std::min is not a device function without --expt-relaxed-constexpr everywhere; keep int64 explicit.
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Scales, zeros, bias and activations come in three dtypes. Reading them through a switch on a
-// grid-uniform value, away from the inner loop, keeps the GEMV instantiations to bits x rows.
-__device__ __forceinline__ float load_float(const void* p, DType t, int64_t i) {
-  switch (t) {
-    case DType::kF16: return __half2float(static_cast<const __half*>(p)[i]);
-    case DType::kBF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
-  }
-}
-
-// The single rounding of an fp32 result to the output dtype (round to nearest even, as torch does).
-__device__ __forceinline__ void store_float(void* p, DType t, int64_t i, float v) {
-  switch (t) {
-    case DType::kF16: static_cast<__half*>(p)[i] = __float2half_rn(v); break;
-    case DType::kBF16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); break;
-    default: static_cast<float*>(p)[i] = v; break;
-  }
-}
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
@@ -283,8 +265,8 @@ __global__ void __launch_bounds__(kThreads)
 
 // Split-K finish: y = workspace + bias, rounded once to y's dtype.
 __global__ void __launch_bounds__(kEltThreads)
-    gemv_epilogue_kernel(const float* __restrict__ workspace, const void* bias, DType bias_type, void* y,
-                         DType y_type, int64_t m, int64_t out) {
+    splitk_epilogue_kernel(const float* __restrict__ workspace, const void* bias, DType bias_type, void* y,
+                           DType y_type, int64_t m, int64_t out) {
   const int64_t total = m * out;
   for (int64_t i = blockIdx.x * int64_t{kEltThreads} + threadIdx.x; i < total; i += int64_t{gridDim.x} * kEltThreads) {
     const float b = bias != nullptr ? load_float(bias, bias_type, i % out) : 0.0f;
@@ -443,9 +425,13 @@ cudaError_t launch_quant_gemv(const GemvParams& p, int splits, cudaStream_t stre
     });
   });
   if (err != cudaSuccess || splits == 1) return err;
+  return launch_splitk_epilogue(p, stream);
+}
+
+cudaError_t launch_splitk_epilogue(const GemvParams& p, cudaStream_t stream) {
   const int64_t total = p.m * p.g.out;
-  gemv_epilogue_kernel<<<blocks_for(total), kEltThreads, 0, stream>>>(p.workspace, p.bias, p.bias_type, p.y,
-                                                                      p.x_type, p.m, p.g.out);
+  splitk_epilogue_kernel<<<blocks_for(total), kEltThreads, 0, stream>>>(p.workspace, p.bias, p.bias_type, p.y,
+                                                                        p.x_type, p.m, p.g.out);
   return cudaGetLastError();
 }
 

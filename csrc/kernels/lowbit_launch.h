@@ -39,6 +39,9 @@ struct GemvParams {
 int quant_gemv_splits(const Geometry& g, int64_t m);
 
 // y = x @ W_hat^T (+ bias) for m <= kGemvMaxRows rows; `splits` from quant_gemv_splits.
+// Split-K finish shared by both kernels: y = workspace + bias, rounded once to x's dtype.
+cudaError_t launch_splitk_epilogue(const GemvParams& p, cudaStream_t stream);
+
 cudaError_t launch_quant_gemv(const GemvParams& p, int splits, cudaStream_t stream);
 
 // Whether launch_quant_mma takes these arguments: kGemvMaxRows < m <= kMmaMaxRows, x fp16 or bf16, out a

@@ -42,6 +42,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "lowbit_device.cuh"
 #include "lowbit_launch.h"
 
 namespace blockops::lowbit {
@@ -62,7 +63,6 @@ constexpr int kMaxMTiles = static_cast<int>(kMmaMaxRows / 8);
 constexpr int kBlocksPerSm = 2;          // split K until the grid has this many blocks per SM
 constexpr int kFallbackSms = 132;        // H100 / H200, when the device query fails
 constexpr int kDefaultSmem = 48 * 1024;  // dynamic smem above this needs the per-kernel opt-in
-constexpr int kEltThreads = 256;         // split-K epilogue: memory-bound elementwise
 
 static_assert(kBlockCols % 8 == 0, "a column tile must hold whole 16-byte chunks of fp16 scales");
 static_assert(kMaxMTiles % 2 == 0, "ldmatrix.x4 loads row tiles in pairs");
@@ -162,15 +162,6 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const ui
 }
 
 // ---- element helpers -------------------------------------------------------------------------------------
-
-// Scales, zeros and bias come in three dtypes; a switch on a grid-uniform value, outside the per-chunk work.
-__device__ __forceinline__ float load_float(const void* p, DType t, int64_t i) {
-  switch (t) {
-    case DType::kF16: return __half2float(static_cast<const __half*>(p)[i]);
-    case DType::kBF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
-  }
-}
 
 // The mma input type's pair and the magic whose mantissa takes a code: ULP 1 on [magic, 2 magic), so
 // magic | q == magic + q exactly for q < magic (fp16: 1024, 11-bit significand; bf16: 128, 8-bit).
@@ -498,26 +489,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// The single rounding of an fp32 result to y's dtype.
-__device__ __forceinline__ void store_float(void* p, DType t, int64_t i, float v) {
-  switch (t) {
-    case DType::kF16: static_cast<__half*>(p)[i] = __float2half_rn(v); break;
-    case DType::kBF16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); break;
-    default: static_cast<float*>(p)[i] = v; break;
-  }
-}
-
-// Split-K finish: y = workspace + bias, rounded once to y's dtype.
-__global__ void __launch_bounds__(kEltThreads)
-    mma_epilogue_kernel(const float* __restrict__ workspace, const void* bias, DType bias_type, void* y,
-                        DType y_type, int64_t m, int64_t out) {
-  const int64_t total = m * out;
-  for (int64_t i = blockIdx.x * int64_t{kEltThreads} + threadIdx.x; i < total; i += int64_t{gridDim.x} * kEltThreads) {
-    const float b = bias != nullptr ? load_float(bias, bias_type, i % out) : 0.0f;
-    store_float(y, y_type, i, workspace[i] + b);
-  }
-}
-
 // ---- dispatch --------------------------------------------------------------------------------------------
 
 // The format's rules the kernel relies on (g a positive multiple of 16 dividing in), as in lowbit.cu.
@@ -619,11 +590,7 @@ cudaError_t launch_quant_mma(const GemvParams& p, int splits, cudaStream_t strea
                               ? launch_bits<__half>(p, grid, tiles_per_split, smem, stream)
                               : launch_bits<__nv_bfloat16>(p, grid, tiles_per_split, smem, stream);
   if (err != cudaSuccess || used == 1) return err;
-  const int64_t total = p.m * p.g.out;
-  const int64_t blocks = min64(ceil_div(total, kEltThreads), 65536);
-  mma_epilogue_kernel<<<static_cast<int>(blocks), kEltThreads, 0, stream>>>(p.workspace, p.bias, p.bias_type, p.y,
-                                                                           p.x_type, p.m, p.g.out);
-  return cudaGetLastError();
+  return launch_splitk_epilogue(p, stream);
 }
 
 }  // namespace blockops::lowbit
