@@ -404,8 +404,8 @@ template <int kBits>
 void gemv(const GemvArgs& a, int64_t rows) {
   const Geometry& g = a.g;
   const int64_t tiles = (g.out + kTileCols - 1) / kTileCols;
-  const bool avx2 = cpu_has_avx2_fma();
 #if BLOCKOPS_X86_DISPATCH
+  const bool avx2 = cpu_has_avx2_fma();
   if constexpr (kBits != 3) {
     if (a.xpairs != nullptr) {
       // Fixed-point path: threads take bands of full tiles; the partial tile at the end (out % 16 columns)
@@ -449,7 +449,6 @@ void gemv(const GemvArgs& a, int64_t rows) {
       }
     }
   });
-  (void)avx2;
 }
 
 constexpr int64_t kFixedPointMaxGroup = 1024;  // keeps the int32 group sums of the fixed-point path exact

@@ -29,6 +29,7 @@
 #include <climits>
 #include <cstdint>
 
+#include "../static_switch.h"
 #include "lowbit_device.cuh"
 #include "lowbit_launch.h"
 
@@ -341,20 +342,14 @@ __global__ void __launch_bounds__(kEltThreads)
 
 // ---- dispatch ----------------------------------------------------------------------------------------
 
-// Runtime choice -> template parameter (static_switch.h's idiom, without torch: unsupported values return
+// Runtime choice -> template parameter (static_switch.h's cases; unsupported values return
 // cudaErrorInvalidValue). Short lists on purpose: every case is one more instantiation.
-#define LOWBIT_CASE(N, NAME, ...) \
-  case N: {                       \
-    constexpr int NAME = N;       \
-    return __VA_ARGS__();         \
-  }
-
 #define LOWBIT_BITS_SWITCH(BITS, NAME, ...)      \
   [&] {                                          \
     switch (BITS) {                              \
-      LOWBIT_CASE(2, NAME, __VA_ARGS__)          \
-      LOWBIT_CASE(3, NAME, __VA_ARGS__)          \
-      LOWBIT_CASE(4, NAME, __VA_ARGS__)          \
+      BLOCKOPS_STATIC_CASE(2, NAME, __VA_ARGS__)          \
+      BLOCKOPS_STATIC_CASE(3, NAME, __VA_ARGS__)          \
+      BLOCKOPS_STATIC_CASE(4, NAME, __VA_ARGS__)          \
       default: return cudaErrorInvalidValue;     \
     }                                            \
   }()
@@ -363,10 +358,10 @@ __global__ void __launch_bounds__(kEltThreads)
 #define LOWBIT_ROWS_SWITCH(ROWS, NAME, ...)                      \
   [&] {                                                          \
     switch ((ROWS) <= 1 ? 1 : (ROWS) <= 2 ? 2 : (ROWS) <= 4 ? 4 : (ROWS) <= 8 ? 8 : 0) { \
-      LOWBIT_CASE(1, NAME, __VA_ARGS__)                          \
-      LOWBIT_CASE(2, NAME, __VA_ARGS__)                          \
-      LOWBIT_CASE(4, NAME, __VA_ARGS__)                          \
-      LOWBIT_CASE(8, NAME, __VA_ARGS__)                          \
+      BLOCKOPS_STATIC_CASE(1, NAME, __VA_ARGS__)                          \
+      BLOCKOPS_STATIC_CASE(2, NAME, __VA_ARGS__)                          \
+      BLOCKOPS_STATIC_CASE(4, NAME, __VA_ARGS__)                          \
+      BLOCKOPS_STATIC_CASE(8, NAME, __VA_ARGS__)                          \
       default: return cudaErrorInvalidValue;                     \
     }                                                            \
   }()
