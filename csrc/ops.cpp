@@ -29,4 +29,26 @@ TORCH_LIBRARY(blockops, m) {
   // Backward for scales (EfficientQAT E2E-QP), fp32 [in / g, out], from t = grad_out^T @ x ([out, in] fp32,
   // computed by the caller): grad_scales[grp, n] = sum_{k in grp} (q[k, n] - zeros[grp, n]) * t[n, k].
   m.def("quant_grad_scales(Tensor t, Tensor qweight, Tensor zeros, int bits, int group_size) -> Tensor");
+
+  // ---- block-sparse attention (family "attention"; layout and numerics in csrc/attention.h) --------------
+  // q [B, H, Tq, D], k [B, Hk, Tk, D], v [B, Hk, Tk, Dv] (H a multiple of Hk; D, Dv multiples of 8 up to
+  // 256; one of fp16/bf16/fp32; last dim contiguous). The mask tensors are a BlockMask's int32 lists (forward
+  // direction) and bit tiles, for blocks of block_q x block_kv. Returns out [B, H, Tq, Dv] in q's dtype and
+  // lse [B, H, Tq] fp32 (natural log; -inf and out = 0 for rows with no visible key). The forward reads only the
+  // forward lists; the transposed (q_*) lists are inputs too so that the op's registered autograd can run the
+  // backward from the op's own arguments.
+  m.def("block_sparse_attention(Tensor q, Tensor k, Tensor v, Tensor kv_num_blocks, Tensor kv_indices, "
+        "Tensor full_kv_num_blocks, Tensor full_kv_indices, Tensor kv_tile_ids, Tensor q_num_blocks, "
+        "Tensor q_indices, Tensor full_q_num_blocks, Tensor full_q_indices, Tensor q_tile_ids, Tensor tiles, "
+        "int block_q, int block_kv, float scale) -> (Tensor out, Tensor lse)");
+  // Gradients of block_sparse_attention for q, k, v (same dtypes and shapes), from grad_out [B, H, Tq, Dv],
+  // the forward's out and lse, the forward lists (for dq) and the transposed lists (for dk, dv). grad_lse
+  // [B, H, Tq] fp32 (optional) is the gradient arriving at lse (d lse_i / d s_ij = P_ij).
+  // Deterministic: no atomics, every gradient element is summed in a fixed order.
+  m.def("block_sparse_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor? grad_lse, "
+        "Tensor kv_num_blocks, Tensor kv_indices, Tensor full_kv_num_blocks, Tensor full_kv_indices, "
+        "Tensor kv_tile_ids, Tensor q_num_blocks, Tensor q_indices, Tensor full_q_num_blocks, "
+        "Tensor full_q_indices, Tensor q_tile_ids, Tensor tiles, int block_q, int block_kv, float scale) "
+        "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }

@@ -30,7 +30,7 @@
 #include <cstdint>
 
 #include "../static_switch.h"
-#include "lowbit_device.cuh"
+#include "dtype_device.cuh"
 #include "lowbit_launch.h"
 
 namespace blockops::lowbit {

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../dtype_torch.h"
 #include "../introspection.h"
 #include "../lowbit_op.h"
 #include "lowbit_launch.h"
@@ -26,15 +27,6 @@ KernelCounter linear_mma_counter("quant_linear_mma.cuda");  // the tensor-core p
 KernelCounter dequantize_counter("quant_dequantize.cuda");
 KernelCounter grad_input_counter("quant_linear_grad_input.cuda");
 KernelCounter grad_scales_counter("quant_grad_scales.cuda");
-
-DType dtype_of(at::ScalarType s) {
-  switch (s) {
-    case at::kFloat: return DType::kF32;
-    case at::kHalf: return DType::kF16;
-    case at::kBFloat16: return DType::kBF16;
-    default: TORCH_INTERNAL_ASSERT(false, "lowbit checks let an unsupported dtype through: ", s);
-  }
-}
 
 // Leading dims of an activation [..., features] flattened; 0 features still leaves the rows countable.
 int64_t rows_of(const at::Tensor& t) { return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1); }

@@ -6,12 +6,10 @@
 
 #include <cstdint>
 
+#include "../dtype.h"
 #include "../lowbit.h"
 
 namespace blockops::lowbit {
-
-// Floating dtypes the kernels read and write (activations, outputs, scales, zeros, bias).
-enum class DType { kF32, kF16, kBF16 };
 
 // Rows of x up to which quant_linear runs the fused GEMV; above it, the tensor-core kernel (when
 // quant_mma_supported) up to kMmaMaxRows, else dequantize + cuBLAS GEMM.

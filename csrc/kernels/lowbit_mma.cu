@@ -42,7 +42,7 @@
 #include <cstring>
 #include <type_traits>
 
-#include "lowbit_device.cuh"
+#include "dtype_device.cuh"
 #include "lowbit_launch.h"
 
 namespace blockops::lowbit {

@@ -10,13 +10,19 @@ Quick start::
     print(masks.sliding_window(256, 64, block_q=32, block_kv=32).to_ascii())
     dense = m.to_dense()                                 # bool [1, 1, 1000, 1000], exact
 
-The attention op itself (`block_sparse_attention`) reads the lists and bit tiles described in
-`blockops.attention.block_mask`.
+Attention over a mask::
+
+    out = block_sparse_attention(q, k, v, m)             # q, k, v [B, H, T, D]; differentiable
+    out, lse = block_sparse_attention(q, k, v, m, return_lse=True)
+
+The kernels read the lists and bit tiles described in `blockops.attention.block_mask`.
 """
 from blockops.attention import hilbert, masks
 from blockops.attention.block_mask import BLOCK_SIZES, BlockMask, Density
 from blockops.attention.hilbert import hilbert_order, inverse_permutation, reorder, restore
 from blockops.attention.masks import and_masks, or_masks, per_head
+from blockops.attention.sparse_attention import block_sparse_attention, scaled_dot_product_attention
 
-__all__ = ["BLOCK_SIZES", "BlockMask", "Density", "and_masks", "hilbert", "hilbert_order", "inverse_permutation",
-           "masks", "or_masks", "per_head", "reorder", "restore"]
+__all__ = ["BLOCK_SIZES", "BlockMask", "Density", "and_masks", "block_sparse_attention", "hilbert", "hilbert_order",
+           "inverse_permutation", "masks", "or_masks", "per_head", "reorder", "restore",
+           "scaled_dot_product_attention"]

@@ -239,7 +239,7 @@ class BlockMask:
             listed = torch.arange(idx.shape[-1], device=idx.device) < num.unsqueeze(-1)
             return torch.where(listed, ids, torch.zeros_like(ids)).contiguous()
 
-        return cls(
+        mask = cls(
             q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv,
             kv_num_blocks=kv_num, kv_indices=kv_idx, full_kv_num_blocks=fkv_num, full_kv_indices=fkv_idx,
             q_num_blocks=q_num, q_indices=q_idx, full_q_num_blocks=fq_num, full_q_indices=fq_idx,
@@ -247,6 +247,7 @@ class BlockMask:
             kv_tile_ids=aligned(tob, kv_num, kv_idx),
             q_tile_ids=aligned(tob.transpose(-1, -2), q_num, q_idx),
         )
+        return mask._mark_valid()
 
     @classmethod
     def from_blocks(cls, blocks: torch.Tensor, q_len: int, kv_len: int, block_q: int = 64,
@@ -400,7 +401,17 @@ class BlockMask:
 
     def to(self, device) -> "BlockMask":
         """The same mask with every tensor on `device`."""
-        return dataclasses.replace(self, **{n: getattr(self, n).to(device) for n in self._INT_FIELDS})
+        return self._same_validity(dataclasses.replace(self, **{n: getattr(self, n).to(device)
+                                                                for n in self._INT_FIELDS}))
+
+    # Masks made by blockops' constructors are valid by construction; hand-built ones are validated once before
+    # the first kernel call (blockops.attention.block_sparse_attention) and remembered as valid.
+    def _mark_valid(self) -> "BlockMask":
+        object.__setattr__(self, "_validated", True)
+        return self
+
+    def _same_validity(self, other: "BlockMask") -> "BlockMask":
+        return other._mark_valid() if getattr(self, "_validated", False) else other
 
     def expand(self, batch: int, heads: int) -> "BlockMask":
         """Materialise broadcast dims: ``B' = batch``, ``H' = heads`` (each must be 1 or already equal)."""
@@ -411,7 +422,7 @@ class BlockMask:
         for n in self._INT_FIELDS:
             t = getattr(self, n)
             fields[n] = t if n == "tiles" else t.expand(batch, heads, *t.shape[2:]).contiguous()
-        return dataclasses.replace(self, **fields)
+        return self._same_validity(dataclasses.replace(self, **fields))
 
     def to_flex(self):
         """The equivalent ``torch.nn.attention.flex_attention.BlockMask``.

@@ -1,16 +1,16 @@
-// Device helpers shared by the lowbit CUDA kernels (lowbit.cu, lowbit_mma.cu).
+// Device-side loads and stores of the three floating dtypes, shared by every CUDA kernel family.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstdint>
 
-#include "lowbit_launch.h"
+#include "../dtype.h"
 
-namespace blockops::lowbit {
+namespace blockops {
 
 // Scales, zeros, bias and activations come in three dtypes. Reading them through a switch on a grid-uniform
-// value, away from the inner loops, keeps the kernel instantiations to bits x rows.
+// value, away from the inner loops, keeps the kernel instantiations few.
 __device__ __forceinline__ float load_float(const void* p, DType t, int64_t i) {
   switch (t) {
     case DType::kF16: return __half2float(static_cast<const __half*>(p)[i]);
@@ -28,4 +28,4 @@ __device__ __forceinline__ void store_float(void* p, DType t, int64_t i, float v
   }
 }
 
-}  // namespace blockops::lowbit
+}  // namespace blockops

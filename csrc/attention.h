@@ -1,0 +1,113 @@
+// Block-sparse attention numerics, torch-free, shared by the CPU kernels (attention_cpu.cpp), the CUDA kernels
+// (kernels/attention*.cu) and therefore by the tests of both.
+//
+// Tensors (strides in elements; the last dim is contiguous):
+//   q [B, H, Tq, D], k [B, Hk, Tk, D], v [B, Hk, Tk, Dv]; H a multiple of Hk (GQA: query head h reads key
+//   head h / (H / Hk)); D and Dv multiples of 8, at most 256; fp16, bf16 or fp32 (one dtype for all three).
+//   out [B, H, Tq, Dv] (q's dtype, contiguous), lse [B, H, Tq] fp32 contiguous: natural log-sum-exp of the
+//   scaled visible scores, -inf for a row with no visible key (whose output is 0).
+//
+// Mask (python/blockops/attention/block_mask.py has the full description): per (b', h', block) int32 lists
+// with b' = b when the mask has the batch dim, else 0 (same for h'); blocks of block_q queries / block_kv keys;
+//   kv_num [B', H', QB], kv_idx [B', H', QB, KB]: partial key blocks of each query block, with kv_tile
+//   [B', H', QB, KB] the bit tile of each; full_kv_num / full_kv_idx: fully visible key blocks;
+//   q_num [B', H', KB], q_idx [B', H', KB, QB], q_tile, full_q_num, full_q_idx: the transposed lists;
+//   tiles [num_tiles, block_q, W] int32 with W = ceil(block_kv / 32): bit c % 32 of word c / 32 of row r says
+//   whether key c of the block is visible from query r of the block. Out-of-range positions (beyond Tq / Tk)
+//   are never visible, whatever the bits say.
+//
+// Softmax bookkeeping (FlashAttention-2): scores are kept in base 2, s2 = (q . k) * scale * log2(e), with a
+// running row maximum m and row sum l of exp2(s2 - m); lse = (m + log2(l)) / log2(e).
+//
+// Backward (per visited tile, with P = exp2(s2 - lse2), lse2 = lse * log2(e), and Delta_r = dO_r . O_r):
+//   dV += P^T dO,   dP = dO V^T,   dS = P * (dP - Delta),   dQ += scale * dS K,   dK += scale * dS^T Q.
+// A gradient g arriving at lse (d lse_i / d s_ij = P_ij) enters as Delta_i = dO_i . O_i - g_i.
+// dK/dV are computed per key block from the transposed lists (a key head sums over its query heads), dQ per
+// query block from the forward lists: two passes, no atomics, deterministic.
+#pragma once
+#include <cstdint>
+
+#include "dtype.h"
+#include "macros.h"
+
+namespace blockops::attention {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kMaxHeadDim = 256;
+
+// Where the lists of one (b', h') start: element offset into a [B', H', N] count array (times the row width
+// for the index / tile-id arrays).
+struct MaskDims {
+  int64_t batch;       // B': 1 (broadcast) or B
+  int64_t heads;       // H': 1 (broadcast) or H
+  int64_t q_blocks;    // QB = ceil(Tq / block_q)
+  int64_t kv_blocks;   // KB = ceil(Tk / block_kv)
+  int block_q;
+  int block_kv;
+  int64_t num_tiles;
+
+  BLOCKOPS_HD int words() const { return (block_kv + 31) / 32; }
+  // Row (b', h') of the mask used by batch b and query head h.
+  BLOCKOPS_HD int64_t row(int64_t b, int64_t h) const { return (batch == 1 ? 0 : b) * heads + (heads == 1 ? 0 : h); }
+};
+
+// The lists of one direction: counts [B', H', N], indices and tile ids [B', H', N, width].
+struct BlockLists {
+  const int32_t* num;
+  const int32_t* idx;
+  const int32_t* full_num;
+  const int32_t* full_idx;
+  const int32_t* tile_ids;   // aligned with idx
+  int64_t n;                 // N: blocks the lists are indexed by (QB forward, KB transposed)
+  int64_t width;             // KB forward, QB transposed
+};
+
+// True when key column c of tile row `row_bits` (W words) is visible.
+BLOCKOPS_HD bool tile_bit(const int32_t* row_bits, int c) {
+  return (static_cast<uint32_t>(row_bits[c >> 5]) >> (c & 31)) & 1u;
+}
+
+// A list's count clamped to [0, width], and whether one listed entry is usable: kernels skip entries a
+// hand-built mask got wrong instead of reading out of bounds (the CPU glue reports them as errors first).
+BLOCKOPS_HD int list_count(int32_t num, int64_t width) {
+  return num < 0 ? 0 : (num > width ? static_cast<int>(width) : static_cast<int>(num));
+}
+BLOCKOPS_HD bool list_entry_ok(int32_t idx, int64_t width, const int32_t* tile_id, int64_t num_tiles) {
+  return idx >= 0 && idx < width && (tile_id == nullptr || (*tile_id >= 0 && *tile_id < num_tiles));
+}
+
+// Everything the forward kernels need. Pointers are device or host memory as the backend requires.
+struct FwdParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;          // [B, H, Tq, Dv] contiguous
+  float* lse;         // [B, H, Tq] contiguous
+  DType dtype;
+  int64_t batch, heads, kv_heads, q_len, kv_len;
+  int head_dim, v_dim;
+  int64_t q_stride_b, q_stride_h, q_stride_t;
+  int64_t k_stride_b, k_stride_h, k_stride_t;
+  int64_t v_stride_b, v_stride_h, v_stride_t;
+  float scale;
+  MaskDims mask;
+  BlockLists kv;       // forward lists (per query block)
+  const int32_t* tiles;
+
+  BLOCKOPS_HD int64_t kv_head_of(int64_t h) const { return h / (heads / kv_heads); }
+};
+
+// The backward kernels: the forward's tensors plus dO, O, lse, Delta and the gradients.
+struct BwdParams {
+  FwdParams fwd;      // q, k, v, lse, mask and the forward lists (for dQ); fwd.out is the forward output O
+  const void* grad_out;   // dO [B, H, Tq, Dv]
+  int64_t do_stride_b, do_stride_h, do_stride_t;
+  const float* grad_lse;  // [B, H, Tq] fp32 contiguous, or null: no gradient at lse
+  float* delta;       // [B, H, Tq] fp32 workspace: rowsum(dO * O) - grad_lse
+  void* grad_q;       // [B, H, Tq, D] contiguous, q's dtype
+  void* grad_k;       // [B, Hk, Tk, D] contiguous
+  void* grad_v;       // [B, Hk, Tk, Dv] contiguous
+  BlockLists q;       // transposed lists (per key block), for dK / dV
+};
+
+}  // namespace blockops::attention

@@ -1,0 +1,814 @@
+// Block-sparse attention on the CPU: the shared argument checks and the CPU kernels of the attention family.
+//
+// Forward, one task per (b, h, query block), tasks handed out dynamically (heaviest query blocks first is not
+// knowable in general, so threads take the next task from a shared counter):
+//
+//   Qs = q_block * scale * log2(e)              [rows, D]   fp32
+//   for kb in partial list, then full list:
+//     S  = Qs @ K_kb^T                          [rows, bkv] (6x16 register-blocked FMA micro-kernel)
+//     S  = -inf where the bit tile (partial) or the lengths hide a key
+//     m' = max(m, rowmax S);  P = exp2(S - m');  l = l * exp2(m - m') + rowsum P;  O = O * exp2(m - m') + P @ V_kb
+//   out = O / l,  lse = (m + log2 l) / log2(e)    (rows with no visible key: out = 0, lse = -inf)
+//
+// Backward (attention.h has the formulas): Delta = rowsum(dO * O); pass 1, one task per (b, key head, key
+// block) walking the transposed lists of every query head of the group: dK, dV; pass 2, one task per
+// (b, h, query block) walking the forward lists: dQ. Each output element belongs to one task: deterministic,
+// no atomics, no per-thread copies of dQ.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if BLOCKOPS_X86_DISPATCH
+#include <immintrin.h>
+#endif
+
+#include "attention_op.h"
+#include "checks.h"
+#include "cpu_features.h"
+#include "dtype_torch.h"
+#include "introspection.h"
+
+namespace blockops::attention {
+
+// ---------------------------------------------------------------------------------------------------------
+// Argument checks (shared with the CUDA glue)
+// ---------------------------------------------------------------------------------------------------------
+
+namespace {
+
+void check_block_size(const char* op, const char* arg, int64_t size) {
+  TORCH_CHECK(size == 16 || size == 32 || size == 64 || size == 128, op, ": ", arg,
+              " must be one of 16, 32, 64, 128, got ", size);
+}
+
+void check_list(const char* op, const char* arg, const at::Tensor& t, std::initializer_list<int64_t> shape,
+                const at::Tensor& ref) {
+  check_dtype(t, {at::kInt}, op, arg);
+  check_same_device(t, ref, op, arg, "q");
+  check_contiguous(t, op, arg);
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), op, ": ", arg, " must have shape ", at::IntArrayRef(shape),
+              " (from the mask's batch/head dims, q's and k's lengths and the block sizes), got ", t.sizes());
+}
+
+// Strides of a [B, H, T, D] operand: only the last dim must be contiguous (q from a [B, T, H, D] projection
+// viewed as [B, H, T, D] works as is).
+void check_operand(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& q) {
+  check_dtype(t, {at::kHalf, at::kBFloat16, at::kFloat}, op, arg);
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", arg, " has dtype ", t.scalar_type(), " but q has ",
+              q.scalar_type(), "; q, k and v must share one dtype");
+  check_same_device(t, q, op, arg, "q");
+  TORCH_CHECK(t.dim() == 4, op, ": ", arg, " must be [B, H, T, D], got shape ", t.sizes());
+  TORCH_CHECK(t.size(3) % 8 == 0 && t.size(3) >= 8 && t.size(3) <= kMaxHeadDim, op, ": ", arg,
+              " head dim must be a multiple of 8 in [8, ", kMaxHeadDim, "], got ", t.size(3));
+  TORCH_CHECK(t.stride(3) == 1, op, ": ", arg, " must be contiguous in its last (head) dim, got strides ",
+              t.strides(), "; call .contiguous() first");
+}
+
+}  // namespace
+
+FwdParams describe_forward(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const ListTensors& kv_lists, const at::Tensor& tiles, int64_t block_q, int64_t block_kv,
+                           double scale) {
+  check_operand(op, "q", q, q);
+  check_operand(op, "k", k, q);
+  check_operand(op, "v", v, q);
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), op, ": q, k and v must have one batch size, got ",
+              q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(v.size(1) == k.size(1) && v.size(2) == k.size(2), op, ": v must have k's heads and length, got k ",
+              k.sizes(), " and v ", v.sizes());
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, op, ": q's heads (", q.size(1), ") must be a multiple of k's heads (",
+              k.size(1), ") for grouped-query attention");
+  TORCH_CHECK(k.size(3) == q.size(3), op, ": k head dim ", k.size(3), " must equal q head dim ", q.size(3));
+  TORCH_CHECK(q.size(2) >= 1 && k.size(2) >= 1, op, ": q and k need at least one position, got q ", q.sizes(),
+              " and k ", k.sizes());
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  check_block_size(op, "block_q", block_q);
+  check_block_size(op, "block_kv", block_kv);
+
+  FwdParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.dtype = dtype_of(q.scalar_type());
+  p.batch = q.size(0);
+  p.heads = q.size(1);
+  p.kv_heads = k.size(1);
+  p.q_len = q.size(2);
+  p.kv_len = k.size(2);
+  p.head_dim = static_cast<int>(q.size(3));
+  p.v_dim = static_cast<int>(v.size(3));
+  p.q_stride_b = q.stride(0), p.q_stride_h = q.stride(1), p.q_stride_t = q.stride(2);
+  p.k_stride_b = k.stride(0), p.k_stride_h = k.stride(1), p.k_stride_t = k.stride(2);
+  p.v_stride_b = v.stride(0), p.v_stride_h = v.stride(1), p.v_stride_t = v.stride(2);
+  p.scale = static_cast<float>(scale);
+
+  MaskDims& m = p.mask;
+  m.block_q = static_cast<int>(block_q);
+  m.block_kv = static_cast<int>(block_kv);
+  m.q_blocks = (p.q_len + block_q - 1) / block_q;
+  m.kv_blocks = (p.kv_len + block_kv - 1) / block_kv;
+  const at::Tensor& num = kv_lists.num;
+  TORCH_CHECK(num.dim() == 3, op, ": kv_num_blocks must be [B', H', QB], got shape ", num.sizes());
+  m.batch = num.size(0);
+  m.heads = num.size(1);
+  TORCH_CHECK(m.batch == 1 || m.batch == p.batch, op, ": the mask's batch dim is ", m.batch, " but q has batch ",
+              p.batch, " (must be 1 to broadcast, or equal)");
+  TORCH_CHECK(m.heads == 1 || m.heads == p.heads, op, ": the mask's head dim is ", m.heads, " but q has ", p.heads,
+              " heads (must be 1 to broadcast, or equal)");
+  const int64_t qb = m.q_blocks, kb = m.kv_blocks;
+  check_list(op, "kv_num_blocks", num, {m.batch, m.heads, qb}, q);
+  check_list(op, "kv_indices", kv_lists.idx, {m.batch, m.heads, qb, kb}, q);
+  check_list(op, "full_kv_num_blocks", kv_lists.full_num, {m.batch, m.heads, qb}, q);
+  check_list(op, "full_kv_indices", kv_lists.full_idx, {m.batch, m.heads, qb, kb}, q);
+  check_list(op, "kv_tile_ids", kv_lists.tile_ids, {m.batch, m.heads, qb, kb}, q);
+  check_dtype(tiles, {at::kInt}, op, "tiles");
+  check_same_device(tiles, q, op, "tiles", "q");
+  check_contiguous(tiles, op, "tiles");
+  TORCH_CHECK(tiles.dim() == 3 && tiles.size(1) == block_q && tiles.size(2) == m.words(), op,
+              ": tiles must be [num_tiles, ", block_q, ", ", m.words(), "] for blocks of ", block_q, " x ", block_kv,
+              ", got ", tiles.sizes());
+  m.num_tiles = tiles.size(0);
+  p.kv = BlockLists{num.data_ptr<int32_t>(), kv_lists.idx.data_ptr<int32_t>(), kv_lists.full_num.data_ptr<int32_t>(),
+                    kv_lists.full_idx.data_ptr<int32_t>(), kv_lists.tile_ids.data_ptr<int32_t>(), qb, kb};
+  p.tiles = tiles.data_ptr<int32_t>();
+  return p;
+}
+
+BwdParams describe_backward(const char* op, const FwdParams& fwd, const at::Tensor& grad_out, const at::Tensor& out,
+                            const at::Tensor& lse, const c10::optional<at::Tensor>& grad_lse,
+                            const ListTensors& q_lists) {
+  const std::array<int64_t, 4> out_dims{fwd.batch, fwd.heads, fwd.q_len, fwd.v_dim};
+  const at::IntArrayRef out_shape(out_dims);
+  for (auto [arg, t] : {std::pair<const char*, const at::Tensor*>{"grad_out", &grad_out}, {"out", &out}}) {
+    TORCH_CHECK(t->scalar_type() == scalar_type_of(fwd.dtype), op, ": ", arg, " must have q's dtype, got ",
+                t->scalar_type());
+    TORCH_CHECK(t->sizes() == out_shape, op, ": ", arg, " must have shape ", out_shape, ", got ", t->sizes());
+    TORCH_CHECK(t->device().type() == lse.device().type(), op, ": ", arg, " is on ", t->device(), ", lse on ",
+                lse.device());
+    check_contiguous(*t, op, arg);
+  }
+  check_dtype(lse, {at::kFloat}, op, "lse");
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({fwd.batch, fwd.heads, fwd.q_len}), op, ": lse must have shape [",
+              fwd.batch, ", ", fwd.heads, ", ", fwd.q_len, "], got ", lse.sizes());
+  check_contiguous(lse, op, "lse");
+  if (grad_lse.has_value()) {
+    check_dtype(*grad_lse, {at::kFloat}, op, "grad_lse");
+    check_same_device(*grad_lse, lse, op, "grad_lse", "lse");
+    TORCH_CHECK(grad_lse->sizes() == lse.sizes(), op, ": grad_lse must have lse's shape ", lse.sizes(), ", got ",
+                grad_lse->sizes());
+    check_contiguous(*grad_lse, op, "grad_lse");
+  }
+  const MaskDims& m = fwd.mask;
+  check_list(op, "q_num_blocks", q_lists.num, {m.batch, m.heads, m.kv_blocks}, lse);
+  check_list(op, "q_indices", q_lists.idx, {m.batch, m.heads, m.kv_blocks, m.q_blocks}, lse);
+  check_list(op, "full_q_num_blocks", q_lists.full_num, {m.batch, m.heads, m.kv_blocks}, lse);
+  check_list(op, "full_q_indices", q_lists.full_idx, {m.batch, m.heads, m.kv_blocks, m.q_blocks}, lse);
+  check_list(op, "q_tile_ids", q_lists.tile_ids, {m.batch, m.heads, m.kv_blocks, m.q_blocks}, lse);
+
+  BwdParams p{};
+  p.fwd = fwd;
+  p.fwd.out = const_cast<void*>(out.data_ptr());
+  p.fwd.lse = const_cast<float*>(lse.data_ptr<float>());
+  p.grad_out = grad_out.data_ptr();
+  p.grad_lse = grad_lse.has_value() ? grad_lse->data_ptr<float>() : nullptr;
+  p.do_stride_b = grad_out.stride(0), p.do_stride_h = grad_out.stride(1), p.do_stride_t = grad_out.stride(2);
+  p.q = BlockLists{q_lists.num.data_ptr<int32_t>(), q_lists.idx.data_ptr<int32_t>(),
+                   q_lists.full_num.data_ptr<int32_t>(), q_lists.full_idx.data_ptr<int32_t>(),
+                   q_lists.tile_ids.data_ptr<int32_t>(), m.kv_blocks, m.q_blocks};
+  return p;
+}
+
+}  // namespace blockops::attention
+
+// ---------------------------------------------------------------------------------------------------------
+// CPU kernels
+// ---------------------------------------------------------------------------------------------------------
+
+namespace blockops::attention {
+namespace {
+
+constexpr const char* kForward = "blockops.block_sparse_attention";
+constexpr const char* kBackward = "blockops.block_sparse_attention_backward";
+
+KernelCounter forward_counter("block_sparse_attention.cpu");
+KernelCounter backward_counter("block_sparse_attention_backward.cpu");
+FamilyRegistration family("attention", cpu_isa_name);
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+int64_t round_up8(int64_t n) { return (n + 7) / 8 * 8; }
+
+// ---- the ISA-specific primitives ---------------------------------------------------------------------------
+//
+// Two score layouts are used, chosen so that no tile is ever transposed in memory:
+//   S  [rows, keys]   (dK/dV pass: K^T and V^T are built once per key-block task and reused for every query block)
+//   S^T [keys, lanes] (forward and dQ pass: Q^T and dO^T are built once per query-block task; the per-query
+//                      softmax bookkeeping then runs across SIMD lanes, one lane per query, with no horizontal ops)
+// The GEMM reads A through two strides, so a transposed operand (P^T, dS^T, V^T) is just a different stride.
+struct Primitives {
+  // C[M, N] (+)= A[M, K] @ B[K, N] with A(i, k) = A[i * a_row + k * a_col], B and C row-major (ldb, ldc);
+  // N a multiple of 8.
+  void (*gemm)(int M, int N, int K, const float* A, int64_t a_row, int64_t a_col, const float* B, int64_t ldb,
+               float* C, int64_t ldc, bool accumulate);
+  // x[i] = exp2(x[i] * mul - sub) for i < n (a multiple of 8); exp2 of anything below -126 is exactly 0.
+  void (*exp2_row)(float* x, int n, float mul, float sub);
+  // x[c] = fill where bit c of `bits` is clear, c < n (a multiple of 8).
+  void (*apply_bits)(float* x, const int32_t* bits, int n, float fill);
+  // One online-softmax step on S^T [keys, lanes] (lanes a multiple of 8, row stride ld), in place:
+  //   m_new = max(m, max_k S^T[k, :]);  P^T = exp2(S^T - m_new);  alpha = exp2(m - m_new);  l = l * alpha + sum_k P^T
+  // Lanes whose m_new is -inf (nothing visible yet) get P = 0, alpha = 0.
+  void (*softmax_step_t)(float* St, int64_t ld, int keys, int lanes, float* m, float* l, float* alpha);
+  // P^T [keys, lanes] = exp2(S^T * mul - lse2[lane]), 0 on lanes with lse2 = -inf.
+  void (*probs_t)(float* St, int64_t ld, int keys, int lanes, float mul, const float* lse2);
+};
+
+void gemm_portable(int M, int N, int K, const float* A, int64_t a_row, int64_t a_col, const float* B, int64_t ldb,
+                   float* C, int64_t ldc, bool accumulate) {
+  for (int i = 0; i < M; ++i) {
+    float* c = C + i * ldc;
+    if (!accumulate) std::fill(c, c + N, 0.f);
+    for (int k = 0; k < K; ++k) {
+      const float a = A[i * a_row + k * a_col];
+      const float* b = B + k * ldb;
+      for (int j = 0; j < N; ++j) c[j] += a * b[j];
+    }
+  }
+}
+
+float exp2_or_zero(float x) { return x < -126.f ? 0.f : std::exp2(x); }
+
+void exp2_row_portable(float* x, int n, float mul, float sub) {
+  for (int i = 0; i < n; ++i) x[i] = exp2_or_zero(x[i] * mul - sub);
+}
+
+void apply_bits_portable(float* x, const int32_t* bits, int n, float fill) {
+  for (int c = 0; c < n; ++c) {
+    if (!tile_bit(bits, c)) x[c] = fill;
+  }
+}
+
+void softmax_step_t_portable(float* St, int64_t ld, int keys, int lanes, float* m, float* l, float* alpha) {
+  for (int r = 0; r < lanes; ++r) {
+    float mx = m[r];
+    for (int k = 0; k < keys; ++k) mx = std::max(mx, St[k * ld + r]);
+    const float use = mx == kNegInf ? 0.f : mx;
+    alpha[r] = exp2_or_zero(m[r] - use);
+    float sum = 0.f;
+    for (int k = 0; k < keys; ++k) {
+      const float e = exp2_or_zero(St[k * ld + r] - use);
+      St[k * ld + r] = e;
+      sum += e;
+    }
+    l[r] = l[r] * alpha[r] + sum;
+    m[r] = mx;
+  }
+}
+
+void probs_t_portable(float* St, int64_t ld, int keys, int lanes, float mul, const float* lse2) {
+  for (int k = 0; k < keys; ++k) {
+    for (int r = 0; r < lanes; ++r) {
+      St[k * ld + r] = lse2[r] == kNegInf ? 0.f : exp2_or_zero(St[k * ld + r] * mul - lse2[r]);
+    }
+  }
+}
+
+#if BLOCKOPS_X86_DISPATCH
+// MR rows x 8*NV columns of C in registers (6 x 16 uses 12 of the 16 ymm registers: 2 for B, 1 broadcast).
+template <int MR, int NV>
+BLOCKOPS_TARGET_AVX2 inline void micro_avx2(int K, const float* A, int64_t a_row, int64_t a_col, const float* B,
+                                             int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  // Every small loop is unrolled before GCC decides where the accumulators live; without the pragmas it keeps
+  // the array in memory and stores all 12 accumulators on every k.
+  __m256 c[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) c[r][v] = accumulate ? _mm256_loadu_ps(C + r * ldc + 8 * v) : _mm256_setzero_ps();
+  }
+  for (int k = 0; k < K; ++k) {
+    __m256 b[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) b[v] = _mm256_loadu_ps(B + k * ldb + 8 * v);
+    const float* a = A + k * a_col;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m256 av = _mm256_broadcast_ss(a + r * a_row);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) c[r][v] = _mm256_fmadd_ps(av, b[v], c[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(C + r * ldc + 8 * v, c[r][v]);
+  }
+}
+
+template <int NV>
+BLOCKOPS_TARGET_AVX2 void gemm_panel_avx2(int M, int K, const float* A, int64_t a_row, int64_t a_col, const float* B,
+                                          int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  int i = 0;
+  for (; i + 6 <= M; i += 6) micro_avx2<6, NV>(K, A + i * a_row, a_row, a_col, B, ldb, C + i * ldc, ldc, accumulate);
+  const float* a = A + i * a_row;
+  float* c = C + i * ldc;
+  switch (M - i) {
+    case 5: micro_avx2<5, NV>(K, a, a_row, a_col, B, ldb, c, ldc, accumulate); break;
+    case 4: micro_avx2<4, NV>(K, a, a_row, a_col, B, ldb, c, ldc, accumulate); break;
+    case 3: micro_avx2<3, NV>(K, a, a_row, a_col, B, ldb, c, ldc, accumulate); break;
+    case 2: micro_avx2<2, NV>(K, a, a_row, a_col, B, ldb, c, ldc, accumulate); break;
+    case 1: micro_avx2<1, NV>(K, a, a_row, a_col, B, ldb, c, ldc, accumulate); break;
+    default: break;
+  }
+}
+
+BLOCKOPS_TARGET_AVX2 void gemm_avx2(int M, int N, int K, const float* A, int64_t a_row, int64_t a_col, const float* B,
+                                    int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  int j = 0;
+  for (; j + 16 <= N; j += 16) gemm_panel_avx2<2>(M, K, A, a_row, a_col, B + j, ldb, C + j, ldc, accumulate);
+  if (j < N) gemm_panel_avx2<1>(M, K, A, a_row, a_col, B + j, ldb, C + j, ldc, accumulate);
+}
+
+// 2^x: 2^round(x) (exponent bits) times a degree-6 polynomial of 2^f, |f| <= 1/2 (Taylor series of e^(f ln 2):
+// relative error < 2e-7). Inputs below -126 (including -inf) give exactly 0; inputs are clamped at 127.
+BLOCKOPS_TARGET_AVX2 inline __m256 exp2_avx2(__m256 x) {
+  const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-126.f), _CMP_GE_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-126.f)), _mm256_set1_ps(127.f));
+  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(x, n);
+  __m256 p = _mm256_set1_ps(1.5403530393381606e-4f);                       // ln2^6 / 720
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));       // ln2^5 / 120
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618129107628477e-3f));        // ln2^4 / 24
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550410866482158e-2f));        // ln2^3 / 6
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402265069591007e-1f));        // ln2^2 / 2
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931471805599453e-1f));        // ln2
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  const __m256 r = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+  return _mm256_and_ps(r, keep);
+}
+
+BLOCKOPS_TARGET_AVX2 void exp2_row_avx2(float* x, int n, float mul, float sub) {
+  const __m256 vm = _mm256_set1_ps(mul), vs = _mm256_set1_ps(sub);
+  for (int i = 0; i < n; i += 8) _mm256_storeu_ps(x + i, exp2_avx2(_mm256_fmsub_ps(_mm256_loadu_ps(x + i), vm, vs)));
+}
+
+BLOCKOPS_TARGET_AVX2 void apply_bits_avx2(float* x, const int32_t* bits, int n, float fill) {
+  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256 hidden = _mm256_set1_ps(fill);
+  for (int c = 0; c < n; c += 8) {
+    const uint32_t byte = (static_cast<uint32_t>(bits[c >> 5]) >> (c & 31)) & 0xFFu;
+    if (byte == 0xFFu) continue;
+    const __m256i sel = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(byte)), lane_bit);
+    const __m256 visible = _mm256_castsi256_ps(_mm256_cmpeq_epi32(sel, lane_bit));
+    _mm256_storeu_ps(x + c, _mm256_blendv_ps(hidden, _mm256_loadu_ps(x + c), visible));
+  }
+}
+
+BLOCKOPS_TARGET_AVX2 void softmax_step_t_avx2(float* St, int64_t ld, int keys, int lanes, float* m, float* l,
+                                              float* alpha) {
+  const __m256 neg_inf = _mm256_set1_ps(kNegInf);
+  for (int r = 0; r < lanes; r += 8) {
+    __m256 mx = _mm256_loadu_ps(m + r);
+    for (int k = 0; k < keys; ++k) mx = _mm256_max_ps(mx, _mm256_loadu_ps(St + k * ld + r));
+    const __m256 use = _mm256_andnot_ps(_mm256_cmp_ps(mx, neg_inf, _CMP_EQ_OQ), mx);   // -inf -> 0
+    const __m256 a = exp2_avx2(_mm256_sub_ps(_mm256_loadu_ps(m + r), use));
+    __m256 sum = _mm256_setzero_ps();
+    for (int k = 0; k < keys; ++k) {
+      const __m256 e = exp2_avx2(_mm256_sub_ps(_mm256_loadu_ps(St + k * ld + r), use));
+      _mm256_storeu_ps(St + k * ld + r, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    _mm256_storeu_ps(alpha + r, a);
+    _mm256_storeu_ps(l + r, _mm256_fmadd_ps(_mm256_loadu_ps(l + r), a, sum));
+    _mm256_storeu_ps(m + r, mx);
+  }
+}
+
+BLOCKOPS_TARGET_AVX2 void probs_t_avx2(float* St, int64_t ld, int keys, int lanes, float mul, const float* lse2) {
+  const __m256 vm = _mm256_set1_ps(mul);
+  for (int r = 0; r < lanes; r += 8) {
+    const __m256 sub = _mm256_loadu_ps(lse2 + r);
+    const __m256 live = _mm256_cmp_ps(sub, _mm256_set1_ps(kNegInf), _CMP_NEQ_OQ);
+    for (int k = 0; k < keys; ++k) {
+      const __m256 e = exp2_avx2(_mm256_fmsub_ps(_mm256_loadu_ps(St + k * ld + r), vm, sub));
+      _mm256_storeu_ps(St + k * ld + r, _mm256_and_ps(e, live));
+    }
+  }
+}
+#endif
+
+Primitives primitives() {
+#if BLOCKOPS_X86_DISPATCH
+  if (cpu_has_avx2_fma()) return {gemm_avx2, exp2_row_avx2, apply_bits_avx2, softmax_step_t_avx2, probs_t_avx2};
+#endif
+  return {gemm_portable, exp2_row_portable, apply_bits_portable, softmax_step_t_portable, probs_t_portable};
+}
+
+// ---- operand access ---------------------------------------------------------------------------------------
+
+float to_float(float v) { return v; }
+float to_float(c10::Half v) { return static_cast<float>(v); }
+float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
+
+// An fp32 view of `rows` rows of n elements (row stride `stride`): the tensor itself for fp32, else a converted
+// copy in `scratch` (row stride n). Returns the pointer; *ld receives the row stride.
+template <typename T>
+const float* fp32_rows(const T* src, int64_t stride, int rows, int n, float* scratch, int64_t* ld) {
+  if constexpr (std::is_same_v<T, float>) {
+    *ld = stride;
+    return src;
+  } else {
+    for (int r = 0; r < rows; ++r) {
+      for (int i = 0; i < n; ++i) scratch[r * n + i] = to_float(src[r * stride + i]);
+    }
+    *ld = n;
+    return scratch;
+  }
+}
+
+// dst [n, ld] = (src rows [rows, n])^T * mul, columns rows..ld zero-filled (ld a multiple of 8 >= rows).
+template <typename T>
+void load_transposed(const T* src, int64_t stride, int rows, int n, float mul, float* dst, int64_t ld) {
+  for (int i = 0; i < n; ++i) std::fill(dst + i * ld + rows, dst + i * ld + ld, 0.f);
+  for (int r = 0; r < rows; ++r) {
+    const T* s = src + r * stride;
+    for (int i = 0; i < n; ++i) dst[i * ld + r] = to_float(s[i]) * mul;
+  }
+}
+
+// ---- tasks ----------------------------------------------------------------------------------------------------
+
+// Runs task(t, scratch) for t in [0, n) on ATen's thread pool, handing tasks out one at a time (block-sparse
+// rows differ in cost, so static ranges would leave threads idle). Each worker builds its scratch once.
+template <typename Scratch, typename Task>
+void run_tasks(int64_t n, const Scratch& prototype, const Task& task) {
+  if (n == 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    Scratch scratch = prototype;
+    for (int64_t w = begin; w < end; ++w) {
+      for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) task(t, scratch);
+    }
+  });
+}
+
+// One listed key (or query) block: its index and its bit tile (null for a full block).
+struct Listed {
+  int64_t block;
+  const int32_t* tile;
+};
+
+// Calls fn(Listed) for the partial then the full blocks of lists row `row` (= mask row * n + block), skipping
+// entries a hand-built mask got wrong (the glue has reported them already; this keeps reads in bounds).
+template <typename Fn>
+void for_each_listed(const BlockLists& lists, const MaskDims& m, int64_t row, const int32_t* tiles, Fn&& fn) {
+  const int tile_words = m.block_q * m.words();
+  const int np = list_count(lists.num[row], lists.width);
+  for (int i = 0; i < np; ++i) {
+    const int32_t* id = lists.tile_ids + row * lists.width + i;
+    const int32_t idx = lists.idx[row * lists.width + i];
+    if (list_entry_ok(idx, lists.width, id, m.num_tiles)) fn(Listed{idx, tiles + int64_t{*id} * tile_words});
+  }
+  const int nf = list_count(lists.full_num[row], lists.width);
+  for (int i = 0; i < nf; ++i) {
+    const int32_t idx = lists.full_idx[row * lists.width + i];
+    if (list_entry_ok(idx, lists.width, nullptr, 0)) fn(Listed{idx, nullptr});
+  }
+}
+
+// S^T layout [keys, lanes]: entry (key c, query r) = fill where the bit tile hides it (partial blocks only; key
+// and query lengths are handled by computing only `keys` rows and never storing lanes >= rows).
+void mask_scores_t(float* St, int64_t ld, int rows, int keys, const int32_t* tile, int words, float fill) {
+  if (tile == nullptr) return;
+  for (int r = 0; r < rows; ++r) {
+    const int32_t* bits = tile + r * words;
+    for (int c = 0; c < keys; ++c) {
+      if (!tile_bit(bits, c)) St[c * ld + r] = fill;
+    }
+  }
+}
+
+// S layout [rows, cols_pad]: the bit tile's zeros and the columns past the key length become `fill`.
+void mask_scores(const Primitives& prim, float* S, int64_t ld, int rows, int cols, int cols_pad, const int32_t* tile,
+                 int words, float fill) {
+  for (int r = 0; r < rows; ++r) {
+    float* s = S + r * ld;
+    if (tile != nullptr) prim.apply_bits(s, tile + r * words, cols_pad, fill);
+    for (int c = cols; c < cols_pad; ++c) s[c] = fill;
+  }
+}
+
+struct FwdScratch {
+  std::vector<float> qt, k, v, st, ot, m, l, alpha;
+};
+
+template <typename T>
+void forward_kernel(const FwdParams& p) {
+  const Primitives prim = primitives();
+  const MaskDims& md = p.mask;
+  const int D = p.head_dim, Dv = p.v_dim, bq = md.block_q, bkv = md.block_kv, words = md.words();
+  const int64_t QB = md.q_blocks;
+  const float qmul = p.scale * kLog2e;
+  FwdScratch proto;
+  proto.qt.resize(D * bq);
+  proto.k.resize(bkv * D);
+  proto.v.resize(bkv * Dv);
+  proto.st.resize(bkv * bq);
+  proto.ot.resize(Dv * bq);
+  proto.m.resize(bq);
+  proto.l.resize(bq);
+  proto.alpha.resize(bq);
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  T* out = static_cast<T*>(p.out);
+
+  // Later query blocks first: under causal-like masks they carry the most work.
+  run_tasks(p.batch * p.heads * QB, proto, [&](int64_t t, FwdScratch& sc) {
+    const int64_t qb = QB - 1 - t % QB, bh = t / QB, b = bh / p.heads, h = bh % p.heads, hk = p.kv_head_of(h);
+    const int64_t q0 = qb * bq;
+    const int rows = static_cast<int>(std::min<int64_t>(bq, p.q_len - q0));
+    const int lanes = static_cast<int>(round_up8(rows));
+    load_transposed(q + b * p.q_stride_b + h * p.q_stride_h + q0 * p.q_stride_t, p.q_stride_t, rows, D, qmul,
+                    sc.qt.data(), lanes);
+    std::fill(sc.ot.begin(), sc.ot.end(), 0.f);
+    std::fill(sc.m.begin(), sc.m.end(), kNegInf);
+    std::fill(sc.l.begin(), sc.l.end(), 0.f);
+    const T* kbh = k + b * p.k_stride_b + hk * p.k_stride_h;
+    const T* vbh = v + b * p.v_stride_b + hk * p.v_stride_h;
+    for_each_listed(p.kv, md, md.row(b, h) * QB + qb, p.tiles, [&](Listed blk) {
+      const int64_t c0 = blk.block * bkv;
+      const int keys = static_cast<int>(std::min<int64_t>(bkv, p.kv_len - c0));
+      int64_t ldk, ldv;
+      const float* kf = fp32_rows(kbh + c0 * p.k_stride_t, p.k_stride_t, keys, D, sc.k.data(), &ldk);
+      const float* vf = fp32_rows(vbh + c0 * p.v_stride_t, p.v_stride_t, keys, Dv, sc.v.data(), &ldv);
+      prim.gemm(keys, lanes, D, kf, ldk, 1, sc.qt.data(), lanes, sc.st.data(), lanes, false);    // S^T = K Q^T
+      mask_scores_t(sc.st.data(), lanes, rows, keys, blk.tile, words, kNegInf);
+      prim.softmax_step_t(sc.st.data(), lanes, keys, lanes, sc.m.data(), sc.l.data(), sc.alpha.data());
+      for (int d = 0; d < Dv; ++d) {
+        float* o = sc.ot.data() + d * lanes;
+        for (int r = 0; r < lanes; ++r) o[r] *= sc.alpha[r];
+      }
+      prim.gemm(Dv, lanes, keys, vf, 1, ldv, sc.st.data(), lanes, sc.ot.data(), lanes, true);   // O^T += V^T P^T
+    });
+    T* o_dst = out + ((b * p.heads + h) * p.q_len + q0) * Dv;
+    float* lse = p.lse + (b * p.heads + h) * p.q_len + q0;
+    for (int r = 0; r < rows; ++r) {
+      const bool any = sc.l[r] > 0.f;
+      const float inv = any ? 1.f / sc.l[r] : 0.f;
+      for (int d = 0; d < Dv; ++d) o_dst[r * Dv + d] = static_cast<T>(sc.ot[d * lanes + r] * inv);
+      lse[r] = any ? (sc.m[r] + std::log2(sc.l[r])) / kLog2e : kNegInf;
+    }
+  });
+}
+
+struct BwdScratch {
+  std::vector<float> a, b, c, d, s, dp, acc1, acc2, lse2, delta;
+};
+
+template <typename T>
+void backward_kernel(const BwdParams& p) {
+  const FwdParams& f = p.fwd;
+  const Primitives prim = primitives();
+  const MaskDims& md = f.mask;
+  const int D = f.head_dim, Dv = f.v_dim, bq = md.block_q, bkv = md.block_kv, words = md.words();
+  const int64_t QB = md.q_blocks, KB = md.kv_blocks, group = f.heads / f.kv_heads;
+  const float smul = f.scale * kLog2e;
+  const T* q = static_cast<const T*>(f.q);
+  const T* k = static_cast<const T*>(f.k);
+  const T* v = static_cast<const T*>(f.v);
+  const T* o = static_cast<const T*>(f.out);
+  const T* dout = static_cast<const T*>(p.grad_out);
+
+  // Delta = rowsum(dO * O) - grad_lse (dO, O contiguous [B, H, Tq, Dv]).
+  const int64_t total_rows = f.batch * f.heads * f.q_len;
+  at::parallel_for(0, total_rows, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float acc = 0.f;
+      for (int i = 0; i < Dv; ++i) acc += to_float(dout[r * Dv + i]) * to_float(o[r * Dv + i]);
+      p.delta[r] = p.grad_lse != nullptr ? acc - p.grad_lse[r] : acc;
+    }
+  });
+
+  const int maxb = std::max(bq, bkv), maxd = std::max(D, Dv);
+  BwdScratch proto;
+  for (auto* buf : {&proto.a, &proto.b, &proto.c, &proto.d}) buf->resize(maxb * maxd);
+  proto.s.resize(maxb * maxb);
+  proto.dp.resize(maxb * maxb);
+  proto.acc1.resize(maxb * maxd);
+  proto.acc2.resize(maxb * maxd);
+  proto.lse2.resize(bq);
+  proto.delta.resize(bq);
+
+  // lse2 = lse * log2(e) and Delta of rows [q0, q0 + rows) of (b, h), zero-padded to `lanes`.
+  auto load_row_stats = [&](BwdScratch& sc, int64_t b, int64_t h, int64_t q0, int rows, int lanes) {
+    const int64_t row0 = (b * f.heads + h) * f.q_len + q0;
+    for (int r = 0; r < lanes; ++r) {
+      sc.lse2[r] = r < rows ? f.lse[row0 + r] * kLog2e : kNegInf;   // -inf stays -inf: the row gets P = 0
+      sc.delta[r] = r < rows ? p.delta[row0 + r] : 0.f;
+    }
+  };
+
+  // Pass 1: dK, dV per (b, key head, key block), S in [rows, keys] layout; K^T and V^T built once per task. The
+  // query heads of the group are summed here, in order.
+  T* gk = static_cast<T*>(p.grad_k);
+  T* gv = static_cast<T*>(p.grad_v);
+  run_tasks(f.batch * f.kv_heads * KB, proto, [&](int64_t t, BwdScratch& sc) {
+    const int64_t kb = t % KB, bhk = t / KB, b = bhk / f.kv_heads, hk = bhk % f.kv_heads;
+    const int64_t c0 = kb * bkv;
+    const int keys = static_cast<int>(std::min<int64_t>(bkv, f.kv_len - c0));
+    const int cols = static_cast<int>(round_up8(keys));
+    float* kt = sc.a.data();   // [D, cols]
+    float* vt = sc.b.data();   // [Dv, cols]
+    load_transposed(k + b * f.k_stride_b + hk * f.k_stride_h + c0 * f.k_stride_t, f.k_stride_t, keys, D, 1.f, kt, cols);
+    load_transposed(v + b * f.v_stride_b + hk * f.v_stride_h + c0 * f.v_stride_t, f.v_stride_t, keys, Dv, 1.f, vt,
+                    cols);
+    float* dk = sc.acc1.data();   // [keys, D]
+    float* dv = sc.acc2.data();   // [keys, Dv]
+    std::fill(dk, dk + keys * D, 0.f);
+    std::fill(dv, dv + keys * Dv, 0.f);
+    for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+      for_each_listed(p.q, md, md.row(b, h) * KB + kb, f.tiles, [&](Listed blk) {
+        const int64_t q0 = blk.block * bq;
+        const int rows = static_cast<int>(std::min<int64_t>(bq, f.q_len - q0));
+        int64_t ldq, ldo;
+        const float* qf = fp32_rows(q + b * f.q_stride_b + h * f.q_stride_h + q0 * f.q_stride_t, f.q_stride_t, rows, D,
+                                    sc.c.data(), &ldq);
+        const float* of = fp32_rows(dout + b * p.do_stride_b + h * p.do_stride_h + q0 * p.do_stride_t,
+                                    p.do_stride_t, rows, Dv, sc.d.data(), &ldo);
+        load_row_stats(sc, b, h, q0, rows, rows);
+        float* S = sc.s.data();     // [rows, cols]
+        float* dP = sc.dp.data();   // [rows, cols]
+        prim.gemm(rows, cols, D, qf, ldq, 1, kt, cols, S, cols, false);                    // S = Q K^T
+        for (int r = 0; r < rows; ++r) {
+          float* s = S + r * cols;
+          if (sc.lse2[r] == kNegInf) {
+            std::fill(s, s + cols, 0.f);
+          } else {
+            prim.exp2_row(s, cols, smul, sc.lse2[r]);                                       // P
+          }
+        }
+        mask_scores(prim, S, cols, rows, keys, cols, blk.tile, words, 0.f);
+        prim.gemm(keys, Dv, rows, S, 1, cols, of, ldo, dv, Dv, true);                     // dV += P^T dO
+        prim.gemm(rows, cols, Dv, of, ldo, 1, vt, cols, dP, cols, false);                 // dP = dO V^T
+        for (int r = 0; r < rows; ++r) {
+          for (int c = 0; c < cols; ++c) dP[r * cols + c] = S[r * cols + c] * (dP[r * cols + c] - sc.delta[r]);
+        }
+        prim.gemm(keys, D, rows, dP, 1, cols, qf, ldq, dk, D, true);                      // dK += dS^T Q
+      });
+    }
+    const int64_t row0 = (b * f.kv_heads + hk) * f.kv_len + c0;
+    for (int c = 0; c < keys; ++c) {
+      for (int d = 0; d < D; ++d) gk[(row0 + c) * D + d] = static_cast<T>(dk[c * D + d] * f.scale);
+      for (int d = 0; d < Dv; ++d) gv[(row0 + c) * Dv + d] = static_cast<T>(dv[c * Dv + d]);
+    }
+  });
+
+  // Pass 2: dQ per (b, h, query block) over the forward lists, S in [keys, lanes] layout; Q^T and dO^T built once
+  // per task.
+  T* gq = static_cast<T*>(p.grad_q);
+  run_tasks(f.batch * f.heads * QB, proto, [&](int64_t t, BwdScratch& sc) {
+    const int64_t qb = QB - 1 - t % QB, bh = t / QB, b = bh / f.heads, h = bh % f.heads, hk = f.kv_head_of(h);
+    const int64_t q0 = qb * bq;
+    const int rows = static_cast<int>(std::min<int64_t>(bq, f.q_len - q0));
+    const int lanes = static_cast<int>(round_up8(rows));
+    float* qt = sc.a.data();    // [D, lanes]
+    float* dot = sc.b.data();   // [Dv, lanes]
+    load_transposed(q + b * f.q_stride_b + h * f.q_stride_h + q0 * f.q_stride_t, f.q_stride_t, rows, D, 1.f, qt, lanes);
+    load_transposed(dout + b * p.do_stride_b + h * p.do_stride_h + q0 * p.do_stride_t, p.do_stride_t, rows, Dv, 1.f,
+                    dot, lanes);
+    load_row_stats(sc, b, h, q0, rows, lanes);
+    float* dqt = sc.acc1.data();   // dQ^T [D, lanes]
+    std::fill(dqt, dqt + D * lanes, 0.f);
+    const T* kbh = k + b * f.k_stride_b + hk * f.k_stride_h;
+    const T* vbh = v + b * f.v_stride_b + hk * f.v_stride_h;
+    for_each_listed(f.kv, md, md.row(b, h) * QB + qb, f.tiles, [&](Listed blk) {
+      const int64_t c0 = blk.block * bkv;
+      const int keys = static_cast<int>(std::min<int64_t>(bkv, f.kv_len - c0));
+      int64_t ldk, ldv;
+      const float* kf = fp32_rows(kbh + c0 * f.k_stride_t, f.k_stride_t, keys, D, sc.c.data(), &ldk);
+      const float* vf = fp32_rows(vbh + c0 * f.v_stride_t, f.v_stride_t, keys, Dv, sc.d.data(), &ldv);
+      float* St = sc.s.data();     // [keys, lanes]
+      float* dPt = sc.dp.data();   // [keys, lanes]
+      prim.gemm(keys, lanes, D, kf, ldk, 1, qt, lanes, St, lanes, false);                 // S^T = K Q^T
+      prim.probs_t(St, lanes, keys, lanes, smul, sc.lse2.data());                          // P^T
+      mask_scores_t(St, lanes, rows, keys, blk.tile, words, 0.f);
+      prim.gemm(keys, lanes, Dv, vf, ldv, 1, dot, lanes, dPt, lanes, false);              // dP^T = V dO^T
+      for (int c = 0; c < keys; ++c) {
+        for (int r = 0; r < lanes; ++r) {
+          dPt[c * lanes + r] = St[c * lanes + r] * (dPt[c * lanes + r] - sc.delta[r]);    // dS^T
+        }
+      }
+      prim.gemm(D, lanes, keys, kf, 1, ldk, dPt, lanes, dqt, lanes, true);                // dQ^T += K^T dS^T
+    });
+    T* dst = gq + ((b * f.heads + h) * f.q_len + q0) * D;
+    for (int r = 0; r < rows; ++r) {
+      for (int d = 0; d < D; ++d) dst[r * D + d] = static_cast<T>(dqt[d * lanes + r] * f.scale);
+    }
+  });
+}
+
+// ---- value checks of hand-built masks (the CPU can read them for free) -------------------------------------
+
+void check_list_values(const char* op, const char* which, const at::Tensor& num, const at::Tensor& idx,
+                       const at::Tensor* tile_ids, int64_t num_tiles) {
+  const int64_t rows = num.numel(), width = idx.size(-1);
+  const int32_t* n = num.data_ptr<int32_t>();
+  const int32_t* ix = idx.data_ptr<int32_t>();
+  const int32_t* ti = tile_ids ? tile_ids->data_ptr<int32_t>() : nullptr;
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(n[r] >= 0 && n[r] <= width, op, ": ", which, " count ", n[r], " at flat position ", r,
+                " is out of range [0, ", width, "]");
+    for (int i = 0; i < n[r]; ++i) {
+      const int32_t e = ix[r * width + i];
+      TORCH_CHECK(e >= 0 && e < width, op, ": ", which, " index ", e, " (list ", r, ", entry ", i,
+                  ") is out of range [0, ", width, ")");
+      if (ti != nullptr) {
+        const int32_t id = ti[r * width + i];
+        TORCH_CHECK(id >= 0 && id < num_tiles, op, ": ", which, " tile id ", id, " (list ", r, ", entry ", i,
+                    ") is out of range [0, ", num_tiles, ")");
+      }
+    }
+  }
+}
+
+void check_lists(const char* op, const char* partial, const char* full, const ListTensors& l, int64_t num_tiles) {
+  check_list_values(op, partial, l.num, l.idx, &l.tile_ids, num_tiles);
+  check_list_values(op, full, l.full_num, l.full_idx, nullptr, 0);
+}
+
+template <typename Fn>
+void dispatch_dtype(DType t, Fn&& fn) {
+  switch (t) {
+    case DType::kF16: return fn(c10::Half{});
+    case DType::kBF16: return fn(c10::BFloat16{});
+    default: return fn(float{});
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                               const at::Tensor& kv_num, const at::Tensor& kv_idx,
+                                               const at::Tensor& full_kv_num, const at::Tensor& full_kv_idx,
+                                               const at::Tensor& kv_tile_ids, const at::Tensor& /*q_num*/,
+                                               const at::Tensor& /*q_idx*/, const at::Tensor& /*full_q_num*/,
+                                               const at::Tensor& /*full_q_idx*/, const at::Tensor& /*q_tile_ids*/,
+                                               const at::Tensor& tiles, int64_t block_q, int64_t block_kv,
+                                               double scale) {
+  const ListTensors lists{kv_num, kv_idx, full_kv_num, full_kv_idx, kv_tile_ids};
+  FwdParams p = describe_forward(kForward, q, k, v, lists, tiles, block_q, block_kv, scale);
+  check_lists(kForward, "kv_indices", "full_kv_indices", lists, p.mask.num_tiles);
+  at::Tensor out = at::empty({p.batch, p.heads, p.q_len, p.v_dim}, q.options());
+  at::Tensor lse = at::empty({p.batch, p.heads, p.q_len}, q.options().dtype(at::kFloat));
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  forward_counter.hit();
+  dispatch_dtype(p.dtype, [&](auto tag) { forward_kernel<decltype(tag)>(p); });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& kv_num, const at::Tensor& kv_idx, const at::Tensor& full_kv_num,
+    const at::Tensor& full_kv_idx, const at::Tensor& kv_tile_ids, const at::Tensor& q_num, const at::Tensor& q_idx,
+    const at::Tensor& full_q_num, const at::Tensor& full_q_idx, const at::Tensor& q_tile_ids, const at::Tensor& tiles,
+    int64_t block_q, int64_t block_kv, double scale) {
+  const ListTensors kv_lists{kv_num, kv_idx, full_kv_num, full_kv_idx, kv_tile_ids};
+  const ListTensors q_lists{q_num, q_idx, full_q_num, full_q_idx, q_tile_ids};
+  const FwdParams fwd = describe_forward(kBackward, q, k, v, kv_lists, tiles, block_q, block_kv, scale);
+  const at::Tensor dout = grad_out.contiguous();
+  const at::Tensor o = out.contiguous();
+  const c10::optional<at::Tensor> glse =
+      grad_lse.has_value() ? c10::optional<at::Tensor>(grad_lse->contiguous()) : c10::nullopt;
+  BwdParams p = describe_backward(kBackward, fwd, dout, o, lse, glse, q_lists);
+  check_lists(kBackward, "kv_indices", "full_kv_indices", kv_lists, fwd.mask.num_tiles);
+  check_lists(kBackward, "q_indices", "full_q_indices", q_lists, fwd.mask.num_tiles);
+  at::Tensor delta = at::empty({fwd.batch, fwd.heads, fwd.q_len}, lse.options());
+  at::Tensor gq = at::empty({fwd.batch, fwd.heads, fwd.q_len, fwd.head_dim}, q.options());
+  at::Tensor gk = at::empty({fwd.batch, fwd.kv_heads, fwd.kv_len, fwd.head_dim}, q.options());
+  at::Tensor gv = at::empty({fwd.batch, fwd.kv_heads, fwd.kv_len, fwd.v_dim}, q.options());
+  p.delta = delta.data_ptr<float>();
+  p.grad_q = gq.data_ptr();
+  p.grad_k = gk.data_ptr();
+  p.grad_v = gv.data_ptr();
+  backward_counter.hit();
+  dispatch_dtype(fwd.dtype, [&](auto tag) { backward_kernel<decltype(tag)>(p); });
+  return {gq, gk, gv};
+}
+
+}  // namespace
+}  // namespace blockops::attention
+
+TORCH_LIBRARY_IMPL(blockops, CPU, m) {
+  m.impl("block_sparse_attention", &blockops::attention::forward_cpu);
+  m.impl("block_sparse_attention_backward", &blockops::attention::backward_cpu);
+}

@@ -1,0 +1,33 @@
+// Torch-facing argument handling for the block-sparse attention ops, shared by the CPU and CUDA glue
+// (implemented in attention_cpu.cpp, which every build compiles). Every check names the op, the argument and
+// the sizes.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include "attention.h"
+
+namespace blockops::attention {
+
+// The mask tensors of one direction as the op receives them.
+struct ListTensors {
+  const at::Tensor& num;
+  const at::Tensor& idx;
+  const at::Tensor& full_num;
+  const at::Tensor& full_idx;
+  const at::Tensor& tile_ids;
+};
+
+// Validates q, k, v, the forward lists and the tiles (dtypes, devices, shapes, strides, block sizes) and
+// returns the kernel parameters with out / lse left null. Does not read tensor values (no device sync).
+FwdParams describe_forward(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const ListTensors& kv_lists, const at::Tensor& tiles, int64_t block_q, int64_t block_kv,
+                           double scale);
+
+// Validates the backward's extra inputs (grad_out, out, lse, the transposed lists) against `fwd` and fills
+// everything but the output and workspace pointers. grad_out, out and grad_lse (optional) must already be
+// contiguous.
+BwdParams describe_backward(const char* op, const FwdParams& fwd, const at::Tensor& grad_out, const at::Tensor& out,
+                            const at::Tensor& lse, const c10::optional<at::Tensor>& grad_lse,
+                            const ListTensors& q_lists);
+
+}  // namespace blockops::attention

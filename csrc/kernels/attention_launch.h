@@ -1,0 +1,29 @@
+// Launchers of the block-sparse attention CUDA kernels (kernels/attention.cu, kernels/attention_mma.cu).
+// Torch-free: the glue in attention_cuda.cpp checks the arguments (attention_op.h), allocates the outputs and
+// workspaces and passes raw device pointers in FwdParams / BwdParams (csrc/attention.h documents every field).
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include "../attention.h"
+
+namespace blockops::attention {
+
+// Which kernel a call runs: the tensor-core (mma.sync) kernels for fp16/bf16, the CUDA-core kernels (every
+// dtype, the simple reference the fast ones are tested against) otherwise.
+enum class CudaPath { kSimple, kMma };
+CudaPath forward_path(const FwdParams& p);
+CudaPath backward_path(const BwdParams& p);
+
+// The tensor-core forward (attention_mma.cu), for attention.cu's dispatch: whether it takes these arguments
+// (fp16/bf16, 16-byte aligned operands and strides, shared memory within the device's opt-in limit), and its
+// launcher (writes p.out and p.lse).
+bool fwd_mma_supported(const FwdParams& p);
+cudaError_t launch_fwd_mma(const FwdParams& p, cudaStream_t stream);
+
+// Writes p.out and p.lse.
+cudaError_t launch_block_sparse_attention_fwd(const FwdParams& p, cudaStream_t stream);
+
+// Writes p.delta (workspace), then p.grad_q, p.grad_k, p.grad_v.
+cudaError_t launch_block_sparse_attention_bwd(const BwdParams& p, cudaStream_t stream);
+
+}  // namespace blockops::attention
