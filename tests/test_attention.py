@@ -203,6 +203,24 @@ def test_lse_gradient(device):
         assert _max_rel(got, want) < 1e-4
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_unlisted_blocks_are_never_read(device):
+    """Two packed documents in separate 64-blocks; document B's keys and values are NaN. Document A's outputs and
+    gradients stay finite and exact only if no kernel touches B's blocks (even a masked read would give
+    NaN * 0 = NaN)."""
+    mask = masks.documents([64, 64], block_q=64, block_kv=64).to(device)
+    q, k, v = _inputs(1, 2, 1, 128, 128, 32, 32, torch.float32, device)
+    k[:, :, 64:] = float("nan")
+    v[:, :, 64:] = float("nan")
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = block_sparse_attention(q, k, v, mask)
+    ref = F.scaled_dot_product_attention(q[:, :, :64], k[:, :, :64], v[:, :, :64])
+    torch.testing.assert_close(out[:, :, :64], ref, atol=2e-5, rtol=2e-5)
+    out[:, :, :64].sum().backward()
+    assert torch.isfinite(q.grad[:, :, :64]).all() and torch.isfinite(k.grad[:, :, :64]).all()
+    assert torch.isfinite(v.grad[:, :, :64]).all()
+
+
 def test_matches_sdpa_dense_mask():
     """The comparison users make: SDPA with the equivalent boolean attn_mask."""
     mask = masks.sink_window_strided(256, 8, 64, 2, block_q=32, block_kv=32)
@@ -286,6 +304,11 @@ def test_torch_compile(device):
 
     with kernel_ran("block_sparse_attention", device):
         assert_compiles(fn, q, k, v)
+    # The mask as a graph input: a second mask of the same geometry reuses the graph and gives its own result.
+    torch._dynamo.reset()
+    compiled = torch.compile(block_sparse_attention, fullgraph=True)
+    for m in (mask, masks.sliding_window(64, 10, block_q=16, block_kv=16).to(device)):
+        torch.testing.assert_close(compiled(q, k, v, m), block_sparse_attention(q, k, v, m))
 
 
 def test_torch_compile_backward():
