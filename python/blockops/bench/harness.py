@@ -102,10 +102,10 @@ def read_bandwidth_gbps(device: str, megabytes: int = 256) -> float:
 
 def format_table(results: list[Result]) -> str:
     header = ["family", "op", "shape", "dev", "blockops ms", "baseline", "base ms", "speed-up", "GB/s", "TFLOP/s",
-              "max err"]
+              "max err", "note"]
     rows = [[r.family, r.op, r.shape, r.device, f"{r.ours_ms:.4g}", r.baseline, f"{r.baseline_ms:.4g}",
              f"{r.speedup:.2f}x", f"{r.gbps:.1f}" if r.gbps else "-", f"{r.tflops:.2f}" if r.tflops else "-",
-             f"{r.max_error:.2g}"] for r in results]
+             f"{r.max_error:.2g}", r.note] for r in results]
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))

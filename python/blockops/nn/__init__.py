@@ -1,4 +1,5 @@
 """Drop-in nn.Module replacements backed by blockops kernels."""
+from blockops.nn.block_sparse_attention import BlockSparseAttention, BlockSparseMultiheadAttention, swap_attention
 from blockops.nn.quant_linear import QuantLinear
 
-__all__ = ["QuantLinear"]
+__all__ = ["BlockSparseAttention", "BlockSparseMultiheadAttention", "QuantLinear", "swap_attention"]

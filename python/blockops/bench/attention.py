@@ -1,0 +1,219 @@
+"""Block-sparse attention benchmark: blockops.attention.block_sparse_attention, forward and forward+backward, on the
+seed papers' patterns (causal, LongGen sink + window + stride, packed causal documents, block-diffusion training,
+Jenga top-k at keep ratios 0.1-0.3), against in the same run:
+
+* dense ``F.scaled_dot_product_attention`` (``is_causal=True`` where the pattern is causal, no mask otherwise): the
+  compute a block mask saves;
+* ``torch.compile(flex_attention)`` with the same mask (``BlockMask.to_flex()``); forward only on CPU, where
+  FlexAttention is inference only. A flex failure (block size, memory) is recorded in the row's note.
+
+TFLOP/s count computed tiles only: ``4 * B * H * tiles * block_q * block_kv * D`` forward, 3.5x that forward+backward
+(backward about 2.5x forward). Goals of the issue: on CPU, at T=4096, D=64 and ~15% tile density, a speed-up over
+dense SDPA of at least ``0.6 * dense tiles / computed tiles`` (dense tiles: those SDPA computes, half for causal) and
+faster than compiled flex; on GPU, >= 400 TFLOP/s bf16 forward at T=16384, D=128. Every SDPA row names its goal
+speed-up in the baseline column; notes (JSON) say whether a goal was met, and hold flex failures.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from blockops.attention import BlockMask, block_sparse_attention, masks
+from blockops.bench.harness import Result, time_ms
+
+PATTERNS = ("causal", "longgen", "documents", "block_diffusion", "jenga0.1", "jenga0.2", "jenga0.3")
+CAUSAL_PATTERNS = ("causal", "longgen", "documents")      # subsets of the causal mask: SDPA runs is_causal=True
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    pattern: str            # one of PATTERNS
+    seq_len: int            # T (queries = keys)
+    heads: int              # query heads H
+    kv_heads: int           # key/value heads (GQA when < heads)
+    head_dim: int           # D = Dv
+    dtype: torch.dtype
+    block: int              # block_q = block_kv
+    batch: int = 1
+
+
+def _grid(lengths, patterns, dtypes, block):
+    """H=16 with 16 (MHA) or 4 (GQA) key/value heads, D in {64, 128}, every pattern."""
+    return [Config(p, t, 16, hk, d, dt, block) for dt in dtypes for t in lengths for d in (64, 128)
+            for hk in (16, 4) for p in patterns]
+
+
+# CPU quick: ~30-60 s on 2 cores; the ~15% LongGen mask of the CPU goal, plus causal.
+QUICK_CPU = [Config(p, 4096, 16, 16, 64, torch.float32, 64) for p in ("longgen", "causal")]
+FULL_CPU = _grid((1024, 4096), PATTERNS, (torch.float32, torch.bfloat16), 64)
+QUICK_CUDA = [Config(p, 16384, 16, 16, 128, torch.bfloat16, 128) for p in ("longgen", "causal", "jenga0.2")]
+FULL_CUDA = _grid((16384, 65536), PATTERNS, (torch.bfloat16,), 128)
+
+# to_flex() and the error reference expand the mask to B' * H' * T * T bools; above these, skip them (and say so):
+# 8 G for flex (GPU memory), 1 G for the reference (also for its time on CPU). The reference checks the last
+# _REF_ROWS queries, where masks see the most keys.
+_DENSE_LIMIT = 1 << 33
+_REF_DENSE_LIMIT = 1 << 30
+_REF_ROWS = 1024
+
+
+def _documents(seq_len: int) -> list[int]:
+    """Packed documents of 30/10/25/5/30% of the sequence: causal within each, nothing across."""
+    lens = [int(f * seq_len) for f in (0.3, 0.1, 0.25, 0.05, 0.3)]
+    lens[-1] += seq_len - sum(lens)
+    return lens
+
+
+def make_mask(c: Config, q: torch.Tensor, k: torch.Tensor) -> BlockMask:
+    """The pattern's BlockMask for queries q and keys k (Jenga selects from them)."""
+    t, blk, dev = c.seq_len, c.block, q.device
+    sizes = {"block_q": blk, "block_kv": blk, "device": dev}
+    if c.pattern == "causal":
+        return masks.causal(t, **sizes)
+    if c.pattern == "longgen":      # sink of one block, window T/16, every 6th key block: ~15% of tiles at T=4096
+        return masks.sink_window_strided(t, sink=blk, window=t // 16, stride=6, **sizes)
+    if c.pattern == "documents":
+        return masks.documents(_documents(t), causal=True, **sizes)
+    if c.pattern == "block_diffusion":   # training on [x_t ; x_0], diffusion blocks of 16 tokens
+        return masks.block_diffusion(16, t // 2, training=True, **sizes)
+    if c.pattern.startswith("jenga"):
+        return masks.topk_blocks(q, k, keep_ratio=float(c.pattern[len("jenga"):]), block_size=blk)
+    raise ValueError(f"unknown pattern {c.pattern!r}; known: {PATTERNS}")
+
+
+def _shape(c: Config) -> tuple:
+    return (c.batch, c.seq_len, c.heads, c.kv_heads, c.head_dim, c.dtype)
+
+
+def _max_error(c: Config, q, k, v, out, mask: BlockMask) -> float:
+    """max |out - reference| / max |reference| over the last `_REF_ROWS` queries of the first GQA group of heads,
+    reference = fp32 SDPA with the dense mask; NaN when the dense mask is too large to build."""
+    b, h = mask.shape[:2]
+    if b * h * c.seq_len ** 2 > _REF_DENSE_LIMIT:
+        return float("nan")
+    g, rows = c.heads // c.kv_heads, slice(-_REF_ROWS, None)
+    dense = mask.to_dense()[:, :g, rows]
+    kk, vv = (x[:, :1].float().expand(-1, g, -1, -1) for x in (k, v))
+    ref = F.scaled_dot_product_attention(q[:, :g, rows].float(), kk, vv, attn_mask=dense)
+    return ((out[:, :g, rows].float() - ref).abs().max() / ref.abs().max()).item()
+
+
+def _forward_backward(fn, inputs, grad):
+    def step():
+        for x in inputs:
+            x.grad = None
+        fn().backward(grad)
+    return step
+
+
+def _flex_forward(c: Config, q, k, v, mask: BlockMask):
+    """A forward closure of compiled flex_attention on mask.to_flex(), or the reason it cannot run."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    b, h = mask.shape[:2]
+    if b * h * c.seq_len ** 2 > _DENSE_LIMIT:
+        return None, f"flex skipped: to_flex() would expand {b}x{h}x{c.seq_len}^2 mask bools"
+    try:
+        flex_mask = mask.to_flex()
+        flex = torch.compile(flex_attention)
+        fn = lambda: flex(q, k, v, block_mask=flex_mask, enable_gqa=c.heads != c.kv_heads)  # noqa: E731
+        fn()
+        return fn, ""
+    except Exception as e:  # noqa: BLE001 - any compile / launch failure is the measurement: record it
+        return None, f"flex failed: {type(e).__name__}: {e}"[:200]
+
+
+def run(device: str, quick: bool = True) -> list[Result]:
+    """Rows per config: forward vs dense SDPA, forward vs compiled flex, forward+backward vs dense SDPA (and vs
+    flex on GPU). Quick: the CPU goal's shape (LongGen ~15% and causal, T=4096, H=16, D=64, fp32) or, on GPU, the
+    TFLOP/s goal's shape (T=16384, D=128, bf16)."""
+    cuda = torch.device(device).type == "cuda"
+    configs = (QUICK_CUDA if quick else FULL_CUDA) if cuda else (QUICK_CPU if quick else FULL_CPU)
+    results: list[Result] = []
+    sdpa_ms: dict = {}          # dense SDPA depends on the shape and causality only: time it once per group
+    last_shape = None
+    for c in configs:
+        if _shape(c) != last_shape:
+            # One flex compilation per shape; a reset keeps dynamo's recompile limit from silently falling back
+            # to eager flex (a dense math path) after many shapes.
+            torch._dynamo.reset()
+            last_shape = _shape(c)
+        results.extend(_run_config(c, device, cuda, sdpa_ms))
+    return results
+
+
+def _run_config(c: Config, device: str, cuda: bool, sdpa_ms: dict) -> list[Result]:
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def randn(heads):
+        return torch.randn(c.batch, heads, c.seq_len, c.head_dim, device=device, generator=gen, dtype=c.dtype)
+
+    q, k, v = randn(c.heads), randn(c.kv_heads), randn(c.kv_heads)
+    mask = make_mask(c, q, k)
+    density = mask.density()
+    qb = mask.num_q_blocks
+    computed_tiles = density.tiles * qb * mask.num_kv_blocks          # per (batch, head), averaged
+    causal = c.pattern in CAUSAL_PATTERNS
+    dense_tiles = qb * (qb + 1) / 2 if causal else qb * mask.num_kv_blocks
+    goal = 0.6 * dense_tiles / computed_tiles
+    fwd_flops = 4.0 * c.batch * c.heads * computed_tiles * c.block * c.block * c.head_dim
+
+    out = block_sparse_attention(q, k, v, mask)
+    err = _max_error(c, q, k, v, out, mask)
+    tol = 1e-3 if c.dtype == torch.float32 else 3e-2
+    mismatch = err > tol           # False for NaN (no reference)
+    dt = str(c.dtype).replace("torch.", "")
+    shape = (f"B={c.batch} T={c.seq_len} H={c.heads}/{c.kv_heads} D={c.head_dim} {dt} blk={c.block} "
+             f"tiles={density.tiles:.1%} tok={density.tokens:.1%}")
+    # Big problems: fewer repeats (each CPU call at T=4096 takes up to seconds); the median of 3 is still robust.
+    heavy = c.batch * c.heads * c.seq_len ** 2 * c.head_dim > 2**33 and not cuda
+    timing = {"warmup": 1, "min_repeats": 3, "min_seconds": 0.0} if heavy else {}
+
+    def row(op, ours, baseline, base, flops, note=""):
+        return Result("attention", f"{op} {c.pattern}", shape, device, ours, baseline, base, flops=flops,
+                      max_error=err, note="MISMATCH" if mismatch else note)
+
+    sdpa_kwargs = {"is_causal": causal, "enable_gqa": c.heads != c.kv_heads}
+    sdpa_name = f"SDPA {'causal' if causal else 'dense'} (goal {goal:.2f}x)"
+    cpu_goal = not cuda and c.seq_len == 4096 and c.head_dim == 64 and abs(density.tiles - 0.15) <= 0.05
+    results = []
+
+    ours_fwd = time_ms(lambda: block_sparse_attention(q, k, v, mask), device, **timing)
+    key = (_shape(c), causal, "fwd")
+    if key not in sdpa_ms:
+        sdpa_ms[key] = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, **sdpa_kwargs), device, **timing)
+    base = sdpa_ms[key]
+    note = ""
+    if cpu_goal:
+        note = f"CPU goal >= {goal:.2f}x vs SDPA: {'met' if base / ours_fwd >= goal else 'missed'}"
+    if cuda and c.seq_len == 16384 and c.head_dim == 128 and c.dtype == torch.bfloat16:
+        tflops = fwd_flops / (ours_fwd * 1e-3) / 1e12
+        note = f"GPU goal >= 400 TFLOP/s: {'met' if tflops >= 400 else 'missed'} ({tflops:.0f})"
+    results.append(row("fwd", ours_fwd, sdpa_name, base, fwd_flops, note))
+
+    flex_fn, flex_note = _flex_forward(c, q, k, v, mask)
+    notes = [] if cuda else ["forward only: flex on CPU is inference-only"]
+    if flex_fn is None:
+        results.append(row("fwd", ours_fwd, "flex compiled", float("nan"), fwd_flops, "; ".join(notes + [flex_note])))
+    else:
+        flex_ms = time_ms(flex_fn, device, **timing)
+        if cpu_goal:
+            notes.append(f"CPU goal faster than flex: {'met' if flex_ms > ours_fwd else 'missed'}")
+        results.append(row("fwd", ours_fwd, "flex compiled", flex_ms, fwd_flops, "; ".join(notes)))
+
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    grad = torch.randn_like(q)
+    ours = time_ms(_forward_backward(lambda: block_sparse_attention(q, k, v, mask), (q, k, v), grad), device,
+                   **timing)
+    key = (_shape(c), causal, "fwd+bwd")
+    if key not in sdpa_ms:
+        sdpa_ms[key] = time_ms(_forward_backward(lambda: F.scaled_dot_product_attention(q, k, v, **sdpa_kwargs),
+                                                 (q, k, v), grad), device, **timing)
+    results.append(row("fwd+bwd", ours, sdpa_name, sdpa_ms[key], 3.5 * fwd_flops))
+    if cuda and flex_fn is not None:
+        flex_ms = time_ms(_forward_backward(flex_fn, (q, k, v), grad), device, **timing)
+        results.append(row("fwd+bwd", ours, "flex compiled", flex_ms, 3.5 * fwd_flops))
+    return results
