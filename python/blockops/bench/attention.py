@@ -48,6 +48,14 @@ def _grid(lengths, patterns, dtypes, block):
 # CPU quick: ~30-60 s on 2 cores; the ~15% LongGen mask of the CPU goal, plus causal.
 QUICK_CPU = [Config(p, 4096, 16, 16, 64, torch.float32, 64) for p in ("longgen", "causal")]
 FULL_CPU = _grid((1024, 4096), PATTERNS, (torch.float32, torch.bfloat16), 64)
+# The CPU figures of docs/performance.md (a few minutes): every pattern at the goal's shape, then D=128, GQA,
+# bf16 and a shorter sequence for the LongGen mask.
+DOC_CPU = ([Config(p, 4096, 16, 16, 64, torch.float32, 64)
+            for p in ("longgen", "causal", "documents", "block_diffusion", "jenga0.2")]
+           + [Config("longgen", 4096, 16, 16, 128, torch.float32, 64),
+              Config("longgen", 4096, 16, 4, 64, torch.float32, 64),
+              Config("longgen", 4096, 16, 16, 64, torch.bfloat16, 64),
+              Config("longgen", 1024, 16, 16, 64, torch.float32, 64)])
 QUICK_CUDA = [Config(p, 16384, 16, 16, 128, torch.bfloat16, 128) for p in ("longgen", "causal", "jenga0.2")]
 FULL_CUDA = _grid((16384, 65536), PATTERNS, (torch.bfloat16,), 128)
 
@@ -125,12 +133,13 @@ def _flex_forward(c: Config, q, k, v, mask: BlockMask):
         return None, f"flex failed: {type(e).__name__}: {e}"[:200]
 
 
-def run(device: str, quick: bool = True) -> list[Result]:
+def run(device: str, quick: bool = True, configs: list[Config] | None = None) -> list[Result]:
     """Rows per config: forward vs dense SDPA, forward vs compiled flex, forward+backward vs dense SDPA (and vs
     flex on GPU). Quick: the CPU goal's shape (LongGen ~15% and causal, T=4096, H=16, D=64, fp32) or, on GPU, the
-    TFLOP/s goal's shape (T=16384, D=128, bf16)."""
+    TFLOP/s goal's shape (T=16384, D=128, bf16). `configs` overrides the grid (e.g. `DOC_CPU`)."""
     cuda = torch.device(device).type == "cuda"
-    configs = (QUICK_CUDA if quick else FULL_CUDA) if cuda else (QUICK_CPU if quick else FULL_CPU)
+    if configs is None:
+        configs = (QUICK_CUDA if quick else FULL_CUDA) if cuda else (QUICK_CPU if quick else FULL_CPU)
     results: list[Result] = []
     sdpa_ms: dict = {}          # dense SDPA depends on the shape and causality only: time it once per group
     last_shape = None
