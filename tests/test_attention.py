@@ -82,12 +82,17 @@ def _builders(t, bq, bkv):
         "documents": masks.documents([t // 3, t // 2, t - t // 3 - t // 2], causal=True, **kw),
         "block_diffusion": masks.block_diffusion(16, t, **kw),
         "blockrank": masks.blockrank(t // 5, [t // 5] * 3, t - 4 * (t // 5), **kw),
+        "or_and": masks.and_masks(masks.or_masks(masks.sliding_window(t, 16, **kw),
+                                                 masks.documents([t // 2, t - t // 2], **kw)),
+                                  masks.causal(t, **kw)),
+        "from_dense": masks.from_dense(torch.rand(t, t, generator=torch.Generator().manual_seed(7)) < 0.4,
+                                       (bq, bkv)),
     }
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("pattern", ["causal", "sliding_window", "sliding_window_bidirectional", "longgen",
-                                     "documents", "block_diffusion", "blockrank"])
+                                     "documents", "block_diffusion", "blockrank", "or_and", "from_dense"])
 def test_every_builder(device, pattern):
     t = 97
     mask = _builders(t, 32, 16)[pattern].to(device)
