@@ -51,4 +51,23 @@ TORCH_LIBRARY(blockops, m) {
         "Tensor kv_tile_ids, Tensor q_num_blocks, Tensor q_indices, Tensor full_q_num_blocks, "
         "Tensor full_q_indices, Tensor q_tile_ids, Tensor tiles, int block_q, int block_kv, float scale) "
         "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+
+  // ---- PaTH attention (family "path"; numerics and the chunked algorithm in csrc/path_attention.h) ---------
+  // q [B, T, HQ, D], k and w [B, T, H, D], v [B, T, H, Dv], beta [B, T, H], g [B, T, HQ] or None (forget-gate
+  // log values, G = cumsum(g) per sequence), cu_seqlens int32/int64 [N + 1] (packed sequences, B = 1) or None;
+  // HQ a multiple of H; D, Dv multiples of 8 up to 256; q, k, v one of fp16/bf16/fp32, w/beta/g fp32 or q's
+  // dtype; all contiguous. Logit of query i, key j <= i: q_i^T H_i ... H_{j+1} k_j with H_t = I - beta_t w_t w_t^T;
+  // s_ij = scale * (logit_ij + G_i - G_j); causal softmax. Returns o [B, T, HQ, Dv] in q's dtype and
+  // lse [B, HQ, T] fp32 (natural log). Argument layout of flash-linear-attention's parallel_path_attn.
+  m.def("path_attention(Tensor q, Tensor k, Tensor v, Tensor w, Tensor beta, Tensor? g, Tensor? cu_seqlens, "
+        "float scale) -> (Tensor o, Tensor lse)");
+  // Keys carried to the last position of their sequence, for decoding: k_cache[j] = H_last ... H_{j+1} k_j,
+  // [B, T, H, D] in k's dtype (arguments as in path_attention).
+  m.def("path_key_cache(Tensor k, Tensor w, Tensor beta, Tensor? cu_seqlens) -> Tensor");
+  // Gradients of path_attention from grad_o [B, T, HQ, Dv] (q's dtype), the forward's arguments, its o and lse,
+  // and grad_lse [B, HQ, T] fp32 (optional, the gradient arriving at lse). Each gradient has its input's shape and
+  // dtype; grad_g is [B, T, HQ], fp32 when g is None (the gradient with respect to a zero gate). Deterministic.
+  m.def("path_attention_backward(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor w, Tensor beta, Tensor? g, "
+        "Tensor? cu_seqlens, Tensor o, Tensor lse, Tensor? grad_lse, float scale) -> (Tensor grad_q, Tensor grad_k, "
+        "Tensor grad_v, Tensor grad_w, Tensor grad_beta, Tensor grad_g)");
 }

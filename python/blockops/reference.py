@@ -70,3 +70,61 @@ def ref_masked_attention(q, k, v, dense_mask, scale=None):
     p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).unsqueeze(-1))
     out = p @ v.to(q.dtype)
     return out, lse
+
+
+def ref_path_attention(q, k, v, w, beta, g=None, scale=None, cu_seqlens=None, return_lse: bool = False):
+    """Reference for ``blockops.attention.path_attention`` (PaTH, with the optional PaTH-FoX forget gate),
+    computed in q's dtype (pass fp64 for an exact reference); differentiable by autograd, so it is also the
+    gradient reference. O(T^2 D) per head: meant for T up to a few hundred.
+
+    With ``H_t = I - beta_t w_t w_t^T``, the logit of query i and key j <= i is
+    ``q_i^T H_i H_{i-1} ... H_{j+1} k_j`` (no transform on the diagonal); ``G = cumsum(g)`` per sequence and query
+    head; ``s_ij = scale * (logit_ij + G_i - G_j)`` (the gate term is scaled too, as in flash-linear-attention);
+    causal softmax; ``o = softmax(s) V``.
+
+    Args:
+        q: ``[B, T, HQ, D]``; k, w: ``[B, T, H, D]``; v: ``[B, T, H, Dv]``; beta: ``[B, T, H]``; g: ``[B, T, HQ]``
+            or None. ``HQ`` a multiple of ``H`` (query head h reads key head ``h // (HQ // H)``).
+        scale: default ``D ** -0.5``.
+        cu_seqlens: int tensor ``[N + 1]`` of sequence boundaries for packed sequences (B must be 1).
+        return_lse: also return the natural log-sum-exp of each row's scores, ``[B, T, HQ]``.
+
+    Returns:
+        ``o [B, T, HQ, Dv]`` (or ``(o, lse)``).
+    """
+    if cu_seqlens is not None:
+        assert q.shape[0] == 1, "cu_seqlens needs B = 1"
+        bounds = [int(x) for x in cu_seqlens.tolist()]
+        parts = [ref_path_attention(q[:, s:e], k[:, s:e], v[:, s:e], w[:, s:e], beta[:, s:e],
+                                    None if g is None else g[:, s:e], scale, None, True)
+                 for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+        o, lse = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+        return (o, lse) if return_lse else o
+    B, T, HQ, D = q.shape
+    rep = HQ // k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    dt = q.dtype
+    # [B, HQ, T, *] per query head (key-head tensors repeated for GQA)
+    kt, vt, wt = (x.to(dt).repeat_interleave(rep, 2).transpose(1, 2) for x in (k, v, w))
+    bt = beta.to(dt).repeat_interleave(rep, 2).transpose(1, 2)
+    # Walk the diagonals: after s steps, cur[:, :, i - s] = H_{i-s+1} ... H_i q_i for the queries i >= s (each H
+    # is symmetric, so transforming the query is transforming the key from the other side), and
+    # diag[s][i - s] = logit(i, i - s).
+    cur = q.transpose(1, 2)
+    diags = []
+    for s in range(T):
+        kj, wj, bj = kt[:, :, :T - s], wt[:, :, :T - s], bt[:, :, :T - s]
+        diags.append(torch.nn.functional.pad((cur * kj).sum(-1), (s, 0)))   # indexed by i
+        cur = cur - (bj * (cur * wj).sum(-1)).unsqueeze(-1) * wj            # apply H_{i-s}
+        cur = cur[:, :, 1:]
+    by_offset = torch.stack(diags, 2)                                      # [B, HQ, s, i]
+    i = torch.arange(T, device=q.device)
+    offset = (i[:, None] - i[None, :]).clamp_min(0)                        # [i, j] -> s = i - j
+    logits = by_offset.gather(2, offset.T.expand(B, HQ, T, T)).transpose(2, 3)  # [B, HQ, i, j]
+    if g is not None:
+        G = g.to(dt).cumsum(1).transpose(1, 2)                             # [B, HQ, T]
+        logits = logits + G[..., :, None] - G[..., None, :]
+    s_ij = (logits * scale).masked_fill(i[None, :] > i[:, None], float("-inf"))
+    lse = torch.logsumexp(s_ij, -1)
+    o = (torch.softmax(s_ij, -1) @ vt).transpose(1, 2)
+    return (o, lse.transpose(1, 2)) if return_lse else o

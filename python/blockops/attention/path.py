@@ -1,0 +1,253 @@
+"""PaTH attention (data-dependent position encoding by accumulated Householder-like transforms), with the optional
+PaTH-FoX forget gate: prefill/training forward and incremental decoding.
+
+With ``H_t = I - beta_t w_t w_t^T``, the logit of query i and key j <= i is ``q_i^T H_i H_{i-1} ... H_{j+1} k_j``
+(the diagonal is untransformed); with a forget gate g, ``G = cumsum(g)`` and ``s_ij = scale * (logit_ij + G_i -
+G_j)``; then a causal softmax. Arguments follow flash-linear-attention's ``parallel_path_attn`` so code can switch
+between the two.
+
+Kernels (CPU): ``torch.ops.blockops.path_attention`` (the chunked UT-transform algorithm of csrc/path_attention.h),
+``torch.ops.blockops.path_attention_backward`` (gradients for q, k, v, w, beta and g through the same chunked
+algorithm; registered as the op's autograd) and ``torch.ops.blockops.path_key_cache`` (keys carried to the last
+position, for decoding). Not there yet: CUDA kernels and a decode kernel (:func:`path_decode_step` is plain PyTorch).
+
+Quick start::
+
+    o, k_cache = path_attention(q, k, v, w, beta, g, use_cache=True)   # q [B, T, HQ, D], ...
+    cache = PathCache.from_prefill(k_cache, v, g)
+    o_t = path_decode_step(q_t, k_t, v_t, w_t, beta_t, g_t, cache)      # q_t [B, HQ, D], ...; cache updated
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["PathCache", "path_attention", "path_decode_step"]
+
+_ops = torch.ops.blockops
+_ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def path_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, beta: torch.Tensor,
+                   g: torch.Tensor | None = None, scale: float | None = None, cu_seqlens: torch.Tensor | None = None,
+                   use_cache: bool = False):
+    """PaTH attention forward (``fla.ops.path_attn.parallel_path_attn`` conventions).
+
+    Args:
+        q: ``[B, T, HQ, D]``, fp16/bf16/fp32.
+        k: ``[B, T, H, D]``, q's dtype; ``HQ`` a multiple of ``H`` (query head h reads key head ``h // (HQ // H)``).
+        v: ``[B, T, H, Dv]``, q's dtype. ``D`` and ``Dv`` are multiples of 8 up to 256 (they may differ).
+        w: ``[B, T, H, D]``, fp32 or q's dtype; meant to be L2-normalised per token (not enforced: the formula is
+            applied to w as given).
+        beta: ``[B, T, H]``, fp32 or q's dtype; ``(0, 2)`` in the PaTH layer (``2 * sigmoid``).
+        g: optional forget gate ``[B, T, HQ]`` (log values, e.g. ``logsigmoid``), fp32 or q's dtype.
+        scale: default ``D ** -0.5``; multiplies the gate term too.
+        cu_seqlens: int32/int64 ``[N + 1]`` boundaries of packed sequences (``B`` must be 1), on q's device.
+        use_cache: also return the keys carried to the last position of their sequence, for decoding.
+
+    Returns:
+        ``(o, k_cache)``: ``o [B, T, HQ, Dv]`` in q's dtype (fp32 accumulation), differentiable in q, k, v, w, beta
+        and g; ``k_cache [B, T, H, D]`` in k's dtype (``k_cache[j] = H_last ... H_{j+1} k_j``, not differentiable:
+        it is for decoding) when ``use_cache``, else None.
+
+    Raises:
+        RuntimeError naming the argument and sizes for bad shapes, dtypes or head dims.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v, w, beta = (t.contiguous() for t in (q, k, v, w, beta))
+    g = None if g is None else g.contiguous()
+    o, _ = _ops.path_attention(q, k, v, w, beta, g, cu_seqlens, scale)
+    k_cache = None
+    if use_cache:
+        with torch.no_grad():
+            k_cache = _ops.path_key_cache(k, w, beta, cu_seqlens)
+    return o, k_cache
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fake implementations (shapes only; the C++ kernels check the values, e.g. of cu_seqlens)
+# ---------------------------------------------------------------------------------------------------------
+
+def _check_keys(op, k, w, beta, cu_seqlens):
+    torch._check(k.dim() == 4, lambda: f"{op}: k must be [B, T, H, D], got shape {tuple(k.shape)}")
+    torch._check(k.dtype in _ACT_DTYPES, lambda: f"{op}: k must be fp16/bf16/fp32, got {k.dtype}")
+    d = k.shape[3]
+    torch._check(d % 8 == 0 and 8 <= d <= 256,
+                 lambda: f"{op}: k head dim must be a multiple of 8 in [8, 256], got {d}")
+    torch._check(w.shape == k.shape, lambda: f"{op}: w must have shape {tuple(k.shape)}, got {tuple(w.shape)}")
+    torch._check(beta.shape == k.shape[:3],
+                 lambda: f"{op}: beta must have shape {tuple(k.shape[:3])}, got {tuple(beta.shape)}")
+    for arg, t in (("w", w), ("beta", beta)):
+        torch._check(t.dtype in (torch.float32, k.dtype), lambda: f"{op}: {arg} must be fp32 or {k.dtype}, got {t.dtype}")
+    if cu_seqlens is not None:
+        torch._check(cu_seqlens.dim() == 1 and cu_seqlens.dtype in (torch.int32, torch.int64),
+                     lambda: f"{op}: cu_seqlens must be a 1-d int32/int64 tensor, got {cu_seqlens.dtype} "
+                             f"{tuple(cu_seqlens.shape)}")
+        torch._check(k.shape[0] == 1, lambda: f"{op}: cu_seqlens needs batch size 1, got B = {k.shape[0]}")
+
+
+@torch.library.register_fake("blockops::path_attention")
+def _path_attention_fake(q, k, v, w, beta, g, cu_seqlens, scale):
+    op = "blockops.path_attention"
+    torch._check(q.dim() == 4 and v.dim() == 4, lambda: f"{op}: q and v must be 4-d, got {tuple(q.shape)} and {tuple(v.shape)}")
+    _check_keys(op, k, w, beta, cu_seqlens)
+    torch._check(q.dtype == k.dtype == v.dtype, lambda: f"{op}: q, k and v must share one dtype")
+    B, T, HQ, D = q.shape
+    torch._check(tuple(k.shape[:2]) == (B, T) and k.shape[3] == D,
+                 lambda: f"{op}: k must be [B, T, H, D] with q's B, T and D, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    torch._check(HQ % k.shape[2] == 0, lambda: f"{op}: q's heads ({HQ}) must be a multiple of k's heads ({k.shape[2]})")
+    torch._check(v.shape[:3] == k.shape[:3] and v.shape[3] % 8 == 0 and 8 <= v.shape[3] <= 256,
+                 lambda: f"{op}: v must be [B, T, H, Dv] with Dv a multiple of 8 up to 256, got {tuple(v.shape)}")
+    if g is not None:
+        torch._check(g.shape == q.shape[:3] and g.dtype in (torch.float32, q.dtype),
+                     lambda: f"{op}: g must be [B, T, HQ] fp32 or q's dtype, got {g.dtype} {tuple(g.shape)}")
+    return q.new_empty((B, T, HQ, v.shape[3])), q.new_empty((B, HQ, T), dtype=torch.float32)
+
+
+@torch.library.register_fake("blockops::path_key_cache")
+def _path_key_cache_fake(k, w, beta, cu_seqlens):
+    _check_keys("blockops.path_key_cache", k, w, beta, cu_seqlens)
+    return k.new_empty(k.shape)
+
+
+@torch.library.register_fake("blockops::path_attention_backward")
+def _path_attention_backward_fake(grad_o, q, k, v, w, beta, g, cu_seqlens, o, lse, grad_lse, scale):
+    op = "blockops.path_attention_backward"
+    _path_attention_fake(q, k, v, w, beta, g, cu_seqlens, scale)
+    for arg, t in (("grad_o", grad_o), ("o", o)):
+        torch._check(t.shape == (*q.shape[:3], v.shape[3]) and t.dtype == q.dtype,
+                     lambda: f"{op}: {arg} must be [B, T, HQ, Dv] in q's dtype, got {t.dtype} {tuple(t.shape)}")
+    lse_shape = (q.shape[0], q.shape[2], q.shape[1])
+    for arg, t in (("lse", lse), ("grad_lse", grad_lse)):
+        torch._check(t is None or (t.shape == lse_shape and t.dtype == torch.float32),
+                     lambda: f"{op}: {arg} must be fp32 {lse_shape}, got {t.dtype} {tuple(t.shape)}")
+    dg = q.new_empty(q.shape[:3], dtype=torch.float32 if g is None else g.dtype)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), w.new_empty(w.shape),
+            beta.new_empty(beta.shape), dg)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------------------------
+
+def _path_attention_setup_context(ctx, inputs, output):
+    q, k, v, w, beta, g, cu_seqlens, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, w, beta, g, cu_seqlens, o, lse)
+    ctx.scale = scale
+
+
+def _path_attention_backward(ctx, grad_o, grad_lse):
+    q, k, v, w, beta, g, cu_seqlens, o, lse = ctx.saved_tensors
+    dq, dk, dv, dw, dbeta, dg = _ops.path_attention_backward(grad_o.contiguous(), q, k, v, w, beta, g, cu_seqlens, o,
+                                                             lse, None if grad_lse is None else grad_lse.contiguous(),
+                                                             ctx.scale)
+    return dq, dk, dv, dw, dbeta, (dg if g is not None else None), None, None
+
+
+torch.library.register_autograd("blockops::path_attention", _path_attention_backward,
+                                setup_context=_path_attention_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decoding (plain PyTorch ops for now: no decode kernel yet)
+# ---------------------------------------------------------------------------------------------------------
+
+class PathCache:
+    """Decoding state of PaTH attention for a batch of rows, each with its own length.
+
+    Attributes:
+        keys: ``[B, H, L, D]`` fp32; row b's first ``lengths[b]`` keys, carried to the row's newest position.
+        values: ``[B, H, L, Dv]`` fp32.
+        lengths: ``[B]`` int64.
+        gates: ``[B, HQ, L]`` fp32 ``G_j`` of every cached key (forget gate), or None without a gate.
+        g_last: ``[B, HQ]`` fp32 ``G`` at each row's newest position, or None.
+    ``L`` is the capacity; it doubles when a row fills it. Entries beyond a row's length are zero and ignored.
+    """
+
+    def __init__(self, keys, values, lengths, gates=None, g_last=None):
+        self.keys, self.values, self.lengths, self.gates, self.g_last = keys, values, lengths, gates, g_last
+
+    @classmethod
+    def from_prefill(cls, k_cache: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None = None,
+                     cu_seqlens: torch.Tensor | None = None) -> "PathCache":
+        """The cache after ``path_attention(..., use_cache=True)`` on the same ``v`` (and ``g``, ``cu_seqlens``):
+        one row per batch row, or per packed sequence with ``cu_seqlens`` (rows then have their own lengths)."""
+        if cu_seqlens is None:
+            rows = [(b, 0, k_cache.shape[1]) for b in range(k_cache.shape[0])]
+        else:
+            bounds = cu_seqlens.tolist()
+            rows = [(0, s, e) for s, e in zip(bounds[:-1], bounds[1:])]
+        B, L = len(rows), max([e - s for _, s, e in rows] + [1])
+        H, D, Dv = k_cache.shape[2], k_cache.shape[3], v.shape[3]
+        keys = k_cache.new_zeros((B, H, L, D), dtype=torch.float32)
+        values = v.new_zeros((B, H, L, Dv), dtype=torch.float32)
+        lengths = torch.tensor([e - s for _, s, e in rows], dtype=torch.int64, device=k_cache.device)
+        gates = g_last = None
+        if g is not None:
+            gates = g.new_zeros((B, g.shape[2], L), dtype=torch.float32)
+            g_last = g.new_zeros((B, g.shape[2]), dtype=torch.float32)
+        for r, (b, s, e) in enumerate(rows):
+            keys[r, :, :e - s] = k_cache[b, s:e].transpose(0, 1).float()
+            values[r, :, :e - s] = v[b, s:e].transpose(0, 1).float()
+            if g is not None and e > s:
+                G = g[b, s:e].double().cumsum(0).float().transpose(0, 1)   # [HQ, len]
+                gates[r, :, :e - s] = G
+                g_last[r] = G[:, -1]
+        return cls(keys, values, lengths, gates, g_last)
+
+    def _reserve(self, length: int) -> None:
+        capacity = self.keys.shape[2]
+        if length <= capacity:
+            return
+        extra = max(length, 2 * capacity) - capacity
+        self.keys = torch.nn.functional.pad(self.keys, (0, 0, 0, extra))
+        self.values = torch.nn.functional.pad(self.values, (0, 0, 0, extra))
+        if self.gates is not None:
+            self.gates = torch.nn.functional.pad(self.gates, (0, extra))
+
+
+def path_decode_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, w_t: torch.Tensor,
+                     beta_t: torch.Tensor, g_t: torch.Tensor | None, cache: PathCache,
+                     scale: float | None = None) -> torch.Tensor:
+    """One decoding step of PaTH attention for every row of `cache` (plain PyTorch, fp32; no kernel yet).
+
+    Applies the new token's transform to every cached key (``k <- k - beta (k . w) w``), appends the token's
+    own key and value, then attends over each row's keys.
+
+    Args:
+        q_t: ``[B, HQ, D]``; k_t, w_t: ``[B, H, D]``; v_t: ``[B, H, Dv]``; beta_t: ``[B, H]``; g_t: ``[B, HQ]`` or
+            None (must match whether the cache was built with a gate).
+        cache: a :class:`PathCache`, updated in place.
+        scale: default ``D ** -0.5``.
+
+    Returns:
+        ``o_t [B, HQ, Dv]`` in q_t's dtype.
+    """
+    B, HQ, D = q_t.shape
+    H, Dv = k_t.shape[1], v_t.shape[2]
+    if cache.keys.shape[0] != B or cache.keys.shape[1] != H or cache.keys.shape[3] != D or HQ % H:
+        raise ValueError(f"path_decode_step: q_t {tuple(q_t.shape)} / k_t {tuple(k_t.shape)} do not match the cache "
+                         f"keys {tuple(cache.keys.shape)} [B, H, L, D] (HQ must be a multiple of H)")
+    if (g_t is None) != (cache.gates is None):
+        raise ValueError("path_decode_step: pass g_t exactly when the cache was built with a forget gate")
+    scale = D ** -0.5 if scale is None else float(scale)
+    w = w_t.float()[:, :, None, :]
+    beta = beta_t.float()[:, :, None, None]
+    cache.keys = cache.keys - beta * (cache.keys * w).sum(-1, keepdim=True) * w
+    cache._reserve(int(cache.lengths.max()) + 1)
+    rows, pos = torch.arange(B, device=q_t.device), cache.lengths
+    cache.keys[rows, :, pos] = k_t.float()
+    cache.values[rows, :, pos] = v_t.float()
+    if g_t is not None:
+        cache.g_last = cache.g_last + g_t.float()
+        cache.gates[rows, :, pos] = cache.g_last
+    cache.lengths = cache.lengths + 1
+    L = cache.keys.shape[2]
+    q = q_t.float().view(B, H, HQ // H, D)
+    s = torch.einsum("bhgd,bhld->bhgl", q, cache.keys)
+    if g_t is not None:
+        s = s + (cache.g_last[:, :, None] - cache.gates).view(B, H, HQ // H, L)
+    hidden = torch.arange(L, device=q_t.device)[None, :] >= cache.lengths[:, None]
+    s = (s * scale).masked_fill(hidden[:, None, None, :], float("-inf"))
+    o = torch.einsum("bhgl,bhlv->bhgv", torch.softmax(s, -1), cache.values)
+    return o.reshape(B, HQ, Dv).to(q_t.dtype)

@@ -1,0 +1,377 @@
+"""PaTH attention: the reference against explicit Householder products, the CPU kernel (forward, key cache)
+against the reference, decoding, opcheck, torch.compile and the error paths."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blockops.attention import PathCache, path_attention, path_decode_step
+from blockops.reference import ref_path_attention
+from helpers import assert_compiles, kernel_ran, opcheck
+
+# flash-linear-attention's relative RMS tolerances (rms(ref - out) / rms(ref))
+O_TOL = 0.005
+GRAD_TOL = {"q": 0.008, "k": 0.008, "v": 0.008, "w": 0.015, "beta": 0.02, "g": 0.02}
+NAMES = ("q", "k", "v", "w", "beta", "g")
+
+
+def rel_rms(out, ref):
+    out, ref = out.double(), ref.double()
+    return ((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
+
+
+def make_inputs(B, T, HQ, H, D, Dv, gate=True, dtype=torch.float32, aux_dtype=torch.float32, seed=0):
+    """Inputs as the PaTH layer makes them: w L2-normalised, beta = 2 * sigmoid (in (0, 2)), g = logsigmoid."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, HQ, D, generator=gen).to(dtype)
+    k = torch.randn(B, T, H, D, generator=gen).to(dtype)
+    v = torch.randn(B, T, H, Dv, generator=gen).to(dtype)
+    w = F.normalize(torch.randn(B, T, H, D, generator=gen), dim=-1).to(aux_dtype)
+    beta = (2 * torch.sigmoid(2 * torch.randn(B, T, H, generator=gen))).to(aux_dtype)
+    g = F.logsigmoid(torch.randn(B, T, HQ, generator=gen) + 2).to(aux_dtype) if gate else None
+    return q, k, v, w, beta, g
+
+
+def fp64(*ts):
+    return [None if t is None else t.double() for t in ts]
+
+
+def brute_force(q, k, v, w, beta, g, scale):
+    """Explicit D x D Householder products per (query, key) pair: fp64, tiny T only."""
+    B, T, HQ, D = q.shape
+    rep = HQ // k.shape[2]
+    eye = torch.eye(D, dtype=q.dtype)
+    o = torch.zeros(B, T, HQ, v.shape[-1], dtype=q.dtype)
+    for b in range(B):
+        for hq in range(HQ):
+            h = hq // rep
+            Hs = [eye - beta[b, t, h] * torch.outer(w[b, t, h], w[b, t, h]) for t in range(T)]
+            G = g[b, :, hq].cumsum(0) if g is not None else torch.zeros(T, dtype=q.dtype)
+            for i in range(T):
+                s = torch.full((i + 1,), 0.0, dtype=q.dtype)
+                M = eye.clone()                       # H_i ... H_{j+1}, built right to left
+                for j in range(i, -1, -1):
+                    s[j] = scale * (q[b, i, hq] @ M @ k[b, j, h] + G[i] - G[j])
+                    M = M @ Hs[j]
+                o[b, i, hq] = torch.softmax(s, 0) @ v[b, :i + 1, h]
+    return o
+
+
+def carried_keys(k, w, beta):
+    """k_cache by brute force: each key pushed through every later token's transform."""
+    out = k.clone()
+    for j in range(k.shape[1]):
+        x = k[:, j].clone()
+        for t in range(j + 1, k.shape[1]):
+            x = x - beta[:, t, :, None] * (x * w[:, t]).sum(-1, keepdim=True) * w[:, t]
+        out[:, j] = x
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reference
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gate", [False, True])
+@pytest.mark.parametrize("T,HQ,H", [(1, 1, 1), (7, 2, 2), (12, 4, 2)])
+def test_reference_matches_brute_force(T, HQ, H, gate):
+    q, k, v, w, beta, g = fp64(*make_inputs(2, T, HQ, H, 8, 16, gate))
+    ref = ref_path_attention(q, k, v, w, beta, g, scale=0.3)
+    torch.testing.assert_close(ref, brute_force(q, k, v, w, beta, g, 0.3), rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Forward kernel
+# ---------------------------------------------------------------------------------------------------------
+
+# (B, T, HQ, H, D, Dv, gate): lengths around the 64-token chunk, awkward head dims, Dv != D, GQA.
+FORWARD_CASES = [
+    (1, 1, 2, 1, 16, 16, False),
+    (2, 17, 2, 2, 16, 24, True),
+    (1, 64, 2, 1, 40, 40, True),
+    (1, 100, 4, 2, 64, 72, False),
+    (1, 130, 2, 1, 72, 64, True),
+    (2, 130, 2, 2, 16, 16, False),
+    (1, 65, 1, 1, 256, 8, True),
+]
+
+
+@pytest.mark.parametrize("B,T,HQ,H,D,Dv,gate", FORWARD_CASES)
+def test_forward_matches_reference(B, T, HQ, H, D, Dv, gate):
+    q, k, v, w, beta, g = make_inputs(B, T, HQ, H, D, Dv, gate)
+    with kernel_ran("path_attention", "cpu"):
+        o, k_cache = path_attention(q, k, v, w, beta, g)
+    assert k_cache is None and o.shape == (B, T, HQ, Dv) and o.dtype == torch.float32
+    ref, ref_lse = ref_path_attention(*fp64(q, k, v, w, beta, g), return_lse=True)
+    assert rel_rms(o, ref) < 1e-5   # fp32 throughout: far inside O_TOL
+    _, lse = torch.ops.blockops.path_attention(q, k, v, w, beta, g, None, D ** -0.5)
+    torch.testing.assert_close(lse.transpose(1, 2).double(), ref_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [0.25, 4.0])
+def test_forward_scale_and_extreme_beta(scale):
+    """Non-default scales (4.0: peaked rows, most probabilities underflow); beta near 0 and near 2 (H_t close to I
+    and to a reflection)."""
+    q, k, v, w, beta, g = make_inputs(1, 90, 2, 1, 32, 32, True)
+    beta = torch.where(torch.rand(beta.shape, generator=torch.Generator().manual_seed(1)) < 0.5, 1e-3, 1.999)
+    o, _ = path_attention(q, k, v, w, beta, g, scale=scale)
+    assert rel_rms(o, ref_path_attention(*fp64(q, k, v, w, beta, g), scale=scale)) < 1e-5
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2"])
+def test_cpu_isa_paths(isa):
+    """Each CPU code path (forced with BLOCKOPS_CPU_ISA, in a fresh process): forward and backward."""
+    code = (
+        "import sys, torch\n"
+        "sys.path.insert(0, 'tests')\n"
+        "import test_path_attention as t\n"
+        "t.test_backward_matches_reference(*t.BACKWARD_CASES[-1])\n"
+        "t.test_forward_varlen(True)\n"
+        "import blockops; print(blockops.build_info()['cpu_families']['path'])\n"
+    )
+    env = dict(os.environ, BLOCKOPS_CPU_ISA=isa)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert ("portable" in res.stdout) == (isa == "portable")
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_forward_varlen(gate):
+    """Three packed sequences (one shorter than a chunk, one crossing a chunk boundary): each attends to itself
+    only and its transforms and gate restart at its first token."""
+    lens = [30, 70, 9]
+    q, k, v, w, beta, g = make_inputs(1, sum(lens), 4, 2, 40, 32, gate)
+    cu = torch.tensor([0, 30, 100, 109], dtype=torch.int32)
+    o, k_cache = path_attention(q, k, v, w, beta, g, cu_seqlens=cu, use_cache=True)
+    assert rel_rms(o, ref_path_attention(*fp64(q, k, v, w, beta, g), cu_seqlens=cu)) < 1e-5
+    for s, e in [(0, 30), (30, 100), (100, 109)]:
+        sl = slice(s, e)
+        ref = ref_path_attention(*fp64(q[:, sl], k[:, sl], v[:, sl], w[:, sl], beta[:, sl], None if g is None else g[:, sl]))
+        assert rel_rms(o[:, sl], ref) < 1e-5
+        torch.testing.assert_close(k_cache[:, sl].double(), carried_keys(*fp64(k[:, sl], w[:, sl], beta[:, sl])),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("aux_fp32", [True, False])
+def test_forward_low_precision(dtype, aux_fp32):
+    """fp16/bf16 q, k, v with w/beta/g in fp32 or the activation dtype, against the fp64 reference on the same
+    (rounded) inputs: within the reference implementation's output tolerance."""
+    q, k, v, w, beta, g = make_inputs(1, 100, 4, 2, 64, 64, True, dtype=dtype,
+                                      aux_dtype=torch.float32 if aux_fp32 else dtype)
+    o, k_cache = path_attention(q, k, v, w, beta, g, use_cache=True)
+    assert o.dtype == dtype and k_cache.dtype == dtype
+    err = rel_rms(o, ref_path_attention(*fp64(q, k, v, w, beta, g)))
+    assert err < O_TOL, f"relative RMS error {err:.3g}"
+
+
+def test_key_cache_matches_brute_force():
+    q, k, v, w, beta, _ = make_inputs(2, 150, 2, 2, 16, 16, False)
+    with kernel_ran("path_key_cache", "cpu"):
+        _, k_cache = path_attention(q, k, v, w, beta, use_cache=True)
+    torch.testing.assert_close(k_cache.double(), carried_keys(*fp64(k, w, beta)), rtol=1e-5, atol=1e-5)
+
+
+def test_empty_sequence():
+    q, k, v, w, beta, g = make_inputs(2, 0, 2, 1, 16, 8, True)
+    o, k_cache = path_attention(q, k, v, w, beta, g, use_cache=True)
+    assert o.shape == (2, 0, 2, 8) and k_cache.shape == k.shape
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------------------
+
+def grads(fn, inputs, grad_o, grad_lse=None):
+    """Gradients of sum(o * grad_o) (+ sum(lse * grad_lse)) for every non-None input, by name."""
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in zip(NAMES, inputs) if t is not None}
+    out = fn(*(leaves.get(n) for n in NAMES))
+    loss = (out[0].double() * grad_o.double()).sum()
+    if grad_lse is not None:
+        loss = loss + (out[1].double() * grad_lse.double()).sum()
+    return dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+
+
+# (B, T, HQ, H, D, Dv, gate, cu_seqlens)
+BACKWARD_CASES = [
+    (1, 17, 2, 1, 16, 24, True, None),
+    (2, 70, 4, 2, 40, 32, True, None),
+    (1, 130, 2, 2, 72, 64, False, None),
+    (1, 109, 4, 2, 64, 16, True, [0, 30, 100, 109]),
+]
+
+
+@pytest.mark.parametrize("B,T,HQ,H,D,Dv,gate,cu", BACKWARD_CASES)
+def test_backward_matches_reference(B, T, HQ, H, D, Dv, gate, cu):
+    inputs = make_inputs(B, T, HQ, H, D, Dv, gate)
+    cu = None if cu is None else torch.tensor(cu)
+    grad_o = torch.randn(B, T, HQ, Dv, generator=torch.Generator().manual_seed(5))
+    with kernel_ran("path_attention_backward", "cpu"):
+        ours = grads(lambda *a: path_attention(*a, cu_seqlens=cu), inputs, grad_o)
+    ref = grads(lambda *a: (ref_path_attention(*a, cu_seqlens=cu),), fp64(*inputs), grad_o)
+    for name, r in ref.items():
+        assert ours[name].dtype == inputs[NAMES.index(name)].dtype
+        err = rel_rms(ours[name], r)
+        assert err < 1e-5, f"d{name}: relative RMS error {err:.3g}"   # fp32: far inside GRAD_TOL
+
+
+def test_backward_through_lse():
+    """A gradient arriving at the op's lse output (as a training loss on the log-normaliser would send)."""
+    inputs = make_inputs(1, 80, 2, 1, 16, 16, True)
+    gen = torch.Generator().manual_seed(6)
+    grad_o, grad_lse = torch.randn(1, 80, 2, 16, generator=gen), torch.randn(1, 2, 80, generator=gen)
+    ours = grads(lambda *a: torch.ops.blockops.path_attention(*a, None, 0.25), inputs, grad_o, grad_lse)
+    ref = grads(lambda *a: (lambda o, lse: (o, lse.transpose(1, 2)))(*ref_path_attention(*a, scale=0.25,
+                                                                                          return_lse=True)),
+                fp64(*inputs), grad_o, grad_lse)
+    for name, r in ref.items():
+        assert rel_rms(ours[name], r) < 1e-5, name
+
+
+def test_backward_bf16():
+    """bf16 activations, fp32 w/beta/g: every gradient within the reference implementation's tolerance."""
+    inputs = make_inputs(1, 100, 4, 2, 64, 64, True, dtype=torch.bfloat16)
+    grad_o = torch.randn(1, 100, 4, 64, generator=torch.Generator().manual_seed(7)).bfloat16()
+    ours = grads(lambda *a: path_attention(*a), inputs, grad_o)
+    ref = grads(lambda *a: (ref_path_attention(*a),), fp64(*inputs), grad_o)
+    for name, r in ref.items():
+        err = rel_rms(ours[name], r)
+        assert err < GRAD_TOL[name], f"d{name}: relative RMS error {err:.3g} > {GRAD_TOL[name]}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decoding
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_decode_matches_full_forward(gate):
+    """Prefill 70 tokens (across a chunk boundary), then 6 decode steps: each step's output equals the last row
+    of the full computation over all tokens so far."""
+    T0, steps = 70, 6
+    q, k, v, w, beta, g = make_inputs(2, T0 + steps, 4, 2, 16, 24, gate)
+    _, k_cache = path_attention(q[:, :T0], k[:, :T0], v[:, :T0], w[:, :T0], beta[:, :T0],
+                                None if g is None else g[:, :T0], use_cache=True)
+    cache = PathCache.from_prefill(k_cache, v[:, :T0], None if g is None else g[:, :T0])
+    full = ref_path_attention(*fp64(q, k, v, w, beta, g))
+    for t in range(T0, T0 + steps):
+        o_t = path_decode_step(q[:, t], k[:, t], v[:, t], w[:, t], beta[:, t], None if g is None else g[:, t], cache)
+        assert rel_rms(o_t, full[:, t]) < 1e-5, f"step {t}"
+    assert cache.lengths.tolist() == [T0 + steps] * 2
+
+
+def test_decode_batched_rows_of_different_lengths():
+    """Packed prefill of three sequences -> one cache row each (lengths 5, 66, 1), grown past its capacity by
+    decoding; every row matches its own full forward."""
+    lens, steps = [5, 66, 1], 3
+    total = [n + steps for n in lens]
+    seqs = [make_inputs(1, n, 2, 1, 16, 16, True, seed=i) for i, n in enumerate(total)]
+    packed = [torch.cat([s[j][:, :n] for s, n in zip(seqs, lens)], 1) for j in range(6)]
+    cu = torch.tensor([0, 5, 71, 72])
+    _, k_cache = path_attention(*packed[:5], packed[5], cu_seqlens=cu, use_cache=True)
+    cache = PathCache.from_prefill(k_cache, packed[2], packed[5], cu_seqlens=cu)
+    fulls = [ref_path_attention(*fp64(*s)) for s in seqs]
+    for step in range(steps):
+        step_in = [torch.cat([s[j][:, n + step] for s, n in zip(seqs, lens)], 0) for j in range(6)]
+        o_t = path_decode_step(*step_in, cache)
+        for r, n in enumerate(lens):
+            assert rel_rms(o_t[r], fulls[r][0, n + step]) < 1e-5, f"row {r} step {step}"
+    assert cache.lengths.tolist() == total
+
+
+# ---------------------------------------------------------------------------------------------------------
+# opcheck, torch.compile
+# ---------------------------------------------------------------------------------------------------------
+
+def test_opcheck():
+    q, k, v, w, beta, g = make_inputs(1, 70, 2, 1, 16, 8, True)
+    cu = torch.tensor([0, 20, 70], dtype=torch.int32)
+    op = torch.ops.blockops.path_attention.default
+    opcheck(op, (q, k, v, w, beta, g, None, 0.25))
+    opcheck(op, (q, k, v, w, beta, None, cu, 0.25))
+    opcheck(op, tuple(t.clone().requires_grad_() for t in (q, k, v, w, beta, g)) + (cu, 0.25))
+    opcheck(torch.ops.blockops.path_key_cache.default, (k, w, beta, None))
+    o, lse = op(q, k, v, w, beta, g, cu, 0.25)
+    opcheck(torch.ops.blockops.path_attention_backward.default,
+            (torch.randn_like(o), q, k, v, w, beta, g, cu, o, lse, torch.randn_like(lse), 0.25))
+
+
+def test_compile():
+    q, k, v, w, beta, g = make_inputs(1, 40, 2, 1, 16, 16, True)
+    assert_compiles(lambda *a: path_attention(*a, use_cache=True), q, k, v, w, beta, g)
+
+
+def test_compile_backward():
+    inputs = make_inputs(1, 40, 2, 1, 16, 16, True)
+    grad_o = torch.randn(1, 40, 2, 16)
+    eager = grads(lambda *a: path_attention(*a), inputs, grad_o)
+    torch._dynamo.reset()
+    compiled = grads(torch.compile(lambda *a: path_attention(*a), fullgraph=True), inputs, grad_o)
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case,match", [
+    ("k_len", "k must be"),
+    ("v_heads", "v must have shape"),
+    ("beta_shape", "beta must have shape"),
+    ("g_shape", "g must have shape"),
+    ("gqa", "multiple of k's heads"),
+    ("head_dim", "multiple of 8"),
+    ("v_dim", "multiple of 8"),
+    ("big_head_dim", "multiple of 8"),
+    ("kv_dtype", "share one dtype"),
+    ("w_dtype", "w must have dtype"),
+    ("int_q", "q must have dtype"),
+    ("cu_batch", "batch size 1"),
+    ("cu_end", "end at T"),
+    ("cu_order", "non-decreasing"),
+    ("cu_dtype", "cu_seqlens must have dtype"),
+])
+def test_errors(case, match):
+    q, k, v, w, beta, g = make_inputs(1, 10, 2, 1, 16, 16, True)
+    cu = None
+    if case == "k_len":
+        k = k[:, :9]
+    elif case == "v_heads":
+        v = torch.randn(1, 10, 2, 16)
+    elif case == "beta_shape":
+        beta = beta[:, :, None]
+    elif case == "g_shape":
+        g = g[:, :, :1]
+    elif case == "gqa":
+        q = torch.randn(1, 10, 3, 16)
+        k, w, v, beta = (torch.cat([t, t], 2) for t in (k, w, v, beta))
+    elif case == "head_dim":
+        q, k, w = q[..., :12], k[..., :12], w[..., :12]
+    elif case == "v_dim":
+        v = v[..., :12].contiguous()
+    elif case == "big_head_dim":
+        q, k, w = torch.randn(1, 10, 2, 264), torch.randn(1, 10, 1, 264), torch.randn(1, 10, 1, 264)
+    elif case == "kv_dtype":
+        k = k.half()
+    elif case == "w_dtype":
+        w = w.double()
+    elif case == "int_q":
+        q = q.int()
+    elif case == "cu_batch":
+        q, k, v, w, beta, g = (torch.cat([t, t], 0) for t in (q, k, v, w, beta, g))
+        cu = torch.tensor([0, 4, 10])
+    elif case == "cu_end":
+        cu = torch.tensor([0, 4, 9])
+    elif case == "cu_order":
+        cu = torch.tensor([0, 6, 4, 10])
+    elif case == "cu_dtype":
+        cu = torch.tensor([0.0, 10.0])
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.blockops.path_attention(q.contiguous(), k.contiguous(), v.contiguous(), w.contiguous(), beta, g,
+                                          cu, 0.25)
