@@ -4,13 +4,14 @@ Each family module has `run(device, quick=True) -> list[Result]`; FAMILIES lists
 """
 from __future__ import annotations
 
-from blockops.bench import attention, bitpack, lowbit
+from blockops.bench import attention, bitpack, lowbit, path
 from blockops.bench.harness import Result, format_table, machine_description, plot, read_bandwidth_gbps, write_json
 
 FAMILIES = {
     "bitpack": bitpack.run,
     "lowbit": lowbit.run,
     "attention": attention.run,
+    "path": path.run,
 }
 
 

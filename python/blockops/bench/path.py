@@ -1,0 +1,175 @@
+"""PaTH attention benchmark: blockops.attention.path_attention, forward and forward+backward, against in the same run:
+
+* causal ``F.scaled_dot_product_attention`` on the same shapes (GQA through ``enable_gqa``): the cost PaTH adds over
+  attention with RoPE;
+* the naive O(T^2) reference ``ref_path_attention`` (fp32 autograd), only where it is affordable on the CPU: forward
+  for T <= 2048 (it materialises ``[B, HQ, T, T]`` logits by a T-step Python loop), forward+backward only up to
+  about the size of T=512, H=16, D=64 (its autograd graph keeps every step, O(T^2 D) per head). Rows whose
+  reference is skipped say so in their note.
+
+Inputs are made as the PaTH layer makes them (w L2-normalised, beta = 2 sigmoid(.), g = logsigmoid(.), all three in
+fp32). TFLOP/s count causal attention's FLOPs (``2 B HQ T^2 D`` forward, 3.5x that forward+backward), not the extra
+work of the Householder transforms, so that they compare directly with SDPA's. The max error column is
+``max |ours - reference| / max |reference|`` over the first ``_ERR_ROWS`` tokens of batch row 0 (causal: those
+depend only on themselves), reference in fp32 on the same (rounded) inputs.
+
+Targets of the issue, on a 2-core CPU at B=1, H=8, T=4096, D=64 (fp32): forward at most 4x the time of causal SDPA,
+backward (forward+backward minus forward) at most 4x our forward; the rows of that shape say whether they were met.
+No CUDA kernel yet: on a CUDA device `run` returns no rows (the GPU grid, up to T=16384, waits for it).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from blockops.attention import path_attention
+from blockops.bench.harness import Result, time_ms
+from blockops.reference import ref_path_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    batch: int              # B
+    seq_len: int            # T
+    heads: int              # query heads HQ
+    kv_heads: int           # key/value heads H (GQA when < heads)
+    head_dim: int           # D = Dv
+    dtype: torch.dtype      # q, k, v (w, beta, g are fp32)
+    gate: bool = False      # PaTH-FoX forget gate
+
+
+# The shape of the issue's CPU targets.
+TARGET_CPU = Config(1, 4096, 8, 8, 64, torch.float32)
+# CPU quick: ~20-30 s on 2 cores.
+QUICK_CPU = [TARGET_CPU]
+# The issue's grid on the CPU (long: up to minutes per shape at B=8, T=4096): B 1 and 8, T 512/2048/4096, H=16 with
+# 16 or 4 key/value heads, D 64/128.
+FULL_CPU = [TARGET_CPU] + [Config(b, t, 16, hk, d, torch.float32) for t in (512, 2048, 4096) for b in (1, 8)
+                           for hk in (16, 4) for d in (64, 128)]
+# The CPU figures of docs/performance.md (a few minutes): the target shape with and without the gate, then GQA 16/4
+# at T 512 (reference forward and backward) and 2048 (reference forward), D=128, bf16 and a batch of 4.
+DOC_CPU = [TARGET_CPU, dataclasses.replace(TARGET_CPU, gate=True),
+           Config(1, 512, 16, 4, 64, torch.float32), Config(1, 2048, 16, 4, 64, torch.float32),
+           Config(1, 2048, 16, 4, 128, torch.float32), Config(1, 4096, 16, 4, 64, torch.bfloat16),
+           Config(4, 512, 16, 4, 128, torch.float32)]
+
+# Affordability of the naive reference on the CPU, in B * HQ * T^2 (* D): about 2.3 GB and 4 s for its forward at
+# B=1, HQ=16, T=2048; about 1.4 GB for its forward+backward at B=1, HQ=16, T=512, D=64 (the memory grows as T^2 D).
+_REF_FWD_MAX_T = 2048
+_REF_FWD_LIMIT = 1 << 26
+_REF_BWD_LIMIT = 1 << 29
+# Tokens of batch row 0 checked against the reference (cheap at every T).
+_ERR_ROWS = 256
+
+
+def _inputs(c: Config, device: str):
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape, dtype=c.dtype):
+        return torch.randn(*shape, device=device, generator=gen, dtype=dtype)
+
+    B, T, HQ, H, D = c.batch, c.seq_len, c.heads, c.kv_heads, c.head_dim
+    q, k, v = randn(B, T, HQ, D), randn(B, T, H, D), randn(B, T, H, D)
+    w = F.normalize(randn(B, T, H, D, dtype=torch.float32), dim=-1)
+    beta = 2 * torch.sigmoid(randn(B, T, H, dtype=torch.float32))
+    g = F.logsigmoid(randn(B, T, HQ, dtype=torch.float32) + 3) if c.gate else None
+    return q, k, v, w, beta, g
+
+
+def _max_error(q, k, v, w, beta, g, out) -> float:
+    n = min(_ERR_ROWS, q.shape[1])
+    args = [None if t is None else t[:1, :n].float() for t in (q, k, v, w, beta, g)]
+    with torch.no_grad():
+        ref = ref_path_attention(*args)
+    return ((out[:1, :n].float() - ref).abs().max() / ref.abs().max()).item()
+
+
+def _forward_backward(fn, inputs, grad):
+    def step():
+        for x in inputs:
+            x.grad = None
+        fn().backward(grad)
+    return step
+
+
+def run(device: str, quick: bool = True, configs: list[Config] | None = None) -> list[Result]:
+    """Rows per config: forward vs causal SDPA, forward vs the naive reference (where affordable), forward+backward
+    vs causal SDPA and vs the reference (where affordable). Quick: the CPU targets' shape (B=1, H=8, T=4096, D=64,
+    fp32). `configs` overrides the grid (e.g. `DOC_CPU`). On CUDA: no rows (no PaTH CUDA kernel yet)."""
+    if torch.device(device).type == "cuda":
+        print("path: no CUDA kernel for PaTH attention yet (CPU only); no rows on cuda")
+        return []
+    if configs is None:
+        configs = QUICK_CPU if quick else FULL_CPU
+    results: list[Result] = []
+    for c in configs:
+        results.extend(_run_config(c, device))
+    return results
+
+
+def _run_config(c: Config, device: str) -> list[Result]:
+    q, k, v, w, beta, g = _inputs(c, device)
+    # SDPA layout [B, heads, T, D], same values.
+    qs, ks, vs = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    sdpa = lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True,  # noqa: E731
+                                                  enable_gqa=c.heads != c.kv_heads)
+    ours = lambda: path_attention(q, k, v, w, beta, g)[0]   # noqa: E731
+    ref = lambda: ref_path_attention(q, k, v, w, beta, g)   # noqa: E731
+
+    err = _max_error(q, k, v, w, beta, g, ours())
+    mismatch = err > (1e-3 if c.dtype == torch.float32 else 3e-2)
+    dt = str(c.dtype).replace("torch.", "")
+    shape = (f"B={c.batch} T={c.seq_len} H={c.heads}/{c.kv_heads} D={c.head_dim} {dt}"
+             + (" gate" if c.gate else ""))
+    fwd_flops = 2.0 * c.batch * c.heads * c.seq_len ** 2 * c.head_dim
+    # Big problems: fewer repeats (a CPU call at T=4096 takes up to seconds); the median of 3 is still robust.
+    heavy = c.batch * c.heads * c.seq_len ** 2 * c.head_dim > 2 ** 31
+    timing = {"warmup": 1, "min_repeats": 3, "min_seconds": 0.0} if heavy else {}
+    # The reference is a slow baseline: one call shows its order of magnitude.
+    once = {"warmup": 0, "min_repeats": 1, "min_seconds": 0.0}
+    is_target = c == TARGET_CPU
+    dense = c.batch * c.heads * c.seq_len ** 2
+    ref_fwd_ok = c.seq_len <= _REF_FWD_MAX_T and dense <= _REF_FWD_LIMIT
+    ref_bwd_ok = dense * c.head_dim <= _REF_BWD_LIMIT
+
+    def row(op, ours_ms, baseline, base_ms, flops, note=""):
+        return Result("path", op, shape, device, ours_ms, baseline, base_ms, flops=flops, max_error=err,
+                      note="MISMATCH" if mismatch else note)
+
+    results = []
+    fwd = time_ms(ours, device, **timing)
+    sdpa_fwd = time_ms(sdpa, device, **timing)
+    notes = []
+    if is_target:
+        ratio = fwd / sdpa_fwd
+        notes.append(f"CPU target fwd <= 4x SDPA: {'met' if ratio <= 4 else 'missed'} ({ratio:.2f}x)")
+    if not ref_fwd_ok:
+        notes.append(f"naive reference not timed: T={c.seq_len} too large for it on CPU (T <= {_REF_FWD_MAX_T}, "
+                     f"B*H*T^2 <= 2^26)")
+    results.append(row("path_attention fwd", fwd, "SDPA causal", sdpa_fwd, fwd_flops, "; ".join(notes)))
+    if ref_fwd_ok:
+        with torch.no_grad():
+            ref_ms = time_ms(ref, device, **once)
+        results.append(row("path_attention fwd", fwd, "naive reference (1 call)", ref_ms, fwd_flops))
+
+    inputs = (q, k, v, w, beta) + (() if g is None else (g,))
+    for x in inputs + (qs, ks, vs):
+        x.requires_grad_(True)
+    grad = torch.randn_like(q)
+    grad_s = grad.transpose(1, 2).contiguous()
+    both = time_ms(_forward_backward(ours, inputs, grad), device, **timing)
+    sdpa_both = time_ms(_forward_backward(sdpa, (qs, ks, vs), grad_s), device, **timing)
+    notes = []
+    if is_target:
+        bwd = both - fwd
+        notes.append(f"CPU target bwd <= 4x fwd: {'met' if bwd <= 4 * fwd else 'missed'} "
+                     f"(bwd {bwd:.4g} ms = {bwd / fwd:.2f}x fwd)")
+    if not ref_bwd_ok:
+        notes.append("naive reference fwd+bwd not timed: its autograd graph is O(T^2 D) per head")
+    results.append(row("path_attention fwd+bwd", both, "SDPA causal", sdpa_both, 3.5 * fwd_flops, "; ".join(notes)))
+    if ref_bwd_ok:
+        ref_ms = time_ms(_forward_backward(ref, inputs, grad), device, **once)
+        results.append(row("path_attention fwd+bwd", both, "naive reference (1 call)", ref_ms, 3.5 * fwd_flops))
+    return results
