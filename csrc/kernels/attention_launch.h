@@ -20,6 +20,12 @@ CudaPath backward_path(const BwdParams& p);
 bool fwd_mma_supported(const FwdParams& p);
 cudaError_t launch_fwd_mma(const FwdParams& p, cudaStream_t stream);
 
+// The tensor-core backward (attention_mma.cu): whether it takes these arguments (as above, and max(D, Dv) <= 128),
+// and its launcher, which reads p.delta (computed first by launch_block_sparse_attention_bwd) and writes
+// p.grad_k, p.grad_v (one CTA per key block) and p.grad_q (one CTA per query block).
+bool bwd_mma_supported(const BwdParams& p);
+cudaError_t launch_bwd_mma(const BwdParams& p, cudaStream_t stream);
+
 // Writes p.out and p.lse.
 cudaError_t launch_block_sparse_attention_fwd(const FwdParams& p, cudaStream_t stream);
 
