@@ -70,4 +70,20 @@ TORCH_LIBRARY(blockops, m) {
   m.def("path_attention_backward(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor w, Tensor beta, Tensor? g, "
         "Tensor? cu_seqlens, Tensor o, Tensor lse, Tensor? grad_lse, float scale) -> (Tensor grad_q, Tensor grad_k, "
         "Tensor grad_v, Tensor grad_w, Tensor grad_beta, Tensor grad_g)");
+
+  // ---- vector-quantized GEMM (family "vq", VQ4DiT / AQLM with out_group_size 1; layout in csrc/vq.h) ---------
+  // codes [out, in/d, K] (or [out, in/d] for K = 1), uint8 or int16 (int16 read as uint16: AQLM's storage of
+  // 16-bit codes); codebooks [K, k, d] fp16/bf16/fp32, K in {1, 2} additive codebooks, k in [16, 65536], d in
+  // {2, 4, 8}; scales [out] or None. W_hat[n, j*d:(j+1)*d] = scales[n] * sum_K codebooks[K, codes[n, j, K]].
+  // Codes >= k are an error. y [..., out] = x [..., in] @ W_hat^T (+ bias [out]), in x's dtype, fp32 accumulation.
+  m.def("vq_linear(Tensor x, Tensor codes, Tensor codebooks, Tensor? scales=None, Tensor? bias=None) -> Tensor");
+  // W_hat [out, in] in the codebooks' dtype.
+  m.def("vq_dequantize(Tensor codes, Tensor codebooks, Tensor? scales=None) -> Tensor");
+  // Backward for x: grad_x [..., in] = grad_out [..., out] @ W_hat, in grad_out's dtype.
+  m.def("vq_linear_grad_input(Tensor grad_out, Tensor codes, Tensor codebooks, Tensor? scales=None) -> Tensor");
+  // Backward for the codebooks, fp32 [K, k, d], from t = grad_out^T @ x ([out, in] fp32, computed by the caller):
+  // grad[K, c] = sum over (n, j) with codes[n, j, K] == c of scales[n] * t[n, j*d:(j+1)*d]. Deterministic.
+  m.def("vq_grad_codebooks(Tensor t, Tensor codes, Tensor codebooks, Tensor? scales=None) -> Tensor");
+  // Backward for the scales, fp32 [out]: grad[n] = sum_i W_hat_unscaled[n, i] * t[n, i] (t as above).
+  m.def("vq_grad_scales(Tensor t, Tensor codes, Tensor codebooks) -> Tensor");
 }

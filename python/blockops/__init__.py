@@ -11,6 +11,7 @@ _C, _BUILD_INFO = _load()
 from blockops import ops  # noqa: E402  (registers fake implementations and autograd)
 from blockops.ops import pack_bits, unpack_bits  # noqa: E402
 from blockops import attention, nn  # noqa: E402
+from blockops import vq  # noqa: E402
 from blockops.quantize import QuantConfig, load_gptq_checkpoint, quantize_  # noqa: E402
 
 __version__ = _BUILD_INFO["version"]
@@ -34,4 +35,4 @@ def kernel_call_counts() -> dict[str, int]:
 
 
 __all__ = ["QuantConfig", "attention", "build_info", "kernel_call_counts", "load_gptq_checkpoint", "nn", "ops", "pack_bits",
-           "quantize_", "unpack_bits"]
+           "quantize_", "unpack_bits", "vq"]

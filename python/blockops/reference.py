@@ -128,3 +128,27 @@ def ref_path_attention(q, k, v, w, beta, g=None, scale=None, cu_seqlens=None, re
     lse = torch.logsumexp(s_ij, -1)
     o = (torch.softmax(s_ij, -1) @ vt).transpose(1, 2)
     return (o, lse.transpose(1, 2)) if return_lse else o
+
+
+def ref_vq_dequantize(codes, codebooks, scales=None) -> torch.Tensor:
+    """VQ weights (blockops.vq layout) decoded in fp32: ``W_hat [out, in]`` with
+    ``W_hat[n, j*d:(j+1)*d] = scales[n] * sum_K codebooks[K, codes[n, j, K]]``.
+
+    codes: uint8 or int16 ``[out, in/d, K]`` (or ``[out, in/d]`` when K = 1); int16 codes are read as
+    uint16 (``value mod 65536``). codebooks: ``[K, k, d]``. scales: ``[out]`` or None."""
+    if codes.dim() == 2:
+        codes = codes.unsqueeze(-1)
+    idx = codes.long() % 65536 if codes.dtype == torch.int16 else codes.long()
+    cb = codebooks.float()
+    out, groups, num_codebooks = idx.shape
+    w = sum(cb[c][idx[:, :, c]] for c in range(num_codebooks))        # [out, in/d, d]
+    w = w.reshape(out, groups * cb.shape[-1])
+    return w if scales is None else w * scales.float()[:, None]
+
+
+def ref_vq_linear(x, codes, codebooks, scales=None, bias=None) -> torch.Tensor:
+    """``y = x @ W_hat^T + bias`` in fp32 (``W_hat`` from :func:`ref_vq_dequantize`), returned in x's dtype."""
+    y = x.float() @ ref_vq_dequantize(codes, codebooks, scales).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

@@ -2,6 +2,7 @@
 from blockops.nn.block_sparse_attention import BlockSparseAttention, BlockSparseMultiheadAttention, swap_attention
 from blockops.nn.path_attention import PaTHAttention, PaTHAttentionCache
 from blockops.nn.quant_linear import QuantLinear
+from blockops.nn.vq_linear import VQLinear
 
 __all__ = ["BlockSparseAttention", "BlockSparseMultiheadAttention", "PaTHAttention", "PaTHAttentionCache",
-           "QuantLinear", "swap_attention"]
+           "QuantLinear", "VQLinear", "swap_attention"]

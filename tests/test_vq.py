@@ -1,0 +1,348 @@
+"""Vector-quantized GEMM (family "vq"): ops vs the pure-PyTorch reference, gradients, k-means, VQLinear,
+AQLM layout, opcheck, torch.compile and error paths."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import blockops
+from blockops import vq
+from blockops.nn import VQLinear
+from blockops.reference import ref_vq_dequantize, ref_vq_linear
+from helpers import assert_compiles, kernel_ran, opcheck, rel_error
+
+_ops = torch.ops.blockops
+# Mean error allowed per activation dtype (measured: fp32 4e-8, fp16 6e-5, bf16 9e-4, the rounding of the output
+# to x's dtype; accumulation is fp32).
+TOL = {torch.float32: 2e-7, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+
+
+def make_weights(out, groups, K, k, d, code_dtype=None, cb_dtype=torch.float32, scales=True, seed=0):
+    """Random codes over the whole range [0, k) (int16 codes >= 32768 stored negative) and codebooks."""
+    g = torch.Generator().manual_seed(seed)
+    code_dtype = code_dtype or (torch.uint8 if k <= 256 else torch.int16)
+    codes = torch.randint(0, k, (out, groups, K), generator=g, dtype=torch.int32).to(code_dtype)
+    codebooks = torch.randn(K, k, d, generator=g).to(cb_dtype)
+    s = (torch.rand(out, generator=g) + 0.5).to(cb_dtype) if scales else None
+    return codes, codebooks, s
+
+
+def uses_lookup_table(out, groups, K, k, d, rows):
+    """Mirror of csrc/vq.h use_lookup_table, to say which small-batch kernel a case exercises."""
+    p = groups * K
+    if rows * p * k * 4 > 64 << 20:
+        return False
+    return rows * p * (k * d + 4 * out) < out * p * d + rows * out * groups * d
+
+
+# (out, groups, K, k, d): every d and k, K in {1, 2}; awkward out and in / d. The last two cases put k = 4096
+# on both sides of the lookup-table rule at batch 1.
+CASES = [(out, groups, K, k, d)
+         for i, (k, d, K) in enumerate([(k, d, K) for k in (16, 256, 4096, 65536) for d in (2, 4, 8) for K in (1, 2)])
+         for out, groups in [((1, 17, 100)[i % 3], (13, 7, 5)[i % 3])]] + [(3000, 5, 1, 4096, 8), (40, 9, 2, 4096, 4)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_linear_matches_reference(case):
+    out, groups, K, k, d = case
+    i = CASES.index(case)
+    cb_dtype, x_dtype = DTYPES[i % 3], DTYPES[(i // 3) % 3]
+    codes, codebooks, scales = make_weights(out, groups, K, k, d, cb_dtype=cb_dtype, scales=i % 2 == 0, seed=i)
+    bias = torch.randn(out).to(cb_dtype) if i % 4 < 2 else None
+    ref_w = ref_vq_dequantize(codes, codebooks, scales)
+    gen = torch.Generator().manual_seed(100 + i)
+    for rows in (1, 3, 4, 8, 33, 300):
+        x = torch.randn(rows, groups * d, generator=gen).to(x_dtype)
+        with kernel_ran("vq_linear", "cpu"):
+            y = vq.vq_linear(x, codes, codebooks, scales, bias)
+        ref = ref_vq_linear(x, codes, codebooks, scales, bias).float()
+        assert y.dtype == x_dtype and y.shape == (rows, out)
+        # Relative to the size of the terms summed (|x| @ |W_hat|^T): a single output (out = 1, batch 1) can
+        # cancel to nearly zero, which would make the plain relative error meaningless.
+        err = ((y.double() - ref.double()).abs().mean() / (x.double().abs() @ ref_w.double().abs().t()).mean()).item()
+        assert err <= TOL[x_dtype], f"rows={rows}: relative error {err:.3g} ({x_dtype})"
+    with kernel_ran("vq_dequantize", "cpu"):
+        w = vq.vq_dequantize(codes, codebooks, scales)
+    assert w.dtype == cb_dtype
+    torch.testing.assert_close(w.float(), ref_w.to(cb_dtype).float(), rtol=0, atol=0)
+
+
+def test_cases_cover_both_small_batch_kernels():
+    paths = {uses_lookup_table(out, g, K, k, d, rows) for out, g, K, k, d in CASES for rows in (1, 3)}
+    assert paths == {True, False}
+    assert uses_lookup_table(3000, 5, 1, 4096, 8, 1) and not uses_lookup_table(40, 9, 2, 4096, 4, 1)
+
+
+def test_int16_codes_are_unsigned_and_2d_codes():
+    """Codes >= 32768 are stored as negative int16 (AQLM's convention) and read back as uint16; K = 1 codes may
+    be [out, in/d]."""
+    k, d = 65536, 4
+    codes32 = torch.tensor([[0, 32767, 32768, 65535], [40000, 1, 65534, 50000]], dtype=torch.int32)
+    codes = codes32.to(torch.int16)
+    assert (codes < 0).any()
+    codebooks = torch.randn(1, k, d)
+    w = vq.vq_dequantize(codes, codebooks)
+    torch.testing.assert_close(w, codebooks[0][codes32.long()].reshape(2, 4 * d), rtol=0, atol=0)
+    x = torch.randn(2, 4 * d)
+    with kernel_ran("vq_linear", "cpu"):
+        torch.testing.assert_close(vq.vq_linear(x, codes, codebooks), x @ w.t())
+
+
+def test_batched_input_shapes():
+    codes, codebooks, scales = make_weights(17, 7, 2, 256, 4)
+    x = torch.randn(2, 5, 28)
+    with kernel_ran("vq_linear", "cpu"):
+        y = vq.vq_linear(x, codes, codebooks, scales)
+    torch.testing.assert_close(y, ref_vq_linear(x, codes, codebooks, scales), rtol=1e-5, atol=1e-5)
+    assert vq.vq_linear(torch.randn(0, 28), codes, codebooks).shape == (0, 17)
+
+
+@pytest.mark.parametrize("rows", [3, 33])
+@pytest.mark.parametrize("K", [1, 2])
+def test_gradients_match_reference(rows, K):
+    codes, codebooks, scales = make_weights(17, 11, K, 64, 4, seed=rows + K)
+    codebooks.requires_grad_(True)
+    scales.requires_grad_(True)
+    bias = torch.randn(17, requires_grad=True)
+    x = torch.randn(rows, 44, requires_grad=True)
+    gy = torch.randn(rows, 17)
+    with kernel_ran("vq_linear_grad_input", "cpu"), kernel_ran("vq_grad_codebooks", "cpu"), \
+            kernel_ran("vq_grad_scales", "cpu"):
+        ours = torch.autograd.grad(vq.vq_linear(x, codes, codebooks, scales, bias), (x, codebooks, scales, bias), gy)
+    ref = torch.autograd.grad(ref_vq_linear(x, codes, codebooks, scales, bias), (x, codebooks, scales, bias), gy)
+    for name, a, b in zip(("x", "codebooks", "scales", "bias"), ours, ref):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_gradients_low_precision_and_partial():
+    """fp16 codebooks / bf16 activations; only x requiring grad; no scales or bias in the call."""
+    codes, codebooks, _ = make_weights(9, 6, 1, 256, 8, cb_dtype=torch.float16, scales=False)
+    x = torch.randn(4, 48, dtype=torch.bfloat16, requires_grad=True)
+    with kernel_ran("vq_linear_grad_input", "cpu"):
+        (gx,) = torch.autograd.grad(vq.vq_linear(x, codes, codebooks).float().sum(), (x,))
+    ref = ref_vq_dequantize(codes, codebooks).sum(0).expand(4, 48)
+    assert gx.dtype == torch.bfloat16
+    assert rel_error(gx, ref) < 1e-2
+    cb = codebooks.clone().requires_grad_(True)
+    with kernel_ran("vq_grad_codebooks", "cpu"):
+        (gc,) = torch.autograd.grad(vq.vq_linear(x.detach(), codes, cb).float().sum(), (cb,))
+    ref_cb = codebooks.float().requires_grad_(True)
+    (gr,) = torch.autograd.grad(ref_vq_linear(x.detach().float(), codes, ref_cb).sum(), (ref_cb,))
+    assert gc.dtype == torch.float16 and rel_error(gc, gr) < 1e-2
+
+
+@pytest.mark.filterwarnings("ignore:Input #")  # fp32 only: the ops have no fp64 kernels
+def test_gradcheck():
+    codes, codebooks, scales = make_weights(5, 3, 2, 16, 2, seed=3)
+    inputs = (torch.randn(2, 6, requires_grad=True), codebooks.requires_grad_(True), scales.requires_grad_(True),
+              torch.randn(5, requires_grad=True))
+    with kernel_ran("vq_linear", "cpu"):
+        assert torch.autograd.gradcheck(lambda x, c, s, b: vq.vq_linear(x, codes, c, s, b), inputs, eps=1e-2,
+                                        atol=2e-3, rtol=2e-3)
+
+
+def test_grad_codebooks_deterministic_across_threads():
+    codes, codebooks, scales = make_weights(100, 13, 2, 16, 4, seed=5)  # many codes per codeword
+    t = torch.randn(100, 52)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with kernel_ran("vq_grad_codebooks", "cpu"):
+            one = _ops.vq_grad_codebooks(t, codes, codebooks, scales)
+        torch.set_num_threads(max(2, threads))
+        many = _ops.vq_grad_codebooks(t, codes, codebooks, scales)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+def test_portable_kernels():
+    """BLOCKOPS_CPU_ISA=portable: both small-batch kernels and the dequantize without AVX2."""
+    code = (
+        "import torch, blockops\n"
+        "from blockops.reference import ref_vq_linear\n"
+        "assert blockops.build_info()['cpu_families']['vq'] == 'portable'\n"
+        "for out, g, K, k, d in [(3000, 5, 1, 4096, 8), (40, 9, 2, 4096, 4), (17, 13, 2, 256, 2)]:\n"
+        "    codes = torch.randint(0, k, (out, g, K), dtype=torch.int32).to(torch.int16)\n"
+        "    cb, x = torch.randn(K, k, d), torch.randn(3, g * d)\n"
+        "    torch.testing.assert_close(blockops.vq.vq_linear(x, codes, cb), ref_vq_linear(x, codes, cb))\n"
+        "assert blockops.kernel_call_counts()['vq_linear.cpu'] == 3\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, BLOCKOPS_CPU_ISA="portable"))
+
+
+# ---- k-means ------------------------------------------------------------------------------------------------
+
+def test_kmeans_deterministic_and_improves():
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(3000, 4, generator=g) + torch.randint(0, 4, (3000, 1), generator=g).float() * 3
+    c1, codes1, e1 = vq.kmeans(v, 32, iters=10, seed=7)
+    c2, codes2, e2 = vq.kmeans(v, 32, iters=10, seed=7)
+    assert torch.equal(c1, c2) and torch.equal(codes1, codes2) and e1 == e2
+    # Another chunk size only changes the order of the fp32 sums.
+    c3, _, e3 = vq.kmeans(v, 32, iters=10, seed=7, chunk_size=700)
+    torch.testing.assert_close(c3, c1, rtol=1e-4, atol=1e-4)
+    assert c1.shape == (32, 4) and codes1.shape == (3000,) and codes1.max() < 32
+    sse = lambda c, a: ((v - c[a]) ** 2).sum().item()  # noqa: E731
+    assert abs(sse(c1, codes1) - e1) <= 1e-3 * e1
+    errors = [vq.kmeans(v, 32, iters=i, seed=7)[2] for i in (0, 1, 3, 10)]
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(errors, errors[1:])), errors
+    random_codes = torch.randint(0, 32, (3000,), generator=g)
+    assert e1 < 0.5 * sse(c1, random_codes)
+    random_codebook = v[torch.randperm(3000, generator=g)[:32]]
+    assert e1 < sse(random_codebook, ((v[:, None] - random_codebook) ** 2).sum(-1).argmin(1))
+
+
+def test_kmeans_errors():
+    with pytest.raises(ValueError, match="k <= N"):
+        vq.kmeans(torch.randn(10, 4), 11)
+    with pytest.raises(ValueError, match=r"\[N, d\]"):
+        vq.kmeans(torch.randn(10), 2)
+
+
+# ---- VQLinear ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("d,K,bits", [(4, 1, 2), (2, 1, 3), (8, 2, 2)])
+def test_from_linear(d, K, bits):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 50)
+    module = VQLinear.from_linear(linear, bits=bits, vector_dim=d, num_codebooks=K, iters=10, dtype=torch.float32)
+    w = module.dequantize()
+    err = ((w - linear.weight).norm() / linear.weight.norm()).item()
+    assert err < 0.6, err
+    x = torch.randn(5, 96)
+    with kernel_ran("vq_linear", "cpu"):
+        y = module(x)
+    torch.testing.assert_close(y, F.linear(x, w, module.bias), rtol=1e-5, atol=1e-5)
+    assert "bits_per_weight" in repr(module)
+    code_bits, total = module.bits_per_weight()
+    assert code_bits == pytest.approx(K * math.log2(module.codebook_size) / d) and total > code_bits
+
+
+def test_from_linear_fp16_and_training_codebooks():
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(64, 33)
+    module = VQLinear.from_linear(linear, codebook_size=64, vector_dim=4, iters=5)
+    assert module.codebooks.dtype == torch.float16 and module.codes.dtype == torch.uint8
+    x = torch.randn(7, 64, dtype=torch.float16)
+    loss = module(x).float().pow(2).mean()
+    with kernel_ran("vq_grad_codebooks", "cpu"):
+        loss.backward()
+    assert module.codebooks.grad is not None and module.scales.grad is not None and module.bias.grad is not None
+
+
+def _aqlm_dequantize(codes, codebooks, scales):
+    """AQLM's own decode for out_group_size 1: codes read mod 2^nbits, codewords summed over codebooks, times
+    scales [out, 1, 1, 1]."""
+    num_codebooks, k, _, in_group = codebooks.shape
+    idx = codes.long() % (1 << (8 * codes.element_size()))
+    w = sum(codebooks[c].float().reshape(k, in_group)[idx[:, :, c]] for c in range(num_codebooks))
+    return w.reshape(codes.shape[0], -1) * scales.float().reshape(-1, 1)
+
+
+@pytest.mark.parametrize("scheme", ["1x16", "2x8"])
+def test_from_aqlm(scheme):
+    g = torch.Generator().manual_seed(2)
+    K, nbits = (1, 16) if scheme == "1x16" else (2, 8)
+    out, in_groups, in_group = 19, 6, 8
+    code_dtype = torch.int16 if nbits == 16 else torch.int8
+    codes = torch.randint(0, 1 << nbits, (out, in_groups, K), generator=g, dtype=torch.int32).to(code_dtype)
+    codebooks = torch.randn(K, 1 << nbits, 1, in_group, generator=g).half()
+    scales = (torch.rand(out, 1, 1, 1, generator=g) + 0.5).half()
+    bias = torch.randn(out, generator=g).half()
+    module = VQLinear.from_aqlm(codes, codebooks, scales, bias)
+    ref = _aqlm_dequantize(codes, codebooks, scales)
+    with kernel_ran("vq_dequantize", "cpu"):
+        torch.testing.assert_close(module.dequantize().float(), ref.half().float(), rtol=0, atol=0)
+    x = torch.randn(2, in_groups * in_group)
+    torch.testing.assert_close(module(x), x @ ref.t() + bias.float(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="out_group_size"):
+        VQLinear.from_aqlm(codes, codebooks.reshape(K, 1 << nbits, 2, 4), scales)
+
+
+def test_compile():
+    torch.manual_seed(0)
+    module = VQLinear.from_linear(torch.nn.Linear(32, 24), bits=2, vector_dim=4, iters=3, dtype=torch.float32)
+    with kernel_ran("vq_linear", "cpu"):
+        assert_compiles(module, torch.randn(3, 32))
+
+
+# ---- opcheck --------------------------------------------------------------------------------------------------
+
+def test_opcheck():
+    codes, codebooks, scales = make_weights(17, 5, 2, 32, 4, seed=9)
+    x, bias = torch.randn(3, 20), torch.randn(17)
+    with kernel_ran("vq_linear", "cpu"):
+        opcheck(_ops.vq_linear, (x, codes, codebooks, scales, bias))
+        opcheck(_ops.vq_linear, (x.requires_grad_(True), codes, codebooks.requires_grad_(True),
+                                 scales.requires_grad_(True), bias.requires_grad_(True)))
+        opcheck(_ops.vq_linear, (torch.randn(2, 20), codes, codebooks.detach()))
+    codebooks, scales = codebooks.detach(), scales.detach()
+    t = torch.randn(17, 20)
+    with kernel_ran("vq_dequantize", "cpu"):
+        opcheck(_ops.vq_dequantize, (codes, codebooks, scales))
+    with kernel_ran("vq_linear_grad_input", "cpu"):
+        opcheck(_ops.vq_linear_grad_input, (torch.randn(3, 17), codes, codebooks, scales))
+    with kernel_ran("vq_grad_codebooks", "cpu"):
+        opcheck(_ops.vq_grad_codebooks, (t, codes, codebooks, scales))
+    with kernel_ran("vq_grad_scales", "cpu"):
+        opcheck(_ops.vq_grad_scales, (t, codes, codebooks))
+
+
+# ---- error paths ------------------------------------------------------------------------------------------------
+
+def test_code_out_of_range():
+    codes, codebooks, _ = make_weights(4, 3, 1, 100, 4)
+    codes[2, 1, 0] = 100
+    x = torch.randn(1, 12)
+    for fn in (lambda: vq.vq_linear(x, codes, codebooks), lambda: vq.vq_dequantize(codes, codebooks),
+               lambda: _ops.vq_linear_grad_input(torch.randn(1, 4), codes, codebooks),
+               lambda: _ops.vq_grad_codebooks(torch.randn(4, 12), codes, codebooks),
+               lambda: vq.vq_linear(torch.randn(50, 12), codes, codebooks)):
+        with pytest.raises(RuntimeError, match=r"code 100 at codes\[2, 1, 0\] is out of range .* k = 100"):
+            fn()
+    codes16, codebooks16, _ = make_weights(4, 3, 2, 40000, 2)
+    codes16[3, 0, 1] = -1  # 65535 as uint16
+    with pytest.raises(RuntimeError, match=r"code 65535 at codes\[3, 0, 1\].*read as uint16"):
+        vq.vq_linear(torch.randn(2, 6), codes16, codebooks16)
+
+
+def test_argument_errors():
+    codes, codebooks, scales = make_weights(4, 3, 1, 16, 4)
+    x = torch.randn(2, 12)
+    cases = [
+        ((x, codes.int(), codebooks), r"codes must have dtype in \{Byte, Short\}"),
+        ((x, codes, codebooks.double()), "codebooks must have dtype"),
+        ((x.double(), codes, codebooks), "x must have dtype"),
+        ((x, codes, codebooks[0]), r"codebooks must be \[K, k, d\]"),
+        ((torch.randn(2, 9), codes, torch.randn(1, 16, 3)), "d\\) must be 2, 4 or 8, got 3"),
+        ((x, codes, torch.randn(3, 16, 4)), "must be 1 or 2, got 3"),
+        ((x, codes, torch.randn(1, 8, 4)), r"must be in \[16, 65536\], got 8"),
+        ((x, codes, torch.randn(2, 16, 4)), r"codes must be \[out, in/d, K\] = \[out, in/d, 2\]"),
+        ((torch.randn(2, 10), codes, codebooks), "x must have 12 features"),
+        ((x, codes, codebooks, torch.randn(5)), r"scales must have shape \[4\]"),
+        ((x, codes, codebooks, None, torch.randn(3)), r"bias must have shape \[4\]"),
+        ((x, codes.transpose(0, 1), codebooks), "codes must be contiguous"),
+    ]
+    for args, pattern in cases:
+        with pytest.raises(RuntimeError, match=pattern):
+            vq.vq_linear(*args)
+    with pytest.raises(RuntimeError, match="t must have shape"):
+        _ops.vq_grad_scales(torch.randn(4, 11), codes, codebooks)
+    with pytest.raises(ValueError, match="vector_dim must be 2, 4 or 8"):
+        VQLinear(12, 4, vector_dim=3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_has_no_kernel_yet():
+    codes, codebooks, _ = make_weights(4, 3, 1, 16, 4)
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        vq.vq_linear(torch.randn(2, 12, device="cuda"), codes.cuda(), codebooks.cuda())
