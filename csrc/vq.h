@@ -12,7 +12,6 @@
 // pattern read as uint16 (value mod 65536), so -1 means 65535 and codes 32768..65535 are negative int16s.
 // uint8 codes are read as they are. A code >= k is an error (checked before any kernel reads a codeword).
 #pragma once
-#include <cmath>
 #include <cstdint>
 
 namespace blockops::vq {
