@@ -508,6 +508,20 @@ void mask_scores(const Primitives& prim, float* S, int64_t ld, int rows, int col
   }
 }
 
+// The query-block task t of run_tasks: (b, h, query block), later query blocks first (under causal-like masks they
+// carry the most work); rows = queries in the block, lanes = rows rounded up to the SIMD width.
+struct QueryTask {
+  int64_t b, h, hk, qb, q0;
+  int rows, lanes;
+};
+
+QueryTask query_task(const FwdParams& p, int64_t t) {
+  const int64_t QB = p.mask.q_blocks, qb = QB - 1 - t % QB, bh = t / QB, h = bh % p.heads;
+  const int64_t q0 = qb * p.mask.block_q;
+  const int rows = static_cast<int>(std::min<int64_t>(p.mask.block_q, p.q_len - q0));
+  return {bh / p.heads, h, p.kv_head_of(h), qb, q0, rows, static_cast<int>(round_up8(rows))};
+}
+
 struct FwdScratch {
   std::vector<float> qt, k, v, st, ot, m, l, alpha;
 };
@@ -533,12 +547,8 @@ void forward_kernel(const FwdParams& p) {
   const T* v = static_cast<const T*>(p.v);
   T* out = static_cast<T*>(p.out);
 
-  // Later query blocks first: under causal-like masks they carry the most work.
   run_tasks(p.batch * p.heads * QB, proto, [&](int64_t t, FwdScratch& sc) {
-    const int64_t qb = QB - 1 - t % QB, bh = t / QB, b = bh / p.heads, h = bh % p.heads, hk = p.kv_head_of(h);
-    const int64_t q0 = qb * bq;
-    const int rows = static_cast<int>(std::min<int64_t>(bq, p.q_len - q0));
-    const int lanes = static_cast<int>(round_up8(rows));
+    const auto [b, h, hk, qb, q0, rows, lanes] = query_task(p, t);
     load_transposed(q + b * p.q_stride_b + h * p.q_stride_h + q0 * p.q_stride_t, p.q_stride_t, rows, D, qmul,
                     sc.qt.data(), lanes);
     std::fill(sc.ot.begin(), sc.ot.end(), 0.f);
@@ -678,10 +688,7 @@ void backward_kernel(const BwdParams& p) {
   // per task.
   T* gq = static_cast<T*>(p.grad_q);
   run_tasks(f.batch * f.heads * QB, proto, [&](int64_t t, BwdScratch& sc) {
-    const int64_t qb = QB - 1 - t % QB, bh = t / QB, b = bh / f.heads, h = bh % f.heads, hk = f.kv_head_of(h);
-    const int64_t q0 = qb * bq;
-    const int rows = static_cast<int>(std::min<int64_t>(bq, f.q_len - q0));
-    const int lanes = static_cast<int>(round_up8(rows));
+    const auto [b, h, hk, qb, q0, rows, lanes] = query_task(f, t);
     float* qt = sc.a.data();    // [D, lanes]
     float* dot = sc.b.data();   // [Dv, lanes]
     load_transposed(q + b * f.q_stride_b + h * f.q_stride_h + q0 * f.q_stride_t, f.q_stride_t, rows, D, 1.f, qt, lanes);

@@ -380,33 +380,21 @@ def _corrupt(mask: BlockMask, field: str, value: int) -> BlockMask:
     return BlockMask(**{**{f.name: getattr(mask, f.name) for f in mask.__dataclass_fields__.values()}, field: t})
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("kv_indices", 99, "index out of range"),
-    ("kv_num_blocks", 77, "counts outside"),
-    ("kv_tile_ids", 5, "tile id out of range"),
-    ("full_kv_indices", -1, "index out of range"),
+@pytest.mark.parametrize("field,value,python_message,op_message", [
+    ("kv_indices", 99, "index out of range", "kv_indices index 99"),
+    ("kv_num_blocks", 77, "counts outside", "count 77"),
+    ("kv_tile_ids", 5, "tile id out of range", "tile id 5"),
+    ("full_kv_indices", -1, "index out of range", "full_kv_indices index -1"),
 ])
-def test_hand_built_mask_out_of_range(field, value, message):
-    """A wrong index in a hand-built mask is a clear error before any kernel reads with it."""
-    mask = masks.causal(64, block_q=16, block_kv=16)
-    bad = _corrupt(mask, field, value)
-    q, k, v = _inputs(1, 1, 1, 64, 64, 16, 16, torch.float32, "cpu")
-    with pytest.raises(ValueError, match=message):
-        block_sparse_attention(q, k, v, bad)
-
-
-@pytest.mark.parametrize("field,value,message", [
-    ("kv_indices", 99, "kv_indices index 99"),
-    ("kv_num_blocks", 77, "count 77"),
-    ("kv_tile_ids", 5, "tile id 5"),
-    ("full_kv_indices", -1, "full_kv_indices index -1"),
-])
-def test_raw_op_checks_list_values_on_cpu(field, value, message):
-    """The op itself (bypassing the Python validation) refuses out-of-range list values on the CPU."""
+def test_hand_built_mask_out_of_range(field, value, python_message, op_message):
+    """A wrong index in a hand-built mask is a clear error before any kernel reads with it: from the Python API
+    (BlockMask.validate, any device) and from the op itself on the CPU (bypassing the Python validation)."""
     mask = masks.causal(64, block_q=16, block_kv=16)
     bad = _corrupt(mask, field, value)
     if field == "full_kv_indices":                      # make the corrupted entry a listed one
         bad.full_kv_num_blocks.view(-1)[0] = 1
     q, k, v = _inputs(1, 1, 1, 64, 64, 16, 16, torch.float32, "cpu")
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(ValueError, match=python_message):
+        block_sparse_attention(q, k, v, bad)
+    with pytest.raises(RuntimeError, match=op_message):
         torch.ops.blockops.block_sparse_attention(*_op_args(q, k, v, bad))

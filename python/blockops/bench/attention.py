@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from blockops.attention import BlockMask, block_sparse_attention, masks
-from blockops.bench.harness import Result, time_ms
+from blockops.bench.harness import Result, forward_backward, time_ms
 
 PATTERNS = ("causal", "longgen", "documents", "block_diffusion", "jenga0.1", "jenga0.2", "jenga0.3")
 CAUSAL_PATTERNS = ("causal", "longgen", "documents")      # subsets of the causal mask: SDPA runs is_causal=True
@@ -106,14 +106,6 @@ def _max_error(c: Config, q, k, v, out, mask: BlockMask) -> float:
     kk, vv = (x[:, :1].float().expand(-1, g, -1, -1) for x in (k, v))
     ref = F.scaled_dot_product_attention(q[:, :g, rows].float(), kk, vv, attn_mask=dense)
     return ((out[:, :g, rows].float() - ref).abs().max() / ref.abs().max()).item()
-
-
-def _forward_backward(fn, inputs, grad):
-    def step():
-        for x in inputs:
-            x.grad = None
-        fn().backward(grad)
-    return step
 
 
 def _flex_forward(c: Config, q, k, v, mask: BlockMask):
@@ -215,14 +207,14 @@ def _run_config(c: Config, device: str, cuda: bool, sdpa_ms: dict) -> list[Resul
     for x in (q, k, v):
         x.requires_grad_(True)
     grad = torch.randn_like(q)
-    ours = time_ms(_forward_backward(lambda: block_sparse_attention(q, k, v, mask), (q, k, v), grad), device,
+    ours = time_ms(forward_backward(lambda: block_sparse_attention(q, k, v, mask), (q, k, v), grad), device,
                    **timing)
     key = (_shape(c), causal, "fwd+bwd")
     if key not in sdpa_ms:
-        sdpa_ms[key] = time_ms(_forward_backward(lambda: F.scaled_dot_product_attention(q, k, v, **sdpa_kwargs),
+        sdpa_ms[key] = time_ms(forward_backward(lambda: F.scaled_dot_product_attention(q, k, v, **sdpa_kwargs),
                                                  (q, k, v), grad), device, **timing)
     results.append(row("fwd+bwd", ours, sdpa_name, sdpa_ms[key], 3.5 * fwd_flops))
     if cuda and flex_fn is not None:
-        flex_ms = time_ms(_forward_backward(flex_fn, (q, k, v), grad), device, **timing)
+        flex_ms = time_ms(forward_backward(flex_fn, (q, k, v), grad), device, **timing)
         results.append(row("fwd+bwd", ours, "flex compiled", flex_ms, 3.5 * fwd_flops))
     return results

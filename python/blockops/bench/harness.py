@@ -100,6 +100,15 @@ def read_bandwidth_gbps(device: str, megabytes: int = 256) -> float:
     return t.numel() * 4 / (ms * 1e-3) / 1e9
 
 
+def forward_backward(fn, inputs, grad):
+    """A step for time_ms: clear the inputs' gradients, run fn() and backpropagate grad through its output."""
+    def step():
+        for x in inputs:
+            x.grad = None
+        fn().backward(grad)
+    return step
+
+
 def format_table(results: list[Result]) -> str:
     header = ["family", "op", "shape", "dev", "blockops ms", "baseline", "base ms", "speed-up", "GB/s", "TFLOP/s",
               "max err", "note"]

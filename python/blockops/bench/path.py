@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from blockops.attention import path_attention
-from blockops.bench.harness import Result, time_ms
+from blockops.bench.harness import Result, forward_backward, time_ms
 from blockops.reference import ref_path_attention
 
 
@@ -84,14 +84,6 @@ def _max_error(q, k, v, w, beta, g, out) -> float:
     with torch.no_grad():
         ref = ref_path_attention(*args)
     return ((out[:1, :n].float() - ref).abs().max() / ref.abs().max()).item()
-
-
-def _forward_backward(fn, inputs, grad):
-    def step():
-        for x in inputs:
-            x.grad = None
-        fn().backward(grad)
-    return step
 
 
 def run(device: str, quick: bool = True, configs: list[Config] | None = None) -> list[Result]:
@@ -159,8 +151,8 @@ def _run_config(c: Config, device: str) -> list[Result]:
         x.requires_grad_(True)
     grad = torch.randn_like(q)
     grad_s = grad.transpose(1, 2).contiguous()
-    both = time_ms(_forward_backward(ours, inputs, grad), device, **timing)
-    sdpa_both = time_ms(_forward_backward(sdpa, (qs, ks, vs), grad_s), device, **timing)
+    both = time_ms(forward_backward(ours, inputs, grad), device, **timing)
+    sdpa_both = time_ms(forward_backward(sdpa, (qs, ks, vs), grad_s), device, **timing)
     notes = []
     if is_target:
         bwd = both - fwd
@@ -170,6 +162,6 @@ def _run_config(c: Config, device: str) -> list[Result]:
         notes.append("naive reference fwd+bwd not timed: its autograd graph is O(T^2 D) per head")
     results.append(row("path_attention fwd+bwd", both, "SDPA causal", sdpa_both, 3.5 * fwd_flops, "; ".join(notes)))
     if ref_bwd_ok:
-        ref_ms = time_ms(_forward_backward(ref, inputs, grad), device, **once)
+        ref_ms = time_ms(forward_backward(ref, inputs, grad), device, **once)
         results.append(row("path_attention fwd+bwd", both, "naive reference (1 call)", ref_ms, 3.5 * fwd_flops))
     return results
