@@ -1,0 +1,94 @@
+"""Vector-quantized GEMM benchmark: blockops.vq.vq_linear with the issue's formats -- 2-bit (k=256, d=4), 3-bit
+(k=64, d=2) and AQLM 2x8 (two additive codebooks, k=256, d=8) -- on an LLM layer at batch 1..16 and DiT-XL/2
+layers at 256..4096 tokens, against, in the same run, F.linear with dense fp32 and bf16 weights and the reference
+decode-then-linear (`blockops.reference.ref_vq_linear`). GB/s counts codes + codebooks + scales per call.
+
+CUDA: the family has no CUDA kernel yet, so `run` returns no rows on a CUDA device (and says so)."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from blockops import vq
+from blockops.bench.harness import Result, time_ms
+from blockops.reference import ref_vq_linear
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    name: str
+    codebook_size: int     # k
+    vector_dim: int        # d
+    num_codebooks: int     # K
+
+
+FORMATS = {"2-bit": Format("2-bit k256 d4", 256, 4, 1), "3-bit": Format("3-bit k64 d2", 64, 2, 1),
+           "aqlm2x8": Format("AQLM 2x8", 256, 8, 2)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    in_features: int
+    out_features: int
+    rows: int
+    fmt: str               # key of FORMATS
+
+
+_DIT = [(1152, 1152), (1152, 3456), (1152, 4608), (4608, 1152)]
+QUICK_CPU = [Config(4096, 11008, 1, "2-bit"), Config(4096, 11008, 1, "aqlm2x8"), Config(1152, 4608, 1024, "2-bit")]
+FULL_CPU = ([Config(4096, 11008, m, f) for f in FORMATS for m in (1, 4, 16)]
+            + [Config(i, o, t, "2-bit") for i, o in _DIT for t in (256, 1024, 4096)])
+
+
+def _weights(c: Config, dtype: torch.dtype):
+    f = FORMATS[c.fmt]
+    g = torch.Generator().manual_seed(0)
+    groups = c.in_features // f.vector_dim
+    codes = torch.randint(0, f.codebook_size, (c.out_features, groups, f.num_codebooks), generator=g)
+    codebooks = torch.randn(f.num_codebooks, f.codebook_size, f.vector_dim, generator=g).to(dtype)
+    scales = (torch.rand(c.out_features, generator=g) * 0.01 + 0.001).to(dtype)
+    return codes.to(torch.uint8).contiguous(), codebooks, scales
+
+
+def run(device: str, quick: bool = True, configs: list[Config] | None = None) -> list[Result]:
+    if torch.device(device).type != "cpu":
+        print(f"vq: no {device} kernel for vector-quantized GEMM yet (CPU only); no rows on {device}")
+        return []
+    results = []
+    for c in configs or (QUICK_CPU if quick else FULL_CPU):
+        f = FORMATS[c.fmt]
+        codes, codebooks, scales = _weights(c, torch.float16)
+        x = torch.randn(c.rows, c.in_features)
+        y = vq.vq_linear(x, codes, codebooks, scales)
+        ref = ref_vq_linear(x, codes, codebooks, scales)
+        err = ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+        weight_bytes = codes.numel() + codebooks.numel() * 2 + scales.numel() * 2
+        flops = 2.0 * c.rows * c.in_features * c.out_features
+        ours = time_ms(lambda: vq.vq_linear(x, codes, codebooks, scales), device)
+        code_bits, total_bits = vq.bits_per_weight(c.out_features, c.in_features, f.codebook_size, f.vector_dim,
+                                                   f.num_codebooks, scale_bits=16)
+        shape = f"{c.in_features}x{c.out_features} M={c.rows}"
+        op = f"vq_linear {f.name} ({total_bits:.2f} bits/weight)"
+
+        def row(baseline, base_ms, note=""):
+            return Result("vq", op, shape, device, ours, baseline, base_ms, bytes_moved=weight_bytes, flops=flops,
+                          max_error=err, note=note)
+
+        for dtype in (torch.float32, torch.bfloat16):
+            w = torch.randn(c.out_features, c.in_features, dtype=dtype)
+            xd = x.to(dtype)
+            note = ""
+            if dtype == torch.float32 and c.rows == 1 and (c.in_features, c.out_features) == (4096, 11008) \
+                    and c.fmt == "2-bit":
+                base = time_ms(lambda: F.linear(xd, w), device)
+                note = f"CPU goal >= 4x fp32 F.linear: {'met' if base / ours >= 4 else 'missed'}"
+                results.append(row("F.linear fp32", base, note))
+            else:
+                results.append(row(f"F.linear {str(dtype).replace('torch.', '')}",
+                                   time_ms(lambda: F.linear(xd, w), device)))
+            del w
+        results.append(row("decode-then-linear (reference)",
+                           time_ms(lambda: ref_vq_linear(x, codes, codebooks, scales), device)))
+    return results
