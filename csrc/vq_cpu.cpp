@@ -14,7 +14,7 @@
 //   direct:        each task dequantizes one weight row at a time into fp32 and dots it with every
 //                  activation row (no table: the choice when k is large relative to out).
 //
-// vq_linear, larger batches -- blocks of kBlockRows rows of W_hat dequantized into fp32 and multiplied with
+// vq_linear, larger batches -- blocks of up to kBlockBytes of W_hat dequantized into fp32 and multiplied with
 // ATen's GEMM (at::mm); only one block of W_hat exists at a time.
 // vq_dequantize -- W_hat row by row. vq_linear_grad_input -- the same blocks, multiplied the other way.
 // vq_grad_codebooks -- deterministic scatter-add: each task owns a range of codewords and scans all codes in
@@ -60,8 +60,9 @@ constexpr int64_t kSmallBatchRows = 4;     // measured on 4096x4096, 2 loaded Ze
                                            // blocks + GEMM ~11-14 ms from 9 rows on; even at 4 rows, not at 8
 constexpr int64_t kTileRows = 64;          // output rows per task of the small-batch kernels
 constexpr int64_t kChunkBytes = 16 << 10;  // table bytes per activation row gathered from per chunk (L1)
-constexpr int64_t kBlockRows = 512;        // rows of W_hat dequantized at once on the GEMM paths: <= 512 * in
-                                           // fp32, e.g. 8 MB at in = 4096
+constexpr int64_t kBlockBytes = 64 << 20;  // fp32 W_hat dequantized at once on the GEMM paths. Measured: GEMMs
+                                           // on 512-row blocks ran 1.6x slower than one GEMM on the whole
+                                           // 4608 x 1152 DiT weight (21 MB), so blocks are as large as this allows
 
 // ---------------------------------------------------------------------------------------------------------
 // Argument checks
@@ -367,13 +368,15 @@ void direct_gemv(bool avx2, const float* x, const void* codes, CodeType type, co
   });
 }
 
-// Blocks of kBlockRows rows of W_hat [nb, in] fp32 in turn, handed to fn(n0, nb, block).
+// Blocks of W_hat [nb, in] fp32 (at most kBlockBytes, at least 64 rows) in turn, handed to fn(n0, nb, block).
 template <typename Fn>
 void for_each_block(const void* codes, CodeType type, const float* cb, const float* scales, const Geometry& g,
                     Fn&& fn) {
-  at::Tensor block = at::empty({std::min(kBlockRows, g.out), g.in()}, at::TensorOptions().dtype(at::kFloat));
-  for (int64_t n0 = 0; n0 < g.out; n0 += kBlockRows) {
-    const int64_t nb = std::min(kBlockRows, g.out - n0);
+  const int64_t row_bytes = static_cast<int64_t>(sizeof(float)) * std::max<int64_t>(1, g.in());
+  const int64_t block_rows = std::min(g.out, std::max<int64_t>(64, kBlockBytes / row_bytes));
+  at::Tensor block = at::empty({block_rows, g.in()}, at::TensorOptions().dtype(at::kFloat));
+  for (int64_t n0 = 0; n0 < g.out; n0 += block_rows) {
+    const int64_t nb = std::min(block_rows, g.out - n0);
     dequant_rows_parallel(codes, type, cb, g, scales, n0, n0 + nb, block.mutable_data_ptr<float>());
     fn(n0, nb, block.narrow(0, 0, nb));
   }
@@ -418,7 +421,11 @@ at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
   } else {
     for_each_block(codes.const_data_ptr(), w.type, cb32.const_data_ptr<float>(), s.data(), g,
                    [&](int64_t n0, int64_t nb, const at::Tensor& blk) {
-                     y32.narrow(1, n0, nb).copy_(at::mm(x32, blk.t()));
+                     if (nb == g.out) {
+                       y32 = at::mm(x32, blk.t());   // one block: no copy into a column slice
+                     } else {
+                       y32.narrow(1, n0, nb).copy_(at::mm(x32, blk.t()));
+                     }
                    });
   }
   if (bias.has_value()) y32.add_(as_float(*bias));

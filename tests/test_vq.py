@@ -49,6 +49,22 @@ CASES = [(out, groups, K, k, d)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+def test_batched_path_several_blocks():
+    """in = 65536 fp32 rows are 256 KB, so the 64 MB dequantized blocks of the batched path hold 256 rows: out =
+    300 takes two blocks (forward and grad_input), exercising the column-slice writes."""
+    codes, codebooks, scales = make_weights(300, 8192, 1, 256, 8, seed=3)
+    x = torch.randn(9, 65536, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    with kernel_ran("vq_linear", "cpu"):
+        y = vq.vq_linear(x, codes, codebooks, scales)
+    xr = x.detach().double().requires_grad_()
+    ref = xr @ ref_vq_dequantize(codes, codebooks, scales).double().t()
+    assert rel_error(y, ref) < 1e-6
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref.backward(g.double())
+    assert rel_error(x.grad, xr.grad) < 1e-6
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
 def test_linear_matches_reference(case):
     out, groups, K, k, d = case
