@@ -522,6 +522,27 @@ QueryTask query_task(const FwdParams& p, int64_t t) {
   return {bh / p.heads, h, p.kv_head_of(h), qb, q0, rows, static_cast<int>(round_up8(rows))};
 }
 
+// Key block `block` of one (b, key head): its first key, its length and fp32 views of its K and V rows (the tensors
+// themselves for fp32, else converted copies in kbuf / vbuf), for the forward and dQ passes.
+struct KeyBlock {
+  int64_t c0;
+  int keys;
+  const float* k;
+  int64_t ldk;
+  const float* v;
+  int64_t ldv;
+};
+
+template <typename T>
+KeyBlock key_block(const FwdParams& p, const T* k_bh, const T* v_bh, int64_t block, float* kbuf, float* vbuf) {
+  KeyBlock kb{};
+  kb.c0 = block * p.mask.block_kv;
+  kb.keys = static_cast<int>(std::min<int64_t>(p.mask.block_kv, p.kv_len - kb.c0));
+  kb.k = fp32_rows(k_bh + kb.c0 * p.k_stride_t, p.k_stride_t, kb.keys, p.head_dim, kbuf, &kb.ldk);
+  kb.v = fp32_rows(v_bh + kb.c0 * p.v_stride_t, p.v_stride_t, kb.keys, p.v_dim, vbuf, &kb.ldv);
+  return kb;
+}
+
 struct FwdScratch {
   std::vector<float> qt, k, v, st, ot, m, l, alpha;
 };
@@ -557,11 +578,7 @@ void forward_kernel(const FwdParams& p) {
     const T* kbh = k + b * p.k_stride_b + hk * p.k_stride_h;
     const T* vbh = v + b * p.v_stride_b + hk * p.v_stride_h;
     for_each_listed(p.kv, md, md.row(b, h) * QB + qb, p.tiles, [&](Listed blk) {
-      const int64_t c0 = blk.block * bkv;
-      const int keys = static_cast<int>(std::min<int64_t>(bkv, p.kv_len - c0));
-      int64_t ldk, ldv;
-      const float* kf = fp32_rows(kbh + c0 * p.k_stride_t, p.k_stride_t, keys, D, sc.k.data(), &ldk);
-      const float* vf = fp32_rows(vbh + c0 * p.v_stride_t, p.v_stride_t, keys, Dv, sc.v.data(), &ldv);
+      const auto [c0, keys, kf, ldk, vf, ldv] = key_block(p, kbh, vbh, blk.block, sc.k.data(), sc.v.data());
       prim.gemm(keys, lanes, D, kf, ldk, 1, sc.qt.data(), lanes, sc.st.data(), lanes, false);    // S^T = K Q^T
       mask_scores_t(sc.st.data(), lanes, rows, keys, blk.tile, words, kNegInf);
       prim.softmax_step_t(sc.st.data(), lanes, keys, lanes, sc.m.data(), sc.l.data(), sc.alpha.data());
@@ -700,11 +717,7 @@ void backward_kernel(const BwdParams& p) {
     const T* kbh = k + b * f.k_stride_b + hk * f.k_stride_h;
     const T* vbh = v + b * f.v_stride_b + hk * f.v_stride_h;
     for_each_listed(f.kv, md, md.row(b, h) * QB + qb, f.tiles, [&](Listed blk) {
-      const int64_t c0 = blk.block * bkv;
-      const int keys = static_cast<int>(std::min<int64_t>(bkv, f.kv_len - c0));
-      int64_t ldk, ldv;
-      const float* kf = fp32_rows(kbh + c0 * f.k_stride_t, f.k_stride_t, keys, D, sc.c.data(), &ldk);
-      const float* vf = fp32_rows(vbh + c0 * f.v_stride_t, f.v_stride_t, keys, Dv, sc.d.data(), &ldv);
+      const auto [c0, keys, kf, ldk, vf, ldv] = key_block(f, kbh, vbh, blk.block, sc.c.data(), sc.d.data());
       float* St = sc.s.data();     // [keys, lanes]
       float* dPt = sc.dp.data();   // [keys, lanes]
       prim.gemm(keys, lanes, D, kf, ldk, 1, qt, lanes, St, lanes, false);                 // S^T = K Q^T
