@@ -43,6 +43,7 @@ namespace blockops::path {
 
 constexpr int kChunk = 64;          // tokens per chunk: the UT solve is O(C^3), the inter-chunk work O(C^2 D)
 constexpr int kMaxHeadDim = 256;
+constexpr int kMaxDecodeGroup = 64;   // query heads per key head in path_decode_step (a per-thread array)
 
 struct Params {
   const void* q;
@@ -263,6 +264,31 @@ inline void ut_backward(const UtGrad& g, float* dW, float* dK, float* dbeta) {
     ut_grad_phase5(g, r, -1, dW, dK, dbeta);
   }
 }
+
+// One decoding step (path_decode_step), for every row b and key head h: each cached key j < len_b takes the new
+// token's transform, k_j <- k_j - beta (k_j . w) w (so the cache stays carried to the newest position); the token's
+// own key and value are appended at position len_b (untransformed: the diagonal); with a gate, G_last += g and
+// gates[len_b] = G_last; then each query head of the group attends over the len_b + 1 keys with
+// s_j = scale * (q . k_j + G_last - G_j). The cache is fp32; the caller grows it (capacity > every len_b) and
+// increments the lengths afterwards.
+struct DecodeParams {
+  const void* q;          // [B, HQ, D]
+  const void* k;          // [B, H, D]
+  const void* v;          // [B, H, Dv]
+  const void* w;          // [B, H, D]
+  const void* beta;       // [B, H]
+  const void* g;          // [B, HQ] or null
+  DType dtype, w_dtype, beta_dtype, g_dtype;
+  float* keys;            // [B, H, L, D]
+  float* values;          // [B, H, L, Dv]
+  const int64_t* lengths; // [B], each in [0, L)
+  float* gates;           // [B, HQ, L] or null
+  float* g_last;          // [B, HQ] or null
+  void* o;                // [B, HQ, Dv] in dtype
+  int64_t batch, heads, kv_heads, capacity;
+  int head_dim, v_dim;
+  float scale;
+};
 
 // Online softmax (FlashAttention-2) for one row: a new block of scores with maximum `block_max` arrives; returns
 // the factor by which the row's running sum and accumulator must be multiplied, and updates the running max.

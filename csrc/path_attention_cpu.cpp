@@ -62,11 +62,13 @@ namespace {
 constexpr const char* kForward = "blockops.path_attention";
 constexpr const char* kKeyCache = "blockops.path_key_cache";
 constexpr const char* kBackward = "blockops.path_attention_backward";
+constexpr const char* kDecode = "blockops.path_decode_step";
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 KernelCounter forward_counter("path_attention.cpu");
 KernelCounter key_cache_counter("path_key_cache.cpu");
 KernelCounter backward_counter("path_attention_backward.cpu");
+KernelCounter decode_counter("path_decode_step.cpu");
 FamilyRegistration family("path", cpu_isa_name);
 
 // ---------------------------------------------------------------------------------------------------------
@@ -759,6 +761,120 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {as(dq, q), as(dk, k), as(dv, v), as(dw, w), as(dbeta, beta), g.has_value() ? as(dg, *g) : dg};
 }
 
+
+// ---------------------------------------------------------------------------------------------------------
+// Decode step (path_decode_step)
+// ---------------------------------------------------------------------------------------------------------
+
+// Dot product in 8 independent lanes (n a multiple of 8): the compiler turns it into one vector FMA chain where
+// the ISA has one, without reassociating a single running sum.
+[[gnu::always_inline]] inline float dot8(const float* a, const float* b, int n) {
+  float acc[8] = {};
+  for (int x = 0; x < n; x += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += a[x + l] * b[x + l];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+// One (row b, key head hk): one pass over the cached keys applies the rank-1 update and takes the group's query
+// dots, a second pass over the values accumulates the outputs. scratch: (group + 1) * (len + 1) + group * D + D +
+// Dv floats.
+[[gnu::always_inline]] inline void decode_task_body(const DecodeParams& p, int64_t b, int64_t hk, float* scratch) {
+  const int d = p.head_dim, dv = p.v_dim;
+  const int64_t group = p.heads / p.kv_heads, len = p.lengths[b], L = p.capacity;
+  float* scores = scratch;                  // [group, len + 1]
+  float* q = scores + group * (len + 1);    // [group, d]
+  float* w = q + group * d;                 // [d]
+  float* acc = w + d;                       // [dv]
+  const int64_t kv_tok = b * p.kv_heads + hk;
+  load_row(p.w, p.w_dtype, kv_tok * d, d, w);
+  const float beta = load_one(p.beta, p.beta_dtype, kv_tok);
+  float g_last[kMaxDecodeGroup];
+  for (int64_t gi = 0; gi < group; ++gi) {
+    const int64_t hq = hk * group + gi;
+    load_row(p.q, p.dtype, (b * p.heads + hq) * d, d, q + gi * d);
+    if (p.gates != nullptr) {
+      float& gl = p.g_last[b * p.heads + hq];
+      gl += load_one(p.g, p.g_dtype, b * p.heads + hq);
+      p.gates[(b * p.heads + hq) * L + len] = gl;
+      g_last[gi] = gl;
+    }
+  }
+  float* keys = p.keys + kv_tok * L * d;
+  float* values = p.values + kv_tok * L * dv;
+  load_row(p.k, p.dtype, kv_tok * d, d, keys + len * d);
+  load_row(p.v, p.dtype, kv_tok * dv, dv, values + len * dv);
+  for (int64_t j = 0; j <= len; ++j) {
+    float* kj = keys + j * d;
+    if (j < len) {
+      const float c = beta * dot8(kj, w, d);
+      for (int x = 0; x < d; ++x) kj[x] -= c * w[x];
+    }
+    for (int64_t gi = 0; gi < group; ++gi) scores[gi * (len + 1) + j] = dot8(q + gi * d, kj, d);
+  }
+  for (int64_t gi = 0; gi < group; ++gi) {
+    const int64_t hq = hk * group + gi;
+    float* s = scores + gi * (len + 1);
+    const float* gates = p.gates == nullptr ? nullptr : p.gates + (b * p.heads + hq) * L;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j <= len; ++j) {
+      s[j] = p.scale * (s[j] + (gates == nullptr ? 0.f : g_last[gi] - gates[j]));
+      mx = std::max(mx, s[j]);
+    }
+    float sum = 0.f;
+    for (int64_t j = 0; j <= len; ++j) sum += (s[j] = std::exp(s[j] - mx));
+    std::fill_n(acc, dv, 0.f);
+    for (int64_t j = 0; j <= len; ++j) {
+      const float pj = s[j];
+      const float* vj = values + j * dv;
+      for (int x = 0; x < dv; ++x) acc[x] += pj * vj[x];
+    }
+    const float inv = 1.f / sum;
+    for (int x = 0; x < dv; ++x) acc[x] *= inv;
+    store_row(p.o, p.dtype, (b * p.heads + hq) * dv, dv, acc);
+  }
+}
+
+void decode_task_portable(const DecodeParams& p, int64_t b, int64_t hk, float* scratch) {
+  decode_task_body(p, b, hk, scratch);
+}
+#if BLOCKOPS_X86_DISPATCH
+BLOCKOPS_TARGET_AVX2 void decode_task_avx2(const DecodeParams& p, int64_t b, int64_t hk, float* scratch) {
+  decode_task_body(p, b, hk, scratch);
+}
+#endif
+
+at::Tensor path_decode_step_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w,
+                                const at::Tensor& beta, const c10::optional<at::Tensor>& g, const at::Tensor& keys,
+                                const at::Tensor& values, const at::Tensor& lengths,
+                                const c10::optional<at::Tensor>& gates, const c10::optional<at::Tensor>& g_last,
+                                double scale) {
+  at::Tensor lengths_host;
+  DecodeParams p = describe_decode(kDecode, q, k, v, w, beta, g, keys, values, lengths, gates, g_last, scale,
+                                   lengths_host);
+  at::Tensor o = at::empty({p.batch, p.heads, p.v_dim}, q.options());
+  p.o = o.data_ptr();
+  decode_counter.hit();
+  const int64_t group = p.heads / p.kv_heads;
+#if BLOCKOPS_X86_DISPATCH
+  const bool avx2 = cpu_has_avx2_fma();
+#endif
+  at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / p.kv_heads, hk = task % p.kv_heads;
+      scratch.resize(static_cast<size_t>((group + 1) * (p.lengths[b] + 1) + group * p.head_dim + p.head_dim + p.v_dim));
+#if BLOCKOPS_X86_DISPATCH
+      if (avx2) {
+        decode_task_avx2(p, b, hk, scratch.data());
+        continue;
+      }
+#endif
+      decode_task_portable(p, b, hk, scratch.data());
+    }
+  });
+  return o;
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------------
@@ -907,10 +1023,73 @@ void check_backward_inputs(const char* op, const Params& p, const at::Tensor& q,
   }
 }
 
+DecodeParams describe_decode(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const at::Tensor& w, const at::Tensor& beta, const c10::optional<at::Tensor>& g,
+                             const at::Tensor& keys, const at::Tensor& values, const at::Tensor& lengths,
+                             const c10::optional<at::Tensor>& gates, const c10::optional<at::Tensor>& g_last,
+                             double scale, at::Tensor& lengths_host) {
+  check_dtype(q, {at::kHalf, at::kBFloat16, at::kFloat}, op, "q_t");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, op, ": q_t, k_t and v_t must be [B, HQ, D], [B, H, D] and ",
+              "[B, H, Dv], got ", q.sizes(), ", ", k.sizes(), " and ", v.sizes());
+  check_contiguous(q, op, "q_t");
+  const int64_t B = q.size(0), HQ = q.size(1), D = q.size(2), H = k.size(1), Dv = v.size(2);
+  check_head_dim(op, "q_t", D);
+  check_head_dim(op, "v_t", Dv);
+  TORCH_CHECK(H >= 1 && HQ % H == 0 && HQ / H <= kMaxDecodeGroup, op, ": q_t's heads (", HQ,
+              ") must be a multiple of k_t's heads (", H, "), at most ", kMaxDecodeGroup, " per key head");
+  check_tensor(op, "k_t", k, {B, H, D}, q, false);
+  check_tensor(op, "v_t", v, {B, H, Dv}, q, false);
+  check_tensor(op, "w_t", w, {B, H, D}, q, true);
+  check_tensor(op, "beta_t", beta, {B, H}, q, true);
+  TORCH_CHECK(keys.dim() == 4, op, ": keys must be [B, H, L, D], got shape ", keys.sizes());
+  const int64_t L = keys.size(2);
+  auto check_cache = [&](const char* arg, const at::Tensor& t, at::IntArrayRef shape) {
+    check_dtype(t, {at::kFloat}, op, arg);
+    check_same_device(t, q, op, arg, "q_t");
+    TORCH_CHECK(t.sizes() == shape, op, ": ", arg, " must have shape ", shape, ", got ", t.sizes());
+    check_contiguous(t, op, arg);
+  };
+  check_cache("keys", keys, {B, H, L, D});
+  check_cache("values", values, {B, H, L, Dv});
+  TORCH_CHECK(g.has_value() == gates.has_value() && gates.has_value() == g_last.has_value(), op,
+              ": pass g_t, gates and g_last together (a cache built with a forget gate) or none of them");
+  if (g.has_value()) {
+    check_tensor(op, "g_t", *g, {B, HQ}, q, true);
+    check_cache("gates", *gates, {B, HQ, L});
+    check_cache("g_last", *g_last, {B, HQ});
+  }
+  check_dtype(lengths, {at::kLong}, op, "lengths");
+  check_same_device(lengths, q, op, "lengths", "q_t");
+  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == B, op, ": lengths must be [B] = [", B, "], got ", lengths.sizes());
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  lengths_host = lengths.to(at::kCPU).contiguous();
+  const int64_t* len = lengths_host.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(len[b] >= 0 && len[b] < L, op, ": lengths[", b, "] = ", len[b], " leaves no room in a cache of capacity ",
+                L, " (grow keys/values/gates first; PathCache does)");
+  DecodeParams p{};
+  p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr(); p.w = w.data_ptr(); p.beta = beta.data_ptr();
+  p.g = g.has_value() ? g->data_ptr() : nullptr;
+  p.dtype = dtype_of(q.scalar_type());
+  p.w_dtype = dtype_of(w.scalar_type());
+  p.beta_dtype = dtype_of(beta.scalar_type());
+  p.g_dtype = g.has_value() ? dtype_of(g->scalar_type()) : DType::kF32;
+  p.keys = keys.data_ptr<float>();
+  p.values = values.data_ptr<float>();
+  p.lengths = lengths.device().is_cpu() ? len : lengths.data_ptr<int64_t>();
+  p.gates = gates.has_value() ? gates->data_ptr<float>() : nullptr;
+  p.g_last = g_last.has_value() ? g_last->data_ptr<float>() : nullptr;
+  p.batch = B; p.heads = HQ; p.kv_heads = H; p.capacity = L;
+  p.head_dim = static_cast<int>(D); p.v_dim = static_cast<int>(Dv);
+  p.scale = static_cast<float>(scale);
+  return p;
+}
+
 }  // namespace blockops::path
 
 TORCH_LIBRARY_IMPL(blockops, CPU, m) {
   m.impl("path_attention", &blockops::path::path_attention_cpu);
   m.impl("path_key_cache", &blockops::path::path_key_cache_cpu);
   m.impl("path_attention_backward", &blockops::path::path_attention_backward_cpu);
+  m.impl("path_decode_step", &blockops::path::path_decode_step_cpu);
 }

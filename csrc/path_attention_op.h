@@ -39,4 +39,12 @@ Params describe_forward(const char* op, const at::Tensor& q, const at::Tensor& k
 void check_backward_inputs(const char* op, const Params& p, const at::Tensor& q, const at::Tensor& grad_o,
                            const at::Tensor& o, const at::Tensor& lse, const c10::optional<at::Tensor>& grad_lse);
 
+// Checks the decode step's arguments (shapes, dtypes, devices, contiguity; lengths copied to the host and each
+// checked against the capacity) and fills DecodeParams except o; lengths_host receives the host copy.
+DecodeParams describe_decode(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const at::Tensor& w, const at::Tensor& beta, const c10::optional<at::Tensor>& g,
+                             const at::Tensor& keys, const at::Tensor& values, const at::Tensor& lengths,
+                             const c10::optional<at::Tensor>& gates, const c10::optional<at::Tensor>& g_last,
+                             double scale, at::Tensor& lengths_host);
+
 }  // namespace blockops::path
