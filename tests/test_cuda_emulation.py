@@ -49,6 +49,7 @@ SECTIONS = [
     ("test_path_attention", "selftest"),
     ("test_path_attention", "fwd"),
     ("test_path_attention", "bwd"),
+    ("test_path_attention", "decode"),
 ]
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ not found: the CUDA emulation harnesses need a C++20 g++")

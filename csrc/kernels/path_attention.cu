@@ -16,6 +16,7 @@
 //                          writing dq and dG; no atomics, so the result is deterministic
 //   ut_backward_kernel     CTA per (key head, g): the chunk's UT backward (five phases) -> dw, dk, dv, dbeta
 //   gate_grad_kernel       thread per (sequence, query head): dg = reverse cumsum of dG (also without a gate)
+//   decode_kernel          CTA per (row, key head): one decoding step over the fp32 cache (path_decode_step)
 //
 // Every matrix product is block_matmul: one thread per output entry, the k sum serial (a fixed order, so results
 // do not depend on the launch), operands in shared or global memory (the chunk blocks are small and L2-resident).
@@ -525,6 +526,100 @@ __global__ void __launch_bounds__(kThreads) ut_backward_kernel(const Params p, c
   for (int a = threadIdx.x; a < n; a += blockDim.x) bb.dbeta[token(p, cr, a, p.kv_heads, hk)] = dbeta[a];
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Decode step
+// ---------------------------------------------------------------------------------------------------------
+
+constexpr int kWarps = kThreads / 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
+  return v;
+}
+
+// Sum (or max) over the block of one value per thread, combined in warp order (deterministic); every thread
+// gets the result. red: kWarps floats of shared memory.
+__device__ float block_reduce(float v, bool is_max, float* red) {
+  v = is_max ? warp_max(v) : warp_sum(v);
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = v;
+  __syncthreads();
+  float r = red[0];
+  for (int i = 1; i < kWarps; ++i) r = is_max ? fmaxf(r, red[i]) : r + red[i];
+  __syncthreads();
+  return r;
+}
+
+// One CTA per (row b, key head hk) (path_attention.h, DecodeParams):
+//   threads t < group: G_last += g, gates[len] = G_last;  all: append k_t, v_t at position len
+//   warp per cached key j (j <= len): lanes over dims; j < len: k_j -= beta (k_j . w) w (written back);
+//     scores[hq][j] = scale * (q_hq . k_j + G_last - G_j) for the group's query heads
+//   per query head: block max, p_j = exp(s_j - max) (in place), block sum, thread per output dim: sum_j p_j v_j
+// scores: [B, HQ, L] fp32 workspace.
+__global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p, float* scores) {
+  __shared__ float red[kWarps];
+  const int d = p.head_dim, dv = p.v_dim, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t b = blockIdx.x / p.kv_heads, hk = blockIdx.x % p.kv_heads;
+  const int64_t group = p.heads / p.kv_heads, len = p.lengths[b], L = p.capacity;
+  const int64_t kv_tok = b * p.kv_heads + hk;
+  float* keys = p.keys + kv_tok * L * d;
+  float* values = p.values + kv_tok * L * dv;
+  if (p.gates != nullptr)
+    for (int64_t gi = threadIdx.x; gi < group; gi += blockDim.x) {
+      const int64_t bh = b * p.heads + hk * group + gi;
+      const float gl = p.g_last[bh] + load_float(p.g, p.g_dtype, bh);
+      p.g_last[bh] = gl;
+      p.gates[bh * L + len] = gl;
+    }
+  for (int x = threadIdx.x; x < d; x += blockDim.x) keys[len * d + x] = load_float(p.k, p.dtype, kv_tok * d + x);
+  for (int x = threadIdx.x; x < dv; x += blockDim.x) values[len * dv + x] = load_float(p.v, p.dtype, kv_tok * dv + x);
+  __syncthreads();
+  const float beta = load_float(p.beta, p.beta_dtype, kv_tok);
+  for (int64_t j = warp; j <= len; j += kWarps) {   // warp-uniform
+    float* kj = keys + j * d;
+    if (j < len) {
+      float part = 0.f;
+      for (int x = lane; x < d; x += 32) part += kj[x] * load_float(p.w, p.w_dtype, kv_tok * d + x);
+      const float c = beta * warp_sum(part);
+      for (int x = lane; x < d; x += 32) kj[x] -= c * load_float(p.w, p.w_dtype, kv_tok * d + x);
+    }
+    for (int64_t gi = 0; gi < group; ++gi) {
+      const int64_t bh = b * p.heads + hk * group + gi;
+      float part = 0.f;
+      for (int x = lane; x < d; x += 32) part += load_float(p.q, p.dtype, bh * d + x) * kj[x];
+      const float dot = warp_sum(part);
+      const float gate = p.gates == nullptr ? 0.f : p.g_last[bh] - p.gates[bh * L + j];
+      if (lane == 0) scores[bh * L + j] = p.scale * (dot + gate);
+    }
+  }
+  __syncthreads();
+  for (int64_t gi = 0; gi < group; ++gi) {
+    const int64_t bh = b * p.heads + hk * group + gi;
+    float* s = scores + bh * L;
+    float mx = -INFINITY;
+    for (int64_t j = threadIdx.x; j <= len; j += blockDim.x) mx = fmaxf(mx, s[j]);
+    mx = block_reduce(mx, true, red);
+    float sum = 0.f;
+    for (int64_t j = threadIdx.x; j <= len; j += blockDim.x) {
+      const float e = expf(s[j] - mx);
+      s[j] = e;
+      sum += e;
+    }
+    sum = block_reduce(sum, false, red);   // its barriers also publish the probabilities
+    for (int x = threadIdx.x; x < dv; x += blockDim.x) {
+      float acc = 0.f;
+      for (int64_t j = 0; j <= len; ++j) acc += s[j] * values[j * dv + x];
+      store_float(p.o, p.dtype, bh * dv + x, acc / sum);
+    }
+  }
+}
+
 // ---- launch helpers
 
 constexpr int64_t kMaxGridX = 2147483647;
@@ -576,6 +671,10 @@ cudaError_t launch_path_key_cache(const Params& p, const CudaPlan& plan, float* 
   cudaError_t err = prepare(p, plan, stream);
   if (err != cudaSuccess) return err;
   return launch(key_cache_kernel, plan.n_spans * p.kv_heads, 0, stream, p, plan, scratch, out);
+}
+
+cudaError_t launch_path_decode_step(const DecodeParams& p, float* scores, cudaStream_t stream) {
+  return launch(decode_kernel, p.batch * p.kv_heads, 0, stream, p, scores);
 }
 
 cudaError_t launch_path_backward(const Params& p, const CudaPlan& plan, const BwdArgs& bb, cudaStream_t stream) {

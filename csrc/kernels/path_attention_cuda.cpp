@@ -25,6 +25,7 @@ namespace {
 KernelCounter forward_counter("path_attention.cuda");
 KernelCounter key_cache_counter("path_key_cache.cuda");
 KernelCounter backward_counter("path_attention_backward.cuda");
+KernelCounter decode_counter("path_decode_step.cuda");
 
 // The chunk tables of one call on the device, and the plan pointing into them (blocks and G left to the caller).
 struct DevicePlan {
@@ -153,6 +154,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {as(dq, q), as(dk, k), as(dv, v), as(dw, w), as(dbeta, beta), g.has_value() ? as(dg, *g) : dg};
 }
 
+at::Tensor path_decode_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w,
+                                 const at::Tensor& beta, const c10::optional<at::Tensor>& g, const at::Tensor& keys,
+                                 const at::Tensor& values, const at::Tensor& lengths,
+                                 const c10::optional<at::Tensor>& gates, const c10::optional<at::Tensor>& g_last,
+                                 double scale) {
+  constexpr const char* op = "blockops.path_decode_step";
+  at::Tensor lengths_host;   // the lengths are checked on the host (one small synchronous copy per step)
+  DecodeParams p = describe_decode(op, q, k, v, w, beta, g, keys, values, lengths, gates, g_last, scale, lengths_host);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor o = at::empty({p.batch, p.heads, p.v_dim}, q.options());
+  p.o = o.data_ptr();
+  decode_counter.hit();
+  if (o.numel() == 0) return o;
+  at::Tensor scores = at::empty({p.batch, p.heads, p.capacity}, q.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(launch_path_decode_step(p, scores.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
+  return o;
+}
+
 }  // namespace
 }  // namespace blockops::path
 
@@ -160,4 +179,5 @@ TORCH_LIBRARY_IMPL(blockops, CUDA, m) {
   m.impl("path_attention", &blockops::path::path_attention_cuda);
   m.impl("path_key_cache", &blockops::path::path_key_cache_cuda);
   m.impl("path_attention_backward", &blockops::path::path_attention_backward_cuda);
+  m.impl("path_decode_step", &blockops::path::path_decode_step_cuda);
 }

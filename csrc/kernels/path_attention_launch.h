@@ -90,4 +90,8 @@ BLOCKOPS_HD int64_t bwd_scratch_floats(const Params& p, const CudaPlan& plan) {
 }
 cudaError_t launch_path_backward(const Params& p, const CudaPlan& plan, const BwdArgs& bb, cudaStream_t stream);
 
+// One decoding step (path_attention.h, DecodeParams; p.lengths on the device, each checked < capacity by the
+// glue). scores: [B, HQ, capacity] fp32 workspace.
+cudaError_t launch_path_decode_step(const DecodeParams& p, float* scores, cudaStream_t stream);
+
 }  // namespace blockops::path

@@ -3,8 +3,9 @@
 // token at a time (no chunking, no UT transform), with a hand-written fp64 backward through the same chain. The
 // reference's gradients are themselves checked against central finite differences (section "selftest").
 //
-// Sections: selftest, fwd (o, lse, k_cache), bwd (dq, dk, dv, dw, dbeta, dg), all (default). EMU_QUICK drops the
-// two longest cases (T = 200 and a varlen 65 + 130).
+// Sections: selftest, fwd (o, lse, k_cache), bwd (dq, dk, dv, dw, dbeta, dg), decode (one path_decode_step over a
+// batched cache: keys, values, gates, g_last, o), all (default). EMU_QUICK drops the two longest attention cases
+// (T = 200 and a varlen 65 + 130) and shortens the longest decode row (300 -> 100 cached keys, 8 -> 2 query heads).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -456,6 +457,140 @@ static void selftest() {
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Decode step
+// ---------------------------------------------------------------------------------------------------------
+
+struct DecodeCase {
+  std::vector<int64_t> lengths;
+  int64_t L;
+  int HQ, H, D, Dv;
+  bool gate;
+  DType dt, wdt;
+};
+
+// A random fp32 cache and one token per row; the kernel's step against an fp64 step on the same values. Entries
+// beyond each row's new length must come back bit-identical (the kernel may not touch them).
+static void run_decode_case(const DecodeCase& c) {
+  ++cases;
+  const int64_t B = int64_t(c.lengths.size()), L = c.L, HQ = c.HQ, H = c.H, D = c.D, Dv = c.Dv, group = HQ / H;
+  std::vector<float> keys(B * H * L * D), values(B * H * L * Dv), gates(c.gate ? B * HQ * L : 0), g_last(c.gate ? B * HQ : 0);
+  for (auto& x : keys) x = float(nrand());
+  for (auto& x : values) x = float(nrand());
+  for (auto& x : gates) x = float(-urand(0, 3));
+  for (auto& x : g_last) x = float(-urand(0, 3));
+  std::vector<double> q(B * HQ * D), k(B * H * D), v(B * H * Dv), w(B * H * D), beta(B * H), g(B * HQ);
+  for (auto& x : q) x = round_to(c.dt, nrand());
+  for (auto& x : k) x = round_to(c.dt, nrand());
+  for (auto& x : v) x = round_to(c.dt, nrand());
+  for (int64_t r = 0; r < B * H; ++r) {
+    double n2 = 0;
+    std::vector<double> row(D);
+    for (auto& x : row) { x = nrand(); n2 += x * x; }
+    for (int64_t x = 0; x < D; ++x) w[r * D + x] = round_to(c.wdt, row[x] / std::sqrt(n2));
+    beta[r] = round_to(c.wdt, urand(0.05, 1.95));
+  }
+  for (auto& x : g) x = round_to(c.wdt, -urand(0, 1));
+  const double scale = 1.0 / std::sqrt(double(D));
+  // fp64 step
+  std::vector<double> rk(keys.begin(), keys.end()), rv(values.begin(), values.end()), rg(gates.begin(), gates.end()),
+      rgl(g_last.begin(), g_last.end()), ro(B * HQ * Dv, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = c.lengths[b];
+    for (int64_t hk = 0; hk < H; ++hk) {
+      double* K = &rk[(b * H + hk) * L * D];
+      double* V = &rv[(b * H + hk) * L * Dv];
+      const double* wv = &w[(b * H + hk) * D];
+      for (int64_t j = 0; j < len; ++j) {
+        double dot = 0;
+        for (int64_t x = 0; x < D; ++x) dot += K[j * D + x] * wv[x];
+        for (int64_t x = 0; x < D; ++x) K[j * D + x] -= beta[b * H + hk] * dot * wv[x];
+      }
+      for (int64_t x = 0; x < D; ++x) K[len * D + x] = k[(b * H + hk) * D + x];
+      for (int64_t x = 0; x < Dv; ++x) V[len * Dv + x] = v[(b * H + hk) * Dv + x];
+      for (int64_t gi = 0; gi < group; ++gi) {
+        const int64_t bh = b * HQ + hk * group + gi;
+        if (c.gate) { rgl[bh] += g[bh]; rg[bh * L + len] = rgl[bh]; }
+        std::vector<double> s(len + 1);
+        double mx = -INFINITY;
+        for (int64_t j = 0; j <= len; ++j) {
+          double dot = 0;
+          for (int64_t x = 0; x < D; ++x) dot += q[bh * D + x] * K[j * D + x];
+          s[j] = scale * (dot + (c.gate ? rgl[bh] - rg[bh * L + j] : 0));
+          mx = std::max(mx, s[j]);
+        }
+        double sum = 0;
+        for (auto& x : s) sum += (x = std::exp(x - mx));
+        for (int64_t j = 0; j <= len; ++j)
+          for (int64_t x = 0; x < Dv; ++x) ro[bh * Dv + x] += s[j] / sum * V[j * Dv + x];
+      }
+    }
+  }
+  // kernel
+  Buf qb(q.size() * esize(c.dt)), kb(k.size() * esize(c.dt)), vb(v.size() * esize(c.dt)), wb(w.size() * esize(c.wdt)),
+      bb(beta.size() * esize(c.wdt)), gb(g.size() * esize(c.wdt)), ob(ro.size() * esize(c.dt));
+  for (size_t i = 0; i < q.size(); ++i) put(c.dt, qb.p, i, q[i]);
+  for (size_t i = 0; i < k.size(); ++i) put(c.dt, kb.p, i, k[i]);
+  for (size_t i = 0; i < v.size(); ++i) put(c.dt, vb.p, i, v[i]);
+  for (size_t i = 0; i < w.size(); ++i) put(c.wdt, wb.p, i, w[i]);
+  for (size_t i = 0; i < beta.size(); ++i) put(c.wdt, bb.p, i, beta[i]);
+  for (size_t i = 0; i < g.size(); ++i) put(c.wdt, gb.p, i, g[i]);
+  Buf kc(keys.size() * 4), vc(values.size() * 4), gc(gates.size() * 4), glc(g_last.size() * 4), sc(B * HQ * L * 4);
+  memcpy(kc.p, keys.data(), keys.size() * 4);
+  memcpy(vc.p, values.data(), values.size() * 4);
+  if (c.gate) {
+    memcpy(gc.p, gates.data(), gates.size() * 4);
+    memcpy(glc.p, g_last.data(), g_last.size() * 4);
+  }
+  DecodeParams p{};
+  p.q = qb.p; p.k = kb.p; p.v = vb.p; p.w = wb.p; p.beta = bb.p; p.g = c.gate ? gb.p : nullptr;
+  p.dtype = c.dt; p.w_dtype = c.wdt; p.beta_dtype = c.wdt; p.g_dtype = c.wdt;
+  p.keys = kc.f(); p.values = vc.f(); p.lengths = c.lengths.data();
+  p.gates = c.gate ? gc.f() : nullptr; p.g_last = c.gate ? glc.f() : nullptr;
+  p.o = ob.p;
+  p.batch = B; p.heads = HQ; p.kv_heads = H; p.capacity = L; p.head_dim = c.D; p.v_dim = c.Dv;
+  p.scale = float(scale);
+  bool ok = true;
+  std::string what;
+  if (launch_path_decode_step(p, sc.f(), nullptr) != cudaSuccess) { printf("decode launch failed\n"); ++failures; return; }
+  auto compare = [&](const char* name, const std::vector<double>& ref, const float* got, const std::vector<float>& before,
+                     int64_t row_len, int64_t rows_per_b, int64_t L_axis) {
+    // entries [.., pos, ..] with pos <= len_b are compared (tolerance), later ones must equal `before` exactly
+    double err = 0, mref = 1e-3;
+    for (size_t i = 0; i < ref.size(); ++i) {
+      const int64_t b = int64_t(i) / (rows_per_b * L_axis * row_len), pos = (int64_t(i) / row_len) % L_axis;
+      if (pos <= c.lengths[b]) {
+        err = std::max(err, std::isfinite(got[i]) ? std::fabs(got[i] - ref[i]) : INFINITY);
+        mref = std::max(mref, std::fabs(ref[i]));
+      } else if (std::memcmp(&got[i], &before[i], 4) != 0) {
+        ok = false;
+        what += std::string(" ") + name + " touched beyond the row's length;";
+        return;
+      }
+    }
+    worst_ratio = std::max(worst_ratio, err / (2e-6 * mref));
+    if (!(err <= 2e-6 * mref)) { ok = false; what += std::string(" ") + name + " differs;"; }
+  };
+  compare("keys", rk, kc.f(), keys, D, H, L);
+  compare("values", rv, vc.f(), values, Dv, H, L);
+  if (c.gate) {
+    compare("gates", rg, gc.f(), gates, 1, HQ, L);
+    compare("g_last", rgl, glc.f(), g_last, 1, HQ, 1);
+  }
+  std::vector<double> got_o(ro.size());
+  for (size_t i = 0; i < ro.size(); ++i) got_o[i] = get(c.dt, ob.p, i);
+  const double otol = c.dt == DType::kF32 ? 2e-5 : c.dt == DType::kF16 ? 1e-3 : 6e-3, e = rel_rms(ro, got_o);
+  worst_ratio = std::max(worst_ratio, e / otol);
+  if (!(e <= otol)) { ok = false; what += " o rel-rms " + std::to_string(e) + ";"; }
+  if (!ok || getenv("EMU_VERBOSE")) {
+    std::string lens;
+    for (int64_t n : c.lengths) lens += std::to_string(n) + ",";
+    printf("%s decode lengths[%s] L%lld HQ%d H%d D%d Dv%d gate%d %s w%s:%s\n", ok ? "ok  " : "FAIL", lens.c_str(),
+           (long long)L, c.HQ, c.H, c.D, c.Dv, int(c.gate), dname(c.dt), dname(c.wdt), what.c_str());
+  }
+  if (!ok) ++failures;
+}
+
 int main(int argc, char** argv) {
   const std::string section = argc > 1 ? argv[1] : "all";
   const bool quick = getenv("EMU_QUICK") != nullptr;
@@ -480,6 +615,15 @@ int main(int argc, char** argv) {
     for (const Case& c : cs) run_case(c, false);
   if (section == "bwd" || section == "all")
     for (const Case& c : cs) run_case(c, true);
+  if (section == "decode" || section == "all") {
+    const std::vector<DecodeCase> ds = {
+        {{0, 1, 37, 70}, 80, 4, 2, 40, 24, true, F, F},
+        {{5, 0}, 6, 2, 2, 64, 64, false, H16, H16},
+        quick ? DecodeCase{{100}, 101, 2, 1, 128, 72, true, BF, F} : DecodeCase{{300}, 301, 8, 1, 128, 72, true, BF, F},
+        {{3, 9, 1}, 12, 3, 1, 256, 256, true, H16, F},
+    };
+    for (const DecodeCase& d : ds) run_decode_case(d);
+  }
   printf("%s: %d cases, %d failures, worst error / bound %.3f (%.1f s)\n", section.c_str(), cases, failures, worst_ratio,
          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   return failures ? 1 : 0;
