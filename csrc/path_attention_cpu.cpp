@@ -1,5 +1,5 @@
-// PaTH attention on the CPU: argument checks, the chunked forward and backward kernels and the key cache for
-// decoding. The math and the chunked algorithm are in path_attention.h. The matrix products (64 x 64 x D tiles)
+// PaTH attention on the CPU: the chunked forward and backward kernels, the key cache and the decode step, and the
+// argument checks shared with the CUDA glue (path_attention_op.h). The math and the chunked algorithm are in path_attention.h. The matrix products (64 x 64 x D tiles)
 // and the exponentials run on AVX2/FMA micro-kernels where the CPU has them, else on portable loops.
 //
 // Work partition (forward):
@@ -29,6 +29,10 @@
 // Key cache (path_key_cache): one task per (sequence, key head), chunks right to left, carrying the running
 // product A = P_last ... P_{c+1} (P_c = I - W_c^T TDW_c, a D x D matrix) so each chunk's keys become A Kbar_c:
 // O(T D^2) instead of applying every later chunk to every key.
+//
+// Decode step (path_decode_step): one task per (row, key head): one pass over the row's cached keys applies the
+// new token's rank-1 update and takes the dots with the group's queries, a second pass over the values forms the
+// outputs (path_attention.h, DecodeParams).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
