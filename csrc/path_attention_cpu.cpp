@@ -1065,6 +1065,7 @@ DecodeParams describe_decode(const char* op, const at::Tensor& q, const at::Tens
   check_dtype(lengths, {at::kLong}, op, "lengths");
   check_same_device(lengths, q, op, "lengths", "q_t");
   TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == B, op, ": lengths must be [B] = [", B, "], got ", lengths.sizes());
+  check_contiguous(lengths, op, "lengths");
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
   lengths_host = lengths.to(at::kCPU).contiguous();
   const int64_t* len = lengths_host.data_ptr<int64_t>();
