@@ -506,6 +506,18 @@ def test_cuda_forward_and_key_cache_match_cpu(T, HQ, H, D, Dv, gate, dtype):
 
 
 @cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_tensor_core_forward_long_sequence(dtype):
+    """The tensor-core forward (fp16/bf16 operands, fp32 accumulation) over 32 chunks: the carried queries pass
+    through 31 rounded rank-64 corrections; flash-linear-attention's bf16 tolerance against an fp32 computation on
+    the same inputs."""
+    inputs = make_inputs(1, 2048, 2, 1, 64, 64, True, dtype)
+    ref, _ = path_attention(*(None if t is None else t.float() for t in inputs))
+    o, _ = path_attention(*to_cuda(*inputs))
+    assert rel_rms(o.cpu(), ref) < O_TOL
+
+
+@cuda
 def test_cuda_varlen_matches_cpu():
     inputs = make_inputs(1, 200, 4, 2, 64, 64, True, torch.bfloat16)
     cu = torch.tensor([0, 1, 65, 65, 200], dtype=torch.int32)

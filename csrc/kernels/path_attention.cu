@@ -7,7 +7,8 @@
 //   gate_prefix_kernel     thread per (sequence, query head): G = cumsum(g), fp64 running sum   (with a gate)
 //   prepare_chunks_kernel  CTA per (key head, g): the chunk's UT transform (T, U, TDW, Kbar) into its fp32 block
 //                          (path_attention.h ChunkLayout, both orientations); the C x C matrices in shared memory
-//   forward_kernel         CTA per (query head, g), latest chunks first: Q0, QW, S, acc in shared memory;
+//   forward_kernel         CTA per (query head, g), latest chunks first: Q0, QW, S, acc in shared memory (fp16 /
+//                          bf16: the products on tensor cores, block_matmul_mma);
 //                            intra-chunk logits M = Q K^T - tril(Q W^T) U, Q0 = Q - tril(Q W^T) TDW, then key chunks
 //                            right to left: S = Q0 Kbar^T, online softmax with V, Q0 -= (Q0 W^T) TDW
 //   key_cache_kernel       CTA per (sequence, key head): chunks right to left with the running D x D product A
@@ -20,11 +21,15 @@
 //
 // Every matrix product is block_matmul: one thread per output entry, the k sum serial (a fixed order, so results
 // do not depend on the launch), operands in shared or global memory (the chunk blocks are small and L2-resident).
-// This is the reference the tensor-core version is to be checked against, not a fast kernel.
+// The fp16/bf16 forward runs the same products on tensor cores (mma.sync.m16n8k16, operands rounded to the input
+// dtype as they are gathered into fragments, fp32 accumulation): a first step, without an ldmatrix / cp.async
+// pipeline. The CUDA-core version is the reference both are tested against, not a fast kernel.
 #include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "dtype_device.cuh"
 #include "path_attention_launch.h"
@@ -37,6 +42,45 @@ constexpr int kThreads = 256;            // per CTA: 4 outputs per thread of a 6
 constexpr int C = kChunk;
 constexpr int kDefaultSmem = 48 * 1024;  // dynamic shared memory a launch gets without the opt-in
 constexpr float kExpFloor = -86.f;       // below: exactly 0, as the CPU kernel's exp
+
+// ---- PTX wrappers ----------------------------------------------------------------------------------------
+
+// d += A (16x16, row-major) * B (16x8, column-major), fp32 accumulate; fp16 or bf16 inputs.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// ---- element helpers -------------------------------------------------------------------------------------
+
+// Two fp32 values rounded to T and packed as one 32-bit register, lo in the low half (the lower column or row).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  uint32_t u;
+  if constexpr (std::is_same_v<T, __half>) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    memcpy(&u, &v, sizeof(u));
+  } else {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    memcpy(&u, &v, sizeof(u));
+  }
+  return u;
+}
 
 // Cm [m, n] = (accumulate ? Cm : 0) + alpha * op(A) B, op(A) = A [m, k] (lda) or with kTransA A^T for A [k, m].
 // One thread per output entry, k summed in order. Ends with __syncthreads (every call is block-uniform).
@@ -54,6 +98,54 @@ __device__ void block_matmul(int m, int n, int k, float alpha, const float* A, i
     *c = accumulate ? *c + alpha * acc : alpha * acc;
   }
   __syncthreads();
+}
+
+// block_matmul on tensor cores: the fp32 operands are rounded to T (fp16 or bf16) as they are gathered into
+// mma.sync.m16n8k16 fragments (PTX ISA fragment layouts: A rows group / group + 8, columns 2 tig + {0, 1} and
+// + 8; B rows 2 tig + {0, 1} and + 8, column group; C rows group / group + 8, columns 2 tig + {0, 1}), fp32
+// accumulation. One warp per 16 x 8 output tile; rows >= m and k-steps past k read as zero; n a multiple of 8.
+// Ends with __syncthreads.
+template <typename T, bool kTransA>  // T: fp16 / bf16 fragment type; A stored transposed
+__device__ void block_matmul_mma(int m, int n, int k, float alpha, const float* A, int lda, const float* B, int ldb,
+                                 float* Cm, int ldc, bool accumulate) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, group = lane / 4, tig = lane % 4;
+  const int m_tiles = (m + 15) / 16, n_tiles = n / 8;
+  auto a_at = [&](int r, int c) -> float {
+    if (r >= m || c >= k) return 0.f;
+    return kTransA ? A[static_cast<int64_t>(c) * lda + r] : A[static_cast<int64_t>(r) * lda + c];
+  };
+  auto b_at = [&](int r, int c) -> float { return r < k ? B[static_cast<int64_t>(r) * ldb + c] : 0.f; };
+  for (int tile = warp; tile < m_tiles * n_tiles; tile += blockDim.x / 32) {   // warp-uniform
+    const int r0 = (tile / n_tiles) * 16, c0 = (tile % n_tiles) * 8;
+    const int ra = r0 + group, rb = ra + 8, cb = c0 + group;
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int k0 = 0; k0 < k; k0 += 16) {
+      const int ka = k0 + 2 * tig;
+      const uint32_t a[4] = {pack2<T>(a_at(ra, ka), a_at(ra, ka + 1)), pack2<T>(a_at(rb, ka), a_at(rb, ka + 1)),
+                             pack2<T>(a_at(ra, ka + 8), a_at(ra, ka + 9)),
+                             pack2<T>(a_at(rb, ka + 8), a_at(rb, ka + 9))};
+      mma_16816<T>(d, a, pack2<T>(b_at(ka, cb), b_at(ka + 1, cb)), pack2<T>(b_at(ka + 8, cb), b_at(ka + 9, cb)));
+    }
+    for (int i = 0; i < 4; ++i) {
+      const int r = (i < 2 ? ra : rb), c = c0 + 2 * tig + (i & 1);
+      if (r < m) {
+        float* out = Cm + static_cast<int64_t>(r) * ldc + c;
+        *out = accumulate ? *out + alpha * d[i] : alpha * d[i];
+      }
+    }
+  }
+  __syncthreads();
+}
+
+// The forward's products: CUDA cores in fp32 (MmaT = float) or tensor cores with fp16 / bf16 fragments.
+template <typename MmaT, bool kTransA>  // MmaT: float, __half or __nv_bfloat16; A stored transposed
+__device__ __forceinline__ void matmul(int m, int n, int k, float alpha, const float* A, int lda, const float* B,
+                                       int ldb, float* Cm, int ldc, bool accumulate) {
+  if constexpr (std::is_same_v<MmaT, float>) {
+    block_matmul<kTransA>(m, n, k, alpha, A, lda, B, ldb, Cm, ldc, accumulate);
+  } else {
+    block_matmul_mma<MmaT, kTransA>(m, n, k, alpha, A, lda, B, ldb, Cm, ldc, accumulate);
+  }
 }
 
 // dst [rows, cols] (ld_dst) = src [rows, cols] (ld_src); ends with __syncthreads.
@@ -192,7 +284,10 @@ __global__ void __launch_bounds__(kThreads) prepare_chunks_kernel(const Params p
 // Forward (pass 2)
 // ---------------------------------------------------------------------------------------------------------
 
-__global__ void __launch_bounds__(kThreads) forward_kernel(const Params p, const CudaPlan plan) {
+// Launch bounds (kThreads, 1): without the minimum CTA count ptxas (CUDA 13) capped the tensor-core instantiations
+// at 64 registers on sm_80 and spilled; the shared-memory footprint allows few CTAs per SM anyway.
+template <typename MmaT>  // float: every product on CUDA cores; __half / __nv_bfloat16: on tensor cores
+__global__ void __launch_bounds__(kThreads, 1) forward_kernel(const Params p, const CudaPlan plan) {
   extern __shared__ int4 smem_raw[];
   const int d = p.head_dim, dv = p.v_dim;
   float* Q0 = reinterpret_cast<float*>(smem_raw);   // [C, d]: Q, then the queries carried to earlier chunks
@@ -252,28 +347,28 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p, const
     __syncthreads();
     for (int idx = threadIdx.x; idx < n * dv; idx += blockDim.x) acc[idx] *= factor[idx / dv];
     __syncthreads();
-    block_matmul<false>(n, dv, nk, 1.f, S, C, V, dv, acc, dv, true);
+    matmul<MmaT, false>(n, dv, nk, 1.f, S, C, V, dv, acc, dv, true);
   };
 
   // Intra-chunk: QW = tril(Q W^T), M = Q K^T - QW U, Q0 = Q - QW TDW.
   const float* blk = chunk(gc);
-  block_matmul<false>(n, C, d, 1.f, Q0, d, blk + lay.wt(), C, QW, C, false);
+  matmul<MmaT, false>(n, C, d, 1.f, Q0, d, blk + lay.wt(), C, QW, C, false);
   block_tril(n, QW);
-  block_matmul<false>(n, C, d, 1.f, Q0, d, blk + lay.kt(), C, S, C, false);
-  block_matmul<false>(n, C, C, -1.f, QW, C, blk + lay.u(), C, S, C, true);
-  block_matmul<false>(n, d, C, -1.f, QW, C, blk + lay.tdw(), d, Q0, d, true);
+  matmul<MmaT, false>(n, C, d, 1.f, Q0, d, blk + lay.kt(), C, S, C, false);
+  matmul<MmaT, false>(n, C, C, -1.f, QW, C, blk + lay.u(), C, S, C, true);
+  matmul<MmaT, false>(n, d, C, -1.f, QW, C, blk + lay.tdw(), d, Q0, d, true);
   finish_scores(cr.t0, n, true);
   softmax_block(n, blk + lay.v());
 
   // Earlier chunks of the sequence, right to left (all full chunks).
   for (int64_t ck = cr.index - 1; ck >= 0; --ck) {
     const float* kb = chunk(gc - cr.index + ck);
-    block_matmul<false>(n, C, d, 1.f, Q0, d, kb + lay.kbart(), C, S, C, false);
+    matmul<MmaT, false>(n, C, d, 1.f, Q0, d, kb + lay.kbart(), C, S, C, false);
     finish_scores(cr.seq_start + ck * C, C, false);
     softmax_block(C, kb + lay.v());
     if (ck > 0) {   // carry the queries across chunk ck: Q0 <- Q0 - (Q0 W^T) TDW
-      block_matmul<false>(n, C, d, 1.f, Q0, d, kb + lay.wt(), C, QW, C, false);
-      block_matmul<false>(n, d, C, -1.f, QW, C, kb + lay.tdw(), d, Q0, d, true);
+      matmul<MmaT, false>(n, C, d, 1.f, Q0, d, kb + lay.wt(), C, QW, C, false);
+      matmul<MmaT, false>(n, d, C, -1.f, QW, C, kb + lay.tdw(), d, Q0, d, true);
     }
   }
 
@@ -663,7 +758,11 @@ int device_smem_optin() {
 cudaError_t launch_path_forward(const Params& p, const CudaPlan& plan, cudaStream_t stream) {
   cudaError_t err = prepare(p, plan, stream);
   if (err != cudaSuccess) return err;
-  return launch(forward_kernel, p.heads * plan.total_chunks, forward_smem_bytes(p), stream, p, plan);
+  const int64_t grid = p.heads * plan.total_chunks, smem = forward_smem_bytes(p);
+  if (plan.tensor_cores && p.dtype == DType::kF16) return launch(forward_kernel<__half>, grid, smem, stream, p, plan);
+  if (plan.tensor_cores && p.dtype == DType::kBF16)
+    return launch(forward_kernel<__nv_bfloat16>, grid, smem, stream, p, plan);
+  return launch(forward_kernel<float>, grid, smem, stream, p, plan);
 }
 
 cudaError_t launch_path_key_cache(const Params& p, const CudaPlan& plan, float* scratch, void* out,

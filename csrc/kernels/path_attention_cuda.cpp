@@ -61,6 +61,7 @@ DevicePlan make_plan(const char* op, const Params& p, const at::Tensor& like,
   dp.plan.n_spans = n_spans;
   dp.plan.total_chunks = total;
   dp.plan.max_span_chunks = ch.max_chunks_per_span();
+  dp.plan.tensor_cores = true;
   return dp;
 }
 

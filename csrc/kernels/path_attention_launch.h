@@ -19,6 +19,7 @@ struct CudaPlan {
   int64_t n_spans, total_chunks, max_span_chunks;
   float* blocks;                // [H, total_chunks, block_floats(p)], zero-filled by the caller
   float* G;                     // [B, HQ, T] fp32 workspace for cumsum(g) (written by the launchers), or null
+  bool tensor_cores;            // fp16/bf16 q: the forward's products on mma.sync (operands rounded to q's dtype)
 };
 
 // The full (backward-orientation) chunk block: the CUDA kernels always build it.

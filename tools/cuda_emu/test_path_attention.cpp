@@ -329,6 +329,11 @@ static void run_case(const Case& c, bool bwd) {
   auto check = [&](const char* name, const std::vector<double>& ref, const std::vector<double>& got, double tol) {
     const double e = rel_rms(ref, got);
     worst_ratio = std::max(worst_ratio, e / tol);
+    if (getenv("EMU_VERBOSE")) {
+      char buf[96];
+      snprintf(buf, sizeof buf, " %s %.2g", name, e);
+      what += buf;
+    }
     if (!(e <= tol)) {
       ok = false;
       char buf[160];
@@ -339,20 +344,27 @@ static void run_case(const Case& c, bool bwd) {
   RefOut R;
   if (!bwd) {
     reference(P, R, nullptr, nullptr, nullptr);
-    Buf blocks(size_t(P.H) * plan.total_chunks * block_floats(p) * 4, true);
-    Buf G(tok * P.HQ * 4, true);
-    Buf o(tok * P.HQ * P.Dv * esize(c.dt)), lse(tok * P.HQ * 4);
-    plan.blocks = blocks.f();
-    plan.G = P.gate ? G.f() : nullptr;
-    p.o = o.p;
-    p.lse = lse.f();
-    if (launch_path_forward(p, plan, nullptr) != cudaSuccess) { printf("forward launch failed\n"); ++failures; return; }
-    std::vector<double> got_o(R.o.size()), got_lse(R.lse.size());
-    for (size_t i = 0; i < got_o.size(); ++i) got_o[i] = get(c.dt, o.p, i);
-    for (size_t i = 0; i < got_lse.size(); ++i) got_lse[i] = lse.f()[i];
-    const double otol = c.dt == DType::kF32 ? 2e-5 : c.dt == DType::kF16 ? 1e-3 : 6e-3;
-    check("o", R.o, got_o, otol);
-    check("lse", R.lse, got_lse, 2e-6);
+    // The CUDA-core forward for every dtype; for fp16 / bf16 also the tensor-core one (operands rounded to the
+    // dtype: the tolerance is flash-linear-attention's for bf16 and 2.5x tighter for fp16).
+    for (const bool mma : {false, true}) {
+      if (mma && c.dt == DType::kF32) continue;
+      Buf blocks(size_t(P.H) * plan.total_chunks * block_floats(p) * 4, true);
+      Buf G(tok * P.HQ * 4, true);
+      Buf o(tok * P.HQ * P.Dv * esize(c.dt)), lse(tok * P.HQ * 4);
+      plan.blocks = blocks.f();
+      plan.G = P.gate ? G.f() : nullptr;
+      plan.tensor_cores = mma;
+      p.o = o.p;
+      p.lse = lse.f();
+      if (launch_path_forward(p, plan, nullptr) != cudaSuccess) { printf("forward launch failed\n"); ++failures; return; }
+      std::vector<double> got_o(R.o.size()), got_lse(R.lse.size());
+      for (size_t i = 0; i < got_o.size(); ++i) got_o[i] = get(c.dt, o.p, i);
+      for (size_t i = 0; i < got_lse.size(); ++i) got_lse[i] = lse.f()[i];
+      const double otol = c.dt == DType::kF32 ? 2e-5 : mma ? (c.dt == DType::kF16 ? 2e-3 : 5e-3)
+                                                           : (c.dt == DType::kF16 ? 1e-3 : 6e-3);
+      check(mma ? "o(mma)" : "o", R.o, got_o, otol);
+      check(mma ? "lse(mma)" : "lse", R.lse, got_lse, mma ? 1e-3 : 2e-6);
+    }
     // Key cache (its own launch: fresh blocks built without v).
     Params pk = p;
     pk.v = pk.k; pk.v_dim = 0; pk.heads = pk.kv_heads; pk.g = nullptr;
