@@ -41,6 +41,9 @@ timeout 240 $PY -m blockops bench --full --family bitpack --family lowbit --json
 bench_rc=$?
 timeout 180 $PY -m blockops bench --family attention --json "$out/bench_attention.json" >> "$out/bench.log" 2>&1
 bench_rc=$(( bench_rc || $? ))
+# Vector-quantized GEMM: LLM shapes at batch 1..16 and DiT-XL/2 shapes at 256..4096 tokens (its full grid).
+timeout 180 $PY -m blockops bench --full --family vq --json "$out/bench_vq.json" >> "$out/bench.log" 2>&1
+bench_rc=$(( bench_rc || $? ))
 cat "$out/bench.log"
 echo "tests rc=$test_rc bench rc=$bench_rc"
 exit $(( test_rc != 0 || bench_rc != 0 ))
