@@ -59,7 +59,8 @@ inline void check_t(const char* op, const at::Tensor& t, const Geometry& g, cons
 }
 
 // Validates the optional bias [out] (fp16/bf16/fp32, same device as the codes).
-inline void check_bias(const char* op, const c10::optional<at::Tensor>& bias, const Geometry& g, const at::Tensor& codes) {
+inline void check_bias(const char* op, const c10::optional<at::Tensor>& bias, const Geometry& g,
+                       const at::Tensor& codes) {
   if (!bias.has_value()) return;
   check_dtype(*bias, {at::kHalf, at::kBFloat16, at::kFloat}, op, "bias");
   check_same_device(*bias, codes, op, "bias", "codes");

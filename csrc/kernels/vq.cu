@@ -120,7 +120,9 @@ struct CodebookView {
   const float* staged;  // [K, k, d] fp32 in smem, or nullptr
   const void* global;   // [K, k, d] in `type`
   DType type;
-  __device__ __forceinline__ float at(int64_t i) const { return staged != nullptr ? staged[i] : load_float(global, type, i); }
+  __device__ __forceinline__ float at(int64_t i) const {
+    return staged != nullptr ? staged[i] : load_float(global, type, i);
+  }
 };
 
 __device__ __forceinline__ float row_scale(const DeviceWeights& w, int64_t n) {
@@ -314,24 +316,43 @@ __global__ void __launch_bounds__(kGemvThreads, 1)
       if (pos >= P) break;
       const int64_t j = pos >> book_shift;                      // input group
       const int64_t book = pos & (w.g.K - 1);
-      float xv[M][D];
-#pragma unroll
-      for (int mm = 0; mm < M; ++mm) {
-        if (mm < p.m) {
-          load_vec<D>(p.x, p.x_type, mm * in + j * D, xv[mm]);
-        } else {
-#pragma unroll
-          for (int t = 0; t < D; ++t) xv[mm][t] = 0.0f;
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        float cw[D];
-        load_vec<D>(cb, w.cb_type, ((book * k + code[r][q]) * copies + copy) * D, cw);
+      if constexpr (M <= kRows) {  // x of the group stays in registers while the rows' codewords stream by
+        float xv[M][D];
 #pragma unroll
         for (int mm = 0; mm < M; ++mm) {
+          if (mm < p.m) {
+            load_vec<D>(p.x, p.x_type, mm * in + j * D, xv[mm]);
+          } else {
 #pragma unroll
-          for (int t = 0; t < D; ++t) acc[r][mm] = fmaf(xv[mm][t], cw[t], acc[r][mm]);
+            for (int t = 0; t < D; ++t) xv[mm][t] = 0.0f;
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          float cw[D];
+          load_vec<D>(cb, w.cb_type, ((book * k + code[r][q]) * copies + copy) * D, cw);
+#pragma unroll
+          for (int mm = 0; mm < M; ++mm) {
+#pragma unroll
+            for (int t = 0; t < D; ++t) acc[r][mm] = fmaf(xv[mm][t], cw[t], acc[r][mm]);
+          }
+        }
+      } else {  // more x rows than output rows: the codewords stay in registers (kRows * D instead of M * D)
+        float cw[kRows][D];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          load_vec<D>(cb, w.cb_type, ((book * k + code[r][q]) * copies + copy) * D, cw[r]);
+        }
+#pragma unroll
+        for (int mm = 0; mm < M; ++mm) {
+          if (mm >= p.m) break;  // block-uniform
+          float xv[D];
+          load_vec<D>(p.x, p.x_type, mm * in + j * D, xv);
+#pragma unroll
+          for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+            for (int t = 0; t < D; ++t) acc[r][mm] = fmaf(xv[t], cw[r][t], acc[r][mm]);
+          }
         }
       }
     }
@@ -675,7 +696,8 @@ __global__ void __launch_bounds__(kRowWarps * 32) vq_grad_scales_kernel(const fl
                                                                        float* grad) {
   const int lane = threadIdx.x % 32;
   const CodebookView cb{nullptr, w.codebooks, w.cb_type};
-  for (int64_t n = int64_t{blockIdx.x} * kRowWarps + threadIdx.x / 32; n < w.g.out; n += int64_t{gridDim.x} * kRowWarps) {
+  for (int64_t n = int64_t{blockIdx.x} * kRowWarps + threadIdx.x / 32; n < w.g.out;
+       n += int64_t{gridDim.x} * kRowWarps) {
     const float* trow = t + n * w.g.in();
     float sum = 0.0f;
     for (int64_t j = lane; j < w.g.groups; j += 32) {
@@ -752,7 +774,8 @@ cudaError_t launch_vq_linear(const LinearParams& p, LinearPath path, int splits,
       if (!mma_supported(p)) return cudaErrorInvalidValue;
       return p.x_type == DType::kF16 ? launch_mma_rows<__half>(p, stream) : launch_mma_rows<__nv_bfloat16>(p, stream);
     default: {
-      const dim3 grid(static_cast<unsigned>(ceil_div(p.m, kSimtTile)), static_cast<unsigned>(ceil_div(p.w.g.out, kSimtTile)));
+      const dim3 grid(static_cast<unsigned>(ceil_div(p.m, kSimtTile)),
+                      static_cast<unsigned>(ceil_div(p.w.g.out, kSimtTile)));
       vq_simt_kernel<<<grid, kSimtThreads, kSimtSmem, stream>>>(p);
       return cudaGetLastError();
     }
