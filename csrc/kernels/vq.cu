@@ -5,8 +5,9 @@
 // vq_gemv_kernel<D, M> -- m <= kGemvMaxRows rows of x (decode). Block = 8 warps; warp w owns kRows output rows
 // (8 for m <= 2, 4 above) and walks their positions p (codes) in steps of 128, 4 consecutive codes per lane (one
 // 4- or 8-byte load per row, coalesced along the row). Each lane keeps x[:, group of p] in registers and reuses
-// it for its kRows rows; the codewords come from a copy of the codebook in shared memory replicated R times,
-// copy r = lane % R, so that the random codeword loads of a warp fall on distinct banks:
+// it for its kRows rows (for M > kRows the other way round: the rows' codewords stay, x streams); the codewords
+// come from a copy of the codebook in shared memory replicated R times, copy r = lane % R, so that the random
+// codeword loads of a warp fall on distinct banks:
 //
 //      smem codebook [K][k][R][D] (codebook dtype)       one load of D elements = 4..16 bytes; R = 128 / bytes:
 //        codeword c, copy r at ((book k + c) R + r) D    a phase of 128 / bytes lanes hits 128 / bytes distinct
