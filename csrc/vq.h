@@ -1,5 +1,5 @@
 // Vector-quantized weights (VQ4DiT; AQLM with out_group_size 1): layout, code reading, bits per weight and the
-// rule that picks the CPU small-batch kernel. Torch-free, shared by the CPU kernels and their tests.
+// rule that picks the CPU small-batch kernel. Torch-free, shared by the CPU and CUDA kernels and their tests.
 //
 //   codes     [out, G, K]  uint8 or int16, G = in / d input groups, K in {1, 2} additive codebooks
 //                          (for K = 1 also [out, G]). AQLM's tensor layout with out_group_size = 1.
@@ -14,6 +14,8 @@
 #pragma once
 #include <cstdint>
 
+#include "macros.h"
+
 namespace blockops::vq {
 
 enum class CodeType { kU8, kU16 };  // uint8 codes; int16 codes read as uint16
@@ -24,18 +26,18 @@ struct Geometry {
   int64_t K;       // additive codebooks
   int64_t k;       // codewords per codebook
   int64_t d;       // weights per codeword
-  int64_t in() const { return groups * d; }
-  int64_t positions() const { return groups * K; }  // codes per output row, p = j * K + c
+  BLOCKOPS_HD int64_t in() const { return groups * d; }
+  BLOCKOPS_HD int64_t positions() const { return groups * K; }  // codes per output row, p = j * K + c
 };
 
 // Code p of row n (flat index n * positions + p), as an unsigned value.
-inline uint32_t read_code(const void* codes, CodeType type, int64_t flat) {
+BLOCKOPS_HD uint32_t read_code(const void* codes, CodeType type, int64_t flat) {
   return type == CodeType::kU8 ? static_cast<const uint8_t*>(codes)[flat]
                                : static_cast<const uint16_t*>(codes)[flat];
 }
 
 // Largest code a dtype can hold plus one: codes of a dtype need a range check only when k is below this.
-inline int64_t code_capacity(CodeType type) { return type == CodeType::kU8 ? 256 : 65536; }
+BLOCKOPS_HD int64_t code_capacity(CodeType type) { return type == CodeType::kU8 ? 256 : 65536; }
 
 // Small batches (rows <= kSmallBatchRows): lookup table or direct dequantize-dot, chosen per call by an
 // operation count. Per activation row m, the table costs P * k * d multiply-adds to build (P = G * K) and

@@ -38,6 +38,7 @@
 #include "cpu_features.h"
 #include "introspection.h"
 #include "vq.h"
+#include "vq_op.h"
 
 namespace blockops::vq {
 namespace {
@@ -68,37 +69,6 @@ constexpr int64_t kBlockBytes = 64 << 20;  // fp32 W_hat dequantized at once on 
 // Argument checks
 // ---------------------------------------------------------------------------------------------------------
 
-struct Weights {
-  Geometry g;
-  CodeType type;
-};
-
-Weights check_weights(const char* op, const at::Tensor& codes, const at::Tensor& codebooks,
-                      const c10::optional<at::Tensor>& scales) {
-  check_dtype(codes, {at::kByte, at::kShort}, op, "codes");
-  check_dtype(codebooks, {at::kHalf, at::kBFloat16, at::kFloat}, op, "codebooks");
-  TORCH_CHECK(codebooks.dim() == 3, op, ": codebooks must be [K, k, d], got shape ", codebooks.sizes());
-  const int64_t K = codebooks.size(0), k = codebooks.size(1), d = codebooks.size(2);
-  TORCH_CHECK(K == 1 || K == 2, op, ": codebooks.size(0) (additive codebooks K) must be 1 or 2, got ", K,
-              " (shape ", codebooks.sizes(), ")");
-  TORCH_CHECK(d == 2 || d == 4 || d == 8, op, ": codebooks.size(2) (vector dim d) must be 2, 4 or 8, got ", d);
-  TORCH_CHECK(k >= 16 && k <= 65536, op, ": codebooks.size(1) (codebook size k) must be in [16, 65536], got ", k);
-  TORCH_CHECK((codes.dim() == 3 && codes.size(2) == K) || (codes.dim() == 2 && K == 1), op,
-              ": codes must be [out, in/d, K] = [out, in/d, ", K, "]", K == 1 ? " or [out, in/d]" : "",
-              " for codebooks of shape ", codebooks.sizes(), ", got ", codes.sizes());
-  check_same_device(codebooks, codes, op, "codebooks", "codes");
-  check_contiguous(codes, op, "codes");
-  check_contiguous(codebooks, op, "codebooks");
-  const Geometry g{codes.size(0), codes.size(1), K, k, d};
-  if (scales.has_value()) {
-    check_dtype(*scales, {at::kHalf, at::kBFloat16, at::kFloat}, op, "scales");
-    check_same_device(*scales, codes, op, "scales", "codes");
-    TORCH_CHECK(scales->dim() == 1 && scales->size(0) == g.out, op, ": scales must have shape [", g.out,
-                "] (one per output row), got ", scales->sizes());
-  }
-  return {g, codes.scalar_type() == at::kByte ? CodeType::kU8 : CodeType::kU16};
-}
-
 // Codes >= k would index past the codebook: a user error, found here before any kernel reads a codeword.
 // Skipped when the dtype cannot hold such a code (uint8 with k = 256, int16 with k = 65536).
 void check_code_range(const char* op, const at::Tensor& codes, const Weights& w) {
@@ -121,14 +91,6 @@ void check_code_range(const char* op, const at::Tensor& codes, const Weights& w)
                 i % w.g.K, "] is out of range for a codebook of k = ", k, " codewords (codes shape ", codes.sizes(),
                 w.type == CodeType::kU16 ? "; int16 codes are read as uint16" : "", ")");
   }
-}
-
-void check_activation(const char* op, const char* arg, const at::Tensor& t, int64_t features, const at::Tensor& codes) {
-  check_dtype(t, {at::kHalf, at::kBFloat16, at::kFloat}, op, arg);
-  check_same_device(t, codes, op, arg, "codes");
-  check_ndim_at_least(t, 1, op, arg);
-  TORCH_CHECK(t.size(-1) == features, op, ": ", arg, " must have ", features, " features in its last dim (in = ",
-              "codes.size(1) * d), got shape ", t.sizes());
 }
 
 at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
@@ -464,14 +426,6 @@ at::Tensor vq_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor
   for_each_block(codes.const_data_ptr(), w.type, cb32.const_data_ptr<float>(), s.data(), g,
                  [&](int64_t n0, int64_t nb, const at::Tensor& blk) { gx.addmm_(gy.narrow(1, n0, nb), blk); });
   return gx.to(grad_out.scalar_type()).view(out_sizes);
-}
-
-void check_t(const char* op, const at::Tensor& t, const Geometry& g, const at::Tensor& codes) {
-  check_dtype(t, {at::kFloat}, op, "t");
-  check_same_device(t, codes, op, "t", "codes");
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == g.out && t.size(1) == g.in(), op, ": t must have shape [", g.out, ", ",
-              g.in(), "] (grad_out^T @ x), got ", t.sizes());
-  check_contiguous(t, op, "t");
 }
 
 at::Tensor vq_grad_codebooks_cpu(const at::Tensor& t, const at::Tensor& codes, const at::Tensor& codebooks,

@@ -35,6 +35,7 @@ HARNESSES = {
     "test_lowbit_mma": ("test_lowbit_mma.cpp", ["lowbit"], ["lowbit_mma"]),
     "test_attention": ("test_attention.cpp", ["attention", "attention_mma"], []),
     "test_path_attention": ("test_path_attention.cpp", ["path_attention"], []),
+    "test_vq": ("test_vq.cpp", ["vq"], []),
 }
 
 # (harness, section); a section's summary line reports how many cases it checked.
@@ -50,6 +51,9 @@ SECTIONS = [
     ("test_path_attention", "fwd"),
     ("test_path_attention", "bwd"),
     ("test_path_attention", "decode"),
+    ("test_vq", "linear"),
+    ("test_vq", "backward"),
+    ("test_vq", "garbage"),
 ]
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ not found: the CUDA emulation harnesses need a C++20 g++")
@@ -62,7 +66,7 @@ def _inputs_digest(driver, kernels):
     h.update(subprocess.run([CXX, "--version"], capture_output=True, text=True, check=True).stdout.encode())
     h.update(" ".join(FLAGS).encode())
     files = [KERNELS / f"{k}.cu" for k in kernels] + [EMU / driver, EMU / "gen_emu.py", EMU / "ptx_emu.h"]
-    files += sorted((EMU / "fake").glob("*.h"))
+    files += sorted((EMU / "fake").glob("*.h")) + sorted((EMU / "fake").glob("*.cuh"))
     files += sorted(p for p in (ROOT / "csrc").rglob("*") if p.suffix in (".h", ".cuh"))
     for f in files:
         h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes() + b"\0")

@@ -357,8 +357,112 @@ def test_argument_errors():
         VQLinear(12, 4, vector_dim=3)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_has_no_kernel_yet():
-    codes, codebooks, _ = make_weights(4, 3, 1, 16, 4)
-    with pytest.raises((RuntimeError, NotImplementedError)):
-        vq.vq_linear(torch.randn(2, 12, device="cuda"), codes.cuda(), codebooks.cuda())
+# ---- CUDA kernels vs the CPU ops (need a GPU) -------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+# Mean error allowed on CUDA per activation dtype: the tensor-core path rounds W_hat once to x's dtype (the CPU's
+# batched path keeps it in fp32), so fp16 / bf16 get about twice the output-rounding error.
+CUDA_TOL = {torch.float32: 1e-6, torch.float16: 6e-4, torch.bfloat16: 6e-3}
+
+
+def _cuda(*tensors):
+    return [None if t is None else t.cuda() for t in tensors]
+
+
+@cuda
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_cuda_linear_matches_cpu(case):
+    """Every (k, d, K) and dtype on each CUDA path: GEMV (1..8 rows), tensor cores (fp16/bf16, in % 8 == 0) or
+    CUDA-core tiles (the rest), against the fp64 decode-then-linear reference, as the CPU op is."""
+    out, groups, K, k, d = case
+    i = CASES.index(case)
+    cb_dtype, x_dtype = DTYPES[i % 3], DTYPES[(i // 3) % 3]
+    codes, codebooks, scales = make_weights(out, groups, K, k, d, cb_dtype=cb_dtype, scales=i % 2 == 0, seed=i)
+    bias = torch.randn(out).to(cb_dtype) if i % 4 < 2 else None
+    ref_w = ref_vq_dequantize(codes, codebooks, scales).double()
+    args = _cuda(codes, codebooks, scales, bias)
+    gen = torch.Generator().manual_seed(200 + i)
+    for rows in (1, 3, 8, 9, 40, 300):
+        x = torch.randn(rows, groups * d, generator=gen).to(x_dtype)
+        ref = x.double() @ ref_w.t() + (0 if bias is None else bias.double())
+        path = "gemv" if rows <= 8 else "mma" if x_dtype != torch.float32 and groups * d % 8 == 0 else "simt"
+        with kernel_ran("vq_linear", "cuda"), kernel_ran(f"vq_linear_{path}", "cuda"):
+            y = vq.vq_linear(x.cuda(), *args)
+        assert y.dtype == x_dtype and y.shape == (rows, out)
+        assert rel_error(y.cpu(), ref) < CUDA_TOL[x_dtype], (rows, path)
+
+
+@cuda
+def test_cuda_gemv_splits_and_layouts():
+    """LLM-like shapes at batch 1..8: position splits, int16 codes, a misaligned x view, 3-d x, AQLM 2x8."""
+    for out, groups, K, k, d, rows in [(512, 1024, 1, 256, 4, 1), (300, 512, 2, 256, 8, 5), (64, 1000, 1, 65536, 8, 2),
+                                       (100, 2048, 1, 64, 2, 8)]:
+        codes, codebooks, scales = make_weights(out, groups, K, k, d, cb_dtype=torch.float16, seed=rows)
+        x = torch.randn(rows * groups * d + 1, dtype=torch.float16)[1:].view(rows, groups * d)  # 2-byte offset
+        ref = vq.vq_linear(x.float(), codes, codebooks, scales)
+        with kernel_ran("vq_linear_gemv", "cuda"):
+            y = vq.vq_linear(x.cuda(), *_cuda(codes, codebooks, scales))
+        assert rel_error(y.cpu(), ref) < CUDA_TOL[torch.float16]
+    x3 = torch.randn(2, 3, 16 * 8)
+    codes, codebooks, scales = make_weights(24, 16, 2, 256, 8, seed=1)
+    y = vq.vq_linear(x3.cuda(), *_cuda(codes, codebooks, scales))
+    assert y.shape == (2, 3, 24) and rel_error(y.cpu(), vq.vq_linear(x3, codes, codebooks, scales)) < 1e-6
+
+
+@cuda
+def test_cuda_dequantize_bit_exact():
+    for K, k, d, dtype in [(1, 256, 4, torch.float16), (2, 256, 8, torch.bfloat16), (1, 4096, 2, torch.float32)]:
+        codes, codebooks, scales = make_weights(37, 11, K, k, d, cb_dtype=dtype)
+        with kernel_ran("vq_dequantize", "cuda"):
+            w = vq.vq_dequantize(*_cuda(codes, codebooks, scales))
+        assert torch.equal(w.cpu(), vq.vq_dequantize(codes, codebooks, scales))
+
+
+@cuda
+@pytest.mark.parametrize("K", [1, 2])
+def test_cuda_gradients_match_cpu(K):
+    codes, codebooks, scales = make_weights(45, 13, K, 64, 4, seed=K)
+    bias = torch.randn(45)
+    x = torch.randn(7, 52)
+    grads = {}
+    for device in ("cpu", "cuda"):
+        leaves = [t.to(device).requires_grad_() for t in (x, codebooks, scales, bias)]
+        y = vq.vq_linear(leaves[0], codes.to(device), *leaves[1:])
+        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y).to(device))
+        grads[device] = [t.grad.cpu() for t in leaves]
+    for g_cuda, g_cpu in zip(grads["cuda"], grads["cpu"]):
+        assert rel_error(g_cuda, g_cpu) < 1e-5
+    t = torch.randn(45, 52, device="cuda")
+    with kernel_ran("vq_grad_codebooks", "cuda"):
+        first = _ops.vq_grad_codebooks(t, *_cuda(codes, codebooks, scales))
+    assert torch.equal(first, _ops.vq_grad_codebooks(t, *_cuda(codes, codebooks, scales)))  # deterministic
+    with kernel_ran("vq_grad_scales", "cuda"), kernel_ran("vq_linear_grad_input", "cuda"):
+        assert rel_error(_ops.vq_grad_scales(t, *_cuda(codes, codebooks)).cpu(),
+                         _ops.vq_grad_scales(t.cpu(), codes, codebooks)) < 1e-5
+        _ops.vq_linear_grad_input(torch.randn(3, 45, device="cuda"), *_cuda(codes, codebooks, scales))
+
+
+@cuda
+def test_cuda_codes_out_of_range_are_clamped():
+    """The CPU ops raise; the CUDA ops (no device-to-host sync to check) read a code >= k as k - 1 and never
+    read past the codebook."""
+    codes, codebooks, scales = make_weights(40, 16, 2, 100, 4)
+    codes[2, 1, 0], codes[7, 3, 1] = 100, 255
+    clamped = codes.clamp(max=99)
+    for rows in (1, 9, 300):
+        x = torch.randn(rows, 64)
+        y = vq.vq_linear(x.cuda(), *_cuda(codes, codebooks, scales))
+        assert rel_error(y.cpu(), vq.vq_linear(x, clamped, codebooks, scales)) < 1e-6
+    assert torch.equal(vq.vq_dequantize(*_cuda(codes, codebooks)).cpu(), vq.vq_dequantize(clamped, codebooks))
+
+
+@cuda
+def test_cuda_opcheck_and_compile():
+    codes, codebooks, scales = _cuda(*make_weights(17, 5, 2, 32, 4, seed=9))
+    x, bias, t = torch.randn(3, 20, device="cuda"), torch.randn(17, device="cuda"), torch.randn(17, 20, device="cuda")
+    opcheck(_ops.vq_linear, (x, codes, codebooks, scales, bias))
+    opcheck(_ops.vq_linear, (x.half(), codes, codebooks.half().requires_grad_(True), scales.half(), None))
+    opcheck(_ops.vq_dequantize, (codes, codebooks, scales))
+    opcheck(_ops.vq_grad_codebooks, (t, codes, codebooks, scales))
+    opcheck(_ops.vq_grad_scales, (t, codes, codebooks))
+    assert_compiles(lambda a: vq.vq_linear(a, codes, codebooks, scales, bias), x)

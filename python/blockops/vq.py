@@ -9,7 +9,8 @@ Layout (csrc/vq.h): ``codes [out, in/d, K]`` uint8 or int16 (``[out, in/d]`` als
 
 int16 codes are read as uint16 (``value mod 65536``, how AQLM stores 16-bit codes): store a code ``c >= 32768``
 as ``c - 65536``, e.g. with ``torch.tensor(c, dtype=torch.int32).to(torch.int16)``. Codes ``>= k`` are an
-error. The kernels run on the CPU; CUDA tensors get the dispatcher's missing-kernel error for now.
+error on the CPU; the CUDA kernels (csrc/kernels/vq.cu) do not check them, which would cost a device-to-host sync
+per call, and read such a code as ``k - 1`` instead (never past the codebook).
 """
 from __future__ import annotations
 
@@ -39,7 +40,9 @@ def vq_linear(x, codes, codebooks, scales=None, bias=None) -> torch.Tensor:
 
     Returns ``[..., out]`` in x's dtype, accumulated in fp32. Differentiable w.r.t. x, codebooks, scales and
     bias. CPU kernels: up to 8 rows a lookup-table GEMV or a direct dequantize-dot kernel (chosen per call,
-    csrc/vq.h ``use_lookup_table``), dequantized blocks + GEMM above.
+    csrc/vq.h ``use_lookup_table``), dequantized blocks + GEMM above. CUDA kernels: up to 8 rows a GEMV with
+    the codebook replicated in shared memory; above, W_hat tiles dequantized into shared memory feeding
+    ``mma.sync`` tensor cores (fp16/bf16 x, ``in % 8 == 0``; W_hat rounded once to x's dtype) or CUDA-core tiles.
     """
     return _ops.vq_linear(x, codes, codebooks, scales, bias)
 

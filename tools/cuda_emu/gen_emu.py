@@ -1,4 +1,4 @@
-"""Turns one of csrc/kernels/{lowbit,lowbit_mma,attention,attention_mma}.cu into C++ that g++ compiles against
+"""Turns one of csrc/kernels/{lowbit,lowbit_mma,attention,attention_mma,vq}.cu into C++ that g++ compiles against
 fake/ and ptx_emu.h (README.md). The source is never modified; the output goes to a build folder.
 
     gen_emu.py SRC OUT [MUTATION_FROM MUTATION_TO]
