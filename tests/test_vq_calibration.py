@@ -100,9 +100,20 @@ def test_freezing_is_monotone_and_keeps_codes():
     for _ in range(200):
         with torch.no_grad():     # random walks with drift stand in for training
             soft.logits += 0.1 * drift + 0.3 * torch.randn(soft.logits.shape, generator=g)
+        top, best = soft.ratios().max(-1)
         soft.freeze(0.99, 0.9)
         assert (soft.frozen | ~frozen).all(), "a frozen sub-vector thawed"
         assert torch.equal(soft.codes[frozen], codes[frozen]), "a frozen sub-vector changed codeword"
+        newly = soft.frozen & ~frozen
+        if not soft.hard:
+            assert (top[newly] > 0.99).all() and not (top[~soft.frozen] > 0.99).any()
+            assert torch.equal(soft.codes[newly], soft.candidates[newly, best[newly]]), "not frozen to the argmax"
+            # Frozen sub-vectors leave the soft set: their logits no longer matter.
+            with torch.no_grad():
+                soft.logits[soft.frozen] = 0.0
+            w = soft.weight().detach().reshape(-1, 4)
+            hard = (soft.codebook[soft.codes] * soft.scales.repeat_interleave(8)[:, None]).detach()
+            assert torch.equal(w[soft.frozen], hard[soft.frozen])
         frozen, codes = soft.frozen.clone(), soft.codes.clone()
         fractions.append(soft.frozen_fraction())
         if soft.hard:
