@@ -10,12 +10,22 @@ from torch import nn
 from blockops import vq
 from blockops.bench.vq_calibration import ToyDiTBlock, toy_dit, toy_inputs
 from blockops.nn import VQLinear
-from helpers import kernel_ran
+from helpers import assert_compiles, kernel_ran
 
 DIM, HIDDEN, COND = 32, 64, 16
 # Tiny layers need a small codebook for the quantization error to matter: k = 16 at d = 4 is 1 bit per weight.
 QUANT = dict(codebook_size=16, vector_dim=4, iters=10)
 FAST = dict(progress=False)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These shapes are tiny: a second thread only adds synchronisation, which on a loaded machine costs 10-20x
+    (measured: 124 s instead of 5 s for the first test at a load average of 390)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_stack(num_blocks=2, seed=0, **quant):
@@ -124,16 +134,43 @@ def test_freezing_is_monotone_and_keeps_codes():
     assert soft.ratio_penalty()[1] == 0
 
 
-def test_write_back_reproduces_the_converged_soft_weight():
-    """Once every ratio is one-hot the soft weight is a codeword per sub-vector: the hard codes written back
-    give exactly that weight through the kernels."""
+def one_hot_soft_layer(seed=0):
+    """A SoftVQLinear whose ratios are exactly one-hot (exp(-1000) is 0 in fp32)."""
+    torch.manual_seed(seed)
     linear = nn.Linear(40, 12)
     layer = VQLinear.from_linear(linear, codebook_size=16, vector_dim=4, dtype=torch.float32)
     soft = vq.SoftVQLinear(layer, linear.weight, num_candidates=3)
+    choice = torch.randint(3, (soft.logits.shape[0],), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        soft.logits.copy_(1000 * nn.functional.one_hot(choice, 3))
+    return soft
+
+
+def test_hard_and_soft_paths_agree():
+    """With one-hot ratios the soft path (PyTorch autograd through the gathered codewords) and the hard path
+    (the VQ kernel and its codebook/scales backward) compute the same output and the same gradients."""
+    soft = one_hot_soft_layer()
+    x = torch.randn(6, 40)
+    grad_out = torch.randn(6, 12)
+    params = [soft.codebook, soft.scales, soft.bias]
+    y_soft = soft(x)
+    grads_soft = torch.autograd.grad(y_soft, params, grad_out)
+    soft.harden()
+    with kernel_ran("vq_grad_codebooks", "cpu"):
+        y_hard = soft(x)
+        grads_hard = torch.autograd.grad(y_hard, params, grad_out)
+    torch.testing.assert_close(y_hard, y_soft, rtol=1e-5, atol=1e-5)
+    for g_hard, g_soft in zip(grads_hard, grads_soft):
+        torch.testing.assert_close(g_hard, g_soft, rtol=1e-4, atol=1e-5)
+
+
+def test_write_back_reproduces_the_converged_soft_weight():
+    """Once every ratio is one-hot the soft weight is a codeword per sub-vector: the hard codes written back
+    give exactly that weight through the kernels."""
+    soft = one_hot_soft_layer()
+    layer = soft.layer
     with torch.no_grad():
         soft.codebook.add_(0.01 * torch.randn_like(soft.codebook))    # as if fine-tuned
-        choice = torch.randint(3, (soft.logits.shape[0],), generator=torch.Generator().manual_seed(0))
-        soft.logits.copy_(1000 * nn.functional.one_hot(choice, 3))   # exp(-1000) is 0: one-hot ratios
     converged = soft.weight().detach()
     x = torch.randn(5, 40)
     soft_out = soft(x).detach()
@@ -141,6 +178,14 @@ def test_write_back_reproduces_the_converged_soft_weight():
     assert torch.equal(layer.dequantize(), converged)
     torch.testing.assert_close(layer(x), soft_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer.codebooks[0], soft.codebook.detach())
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_compile(hard):
+    soft = one_hot_soft_layer()
+    if hard:
+        soft.harden()
+    assert_compiles(soft, torch.randn(5, 40))
 
 
 def test_fp16_student_and_hard_phase_uses_the_kernel():

@@ -22,6 +22,13 @@ nearest codeword for the *weight* is often not the best one for the block's *out
 :func:`calibrate_blockwise` trains one block at a time, in order, to match its teacher's output (MSE) on inputs
 the caller's ``input_fn`` generates (zero-data: e.g. Gaussian latents and random class labels pushed through a
 DiT's embedders and sampler), then writes the hard codes and trained codebooks back into the ``VQLinear`` modules.
+
+    students = blockops.vq.quantize_blocks(dit.blocks, bits=2, vector_dim=4)       # k-means, k = 256
+    def input_fn():                                                                # zero-data block inputs
+        x, c = dit_embed(torch.randn(8, 4, 32, 32), torch.randint(0, 1000, (8,)), torch.rand(8) * 1000)
+        return x, {"c": c}
+    history = blockops.vq.calibrate_blockwise(dit.blocks, students, input_fn, steps=1000)
+    dit.blocks = students                                                          # VQLinear, fast kernels
 """
 from __future__ import annotations
 
@@ -162,7 +169,8 @@ class SoftVQLinear(nn.Module):
     @torch.no_grad()
     def write_back(self) -> nn.Module:
         """Hardens what is still soft and stores codes, codebook, scales and bias in the wrapped layer (in its
-        dtypes); returns the layer, which then computes :meth:`weight` with the fast kernels."""
+        dtypes); returns the layer, whose ``dequantize()`` then equals :meth:`weight` (up to that dtype) and whose
+        forward runs the VQ kernels."""
         self.harden()
         layer = self.layer
         layer.codes.copy_(self.kernel_codes)
