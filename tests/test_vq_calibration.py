@@ -282,6 +282,8 @@ def test_errors():
     input_fn = inputs_fn()
     with pytest.raises(ValueError, match="2 teacher blocks but 1 student blocks"):
         vq.calibrate_blockwise(teacher, student[:1], input_fn, 1, progress=False)
+    with pytest.raises(ValueError, match="2 teacher blocks but 1 student blocks"):
+        vq.blockwise_mse(teacher, student[:1], held_out(1))
     with pytest.raises(ValueError, match="no blocks"):
         vq.calibrate_blockwise([], [], input_fn, 1, progress=False)
     with pytest.raises(ValueError, match="student block 0 has no VQLinear"):

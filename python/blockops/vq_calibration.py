@@ -24,7 +24,7 @@ the caller's ``input_fn`` generates (zero-data: e.g. Gaussian latents and random
 DiT's embedders and sampler), then writes the hard codes and trained codebooks back into the ``VQLinear`` modules.
 
     students = blockops.vq.quantize_blocks(dit.blocks, bits=2, vector_dim=4)       # k-means, k = 256
-    def input_fn():                                                                # zero-data block inputs
+    def input_fn():              # zero-data block inputs; dit_embed: the DiT's patch, timestep and label embedders
         x, c = dit_embed(torch.randn(8, 4, 32, 32), torch.randint(0, 1000, (8,)), torch.rand(8) * 1000)
         return x, {"c": c}
     history = blockops.vq.calibrate_blockwise(dit.blocks, students, input_fn, steps=1000)
@@ -224,6 +224,9 @@ def blockwise_mse(teacher_blocks: Sequence[nn.Module], student_blocks: Sequence[
                   inputs: Sequence) -> list[float]:
     """MSE between the teacher's and the student's outputs after each block, with each stack fed its own
     outputs (as at inference), averaged over ``inputs`` (each one what ``input_fn`` returns)."""
+    if len(teacher_blocks) != len(student_blocks):
+        raise ValueError(f"blockwise_mse: {len(teacher_blocks)} teacher blocks but {len(student_blocks)} "
+                         f"student blocks")
     totals = [0.0] * len(teacher_blocks)
     for item in inputs:
         x, kwargs = _split_inputs(item)
@@ -266,7 +269,9 @@ class _BlockInputs:
         advanced = []
         for teacher_x, student_x, kwargs in self.cache:
             teacher_y = _hidden(self.teacher_blocks[block](teacher_x, **kwargs), block)
-            student_y = _hidden(self.student_blocks[block](student_x, **kwargs), block) if self.own_outputs else teacher_y
+            student_y = teacher_y
+            if self.own_outputs:
+                student_y = _hidden(self.student_blocks[block](student_x, **kwargs), block)
             advanced.append((teacher_y, student_y, kwargs))
         self.cache = advanced
 
@@ -464,8 +469,8 @@ def quantize_blocks(blocks: Sequence[nn.Module], *, bits: float | None = None, c
                     filter_fn: Callable[[nn.Linear, str], bool] | None = None) -> nn.ModuleList:
     """Student blocks for :func:`calibrate_blockwise`: deep copies of ``blocks`` with every ``nn.Linear`` (for
     which ``filter_fn(linear, name)`` holds) replaced by ``VQLinear.from_linear(...)`` (k-means; arguments as
-    there; 2 bits when neither ``bits`` nor ``codebook_size`` is given). Linear layers whose in_features is not a multiple of
-    ``vector_dim`` stay dense. The k-means seed differs per layer (``seed`` + a running index)."""
+    there; 2 bits when neither ``bits`` nor ``codebook_size`` is given). Linear layers whose in_features is not a
+    multiple of ``vector_dim`` stay dense. The k-means seed differs per layer (``seed`` + a running index)."""
     VQLinear = _vq_linear.VQLinear
     if bits is None and codebook_size is None:
         bits = 2
@@ -473,7 +478,8 @@ def quantize_blocks(blocks: Sequence[nn.Module], *, bits: float | None = None, c
     layer_seed = seed
     for student in students:
         selected = [(name, m) for name, m in student.named_modules()
-                    if type(m) is nn.Linear and m.in_features % vector_dim == 0 and (filter_fn is None or filter_fn(m, name))]
+                    if type(m) is nn.Linear and m.in_features % vector_dim == 0
+                    and (filter_fn is None or filter_fn(m, name))]
         for name, linear in selected:
             student.set_submodule(name, VQLinear.from_linear(
                 linear, bits=bits, codebook_size=codebook_size, vector_dim=vector_dim, iters=iters, seed=layer_seed,

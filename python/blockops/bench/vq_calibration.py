@@ -103,7 +103,7 @@ def _output_power(blocks, inputs) -> list[float]:
 
 def compare(config: Config, num_blocks: int = 3, dim: int = 128, hidden: int = 384, cond_dim: int = 64,
             eval_batches: int = 8, seed: int = 0, progress: bool = False) -> dict:
-    """Final-block output MSE of k-means alone and calibrated, on held-out inputs; bits per weight."""
+    """Output MSE after each block, k-means alone and calibrated, on held-out inputs; bits per weight."""
     teacher = toy_dit(num_blocks, dim, 4, hidden, cond_dim, seed=seed)
     student = vq.quantize_blocks(teacher, bits=config.bits, vector_dim=config.vector_dim, seed=seed)
     input_fn = toy_inputs(4, 32, dim, cond_dim)
@@ -122,7 +122,8 @@ def compare(config: Config, num_blocks: int = 3, dim: int = 128, hidden: int = 3
     code_bits = sum(m.bits_per_weight()[0] * m.in_features * m.out_features for m in layers) / weights
     total_bits = sum(m.bits_per_weight()[1] * m.in_features * m.out_features for m in layers) / weights
     return dict(config=config.name, blocks=num_blocks, dim=dim, hidden=hidden, steps=config.steps,
-                code_bits=code_bits, total_bits=total_bits, output_power=output_power, kmeans_mse=kmeans_mse, calibrated_mse=calibrated_mse,
+                code_bits=code_bits, total_bits=total_bits, output_power=output_power, kmeans_mse=kmeans_mse,
+                calibrated_mse=calibrated_mse,
                 train_mse_first=[h[0] for h in history.mse], train_mse_last=[h[-1] for h in history.mse],
                 seconds=seconds)
 
