@@ -163,6 +163,12 @@ torch.library.register_autograd("blockops::vq_linear", _vq_linear_backward, setu
 # k-means
 # ---------------------------------------------------------------------------------------------------------
 
+def _squared_distances(vectors, centroids, centroid_norms):
+    """``[N, k]`` squared Euclidean distances through one matmul (``|v|^2 - 2 v.c + |c|^2``; may round slightly
+    below zero). ``centroid_norms``: ``(centroids ** 2).sum(1)``, computed once by callers that loop over chunks."""
+    return (vectors * vectors).sum(1, keepdim=True) - 2 * vectors @ centroids.t() + centroid_norms
+
+
 def _nearest(vectors, centroids, chunk_size, accumulate=False):
     """Nearest centroid per vector (and, with accumulate, per-centroid sums and counts), ``chunk_size`` vectors
     at a time so that the [chunk, k] distance matrix bounds memory. Sums go through a one-hot matmul, which
@@ -175,7 +181,7 @@ def _nearest(vectors, centroids, chunk_size, accumulate=False):
     counts = torch.zeros(k, dtype=vectors.dtype, device=vectors.device) if accumulate else None
     for s in range(0, vectors.shape[0], chunk_size):
         v = vectors[s:s + chunk_size]
-        dist = (v * v).sum(1, keepdim=True) - 2 * v @ centroids.t() + c_norm
+        dist = _squared_distances(v, centroids, c_norm)
         best, idx = dist.min(1)
         codes[s:s + chunk_size] = idx
         err += best.clamp_min(0).double().sum()
@@ -223,4 +229,9 @@ def kmeans(vectors: torch.Tensor, k: int, iters: int = 25, seed: int = 0, chunk_
     return centroids, codes, err.item()
 
 
-__all__ = ["bits_per_weight", "kmeans", "vq_dequantize", "vq_linear"]
+# VQ4DiT calibration builds on the ops and k-means above (imported last: it imports them back).
+from blockops.vq_calibration import (  # noqa: E402
+    CalibrationResult, SoftVQLinear, blockwise_mse, calibrate_blockwise, candidate_sets, quantize_blocks)
+
+__all__ = ["CalibrationResult", "SoftVQLinear", "bits_per_weight", "blockwise_mse", "calibrate_blockwise",
+           "candidate_sets", "kmeans", "quantize_blocks", "vq_dequantize", "vq_linear"]
