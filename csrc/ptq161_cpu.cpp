@@ -67,6 +67,10 @@ constexpr int kNibbles = kSignsPerWord / 4;
 constexpr int kTable = 16;              // entries per 4-input table
 constexpr int64_t kBlockFloats = 2 << 20;  // decoded +-1 block: at most 8 MB of fp32
 constexpr int64_t kMaxSalientGroup = 1024;  // the lowbit fixed-point decode kernel's largest group
+constexpr int64_t kTaskWork = 1 << 16;      // elements per task at least: below, waking threads costs more
+
+// Grain for at::parallel_for over items of `work` elements each, so that small problems run on one thread.
+int64_t grain(int64_t work) { return std::max<int64_t>(1, kTaskWork / std::max<int64_t>(work, 1)); }
 
 // ---------------------------------------------------------------------------------------------------------
 // Argument checks
@@ -169,7 +173,7 @@ Gathered gather(const at::Tensor& x32, const at::Tensor& perm, const at::Tensor&
   float* sal = out.salient.mutable_data_ptr<float>();
   float* pl = out.plain.mutable_data_ptr<float>();
   float* pr = raw ? out.plain_raw.mutable_data_ptr<float>() : nullptr;
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain(g.in), [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       const float* xm = x + m * g.in;
       for (int64_t k = 0; k < g.salient; ++k) sal[m * g.salient_padded() + k] = xm[p[k]];
@@ -194,7 +198,7 @@ at::Tensor build_tables(const at::Tensor& plain, const Geometry& g) {
   at::Tensor tables = at::empty({rows, groups, kTable}, plain.options());
   const float* x = plain.const_data_ptr<float>();
   float* t = tables.mutable_data_ptr<float>();
-  at::parallel_for(0, rows * groups, 256, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows * groups, grain(kTable), [&](int64_t begin, int64_t end) {
     for (int64_t idx = begin; idx < end; ++idx) {
       const float* xg = x + idx * 4;  // plain is [rows, groups * 4]
       float* e = t + idx * kTable;
@@ -291,7 +295,7 @@ void sign_gemv(const at::Tensor& tables, const int32_t* signs, const Geometry& g
 #if BLOCKOPS_X86_DISPATCH
   const bool avx512 = cpu_has_avx512_vnni(), avx2 = cpu_has_avx2_fma();
 #endif
-  at::parallel_for(0, bands, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, bands, grain(kBandRows * g.sign_words() * kSignsPerWord * rows), [&](int64_t begin, int64_t end) {
     for (int64_t band = begin; band < end; ++band) {
       const int64_t i0 = band * kBandRows, i1 = std::min(g.out, i0 + kBandRows);
       for (int64_t m = 0; m < rows; ++m) {
@@ -321,7 +325,7 @@ void sign_gemv(const at::Tensor& tables, const int32_t* signs, const Geometry& g
 void decode_sign_block(const int32_t* signs, const int64_t* zero_signs, int64_t num_zero, const Geometry& g,
                        int64_t w0, int64_t w1, float* block) {
   const int64_t j0 = w0 * kSignsPerWord, j1 = std::min(g.plain(), w1 * kSignsPerWord);
-  at::parallel_for(w0, w1, 1, [&](int64_t wb, int64_t we) {
+  at::parallel_for(w0, w1, grain(kSignsPerWord * g.out), [&](int64_t wb, int64_t we) {
     for (int64_t w = wb; w < we; ++w) {
       const uint32_t* word = reinterpret_cast<const uint32_t*>(signs + w * g.out);
       const int lanes = static_cast<int>(std::min<int64_t>(kSignsPerWord, j1 - w * kSignsPerWord));
@@ -464,7 +468,7 @@ at::Tensor ptq161_linear_cpu(const at::Tensor& x, const at::Tensor& perm, const 
   const at::Tensor b32 = bias.has_value() ? as_float(*bias) : at::zeros({g.out}, x32.options());
   const float* bp = b32.const_data_ptr<float>();
   float* yp = y.mutable_data_ptr<float>();
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain(g.out), [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       for (int64_t i = 0; i < g.out; ++i) {
         yp[m * g.out + i] += rp[i] * (al[i] * up[m * g.out + i] + mp[i] * vp[m]) + bp[i];
@@ -494,7 +498,7 @@ at::Tensor ptq161_dequantize_cpu(const at::Tensor& perm, const at::Tensor& qsali
   const float *rp = f.r1.const_data_ptr<float>(), *r2p = f.r2.const_data_ptr<float>();
   float* out = w.mutable_data_ptr<float>();
   const int64_t tiles = (g.out + kTileRows - 1) / kTileRows;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tiles, grain(kTileRows * g.in), [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t i1 = std::min(g.out, (tile + 1) * kTileRows);
       for (int64_t k = 0; k < g.salient; ++k) {
@@ -574,7 +578,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ptq161_linear_backwar
     const float* gsp = g.salient > 0 ? gs.const_data_ptr<float>() : nullptr;
     const float* znp = g.plain() > 0 ? zn.const_data_ptr<float>() : nullptr;
     const float* r2p = f.r2.const_data_ptr<float>();
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, grain(g.in), [&](int64_t begin, int64_t end) {
       for (int64_t m = begin; m < end; ++m) {
         for (int64_t k = 0; k < g.salient; ++k) dst[m * g.in + p[k]] = gsp[m * g.salient_padded() + k];
         for (int64_t j = 0; j < g.plain(); ++j) {
