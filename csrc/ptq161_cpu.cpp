@@ -258,6 +258,37 @@ BLOCKOPS_TARGET_AVX512_VNNI void sign_band_avx512(const float* table, const int3
   for (int t = 0; t < kTiles; ++t) _mm512_storeu_ps(u + i0 + t * kTileRows, _mm512_add_ps(acc0[t], acc1[t]));
 }
 
+// AVX-512, several activation rows: the word row's line of each tile is loaded from memory once and reused from
+// L1 for every activation row, whose 8 tables are loaded once per word row; the partial sums (rows x tiles x 16)
+// live in an L1 buffer rather than registers. `tiles` full tiles from row i0.
+BLOCKOPS_TARGET_AVX512_VNNI void sign_band_rows_avx512(const float* tables, int64_t table_stride, int rows,
+                                                       const int32_t* signs, const Geometry& g, int64_t i0,
+                                                       int tiles, float* u) {
+  alignas(64) float acc[kGemvMaxRows][kBandTiles * kTileRows];
+  for (int m = 0; m < rows; ++m)
+    for (int c = 0; c < tiles * kTileRows; ++c) acc[m][c] = 0.f;
+  for (int64_t w = 0; w < g.sign_words(); ++w) {
+    const int32_t* line = signs + w * g.out + i0;
+    const char* ahead = reinterpret_cast<const char*>(line + kPrefetchWords * g.out);
+    for (int t = 0; t < tiles; ++t) _mm_prefetch(ahead + t * 64, _MM_HINT_T0);
+    for (int m = 0; m < rows; ++m) {
+      __m512 tab[kNibbles];
+      for (int k = 0; k < kNibbles; ++k) tab[k] = _mm512_loadu_ps(tables + m * table_stride + (w * kNibbles + k) * kTable);
+      for (int t = 0; t < tiles; ++t) {
+        const __m512i bits = _mm512_loadu_si512(line + t * kTileRows);
+        __m512 a0 = _mm512_load_ps(&acc[m][t * kTileRows]), a1 = _mm512_setzero_ps();
+        for (int k = 0; k < kNibbles; k += 2) {
+          a0 = _mm512_add_ps(a0, lookup_nibble(bits, 4 * k, tab[k]));
+          a1 = _mm512_add_ps(a1, lookup_nibble(bits, 4 * k + 4, tab[k + 1]));
+        }
+        _mm512_store_ps(&acc[m][t * kTileRows], _mm512_add_ps(a0, a1));
+      }
+    }
+  }
+  for (int m = 0; m < rows; ++m)
+    for (int t = 0; t < tiles; ++t) _mm512_storeu_ps(u + m * g.out + i0 + t * kTileRows, _mm512_load_ps(&acc[m][t * kTileRows]));
+}
+
 // AVX2: 8 rows per register, so a 16-entry table is two halves; permutevar8x32 looks up the low 3 bits of the
 // nibble in both and bit 3 (moved to the sign bit) selects the half. kTiles tiles of 8 rows.
 template <int kTiles>
@@ -298,6 +329,16 @@ void sign_gemv(const at::Tensor& tables, const int32_t* signs, const Geometry& g
   at::parallel_for(0, bands, grain(kBandRows * g.sign_words() * kSignsPerWord * rows), [&](int64_t begin, int64_t end) {
     for (int64_t band = begin; band < end; ++band) {
       const int64_t i0 = band * kBandRows, i1 = std::min(g.out, i0 + kBandRows);
+#if BLOCKOPS_X86_DISPATCH
+      if (avx512 && rows > 1) {
+        const int tiles = static_cast<int>((i1 - i0) / kTileRows);
+        if (tiles > 0) sign_band_rows_avx512(tab, table_stride, static_cast<int>(rows), signs, g, i0, tiles, u);
+        for (int64_t m = 0; m < rows; ++m) {
+          sign_rows_portable(tab + m * table_stride, signs, g, i0 + tiles * kTileRows, i1, u + m * g.out);
+        }
+        continue;
+      }
+#endif
       for (int64_t m = 0; m < rows; ++m) {
         const float* table = tab + m * table_stride;
         float* um = u + m * g.out;
