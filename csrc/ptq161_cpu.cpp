@@ -43,42 +43,13 @@
 #include "checks.h"
 #include "cpu_features.h"
 #include "introspection.h"
-#include "ptq161.h"
+#include "ptq161_op.h"
 
 namespace blockops::ptq161 {
-namespace {
-
-constexpr const char* kLinear = "blockops.ptq161_linear";
-constexpr const char* kDequant = "blockops.ptq161_dequantize";
-constexpr const char* kBackward = "blockops.ptq161_linear_backward";
-
-KernelCounter linear_counter("ptq161_linear.cpu");
-KernelCounter dequant_counter("ptq161_dequantize.cpu");
-KernelCounter backward_counter("ptq161_linear_backward.cpu");
-// The binary GEMV uses AVX-512 (vpermps on zmm) where the CPU has the AVX-512 set the lowbit decode kernel needs.
-const char* ptq161_cpu_isa() { return cpu_has_avx512_vnni() ? "avx2+fma, avx512 (binary GEMV)" : cpu_isa_name(); }
-FamilyRegistration family("ptq161", ptq161_cpu_isa);
-
-constexpr int64_t kGemvMaxRows = 16;    // above, decoded +-1 blocks + GEMM beat one table pass per row
-constexpr int kTileRows = 16;           // output rows per tile: one 64-byte line of a word row
-constexpr int kBandTiles = 8;           // tiles per task: 8 accumulator pairs + 8 tables fill the zmm file
-constexpr int kPrefetchWords = 16;      // word rows fetched ahead (~ memory latency / time per word row)
-constexpr int kNibbles = kSignsPerWord / 4;
-constexpr int kTable = 16;              // entries per 4-input table
-constexpr int64_t kBlockFloats = 2 << 20;  // decoded +-1 block: at most 8 MB of fp32
-constexpr int64_t kMaxSalientGroup = 1024;  // the lowbit fixed-point decode kernel's largest group
-constexpr int64_t kTaskWork = 1 << 16;      // elements per task at least: below, waking threads costs more
-
-// Grain for at::parallel_for over items of `work` elements each, so that small problems run on one thread.
-int64_t grain(int64_t work) { return std::max<int64_t>(1, kTaskWork / std::max<int64_t>(work, 1)); }
 
 // ---------------------------------------------------------------------------------------------------------
 // Argument checks
 // ---------------------------------------------------------------------------------------------------------
-
-struct Factors {  // fp32 copies of the per-row / per-column factors (O(in + out): converting costs nothing)
-  at::Tensor scale, zero, alpha, mu, r1, r2;
-};
 
 at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
 
@@ -122,15 +93,18 @@ Geometry check_weight(const char* op, const at::Tensor& perm, const at::Tensor& 
   check_factor(op, "mu", mu, g.out, perm);
   check_factor(op, "r1", r1, g.out, perm);
   check_factor(op, "r2", r2, g.in, perm);
-  // perm must be a permutation of [0, in): every channel exactly once (O(in), cheap next to any product).
-  const int32_t* p = perm.const_data_ptr<int32_t>();
+  // perm must be a permutation of [0, in): every channel exactly once (O(in), cheap next to any product; device
+  // tensors are checked through a host copy).
+  const at::Tensor perm_host = perm.is_cpu() ? perm : perm.cpu();
+  const int32_t* p = perm_host.const_data_ptr<int32_t>();
   std::vector<char> seen(g.in, 0);
   for (int64_t c = 0; c < g.in; ++c) {
     TORCH_CHECK(p[c] >= 0 && p[c] < g.in, op, ": perm[", c, "] = ", p[c], " is out of range [0, ", g.in, ")");
     TORCH_CHECK(!seen[p[c]], op, ": perm is not a permutation: channel ", p[c], " appears twice");
     seen[p[c]] = 1;
   }
-  const int64_t* z = zero_signs.const_data_ptr<int64_t>();
+  const at::Tensor zero_host = zero_signs.is_cpu() ? zero_signs : zero_signs.cpu();
+  const int64_t* z = zero_host.const_data_ptr<int64_t>();
   const int64_t limit = g.plain() * g.out;
   for (int64_t e = 0; e < zero_signs.numel(); ++e) {
     TORCH_CHECK(z[e] >= 0 && z[e] < limit, op, ": zero_signs[", e, "] = ", z[e], " is out of range [0, N * out = ",
@@ -152,6 +126,66 @@ void check_activation(const char* op, const char* arg, const at::Tensor& t, int6
               t.sizes());
   check_contiguous(t, op, arg);
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// The salient part through the lowbit family's 4-bit kernels
+// ---------------------------------------------------------------------------------------------------------
+
+// Groups of at most kMaxSalientGroup salient channels (multiples of 16) splitting S_pad evenly, so that the lowbit
+// decode kernel runs its fixed-point path; every group repeats the row's scale and zero.
+int64_t salient_groups(const Geometry& g) {
+  const int64_t units = g.salient_padded() / kSalientAlign;
+  for (int64_t k = 1;; ++k) {
+    if (units % k == 0 && units / k * kSalientAlign <= kMaxSalientGroup) return k;
+  }
+}
+
+SalientParams salient_params(const Factors& f, const Geometry& g) {
+  const int64_t groups = salient_groups(g);
+  return {f.scale.view({1, g.out}).expand({groups, g.out}).contiguous(),
+          f.zero.view({1, g.out}).expand({groups, g.out}).contiguous(), g.salient_padded() / groups};
+}
+
+at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& qweight, const SalientParams& p) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("blockops::quant_linear", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, int64_t, int64_t, const c10::optional<at::Tensor>&)>();
+  return op.call(x, qweight, p.scales, p.zeros, kSalientBits, p.group_size, c10::nullopt);
+}
+
+at::Tensor lowbit_grad_input(const at::Tensor& gy, const at::Tensor& qweight, const SalientParams& p) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("blockops::quant_linear_grad_input", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, int64_t, int64_t)>();
+  return op.call(gy, qweight, p.scales, p.zeros, kSalientBits, p.group_size);
+}
+
+namespace {
+
+constexpr const char* kLinear = "blockops.ptq161_linear";
+constexpr const char* kDequant = "blockops.ptq161_dequantize";
+constexpr const char* kBackward = "blockops.ptq161_linear_backward";
+
+KernelCounter linear_counter("ptq161_linear.cpu");
+KernelCounter dequant_counter("ptq161_dequantize.cpu");
+KernelCounter backward_counter("ptq161_linear_backward.cpu");
+// The binary GEMV uses AVX-512 (vpermps on zmm) where the CPU has the AVX-512 set the lowbit decode kernel needs.
+const char* ptq161_cpu_isa() { return cpu_has_avx512_vnni() ? "avx2+fma, avx512 (binary GEMV)" : cpu_isa_name(); }
+FamilyRegistration family("ptq161", ptq161_cpu_isa);
+
+constexpr int64_t kGemvMaxRows = 16;    // above, decoded +-1 blocks + GEMM beat one table pass per row
+constexpr int kTileRows = 16;           // output rows per tile: one 64-byte line of a word row
+constexpr int kBandTiles = 8;           // tiles per task: 8 accumulator pairs + 8 tables fill the zmm file
+constexpr int kPrefetchWords = 16;      // word rows fetched ahead (~ memory latency / time per word row)
+constexpr int kNibbles = kSignsPerWord / 4;
+constexpr int kTable = 16;              // entries per 4-input table
+constexpr int64_t kBlockFloats = 2 << 20;  // decoded +-1 block: at most 8 MB of fp32
+constexpr int64_t kTaskWork = 1 << 16;      // elements per task at least: below, waking threads costs more
+
+// Grain for at::parallel_for over items of `work` elements each, so that small problems run on one thread.
+int64_t grain(int64_t work) { return std::max<int64_t>(1, kTaskWork / std::max<int64_t>(work, 1)); }
 
 // ---------------------------------------------------------------------------------------------------------
 // Gathering activations through perm
@@ -433,46 +467,6 @@ at::Tensor sign_dot_transposed(const at::Tensor& gy, const at::Tensor& signs, co
     out.narrow(1, j0, jb).copy_(at::mm(gy, block.t()));
   });
   return out;
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// The salient part through the lowbit family's 4-bit kernels
-// ---------------------------------------------------------------------------------------------------------
-
-// Groups of at most kMaxSalientGroup salient channels (multiples of 16) splitting S_pad evenly, so that the lowbit
-// decode kernel runs its fixed-point path; every group repeats the row's scale and zero.
-int64_t salient_groups(const Geometry& g) {
-  const int64_t units = g.salient_padded() / kSalientAlign;
-  for (int64_t k = 1;; ++k) {
-    if (units % k == 0 && units / k * kSalientAlign <= kMaxSalientGroup) return k;
-  }
-}
-
-struct SalientParams {
-  at::Tensor scales, zeros;  // [groups, out] fp32
-  int64_t group_size;
-};
-
-SalientParams salient_params(const Factors& f, const Geometry& g) {
-  const int64_t groups = salient_groups(g);
-  return {f.scale.view({1, g.out}).expand({groups, g.out}).contiguous(),
-          f.zero.view({1, g.out}).expand({groups, g.out}).contiguous(), g.salient_padded() / groups};
-}
-
-at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& qweight, const SalientParams& p) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("blockops::quant_linear", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&, int64_t, int64_t, const c10::optional<at::Tensor>&)>();
-  return op.call(x, qweight, p.scales, p.zeros, kSalientBits, p.group_size, c10::nullopt);
-}
-
-at::Tensor lowbit_grad_input(const at::Tensor& gy, const at::Tensor& qweight, const SalientParams& p) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("blockops::quant_linear_grad_input", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&, int64_t, int64_t)>();
-  return op.call(gy, qweight, p.scales, p.zeros, kSalientBits, p.group_size);
 }
 
 // ---------------------------------------------------------------------------------------------------------

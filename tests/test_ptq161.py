@@ -400,10 +400,28 @@ def test_op_errors_name_the_problem():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_tensors_are_refused_until_cuda_kernels_exist():
-    """CPU kernels only: CUDA (or mixed) tensors get the dispatcher's missing-kernel error naming the backend, never
-    a silent host read of device memory. (Mixed CPU tensors are checked in the kernels: "x is on ... but perm is on".)"""
-    tensors, s, _, _ = make_weights(24, 40, 0.2)
+def test_cuda_matches_reference():
+    """CUDA: the +-1 GEMV kernel (up to 8 rows, sign(0) entries taken out afterwards), decoded blocks + cuBLAS above,
+    dequantize and the backward against the reference; mixed devices are an error naming both."""
+    tensors, s, w, mask = make_weights(300, 333, 0.2, zero_rows=(0, 299))
+    dense = dense_of(tensors, w, mask).cuda()
     cuda = {k: v.cuda() for k, v in tensors.items()}
-    with pytest.raises(NotImplementedError, match="CUDA"):
-        ptq161.ptq161_linear(torch.randn(2, 40), *args_of(cuda), s)
+    with kernel_ran("ptq161_dequantize", "cuda"):
+        torch.testing.assert_close(ptq161.ptq161_dequantize(*args_of(cuda), s), dense, rtol=1e-6, atol=1e-6)
+    for rows, dtype in ((1, torch.float32), (5, torch.float16), (8, torch.bfloat16), (9, torch.float32)):
+        x = torch.randn(rows, 333, device="cuda").to(dtype)
+        with kernel_ran("ptq161_linear", "cuda"):
+            y = ptq161.ptq161_linear(x, *args_of(cuda), s)
+        assert scaled_error(y, x.double() @ dense.double().t(), x, dense) <= TOL[dtype], rows
+    params = {k: cuda[k].clone().requires_grad_() for k in ("alpha", "r1", "r2")}
+    x = torch.randn(3, 333, device="cuda", requires_grad=True)
+    inputs = (x, params["alpha"], params["r1"], params["r2"])
+    with kernel_ran("ptq161_linear_backward", "cuda"):
+        ours = torch.autograd.grad(ptq161.ptq161_linear(x, *args_of({**cuda, **params}), s).sum(), inputs)
+    ref = torch.autograd.grad(ref_ptq161_linear(x, *args_of({**cuda, **params}), s).sum(), inputs)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+    with pytest.raises(RuntimeError, match="x is on cpu but perm is on cuda"):
+        ptq161.ptq161_linear(torch.randn(2, 333), *args_of(cuda), s)
+    with pytest.raises(RuntimeError, match="alpha is on cpu but perm is on cuda"):
+        ptq161.ptq161_linear(torch.randn(2, 333, device="cuda"), *args_of({**cuda, "alpha": tensors["alpha"]}), s)
