@@ -1,6 +1,6 @@
 """1.61-bit GEMM benchmark: blockops.ptq161_linear (PTQ1.61 weights, 20% salient channels at 4 bits, the rest
 binarized) on the lowbit family's Llama layer shapes against, in the same run, F.linear with dense weights (fp32
-and bf16 on CPU) and blockops' own 2-bit kernel (quant_linear w2g64). GB/s counts the packed weight bytes of the
+and bf16 on CPU, fp16 cuBLAS on GPU) and blockops' own 2-bit kernel (quant_linear w2g64). fp32 activations. GB/s counts the packed weight bytes of the
 format (codes, signs, perm, factors) per call."""
 from __future__ import annotations
 
@@ -50,16 +50,20 @@ def packed_weights(c: Config, device: str, factor_dtype=torch.float16) -> tuple[
     return {k: v.to(device=device, dtype=factor_dtype if v.is_floating_point() else v.dtype) for k, v in t.items()}, s
 
 
+QUICK_CUDA = [Config(4096, 14336, 1), Config(4096, 14336, 8), Config(8192, 28672, 1)]
+FULL_CUDA = [Config(i, o, m) for i, o in _LLAMA + [(8192, 28672)] for m in (1, 4, 8, 16, 64)]
+
+
 def run(device: str, quick: bool = True) -> list[Result]:
-    if torch.device(device).type == "cuda":
-        return []  # CPU kernels only so far
+    cuda = torch.device(device).type == "cuda"
+    configs = (QUICK_CUDA if quick else FULL_CUDA) if cuda else (QUICK_CPU if quick else FULL_CPU)
     results = []
-    for c in QUICK_CPU if quick else FULL_CPU:
+    for c in configs:
         tensors, s = packed_weights(c, device)
         args = [tensors[k] for k in ptq161.FIELDS]
         x = torch.randn(c.rows, c.in_features, device=device)
         y = ptq161.ptq161_linear(x, *args, s)
-        ref = ref_ptq161_linear(x, *args, s)
+        ref = ref_ptq161_linear(x, *args, s)  # the reference's dense fp32 weight: the largest shapes need ~1 GB
         err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
         weight_bytes = ptq161.bits_per_weight(tensors) * c.in_features * c.out_features / 8
         flops = 2.0 * c.rows * c.in_features * c.out_features
@@ -71,10 +75,11 @@ def run(device: str, quick: bool = True) -> list[Result]:
             results.append(Result("ptq161", op, shape, device, ours, name, base_ms, bytes_moved=weight_bytes,
                                   flops=flops, max_error=err))
 
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in (torch.float16,) if cuda else (torch.float32, torch.bfloat16):
             w = torch.randn(c.out_features, c.in_features, device=device, dtype=dtype)
             xd = x.to(dtype)
-            row(f"F.linear {str(dtype).replace('torch.', '')}", time_ms(lambda: F.linear(xd, w), device))
+            name = f"F.linear {str(dtype).replace('torch.', '')}" + (" (cuBLAS)" if cuda else "")
+            row(name, time_ms(lambda: F.linear(xd, w), device))
             del w
         qweight, scales, zeros = lowbit_weights(LowbitConfig(c.in_features, c.out_features, 2, 64, c.rows), device,
                                                 torch.float16)
