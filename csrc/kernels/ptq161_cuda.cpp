@@ -109,6 +109,7 @@ at::Tensor dequantize(const at::Tensor& perm, const at::Tensor& qsalient, const 
   const at::Tensor p = perm.to(at::kLong);
   const at::Tensor rest = p.narrow(0, g.salient, g.plain());
   at::Tensor w = at::zeros({g.out, g.in}, f.alpha.options());
+  if (w.numel() == 0) return w;
   if (g.salient > 0) w.index_copy_(1, p.narrow(0, 0, g.salient), decode_high(qsalient, f, g).t());
   if (g.plain() > 0) {
     const at::Tensor low = f.r1 * (f.alpha * decode_signs(signs, zero_signs, g) + f.mu);  // [N, out]
