@@ -16,7 +16,8 @@
 //      +------ band 0 ------+-- band 1     each word row) and walks down the word rows; per word row the 8 tables
 //      | t0 | t1 | ... | t7 | t0 | ...    of its 32 inputs are loaded once and reused by every tile of the band;
 //      v    v    v     v    v             lines kPrefetchWords ahead are prefetched (a stride of out * 4 bytes
-//                                          defeats the hardware prefetchers).
+//                                          defeats the hardware prefetchers). Several activation rows share
+//                                          each line of sign words (partial sums in an L1 buffer).
 //
 // U for more rows, and the transposed product signs x G' of the backward: +-1 blocks of the sign matrix decoded
 // into fp32 and multiplied by ATen's GEMM (at::mm), one block at a time.
@@ -175,7 +176,8 @@ KernelCounter backward_counter("ptq161_linear_backward.cpu");
 const char* ptq161_cpu_isa() { return cpu_has_avx512_vnni() ? "avx2+fma, avx512 (binary GEMV)" : cpu_isa_name(); }
 FamilyRegistration family("ptq161", ptq161_cpu_isa);
 
-constexpr int64_t kGemvMaxRows = 16;    // above, decoded +-1 blocks + GEMM beat one table pass per row
+constexpr int64_t kGemvMaxRows = 16;    // table passes up to here, decoded +-1 blocks + GEMM above (set by an
+                                        // operation count, not yet tuned by measurement: see docs/performance.md)
 constexpr int kTileRows = 16;           // output rows per tile: one 64-byte line of a word row
 constexpr int kBandTiles = 8;           // tiles per task: 8 accumulator pairs + 8 tables fill the zmm file
 constexpr int kPrefetchWords = 16;      // word rows fetched ahead (~ memory latency / time per word row)
