@@ -94,4 +94,26 @@ TORCH_LIBRARY(blockops, m) {
   m.def("vq_grad_codebooks(Tensor t, Tensor codes, Tensor codebooks, Tensor? scales=None) -> Tensor");
   // Backward for the scales, fp32 [out]: grad[n] = sum_i W_hat_unscaled[n, i] * t[n, i] (t as above).
   m.def("vq_grad_scales(Tensor t, Tensor codes, Tensor codebooks) -> Tensor");
+
+  // ---- 1.61-bit GEMM (family "ptq161", PTQ1.61 weights; packed format and numerics in csrc/ptq161.h) ----------
+  // Weights: perm [in] int32 (a permutation: perm[:S] salient channels, perm[S:] the N = in - S others),
+  // qsalient [S_pad / 8, out] int32 (4-bit codes of the salient channels in perm order, pack_bits(q, 4, dim=0),
+  // S_pad = S rounded up to 16), salient_scale / salient_zero [out], signs [ceil(N / 32), out] int32 (sign bits
+  // in perm order, pack_bits(b, 1, dim=0), 1 = +1), zero_signs [Z] int64 (strictly increasing flat indices
+  // j * out + i of the sign(0) = 0 entries), alpha, mu, r1 [out], r2 [in] (factors fp16/bf16/fp32), S = num_salient.
+  // W_hat[i, perm[k]] = s_i (q[k, i] - z_i) (k < S); W_hat[i, perm[S + j]] = r1_i r2_c (alpha_i b[j, i] + mu_i).
+  // y [..., out] = x [..., in] @ W_hat^T (+ bias [out]); x fp16/bf16/fp32, y in x's dtype, fp32 accumulation.
+  m.def("ptq161_linear(Tensor x, Tensor perm, Tensor qsalient, Tensor salient_scale, Tensor salient_zero, "
+        "Tensor signs, Tensor zero_signs, Tensor alpha, Tensor mu, Tensor r1, Tensor r2, int num_salient, "
+        "Tensor? bias=None) -> Tensor");
+  // W_hat [out, in] fp32, original channel order.
+  m.def("ptq161_dequantize(Tensor perm, Tensor qsalient, Tensor salient_scale, Tensor salient_zero, Tensor signs, "
+        "Tensor zero_signs, Tensor alpha, Tensor mu, Tensor r1, Tensor r2, int num_salient) -> Tensor");
+  // Gradients of ptq161_linear (without bias) from grad_out [..., out]: grad_x (x's shape and dtype) when
+  // need_input, and grad_alpha, grad_r1, grad_r2 (their arguments' shapes and dtypes) when need_factors; outputs
+  // not asked for are empty [0] tensors. mu, salient_scale and salient_zero are fixed (as in PTQ1.61).
+  m.def("ptq161_linear_backward(Tensor grad_out, Tensor x, Tensor perm, Tensor qsalient, Tensor salient_scale, "
+        "Tensor salient_zero, Tensor signs, Tensor zero_signs, Tensor alpha, Tensor mu, Tensor r1, Tensor r2, "
+        "int num_salient, bool need_input, bool need_factors) -> (Tensor grad_x, Tensor grad_alpha, "
+        "Tensor grad_r1, Tensor grad_r2)");
 }

@@ -36,6 +36,7 @@ HARNESSES = {
     "test_attention": ("test_attention.cpp", ["attention", "attention_mma"], []),
     "test_path_attention": ("test_path_attention.cpp", ["path_attention"], []),
     "test_vq": ("test_vq.cpp", ["vq"], []),
+    "test_ptq161": ("test_ptq161.cpp", ["ptq161"], []),
 }
 
 # (harness, section); a section's summary line reports how many cases it checked.
@@ -54,6 +55,7 @@ SECTIONS = [
     ("test_vq", "linear"),
     ("test_vq", "backward"),
     ("test_vq", "garbage"),
+    ("test_ptq161", None),
 ]
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ not found: the CUDA emulation harnesses need a C++20 g++")

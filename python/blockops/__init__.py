@@ -12,6 +12,7 @@ from blockops import ops  # noqa: E402  (registers fake implementations and auto
 from blockops.ops import pack_bits, unpack_bits  # noqa: E402
 from blockops import attention, nn  # noqa: E402
 from blockops import vq  # noqa: E402
+from blockops import ptq161, quant  # noqa: E402
 from blockops.quantize import QuantConfig, load_gptq_checkpoint, quantize_  # noqa: E402
 
 __version__ = _BUILD_INFO["version"]
@@ -35,4 +36,4 @@ def kernel_call_counts() -> dict[str, int]:
 
 
 __all__ = ["QuantConfig", "attention", "build_info", "kernel_call_counts", "load_gptq_checkpoint", "nn", "ops", "pack_bits",
-           "quantize_", "unpack_bits", "vq"]
+           "ptq161", "quant", "quantize_", "unpack_bits", "vq"]

@@ -152,3 +152,49 @@ def ref_vq_linear(x, codes, codebooks, scales=None, bias=None) -> torch.Tensor:
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def ref_ptq161_weight(weight, mask, salient_scale, salient_zero, alpha, mu, r1, r2) -> torch.Tensor:
+    """PTQ1.61's dense fake-quantized weight, straight from the full-precision ``weight [out, in]`` (fp32):
+    ``W_hat = mask * W_high + (1 - mask) * W_low`` with ``mask [in]`` (1 = salient channel),
+    ``W_high = s (clamp(round(W / s) + z, 0, 15) - z)`` per row and
+    ``W_low = r1 r2 (alpha sign(W - mu) + mu)`` (``torch.sign``: ``sign(0) = 0``). Differentiable in the factors."""
+    w = weight.float()
+    s, z = salient_scale.float()[:, None], salient_zero.float()[:, None]
+    w_high = s * (torch.clamp(torch.round(w / s) + z, 0, 15) - z)
+    a, m = alpha.float()[:, None], mu.float()[:, None]
+    w_low = r1.float()[:, None] * r2.float()[None, :] * (a * torch.sign(w - m) + m)
+    mask = mask.float()[None, :]
+    return mask * w_high + (1 - mask) * w_low
+
+
+def ref_ptq161_dequantize(perm, qsalient, salient_scale, salient_zero, signs, zero_signs, alpha, mu, r1, r2,
+                          num_salient: int) -> torch.Tensor:
+    """Reference for ``blockops.ptq161.ptq161_dequantize`` (format in blockops/ptq161.py), in fp32, from the
+    packed tensors: codes and sign bits unpacked, ``mask * W_high + (1 - mask) * W_low`` assembled in the original
+    channel order. Differentiable in alpha, mu, r1 and r2 (the gradient reference)."""
+    in_features, out_features = perm.numel(), alpha.numel()
+    plain = in_features - num_salient
+    q = ref_unpack_bits(qsalient, 4, qsalient.shape[0] * 8, 0)[:num_salient].float()      # [S, out]
+    b = ref_unpack_bits(signs, 1, signs.shape[0] * 32, 0)[:plain].float() * 2 - 1          # [N, out]
+    flat = b.reshape(-1).clone()
+    flat[zero_signs.long()] = 0                                                           # sign(0) = 0
+    b = flat.view(plain, out_features)
+    perm, dev = perm.long(), alpha.device
+    mask = torch.zeros(in_features, device=dev)
+    mask[perm[:num_salient]] = 1
+    w_high = torch.zeros(out_features, in_features, device=dev)
+    w_high[:, perm[:num_salient]] = salient_scale.float()[:, None] * (q.t() - salient_zero.float()[:, None])
+    b_full = torch.zeros(out_features, in_features, device=dev)
+    b_full[:, perm[num_salient:]] = b.t()
+    w_low = r1.float()[:, None] * r2.float()[None, :] * (alpha.float()[:, None] * b_full + mu.float()[:, None])
+    return mask * w_high + (1 - mask) * w_low
+
+
+def ref_ptq161_linear(x, perm, qsalient, salient_scale, salient_zero, signs, zero_signs, alpha, mu, r1, r2,
+                      num_salient: int, bias=None) -> torch.Tensor:
+    """Reference for ``blockops.ptq161.ptq161_linear``: dequantize, then an fp32 matmul (returned in fp32)."""
+    w = ref_ptq161_dequantize(perm, qsalient, salient_scale, salient_zero, signs, zero_signs, alpha, mu, r1, r2,
+                              num_salient)
+    y = x.float() @ w.t()
+    return y if bias is None else y + bias.float()

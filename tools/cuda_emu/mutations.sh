@@ -18,6 +18,7 @@ run() {  # name kernel section from to
   case $file in
     lowbit.cu) driver=test_lowbit_gemv; linked="lowbit"; included="" ;;
     lowbit_mma.cu) driver=test_lowbit_mma; linked="lowbit"; included="lowbit_mma" ;;
+    ptq161.cu) driver=test_ptq161; linked="ptq161"; included="" ;;
     attention.cu | attention_mma.cu) driver=test_attention; linked="attention attention_mma"; included="" ;;
     path_attention.cu) driver=test_path_attention; linked="path_attention"; included="" ;;
     vq.cu) driver=test_vq; linked="vq"; included="" ;;

@@ -113,6 +113,8 @@ inline int4 __ldg(const int4* p) {
   return *p;
 }
 inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
+inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
+inline int __float_as_int(float f) { int i; memcpy(&i, &f, 4); return i; }
 // CUDA Math API: result byte n = byte s[4n + 2 : 4n] of the 8-byte value {y (bytes 4-7), x (bytes 0-3)}.
 inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
   const uint64_t v = (uint64_t(y) << 32) | x;

@@ -1,0 +1,640 @@
+// PTQ1.61 mixed GEMM on the CPU: argument checks and the CPU kernels of the ptq161 family (format: ptq161.h).
+//
+// ptq161_linear = salient 4-bit part + binary part, both on gathered activations (x read through perm once):
+//
+//   salient:  s_i (D[m, i] - z_i X[m])   -- the lowbit family's 4-bit kernels, called through the dispatcher
+//             (blockops::quant_linear with one scale/zero per row, split into groups of <= 1024 channels so its
+//             16-bit fixed-point decode kernel applies); nothing of the 4-bit decode is duplicated here.
+//   binary:   r1_i (alpha_i U[m, i] + mu_i V[m]),  U = signs^T x'  (x' = r2 x over the non-salient channels)
+//
+// U for up to kGemvMaxRows rows: a lookup-table GEMV. Per group of 4 non-salient inputs a 16-entry table holds
+// every signed sum +-x'_0 +-x'_1 +-x'_2 +-x'_3; a 4-bit nibble of sign bits indexes it. With AVX-512 the table is
+// one zmm register and _mm512_permutexvar_ps looks up 16 rows at once (it reads only the low 4 bits of each
+// index, so a shift of the sign word is the whole decode): 64 weights per shift + permute + add.
+//
+//      signs [words, out] int32           a task owns a band of kBandTiles tiles (16 rows = one 64-byte line of
+//      +------ band 0 ------+-- band 1     each word row) and walks down the word rows; per word row the 8 tables
+//      | t0 | t1 | ... | t7 | t0 | ...    of its 32 inputs are loaded once and reused by every tile of the band;
+//      v    v    v     v    v             lines kPrefetchWords ahead are prefetched (a stride of out * 4 bytes
+//                                          defeats the hardware prefetchers). Several activation rows share
+//                                          each line of sign words (partial sums in an L1 buffer).
+//
+// U for more rows, and the transposed product signs x G' of the backward: +-1 blocks of the sign matrix decoded
+// into fp32 and multiplied by ATen's GEMM (at::mm), one block at a time.
+// sign(0) = 0 entries (zero_signs) are corrected after the kernels (U) or zeroed in the decoded blocks.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#if BLOCKOPS_X86_DISPATCH
+#include <immintrin.h>
+#endif
+
+#include "checks.h"
+#include "cpu_features.h"
+#include "introspection.h"
+#include "ptq161_op.h"
+
+namespace blockops::ptq161 {
+
+// ---------------------------------------------------------------------------------------------------------
+// Argument checks
+// ---------------------------------------------------------------------------------------------------------
+
+at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
+
+void check_factor(const char* op, const char* arg, const at::Tensor& t, int64_t size, const at::Tensor& ref) {
+  check_dtype(t, {at::kHalf, at::kBFloat16, at::kFloat}, op, arg);
+  check_same_device(t, ref, op, arg, "perm");
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == size, op, ": ", arg, " must have shape [", size, "], got ", t.sizes());
+  check_contiguous(t, op, arg);
+}
+
+Geometry check_weight(const char* op, const at::Tensor& perm, const at::Tensor& qsalient, const at::Tensor& scale,
+                      const at::Tensor& zero, const at::Tensor& signs, const at::Tensor& zero_signs,
+                      const at::Tensor& alpha, const at::Tensor& mu, const at::Tensor& r1, const at::Tensor& r2,
+                      int64_t num_salient, Factors* factors) {
+  check_dtype(perm, {at::kInt}, op, "perm");
+  check_dtype(qsalient, {at::kInt}, op, "qsalient");
+  check_dtype(signs, {at::kInt}, op, "signs");
+  check_dtype(zero_signs, {at::kLong}, op, "zero_signs");
+  TORCH_CHECK(perm.dim() == 1, op, ": perm must be 1-D [in], got shape ", perm.sizes());
+  TORCH_CHECK(alpha.dim() == 1, op, ": alpha must be 1-D [out], got shape ", alpha.sizes());
+  const Geometry g{perm.size(0), alpha.size(0), num_salient};
+  TORCH_CHECK(num_salient >= 0 && num_salient <= g.in, op, ": num_salient must be in [0, in = ", g.in, "], got ",
+              num_salient);
+  const std::pair<const at::Tensor*, const char*> packed[] = {
+      {&qsalient, "qsalient"}, {&signs, "signs"}, {&zero_signs, "zero_signs"}};
+  for (const auto& [t, name] : packed) {
+    check_same_device(*t, perm, op, name, "perm");
+    check_contiguous(*t, op, name);
+  }
+  check_contiguous(perm, op, "perm");
+  TORCH_CHECK(qsalient.dim() == 2 && qsalient.size(0) == g.salient_words() && qsalient.size(1) == g.out, op,
+              ": qsalient must have shape [", g.salient_words(), ", ", g.out, "] (", num_salient,
+              " salient channels padded to ", g.salient_padded(), ", 8 codes per word), got ", qsalient.sizes());
+  TORCH_CHECK(signs.dim() == 2 && signs.size(0) == g.sign_words() && signs.size(1) == g.out, op,
+              ": signs must have shape [", g.sign_words(), ", ", g.out, "] (", g.plain(),
+              " non-salient channels, 32 per word), got ", signs.sizes());
+  TORCH_CHECK(zero_signs.dim() == 1, op, ": zero_signs must be 1-D, got shape ", zero_signs.sizes());
+  check_factor(op, "salient_scale", scale, g.out, perm);
+  check_factor(op, "salient_zero", zero, g.out, perm);
+  check_factor(op, "alpha", alpha, g.out, perm);
+  check_factor(op, "mu", mu, g.out, perm);
+  check_factor(op, "r1", r1, g.out, perm);
+  check_factor(op, "r2", r2, g.in, perm);
+  // perm must be a permutation of [0, in): every channel exactly once (O(in), cheap next to any product; device
+  // tensors are checked through a host copy).
+  const at::Tensor perm_host = perm.is_cpu() ? perm : perm.cpu();
+  const int32_t* p = perm_host.const_data_ptr<int32_t>();
+  std::vector<char> seen(g.in, 0);
+  for (int64_t c = 0; c < g.in; ++c) {
+    TORCH_CHECK(p[c] >= 0 && p[c] < g.in, op, ": perm[", c, "] = ", p[c], " is out of range [0, ", g.in, ")");
+    TORCH_CHECK(!seen[p[c]], op, ": perm is not a permutation: channel ", p[c], " appears twice");
+    seen[p[c]] = 1;
+  }
+  const at::Tensor zero_host = zero_signs.is_cpu() ? zero_signs : zero_signs.cpu();
+  const int64_t* z = zero_host.const_data_ptr<int64_t>();
+  const int64_t limit = g.plain() * g.out;
+  for (int64_t e = 0; e < zero_signs.numel(); ++e) {
+    TORCH_CHECK(z[e] >= 0 && z[e] < limit, op, ": zero_signs[", e, "] = ", z[e], " is out of range [0, N * out = ",
+                limit, ")");
+    TORCH_CHECK(e == 0 || z[e] > z[e - 1], op, ": zero_signs must be strictly increasing, but zero_signs[", e,
+                "] = ", z[e], " follows ", z[e - 1]);
+  }
+  if (factors != nullptr) {
+    *factors = Factors{as_float(scale), as_float(zero), as_float(alpha), as_float(mu), as_float(r1), as_float(r2)};
+  }
+  return g;
+}
+
+void check_activation(const char* op, const char* arg, const at::Tensor& t, int64_t features, const at::Tensor& perm) {
+  check_dtype(t, {at::kHalf, at::kBFloat16, at::kFloat}, op, arg);
+  check_same_device(t, perm, op, arg, "perm");
+  check_ndim_at_least(t, 1, op, arg);
+  TORCH_CHECK(t.size(-1) == features, op, ": ", arg, " must have ", features, " features in its last dim, got shape ",
+              t.sizes());
+  check_contiguous(t, op, arg);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The salient part through the lowbit family's 4-bit kernels
+// ---------------------------------------------------------------------------------------------------------
+
+// Groups of at most kMaxSalientGroup salient channels (multiples of 16) splitting S_pad evenly, so that the lowbit
+// decode kernel runs its fixed-point path; every group repeats the row's scale and zero.
+int64_t salient_groups(const Geometry& g) {
+  const int64_t units = g.salient_padded() / kSalientAlign;
+  for (int64_t k = 1;; ++k) {
+    if (units % k == 0 && units / k * kSalientAlign <= kMaxSalientGroup) return k;
+  }
+}
+
+SalientParams salient_params(const Factors& f, const Geometry& g) {
+  const int64_t groups = salient_groups(g);
+  return {f.scale.view({1, g.out}).expand({groups, g.out}).contiguous(),
+          f.zero.view({1, g.out}).expand({groups, g.out}).contiguous(), g.salient_padded() / groups};
+}
+
+at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& qweight, const SalientParams& p) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("blockops::quant_linear", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, int64_t, int64_t, const c10::optional<at::Tensor>&)>();
+  return op.call(x, qweight, p.scales, p.zeros, kSalientBits, p.group_size, c10::nullopt);
+}
+
+at::Tensor lowbit_grad_input(const at::Tensor& gy, const at::Tensor& qweight, const SalientParams& p) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("blockops::quant_linear_grad_input", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, int64_t, int64_t)>();
+  return op.call(gy, qweight, p.scales, p.zeros, kSalientBits, p.group_size);
+}
+
+namespace {
+
+constexpr const char* kLinear = "blockops.ptq161_linear";
+constexpr const char* kDequant = "blockops.ptq161_dequantize";
+constexpr const char* kBackward = "blockops.ptq161_linear_backward";
+
+KernelCounter linear_counter("ptq161_linear.cpu");
+KernelCounter dequant_counter("ptq161_dequantize.cpu");
+KernelCounter backward_counter("ptq161_linear_backward.cpu");
+// The binary GEMV uses AVX-512 (vpermps on zmm) where the CPU has the AVX-512 set the lowbit decode kernel needs.
+const char* ptq161_cpu_isa() { return cpu_has_avx512_vnni() ? "avx2+fma, avx512 (binary GEMV)" : cpu_isa_name(); }
+FamilyRegistration family("ptq161", ptq161_cpu_isa);
+
+constexpr int64_t kGemvMaxRows = 16;    // table passes up to here, decoded +-1 blocks + GEMM above (set by an
+                                        // operation count, not yet tuned by measurement: see docs/performance.md)
+constexpr int kTileRows = 16;           // output rows per tile: one 64-byte line of a word row
+constexpr int kBandTiles = 8;           // tiles per task: 8 accumulator pairs + 8 tables fill the zmm file
+constexpr int kPrefetchWords = 16;      // word rows fetched ahead (~ memory latency / time per word row)
+constexpr int kNibbles = kSignsPerWord / 4;
+constexpr int kTable = 16;              // entries per 4-input table
+constexpr int64_t kBlockFloats = 2 << 20;  // decoded +-1 block: at most 8 MB of fp32
+constexpr int64_t kTaskWork = 1 << 16;      // elements per task at least: below, waking threads costs more
+
+// Grain for at::parallel_for over items of `work` elements each, so that small problems run on one thread.
+int64_t grain(int64_t work) { return std::max<int64_t>(1, kTaskWork / std::max<int64_t>(work, 1)); }
+
+// ---------------------------------------------------------------------------------------------------------
+// Gathering activations through perm
+// ---------------------------------------------------------------------------------------------------------
+
+// x [rows, in] fp32 -> salient [rows, S_pad] (zero padded), plain [rows, words * 32] = r2 x over the non-salient
+// channels (zero padded: padding sign bits then contribute nothing), and, for the r2 gradient, plain_raw (x itself).
+struct Gathered {
+  at::Tensor salient, plain, plain_raw;
+};
+
+Gathered gather(const at::Tensor& x32, const at::Tensor& perm, const at::Tensor& r2, const Geometry& g, bool raw) {
+  const int64_t rows = x32.size(0), padded = g.sign_words() * kSignsPerWord;
+  Gathered out{at::zeros({rows, g.salient_padded()}, x32.options()), at::zeros({rows, padded}, x32.options()),
+               raw ? at::empty({rows, g.plain()}, x32.options()) : at::Tensor()};
+  const float* x = x32.const_data_ptr<float>();
+  const int32_t* p = perm.const_data_ptr<int32_t>();
+  const float* r = r2.const_data_ptr<float>();
+  float* sal = out.salient.mutable_data_ptr<float>();
+  float* pl = out.plain.mutable_data_ptr<float>();
+  float* pr = raw ? out.plain_raw.mutable_data_ptr<float>() : nullptr;
+  at::parallel_for(0, rows, grain(g.in), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float* xm = x + m * g.in;
+      for (int64_t k = 0; k < g.salient; ++k) sal[m * g.salient_padded() + k] = xm[p[k]];
+      for (int64_t j = 0; j < g.plain(); ++j) {
+        const int32_t c = p[g.salient + j];
+        pl[m * padded + j] = r[c] * xm[c];
+        if (pr != nullptr) pr[m * g.plain() + j] = xm[c];
+      }
+    }
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The binary part: U = signs^T x' (lookup-table GEMV) and the +-1 blocks
+// ---------------------------------------------------------------------------------------------------------
+
+// Per row and group of 4 inputs, the 16 signed sums: table[e] = sum_u (bit u of e ? +1 : -1) x'_u, built by
+// doubling (entry e with its top bit set is entry e without it plus 2 x'_top).
+at::Tensor build_tables(const at::Tensor& plain, const Geometry& g) {
+  const int64_t rows = plain.size(0), groups = g.sign_words() * kNibbles;
+  at::Tensor tables = at::empty({rows, groups, kTable}, plain.options());
+  const float* x = plain.const_data_ptr<float>();
+  float* t = tables.mutable_data_ptr<float>();
+  at::parallel_for(0, rows * groups, grain(kTable), [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const float* xg = x + idx * 4;  // plain is [rows, groups * 4]
+      float* e = t + idx * kTable;
+      e[0] = -(xg[0] + xg[1] + xg[2] + xg[3]);
+      for (int u = 0; u < 4; ++u) {
+        for (int low = 0; low < (1 << u); ++low) e[(1 << u) | low] = e[low] + 2.f * xg[u];
+      }
+    }
+  });
+  return tables;
+}
+
+// Portable GEMV over output rows [i0, i1) of one activation row.
+void sign_rows_portable(const float* table, const int32_t* signs, const Geometry& g, int64_t i0, int64_t i1, float* u) {
+  for (int64_t i = i0; i < i1; ++i) {
+    float acc = 0.f;
+    for (int64_t w = 0; w < g.sign_words(); ++w) {
+      const uint32_t word = static_cast<uint32_t>(signs[w * g.out + i]);
+      const float* tw = table + w * kNibbles * kTable;
+      for (int k = 0; k < kNibbles; ++k) acc += tw[k * kTable + ((word >> (4 * k)) & 15u)];
+    }
+    u[i] = acc;
+  }
+}
+
+#if BLOCKOPS_X86_DISPATCH
+// The table lookup of one nibble of sign bits per row: vpermps reads only the low 4 bits of each index, so the
+// word shifted right by 4 k is the index of nibble k. (The zero-masking forms with a full mask compile to the
+// same instructions and spare GCC's "may be used uninitialized" warnings about the unmasked forms' pass-through.)
+BLOCKOPS_TARGET_AVX512_VNNI __attribute__((always_inline)) inline __m512 lookup_nibble(__m512i bits, unsigned shift,
+                                                                                     __m512 table) {
+  constexpr __mmask16 kAll = 0xFFFF;
+  return _mm512_maskz_permutexvar_ps(kAll, _mm512_maskz_srli_epi32(kAll, bits, shift), table);
+}
+
+// AVX-512: kTiles tiles of 16 rows from row i0, one activation row. Two accumulators per tile (even and odd
+// nibbles) halve the add chains' latency.
+template <int kTiles>
+BLOCKOPS_TARGET_AVX512_VNNI void sign_band_avx512(const float* table, const int32_t* signs, const Geometry& g,
+                                                  int64_t i0, float* u) {
+  __m512 acc0[kTiles], acc1[kTiles];
+  for (int t = 0; t < kTiles; ++t) acc0[t] = acc1[t] = _mm512_setzero_ps();
+  for (int64_t w = 0; w < g.sign_words(); ++w) {
+    const int32_t* line = signs + w * g.out + i0;
+    const char* ahead = reinterpret_cast<const char*>(line + kPrefetchWords * g.out);
+    for (int t = 0; t < kTiles; ++t) _mm_prefetch(ahead + t * 64, _MM_HINT_T0);
+    __m512 tab[kNibbles];
+    for (int k = 0; k < kNibbles; ++k) tab[k] = _mm512_loadu_ps(table + (w * kNibbles + k) * kTable);
+    for (int t = 0; t < kTiles; ++t) {
+      const __m512i bits = _mm512_loadu_si512(line + t * kTileRows);
+      for (int k = 0; k < kNibbles; k += 2) {
+        acc0[t] = _mm512_add_ps(acc0[t], lookup_nibble(bits, 4 * k, tab[k]));
+        acc1[t] = _mm512_add_ps(acc1[t], lookup_nibble(bits, 4 * k + 4, tab[k + 1]));
+      }
+    }
+  }
+  for (int t = 0; t < kTiles; ++t) _mm512_storeu_ps(u + i0 + t * kTileRows, _mm512_add_ps(acc0[t], acc1[t]));
+}
+
+// AVX-512, several activation rows: the word row's line of each tile is loaded from memory once and reused from
+// L1 for every activation row, whose 8 tables are loaded once per word row; the partial sums (rows x tiles x 16)
+// live in an L1 buffer rather than registers. `tiles` full tiles from row i0.
+BLOCKOPS_TARGET_AVX512_VNNI void sign_band_rows_avx512(const float* tables, int64_t table_stride, int rows,
+                                                       const int32_t* signs, const Geometry& g, int64_t i0,
+                                                       int tiles, float* u) {
+  alignas(64) float acc[kGemvMaxRows][kBandTiles * kTileRows];
+  for (int m = 0; m < rows; ++m)
+    for (int c = 0; c < tiles * kTileRows; ++c) acc[m][c] = 0.f;
+  for (int64_t w = 0; w < g.sign_words(); ++w) {
+    const int32_t* line = signs + w * g.out + i0;
+    const char* ahead = reinterpret_cast<const char*>(line + kPrefetchWords * g.out);
+    for (int t = 0; t < tiles; ++t) _mm_prefetch(ahead + t * 64, _MM_HINT_T0);
+    for (int m = 0; m < rows; ++m) {
+      __m512 tab[kNibbles];
+      for (int k = 0; k < kNibbles; ++k) tab[k] = _mm512_loadu_ps(tables + m * table_stride + (w * kNibbles + k) * kTable);
+      for (int t = 0; t < tiles; ++t) {
+        const __m512i bits = _mm512_loadu_si512(line + t * kTileRows);
+        __m512 a0 = _mm512_load_ps(&acc[m][t * kTileRows]), a1 = _mm512_setzero_ps();
+        for (int k = 0; k < kNibbles; k += 2) {
+          a0 = _mm512_add_ps(a0, lookup_nibble(bits, 4 * k, tab[k]));
+          a1 = _mm512_add_ps(a1, lookup_nibble(bits, 4 * k + 4, tab[k + 1]));
+        }
+        _mm512_store_ps(&acc[m][t * kTileRows], _mm512_add_ps(a0, a1));
+      }
+    }
+  }
+  for (int m = 0; m < rows; ++m)
+    for (int t = 0; t < tiles; ++t) _mm512_storeu_ps(u + m * g.out + i0 + t * kTileRows, _mm512_load_ps(&acc[m][t * kTileRows]));
+}
+
+// AVX2: 8 rows per register, so a 16-entry table is two halves; permutevar8x32 looks up the low 3 bits of the
+// nibble in both and bit 3 (moved to the sign bit) selects the half. kTiles tiles of 8 rows.
+template <int kTiles>
+BLOCKOPS_TARGET_AVX2 void sign_band_avx2(const float* table, const int32_t* signs, const Geometry& g, int64_t i0,
+                                         float* u) {
+  __m256 acc[kTiles];
+  for (int t = 0; t < kTiles; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t w = 0; w < g.sign_words(); ++w) {
+    const int32_t* line = signs + w * g.out + i0;
+    const char* ahead = reinterpret_cast<const char*>(line + kPrefetchWords * g.out);
+    for (int t = 0; t < kTiles; t += 2) _mm_prefetch(ahead + t * 32, _MM_HINT_T0);
+    for (int k = 0; k < kNibbles; ++k) {
+      const float* tk = table + (w * kNibbles + k) * kTable;
+      const __m256 lo = _mm256_loadu_ps(tk), hi = _mm256_loadu_ps(tk + 8);
+      for (int t = 0; t < kTiles; ++t) {
+        const __m256i nib = _mm256_srli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(line + t * 8)), 4 * k);
+        const __m256 pick = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, nib), _mm256_permutevar8x32_ps(hi, nib),
+                                             _mm256_castsi256_ps(_mm256_slli_epi32(nib, 28)));
+        acc[t] = _mm256_add_ps(acc[t], pick);
+      }
+    }
+  }
+  for (int t = 0; t < kTiles; ++t) _mm256_storeu_ps(u + i0 + t * 8, acc[t]);
+}
+#endif
+
+// U [rows, out] for few rows: tasks take bands of kBandTiles * 16 output rows; the rows left over at the end
+// (out % 16, or all of them without AVX2) take the portable loop.
+void sign_gemv(const at::Tensor& tables, const int32_t* signs, const Geometry& g, float* u) {
+  const int64_t rows = tables.size(0);
+  const int64_t table_stride = tables.size(1) * kTable;
+  const float* tab = tables.const_data_ptr<float>();
+  constexpr int64_t kBandRows = kBandTiles * kTileRows;
+  const int64_t bands = (g.out + kBandRows - 1) / kBandRows;
+#if BLOCKOPS_X86_DISPATCH
+  const bool avx512 = cpu_has_avx512_vnni(), avx2 = cpu_has_avx2_fma();
+#endif
+  at::parallel_for(0, bands, grain(kBandRows * g.sign_words() * kSignsPerWord * rows), [&](int64_t begin, int64_t end) {
+    for (int64_t band = begin; band < end; ++band) {
+      const int64_t i0 = band * kBandRows, i1 = std::min(g.out, i0 + kBandRows);
+#if BLOCKOPS_X86_DISPATCH
+      if (avx512 && rows > 1) {
+        const int tiles = static_cast<int>((i1 - i0) / kTileRows);
+        if (tiles > 0) sign_band_rows_avx512(tab, table_stride, static_cast<int>(rows), signs, g, i0, tiles, u);
+        for (int64_t m = 0; m < rows; ++m) {
+          sign_rows_portable(tab + m * table_stride, signs, g, i0 + tiles * kTileRows, i1, u + m * g.out);
+        }
+        continue;
+      }
+#endif
+      for (int64_t m = 0; m < rows; ++m) {
+        const float* table = tab + m * table_stride;
+        float* um = u + m * g.out;
+        int64_t i = i0;
+#if BLOCKOPS_X86_DISPATCH
+        if (avx512) {
+          if (i1 - i == kBandRows) {
+            sign_band_avx512<kBandTiles>(table, signs, g, i, um);
+            i += kBandRows;
+          }
+          for (; i + kTileRows <= i1; i += kTileRows) sign_band_avx512<1>(table, signs, g, i, um);
+        } else if (avx2) {
+          for (; i + 32 <= i1; i += 32) sign_band_avx2<4>(table, signs, g, i, um);
+          for (; i + 8 <= i1; i += 8) sign_band_avx2<1>(table, signs, g, i, um);
+        }
+#endif
+        sign_rows_portable(table, signs, g, i, i1, um);
+      }
+    }
+  });
+}
+
+// Decodes word rows [w0, w1) of the signs into block [jb, out] fp32 (+1 / -1; 0 for sign(0) entries), jb = the
+// non-salient positions j0 = 32 w0 .. min(N, 32 w1). Tasks take word rows; the loop over rows is unit-stride.
+void decode_sign_block(const int32_t* signs, const int64_t* zero_signs, int64_t num_zero, const Geometry& g,
+                       int64_t w0, int64_t w1, float* block) {
+  const int64_t j0 = w0 * kSignsPerWord, j1 = std::min(g.plain(), w1 * kSignsPerWord);
+  at::parallel_for(w0, w1, grain(kSignsPerWord * g.out), [&](int64_t wb, int64_t we) {
+    for (int64_t w = wb; w < we; ++w) {
+      const uint32_t* word = reinterpret_cast<const uint32_t*>(signs + w * g.out);
+      const int lanes = static_cast<int>(std::min<int64_t>(kSignsPerWord, j1 - w * kSignsPerWord));
+      for (int t = 0; t < lanes; ++t) {
+        float* dst = block + (w * kSignsPerWord + t - j0) * g.out;
+        for (int64_t i = 0; i < g.out; ++i) dst[i] = static_cast<float>(static_cast<int>((word[i] >> t) & 1u) * 2 - 1);
+      }
+    }
+  });
+  // zero_signs is sorted by j * out + i, so the block's entries form one contiguous run.
+  const int64_t* first = std::lower_bound(zero_signs, zero_signs + num_zero, j0 * g.out);
+  const int64_t* last = std::lower_bound(zero_signs, zero_signs + num_zero, j1 * g.out);
+  for (const int64_t* e = first; e < last; ++e) block[*e - j0 * g.out] = 0.f;
+}
+
+// Runs f(j0, jb, block) over the sign matrix in decoded blocks of at most kBlockFloats (whole words of 32 rows).
+template <typename F>
+void for_each_sign_block(const at::Tensor& signs, const at::Tensor& zero_signs, const Geometry& g,
+                         const at::TensorOptions& options, F&& f) {
+  const int64_t words_per_block = std::max<int64_t>(1, kBlockFloats / (kSignsPerWord * std::max<int64_t>(g.out, 1)));
+  const int64_t block_rows = std::min(g.plain(), words_per_block * kSignsPerWord);
+  at::Tensor buffer = at::empty({block_rows * g.out}, options);
+  for (int64_t w0 = 0; w0 < g.sign_words(); w0 += words_per_block) {
+    const int64_t w1 = std::min(g.sign_words(), w0 + words_per_block);
+    const int64_t j0 = w0 * kSignsPerWord, jb = std::min(g.plain(), w1 * kSignsPerWord) - j0;
+    at::Tensor block = buffer.narrow(0, 0, jb * g.out).view({jb, g.out});
+    decode_sign_block(signs.const_data_ptr<int32_t>(), zero_signs.const_data_ptr<int64_t>(), zero_signs.numel(), g,
+                      w0, w1, block.mutable_data_ptr<float>());
+    f(j0, jb, block);
+  }
+}
+
+// U [rows, out] = sum_j b[j, i] plain[m, j] with b = 0 for the sign(0) entries.
+at::Tensor sign_dot(const at::Tensor& plain, const at::Tensor& signs, const at::Tensor& zero_signs, const Geometry& g) {
+  const int64_t rows = plain.size(0);
+  if (g.plain() == 0) return at::zeros({rows, g.out}, plain.options());
+  if (rows <= kGemvMaxRows) {
+    at::Tensor u = at::empty({rows, g.out}, plain.options());
+    sign_gemv(build_tables(plain, g), signs.const_data_ptr<int32_t>(), g, u.mutable_data_ptr<float>());
+    // The kernel read every stored bit; take the sign(0) entries back out.
+    const int64_t* z = zero_signs.const_data_ptr<int64_t>();
+    const float* x = plain.const_data_ptr<float>();
+    float* um = u.mutable_data_ptr<float>();
+    const int32_t* s = signs.const_data_ptr<int32_t>();
+    for (int64_t e = 0; e < zero_signs.numel(); ++e) {
+      const int64_t j = z[e] / g.out, i = z[e] % g.out;
+      const float b = sign_value(sign_bit(s, g, j, i));
+      for (int64_t m = 0; m < rows; ++m) um[m * g.out + i] -= b * x[m * plain.size(1) + j];
+    }
+    return u;
+  }
+  at::Tensor u = at::zeros({rows, g.out}, plain.options());
+  for_each_sign_block(signs, zero_signs, g, plain.options(), [&](int64_t j0, int64_t jb, const at::Tensor& block) {
+    u.addmm_(plain.narrow(1, j0, jb), block);
+  });
+  return u;
+}
+
+// The transposed product [rows, N]: out[m, j] = sum_i b[j, i] gy[m, i].
+at::Tensor sign_dot_transposed(const at::Tensor& gy, const at::Tensor& signs, const at::Tensor& zero_signs,
+                               const Geometry& g) {
+  at::Tensor out = at::empty({gy.size(0), g.plain()}, gy.options());
+  for_each_sign_block(signs, zero_signs, g, gy.options(), [&](int64_t j0, int64_t jb, const at::Tensor& block) {
+    out.narrow(1, j0, jb).copy_(at::mm(gy, block.t()));
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Ops
+// ---------------------------------------------------------------------------------------------------------
+
+at::Tensor ptq161_linear_cpu(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& qsalient,
+                             const at::Tensor& salient_scale, const at::Tensor& salient_zero, const at::Tensor& signs,
+                             const at::Tensor& zero_signs, const at::Tensor& alpha, const at::Tensor& mu,
+                             const at::Tensor& r1, const at::Tensor& r2, int64_t num_salient,
+                             const c10::optional<at::Tensor>& bias) {
+  Factors f;
+  const Geometry g = check_weight(kLinear, perm, qsalient, salient_scale, salient_zero, signs, zero_signs, alpha, mu,
+                                  r1, r2, num_salient, &f);
+  check_activation(kLinear, "x", x, g.in, perm);
+  if (bias.has_value()) check_factor(kLinear, "bias", *bias, g.out, perm);
+  std::vector<int64_t> out_sizes = x.sizes().vec();
+  out_sizes.back() = g.out;
+  const int64_t rows = x.numel() / std::max<int64_t>(g.in, 1);
+  if (rows == 0 || g.out == 0) return at::zeros(out_sizes, x.options());
+  linear_counter.hit();
+  const at::Tensor x32 = as_float(x.reshape({rows, g.in}));
+  const Gathered xg = gather(x32, perm, f.r2, g, false);
+  const at::Tensor u = sign_dot(xg.plain, signs, zero_signs, g);
+  const at::Tensor v = xg.plain.sum(1);
+  at::Tensor y = g.salient > 0 ? lowbit_linear(xg.salient, qsalient, salient_params(f, g))
+                               : at::zeros({rows, g.out}, x32.options());
+  // y += r1 (alpha U + mu V) + bias, one pass.
+  const float* up = u.const_data_ptr<float>();
+  const float* vp = v.const_data_ptr<float>();
+  const float* al = f.alpha.const_data_ptr<float>();
+  const float* mp = f.mu.const_data_ptr<float>();
+  const float* rp = f.r1.const_data_ptr<float>();
+  const at::Tensor b32 = bias.has_value() ? as_float(*bias) : at::zeros({g.out}, x32.options());
+  const float* bp = b32.const_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  at::parallel_for(0, rows, grain(g.out), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      for (int64_t i = 0; i < g.out; ++i) {
+        yp[m * g.out + i] += rp[i] * (al[i] * up[m * g.out + i] + mp[i] * vp[m]) + bp[i];
+      }
+    }
+  });
+  return y.to(x.scalar_type()).view(out_sizes);
+}
+
+// W_hat [out, in] fp32 in the original channel order: tasks take tiles of 16 rows (one line of each packed row), so
+// the codes and signs are read once and each row's entries are scattered through perm within that row.
+at::Tensor ptq161_dequantize_cpu(const at::Tensor& perm, const at::Tensor& qsalient, const at::Tensor& salient_scale,
+                                 const at::Tensor& salient_zero, const at::Tensor& signs, const at::Tensor& zero_signs,
+                                 const at::Tensor& alpha, const at::Tensor& mu, const at::Tensor& r1,
+                                 const at::Tensor& r2, int64_t num_salient) {
+  Factors f;
+  const Geometry g = check_weight(kDequant, perm, qsalient, salient_scale, salient_zero, signs, zero_signs, alpha, mu,
+                                  r1, r2, num_salient, &f);
+  dequant_counter.hit();
+  at::Tensor w = at::empty({g.out, g.in}, alpha.options().dtype(at::kFloat));
+  if (w.numel() == 0) return w;
+  const int32_t* p = perm.const_data_ptr<int32_t>();
+  const int32_t* q = qsalient.const_data_ptr<int32_t>();
+  const int32_t* s = signs.const_data_ptr<int32_t>();
+  const float *sc = f.scale.const_data_ptr<float>(), *ze = f.zero.const_data_ptr<float>();
+  const float *al = f.alpha.const_data_ptr<float>(), *mp = f.mu.const_data_ptr<float>();
+  const float *rp = f.r1.const_data_ptr<float>(), *r2p = f.r2.const_data_ptr<float>();
+  float* out = w.mutable_data_ptr<float>();
+  const int64_t tiles = (g.out + kTileRows - 1) / kTileRows;
+  at::parallel_for(0, tiles, grain(kTileRows * g.in), [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t i1 = std::min(g.out, (tile + 1) * kTileRows);
+      for (int64_t k = 0; k < g.salient; ++k) {
+        for (int64_t i = tile * kTileRows; i < i1; ++i) {
+          out[i * g.in + p[k]] = high_weight(salient_code(q, g, k, i), sc[i], ze[i]);
+        }
+      }
+      for (int64_t j = 0; j < g.plain(); ++j) {
+        const int32_t c = p[g.salient + j];
+        for (int64_t i = tile * kTileRows; i < i1; ++i) {
+          out[i * g.in + c] = r2p[c] * low_weight_unscaled(sign_value(sign_bit(s, g, j, i)), al[i], mp[i], rp[i]);
+        }
+      }
+    }
+  });
+  const int64_t* z = zero_signs.const_data_ptr<int64_t>();
+  for (int64_t e = 0; e < zero_signs.numel(); ++e) {
+    const int64_t j = z[e] / g.out, i = z[e] % g.out;
+    const int32_t c = p[g.salient + j];
+    out[i * g.in + c] = r2p[c] * low_weight_unscaled(0.f, al[i], mp[i], rp[i]);
+  }
+  return w;
+}
+
+// Gradients (G = grad_out [rows, out], x' = r2 x over the non-salient channels, U and V as in the forward):
+//   alpha_i = r1_i sum_m G[m, i] U[m, i]          r1_i = sum_m G[m, i] (alpha_i U[m, i] + mu_i V[m])
+//   Zn[m, j] = sum_i G[m, i] r1_i (alpha_i b[j, i] + mu_i)   (G times W_low without r2, non-salient columns)
+//   r2_c = sum_m x[m, c] Zn[m, j]  (c = perm[S + j]; 0 for salient c)     x: r2_c Zn[m, j] and, salient, G W_high
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ptq161_linear_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& perm, const at::Tensor& qsalient,
+    const at::Tensor& salient_scale, const at::Tensor& salient_zero, const at::Tensor& signs,
+    const at::Tensor& zero_signs, const at::Tensor& alpha, const at::Tensor& mu, const at::Tensor& r1,
+    const at::Tensor& r2, int64_t num_salient, bool need_input, bool need_factors) {
+  Factors f;
+  const Geometry g = check_weight(kBackward, perm, qsalient, salient_scale, salient_zero, signs, zero_signs, alpha, mu,
+                                  r1, r2, num_salient, &f);
+  check_activation(kBackward, "x", x, g.in, perm);
+  check_activation(kBackward, "grad_out", grad_out, g.out, perm);
+  const int64_t rows = x.numel() / std::max<int64_t>(g.in, 1);
+  TORCH_CHECK(grad_out.numel() == rows * g.out, kBackward, ": grad_out ", grad_out.sizes(),
+              " does not match x ", x.sizes(), " (", rows, " rows of ", g.out, " outputs)");
+  backward_counter.hit();
+  at::Tensor grad_x = need_input ? at::zeros(x.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor ga = need_factors ? at::zeros({g.out}, alpha.options()) : at::empty({0}, alpha.options());
+  at::Tensor gr1 = need_factors ? at::zeros({g.out}, r1.options()) : at::empty({0}, r1.options());
+  at::Tensor gr2 = need_factors ? at::zeros({g.in}, r2.options()) : at::empty({0}, r2.options());
+  if (rows == 0 || g.in == 0 || g.out == 0 || !(need_input || need_factors)) return {grad_x, ga, gr1, gr2};
+  const at::Tensor x32 = as_float(x.reshape({rows, g.in}));
+  const at::Tensor gy = as_float(grad_out.reshape({rows, g.out}));
+  const Gathered xg = gather(x32, perm, f.r2, g, need_factors);
+  // Zn: the +-1 part with G scaled by r1 alpha, plus the mu part (the same for every j).
+  at::Tensor zn;
+  if (g.plain() > 0) {
+    const at::Tensor gscaled = (gy * (f.r1 * f.alpha)).contiguous();
+    zn = sign_dot_transposed(gscaled, signs, zero_signs, g);
+    zn.add_(at::mm(gy, (f.r1 * f.mu).view({g.out, 1})));
+  }
+  const int32_t* p = perm.const_data_ptr<int32_t>();
+  if (need_factors) {
+    const at::Tensor u = sign_dot(xg.plain, signs, zero_signs, g);
+    const at::Tensor v = xg.plain.sum(1, /*keepdim=*/true);
+    ga.copy_(f.r1 * (gy * u).sum(0));
+    gr1.copy_((gy * (f.alpha * u + f.mu * v)).sum(0));
+    if (g.plain() > 0) {
+      const at::Tensor per_j = (xg.plain_raw * zn).sum(0);
+      at::Tensor gr2_32 = at::zeros({g.in}, x32.options());
+      const float* src = per_j.const_data_ptr<float>();
+      float* dst = gr2_32.mutable_data_ptr<float>();
+      for (int64_t j = 0; j < g.plain(); ++j) dst[p[g.salient + j]] = src[j];
+      gr2.copy_(gr2_32);
+    }
+  }
+  if (need_input) {
+    at::Tensor gx32 = at::empty({rows, g.in}, x32.options());
+    float* dst = gx32.mutable_data_ptr<float>();
+    const at::Tensor gs = g.salient > 0 ? lowbit_grad_input(gy, qsalient, salient_params(f, g)) : at::Tensor();
+    const float* gsp = g.salient > 0 ? gs.const_data_ptr<float>() : nullptr;
+    const float* znp = g.plain() > 0 ? zn.const_data_ptr<float>() : nullptr;
+    const float* r2p = f.r2.const_data_ptr<float>();
+    at::parallel_for(0, rows, grain(g.in), [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) {
+        for (int64_t k = 0; k < g.salient; ++k) dst[m * g.in + p[k]] = gsp[m * g.salient_padded() + k];
+        for (int64_t j = 0; j < g.plain(); ++j) {
+          const int32_t c = p[g.salient + j];
+          dst[m * g.in + c] = r2p[c] * znp[m * g.plain() + j];
+        }
+      }
+    });
+    grad_x.copy_(gx32.view(x.sizes()));
+  }
+  return {grad_x, ga, gr1, gr2};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(blockops, CPU, m) {
+  m.impl("ptq161_linear", &ptq161_linear_cpu);
+  m.impl("ptq161_dequantize", &ptq161_dequantize_cpu);
+  m.impl("ptq161_linear_backward", &ptq161_linear_backward_cpu);
+}
+
+}  // namespace blockops::ptq161

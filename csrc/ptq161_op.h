@@ -1,0 +1,50 @@
+// Torch-facing argument handling for the PTQ1.61 ops, shared by the CPU and CUDA glue (implemented in
+// ptq161_cpu.cpp, which every build compiles). Every check names the op, the argument and the sizes.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include "ptq161.h"
+
+namespace blockops::ptq161 {
+
+// fp32 copies of the per-row / per-column factors (O(in + out): converting costs nothing next to a product).
+struct Factors {
+  at::Tensor scale, zero, alpha, mu, r1, r2;
+};
+
+// t as fp32 (itself when it already is).
+at::Tensor as_float(const at::Tensor& t);
+
+// A float factor of shape [size] on ref's device, contiguous.
+void check_factor(const char* op, const char* arg, const at::Tensor& t, int64_t size, const at::Tensor& ref);
+
+// Validates the packed weight (dtypes, shapes, devices, contiguity; perm a permutation of [0, in); zero_signs
+// strictly increasing and in range, both read through host copies for device tensors) and returns its geometry;
+// fills *factors with fp32 copies when factors != nullptr.
+Geometry check_weight(const char* op, const at::Tensor& perm, const at::Tensor& qsalient, const at::Tensor& scale,
+                      const at::Tensor& zero, const at::Tensor& signs, const at::Tensor& zero_signs,
+                      const at::Tensor& alpha, const at::Tensor& mu, const at::Tensor& r1, const at::Tensor& r2,
+                      int64_t num_salient, Factors* factors);
+
+// The salient part runs on the lowbit family's 4-bit kernels through the dispatcher (blockops::quant_linear and
+// quant_linear_grad_input with one scale / zero per row, so it works on every device those ops support): S_pad
+// channels in `groups` equal groups of at most kMaxSalientGroup (the CPU fixed-point decode kernel's largest group),
+// each repeating the row's scale and zero.
+constexpr int64_t kMaxSalientGroup = 1024;
+
+struct SalientParams {
+  at::Tensor scales, zeros;  // [groups, out] fp32
+  int64_t group_size;
+};
+
+int64_t salient_groups(const Geometry& g);
+SalientParams salient_params(const Factors& f, const Geometry& g);
+// x [rows, S_pad] fp32 (zero padded) -> s_i (D - z_i X) [rows, out] fp32.
+at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& qweight, const SalientParams& p);
+// gy [rows, out] fp32 -> gy @ W_high (in perm order, padded) [rows, S_pad] fp32.
+at::Tensor lowbit_grad_input(const at::Tensor& gy, const at::Tensor& qweight, const SalientParams& p);
+
+// An activation-like tensor [..., features]: fp16/bf16/fp32, perm's device, contiguous.
+void check_activation(const char* op, const char* arg, const at::Tensor& t, int64_t features, const at::Tensor& perm);
+
+}  // namespace blockops::ptq161

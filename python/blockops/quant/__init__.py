@@ -1,0 +1,6 @@
+"""Post-training quantization pipelines built on blockops' kernels and modules (``blockops.quant.ptq161``: PTQ1.61).
+
+The 2/3/4-bit round-to-nearest quantizer and the GPTQ checkpoint loader stay in ``blockops.quantize``."""
+from blockops.quant import ptq161
+
+__all__ = ["ptq161"]
