@@ -28,6 +28,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #if BLOCKOPS_X86_DISPATCH
@@ -58,8 +59,8 @@ FamilyRegistration family("vq", cpu_isa_name);
 constexpr int64_t kSmallBatchRows = 4;     // measured on 4096x4096, 2 loaded Zen 4 cores, one thread: the
                                            // table kernel costs ~1.2 (d=8) to ~3.5 (d=4) ms per row, the
                                            // blocks + GEMM ~11-14 ms from 9 rows on; even at 4 rows, not at 8
-constexpr int64_t kTileRows = 64;          // output rows per task of the small-batch kernels
-constexpr int64_t kChunkBytes = 16 << 10;  // table bytes per activation row gathered from per chunk (L1)
+constexpr int64_t kChunkBytes = 16 << 10;  // tables gathered from per chunk: half of Zen 4's 32 KB L1
+constexpr int64_t kTileBytes = 512 << 10;  // staged codes + accumulators of one tile: half of a 1 MB L2
 constexpr int64_t kBlockBytes = 64 << 20;  // fp32 W_hat dequantized at once on the GEMM paths. Measured: GEMMs
                                            // on 512-row blocks ran 1.6x slower than one GEMM on the whole
                                            // 4608 x 1152 DiT weight (21 MB), so blocks are as large as this allows
@@ -224,134 +225,270 @@ float dot(bool avx2, const float* a, const float* b, int64_t n) {
 // ---------------------------------------------------------------------------------------------------------
 // Small batches: lookup table
 // ---------------------------------------------------------------------------------------------------------
+//
+// Table layout: lut[p][c][m] = x[m, j*d:(j+1)*d] . codebooks[p % K][c] for position p = j*K + (p % K), codeword
+// c and activation row m < RP, the rows padded with zeros to RP in {1, 2, 4, 8, 16}. The RP sums of one
+// codeword sit side by side, so one vector load fetches what one code contributes to every activation row:
+// the gathers cost the same at batch 16 as at batch 1. Positions are padded with zero tables up to whole spans
+// so that the gather loop never needs a tail.
+//
+// Gathers, per task (a contiguous range of output rows, one per thread), per tile of rows:
+//
+//        positions ->   span 0 (>= 64 positions: one cache line of uint8 codes per row)    span 1 ...
+//                       +-- chunk 0 --+-- chunk 1 --+-- ... --+
+//      tile rows        | staged codes [chunk][row][chunk positions], copied from codes [out, P] |
+//                       +-------------+-------------+---------+
+//   The chunk's tables (chunk * k * RP floats, about kChunkBytes: L1) are read for every row of the tile; the
+//   staged codes of a chunk are contiguous, so the rows' codes stream in order instead of one cache line per
+//   row at a power-of-two stride (rows of 1024 codes all map to the same few L1 sets).
 
-struct LutArgs {
-  const float* lut;      // [rows][P][k]
-  const void* codes;     // [out, P]
-  CodeType type;
-  const float* scales;   // [out] fp32
-  float* y;              // [rows, out] fp32
-  Geometry g;
-  int64_t rows;
-  int64_t chunk;         // positions per chunk
+// The vectors below live inside always-inlined loops, never crossing a call, so GCC's -Wpsabi note (a vector
+// return would change the ABI between the AVX2 and the portable copies) does not apply.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+// RP floats side by side: a GCC vector (SSE/AVX2 in the AVX2 copy of the loops), or a float when RP = 1. (A
+// typedef: GCC drops vector_size from an alias declaration in a template.)
+template <int RP>
+struct Lanes { typedef float type __attribute__((vector_size(RP * sizeof(float)))); };
+static_assert(sizeof(Lanes<4>::type) == 4 * sizeof(float), "Lanes<RP> must be a vector of RP floats");
+template <>
+struct Lanes<1> { using type = float; };
+
+template <int RP>
+__attribute__((always_inline)) inline typename Lanes<RP>::type load_lanes(const float* p) {
+  typename Lanes<RP>::type v;
+  std::memcpy(&v, p, sizeof v);  // unaligned vector load
+  return v;
+}
+
+template <int RP>
+__attribute__((always_inline)) inline void store_lanes(float* p, typename Lanes<RP>::type v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+// How the table and the gathers are cut, for one call.
+struct TablePlan {
+  int64_t rp;      // activation rows padded to 1, 2, 4, 8 or 16
+  int64_t chunk;   // positions per chunk: a power of two >= 8 (whole 64-bit words of uint8 codes) with
+                   // chunk * k * rp floats about kChunkBytes
+  int64_t span;    // positions staged per row at once: a multiple of chunk, at least one cache line of codes
+  int64_t padded;  // positions rounded up to whole spans (the table's first dimension)
+  int64_t tile;    // output rows per tile: staged codes and accumulators stay within kTileBytes (L2)
 };
 
-// Table of one (row m, position p): lut[c] = sum_t xg[t] * cbt[t][c], with the codebook transposed to
-// [K][d][k] so that the loop over c is unit-stride and vectorises (AVX2 in the target-attributed copy).
-template <int D>
-__attribute__((always_inline)) inline void build_table(const float* xg, const float* cbt, int64_t k, float* lut) {
-  for (int64_t c = 0; c < k; ++c) {
-    float s = 0.f;
-    for (int t = 0; t < D; ++t) s += xg[t] * cbt[t * k + c];
-    lut[c] = s;
+TablePlan plan_tables(const Geometry& g, int64_t rows, int64_t code_bytes) {
+  TablePlan t{};
+  t.rp = rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : rows <= 8 ? 8 : 16;
+  const int64_t entry_bytes = g.k * t.rp * static_cast<int64_t>(sizeof(float));
+  t.chunk = 8;
+  while (t.chunk * 2 * entry_bytes <= kChunkBytes) t.chunk *= 2;
+  t.span = std::max(t.chunk, 64 / code_bytes);
+  t.padded = (g.positions() + t.span - 1) / t.span * t.span;
+  const int64_t row_bytes = t.span * code_bytes + t.rp * static_cast<int64_t>(sizeof(float));
+  t.tile = std::max<int64_t>(64, kTileBytes / row_bytes);
+  return t;
+}
+
+// Tables of one position p: lut[c][m] for all k codewords. RP = 1: unit-stride over c with the codebook
+// transposed to [K][d][k], so that it vectorises 8-wide in the AVX2 copy. RP > 1: one vector of the RP rows'
+// inputs per t, times each codeword's weight broadcast.
+template <int D, int RP>
+__attribute__((always_inline)) inline void build_position(const float* x, const float* cb, const float* cbt,
+                                                          const Geometry& g, int64_t rows, int64_t p, float* lut) {
+  const int64_t j = p / g.K, kk = p % g.K, in = g.in();
+  if constexpr (RP == 1) {
+    const float* xg = x + j * D;
+    const float* ct = cbt + kk * D * g.k;
+    for (int64_t c = 0; c < g.k; ++c) {
+      float s = 0.f;
+      for (int t = 0; t < D; ++t) s += xg[t] * ct[t * g.k + c];
+      lut[c] = s;
+    }
+  } else {
+    using V = typename Lanes<RP>::type;
+    V xt[D];
+    for (int t = 0; t < D; ++t) {
+      float lane[RP] = {};
+      for (int64_t m = 0; m < rows; ++m) lane[m] = x[m * in + j * D + t];
+      xt[t] = load_lanes<RP>(lane);
+    }
+    const float* cw = cb + kk * g.k * D;
+    for (int64_t c = 0; c < g.k; ++c) {
+      V s = xt[0] * cw[c * D];
+      for (int t = 1; t < D; ++t) s += xt[t] * cw[c * D + t];
+      store_lanes<RP>(lut + c * RP, s);
+    }
   }
 }
 
-template <int D>
-void build_tables_portable(const float* x, const float* cbt, const Geometry& g, int64_t m, int64_t p, float* lut) {
-  build_table<D>(x + m * g.in() + (p / g.K) * D, cbt + (p % g.K) * D * g.k, g.k, lut);
+template <int D, int RP>
+void build_positions_portable(const float* x, const float* cb, const float* cbt, const Geometry& g, int64_t rows,
+                              int64_t p0, int64_t p1, float* lut) {
+  for (int64_t p = p0; p < p1; ++p) build_position<D, RP>(x, cb, cbt, g, rows, p, lut + p * g.k * RP);
 }
 #if BLOCKOPS_X86_DISPATCH
-// The same loop, inlined into an AVX2/FMA function so that it is compiled 8-wide.
-template <int D>
-BLOCKOPS_TARGET_AVX2 void build_tables_avx2(const float* x, const float* cbt, const Geometry& g, int64_t m, int64_t p,
-                                            float* lut) {
-  build_table<D>(x + m * g.in() + (p / g.K) * D, cbt + (p % g.K) * D * g.k, g.k, lut);
+template <int D, int RP>
+BLOCKOPS_TARGET_AVX2 void build_positions_avx2(const float* x, const float* cb, const float* cbt, const Geometry& g,
+                                               int64_t rows, int64_t p0, int64_t p1, float* lut) {
+  for (int64_t p = p0; p < p1; ++p) build_position<D, RP>(x, cb, cbt, g, rows, p, lut + p * g.k * RP);
 }
 #endif
 
-void build_tables(bool avx2, const float* x, const float* cbt, const Geometry& g, int64_t rows, float* lut) {
-  const int64_t p_count = g.positions();
-  at::parallel_for(0, rows * p_count, 8, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const int64_t m = i / p_count, p = i % p_count;
-      float* dst = lut + i * g.k;
+using BuildFn = void (*)(const float*, const float*, const float*, const Geometry&, int64_t, int64_t, int64_t, float*);
+
+template <int RP>
+BuildFn pick_build_rp(bool avx2, int64_t d) {
 #if BLOCKOPS_X86_DISPATCH
-      if (avx2) {
-        switch (g.d) {
-          case 2: build_tables_avx2<2>(x, cbt, g, m, p, dst); break;
-          case 4: build_tables_avx2<4>(x, cbt, g, m, p, dst); break;
-          default: build_tables_avx2<8>(x, cbt, g, m, p, dst); break;
+  if (avx2) return d == 2 ? &build_positions_avx2<2, RP> : d == 4 ? &build_positions_avx2<4, RP> : &build_positions_avx2<8, RP>;
+#endif
+  return d == 2 ? &build_positions_portable<2, RP> : d == 4 ? &build_positions_portable<4, RP>
+                                                          : &build_positions_portable<8, RP>;
+}
+
+BuildFn pick_build(bool avx2, int64_t d, int64_t rp) {
+  switch (rp) {
+    case 1: return pick_build_rp<1>(avx2, d);
+    case 2: return pick_build_rp<2>(avx2, d);
+    case 4: return pick_build_rp<4>(avx2, d);
+    case 8: return pick_build_rp<8>(avx2, d);
+    default: return pick_build_rp<16>(avx2, d);
+  }
+}
+
+// All tables [padded][k][rp]; positions >= P get zero tables (their staged codes are 0).
+void build_tables(bool avx2, const float* x, const float* cb32, const Geometry& g, int64_t rows, const TablePlan& t,
+                  float* lut) {
+  std::vector<float> cbt;  // [K][d][k], for the single-row tables
+  if (t.rp == 1) {
+    cbt.resize(static_cast<size_t>(g.K * g.d * g.k));
+    for (int64_t kk = 0; kk < g.K; ++kk)
+      for (int64_t c = 0; c < g.k; ++c)
+        for (int64_t i = 0; i < g.d; ++i) cbt[(kk * g.d + i) * g.k + c] = cb32[(kk * g.k + c) * g.d + i];
+  }
+  const float* cbt_p = cbt.data();
+  const BuildFn build = pick_build(avx2, g.d, t.rp);
+  const int64_t P = g.positions(), table = g.k * t.rp;
+  std::fill(lut + P * table, lut + t.padded * table, 0.f);
+  at::parallel_for(0, P, 4, [&](int64_t p0, int64_t p1) { build(x, cb32, cbt_p, g, rows, p0, p1, lut); });
+}
+
+struct GatherArgs {
+  const float* lut;     // [padded][k][rp]
+  const void* codes;    // [out, P]
+  const float* scales;  // [out] fp32
+  float* y;             // [rows, out] fp32
+  Geometry g;
+  TablePlan t;
+  int64_t rows;
+};
+
+// One tile of output rows [n0, n1): stage its codes span by span, gather every chunk's tables into acc [row][RP],
+// then write y = scale * acc.
+template <typename CodeT, int RP>
+__attribute__((always_inline)) inline void gather_tile(const GatherArgs& a, int64_t n0, int64_t n1, CodeT* staged,
+                                                       float* acc) {
+  using V = typename Lanes<RP>::type;
+  constexpr int kPerWord = 8 / sizeof(CodeT);        // codes per 64-bit word
+  constexpr int kBits = 8 * sizeof(CodeT);
+  constexpr uint64_t kMask = (uint64_t{1} << kBits) - 1;
+  constexpr int kSums = RP == 1 ? 8 : 4;             // independent sums per row so that the adds pipeline
+  const int64_t P = a.g.positions(), k = a.g.k, rows = n1 - n0;
+  const int64_t chunk = a.t.chunk, span = a.t.span, table = k * RP;
+  const CodeT* codes = static_cast<const CodeT*>(a.codes);
+  std::fill(acc, acc + rows * RP, 0.f);
+  for (int64_t s0 = 0; s0 < a.t.padded; s0 += span) {
+    // Stage: staged[(q * rows + r) * chunk + i] = codes[n0 + r, s0 + q * chunk + i], zero past P.
+    const int64_t valid = std::min(span, P - s0);
+    for (int64_t r = 0; r < rows; ++r) {
+      const CodeT* src = codes + (n0 + r) * P + s0;
+      for (int64_t q = 0; q * chunk < span; ++q) {
+        CodeT* dst = staged + (q * rows + r) * chunk;
+        const int64_t have = std::clamp<int64_t>(valid - q * chunk, 0, chunk);
+        std::memcpy(dst, src + q * chunk, have * sizeof(CodeT));
+        std::fill(dst + have, dst + chunk, CodeT{0});
+      }
+    }
+    for (int64_t q = 0; q * chunk < span; ++q) {
+      const float* lut = a.lut + (s0 + q * chunk) * table;
+      const CodeT* code_rows = staged + q * rows * chunk;
+      for (int64_t r = 0; r < rows; ++r) {
+        const CodeT* c = code_rows + r * chunk;
+        V s[kSums] = {};
+        for (int64_t i0 = 0; i0 < chunk; i0 += kPerWord) {
+          uint64_t w;
+          std::memcpy(&w, c + i0, sizeof w);
+          const float* l = lut + i0 * table;
+#pragma GCC unroll 8
+          for (int i = 0; i < kPerWord; ++i) {
+            const int64_t code = static_cast<int64_t>((w >> (i * kBits)) & kMask);
+            s[i % kSums] += load_lanes<RP>(l + i * table + code * RP);
+          }
         }
-        continue;
+        V sum = s[0];
+        for (int i = 1; i < kSums; ++i) sum += s[i];
+        store_lanes<RP>(acc + r * RP, load_lanes<RP>(acc + r * RP) + sum);
       }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t n = n0 + r;
+    for (int64_t m = 0; m < a.rows; ++m) a.y[m * a.g.out + n] = a.scales[n] * acc[r * RP + m];
+  }
+}
+
+template <typename CodeT, int RP>
+void gather_portable(const GatherArgs& a, int64_t n0, int64_t n1, void* staged, float* acc) {
+  gather_tile<CodeT, RP>(a, n0, n1, static_cast<CodeT*>(staged), acc);
+}
+#if BLOCKOPS_X86_DISPATCH
+template <typename CodeT, int RP>
+BLOCKOPS_TARGET_AVX2 void gather_avx2(const GatherArgs& a, int64_t n0, int64_t n1, void* staged, float* acc) {
+  gather_tile<CodeT, RP>(a, n0, n1, static_cast<CodeT*>(staged), acc);
+}
 #endif
-      switch (g.d) {
-        case 2: build_tables_portable<2>(x, cbt, g, m, p, dst); break;
-        case 4: build_tables_portable<4>(x, cbt, g, m, p, dst); break;
-        default: build_tables_portable<8>(x, cbt, g, m, p, dst); break;
-      }
-    }
-  });
+
+using GatherFn = void (*)(const GatherArgs&, int64_t, int64_t, void*, float*);
+
+template <typename CodeT, int RP>
+GatherFn pick_gather_isa(bool avx2) {
+#if BLOCKOPS_X86_DISPATCH
+  if (avx2) return &gather_avx2<CodeT, RP>;
+#endif
+  return &gather_portable<CodeT, RP>;
 }
 
-// Code p of row n with the code type known at compile time (the loops below run once per weight).
-template <CodeType T>
-inline uint32_t code_at(const void* codes, int64_t flat) {
-  if constexpr (T == CodeType::kU8) return static_cast<const uint8_t*>(codes)[flat];
-  return static_cast<const uint16_t*>(codes)[flat];
-}
-
-// acc[(n - n0) * R + m] += sum over positions [p0, p1) of row n of lut[m][p][code], for R activation rows.
-// Four independent sums per row so that the adds pipeline instead of waiting on each other. Scalar loads on
-// purpose: on the Zen 4 we measured, AVX2 gathers (vgatherdps) were no faster at k = 256 and 40% slower at
-// k = 16 (the table is built with AVX2).
-template <CodeType T, int R>
-void gather_rows(const LutArgs& a, int64_t n0, int64_t n1, int64_t p0, int64_t p1, float* acc) {
-  const int64_t P = a.g.positions(), k = a.g.k;
-  for (int64_t n = n0; n < n1; ++n) {
-    float s[R][4] = {};
-    const int64_t row = n * P;
-    int64_t p = p0;
-    for (; p + 4 <= p1; p += 4) {
-      const int64_t o0 = p * k + code_at<T>(a.codes, row + p), o1 = (p + 1) * k + code_at<T>(a.codes, row + p + 1);
-      const int64_t o2 = (p + 2) * k + code_at<T>(a.codes, row + p + 2), o3 = (p + 3) * k + code_at<T>(a.codes, row + p + 3);
-      for (int m = 0; m < R; ++m) {
-        const float* lut = a.lut + m * P * k;
-        s[m][0] += lut[o0];
-        s[m][1] += lut[o1];
-        s[m][2] += lut[o2];
-        s[m][3] += lut[o3];
-      }
-    }
-    for (; p < p1; ++p) {
-      const int64_t o = p * k + code_at<T>(a.codes, row + p);
-      for (int m = 0; m < R; ++m) s[m][0] += a.lut[m * P * k + o];
-    }
-    for (int m = 0; m < R; ++m) acc[(n - n0) * R + m] += (s[m][0] + s[m][1]) + (s[m][2] + s[m][3]);
+template <typename CodeT>
+GatherFn pick_gather_rp(bool avx2, int64_t rp) {
+  switch (rp) {
+    case 1: return pick_gather_isa<CodeT, 1>(avx2);
+    case 2: return pick_gather_isa<CodeT, 2>(avx2);
+    case 4: return pick_gather_isa<CodeT, 4>(avx2);
+    case 8: return pick_gather_isa<CodeT, 8>(avx2);
+    default: return pick_gather_isa<CodeT, 16>(avx2);
   }
 }
 
-using GatherFn = void (*)(const LutArgs&, int64_t, int64_t, int64_t, int64_t, float*);
-
-// The gather kernel for this many rows (1..kSmallBatchRows) and code type.
-template <CodeType T>
-GatherFn pick_gather(int64_t rows) {
-  switch (rows) {
-    case 1: return &gather_rows<T, 1>;
-    case 2: return &gather_rows<T, 2>;
-    case 3: return &gather_rows<T, 3>;
-    default: return &gather_rows<T, 4>;
-  }
-}
-static_assert(kSmallBatchRows == 4, "pick_gather instantiates 1..4 rows");
-
-void lut_gemv(const LutArgs& a) {
-  const int64_t tiles = (a.g.out + kTileRows - 1) / kTileRows, P = a.g.positions();
-  const GatherFn gather = a.type == CodeType::kU8 ? pick_gather<CodeType::kU8>(a.rows)
-                                                  : pick_gather<CodeType::kU16>(a.rows);
-  at::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> acc(kTileRows * a.rows);
-    for (int64_t tile = b; tile < e; ++tile) {
-      const int64_t n0 = tile * kTileRows, n1 = std::min(a.g.out, n0 + kTileRows);
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t p0 = 0; p0 < P; p0 += a.chunk) gather(a, n0, n1, p0, std::min(P, p0 + a.chunk), acc.data());
-      for (int64_t n = n0; n < n1; ++n) {
-        for (int64_t m = 0; m < a.rows; ++m) a.y[m * a.g.out + n] = a.scales[n] * acc[(n - n0) * a.rows + m];
-      }
-    }
+void lut_gemv(bool avx2, const float* x, const void* codes, CodeType type, const float* cb32, const float* scales,
+              const Geometry& g, int64_t rows, float* y) {
+  const int64_t code_bytes = type == CodeType::kU8 ? 1 : 2;
+  const TablePlan t = plan_tables(g, rows, code_bytes);
+  at::Tensor lut = at::empty({t.padded, g.k, t.rp}, at::TensorOptions().dtype(at::kFloat));
+  build_tables(avx2, x, cb32, g, rows, t, lut.mutable_data_ptr<float>());
+  const GatherArgs a{lut.const_data_ptr<float>(), codes, scales, y, g, t, rows};
+  const GatherFn gather = type == CodeType::kU8 ? pick_gather_rp<uint8_t>(avx2, t.rp)
+                                                : pick_gather_rp<uint16_t>(avx2, t.rp);
+  // One contiguous range of rows per thread (each reads the whole table once per tile).
+  const int64_t per_thread = (g.out + at::get_num_threads() - 1) / at::get_num_threads();
+  at::parallel_for(0, g.out, std::max<int64_t>(64, per_thread), [&](int64_t b, int64_t e) {
+    const int64_t tile = std::min(t.tile, e - b);
+    std::vector<uint8_t> staged(static_cast<size_t>(tile * t.span * code_bytes));
+    std::vector<float> acc(static_cast<size_t>(tile * t.rp));
+    for (int64_t n0 = b; n0 < e; n0 += tile) gather(a, n0, std::min(e, n0 + tile), staged.data(), acc.data());
   });
 }
+
+#pragma GCC diagnostic pop
 
 // ---------------------------------------------------------------------------------------------------------
 // Small batches: direct dequantize-dot
@@ -409,12 +546,8 @@ at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
   const std::vector<float> s = scale_vector(scales, g.out);
   at::Tensor y32 = at::empty({rows, g.out}, x32.options());
   if (rows <= kSmallBatchRows && use_lookup_table(g, rows)) {
-    const at::Tensor cbt = cb32.transpose(1, 2).contiguous();  // [K, d, k]
-    at::Tensor lut = at::empty({rows, g.positions(), g.k}, x32.options());
-    build_tables(avx2, x32.const_data_ptr<float>(), cbt.const_data_ptr<float>(), g, rows, lut.mutable_data_ptr<float>());
-    const int64_t chunk = std::max<int64_t>(4, kChunkBytes / (g.k * static_cast<int64_t>(sizeof(float))));
-    lut_gemv(LutArgs{lut.const_data_ptr<float>(), codes.const_data_ptr(), w.type, s.data(),
-                           y32.mutable_data_ptr<float>(), g, rows, chunk});
+    lut_gemv(avx2, x32.const_data_ptr<float>(), codes.const_data_ptr(), w.type, cb32.const_data_ptr<float>(), s.data(),
+             g, rows, y32.mutable_data_ptr<float>());
   } else if (rows <= kSmallBatchRows) {
     direct_gemv(avx2, x32.const_data_ptr<float>(), codes.const_data_ptr(), w.type, cb32.const_data_ptr<float>(),
                 s.data(), g, rows, y32.mutable_data_ptr<float>());
