@@ -28,6 +28,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
 #include <cstring>
 #include <vector>
 
@@ -56,7 +57,7 @@ KernelCounter grad_codebooks_counter("vq_grad_codebooks.cpu");
 KernelCounter grad_scales_counter("vq_grad_scales.cpu");
 FamilyRegistration family("vq", cpu_isa_name);
 
-constexpr int64_t kSmallBatchRows = 4;     // measured on 4096x4096, 2 loaded Zen 4 cores, one thread: the
+constexpr int64_t kSmallBatchRows = 8;     // measured on 4096x4096, 2 loaded Zen 4 cores, one thread: the
                                            // table kernel costs ~1.2 (d=8) to ~3.5 (d=4) ms per row, the
                                            // blocks + GEMM ~11-14 ms from 9 rows on; even at 4 rows, not at 8
 constexpr int64_t kChunkBytes = 16 << 10;  // tables gathered from per chunk: half of Zen 4's 32 KB L1
@@ -270,11 +271,10 @@ __attribute__((always_inline)) inline void store_lanes(float* p, typename Lanes<
 // How the table and the gathers are cut, for one call.
 struct TablePlan {
   int64_t rp;      // activation rows padded to 1, 2, 4, 8 or 16
-  int64_t chunk;   // positions per chunk: a power of two >= 8 (whole 64-bit words of uint8 codes) with
-                   // chunk * k * rp floats about kChunkBytes
-  int64_t span;    // positions staged per row at once: a multiple of chunk, at least one cache line of codes
-  int64_t padded;  // positions rounded up to whole spans (the table's first dimension)
-  int64_t tile;    // output rows per tile: staged codes and accumulators stay within kTileBytes (L2)
+  int64_t chunk;   // positions per chunk: a power of two in [8, 64] (whole 64-bit words of codes) with
+                   // chunk * k * rp floats at most kChunkBytes where possible
+  int64_t padded;  // positions rounded up to whole 64-bit words of uint8 codes (8); the last chunk may be shorter
+  int64_t tile;    // output rows per tile: staged codes and accumulators within kTileBytes (L2)
 };
 
 TablePlan plan_tables(const Geometry& g, int64_t rows, int64_t code_bytes) {
@@ -282,28 +282,41 @@ TablePlan plan_tables(const Geometry& g, int64_t rows, int64_t code_bytes) {
   t.rp = rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : rows <= 8 ? 8 : 16;
   const int64_t entry_bytes = g.k * t.rp * static_cast<int64_t>(sizeof(float));
   t.chunk = 8;
-  while (t.chunk * 2 * entry_bytes <= kChunkBytes) t.chunk *= 2;
-  t.span = std::max(t.chunk, 64 / code_bytes);
-  t.padded = (g.positions() + t.span - 1) / t.span * t.span;
-  const int64_t row_bytes = t.span * code_bytes + t.rp * static_cast<int64_t>(sizeof(float));
-  t.tile = std::max<int64_t>(64, kTileBytes / row_bytes);
+  while (t.chunk < 64 && t.chunk * 2 * entry_bytes <= kChunkBytes) t.chunk *= 2;
+  t.padded = (g.positions() + 7) / 8 * 8;
+  const int64_t row_bytes = t.padded * code_bytes + t.rp * static_cast<int64_t>(sizeof(float));
+  t.tile = std::max<int64_t>(16, kTileBytes / row_bytes);
   return t;
 }
 
-// Tables of one position p: lut[c][m] for all k codewords. RP = 1: unit-stride over c with the codebook
-// transposed to [K][d][k], so that it vectorises 8-wide in the AVX2 copy. RP > 1: one vector of the RP rows'
-// inputs per t, times each codeword's weight broadcast.
+// Tables of one position p into its slot of the word-interleaved layout (see lut_entry): RP = 1, unit-stride over
+// c into a block of kBuildBlock sums with the codebook transposed to [K][d][k], so that it vectorises 8-wide in
+// the AVX2 copy, then spread to the slot; RP > 1, one vector of the RP rows' inputs per t, times each codeword's
+// weight broadcast. Positions >= P (padding) get zeros.
+constexpr int64_t kBuildBlock = 64;
+
 template <int D, int RP>
 __attribute__((always_inline)) inline void build_position(const float* x, const float* cb, const float* cbt,
-                                                          const Geometry& g, int64_t rows, int64_t p, float* lut) {
+                                                          const Geometry& g, int64_t rows, int64_t p, int64_t stride,
+                                                          float* slot) {
+  if (p >= g.positions()) {
+    for (int64_t c = 0; c < g.k; ++c)
+      for (int m = 0; m < RP; ++m) slot[c * stride + m] = 0.f;
+    return;
+  }
   const int64_t j = p / g.K, kk = p % g.K, in = g.in();
   if constexpr (RP == 1) {
     const float* xg = x + j * D;
     const float* ct = cbt + kk * D * g.k;
-    for (int64_t c = 0; c < g.k; ++c) {
-      float s = 0.f;
-      for (int t = 0; t < D; ++t) s += xg[t] * ct[t * g.k + c];
-      lut[c] = s;
+    float sums[kBuildBlock];
+    for (int64_t c0 = 0; c0 < g.k; c0 += kBuildBlock) {
+      const int64_t n = std::min(kBuildBlock, g.k - c0);
+      for (int64_t c = 0; c < n; ++c) {
+        float s = 0.f;
+        for (int t = 0; t < D; ++t) s += xg[t] * ct[t * g.k + c0 + c];
+        sums[c] = s;
+      }
+      for (int64_t c = 0; c < n; ++c) slot[(c0 + c) * stride] = sums[c];
     }
   } else {
     using V = typename Lanes<RP>::type;
@@ -317,33 +330,43 @@ __attribute__((always_inline)) inline void build_position(const float* x, const 
     for (int64_t c = 0; c < g.k; ++c) {
       V s = xt[0] * cw[c * D];
       for (int t = 1; t < D; ++t) s += xt[t] * cw[c * D + t];
-      store_lanes<RP>(lut + c * RP, s);
+      store_lanes<RP>(slot + c * stride, s);
     }
   }
 }
 
+// The tables of words [w0, w1): positions w * W .. w * W + W - 1, W codes per 64-bit word.
 template <int D, int RP>
-void build_positions_portable(const float* x, const float* cb, const float* cbt, const Geometry& g, int64_t rows,
-                              int64_t p0, int64_t p1, float* lut) {
-  for (int64_t p = p0; p < p1; ++p) build_position<D, RP>(x, cb, cbt, g, rows, p, lut + p * g.k * RP);
+__attribute__((always_inline)) inline void build_words(const float* x, const float* cb, const float* cbt,
+                                                       const Geometry& g, int64_t rows, int64_t per_word, int64_t w0,
+                                                       int64_t w1, float* lut) {
+  for (int64_t w = w0; w < w1; ++w)
+    for (int64_t i = 0; i < per_word; ++i)
+      build_position<D, RP>(x, cb, cbt, g, rows, w * per_word + i, per_word * RP, lut + (w * g.k * per_word + i) * RP);
+}
+
+template <int D, int RP>
+void build_words_portable(const float* x, const float* cb, const float* cbt, const Geometry& g, int64_t rows,
+                          int64_t per_word, int64_t w0, int64_t w1, float* lut) {
+  build_words<D, RP>(x, cb, cbt, g, rows, per_word, w0, w1, lut);
 }
 #if BLOCKOPS_X86_DISPATCH
 template <int D, int RP>
-BLOCKOPS_TARGET_AVX2 void build_positions_avx2(const float* x, const float* cb, const float* cbt, const Geometry& g,
-                                               int64_t rows, int64_t p0, int64_t p1, float* lut) {
-  for (int64_t p = p0; p < p1; ++p) build_position<D, RP>(x, cb, cbt, g, rows, p, lut + p * g.k * RP);
+BLOCKOPS_TARGET_AVX2 void build_words_avx2(const float* x, const float* cb, const float* cbt, const Geometry& g,
+                                           int64_t rows, int64_t per_word, int64_t w0, int64_t w1, float* lut) {
+  build_words<D, RP>(x, cb, cbt, g, rows, per_word, w0, w1, lut);
 }
 #endif
 
-using BuildFn = void (*)(const float*, const float*, const float*, const Geometry&, int64_t, int64_t, int64_t, float*);
+using BuildFn = void (*)(const float*, const float*, const float*, const Geometry&, int64_t, int64_t, int64_t, int64_t,
+                         float*);
 
 template <int RP>
 BuildFn pick_build_rp(bool avx2, int64_t d) {
 #if BLOCKOPS_X86_DISPATCH
-  if (avx2) return d == 2 ? &build_positions_avx2<2, RP> : d == 4 ? &build_positions_avx2<4, RP> : &build_positions_avx2<8, RP>;
+  if (avx2) return d == 2 ? &build_words_avx2<2, RP> : d == 4 ? &build_words_avx2<4, RP> : &build_words_avx2<8, RP>;
 #endif
-  return d == 2 ? &build_positions_portable<2, RP> : d == 4 ? &build_positions_portable<4, RP>
-                                                          : &build_positions_portable<8, RP>;
+  return d == 2 ? &build_words_portable<2, RP> : d == 4 ? &build_words_portable<4, RP> : &build_words_portable<8, RP>;
 }
 
 BuildFn pick_build(bool avx2, int64_t d, int64_t rp) {
@@ -356,9 +379,10 @@ BuildFn pick_build(bool avx2, int64_t d, int64_t rp) {
   }
 }
 
-// All tables [padded][k][rp]; positions >= P get zero tables (their staged codes are 0).
+// All tables, [padded / W][k][W][rp] (W codes per 64-bit word): the W positions that one word of codes covers
+// sit side by side for each codeword, so that a code shifted into place is the byte offset of its entry.
 void build_tables(bool avx2, const float* x, const float* cb32, const Geometry& g, int64_t rows, const TablePlan& t,
-                  float* lut) {
+                  int64_t per_word, float* lut) {
   std::vector<float> cbt;  // [K][d][k], for the single-row tables
   if (t.rp == 1) {
     cbt.resize(static_cast<size_t>(g.K * g.d * g.k));
@@ -368,13 +392,16 @@ void build_tables(bool avx2, const float* x, const float* cb32, const Geometry& 
   }
   const float* cbt_p = cbt.data();
   const BuildFn build = pick_build(avx2, g.d, t.rp);
-  const int64_t P = g.positions(), table = g.k * t.rp;
-  std::fill(lut + P * table, lut + t.padded * table, 0.f);
-  at::parallel_for(0, P, 4, [&](int64_t p0, int64_t p1) { build(x, cb32, cbt_p, g, rows, p0, p1, lut); });
+  at::parallel_for(0, t.padded / per_word, 1, [&](int64_t w0, int64_t w1) {
+    build(x, cb32, cbt_p, g, rows, per_word, w0, w1, lut);
+  });
 }
 
+// w rotated right by n in [0, 64): one instruction (ror / rorx), and it leaves w intact for the next code.
+inline uint64_t rotate_right(uint64_t w, int n) { return (w >> n) | (w << ((64 - n) & 63)); }
+
 struct GatherArgs {
-  const float* lut;     // [padded][k][rp]
+  const float* lut;     // [padded / W][k][W][rp], see build_tables
   const void* codes;    // [out, P]
   const float* scales;  // [out] fp32
   float* y;             // [rows, out] fp32
@@ -386,49 +413,63 @@ struct GatherArgs {
 // One tile of output rows [n0, n1): stage its codes span by span, gather every chunk's tables into acc [row][RP],
 // then write y = scale * acc.
 template <typename CodeT, int RP>
-__attribute__((always_inline)) inline void gather_tile(const GatherArgs& a, int64_t n0, int64_t n1, CodeT* staged,
-                                                       float* acc) {
+__attribute__((always_inline)) inline void gather_tile(const GatherArgs& a, int64_t n0, int64_t n1, int64_t n_end,
+                                                       CodeT* staged, float* acc) {
   using V = typename Lanes<RP>::type;
   constexpr int kPerWord = 8 / sizeof(CodeT);        // codes per 64-bit word
   constexpr int kBits = 8 * sizeof(CodeT);
   constexpr uint64_t kMask = (uint64_t{1} << kBits) - 1;
   constexpr int kSums = RP == 1 ? 8 : 4;             // independent sums per row so that the adds pipeline
+  constexpr int kEntryShift = std::countr_zero(static_cast<unsigned>(kPerWord * RP * sizeof(float)));  // log2 of a
+                                                     // codeword's bytes in a word's tables
   const int64_t P = a.g.positions(), k = a.g.k, rows = n1 - n0;
-  const int64_t chunk = a.t.chunk, span = a.t.span, table = k * RP;
+  const int64_t chunk = a.t.chunk, padded = a.t.padded, table = k * RP;
   const CodeT* codes = static_cast<const CodeT*>(a.codes);
-  std::fill(acc, acc + rows * RP, 0.f);
-  for (int64_t s0 = 0; s0 < a.t.padded; s0 += span) {
-    // Stage: staged[(q * rows + r) * chunk + i] = codes[n0 + r, s0 + q * chunk + i], zero past P.
-    const int64_t valid = std::min(span, P - s0);
-    for (int64_t r = 0; r < rows; ++r) {
-      const CodeT* src = codes + (n0 + r) * P + s0;
-      for (int64_t q = 0; q * chunk < span; ++q) {
-        CodeT* dst = staged + (q * rows + r) * chunk;
-        const int64_t have = std::clamp<int64_t>(valid - q * chunk, 0, chunk);
-        std::memcpy(dst, src + q * chunk, have * sizeof(CodeT));
-        std::fill(dst + have, dst + chunk, CodeT{0});
+  // Stage the tile: staged[q * chunk * rows + r * len_q + i] = codes[n0 + r, q * chunk + i] for chunk q of len_q
+  // positions, zero past P. The tile's codes are read in order (one sequential stream) and each chunk's codes
+  // come out contiguous.
+  for (int64_t r = 0; r < rows; ++r) {
+    const CodeT* src = codes + (n0 + r) * P;
+    for (int64_t q0 = 0; q0 < padded; q0 += chunk) {
+      const int64_t len = std::min(chunk, padded - q0);
+      CodeT* dst = staged + q0 * rows + r * len;
+      for (int64_t i0 = 0; i0 < len; i0 += kPerWord) {
+        if (q0 + i0 + kPerWord <= P) {
+          std::memcpy(dst + i0, src + q0 + i0, sizeof(uint64_t));
+        } else {
+          for (int i = 0; i < kPerWord; ++i) dst[i0 + i] = q0 + i0 + i < P ? src[q0 + i0 + i] : CodeT{0};
+        }
       }
     }
-    for (int64_t q = 0; q * chunk < span; ++q) {
-      const float* lut = a.lut + (s0 + q * chunk) * table;
-      const CodeT* code_rows = staged + q * rows * chunk;
-      for (int64_t r = 0; r < rows; ++r) {
-        const CodeT* c = code_rows + r * chunk;
-        V s[kSums] = {};
-        for (int64_t i0 = 0; i0 < chunk; i0 += kPerWord) {
-          uint64_t w;
-          std::memcpy(&w, c + i0, sizeof w);
-          const float* l = lut + i0 * table;
+  }
+  std::fill(acc, acc + rows * RP, 0.f);
+  const char* next = reinterpret_cast<const char*>(codes + n1 * P);
+  const int64_t next_bytes = std::min(rows, n_end - n1) * P * static_cast<int64_t>(sizeof(CodeT));
+  for (int64_t q0 = 0; q0 < padded; q0 += chunk) {
+    const int64_t len = std::min(chunk, padded - q0);
+    const float* lut = a.lut + q0 * table;
+    const CodeT* code_rows = staged + q0 * rows;
+    for (int64_t r = 0; r < rows; ++r) {
+      const CodeT* c = code_rows + r * len;
+      // Sweep the next tile's codes into the cache at the pace this tile's staged codes are read, so that
+      // staging it finds them there instead of waiting on DRAM.
+      const int64_t ahead = (q0 * rows + r * len) * static_cast<int64_t>(sizeof(CodeT));
+      if (ahead < next_bytes) __builtin_prefetch(next + ahead);
+      V s[kSums] = {};
+      for (int64_t i0 = 0; i0 < len; i0 += kPerWord) {
+        uint64_t w;
+        std::memcpy(&w, c + i0, sizeof w);
+        const char* word_tables = reinterpret_cast<const char*>(lut + i0 * table);
 #pragma GCC unroll 8
-          for (int i = 0; i < kPerWord; ++i) {
-            const int64_t code = static_cast<int64_t>((w >> (i * kBits)) & kMask);
-            s[i % kSums] += load_lanes<RP>(l + i * table + code * RP);
-          }
+        for (int i = 0; i < kPerWord; ++i) {
+          // Byte offset of code i's entry: the code rotated into bits [kEntryShift, kEntryShift + kBits).
+          const uint64_t offset = rotate_right(w, (i * kBits - kEntryShift) & 63) & (kMask << kEntryShift);
+          s[i % kSums] += load_lanes<RP>(reinterpret_cast<const float*>(word_tables + offset) + i * RP);
         }
-        V sum = s[0];
-        for (int i = 1; i < kSums; ++i) sum += s[i];
-        store_lanes<RP>(acc + r * RP, load_lanes<RP>(acc + r * RP) + sum);
       }
+      V sum = s[0];
+      for (int i = 1; i < kSums; ++i) sum += s[i];
+      store_lanes<RP>(acc + r * RP, load_lanes<RP>(acc + r * RP) + sum);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -438,17 +479,18 @@ __attribute__((always_inline)) inline void gather_tile(const GatherArgs& a, int6
 }
 
 template <typename CodeT, int RP>
-void gather_portable(const GatherArgs& a, int64_t n0, int64_t n1, void* staged, float* acc) {
-  gather_tile<CodeT, RP>(a, n0, n1, static_cast<CodeT*>(staged), acc);
+void gather_portable(const GatherArgs& a, int64_t n0, int64_t n1, int64_t n_end, void* staged, float* acc) {
+  gather_tile<CodeT, RP>(a, n0, n1, n_end, static_cast<CodeT*>(staged), acc);
 }
 #if BLOCKOPS_X86_DISPATCH
 template <typename CodeT, int RP>
-BLOCKOPS_TARGET_AVX2 void gather_avx2(const GatherArgs& a, int64_t n0, int64_t n1, void* staged, float* acc) {
-  gather_tile<CodeT, RP>(a, n0, n1, static_cast<CodeT*>(staged), acc);
+BLOCKOPS_TARGET_AVX2 void gather_avx2(const GatherArgs& a, int64_t n0, int64_t n1, int64_t n_end, void* staged,
+                                      float* acc) {
+  gather_tile<CodeT, RP>(a, n0, n1, n_end, static_cast<CodeT*>(staged), acc);
 }
 #endif
 
-using GatherFn = void (*)(const GatherArgs&, int64_t, int64_t, void*, float*);
+using GatherFn = void (*)(const GatherArgs&, int64_t, int64_t, int64_t, void*, float*);
 
 template <typename CodeT, int RP>
 GatherFn pick_gather_isa(bool avx2) {
@@ -473,8 +515,8 @@ void lut_gemv(bool avx2, const float* x, const void* codes, CodeType type, const
               const Geometry& g, int64_t rows, float* y) {
   const int64_t code_bytes = type == CodeType::kU8 ? 1 : 2;
   const TablePlan t = plan_tables(g, rows, code_bytes);
-  at::Tensor lut = at::empty({t.padded, g.k, t.rp}, at::TensorOptions().dtype(at::kFloat));
-  build_tables(avx2, x, cb32, g, rows, t, lut.mutable_data_ptr<float>());
+  at::Tensor lut = at::empty({t.padded, g.k, t.rp}, at::TensorOptions().dtype(at::kFloat));  // interleaved, see build_tables
+  build_tables(avx2, x, cb32, g, rows, t, 8 / code_bytes, lut.mutable_data_ptr<float>());
   const GatherArgs a{lut.const_data_ptr<float>(), codes, scales, y, g, t, rows};
   const GatherFn gather = type == CodeType::kU8 ? pick_gather_rp<uint8_t>(avx2, t.rp)
                                                 : pick_gather_rp<uint16_t>(avx2, t.rp);
@@ -482,9 +524,9 @@ void lut_gemv(bool avx2, const float* x, const void* codes, CodeType type, const
   const int64_t per_thread = (g.out + at::get_num_threads() - 1) / at::get_num_threads();
   at::parallel_for(0, g.out, std::max<int64_t>(64, per_thread), [&](int64_t b, int64_t e) {
     const int64_t tile = std::min(t.tile, e - b);
-    std::vector<uint8_t> staged(static_cast<size_t>(tile * t.span * code_bytes));
+    std::vector<uint8_t> staged(static_cast<size_t>(tile * t.padded * code_bytes));
     std::vector<float> acc(static_cast<size_t>(tile * t.rp));
-    for (int64_t n0 = b; n0 < e; n0 += tile) gather(a, n0, std::min(e, n0 + tile), staged.data(), acc.data());
+    for (int64_t n0 = b; n0 < e; n0 += tile) gather(a, n0, std::min(e, n0 + tile), e, staged.data(), acc.data());
   });
 }
 

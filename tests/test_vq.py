@@ -38,7 +38,7 @@ def uses_lookup_table(out, groups, K, k, d, rows):
     p = groups * K
     if rows * p * k * 4 > 64 << 20:
         return False
-    return rows * p * (k * d + 4 * out) < out * p * d + rows * out * groups * d
+    return rows * p * k * d + 3 * p * out < out * p * d + rows * out * groups * d
 
 
 # (out, groups, K, k, d): every d and k, K in {1, 2}; awkward out and in / d. The last two cases put k = 4096
