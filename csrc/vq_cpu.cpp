@@ -410,18 +410,48 @@ struct GatherArgs {
   int64_t rows;
 };
 
+// acc[r][0:RP] += sum over the chunk's positions i of table(i, codes[r][i]) for R rows at once (the staged codes of
+// row r at codes + r * len). R rows of kSums sums each are independent chains, so that the adds pipeline; the
+// per-row overhead (zeroing, reducing the sums, updating acc) is paid once per chunk.
+template <typename CodeT, int RP, int R>
+__attribute__((always_inline)) inline void gather_rows(const CodeT* codes, int64_t len, const float* lut, int64_t table,
+                                                       float* acc) {
+  using V = typename Lanes<RP>::type;
+  constexpr int kPerWord = 8 / sizeof(CodeT);        // codes per 64-bit word
+  constexpr int kBits = 8 * sizeof(CodeT);
+  constexpr uint64_t kMask = (uint64_t{1} << kBits) - 1;
+  constexpr int kSums = R == 1 ? 8 : 2;              // sums per row: 8 chains in flight either way
+  constexpr int kEntryShift = std::countr_zero(static_cast<unsigned>(kPerWord * RP * sizeof(float)));  // log2 of a
+                                                     // codeword's bytes in a word's tables
+  V s[R][kSums] = {};
+  for (int64_t i0 = 0; i0 < len; i0 += kPerWord) {
+    const char* word_tables = reinterpret_cast<const char*>(lut + i0 * table);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      uint64_t w;
+      std::memcpy(&w, codes + r * len + i0, sizeof w);
+#pragma GCC unroll 8
+      for (int i = 0; i < kPerWord; ++i) {
+        // Byte offset of code i's entry: the code rotated into bits [kEntryShift, kEntryShift + kBits).
+        const uint64_t offset = rotate_right(w, (i * kBits - kEntryShift) & 63) & (kMask << kEntryShift);
+        s[r][i % kSums] += load_lanes<RP>(reinterpret_cast<const float*>(word_tables + offset) + i * RP);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    V sum = s[r][0];
+    for (int i = 1; i < kSums; ++i) sum += s[r][i];
+    store_lanes<RP>(acc + r * RP, load_lanes<RP>(acc + r * RP) + sum);
+  }
+}
+
 // One tile of output rows [n0, n1): stage its codes span by span, gather every chunk's tables into acc [row][RP],
 // then write y = scale * acc.
 template <typename CodeT, int RP>
 __attribute__((always_inline)) inline void gather_tile(const GatherArgs& a, int64_t n0, int64_t n1, int64_t n_end,
                                                        CodeT* staged, float* acc) {
-  using V = typename Lanes<RP>::type;
   constexpr int kPerWord = 8 / sizeof(CodeT);        // codes per 64-bit word
-  constexpr int kBits = 8 * sizeof(CodeT);
-  constexpr uint64_t kMask = (uint64_t{1} << kBits) - 1;
-  constexpr int kSums = RP == 1 ? 8 : 4;             // independent sums per row so that the adds pipeline
-  constexpr int kEntryShift = std::countr_zero(static_cast<unsigned>(kPerWord * RP * sizeof(float)));  // log2 of a
-                                                     // codeword's bytes in a word's tables
+  constexpr int kRowsAtOnce = 4;                     // output rows gathered together
   const int64_t P = a.g.positions(), k = a.g.k, rows = n1 - n0;
   const int64_t chunk = a.t.chunk, padded = a.t.padded, table = k * RP;
   const CodeT* codes = static_cast<const CodeT*>(a.codes);
@@ -449,28 +479,15 @@ __attribute__((always_inline)) inline void gather_tile(const GatherArgs& a, int6
     const int64_t len = std::min(chunk, padded - q0);
     const float* lut = a.lut + q0 * table;
     const CodeT* code_rows = staged + q0 * rows;
-    for (int64_t r = 0; r < rows; ++r) {
-      const CodeT* c = code_rows + r * len;
+    int64_t r = 0;
+    for (; r + kRowsAtOnce <= rows; r += kRowsAtOnce) {
       // Sweep the next tile's codes into the cache at the pace this tile's staged codes are read, so that
       // staging it finds them there instead of waiting on DRAM.
       const int64_t ahead = (q0 * rows + r * len) * static_cast<int64_t>(sizeof(CodeT));
       if (ahead < next_bytes) __builtin_prefetch(next + ahead);
-      V s[kSums] = {};
-      for (int64_t i0 = 0; i0 < len; i0 += kPerWord) {
-        uint64_t w;
-        std::memcpy(&w, c + i0, sizeof w);
-        const char* word_tables = reinterpret_cast<const char*>(lut + i0 * table);
-#pragma GCC unroll 8
-        for (int i = 0; i < kPerWord; ++i) {
-          // Byte offset of code i's entry: the code rotated into bits [kEntryShift, kEntryShift + kBits).
-          const uint64_t offset = rotate_right(w, (i * kBits - kEntryShift) & 63) & (kMask << kEntryShift);
-          s[i % kSums] += load_lanes<RP>(reinterpret_cast<const float*>(word_tables + offset) + i * RP);
-        }
-      }
-      V sum = s[0];
-      for (int i = 1; i < kSums; ++i) sum += s[i];
-      store_lanes<RP>(acc + r * RP, load_lanes<RP>(acc + r * RP) + sum);
+      gather_rows<CodeT, RP, kRowsAtOnce>(code_rows + r * len, len, lut, table, acc + r * RP);
     }
+    for (; r < rows; ++r) gather_rows<CodeT, RP, 1>(code_rows + r * len, len, lut, table, acc + r * RP);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t n = n0 + r;
