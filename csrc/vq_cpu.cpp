@@ -3,13 +3,10 @@
 //
 // vq_linear, rows <= kSmallBatchRows (decode), one of two kernels per call (rule: vq::use_lookup_table):
 //
-//   lookup table:  lut[m][p][c] = x[m, j*d:(j+1)*d] . codebooks[K][c]      p = j*K + K-index, c < k
-//                  y[m, n] = scales[n] * sum_p lut[m][p][codes[n, p]]       (gathers, 4 sums in flight)
-//
-//      codes [out, P]            tasks own tiles of kTileRows output rows; inside a tile the positions are
-//      +-- chunk --+-- chunk --  walked in chunks of kChunkBytes of table per activation row, so the part of
-//      | tile 0    |             the table a chunk gathers from stays in L1/L2 across the tile's rows
-//      | tile 1    |
+//   lookup table:  lut[p][c][m] = x[m, j*d:(j+1)*d] . codebooks[K][c]      p = j*K + K-index, c < k, m < rows
+//                  y[m, n] = scales[n] * sum_p lut[p][codes[n, p]][m]       (one vector gather serves every m)
+//                  Tables built once per call, split over threads by positions; gathers split over threads by
+//                  output rows, tile by tile, chunk by chunk (sketch at the kernel).
 //
 //   direct:        each task dequantizes one weight row at a time into fp32 and dots it with every
 //                  activation row (no table: the choice when k is large relative to out).
@@ -57,9 +54,10 @@ KernelCounter grad_codebooks_counter("vq_grad_codebooks.cpu");
 KernelCounter grad_scales_counter("vq_grad_scales.cpu");
 FamilyRegistration family("vq", cpu_isa_name);
 
-constexpr int64_t kSmallBatchRows = 8;     // measured on 4096x4096, 2 loaded Zen 4 cores, one thread: the
-                                           // table kernel costs ~1.2 (d=8) to ~3.5 (d=4) ms per row, the
-                                           // blocks + GEMM ~11-14 ms from 9 rows on; even at 4 rows, not at 8
+constexpr int64_t kSmallBatchRows = 8;     // the tables hold up to 8 rows' sums side by side (one AVX2 vector
+                                           // per gather). Measured at 4096 x 11008, one thread (CPU time): the
+                                           // table kernel ties fp32 F.linear at 8 rows (2-bit, 3-bit), while 16
+                                           // side by side (16 MB of tables for k = 256) ran 4x slower
 constexpr int64_t kChunkBytes = 16 << 10;  // tables gathered from per chunk: half of Zen 4's 32 KB L1
 constexpr int64_t kTileBytes = 512 << 10;  // staged codes + accumulators of one tile: half of a 1 MB L2
 constexpr int64_t kBlockBytes = 64 << 20;  // fp32 W_hat dequantized at once on the GEMM paths. Measured: GEMMs
@@ -227,21 +225,23 @@ float dot(bool avx2, const float* a, const float* b, int64_t n) {
 // Small batches: lookup table
 // ---------------------------------------------------------------------------------------------------------
 //
-// Table layout: lut[p][c][m] = x[m, j*d:(j+1)*d] . codebooks[p % K][c] for position p = j*K + (p % K), codeword
-// c and activation row m < RP, the rows padded with zeros to RP in {1, 2, 4, 8, 16}. The RP sums of one
-// codeword sit side by side, so one vector load fetches what one code contributes to every activation row:
-// the gathers cost the same at batch 16 as at batch 1. Positions are padded with zero tables up to whole spans
-// so that the gather loop never needs a tail.
+// Tables: lut[p][c][m] = x[m, j*d:(j+1)*d] . codebooks[p % K][c] for position p = j*K + (p % K), codeword c and
+// activation row m < RP, the rows padded with zeros to RP in {1, 2, 4, 8}. The RP sums of one codeword sit side by
+// side, so one vector load fetches what one code contributes to every activation row: a gather costs about the
+// same at batch 8 as at batch 1. In memory the W positions covered by one 64-bit word of codes (W = 8 uint8 or 4
+// int16 codes) are interleaved per codeword, [P / W][k][W][RP], so that a code rotated into place is its entry's
+// byte offset (no multiply, no per-position base pointer). Positions are padded with zero tables to whole words.
 //
-// Gathers, per task (a contiguous range of output rows, one per thread), per tile of rows:
+// Gathers, per task (a contiguous range of output rows, one per thread), per tile of rows (kTileBytes of codes):
 //
-//        positions ->   span 0 (>= 64 positions: one cache line of uint8 codes per row)    span 1 ...
-//                       +-- chunk 0 --+-- chunk 1 --+-- ... --+
-//      tile rows        | staged codes [chunk][row][chunk positions], copied from codes [out, P] |
-//                       +-------------+-------------+---------+
-//   The chunk's tables (chunk * k * RP floats, about kChunkBytes: L1) are read for every row of the tile; the
-//   staged codes of a chunk are contiguous, so the rows' codes stream in order instead of one cache line per
-//   row at a power-of-two stride (rows of 1024 codes all map to the same few L1 sets).
+//        positions ->   chunk 0           chunk 1           ...    (chunk * k * RP floats of tables <= kChunkBytes: L1)
+//                       +-----------------+-----------------+--
+//      tile rows        | staged codes [chunk][row][chunk positions], copied row by row from codes [out, P]
+//      (4 at a time)    +-----------------+-----------------+--
+//
+//   The tile's codes are read in order (one sequential stream, the next tile's prefetched while this one is
+//   gathered) and come out contiguous per chunk: read in place, rows of 1024 codes at a power-of-two stride would
+//   all map to the same few L1 sets. Each chunk's tables stay in L1 while all the tile's rows gather from them.
 
 // The vectors below live inside always-inlined loops, never crossing a call, so GCC's -Wpsabi note (a vector
 // return would change the ABI between the AVX2 and the portable copies) does not apply.
@@ -270,16 +270,18 @@ __attribute__((always_inline)) inline void store_lanes(float* p, typename Lanes<
 
 // How the table and the gathers are cut, for one call.
 struct TablePlan {
-  int64_t rp;      // activation rows padded to 1, 2, 4, 8 or 16
+  int64_t rp;      // activation rows padded to 1, 2, 4 or 8
   int64_t chunk;   // positions per chunk: a power of two in [8, 64] (whole 64-bit words of codes) with
                    // chunk * k * rp floats at most kChunkBytes where possible
   int64_t padded;  // positions rounded up to whole 64-bit words of uint8 codes (8); the last chunk may be shorter
   int64_t tile;    // output rows per tile: staged codes and accumulators within kTileBytes (L2)
 };
 
+static_assert(kSmallBatchRows <= 8, "the tables hold at most 8 activation rows side by side");
+
 TablePlan plan_tables(const Geometry& g, int64_t rows, int64_t code_bytes) {
   TablePlan t{};
-  t.rp = rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : rows <= 8 ? 8 : 16;
+  t.rp = rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8;
   const int64_t entry_bytes = g.k * t.rp * static_cast<int64_t>(sizeof(float));
   t.chunk = 8;
   while (t.chunk < 64 && t.chunk * 2 * entry_bytes <= kChunkBytes) t.chunk *= 2;
@@ -374,8 +376,7 @@ BuildFn pick_build(bool avx2, int64_t d, int64_t rp) {
     case 1: return pick_build_rp<1>(avx2, d);
     case 2: return pick_build_rp<2>(avx2, d);
     case 4: return pick_build_rp<4>(avx2, d);
-    case 8: return pick_build_rp<8>(avx2, d);
-    default: return pick_build_rp<16>(avx2, d);
+    default: return pick_build_rp<8>(avx2, d);
   }
 }
 
@@ -445,8 +446,8 @@ __attribute__((always_inline)) inline void gather_rows(const CodeT* codes, int64
   }
 }
 
-// One tile of output rows [n0, n1): stage its codes span by span, gather every chunk's tables into acc [row][RP],
-// then write y = scale * acc.
+// One tile of output rows [n0, n1) of a task ending at n_end: stage its codes, gather every chunk's tables into
+// acc [row][RP], then write y = scale * acc.
 template <typename CodeT, int RP>
 __attribute__((always_inline)) inline void gather_tile(const GatherArgs& a, int64_t n0, int64_t n1, int64_t n_end,
                                                        CodeT* staged, float* acc) {
@@ -523,8 +524,7 @@ GatherFn pick_gather_rp(bool avx2, int64_t rp) {
     case 1: return pick_gather_isa<CodeT, 1>(avx2);
     case 2: return pick_gather_isa<CodeT, 2>(avx2);
     case 4: return pick_gather_isa<CodeT, 4>(avx2);
-    case 8: return pick_gather_isa<CodeT, 8>(avx2);
-    default: return pick_gather_isa<CodeT, 16>(avx2);
+    default: return pick_gather_isa<CodeT, 8>(avx2);
   }
 }
 
