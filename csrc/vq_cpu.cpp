@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <bit>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #if BLOCKOPS_X86_DISPATCH
@@ -59,7 +60,10 @@ constexpr int64_t kSmallBatchRows = 8;     // the tables hold up to 8 rows' sums
                                            // table kernel ties fp32 F.linear at 8 rows (2-bit, 3-bit), while 16
                                            // side by side (16 MB of tables for k = 256) ran 4x slower
 constexpr int64_t kChunkBytes = 16 << 10;  // tables gathered from per chunk: half of Zen 4's 32 KB L1
-constexpr int64_t kTileBytes = 512 << 10;  // staged codes + accumulators of one tile: half of a 1 MB L2
+constexpr int64_t kTileBytes = 4 << 20;    // staged codes of one tile (L3). Every tile reads all the tables,
+                                           // which reach MBs with long rows and several activation rows
+                                           // (11 MB at 11008 x 4096, 4 rows), so few large tiles beat tiles
+                                           // sized for L2 (measured, one thread: 512 KB 30 ms, 4 MB 13.6 ms)
 constexpr int64_t kBlockBytes = 64 << 20;  // fp32 W_hat dequantized at once on the GEMM paths. Measured: GEMMs
                                            // on 512-row blocks ran 1.6x slower than one GEMM on the whole
                                            // 4608 x 1152 DiT weight (21 MB), so blocks are as large as this allows
@@ -274,7 +278,7 @@ struct TablePlan {
   int64_t chunk;   // positions per chunk: a power of two in [8, 64] (whole 64-bit words of codes) with
                    // chunk * k * rp floats at most kChunkBytes where possible
   int64_t padded;  // positions rounded up to whole 64-bit words of uint8 codes (8); the last chunk may be shorter
-  int64_t tile;    // output rows per tile: staged codes and accumulators within kTileBytes (L2)
+  int64_t tile;    // output rows per tile: staged codes and accumulators within kTileBytes
 };
 
 static_assert(kSmallBatchRows <= 8, "the tables hold at most 8 activation rows side by side");
@@ -541,9 +545,10 @@ void lut_gemv(bool avx2, const float* x, const void* codes, CodeType type, const
   const int64_t per_thread = (g.out + at::get_num_threads() - 1) / at::get_num_threads();
   at::parallel_for(0, g.out, std::max<int64_t>(64, per_thread), [&](int64_t b, int64_t e) {
     const int64_t tile = std::min(t.tile, e - b);
-    std::vector<uint8_t> staged(static_cast<size_t>(tile * t.padded * code_bytes));
+    // Not zero-filled: staging writes every byte before it is read.
+    const auto staged = std::make_unique_for_overwrite<uint8_t[]>(static_cast<size_t>(tile * t.padded * code_bytes));
     std::vector<float> acc(static_cast<size_t>(tile * t.rp));
-    for (int64_t n0 = b; n0 < e; n0 += tile) gather(a, n0, std::min(e, n0 + tile), e, staged.data(), acc.data());
+    for (int64_t n0 = b; n0 < e; n0 += tile) gather(a, n0, std::min(e, n0 + tile), e, staged.get(), acc.data());
   });
 }
 

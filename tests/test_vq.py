@@ -97,9 +97,10 @@ def test_cases_cover_both_small_batch_kernels():
 
 
 # Lookup-table kernel layouts: (out, groups, K, k, d, code dtype). Positions P = groups * K that are not whole
-# 64-bit words of codes (P = 5, 13, 1023) exercise the padded tail; out = 1100 with P = 1023 spans several tiles
-# per thread; k = 16 and 64 give long chunks, k = 256 the shortest; int16 codes four codes per word.
-LUT_CASES = [(1100, 1023, 1, 256, 4, torch.uint8), (300, 5, 1, 16, 2, torch.uint8), (257, 13, 2, 64, 8, torch.uint8),
+# 64-bit words of codes (P = 5, 13, 1023, 8190) exercise the padded tail; out = 1100 with P = 8190 (9 MB of codes,
+# 4 MB tiles) spans several tiles per thread, so the next tile's prefetch runs; k = 16 and 64 give long chunks,
+# k = 256 the shortest; int16 codes four codes per word.
+LUT_CASES = [(1100, 4095, 2, 64, 4, torch.uint8), (700, 1023, 1, 256, 4, torch.uint8), (300, 5, 1, 16, 2, torch.uint8), (257, 13, 2, 64, 8, torch.uint8),
              (200, 40, 1, 64, 2, torch.uint8), (3000, 9, 2, 256, 4, torch.int16), (3000, 7, 1, 1024, 2, torch.int16)]
 
 
