@@ -25,6 +25,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cstring>
 #include <memory>
@@ -64,6 +65,8 @@ constexpr int64_t kTileBytes = 4 << 20;    // staged codes of one tile (L3). Eve
                                            // which reach MBs with long rows and several activation rows
                                            // (11 MB at 11008 x 4096, 4 rows), so few large tiles beat tiles
                                            // sized for L2 (measured, one thread: 512 KB 30 ms, 4 MB 13.6 ms)
+constexpr int64_t kBuildGrain = 1 << 22;   // table multiply-adds per task (~0.3 ms on one thread)
+constexpr int64_t kTilesPerThread = 4;     // table-kernel tiles per thread, for balance on a shared CPU
 constexpr int64_t kBlockBytes = 64 << 20;  // fp32 W_hat dequantized at once on the GEMM paths. Measured: GEMMs
                                            // on 512-row blocks ran 1.6x slower than one GEMM on the whole
                                            // 4608 x 1152 DiT weight (21 MB), so blocks are as large as this allows
@@ -397,7 +400,10 @@ void build_tables(bool avx2, const float* x, const float* cb32, const Geometry& 
   }
   const float* cbt_p = cbt.data();
   const BuildFn build = pick_build(avx2, g.d, t.rp);
-  at::parallel_for(0, t.padded / per_word, 1, [&](int64_t w0, int64_t w1) {
+  // At least kBuildGrain multiply-adds per task: a small build (a few hundred microseconds at most) runs on the
+  // calling thread, sparing a parallel region whose wake-up costs milliseconds on a shared CPU.
+  const int64_t per_word_work = std::max<int64_t>(1, per_word * g.k * g.d * rows);
+  at::parallel_for(0, t.padded / per_word, std::max<int64_t>(1, kBuildGrain / per_word_work), [&](int64_t w0, int64_t w1) {
     build(x, cb32, cbt_p, g, rows, per_word, w0, w1, lut);
   });
 }
@@ -541,14 +547,20 @@ void lut_gemv(bool avx2, const float* x, const void* codes, CodeType type, const
   const GatherArgs a{lut.const_data_ptr<float>(), codes, scales, y, g, t, rows};
   const GatherFn gather = type == CodeType::kU8 ? pick_gather_rp<uint8_t>(avx2, t.rp)
                                                 : pick_gather_rp<uint16_t>(avx2, t.rp);
-  // One contiguous range of rows per thread (each reads the whole table once per tile).
-  const int64_t per_thread = (g.out + at::get_num_threads() - 1) / at::get_num_threads();
-  at::parallel_for(0, g.out, std::max<int64_t>(64, per_thread), [&](int64_t b, int64_t e) {
-    const int64_t tile = std::min(t.tile, e - b);
+  // Tiles handed out in order from a shared counter rather than one fixed range per thread: on a shared CPU a
+  // descheduled thread leaves its tiles to the others instead of making them wait at the end. kTilesPerThread
+  // tiles per thread at least, so that there is something to hand over; each tile reads the whole table.
+  const int64_t threads = at::get_num_threads();
+  const int64_t tile = std::min(t.tile, std::max<int64_t>(64, (g.out + kTilesPerThread * threads - 1) /
+                                                                  (kTilesPerThread * threads)));
+  std::atomic<int64_t> next_tile{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     // Not zero-filled: staging writes every byte before it is read.
     const auto staged = std::make_unique_for_overwrite<uint8_t[]>(static_cast<size_t>(tile * t.padded * code_bytes));
     std::vector<float> acc(static_cast<size_t>(tile * t.rp));
-    for (int64_t n0 = b; n0 < e; n0 += tile) gather(a, n0, std::min(e, n0 + tile), e, staged.get(), acc.data());
+    for (int64_t n0 = next_tile.fetch_add(tile); n0 < g.out; n0 = next_tile.fetch_add(tile)) {
+      gather(a, n0, std::min(g.out, n0 + tile), g.out, staged.get(), acc.data());
+    }
   });
 }
 
