@@ -3,13 +3,10 @@
 //
 // vq_linear, rows <= kSmallBatchRows (decode), one of two kernels per call (rule: vq::use_lookup_table):
 //
-//   lookup table:  lut[m][p][c] = x[m, j*d:(j+1)*d] . codebooks[K][c]      p = j*K + K-index, c < k
-//                  y[m, n] = scales[n] * sum_p lut[m][p][codes[n, p]]       (gathers, 4 sums in flight)
-//
-//      codes [out, P]            tasks own tiles of kTileRows output rows; inside a tile the positions are
-//      +-- chunk --+-- chunk --  walked in chunks of kChunkBytes of table per activation row, so the part of
-//      | tile 0    |             the table a chunk gathers from stays in L1/L2 across the tile's rows
-//      | tile 1    |
+//   lookup table:  lut[p][c][m] = x[m, j*d:(j+1)*d] . codebooks[K][c]      p = j*K + K-index, c < k, m < rows
+//                  y[m, n] = scales[n] * sum_p lut[p][codes[n, p]][m]       (one vector gather serves every m)
+//                  Tables built once per call, split over threads by positions; gathers split over threads by
+//                  output rows, tile by tile, chunk by chunk (sketch at the kernel).
 //
 //   direct:        each task dequantizes one weight row at a time into fp32 and dots it with every
 //                  activation row (no table: the choice when k is large relative to out).
@@ -28,6 +25,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <bit>
+#include <cstring>
+#include <memory>
 #include <vector>
 
 #if BLOCKOPS_X86_DISPATCH
@@ -56,11 +57,17 @@ KernelCounter grad_codebooks_counter("vq_grad_codebooks.cpu");
 KernelCounter grad_scales_counter("vq_grad_scales.cpu");
 FamilyRegistration family("vq", cpu_isa_name);
 
-constexpr int64_t kSmallBatchRows = 4;     // measured on 4096x4096, 2 loaded Zen 4 cores, one thread: the
-                                           // table kernel costs ~1.2 (d=8) to ~3.5 (d=4) ms per row, the
-                                           // blocks + GEMM ~11-14 ms from 9 rows on; even at 4 rows, not at 8
-constexpr int64_t kTileRows = 64;          // output rows per task of the small-batch kernels
-constexpr int64_t kChunkBytes = 16 << 10;  // table bytes per activation row gathered from per chunk (L1)
+constexpr int64_t kSmallBatchRows = 8;     // the tables hold up to 8 rows' sums side by side (one AVX2 vector
+                                           // per gather). Measured at 4096 x 11008, one thread (CPU time): the
+                                           // table kernel ties fp32 F.linear at 8 rows (2-bit, 3-bit), while 16
+                                           // side by side (16 MB of tables for k = 256) ran 4x slower
+constexpr int64_t kChunkBytes = 16 << 10;  // tables gathered from per chunk: half of Zen 4's 32 KB L1
+constexpr int64_t kTileBytes = 4 << 20;    // staged codes of one tile (L3). Every tile reads all the tables,
+                                           // which reach MBs with long rows and several activation rows
+                                           // (11 MB at 11008 x 4096, 4 rows), so few large tiles beat tiles
+                                           // sized for L2 (measured, one thread: 512 KB 30 ms, 4 MB 13.6 ms)
+constexpr int64_t kBuildGrain = 1 << 22;   // table multiply-adds per task (~0.3 ms on one thread)
+constexpr int64_t kTilesPerThread = 4;     // table-kernel tiles per thread, for balance on a shared CPU
 constexpr int64_t kBlockBytes = 64 << 20;  // fp32 W_hat dequantized at once on the GEMM paths. Measured: GEMMs
                                            // on 512-row blocks ran 1.6x slower than one GEMM on the whole
                                            // 4608 x 1152 DiT weight (21 MB), so blocks are as large as this allows
@@ -186,134 +193,340 @@ float dot(bool avx2, const float* a, const float* b, int64_t n) {
 // ---------------------------------------------------------------------------------------------------------
 // Small batches: lookup table
 // ---------------------------------------------------------------------------------------------------------
+//
+// Tables: lut[p][c][m] = x[m, j*d:(j+1)*d] . codebooks[p % K][c] for position p = j*K + (p % K), codeword c and
+// activation row m < RP, the rows padded with zeros to RP in {1, 2, 4, 8}. The RP sums of one codeword sit side by
+// side, so one vector load fetches what one code contributes to every activation row: a gather costs about the
+// same at batch 8 as at batch 1. In memory the W positions covered by one 64-bit word of codes (W = 8 uint8 or 4
+// int16 codes) are interleaved per codeword, [P / W][k][W][RP], so that a code rotated into place is its entry's
+// byte offset (no multiply, no per-position base pointer). Positions are padded with zero tables to whole words.
+//
+// Gathers, per task (a contiguous range of output rows, one per thread), per tile of rows (kTileBytes of codes):
+//
+//        positions ->   chunk 0           chunk 1           ...    (chunk * k * RP floats of tables <= kChunkBytes: L1)
+//                       +-----------------+-----------------+--
+//      tile rows        | staged codes [chunk][row][chunk positions], copied row by row from codes [out, P]
+//      (4 at a time)    +-----------------+-----------------+--
+//
+//   The tile's codes are read in order (one sequential stream, the next tile's prefetched while this one is
+//   gathered) and come out contiguous per chunk: read in place, rows of 1024 codes at a power-of-two stride would
+//   all map to the same few L1 sets. Each chunk's tables stay in L1 while all the tile's rows gather from them.
 
-struct LutArgs {
-  const float* lut;      // [rows][P][k]
-  const void* codes;     // [out, P]
-  CodeType type;
-  const float* scales;   // [out] fp32
-  float* y;              // [rows, out] fp32
-  Geometry g;
-  int64_t rows;
-  int64_t chunk;         // positions per chunk
+// The vectors below live inside always-inlined loops, never crossing a call, so GCC's -Wpsabi note (a vector
+// return would change the ABI between the AVX2 and the portable copies) does not apply.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+// RP floats side by side: a GCC vector (SSE/AVX2 in the AVX2 copy of the loops), or a float when RP = 1. (A
+// typedef: GCC drops vector_size from an alias declaration in a template.)
+template <int RP>
+struct Lanes { typedef float type __attribute__((vector_size(RP * sizeof(float)))); };
+static_assert(sizeof(Lanes<4>::type) == 4 * sizeof(float), "Lanes<RP> must be a vector of RP floats");
+template <>
+struct Lanes<1> { using type = float; };
+
+template <int RP>
+__attribute__((always_inline)) inline typename Lanes<RP>::type load_lanes(const float* p) {
+  typename Lanes<RP>::type v;
+  std::memcpy(&v, p, sizeof v);  // unaligned vector load
+  return v;
+}
+
+template <int RP>
+__attribute__((always_inline)) inline void store_lanes(float* p, typename Lanes<RP>::type v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+// How the table and the gathers are cut, for one call.
+struct TablePlan {
+  int64_t rp;      // activation rows padded to 1, 2, 4 or 8
+  int64_t chunk;   // positions per chunk: a power of two in [8, 64] (whole 64-bit words of codes) with
+                   // chunk * k * rp floats at most kChunkBytes where possible
+  int64_t padded;  // positions rounded up to whole 64-bit words of uint8 codes (8); the last chunk may be shorter
+  int64_t tile;    // output rows per tile: staged codes and accumulators within kTileBytes
 };
 
-// Table of one (row m, position p): lut[c] = sum_t xg[t] * cbt[t][c], with the codebook transposed to
-// [K][d][k] so that the loop over c is unit-stride and vectorises (AVX2 in the target-attributed copy).
-template <int D>
-__attribute__((always_inline)) inline void build_table(const float* xg, const float* cbt, int64_t k, float* lut) {
-  for (int64_t c = 0; c < k; ++c) {
-    float s = 0.f;
-    for (int t = 0; t < D; ++t) s += xg[t] * cbt[t * k + c];
-    lut[c] = s;
+static_assert(kSmallBatchRows <= 8, "the tables hold at most 8 activation rows side by side");
+
+TablePlan plan_tables(const Geometry& g, int64_t rows, int64_t code_bytes) {
+  TablePlan t{};
+  t.rp = rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8;
+  const int64_t entry_bytes = g.k * t.rp * static_cast<int64_t>(sizeof(float));
+  t.chunk = 8;
+  while (t.chunk < 64 && t.chunk * 2 * entry_bytes <= kChunkBytes) t.chunk *= 2;
+  t.padded = (g.positions() + 7) / 8 * 8;
+  const int64_t row_bytes = t.padded * code_bytes + t.rp * static_cast<int64_t>(sizeof(float));
+  t.tile = std::max<int64_t>(16, kTileBytes / row_bytes);
+  return t;
+}
+
+// Tables of one position p into its slot of the word-interleaved layout (see lut_entry): RP = 1, unit-stride over
+// c into a block of kBuildBlock sums with the codebook transposed to [K][d][k], so that it vectorises 8-wide in
+// the AVX2 copy, then spread to the slot; RP > 1, one vector of the RP rows' inputs per t, times each codeword's
+// weight broadcast. Positions >= P (padding) get zeros.
+constexpr int64_t kBuildBlock = 64;
+
+template <int D, int RP>
+__attribute__((always_inline)) inline void build_position(const float* x, const float* cb, const float* cbt,
+                                                          const Geometry& g, int64_t rows, int64_t p, int64_t stride,
+                                                          float* slot) {
+  if (p >= g.positions()) {
+    for (int64_t c = 0; c < g.k; ++c)
+      for (int m = 0; m < RP; ++m) slot[c * stride + m] = 0.f;
+    return;
+  }
+  const int64_t j = p / g.K, kk = p % g.K, in = g.in();
+  if constexpr (RP == 1) {
+    const float* xg = x + j * D;
+    const float* ct = cbt + kk * D * g.k;
+    float sums[kBuildBlock];
+    for (int64_t c0 = 0; c0 < g.k; c0 += kBuildBlock) {
+      const int64_t n = std::min(kBuildBlock, g.k - c0);
+      for (int64_t c = 0; c < n; ++c) {
+        float s = 0.f;
+        for (int t = 0; t < D; ++t) s += xg[t] * ct[t * g.k + c0 + c];
+        sums[c] = s;
+      }
+      for (int64_t c = 0; c < n; ++c) slot[(c0 + c) * stride] = sums[c];
+    }
+  } else {
+    using V = typename Lanes<RP>::type;
+    V xt[D];
+    for (int t = 0; t < D; ++t) {
+      float lane[RP] = {};
+      for (int64_t m = 0; m < rows; ++m) lane[m] = x[m * in + j * D + t];
+      xt[t] = load_lanes<RP>(lane);
+    }
+    const float* cw = cb + kk * g.k * D;
+    for (int64_t c = 0; c < g.k; ++c) {
+      V s = xt[0] * cw[c * D];
+      for (int t = 1; t < D; ++t) s += xt[t] * cw[c * D + t];
+      store_lanes<RP>(slot + c * stride, s);
+    }
   }
 }
 
-template <int D>
-void build_tables_portable(const float* x, const float* cbt, const Geometry& g, int64_t m, int64_t p, float* lut) {
-  build_table<D>(x + m * g.in() + (p / g.K) * D, cbt + (p % g.K) * D * g.k, g.k, lut);
+// The tables of words [w0, w1): positions w * W .. w * W + W - 1, W codes per 64-bit word.
+template <int D, int RP>
+__attribute__((always_inline)) inline void build_words(const float* x, const float* cb, const float* cbt,
+                                                       const Geometry& g, int64_t rows, int64_t per_word, int64_t w0,
+                                                       int64_t w1, float* lut) {
+  for (int64_t w = w0; w < w1; ++w)
+    for (int64_t i = 0; i < per_word; ++i)
+      build_position<D, RP>(x, cb, cbt, g, rows, w * per_word + i, per_word * RP, lut + (w * g.k * per_word + i) * RP);
+}
+
+template <int D, int RP>
+void build_words_portable(const float* x, const float* cb, const float* cbt, const Geometry& g, int64_t rows,
+                          int64_t per_word, int64_t w0, int64_t w1, float* lut) {
+  build_words<D, RP>(x, cb, cbt, g, rows, per_word, w0, w1, lut);
 }
 #if BLOCKOPS_X86_DISPATCH
-// The same loop, inlined into an AVX2/FMA function so that it is compiled 8-wide.
-template <int D>
-BLOCKOPS_TARGET_AVX2 void build_tables_avx2(const float* x, const float* cbt, const Geometry& g, int64_t m, int64_t p,
-                                            float* lut) {
-  build_table<D>(x + m * g.in() + (p / g.K) * D, cbt + (p % g.K) * D * g.k, g.k, lut);
+template <int D, int RP>
+BLOCKOPS_TARGET_AVX2 void build_words_avx2(const float* x, const float* cb, const float* cbt, const Geometry& g,
+                                           int64_t rows, int64_t per_word, int64_t w0, int64_t w1, float* lut) {
+  build_words<D, RP>(x, cb, cbt, g, rows, per_word, w0, w1, lut);
 }
 #endif
 
-void build_tables(bool avx2, const float* x, const float* cbt, const Geometry& g, int64_t rows, float* lut) {
-  const int64_t p_count = g.positions();
-  at::parallel_for(0, rows * p_count, 8, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const int64_t m = i / p_count, p = i % p_count;
-      float* dst = lut + i * g.k;
+using BuildFn = void (*)(const float*, const float*, const float*, const Geometry&, int64_t, int64_t, int64_t, int64_t,
+                         float*);
+
+template <int RP>
+BuildFn pick_build_rp(bool avx2, int64_t d) {
 #if BLOCKOPS_X86_DISPATCH
-      if (avx2) {
-        switch (g.d) {
-          case 2: build_tables_avx2<2>(x, cbt, g, m, p, dst); break;
-          case 4: build_tables_avx2<4>(x, cbt, g, m, p, dst); break;
-          default: build_tables_avx2<8>(x, cbt, g, m, p, dst); break;
+  if (avx2) return d == 2 ? &build_words_avx2<2, RP> : d == 4 ? &build_words_avx2<4, RP> : &build_words_avx2<8, RP>;
+#endif
+  return d == 2 ? &build_words_portable<2, RP> : d == 4 ? &build_words_portable<4, RP> : &build_words_portable<8, RP>;
+}
+
+BuildFn pick_build(bool avx2, int64_t d, int64_t rp) {
+  switch (rp) {
+    case 1: return pick_build_rp<1>(avx2, d);
+    case 2: return pick_build_rp<2>(avx2, d);
+    case 4: return pick_build_rp<4>(avx2, d);
+    default: return pick_build_rp<8>(avx2, d);
+  }
+}
+
+// All tables, [padded / W][k][W][rp] (W codes per 64-bit word): the W positions that one word of codes covers
+// sit side by side for each codeword, so that a code shifted into place is the byte offset of its entry.
+void build_tables(bool avx2, const float* x, const float* cb32, const Geometry& g, int64_t rows, const TablePlan& t,
+                  int64_t per_word, float* lut) {
+  std::vector<float> cbt;  // [K][d][k], for the single-row tables
+  if (t.rp == 1) {
+    cbt.resize(static_cast<size_t>(g.K * g.d * g.k));
+    for (int64_t kk = 0; kk < g.K; ++kk)
+      for (int64_t c = 0; c < g.k; ++c)
+        for (int64_t i = 0; i < g.d; ++i) cbt[(kk * g.d + i) * g.k + c] = cb32[(kk * g.k + c) * g.d + i];
+  }
+  const float* cbt_p = cbt.data();
+  const BuildFn build = pick_build(avx2, g.d, t.rp);
+  // At least kBuildGrain multiply-adds per task: a small build (a few hundred microseconds at most) runs on the
+  // calling thread, sparing a parallel region whose wake-up costs milliseconds on a shared CPU.
+  const int64_t per_word_work = std::max<int64_t>(1, per_word * g.k * g.d * rows);
+  at::parallel_for(0, t.padded / per_word, std::max<int64_t>(1, kBuildGrain / per_word_work), [&](int64_t w0, int64_t w1) {
+    build(x, cb32, cbt_p, g, rows, per_word, w0, w1, lut);
+  });
+}
+
+// w rotated right by n in [0, 64): one instruction (ror / rorx), and it leaves w intact for the next code.
+inline uint64_t rotate_right(uint64_t w, int n) { return (w >> n) | (w << ((64 - n) & 63)); }
+
+struct GatherArgs {
+  const float* lut;     // [padded / W][k][W][rp], see build_tables
+  const void* codes;    // [out, P]
+  const float* scales;  // [out] fp32
+  float* y;             // [rows, out] fp32
+  Geometry g;
+  TablePlan t;
+  int64_t rows;
+};
+
+// acc[r][0:RP] += sum over the chunk's positions i of table(i, codes[r][i]) for R rows at once (the staged codes of
+// row r at codes + r * len). R rows of kSums sums each are independent chains, so that the adds pipeline; the
+// per-row overhead (zeroing, reducing the sums, updating acc) is paid once per chunk.
+template <typename CodeT, int RP, int R>
+__attribute__((always_inline)) inline void gather_rows(const CodeT* codes, int64_t len, const float* lut, int64_t table,
+                                                       float* acc) {
+  using V = typename Lanes<RP>::type;
+  constexpr int kPerWord = 8 / sizeof(CodeT);        // codes per 64-bit word
+  constexpr int kBits = 8 * sizeof(CodeT);
+  constexpr uint64_t kMask = (uint64_t{1} << kBits) - 1;
+  constexpr int kSums = R == 1 ? 8 : 2;              // sums per row: 8 chains in flight either way
+  constexpr int kEntryShift = std::countr_zero(static_cast<unsigned>(kPerWord * RP * sizeof(float)));  // log2 of a
+                                                     // codeword's bytes in a word's tables
+  V s[R][kSums] = {};
+  for (int64_t i0 = 0; i0 < len; i0 += kPerWord) {
+    const char* word_tables = reinterpret_cast<const char*>(lut + i0 * table);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      uint64_t w;
+      std::memcpy(&w, codes + r * len + i0, sizeof w);
+#pragma GCC unroll 8
+      for (int i = 0; i < kPerWord; ++i) {
+        // Byte offset of code i's entry: the code rotated into bits [kEntryShift, kEntryShift + kBits).
+        const uint64_t offset = rotate_right(w, (i * kBits - kEntryShift) & 63) & (kMask << kEntryShift);
+        s[r][i % kSums] += load_lanes<RP>(reinterpret_cast<const float*>(word_tables + offset) + i * RP);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    V sum = s[r][0];
+    for (int i = 1; i < kSums; ++i) sum += s[r][i];
+    store_lanes<RP>(acc + r * RP, load_lanes<RP>(acc + r * RP) + sum);
+  }
+}
+
+// One tile of output rows [n0, n1) of a task ending at n_end: stage its codes, gather every chunk's tables into
+// acc [row][RP], then write y = scale * acc.
+template <typename CodeT, int RP>
+__attribute__((always_inline)) inline void gather_tile(const GatherArgs& a, int64_t n0, int64_t n1, int64_t n_end,
+                                                       CodeT* staged, float* acc) {
+  constexpr int kPerWord = 8 / sizeof(CodeT);        // codes per 64-bit word
+  constexpr int kRowsAtOnce = 4;                     // output rows gathered together
+  const int64_t P = a.g.positions(), k = a.g.k, rows = n1 - n0;
+  const int64_t chunk = a.t.chunk, padded = a.t.padded, table = k * RP;
+  const CodeT* codes = static_cast<const CodeT*>(a.codes);
+  // Stage the tile: staged[q * chunk * rows + r * len_q + i] = codes[n0 + r, q * chunk + i] for chunk q of len_q
+  // positions, zero past P. The tile's codes are read in order (one sequential stream) and each chunk's codes
+  // come out contiguous.
+  for (int64_t r = 0; r < rows; ++r) {
+    const CodeT* src = codes + (n0 + r) * P;
+    for (int64_t q0 = 0; q0 < padded; q0 += chunk) {
+      const int64_t len = std::min(chunk, padded - q0);
+      CodeT* dst = staged + q0 * rows + r * len;
+      for (int64_t i0 = 0; i0 < len; i0 += kPerWord) {
+        if (q0 + i0 + kPerWord <= P) {
+          std::memcpy(dst + i0, src + q0 + i0, sizeof(uint64_t));
+        } else {
+          for (int i = 0; i < kPerWord; ++i) dst[i0 + i] = q0 + i0 + i < P ? src[q0 + i0 + i] : CodeT{0};
         }
-        continue;
       }
+    }
+  }
+  std::fill(acc, acc + rows * RP, 0.f);
+  const char* next = reinterpret_cast<const char*>(codes + n1 * P);
+  const int64_t next_bytes = std::min(rows, n_end - n1) * P * static_cast<int64_t>(sizeof(CodeT));
+  for (int64_t q0 = 0; q0 < padded; q0 += chunk) {
+    const int64_t len = std::min(chunk, padded - q0);
+    const float* lut = a.lut + q0 * table;
+    const CodeT* code_rows = staged + q0 * rows;
+    int64_t r = 0;
+    for (; r + kRowsAtOnce <= rows; r += kRowsAtOnce) {
+      // Sweep the next tile's codes into the cache at the pace this tile's staged codes are read, so that
+      // staging it finds them there instead of waiting on DRAM.
+      const int64_t ahead = (q0 * rows + r * len) * static_cast<int64_t>(sizeof(CodeT));
+      if (ahead < next_bytes) __builtin_prefetch(next + ahead);
+      gather_rows<CodeT, RP, kRowsAtOnce>(code_rows + r * len, len, lut, table, acc + r * RP);
+    }
+    for (; r < rows; ++r) gather_rows<CodeT, RP, 1>(code_rows + r * len, len, lut, table, acc + r * RP);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t n = n0 + r;
+    for (int64_t m = 0; m < a.rows; ++m) a.y[m * a.g.out + n] = a.scales[n] * acc[r * RP + m];
+  }
+}
+
+template <typename CodeT, int RP>
+void gather_portable(const GatherArgs& a, int64_t n0, int64_t n1, int64_t n_end, void* staged, float* acc) {
+  gather_tile<CodeT, RP>(a, n0, n1, n_end, static_cast<CodeT*>(staged), acc);
+}
+#if BLOCKOPS_X86_DISPATCH
+template <typename CodeT, int RP>
+BLOCKOPS_TARGET_AVX2 void gather_avx2(const GatherArgs& a, int64_t n0, int64_t n1, int64_t n_end, void* staged,
+                                      float* acc) {
+  gather_tile<CodeT, RP>(a, n0, n1, n_end, static_cast<CodeT*>(staged), acc);
+}
 #endif
-      switch (g.d) {
-        case 2: build_tables_portable<2>(x, cbt, g, m, p, dst); break;
-        case 4: build_tables_portable<4>(x, cbt, g, m, p, dst); break;
-        default: build_tables_portable<8>(x, cbt, g, m, p, dst); break;
-      }
+
+using GatherFn = void (*)(const GatherArgs&, int64_t, int64_t, int64_t, void*, float*);
+
+template <typename CodeT, int RP>
+GatherFn pick_gather_isa(bool avx2) {
+#if BLOCKOPS_X86_DISPATCH
+  if (avx2) return &gather_avx2<CodeT, RP>;
+#endif
+  return &gather_portable<CodeT, RP>;
+}
+
+template <typename CodeT>
+GatherFn pick_gather_rp(bool avx2, int64_t rp) {
+  switch (rp) {
+    case 1: return pick_gather_isa<CodeT, 1>(avx2);
+    case 2: return pick_gather_isa<CodeT, 2>(avx2);
+    case 4: return pick_gather_isa<CodeT, 4>(avx2);
+    default: return pick_gather_isa<CodeT, 8>(avx2);
+  }
+}
+
+void lut_gemv(bool avx2, const float* x, const void* codes, CodeType type, const float* cb32, const float* scales,
+              const Geometry& g, int64_t rows, float* y) {
+  const int64_t code_bytes = type == CodeType::kU8 ? 1 : 2;
+  const TablePlan t = plan_tables(g, rows, code_bytes);
+  at::Tensor lut = at::empty({t.padded, g.k, t.rp}, at::TensorOptions().dtype(at::kFloat));  // interleaved, see build_tables
+  build_tables(avx2, x, cb32, g, rows, t, 8 / code_bytes, lut.mutable_data_ptr<float>());
+  const GatherArgs a{lut.const_data_ptr<float>(), codes, scales, y, g, t, rows};
+  const GatherFn gather = type == CodeType::kU8 ? pick_gather_rp<uint8_t>(avx2, t.rp)
+                                                : pick_gather_rp<uint16_t>(avx2, t.rp);
+  // Tiles handed out in order from a shared counter rather than one fixed range per thread: on a shared CPU a
+  // descheduled thread leaves its tiles to the others instead of making them wait at the end. kTilesPerThread
+  // tiles per thread at least, so that there is something to hand over; each tile reads the whole table.
+  const int64_t threads = at::get_num_threads();
+  const int64_t tile = std::min(t.tile, std::max<int64_t>(64, (g.out + kTilesPerThread * threads - 1) /
+                                                                  (kTilesPerThread * threads)));
+  std::atomic<int64_t> next_tile{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    // Not zero-filled: staging writes every byte before it is read.
+    const auto staged = std::make_unique_for_overwrite<uint8_t[]>(static_cast<size_t>(tile * t.padded * code_bytes));
+    std::vector<float> acc(static_cast<size_t>(tile * t.rp));
+    for (int64_t n0 = next_tile.fetch_add(tile); n0 < g.out; n0 = next_tile.fetch_add(tile)) {
+      gather(a, n0, std::min(g.out, n0 + tile), g.out, staged.get(), acc.data());
     }
   });
 }
 
-// Code p of row n with the code type known at compile time (the loops below run once per weight).
-template <CodeType T>
-inline uint32_t code_at(const void* codes, int64_t flat) {
-  if constexpr (T == CodeType::kU8) return static_cast<const uint8_t*>(codes)[flat];
-  return static_cast<const uint16_t*>(codes)[flat];
-}
-
-// acc[(n - n0) * R + m] += sum over positions [p0, p1) of row n of lut[m][p][code], for R activation rows.
-// Four independent sums per row so that the adds pipeline instead of waiting on each other. Scalar loads on
-// purpose: on the Zen 4 we measured, AVX2 gathers (vgatherdps) were no faster at k = 256 and 40% slower at
-// k = 16 (the table is built with AVX2).
-template <CodeType T, int R>
-void gather_rows(const LutArgs& a, int64_t n0, int64_t n1, int64_t p0, int64_t p1, float* acc) {
-  const int64_t P = a.g.positions(), k = a.g.k;
-  for (int64_t n = n0; n < n1; ++n) {
-    float s[R][4] = {};
-    const int64_t row = n * P;
-    int64_t p = p0;
-    for (; p + 4 <= p1; p += 4) {
-      const int64_t o0 = p * k + code_at<T>(a.codes, row + p), o1 = (p + 1) * k + code_at<T>(a.codes, row + p + 1);
-      const int64_t o2 = (p + 2) * k + code_at<T>(a.codes, row + p + 2), o3 = (p + 3) * k + code_at<T>(a.codes, row + p + 3);
-      for (int m = 0; m < R; ++m) {
-        const float* lut = a.lut + m * P * k;
-        s[m][0] += lut[o0];
-        s[m][1] += lut[o1];
-        s[m][2] += lut[o2];
-        s[m][3] += lut[o3];
-      }
-    }
-    for (; p < p1; ++p) {
-      const int64_t o = p * k + code_at<T>(a.codes, row + p);
-      for (int m = 0; m < R; ++m) s[m][0] += a.lut[m * P * k + o];
-    }
-    for (int m = 0; m < R; ++m) acc[(n - n0) * R + m] += (s[m][0] + s[m][1]) + (s[m][2] + s[m][3]);
-  }
-}
-
-using GatherFn = void (*)(const LutArgs&, int64_t, int64_t, int64_t, int64_t, float*);
-
-// The gather kernel for this many rows (1..kSmallBatchRows) and code type.
-template <CodeType T>
-GatherFn pick_gather(int64_t rows) {
-  switch (rows) {
-    case 1: return &gather_rows<T, 1>;
-    case 2: return &gather_rows<T, 2>;
-    case 3: return &gather_rows<T, 3>;
-    default: return &gather_rows<T, 4>;
-  }
-}
-static_assert(kSmallBatchRows == 4, "pick_gather instantiates 1..4 rows");
-
-void lut_gemv(const LutArgs& a) {
-  const int64_t tiles = (a.g.out + kTileRows - 1) / kTileRows, P = a.g.positions();
-  const GatherFn gather = a.type == CodeType::kU8 ? pick_gather<CodeType::kU8>(a.rows)
-                                                  : pick_gather<CodeType::kU16>(a.rows);
-  at::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> acc(kTileRows * a.rows);
-    for (int64_t tile = b; tile < e; ++tile) {
-      const int64_t n0 = tile * kTileRows, n1 = std::min(a.g.out, n0 + kTileRows);
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t p0 = 0; p0 < P; p0 += a.chunk) gather(a, n0, n1, p0, std::min(P, p0 + a.chunk), acc.data());
-      for (int64_t n = n0; n < n1; ++n) {
-        for (int64_t m = 0; m < a.rows; ++m) a.y[m * a.g.out + n] = a.scales[n] * acc[(n - n0) * a.rows + m];
-      }
-    }
-  });
-}
+#pragma GCC diagnostic pop
 
 // ---------------------------------------------------------------------------------------------------------
 // Small batches: direct dequantize-dot
@@ -371,12 +584,8 @@ at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
   const std::vector<float> s = scale_vector(scales, g.out);
   at::Tensor y32 = at::empty({rows, g.out}, x32.options());
   if (rows <= kSmallBatchRows && use_lookup_table(g, rows)) {
-    const at::Tensor cbt = cb32.transpose(1, 2).contiguous();  // [K, d, k]
-    at::Tensor lut = at::empty({rows, g.positions(), g.k}, x32.options());
-    build_tables(avx2, x32.const_data_ptr<float>(), cbt.const_data_ptr<float>(), g, rows, lut.mutable_data_ptr<float>());
-    const int64_t chunk = std::max<int64_t>(4, kChunkBytes / (g.k * static_cast<int64_t>(sizeof(float))));
-    lut_gemv(LutArgs{lut.const_data_ptr<float>(), codes.const_data_ptr(), w.type, s.data(),
-                           y32.mutable_data_ptr<float>(), g, rows, chunk});
+    lut_gemv(avx2, x32.const_data_ptr<float>(), codes.const_data_ptr(), w.type, cb32.const_data_ptr<float>(), s.data(),
+             g, rows, y32.mutable_data_ptr<float>());
   } else if (rows <= kSmallBatchRows) {
     direct_gemv(avx2, x32.const_data_ptr<float>(), codes.const_data_ptr(), w.type, cb32.const_data_ptr<float>(),
                 s.data(), g, rows, y32.mutable_data_ptr<float>());

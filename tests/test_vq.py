@@ -38,7 +38,7 @@ def uses_lookup_table(out, groups, K, k, d, rows):
     p = groups * K
     if rows * p * k * 4 > 64 << 20:
         return False
-    return rows * p * (k * d + 4 * out) < out * p * d + rows * out * groups * d
+    return rows * p * k * d + 3 * p * out < out * p * d + rows * out * groups * d
 
 
 # (out, groups, K, k, d): every d and k, K in {1, 2}; awkward out and in / d. The last two cases put k = 4096
@@ -94,6 +94,33 @@ def test_cases_cover_both_small_batch_kernels():
     paths = {uses_lookup_table(out, g, K, k, d, rows) for out, g, K, k, d in CASES for rows in (1, 3)}
     assert paths == {True, False}
     assert uses_lookup_table(3000, 5, 1, 4096, 8, 1) and not uses_lookup_table(40, 9, 2, 4096, 4, 1)
+
+
+# Lookup-table kernel layouts: (out, groups, K, k, d, code dtype). Positions P = groups * K that are not whole
+# 64-bit words of codes (P = 5, 13, 1023, 8190) exercise the padded tail; out = 1100 with P = 8190 (9 MB of codes,
+# 4 MB tiles) spans several tiles per thread, so the next tile's prefetch runs; k = 16 and 64 give long chunks,
+# k = 256 the shortest; int16 codes four codes per word.
+LUT_CASES = [(1100, 4095, 2, 64, 4, torch.uint8), (700, 1023, 1, 256, 4, torch.uint8), (300, 5, 1, 16, 2, torch.uint8), (257, 13, 2, 64, 8, torch.uint8),
+             (200, 40, 1, 64, 2, torch.uint8), (3000, 9, 2, 256, 4, torch.int16), (3000, 7, 1, 1024, 2, torch.int16)]
+
+
+@pytest.mark.parametrize("case", LUT_CASES, ids=lambda c: "x".join(map(str, c[:5])) + "-" + str(c[5]).split(".")[-1])
+def test_lookup_table_every_row_count(case):
+    """Every activation-row count the table kernel serves (1..8: rows padded to 1, 2, 4 or 8 lanes) and the first
+    batched count (9), with scales and bias, against the fp64 decode-then-linear reference."""
+    out, groups, K, k, d, code_dtype = case
+    codes, codebooks, scales = make_weights(out, groups, K, k, d, code_dtype=code_dtype, seed=out)
+    bias = torch.randn(out)
+    w = ref_vq_dequantize(codes, codebooks, scales).double()
+    gen = torch.Generator().manual_seed(7)
+    for rows in range(1, 10):
+        assert rows == 9 or uses_lookup_table(out, groups, K, k, d, rows), "case no longer takes the table kernel"
+        x = torch.randn(rows, groups * d, generator=gen)
+        with kernel_ran("vq_linear", "cpu"):
+            y = vq.vq_linear(x, codes, codebooks, scales, bias)
+        ref = x.double() @ w.t() + bias.double()
+        err = ((y.double() - ref).abs().mean() / (x.double().abs() @ w.abs().t()).mean()).item()
+        assert err <= TOL[torch.float32], f"rows={rows}: relative error {err:.3g}"
 
 
 def test_int16_codes_are_unsigned_and_2d_codes():
@@ -186,11 +213,14 @@ def test_portable_kernels():
         "import torch, blockops\n"
         "from blockops.reference import ref_vq_linear\n"
         "assert blockops.build_info()['cpu_families']['vq'] == 'portable'\n"
-        "for out, g, K, k, d in [(3000, 5, 1, 4096, 8), (40, 9, 2, 4096, 4), (17, 13, 2, 256, 2)]:\n"
-        "    codes = torch.randint(0, k, (out, g, K), dtype=torch.int32).to(torch.int16)\n"
-        "    cb, x = torch.randn(K, k, d), torch.randn(3, g * d)\n"
-        "    torch.testing.assert_close(blockops.vq.vq_linear(x, codes, cb), ref_vq_linear(x, codes, cb))\n"
-        "assert blockops.kernel_call_counts()['vq_linear.cpu'] == 3\n"
+        "cases = [(3000, 5, 1, 4096, 8, torch.int16), (40, 9, 2, 4096, 4, torch.int16), (17, 13, 2, 256, 2, torch.int16),\n"
+        "         (700, 37, 1, 256, 4, torch.uint8), (300, 21, 2, 64, 2, torch.uint8)]\n"
+        "for out, g, K, k, d, dt in cases:\n"
+        "    codes = torch.randint(0, k, (out, g, K), dtype=torch.int32).to(dt)\n"
+        "    for rows in (1, 3, 8):\n"
+        "        cb, x = torch.randn(K, k, d), torch.randn(rows, g * d)\n"
+        "        torch.testing.assert_close(blockops.vq.vq_linear(x, codes, cb), ref_vq_linear(x, codes, cb))\n"
+        "assert blockops.kernel_call_counts()['vq_linear.cpu'] == 15\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, BLOCKOPS_CPU_ISA="portable"))
 
