@@ -1,0 +1,5 @@
+"""Masked diffusion LM decoding (Fast-dLLM v1 / v2): the confidence-aware unmasking and dual-cache slot overwrite
+kernels, and generation loops with prefix, dual, block-level and sub-block KV caches."""
+from blockops.dllm.ops import Unmasked, kv_overwrite, kv_overwrite_range, unmask
+
+__all__ = ["Unmasked", "kv_overwrite", "kv_overwrite_range", "unmask"]
