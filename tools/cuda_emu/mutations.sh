@@ -19,6 +19,7 @@ run() {  # name kernel section from to
     lowbit.cu) driver=test_lowbit_gemv; linked="lowbit"; included="" ;;
     lowbit_mma.cu) driver=test_lowbit_mma; linked="lowbit"; included="lowbit_mma" ;;
     attention.cu | attention_mma.cu) driver=test_attention; linked="attention attention_mma"; included="" ;;
+    dllm.cu) driver=test_dllm; linked="dllm"; included="" ;;
     *) echo "ERROR $name: no harness for $file"; missed=1; return ;;
   esac
   rm -rf "$dir" && mkdir -p "$dir"
