@@ -111,13 +111,13 @@ def test_batched_rows_at_different_progress_match_single_rows():
     dual cache whose windows and refreshes are per row)."""
     p = prompts(4, 6, seed=7)
     for cache in (None, "dual"):
-        batch = generate(model(), p, 32, 8, 32, threshold=0.55, cache=cache, mask_id=MASK)
+        batch = generate(model(), p, 32, 8, 32, threshold=0.3, cache=cache, mask_id=MASK)
         counts = torch.tensor(batch.stats.unmasked_per_step)
         cumulative = counts.cumsum(0)
         # rows really were in different blocks at some step (some row had finished 8 more tokens than another)
         assert ((cumulative.max(1).values - cumulative.min(1).values) >= 8).any()
         for b in range(4):
-            alone = generate(model(), p[b:b + 1], 32, 8, 32, threshold=0.55, cache=cache, mask_id=MASK)
+            alone = generate(model(), p[b:b + 1], 32, 8, 32, threshold=0.3, cache=cache, mask_id=MASK)
             assert torch.equal(batch.sequences[b], alone.sequences[0]), (cache, b)
 
 

@@ -10,7 +10,9 @@
 //                   warp w: shuffle-merge of its 32 states -> red[w];  warp 0: merge of red[0..kWarps) -> thread 0
 //
 //   selection    grid B, one CTA per row: thread t takes positions l = t, t + kThreads, ...; a candidate's rank is the
-//                count of the row's candidates (only inside the block bounds) that rank before it, then dllm.h's rule.
+//                count of the row's candidates that rank before it (non-candidates hold conf = -inf from the first
+//                launch and cannot; the loop only visits the block bounds and checks `masked` to stay independent of
+//                that), then dllm.h's rule.
 // dllm_kv_overwrite: grid (n, B), one CTA per (row, new position), threads over the H * D elements of that slot.
 #include "dllm_launch.h"
 #include "dtype_device.cuh"

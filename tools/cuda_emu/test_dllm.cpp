@@ -44,6 +44,7 @@ struct Case {
   bool with_min_tokens;
   int ties;      // > 0: plant this many equal maxima per row at random indices
   float scale;   // logit spread
+  bool same_rows = false;   // every position of a batch row gets the same logits: confidences tie, rank by position
 };
 
 template <typename T>
@@ -58,10 +59,13 @@ static void test_unmask(const Case& c, int64_t pad) {
     for (int t = 0; t < c.ties; ++t) row[rng() % V] = back(cvt<T>(c.scale * 1.5f));
     for (int64_t v = 0; v < V; ++v) logits[b * stride_b + l * stride_l + v] = cvt<T>(row[v]);
   }
-  // identical rows 0 and 1 of batch 0 (when present): equal confidences rank by position
-  if (L >= 2) for (int64_t v = 0; v < V; ++v) {
-    logits[stride_l + v] = logits[v];
-    vals[V + v] = vals[v];
+  // identical positions 0 and 1 of batch row 0 (or all positions): equal confidences rank by position
+  for (int64_t b = 0; b < B; ++b) for (int64_t l = 0; l < L; ++l) {
+    if (!(c.same_rows || (b == 0 && l == 1))) continue;
+    for (int64_t v = 0; v < V; ++v) {
+      logits[b * stride_b + l * stride_l + v] = logits[b * stride_b + v];
+      vals[(b * L + l) * V + v] = vals[b * L * V + v];
+    }
   }
   std::vector<uint8_t> masked_bytes(B * L);
   for (auto& m : masked_bytes) m = (rng() % 10) < 7;
@@ -93,8 +97,9 @@ static void test_unmask(const Case& c, int64_t pad) {
   p.V = V;
   p.rule = UnmaskRule{c.factor_rule ? Rule::kFactor : Rule::kThreshold, c.threshold, c.factor};
   char cfg[200];
-  snprintf(cfg, sizeof cfg, "B=%ld L=%ld V=%ld pad=%ld dtype=%d factor=%d thr=%g f=%g min=%d ties=%d", (long)B, (long)L,
-           (long)V, (long)pad, int(dt<T>()), c.factor_rule, c.threshold, c.factor, c.with_min_tokens, c.ties);
+  snprintf(cfg, sizeof cfg, "B=%ld L=%ld V=%ld pad=%ld dtype=%d factor=%d thr=%g f=%g min=%d ties=%d same=%d", (long)B,
+           (long)L, (long)V, (long)pad, int(dt<T>()), c.factor_rule, c.threshold, c.factor, c.with_min_tokens, c.ties,
+           c.same_rows);
   if (launch_dllm_unmask(p, dt<T>(), nullptr) != cudaSuccess) return fail("launch", cfg);
   for (int64_t b = 0; b < B; ++b) {
     std::vector<int64_t> cand;
@@ -190,6 +195,8 @@ int main(int argc, char** argv) {
         {1, 40, 600, true, 0, 0.3f, false, 2, 10},
         {2, 5, 5003, false, -1.f, 0, true, 0, 4},         // threshold below every confidence: all candidates
         {2, 12, 2100, false, 2.f, 0, true, 4, 5},         // threshold above one: only the top k
+        {3, 21, 300, false, 2.f, 0, true, 0, 5, true},    // all confidences tie: the top k are the first k
+        {2, 16, 130, true, 0, 0.5f, true, 0, 5, true},
     };
     int n = 0;
     for (const Case& c : grid) {

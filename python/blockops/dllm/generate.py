@@ -132,6 +132,9 @@ class _Caller:
 
     def __init__(self, model, mask_id: int, stats: GenerationStats):
         self.model, self.mask_id, self.stats = model, mask_id, stats
+        vocab = getattr(model, "vocab_size", None) or getattr(getattr(model, "config", None), "vocab_size", None)
+        if isinstance(vocab, int) and mask_id >= vocab:   # checked before the model embeds it
+            raise ValueError(f"mask_id {mask_id} is outside the model's vocabulary of {vocab} tokens")
 
     def __call__(self, input_ids, position_ids, cache=None):
         logits = _logits_of(self.model(input_ids, position_ids=position_ids, past_key_values=cache,
@@ -140,6 +143,9 @@ class _Caller:
         self.stats.fed_tokens += input_ids.numel()
         if self.stats.model_calls == 1 and not 0 <= self.mask_id < logits.shape[-1]:
             raise ValueError(f"mask_id {self.mask_id} is outside the model's vocabulary of {logits.shape[-1]} tokens")
+        # "Unmasking" a position to the mask token would leave it masked and could stall decoding forever (an
+        # untrained model does predict it); a trained model gives it ~0 probability anyway.
+        logits[..., self.mask_id] = float("-inf")
         return logits
 
 
@@ -192,7 +198,8 @@ def generate(model, input_ids: torch.Tensor, gen_length: int, block_length: int,
     :func:`blockops.dllm.unmask` -- and, with ``threshold``, every one whose confidence exceeds it (Fast-dLLM's
     threshold rule) or, with ``factor`` (which takes precedence), the top ``n`` while ``(n + 1)(1 - c_n) < factor``.
     ``threshold=None, factor=None`` is LLaDA's plain low-confidence remasking: exactly ``k_t`` per step
-    (``steps = gen_length`` gives one token per step). Decoding is greedy (argmax).
+    (``steps = gen_length`` gives one token per step). Decoding is greedy (argmax); the mask token's logit is set
+    to -inf first (so a step always makes progress), confidences are the softmax over the other tokens.
 
     Rows advance independently: a row whose block is complete moves to its next block at the next step while the
     others continue, so rows may be in different blocks (per-row block bounds, cache positions and refreshes);
