@@ -39,7 +39,7 @@ class UnmaskConfig:
 
 
 QUICK_GEN = GenConfig(batch=2, prompt=16, gen_length=32, block_length=16, vocab=512, dim=64, layers=2)
-FULL_GEN = GenConfig(batch=4, prompt=128, gen_length=256, block_length=32, vocab=8192, dim=256, layers=4)
+FULL_GEN = GenConfig(batch=2, prompt=64, gen_length=128, block_length=32, vocab=4096, dim=128, layers=4)
 RULES = {"one per step": dict(threshold=None), "threshold 0.9": dict(threshold=0.9),
          "threshold 0.7": dict(threshold=0.7), "factor 1.0": dict(factor=1.0)}
 QUICK_UNMASK = [UnmaskConfig(1, 32, 32000, torch.float32)]
@@ -82,8 +82,8 @@ def _generation_rows(c: GenConfig, device: str, quick: bool) -> list[Result]:
                                                                                     **repeats)
             s = out.stats
             tok_s = c.batch * c.gen_length / (ms * 1e-3)
-            note = (f"{tok_s:.0f} tok/s; {s.steps} steps, {s.model_calls} calls, {s.tokens_per_step:.2f} tok/step/row;"
-                    f" masks left {int((out.sequences == mask_id).sum())}")
+            note = (f"{tok_s:.0f} tok/s; {s.steps} steps, {s.model_calls} calls, {s.tokens_per_step:.2f} tok/step/row,"
+                    f" {s.fed_tokens} tokens fed; masks left {int((out.sequences == mask_id).sum())}")
             rows.append(Result("dllm", f"generate cache={cache or 'none'} {name}", shape, device, ms,
                                "no cache, one per step", base_ms, note=note))
     return rows
