@@ -78,7 +78,7 @@ def test_caches_equal_no_cache_for_a_one_layer_model():
         assert out.stats.unmasked_per_step == ref.stats.unmasked_per_step
 
 
-def test_dual_cache_differs_for_deeper_models_but_finishes():
+def test_dual_cache_feeds_fewer_tokens_and_finishes():
     p = prompts(2, 5, seed=5)
     ref = generate(model(layers=3), p, 32, 8, 32, threshold=0.6, cache=None, mask_id=MASK)
     out = generate(model(layers=3), p, 32, 8, 32, threshold=0.6, cache="dual", mask_id=MASK)
