@@ -116,4 +116,19 @@ TORCH_LIBRARY(blockops, m) {
         "Tensor salient_zero, Tensor signs, Tensor zero_signs, Tensor alpha, Tensor mu, Tensor r1, Tensor r2, "
         "int num_salient, bool need_input, bool need_factors) -> (Tensor grad_x, Tensor grad_alpha, "
         "Tensor grad_r1, Tensor grad_r2)");
+  // ---- masked diffusion LM decoding (family "dllm", Fast-dLLM; numerics and the exact rules in csrc/dllm.h) -----
+  // Confidence-aware unmasking in one pass over logits [B, L, V] (fp16/bf16/fp32, vocabulary dim contiguous, other
+  // dims may be strided). Candidates: positions l with masked[b, l] (bool [B, L]) and lo <= l < hi, block_bounds
+  // int64 [B, 2] = (lo, hi). Per candidate: argmax token (first index on ties) and its softmax probability (online
+  // max / sum-exp). Per row, the candidates ranked by confidence: the top max(1, min_tokens[b]) (int64 [B], default
+  // 1) and, with factor=None, every one with conf > threshold, or with a factor, the top n while
+  // (n + 1)(1 - c_n) < factor. Returns tokens int64 [B, L] (-1 off candidates), unmask bool [B, L] and confidence
+  // fp32 [B, L] (-inf off candidates). Fixed shapes, no host sync.
+  m.def("dllm_unmask(Tensor logits, Tensor masked, Tensor block_bounds, Tensor? min_tokens, float threshold, "
+        "float? factor) -> (Tensor tokens, Tensor unmask, Tensor confidence)");
+  // Dual-cache slot overwrite, in place: cache[b, h, positions[b, j], :] = new[b, h, j, :] for cache [B, H, S, D]
+  // (fp16/bf16/fp32, contiguous), new [B, H, n, D] (cache's dtype, last dim contiguous), positions int64 [B, n]
+  // (per row, strictly increasing, in [0, S)). check_indices=True raises on a bad position (a host sync on CUDA);
+  // False skips out-of-range entries (never writes out of bounds).
+  m.def("dllm_kv_overwrite(Tensor(a!) cache, Tensor new, Tensor positions, bool check_indices=True) -> ()");
 }

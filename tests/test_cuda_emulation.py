@@ -37,6 +37,7 @@ HARNESSES = {
     "test_path_attention": ("test_path_attention.cpp", ["path_attention"], []),
     "test_vq": ("test_vq.cpp", ["vq"], []),
     "test_ptq161": ("test_ptq161.cpp", ["ptq161"], []),
+    "test_dllm": ("test_dllm.cpp", ["dllm"], []),
 }
 
 # (harness, section); a section's summary line reports how many cases it checked.
@@ -56,6 +57,8 @@ SECTIONS = [
     ("test_vq", "backward"),
     ("test_vq", "garbage"),
     ("test_ptq161", None),
+    ("test_dllm", "unmask"),
+    ("test_dllm", "overwrite"),
 ]
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ not found: the CUDA emulation harnesses need a C++20 g++")

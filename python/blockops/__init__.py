@@ -13,6 +13,7 @@ from blockops.ops import pack_bits, unpack_bits  # noqa: E402
 from blockops import attention, nn  # noqa: E402
 from blockops import vq  # noqa: E402
 from blockops import ptq161, quant  # noqa: E402
+from blockops import dllm  # noqa: E402
 from blockops.quantize import QuantConfig, load_gptq_checkpoint, quantize_  # noqa: E402
 
 __version__ = _BUILD_INFO["version"]
@@ -37,3 +38,5 @@ def kernel_call_counts() -> dict[str, int]:
 
 __all__ = ["QuantConfig", "attention", "build_info", "kernel_call_counts", "load_gptq_checkpoint", "nn", "ops", "pack_bits",
            "ptq161", "quant", "quantize_", "unpack_bits", "vq"]
+__all__ = ["QuantConfig", "attention", "build_info", "dllm", "kernel_call_counts", "load_gptq_checkpoint", "nn", "ops", "pack_bits",
+           "quantize_", "unpack_bits", "vq"]

@@ -198,3 +198,44 @@ def ref_ptq161_linear(x, perm, qsalient, salient_scale, salient_zero, signs, zer
                               num_salient)
     y = x.float() @ w.t()
     return y if bias is None else y + bias.float()
+def ref_dllm_candidates(masked: torch.Tensor, block_bounds: torch.Tensor) -> torch.Tensor:
+    """Bool [B, L]: masked positions l with lo <= l < hi of their row (``blockops.dllm.unmask``'s candidates)."""
+    pos = torch.arange(masked.shape[1], device=masked.device)
+    return masked & (pos >= block_bounds[:, :1]) & (pos < block_bounds[:, 1:])
+
+
+def ref_dllm_select(confidence: torch.Tensor, candidates: torch.Tensor, threshold: float = 0.9,
+                    factor: float | None = None, min_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """The selection rule of ``blockops.dllm.unmask`` on given fp32 confidences [B, L]: rank the candidates by
+    (confidence descending, position ascending; NaN last), accept rank r if r < max(1, min_tokens) or, threshold
+    rule, conf > threshold, or, factor rule, (r + 2)(1 - conf) < factor. Compared in fp32, as the kernels do."""
+    conf = confidence.float()
+    key = torch.where(candidates, conf.nan_to_num(nan=float("-inf")), float("-inf"))
+    pos = torch.arange(conf.shape[1], device=conf.device)
+    before = (key[:, None, :] > key[:, :, None]) | ((key[:, None, :] == key[:, :, None]) & (pos[None, :] < pos[:, None]))
+    rank = (before & candidates[:, None, :]).sum(-1)          # candidates ranked before each position
+    k = torch.ones(conf.shape[0], dtype=torch.long, device=conf.device) if min_tokens is None else min_tokens.clamp_min(1)
+    if factor is None:
+        rule = conf > torch.tensor(threshold, dtype=torch.float32)
+    else:
+        rule = (rank + 2).float() * (1 - conf) < torch.tensor(factor, dtype=torch.float32)
+    return candidates & ((rank < k[:, None]) | rule)
+
+
+def ref_dllm_unmask(logits: torch.Tensor, masked: torch.Tensor, block_bounds: torch.Tensor, threshold: float = 0.9,
+                    factor: float | None = None, min_tokens: torch.Tensor | None = None):
+    """Reference for ``blockops.dllm.unmask`` (the eager expression: softmax, max, threshold / sorted factor rule),
+    statistics in fp64: returns (tokens, unmask, confidence) with the kernel's conventions off the candidates."""
+    x = logits.double()
+    tokens = x.argmax(-1)                                     # first index among equal maxima
+    conf = torch.softmax(x, -1).gather(-1, tokens[..., None])[..., 0].float()
+    cand = ref_dllm_candidates(masked, block_bounds)
+    unmask = ref_dllm_select(conf, cand, threshold, factor, min_tokens)
+    return (torch.where(cand, tokens, -1), unmask, torch.where(cand, conf, float("-inf")))
+
+
+def ref_dllm_kv_overwrite(cache: torch.Tensor, new: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Reference for ``blockops.dllm.kv_overwrite`` (out of place): ``cache[b, h, positions[b, j]] = new[b, h, j]``."""
+    out = cache.clone()
+    idx = positions[:, None, :, None].expand(-1, cache.shape[1], -1, cache.shape[3])
+    return out.scatter(2, idx, new.to(cache.dtype))

@@ -22,6 +22,7 @@ run() {  # name kernel section from to
     attention.cu | attention_mma.cu) driver=test_attention; linked="attention attention_mma"; included="" ;;
     path_attention.cu) driver=test_path_attention; linked="path_attention"; included="" ;;
     vq.cu) driver=test_vq; linked="vq"; included="" ;;
+    dllm.cu) driver=test_dllm; linked="dllm"; included="" ;;
     *) echo "ERROR $name: no harness for $file"; missed=1; return ;;
   esac
   rm -rf "$dir" && mkdir -p "$dir"

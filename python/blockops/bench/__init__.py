@@ -5,6 +5,8 @@ Each family module has `run(device, quick=True) -> list[Result]`; FAMILIES lists
 from __future__ import annotations
 
 from blockops.bench import attention, bitpack, lowbit, path, ptq161, vq
+from blockops.bench import attention, bitpack, lowbit, path, vq
+from blockops.bench import dllm
 from blockops.bench.harness import Result, format_table, machine_description, plot, read_bandwidth_gbps, write_json
 
 FAMILIES = {
@@ -14,6 +16,7 @@ FAMILIES = {
     "path": path.run,
     "vq": vq.run,
     "ptq161": ptq161.run,
+    "dllm": dllm.run,
 }
 
 

@@ -104,6 +104,15 @@ inline float __shfl_sync(unsigned, float v, int src) {
   w.bar->arrive_and_wait();
   return r;
 }
+// int overload (dllm.cu shuffles argmax indices): the bits travel through the float exchange unchanged.
+inline int __shfl_xor_sync(unsigned mask, int v, int off) {
+  float f;
+  memcpy(&f, &v, 4);
+  f = __shfl_xor_sync(mask, f, off);
+  int r;
+  memcpy(&r, &f, 4);
+  return r;
+}
 inline void __syncwarp(unsigned = 0xffffffffu) { emu_warps[threadIdx.x / 32]->bar->arrive_and_wait(); }
 inline float exp2f(float x) { return std::exp2(x); }
 inline float log2f(float x) { return std::log2(x); }

@@ -1,0 +1,33 @@
+// AVX2 math shared by the CPU kernels of several families (attention's softmax, dllm's confidences). Include
+// only from CPU sources; every function is compiled for AVX2/FMA (BLOCKOPS_TARGET_AVX2) and must only be called
+// when cpu_has_avx2_fma() is true.
+#pragma once
+#include "macros.h"
+
+#if BLOCKOPS_X86_DISPATCH
+#include <immintrin.h>
+
+namespace blockops {
+
+// 2^x: 2^round(x) (exponent bits) times a degree-6 polynomial of 2^f, |f| <= 1/2 (Taylor series of e^(f ln 2):
+// relative error < 2e-7). Inputs below -126 (including -inf) give exactly 0; inputs are clamped at 127.
+BLOCKOPS_TARGET_AVX2 inline __m256 exp2_avx2(__m256 x) {
+  const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-126.f), _CMP_GE_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-126.f)), _mm256_set1_ps(127.f));
+  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(x, n);
+  __m256 p = _mm256_set1_ps(1.5403530393381606e-4f);                       // ln2^6 / 720
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));       // ln2^5 / 120
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618129107628477e-3f));        // ln2^4 / 24
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550410866482158e-2f));        // ln2^3 / 6
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402265069591007e-1f));        // ln2^2 / 2
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931471805599453e-1f));        // ln2
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  const __m256 r = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+  return _mm256_and_ps(r, keep);
+}
+
+}  // namespace blockops
+
+#endif  // BLOCKOPS_X86_DISPATCH

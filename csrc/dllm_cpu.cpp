@@ -1,0 +1,385 @@
+// Masked diffusion LM decoding on the CPU (family "dllm"; numerics in csrc/dllm.h): the shared argument checks
+// and the CPU kernels.
+//
+// dllm_unmask, two phases:
+//   1. statistics, threads over candidate positions (masked and inside the row's block; every other position
+//      is never read). A position's vocabulary row is walked in chunks of kChunk logits:
+//
+//        row  | chunk 0 | chunk 1 | ... |      per chunk: converted to fp32 (fp16/bf16) into an L1 buffer,
+//                                              chunk max (vectorised); if it beats the running max: first index
+//                                              of it in the chunk, sum *= exp(old - new); then sum += exp(x - max)
+//                                              over the chunk, read again from L1 (AVX2 exp2 polynomial)
+//
+//      so the logits are read from memory once and no softmax tensor exists.
+//   2. selection, threads over rows: the row's candidates are ranked (conf descending, position ascending) and
+//      accepted by dllm.h's rule.
+// dllm_kv_overwrite: threads over (row, slot), one contiguous copy of D elements per head.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "checks.h"
+#include "cpu_features.h"
+#include "cpu_math_avx2.h"
+#include "dllm_op.h"
+#include "dtype_torch.h"
+#include "introspection.h"
+
+namespace blockops::dllm {
+
+// ---- argument checks (shared with the CUDA glue) ------------------------------------------------------------
+
+UnmaskCall prepare_unmask(const at::Tensor& logits, const at::Tensor& masked, const at::Tensor& block_bounds,
+                          const c10::optional<at::Tensor>& min_tokens, double threshold,
+                          c10::optional<double> factor) {
+  const char* op = kUnmask;
+  check_dtype(logits, {at::kHalf, at::kBFloat16, at::kFloat}, op, "logits");
+  TORCH_CHECK(logits.dim() == 3, op, ": logits must be [B, L, V], got shape ", logits.sizes());
+  const int64_t B = logits.size(0), L = logits.size(1), V = logits.size(2);
+  TORCH_CHECK(V >= 1, op, ": logits must have a non-empty vocabulary dim, got shape ", logits.sizes());
+  TORCH_CHECK(logits.stride(2) == 1, op, ": logits must be contiguous in the vocabulary dim (got strides ",
+              logits.strides(), "); other dims may be strided, e.g. a slice logits[:, a:b]");
+  check_dtype(masked, {at::kBool}, op, "masked");
+  TORCH_CHECK(masked.dim() == 2 && masked.size(0) == B && masked.size(1) == L, op, ": masked must be [", B, ", ",
+              L, "] (logits are ", logits.sizes(), "), got ", masked.sizes());
+  check_contiguous(masked, op, "masked");
+  check_same_device(masked, logits, op, "masked", "logits");
+  check_dtype(block_bounds, {at::kLong}, op, "block_bounds");
+  TORCH_CHECK(block_bounds.dim() == 2 && block_bounds.size(0) == B && block_bounds.size(1) == 2, op,
+              ": block_bounds must be [", B, ", 2] (lo, hi per row), got ", block_bounds.sizes());
+  check_contiguous(block_bounds, op, "block_bounds");
+  check_same_device(block_bounds, logits, op, "block_bounds", "logits");
+  if (min_tokens) {
+    check_dtype(*min_tokens, {at::kLong}, op, "min_tokens");
+    TORCH_CHECK(min_tokens->dim() == 1 && min_tokens->size(0) == B, op, ": min_tokens must be [", B, "], got ",
+                min_tokens->sizes());
+    check_contiguous(*min_tokens, op, "min_tokens");
+    check_same_device(*min_tokens, logits, op, "min_tokens", "logits");
+  }
+  TORCH_CHECK(!std::isnan(threshold), op, ": threshold must not be NaN");
+  if (factor) TORCH_CHECK(*factor > 0.0, op, ": factor must be positive, got ", *factor);
+
+  UnmaskCall c;
+  const auto opts = logits.options();
+  c.tokens = at::empty({B, L}, opts.dtype(at::kLong));
+  c.unmask = at::empty({B, L}, opts.dtype(at::kBool));
+  c.confidence = at::empty({B, L}, opts.dtype(at::kFloat));
+  c.dtype = static_cast<int>(dtype_of(logits.scalar_type()));
+  UnmaskParams& p = c.params;
+  p.logits = logits.const_data_ptr();
+  p.stride_b = logits.stride(0);
+  p.stride_l = logits.stride(1);
+  p.masked = masked.const_data_ptr<bool>();
+  p.bounds = block_bounds.const_data_ptr<int64_t>();
+  p.min_tokens = min_tokens ? min_tokens->const_data_ptr<int64_t>() : nullptr;
+  p.tokens = c.tokens.mutable_data_ptr<int64_t>();
+  p.unmask = c.unmask.mutable_data_ptr<bool>();
+  p.conf = c.confidence.mutable_data_ptr<float>();
+  p.B = B;
+  p.L = L;
+  p.V = V;
+  // The threshold is compared in fp32 (confidences are fp32); values beyond fp32's range saturate to +-inf.
+  p.rule = UnmaskRule{factor ? Rule::kFactor : Rule::kThreshold, static_cast<float>(threshold),
+                      factor ? static_cast<float>(*factor) : 0.f};
+  return c;
+}
+
+OverwriteParams prepare_overwrite(const at::Tensor& cache, const at::Tensor& src, const at::Tensor& positions) {
+  const char* op = kOverwrite;
+  check_dtype(cache, {at::kHalf, at::kBFloat16, at::kFloat}, op, "cache");
+  TORCH_CHECK(cache.dim() == 4, op, ": cache must be [B, H, S, D], got shape ", cache.sizes());
+  check_contiguous(cache, op, "cache");
+  TORCH_CHECK(src.scalar_type() == cache.scalar_type(), op, ": new must have the cache's dtype ",
+              cache.scalar_type(), ", got ", src.scalar_type());
+  const int64_t B = cache.size(0), H = cache.size(1), S = cache.size(2), D = cache.size(3);
+  TORCH_CHECK(src.dim() == 4 && src.size(0) == B && src.size(1) == H && src.size(3) == D, op, ": new must be [",
+              B, ", ", H, ", n, ", D, "] to match the cache ", cache.sizes(), ", got ", src.sizes());
+  TORCH_CHECK(src.stride(3) == 1 || D == 1, op, ": new must be contiguous in its last dim (got strides ",
+              src.strides(), ")");
+  check_same_device(src, cache, op, "new", "cache");
+  const int64_t n = src.size(2);
+  check_dtype(positions, {at::kLong}, op, "positions");
+  TORCH_CHECK(positions.dim() == 2 && positions.size(0) == B && positions.size(1) == n, op,
+              ": positions must be [", B, ", ", n, "] (one slot per row and new position), got ",
+              positions.sizes());
+  check_contiguous(positions, op, "positions");
+  check_same_device(positions, cache, op, "positions", "cache");
+  TORCH_CHECK(n <= S, op, ": ", n, " new positions per row do not fit a cache of ", S, " slots");
+  OverwriteParams p;
+  p.cache = cache.data_ptr();
+  p.src = src.const_data_ptr();
+  p.sb = src.stride(0);
+  p.sh = src.stride(1);
+  p.sj = src.stride(2);
+  p.positions = positions.const_data_ptr<int64_t>();
+  p.B = B;
+  p.H = H;
+  p.S = S;
+  p.n = n;
+  p.D = D;
+  p.element_bytes = static_cast<int>(cache.element_size());
+  return p;
+}
+
+void check_positions(const at::Tensor& positions, int64_t S) {
+  if (positions.numel() == 0) return;
+  at::Tensor bad = positions.lt(0).logical_or(positions.ge(S));
+  if (positions.size(1) > 1) {
+    const int64_t n = positions.size(1);
+    bad.slice(1, 1, n).logical_or_(positions.slice(1, 1, n).le(positions.slice(1, 0, n - 1)));
+  }
+  if (!bad.any().item<bool>()) return;
+  const at::Tensor host = positions.cpu(), where = bad.cpu().nonzero();
+  const int64_t b = where[0][0].item<int64_t>(), j = where[0][1].item<int64_t>();
+  const int64_t value = host[b][j].item<int64_t>();
+  TORCH_CHECK(value >= 0 && value < S, kOverwrite, ": positions[", b, ", ", j, "] = ", value,
+              " is outside the cache's slots [0, ", S, ")");
+  TORCH_CHECK(false, kOverwrite, ": positions must be strictly increasing in each row, but positions[", b, ", ", j,
+              "] = ", value, " follows ", host[b][j - 1].item<int64_t>());
+}
+
+// ---- CPU kernels --------------------------------------------------------------------------------------------
+
+namespace {
+
+KernelCounter unmask_counter("dllm_unmask.cpu");
+KernelCounter overwrite_counter("dllm_kv_overwrite.cpu");
+FamilyRegistration family("dllm", cpu_isa_name);
+
+constexpr int64_t kChunk = 2048;   // logits per chunk: 8 KiB of fp32, read twice from L1
+constexpr float kLog2e = 1.4426950408889634f;
+
+float to_float(float v) { return v; }
+float to_float(c10::Half v) { return static_cast<float>(v); }
+float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
+
+// Chunk primitives, one set per ISA. `first_index_of` and the bookkeeping are shared (scalar, rare).
+struct ChunkOps {
+  float (*max)(const float* x, int64_t n);
+  float (*sum_exp)(const float* x, int64_t n, float m);  // sum exp(x - m), m finite
+};
+
+float chunk_max_portable(const float* x, int64_t n) {
+  float m = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+float chunk_sum_exp_portable(const float* x, int64_t n, float m) {
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s += std::exp(x[i] - m);
+  return s;
+}
+
+#if BLOCKOPS_X86_DISPATCH
+BLOCKOPS_TARGET_AVX2 float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+BLOCKOPS_TARGET_AVX2 float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+BLOCKOPS_TARGET_AVX2 float chunk_max_avx2(const float* x, int64_t n) {
+  __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0, m2 = m0, m3 = m0;  // four chains hide the max latency
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    m0 = _mm256_max_ps(m0, _mm256_loadu_ps(x + i));
+    m1 = _mm256_max_ps(m1, _mm256_loadu_ps(x + i + 8));
+    m2 = _mm256_max_ps(m2, _mm256_loadu_ps(x + i + 16));
+    m3 = _mm256_max_ps(m3, _mm256_loadu_ps(x + i + 24));
+  }
+  for (; i + 8 <= n; i += 8) m0 = _mm256_max_ps(m0, _mm256_loadu_ps(x + i));
+  float m = hmax(_mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
+  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+BLOCKOPS_TARGET_AVX2 float chunk_sum_exp_avx2(const float* x, int64_t n, float m) {
+  const __m256 vm = _mm256_set1_ps(m), l2e = _mm256_set1_ps(kLog2e);
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+  int64_t i = 0;
+  // (x - m) first, then the scale: exact subtraction keeps the exponent's error at fp32 rounding of a value <= 0
+  for (; i + 16 <= n; i += 16) {
+    s0 = _mm256_add_ps(s0, exp2_avx2(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm), l2e)));
+    s1 = _mm256_add_ps(s1, exp2_avx2(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), vm), l2e)));
+  }
+  float s = hsum(_mm256_add_ps(s0, s1));
+  for (; i < n; ++i) s += std::exp(x[i] - m);
+  return s;
+}
+
+// fp16 / bf16 -> fp32 for one chunk (F16C; bf16 is the high half of an fp32).
+BLOCKOPS_TARGET_AVX2 void convert_avx2(const c10::Half* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
+BLOCKOPS_TARGET_AVX2 void convert_avx2(const c10::BFloat16* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16)));
+  }
+  for (; i < n; ++i) dst[i] = to_float(src[i]);
+}
+#endif
+
+template <typename T>
+void convert_portable(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
+// fp32 view of logits[c0, c0 + n): the row itself for fp32, else a converted copy in buf.
+template <typename T>
+const float* chunk_as_float(const T* src, int64_t n, float* buf, bool avx2) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+#if BLOCKOPS_X86_DISPATCH
+    if (avx2) {
+      convert_avx2(src, buf, n);
+      return buf;
+    }
+#endif
+    convert_portable(src, buf, n);
+    return buf;
+  }
+}
+
+// Online softmax statistics of one vocabulary row (dllm.h's RowStats, chunk by chunk).
+template <typename T>
+RowStats row_stats(const T* row, int64_t V, float* buf, const ChunkOps& ops, bool avx2) {
+  RowStats s = empty_stats();
+  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, V - c0);
+    const float* x = chunk_as_float(row + c0, n, buf, avx2);
+    const float cm = ops.max(x, n);
+    if (cm > s.max) {  // a new maximum: its first index in this chunk (earlier chunks only had smaller values)
+      int64_t i = 0;
+      while (i + 1 < n && !(x[i] == cm)) ++i;
+      s.sum *= rescale(s.max, cm);
+      s.max = cm;
+      s.argmax = c0 + i;
+    }
+    if (s.max != -INFINITY) s.sum += ops.sum_exp(x, n, s.max);
+  }
+  return s;
+}
+
+ChunkOps chunk_ops(bool avx2) {
+#if BLOCKOPS_X86_DISPATCH
+  if (avx2) return {chunk_max_avx2, chunk_sum_exp_avx2};
+#endif
+  (void)avx2;
+  return {chunk_max_portable, chunk_sum_exp_portable};
+}
+
+template <typename T>
+void unmask_statistics(const UnmaskParams& p, const std::vector<int64_t>& candidates) {
+  const bool avx2 = cpu_has_avx2_fma();
+  const ChunkOps ops = chunk_ops(avx2);
+  const T* logits = static_cast<const T*>(p.logits);
+  // ~64K logits per task: thread start-up is amortised, small vocabularies still spread over the threads.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / p.V);
+  at::parallel_for(0, static_cast<int64_t>(candidates.size()), grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(std::is_same_v<T, float> ? 0 : kChunk);
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t flat = candidates[c], b = flat / p.L, l = flat % p.L;
+      const RowStats s = row_stats(logits + b * p.stride_b + l * p.stride_l, p.V, buf.data(), ops, avx2);
+      p.tokens[flat] = s.argmax;
+      p.conf[flat] = confidence(s);
+    }
+  });
+}
+
+// Phase 2 for rows [begin, end): rank each row's candidates and apply the rule.
+void unmask_select(const UnmaskParams& p, int64_t begin, int64_t end) {
+  std::vector<int64_t> order;
+  for (int64_t b = begin; b < end; ++b) {
+    order.clear();
+    for (int64_t l = 0; l < p.L; ++l) {
+      if (is_candidate(p, b, l)) order.push_back(l);
+    }
+    const float* conf = p.conf + b * p.L;
+    std::sort(order.begin(), order.end(),
+              [&](int64_t x, int64_t y) { return ranks_before(conf[x], x, conf[y], y); });
+    const int64_t k = min_tokens_of(p.min_tokens, b);
+    for (size_t r = 0; r < order.size(); ++r) {
+      p.unmask[b * p.L + order[r]] = accept(static_cast<int64_t>(r), conf[order[r]], k, p.rule);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dllm_unmask_cpu(const at::Tensor& logits, const at::Tensor& masked,
+                                                                 const at::Tensor& block_bounds,
+                                                                 const c10::optional<at::Tensor>& min_tokens,
+                                                                 double threshold, c10::optional<double> factor) {
+  UnmaskCall c = prepare_unmask(logits, masked, block_bounds, min_tokens, threshold, factor);
+  const UnmaskParams& p = c.params;
+  unmask_counter.hit();
+  std::fill_n(p.tokens, p.B * p.L, int64_t{-1});
+  std::fill_n(p.conf, p.B * p.L, -INFINITY);
+  std::fill_n(p.unmask, p.B * p.L, false);
+  std::vector<int64_t> candidates;
+  for (int64_t b = 0; b < p.B; ++b) {
+    for (int64_t l = 0; l < p.L; ++l) {
+      if (is_candidate(p, b, l)) candidates.push_back(b * p.L + l);
+    }
+  }
+  if (candidates.empty()) return {c.tokens, c.unmask, c.confidence};
+  switch (logits.scalar_type()) {
+    case at::kHalf: unmask_statistics<c10::Half>(p, candidates); break;
+    case at::kBFloat16: unmask_statistics<c10::BFloat16>(p, candidates); break;
+    default: unmask_statistics<float>(p, candidates); break;
+  }
+  at::parallel_for(0, p.B, 1, [&](int64_t begin, int64_t end) { unmask_select(p, begin, end); });
+  return {c.tokens, c.unmask, c.confidence};
+}
+
+void dllm_kv_overwrite_cpu(at::Tensor& cache, const at::Tensor& src, const at::Tensor& positions,
+                           bool check_indices) {
+  const OverwriteParams p = prepare_overwrite(cache, src, positions);
+  if (check_indices) check_positions(positions, p.S);
+  if (p.B * p.n * p.H * p.D == 0) return;
+  overwrite_counter.hit();
+  const int64_t bytes = p.D * p.element_bytes;
+  char* dst = static_cast<char*>(p.cache);
+  const char* from = static_cast<const char*>(p.src);
+  at::parallel_for(0, p.B * p.n, std::max<int64_t>(1, 4096 / (p.H * bytes) + 1), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / p.n, j = t % p.n, slot = p.positions[t];
+      if (slot < 0 || slot >= p.S) continue;  // unchecked call: out-of-range entries are skipped, never written
+      for (int64_t h = 0; h < p.H; ++h) {
+        std::memcpy(dst + ((b * p.H + h) * p.S + slot) * bytes,
+                    from + (b * p.sb + h * p.sh + j * p.sj) * p.element_bytes, bytes);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(blockops, CPU, m) {
+  m.impl("dllm_unmask", &dllm_unmask_cpu);
+  m.impl("dllm_kv_overwrite", &dllm_kv_overwrite_cpu);
+}
+
+}  // namespace blockops::dllm
