@@ -18,6 +18,7 @@ MIN_CHARS, MAX_CHARS, MIN_WORDS = 40, 400, 6
 # Code and grammar lines are mostly punctuation; prose is mostly letters and spaces.
 MIN_LETTER_FRACTION = 0.85
 SPLIT_SEED = 0
+EVAL_SIZE = 400   # sentences held out for evaluation; the other ~1500 are for calibration
 
 
 def _paragraphs(text: str):
@@ -58,19 +59,18 @@ def sentences() -> list[str]:
     return out
 
 
-def splits(num_eval: int = 400, num_calib: int | None = None) -> dict[str, list[str]]:
+def splits(num_eval: int | None = None, num_calib: int | None = None) -> dict[str, list[str]]:
     """Disjoint ``{"calib": [...], "eval": [...]}``: the sentences shuffled with a fixed seed; the first
-    ``num_eval`` are the evaluation split, the next ``num_calib`` (default: all the rest) the calibration split."""
+    `EVAL_SIZE` form the evaluation split (of which the first ``num_eval`` are returned), all the others the
+    calibration split (the first ``num_calib`` returned). The boundary is fixed, so the splits stay disjoint
+    whatever the requested sizes."""
     pool = sentences()
-    if num_eval >= len(pool):
-        raise ValueError(f"splits: num_eval={num_eval} leaves no calibration text ({len(pool)} sentences)")
     random.Random(SPLIT_SEED).shuffle(pool)
-    evaluation, calibration = pool[:num_eval], pool[num_eval:]
-    if num_calib is not None:
-        if num_calib > len(calibration):
-            raise ValueError(f"splits: num_calib={num_calib} but only {len(calibration)} sentences are left")
-        calibration = calibration[:num_calib]
-    return {"calib": calibration, "eval": evaluation}
+    evaluation, calibration = pool[:EVAL_SIZE], pool[EVAL_SIZE:]
+    for name, count, split in (("num_eval", num_eval, evaluation), ("num_calib", num_calib, calibration)):
+        if count is not None and not 1 <= count <= len(split):
+            raise ValueError(f"splits: {name}={count} must be in [1, {len(split)}]")
+    return {"calib": calibration[:num_calib], "eval": evaluation[:num_eval]}
 
 
 def tokenize_batches(tokenizer, texts: list[str], batch_size: int = 16, max_length: int = 64) -> list[dict]:

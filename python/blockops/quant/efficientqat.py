@@ -427,10 +427,10 @@ def e2e_qp(model: nn.Module, train_batches: list, loss_fn: Callable[[nn.Module, 
     order_rng = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
+    storage = [(layer.scales.dtype, layer.scales.requires_grad) for layer in layers]
     frozen = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    storage = [(layer.scales.dtype, layer.scales.requires_grad) for layer in layers]
     for layer in layers:
         _retype_quant_params(layer, train_dtype)
         layer.scales.requires_grad_(True)
