@@ -54,16 +54,16 @@ def _add_quant_commands(sub) -> None:
     quantize.add_argument("--method", default="rtn", help="rtn or efficientqat (blockops.quant.pipeline.DRIVERS)")
     quantize.add_argument("--bits", type=int, default=2, choices=(2, 3, 4))
     quantize.add_argument("--group-size", type=int, default=64)
-    quantize.add_argument("--calib", default="1024",
+    quantize.add_argument("--calib", default=None,
                           help="number of calibration sentences (CPython docs) or a text file, one sample a line")
-    quantize.add_argument("--val-samples", type=int, default=64, help="held-out calibration samples (Block-AP)")
-    quantize.add_argument("--epochs", type=int, default=2, help="Block-AP epochs")
-    quantize.add_argument("--weight-lr", type=float, default=None, help="Block-AP weight lr (default by bits)")
-    quantize.add_argument("--quant-lr", type=float, default=1e-4, help="Block-AP scale / zero-point lr")
+    quantize.add_argument("--val-samples", type=int, default=None, help="held-out calibration samples (Block-AP)")
+    quantize.add_argument("--epochs", type=int, default=None, help="Block-AP epochs (default 2)")
+    quantize.add_argument("--weight-lr", type=float, default=None, help="Block-AP weight lr")
+    quantize.add_argument("--quant-lr", type=float, default=None, help="Block-AP scale / zero-point lr")
     quantize.add_argument("--e2e-steps", type=int, default=None, help="E2E-QP steps (default one epoch; 0: skip)")
-    quantize.add_argument("--e2e-lr", type=float, default=None, help="E2E-QP lr (default by bits)")
-    quantize.add_argument("--batch-size", type=int, default=16)
-    quantize.add_argument("--max-length", type=int, default=64, help="tokens per sample")
+    quantize.add_argument("--e2e-lr", type=float, default=None, help="E2E-QP lr")
+    quantize.add_argument("--batch-size", type=int, default=None)
+    quantize.add_argument("--max-length", type=int, default=None, help="tokens per sample")
     quantize.add_argument("--seed", type=int, default=0)
     quantize.add_argument("--checkpoint-dir", default=None, help="per-block checkpoints; rerun to resume")
     quantize.add_argument("--out", required=True, help="output folder")
@@ -79,11 +79,11 @@ def _run_quant_command(args) -> int:
     from blockops.quant import pipeline
 
     if args.command == "quantize":
-        settings = pipeline.Settings(
-            bits=args.bits, group_size=args.group_size, calib=args.calib, val_samples=args.val_samples,
-            batch_size=args.batch_size, max_length=args.max_length, epochs=args.epochs, weight_lr=args.weight_lr,
-            quant_lr=args.quant_lr, e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr, seed=args.seed,
-            checkpoint_dir=args.checkpoint_dir)
+        # Options left out keep pipeline.Settings' defaults (the ones docs/quantization.md was made with).
+        given = {name: getattr(args, name) for name in (
+            "calib", "val_samples", "batch_size", "max_length", "epochs", "weight_lr", "quant_lr", "e2e_steps",
+            "e2e_lr", "checkpoint_dir") if getattr(args, name) is not None}
+        settings = pipeline.Settings(bits=args.bits, group_size=args.group_size, seed=args.seed, **given)
         _, _, config = pipeline.quantize_model(args.model, args.method, args.out, settings)
         print(f"{config['method']} w{config['bits']}g{config['group_size']}: {config['bits_per_weight']:.3f} bits per "
               f"weight, {config['quantization_seconds']:.1f} s -> {args.out}")

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 
@@ -72,7 +73,7 @@ def markdown(result: dict, command: str) -> str:
         "",
         "| method | format | bits/weight | cosine mean | cosine min | top-1 | top-5 | time |",
         "|---|---|---|---|---|---|---|---|",
-        *[format_row(r) for r in result["rows"]],
+        *[format_row(r) for r in sorted(result["rows"], key=_row_order)],
         "",
         "![cosine and retrieval agreement per method and format](quantization.png)",
         "",
@@ -86,6 +87,10 @@ def markdown(result: dict, command: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _row_order(r: dict):
+    return r["group_size"], r["bits"], r["method"] != "rtn", r["method"]
 
 
 def plot(result: dict, path: str) -> None:
@@ -124,21 +129,32 @@ def main(argv=None) -> int:
     parser.add_argument("--group-size", nargs="+", type=int, default=[64])
     parser.add_argument("--num-eval", type=int, default=400)
     parser.add_argument("--out-dir", default="docs")
+    parser.add_argument("--from-json", action="store_true",
+                        help="only redraw the table and plot from OUT_DIR/quantization.json")
     args = parser.parse_args(argv)
+    if args.from_json:
+        with open(os.path.join(args.out_dir, "quantization.json")) as f:
+            result = json.load(f)
+        write_outputs(result, args.out_dir, result.get("command", "python -m blockops.quant.report"))
+        return 0
     defaults = pipeline.Settings()
     settings = {k: getattr(defaults, k) for k in ("calib", "val_samples", "batch_size", "max_length", "epochs",
                                                    "weight_lr", "quant_lr", "e2e_steps", "e2e_lr", "seed")}
-    settings["progress"] = False
+    settings["progress"] = True   # per-block losses on stderr while it runs
     result = run(args.methods, args.bits, args.group_size, settings, args.num_eval)
     result["settings"] = {k: v for k, v in settings.items() if k != "progress"}
+    result["command"] = " ".join(["python -m blockops.quant.report", *(argv if argv is not None else sys.argv[1:])])
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "quantization.json"), "w") as f:
         json.dump(result, f, indent=2)
-    plot(result, os.path.join(args.out_dir, "quantization.png"))
-    command = "python -m blockops.quant.report " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
-    with open(os.path.join(args.out_dir, "quantization.md"), "w") as f:
-        f.write(markdown(result, command.strip()))
+    write_outputs(result, args.out_dir, result["command"])
     return 0
+
+
+def write_outputs(result: dict, out_dir: str, command: str) -> None:
+    plot(result, os.path.join(out_dir, "quantization.png"))
+    with open(os.path.join(out_dir, "quantization.md"), "w") as f:
+        f.write(markdown(result, command))
 
 
 if __name__ == "__main__":
