@@ -36,20 +36,20 @@ WEIGHTS = "model.safetensors"
 class Settings:
     """What a driver needs besides the model. ``calib``: a number of calibration sentences from
     `data.splits` or a text file with one sample per line. Block-AP / E2E-QP hyperparameters as in
-    `efficientqat.block_ap` and `efficientqat.e2e_qp` (``e2e_steps=None``: one epoch, 0: skip E2E-QP).
+    `efficientqat.block_ap` and `efficientqat.e2e_qp` (``e2e_steps=None``: one epoch over the calibration batches, 0: skip E2E-QP).
 
     The defaults fit a small encoder on a CPU budget: a few hundred optimizer steps in all, so the learning
     rates are 5-10x EfficientQAT's (which takes thousands of steps per block on 4096 long samples)."""
     bits: int = 2
     group_size: int = 64
-    calib: str = "512"
+    calib: str = "256"
     val_samples: int = 64
     batch_size: int = 16
     max_length: int = 64
     epochs: int = 2
     weight_lr: float | None = 1e-4
     quant_lr: float = 1e-3
-    e2e_steps: int | None = None
+    e2e_steps: int | None = 16
     e2e_lr: float | None = 1e-4
     seed: int = 0
     checkpoint_dir: str | None = None

@@ -19,11 +19,16 @@ import torch
 from blockops.quant import data, evaluate, pipeline
 
 
-def run(methods, bits_list, group_sizes, settings: dict, num_eval: int = 400) -> dict:
+def run(methods, bits_list, group_sizes, settings: dict, num_eval: int = 400, on_row=None) -> dict:
+    """Quantize and evaluate every configuration; ``on_row(result_so_far)`` after each one."""
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",
+              "settings": settings, "num_eval": num_eval, "rows": [], "layer_speed": []}
+    rows, speed = result["rows"], result["layer_speed"]
     reference, tokenizer = pipeline.load_model(None)
     batches = data.tokenize_batches(tokenizer, data.splits(num_eval)["eval"], 32)
     ref = evaluate.embed(reference, batches)
-    rows, speed = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for group_size in group_sizes:
             for bits in bits_list:
@@ -41,10 +46,22 @@ def run(methods, bits_list, group_sizes, settings: dict, num_eval: int = 400) ->
                     print(format_row(rows[-1]), flush=True)
                     if method == methods[0]:
                         speed.extend(dict(r, bits=bits) for r in evaluate.layer_speed(model))
-    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-            "load_average": os.getloadavg(), "settings": settings, "num_eval": num_eval, "rows": rows,
-            "layer_speed": speed}
+                    result["load_average"] = os.getloadavg()
+                    if on_row:
+                        on_row(result)
+    return result
+
+
+def merge(results: list[dict]) -> dict:
+    """One result from several runs of the same settings (e.g. formats run in parallel processes)."""
+    merged = dict(results[0], rows=[], layer_speed=[])
+    for r in results:
+        if r["settings"] != merged["settings"] or r["num_eval"] != merged["num_eval"]:
+            raise ValueError("merge: the runs used different settings")
+        merged["rows"] += r["rows"]
+        merged["layer_speed"] += r["layer_speed"]
+        merged["load_average"] = max(merged["load_average"], r["load_average"])
+    return merged
 
 
 def format_row(r: dict) -> str:
@@ -129,32 +146,40 @@ def main(argv=None) -> int:
     parser.add_argument("--group-size", nargs="+", type=int, default=[64])
     parser.add_argument("--num-eval", type=int, default=400)
     parser.add_argument("--out-dir", default="docs")
-    parser.add_argument("--from-json", action="store_true",
-                        help="only redraw the table and plot from OUT_DIR/quantization.json")
+    parser.add_argument("--from-json", nargs="+", metavar="JSON",
+                        help="only redraw the table and plot from these results (merged) into OUT_DIR")
     args = parser.parse_args(argv)
     if args.from_json:
-        with open(os.path.join(args.out_dir, "quantization.json")) as f:
-            result = json.load(f)
-        write_outputs(result, args.out_dir, result.get("command", "python -m blockops.quant.report"))
+        results = []
+        for path in args.from_json:
+            with open(path) as f:
+                results.append(json.load(f))
+        result = merge(results)
+        result["command"] = "python -m blockops.quant.report"
+        os.makedirs(args.out_dir, exist_ok=True)
+        _save(result, args.out_dir)
         return 0
     defaults = pipeline.Settings()
     settings = {k: getattr(defaults, k) for k in ("calib", "val_samples", "batch_size", "max_length", "epochs",
                                                    "weight_lr", "quant_lr", "e2e_steps", "e2e_lr", "seed")}
-    settings["progress"] = True   # per-block losses on stderr while it runs
-    result = run(args.methods, args.bits, args.group_size, settings, args.num_eval)
-    result["settings"] = {k: v for k, v in settings.items() if k != "progress"}
-    result["command"] = " ".join(["python -m blockops.quant.report", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(["python -m blockops.quant.report", *(argv if argv is not None else sys.argv[1:])])
     os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "quantization.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    write_outputs(result, args.out_dir, result["command"])
+
+    def save(result):   # after every configuration, so an interrupted run keeps what it measured
+        _save(dict(result, command=command, settings=settings_record), args.out_dir)
+
+    settings_record = dict(settings)
+    settings["progress"] = True   # per-block losses on stderr while it runs
+    run(args.methods, args.bits, args.group_size, settings, args.num_eval, on_row=save)
     return 0
 
 
-def write_outputs(result: dict, out_dir: str, command: str) -> None:
+def _save(result: dict, out_dir: str) -> None:
+    with open(os.path.join(out_dir, "quantization.json"), "w") as f:
+        json.dump(result, f, indent=2)
     plot(result, os.path.join(out_dir, "quantization.png"))
     with open(os.path.join(out_dir, "quantization.md"), "w") as f:
-        f.write(markdown(result, command))
+        f.write(markdown(result, result["command"]))
 
 
 if __name__ == "__main__":
