@@ -359,3 +359,27 @@ def test_minilm_efficientqat_beats_rtn_at_2_bits():
         assert config["bits_per_weight"] == pytest.approx(2 + 18 / 64)
         results[method] = evaluate.quality(ref, evaluate.embed(model, batches))
     assert results["efficientqat"]["cosine_mean"] > results["rtn"]["cosine_mean"] + 0.05, results
+
+
+def test_report_table_and_target_verdicts(tmp_path):
+    from blockops.quant import report
+
+    def row(method, bits, cosine, top1):
+        return {"method": method, "bits": bits, "group_size": 64, "bits_per_weight": bits + 18 / 64, "seconds": 1.0,
+                "cosine_mean": cosine, "cosine_min": cosine - 0.1, "top1_agreement": top1, "top5_overlap": top1}
+
+    run = {"date": "d", "machine": "m", "settings": {"epochs": 2}, "num_eval": 400, "load_average": [1.0, 1.0, 1.0],
+           "layer_speed": [], "command": "python -m blockops.quant.report"}
+    first = dict(run, rows=[row("efficientqat", 2, 0.93, 0.6), row("rtn", 2, 0.4, 0.3)])
+    second = dict(run, rows=[row("rtn", 4, 0.97, 0.8), row("efficientqat", 4, 0.985, 0.79)])
+    merged = report.merge([first, second])
+    text = report.markdown(merged, merged["command"])
+    assert "- w2g64: beats RTN on every metric; mean cosine 0.9300 meets the 0.9 target." in text
+    assert "- w4g64: does not beat RTN on top1_agreement, top5_overlap; mean cosine 0.9850 misses" in text
+    table = [line for line in text.splitlines() if line.startswith("| rtn") or line.startswith("| efficientqat")]
+    assert [line.split(" | ")[:2] for line in table] == [["| rtn", "w2g64"], ["| efficientqat", "w2g64"],
+                                                          ["| rtn", "w4g64"], ["| efficientqat", "w4g64"]]
+    report.plot(merged, str(tmp_path / "plot.png"))
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="different settings"):
+        report.merge([first, dict(second, settings={"epochs": 3})])
