@@ -49,7 +49,7 @@ class Settings:
     epochs: int = 2
     weight_lr: float | None = 1e-4
     quant_lr: float = 1e-3
-    e2e_steps: int | None = 16
+    e2e_steps: int | None = 64
     e2e_lr: float | None = 1e-4
     seed: int = 0
     checkpoint_dir: str | None = None
@@ -214,7 +214,7 @@ def quantize_efficientqat(model: nn.Module, tokenizer, settings: Settings) -> di
     start = time.perf_counter()
     reports = efficientqat.block_ap(
         model, train, settings.bits, settings.group_size, settings.epochs, settings.weight_lr, settings.quant_lr,
-        val_batches=val, forward_fn=lambda m, b: m(**model_inputs(b)), filter_fn=None,
+        val_batches=val, forward_fn=lambda m, b: m(**model_inputs(b)),
         checkpoint_dir=settings.checkpoint_dir, seed=settings.seed, progress=settings.progress)
     block_ap_seconds = time.perf_counter() - start
     steps = settings.e2e_steps if settings.e2e_steps is not None else len(train)
