@@ -349,10 +349,10 @@ def test_minilm_efficientqat_beats_rtn_at_2_bits():
     from blockops.quant import evaluate, pipeline
 
     reference, tokenizer = pipeline.load_model(None)
-    batches = data.tokenize_batches(tokenizer, data.splits(96)["eval"], 32)
+    batches = data.tokenize_batches(tokenizer, data.splits(64)["eval"], 32)
     ref = evaluate.embed(reference, batches)
     results = {}
-    for method, extra in (("rtn", {}), ("efficientqat", dict(calib="128", epochs=1, e2e_steps=8, weight_lr=1e-4,
+    for method, extra in (("rtn", {}), ("efficientqat", dict(calib="96", epochs=1, e2e_steps=6, weight_lr=1e-4,
                                                               quant_lr=1e-3, e2e_lr=1e-4))):
         model, _, config = pipeline.quantize_model(None, method, None, pipeline.Settings(
             bits=2, group_size=64, val_samples=16, progress=False, **extra))

@@ -85,7 +85,8 @@ def markdown(result: dict, command: str) -> str:
         "b-bit zero points of the GPTQ-v2 layout. Time: the quantization itself (data preparation included).",
         "",
         f"Run: {result['date']}, {result['machine']}, load average {', '.join(f'{x:.0f}' for x in result['load_average'])} "
-        "(the machine was shared: times are upper bounds). Settings of the trained methods: "
+        "when the last configuration ended (the machine may have been shared: times are upper bounds). "
+        "Settings of the trained methods: "
         f"`{json.dumps(result['settings'])}`.",
         "",
         "| method | format | bits/weight | cosine mean | cosine min | top-1 | top-5 | time |",
@@ -93,6 +94,12 @@ def markdown(result: dict, command: str) -> str:
         *[format_row(r) for r in sorted(result["rows"], key=_row_order)],
         "",
         *targets(result["rows"]),
+        "",
+        "The training budget is a CPU one: Block-AP takes `epochs x calib / batch_size` optimizer steps per block "
+        "and E2E-QP `e2e_steps` steps, a few hundred in all, where EfficientQAT's recipe takes thousands per block "
+        "(4096 samples x 2 epochs) and a 4096-sample E2E-QP epoch. More data and steps (`--calib`, `--epochs`, "
+        "`--e2e-steps` of `python -m blockops quantize`) are the first thing to try where the targets are missed; "
+        "the per-block validation losses before (RTN) and after Block-AP are in `quantization.json`.",
         "",
         "![cosine and retrieval agreement per method and format](quantization.png)",
         "",
