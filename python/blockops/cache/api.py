@@ -158,6 +158,7 @@ class BlockCache:
         buf = st.tensors.get(name)
         if isinstance(skip, bool) and skip:
             return None
+        out, x = out.detach(), x.detach()  # caches hold values, not graphs (skipping is an inference method)
         if buf is None or isinstance(skip, bool):
             if buf is None:
                 buf = st.tensors[name] = torch.empty_like(out, memory_format=torch.contiguous_format)
@@ -180,8 +181,9 @@ class BlockCache:
     def save(self, st: BranchState, name: str, value: torch.Tensor, skip=False) -> None:
         """Copy ``value`` into the cache ``st.tensors[name]`` unless skipped (a gated copy when compiling)."""
         buf = st.tensors.get(name)
+        value = value.detach()
         if buf is None:
-            st.tensors[name] = value.detach().clone(memory_format=torch.contiguous_format)
+            st.tensors[name] = value.clone(memory_format=torch.contiguous_format)
         elif isinstance(skip, bool):
             if not skip:
                 cache_update(buf, value.contiguous())

@@ -122,7 +122,8 @@ class BACSchedule(Policy):
             device = st.step.device
             if device not in self._device:
                 self._device[device] = self.update.to(device)
-            skip = ~self._device[device][i, st.step.clamp(max=self.num_steps - 1)]
+            step = st.step.clamp(max=self.num_steps - 1).view(1)
+            skip = ~torch.index_select(self._device[device][i], 0, step)[0]  # tensor index: no .item()
         else:
             skip = not self._host[i][st.step_host]
         return _reuse_block(cache, st, i, call, skip)
