@@ -34,6 +34,7 @@ HARNESSES = {
     "test_lowbit_gemv": ("test_lowbit_gemv.cpp", ["lowbit"], []),
     "test_lowbit_mma": ("test_lowbit_mma.cpp", ["lowbit"], ["lowbit_mma"]),
     "test_attention": ("test_attention.cpp", ["attention", "attention_mma"], []),
+    "test_block_cache": ("test_block_cache.cpp", ["block_cache"], []),
 }
 
 # (harness, section); a section's summary line reports how many cases it checked.
@@ -45,6 +46,7 @@ SECTIONS = [
     ("test_attention", "simple"),
     ("test_attention", "mma"),
     ("test_attention", "garbage"),
+    ("test_block_cache", None),
 ]
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ not found: the CUDA emulation harnesses need a C++20 g++")

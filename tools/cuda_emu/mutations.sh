@@ -19,6 +19,7 @@ run() {  # name kernel section from to
     lowbit.cu) driver=test_lowbit_gemv; linked="lowbit"; included="" ;;
     lowbit_mma.cu) driver=test_lowbit_mma; linked="lowbit"; included="lowbit_mma" ;;
     attention.cu | attention_mma.cu) driver=test_attention; linked="attention attention_mma"; included="" ;;
+    block_cache.cu) driver=test_block_cache; linked="block_cache"; included="" ;;
     *) echo "ERROR $name: no harness for $file"; missed=1; return ;;
   esac
   rm -rf "$dir" && mkdir -p "$dir"
