@@ -137,7 +137,7 @@ class DiTConfig:
 
 
 QUICK_DIT = DiTConfig(hidden=64, depth=4, heads=2, size=8, batch=1, steps=8)
-FULL_DIT = DiTConfig(hidden=384, depth=12, heads=6, size=32, batch=2, steps=50)   # DiT-S/2 at 256 tokens
+FULL_DIT = DiTConfig(hidden=256, depth=8, heads=4, size=16, batch=1, steps=30)   # sized for 2 CPU cores
 
 
 def _policies(quick: bool, steps: int):
