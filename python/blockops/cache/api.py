@@ -110,6 +110,12 @@ class BlockCache:
         if num_steps is not None:
             self.num_steps = int(num_steps)
 
+    def free_tensors(self) -> None:
+        """Drop the cached tensors (memory), keep the counters readable."""
+        for st in self._states.values():
+            st.tensors.clear()
+            st.run_input = None
+
     @contextlib.contextmanager
     def branch(self, key):
         """Calls inside use the caches of branch ``key`` (e.g. ``"cond"`` / ``"uncond"``)."""
@@ -298,11 +304,12 @@ def get_block_cache(model: nn.Module) -> BlockCache:
 
 
 def disable_block_cache(model: nn.Module) -> None:
-    """Restore the blocks' own forward and drop every cache."""
+    """Restore the blocks' own forward and drop every cached tensor (the returned :class:`BlockCache` keeps its
+    counters, so ``summary()`` still works)."""
     cache = get_block_cache(model)
     for block in cache.blocks:
         vars(block).pop("forward", None)
-    cache.reset()
+    cache.free_tensors()
     delattr(model, _ATTR)
 
 
@@ -316,6 +323,4 @@ def cache_context(model: nn.Module, num_steps: int | None = None):
     try:
         yield cache
     finally:
-        for st in cache._states.values():
-            st.tensors.clear()
-            st.run_input = None
+        cache.free_tensors()
