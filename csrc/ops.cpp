@@ -131,4 +131,21 @@ TORCH_LIBRARY(blockops, m) {
   // (per row, strictly increasing, in [0, S)). check_indices=True raises on a bad position (a host sync on CUDA);
   // False skips out-of-range entries (never writes out of bounds).
   m.def("dllm_kv_overwrite(Tensor(a!) cache, Tensor new, Tensor positions, bool check_indices=True) -> ()");
+  // ---- cached-block skipping (family "block_cache"; layout and numerics in csrc/block_cache.h) ---------------
+  // Tensors of one call share shape, dtype (fp16/bf16/fp32) and device, contiguous, at least 2 dims, seen as
+  // [B, T, C] (B = size(0), T = size(1), C = the rest). Only tokens t % stride == 0 enter the indicator.
+  // Relative L1 indicator sum|current - reference| / sum|reference| (0 when both sums are 0), accumulated in
+  // fp32 per fixed chunk and fp64 across chunks (deterministic): fp32 [B] when per_sample, else fp32 [] over
+  // the whole batch. Stays on the device: no host synchronisation.
+  m.def("relative_l1(Tensor current, Tensor reference, int stride=1, bool per_sample=False) -> Tensor");
+  // One pass over output, input and reference: writes residual = output - input (all tokens) and returns the
+  // indicator of x against reference as relative_l1 does, x = output - input (in fp32, before rounding to the
+  // residual's dtype) when compare_residual, else output.
+  m.def("relative_l1_residual(Tensor output, Tensor input, Tensor reference, Tensor(a!) residual, int stride=1, "
+        "bool per_sample=False, bool compare_residual=False) -> Tensor");
+  // input + residual (a skipped block's output), added in fp32, rounded once to the dtype they share.
+  m.def("apply_residual(Tensor input, Tensor residual) -> Tensor");
+  // cache <- value (same shape and dtype, contiguous); with gate (a one-element bool or float tensor on the same
+  // device) only where gate != 0, read by the kernel on the device (no host synchronisation).
+  m.def("cache_update(Tensor(a!) cache, Tensor value, Tensor? gate=None) -> ()");
 }

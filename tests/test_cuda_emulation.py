@@ -38,6 +38,7 @@ HARNESSES = {
     "test_vq": ("test_vq.cpp", ["vq"], []),
     "test_ptq161": ("test_ptq161.cpp", ["ptq161"], []),
     "test_dllm": ("test_dllm.cpp", ["dllm"], []),
+    "test_block_cache": ("test_block_cache.cpp", ["block_cache"], []),
 }
 
 # (harness, section); a section's summary line reports how many cases it checked.
@@ -59,6 +60,7 @@ SECTIONS = [
     ("test_ptq161", None),
     ("test_dllm", "unmask"),
     ("test_dllm", "overwrite"),
+    ("test_block_cache", None),
 ]
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ not found: the CUDA emulation harnesses need a C++20 g++")

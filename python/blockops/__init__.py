@@ -14,6 +14,7 @@ from blockops import attention, nn  # noqa: E402
 from blockops import vq  # noqa: E402
 from blockops import ptq161, quant  # noqa: E402
 from blockops import dllm  # noqa: E402
+from blockops import cache  # noqa: E402
 from blockops.quantize import QuantConfig, load_gptq_checkpoint, quantize_  # noqa: E402
 
 __version__ = _BUILD_INFO["version"]
@@ -39,4 +40,5 @@ def kernel_call_counts() -> dict[str, int]:
 __all__ = ["QuantConfig", "attention", "build_info", "kernel_call_counts", "load_gptq_checkpoint", "nn", "ops", "pack_bits",
            "ptq161", "quant", "quantize_", "unpack_bits", "vq"]
 __all__ = ["QuantConfig", "attention", "build_info", "dllm", "kernel_call_counts", "load_gptq_checkpoint", "nn", "ops", "pack_bits",
+__all__ = ["QuantConfig", "attention", "cache", "build_info", "kernel_call_counts", "load_gptq_checkpoint", "nn", "ops", "pack_bits",
            "quantize_", "unpack_bits", "vq"]

@@ -239,3 +239,27 @@ def ref_dllm_kv_overwrite(cache: torch.Tensor, new: torch.Tensor, positions: tor
     out = cache.clone()
     idx = positions[:, None, :, None].expand(-1, cache.shape[1], -1, cache.shape[3])
     return out.scatter(2, idx, new.to(cache.dtype))
+def ref_relative_l1(current, reference, stride: int = 1, per_sample: bool = False) -> torch.Tensor:
+    """Reference for ``blockops.cache.relative_l1``, in fp64: ``sum|current - reference| / sum|reference|``
+    over the tokens (dim 1) ``t % stride == 0``, per sample or over the batch; 0 when both sums are 0."""
+    x = current.double()[:, ::stride].reshape(current.shape[0], -1)
+    r = reference.double()[:, ::stride].reshape(current.shape[0], -1)
+    num, den = (x - r).abs().sum(1), r.abs().sum(1)
+    if not per_sample:
+        num, den = num.sum(), den.sum()
+    return torch.where((num == 0) & (den == 0), torch.zeros_like(num), num / den)
+
+
+def ref_relative_l1_residual(output, input, reference, stride: int = 1, per_sample: bool = False,
+                             compare_residual: bool = False):
+    """Reference for ``blockops.cache.relative_l1_residual``: ``(indicator fp64, residual)``, the residual
+    ``output - input`` computed in fp32 and rounded to the inputs' dtype; the indicator compares that fp32
+    difference (``compare_residual``) or ``output`` against ``reference``."""
+    diff = output.float() - input.float()
+    compared = diff if compare_residual else output
+    return ref_relative_l1(compared, reference, stride, per_sample), diff.to(output.dtype)
+
+
+def ref_apply_residual(input, residual) -> torch.Tensor:
+    """Reference for ``blockops.cache.apply_residual``: fp32 sum rounded once to the input's dtype."""
+    return (input.float() + residual.float()).to(input.dtype)

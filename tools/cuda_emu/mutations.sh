@@ -23,6 +23,7 @@ run() {  # name kernel section from to
     path_attention.cu) driver=test_path_attention; linked="path_attention"; included="" ;;
     vq.cu) driver=test_vq; linked="vq"; included="" ;;
     dllm.cu) driver=test_dllm; linked="dllm"; included="" ;;
+    block_cache.cu) driver=test_block_cache; linked="block_cache"; included="" ;;
     *) echo "ERROR $name: no harness for $file"; missed=1; return ;;
   esac
   rm -rf "$dir" && mkdir -p "$dir"

@@ -7,6 +7,7 @@ from __future__ import annotations
 from blockops.bench import attention, bitpack, lowbit, path, ptq161, vq
 from blockops.bench import attention, bitpack, lowbit, path, vq
 from blockops.bench import dllm
+from blockops.bench import attention, bitpack, block_cache, lowbit, path, vq
 from blockops.bench.harness import Result, format_table, machine_description, plot, read_bandwidth_gbps, write_json
 
 FAMILIES = {
@@ -17,6 +18,7 @@ FAMILIES = {
     "vq": vq.run,
     "ptq161": ptq161.run,
     "dllm": dllm.run,
+    "block_cache": block_cache.run,
 }
 
 
