@@ -12,9 +12,7 @@ from blockops import ops  # noqa: E402  (registers fake implementations and auto
 from blockops.ops import pack_bits, unpack_bits  # noqa: E402
 from blockops import attention, nn  # noqa: E402
 from blockops import vq  # noqa: E402
-from blockops import ptq161, quant  # noqa: E402
-from blockops import dllm  # noqa: E402
-from blockops import cache  # noqa: E402
+from blockops import cache, dllm, ptq161, quant  # noqa: E402
 from blockops.quantize import QuantConfig, load_gptq_checkpoint, quantize_  # noqa: E402
 
 __version__ = _BUILD_INFO["version"]
@@ -37,8 +35,5 @@ def kernel_call_counts() -> dict[str, int]:
     return dict(_C.kernel_call_counts())
 
 
-__all__ = ["QuantConfig", "attention", "build_info", "kernel_call_counts", "load_gptq_checkpoint", "nn", "ops", "pack_bits",
-           "ptq161", "quant", "quantize_", "unpack_bits", "vq"]
-__all__ = ["QuantConfig", "attention", "build_info", "dllm", "kernel_call_counts", "load_gptq_checkpoint", "nn", "ops", "pack_bits",
-__all__ = ["QuantConfig", "attention", "cache", "build_info", "kernel_call_counts", "load_gptq_checkpoint", "nn", "ops", "pack_bits",
-           "quantize_", "unpack_bits", "vq"]
+__all__ = ["QuantConfig", "attention", "build_info", "cache", "dllm", "kernel_call_counts", "load_gptq_checkpoint", "nn",
+           "ops", "pack_bits", "ptq161", "quant", "quantize_", "unpack_bits", "vq"]

@@ -4,10 +4,7 @@ Each family module has `run(device, quick=True) -> list[Result]`; FAMILIES lists
 """
 from __future__ import annotations
 
-from blockops.bench import attention, bitpack, lowbit, path, ptq161, vq
-from blockops.bench import attention, bitpack, lowbit, path, vq
-from blockops.bench import dllm
-from blockops.bench import attention, bitpack, block_cache, lowbit, path, vq
+from blockops.bench import attention, bitpack, block_cache, dllm, lowbit, path, ptq161, vq
 from blockops.bench.harness import Result, format_table, machine_description, plot, read_bandwidth_gbps, write_json
 
 FAMILIES = {
