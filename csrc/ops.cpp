@@ -70,6 +70,14 @@ TORCH_LIBRARY(blockops, m) {
   m.def("path_attention_backward(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor w, Tensor beta, Tensor? g, "
         "Tensor? cu_seqlens, Tensor o, Tensor lse, Tensor? grad_lse, float scale) -> (Tensor grad_q, Tensor grad_k, "
         "Tensor grad_v, Tensor grad_w, Tensor grad_beta, Tensor grad_g)");
+  // One decoding step for every row of a batched cache (csrc/path_attention.h, DecodeParams): the rank-1 update
+  // k_j <- k_j - beta_t (k_j . w_t) w_t of the cached keys j < lengths[b], append k_t / v_t (and G_last += g_t into
+  // gates) at lengths[b], attend. q_t [B, HQ, D], k_t and w_t [B, H, D], v_t [B, H, Dv], beta_t [B, H], g_t [B, HQ]
+  // or None; the fp32 cache keys [B, H, L, D], values [B, H, L, Dv], gates [B, HQ, L], g_last [B, HQ] is updated in
+  // place (lengths int64 [B], each < L, read only). Returns o_t [B, HQ, Dv] in q_t's dtype.
+  m.def("path_decode_step(Tensor q_t, Tensor k_t, Tensor v_t, Tensor w_t, Tensor beta_t, Tensor? g_t, "
+        "Tensor(a!) keys, Tensor(b!) values, Tensor lengths, Tensor(c!)? gates, Tensor(d!)? g_last, float scale) "
+        "-> Tensor");
 
   // ---- vector-quantized GEMM (family "vq", VQ4DiT / AQLM with out_group_size 1; layout in csrc/vq.h) ---------
   // codes [out, in/d, K] (or [out, in/d] for K = 1), uint8 or int16 (int16 read as uint16: AQLM's storage of

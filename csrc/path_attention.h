@@ -1,5 +1,8 @@
-// PaTH attention numerics, torch-free, shared by the CPU kernels (path_attention_cpu.cpp) and, later, the CUDA
-// kernels: the parameters, the UT transform of one chunk and the online-softmax bookkeeping.
+// PaTH attention numerics, torch-free, shared by the CPU kernels (path_attention_cpu.cpp) and the CUDA kernels
+// (kernels/path_attention.cu): the parameters, the per-chunk block layout, the UT transform of one chunk and its
+// backward, and the online-softmax bookkeeping. The UT helpers come as one function per output entry (or row),
+// so the CPU loops over them in order while a CUDA block spreads them over its threads, with one summation
+// order for both.
 //
 // Math (../shared/reference/attention.md, PaTH section): H_t = I - beta_t w_t w_t^T; the logit of query i and
 // key j <= i is q_i^T H_i H_{i-1} ... H_{j+1} k_j (no transform on the diagonal); with the forget gate,
@@ -40,6 +43,7 @@ namespace blockops::path {
 
 constexpr int kChunk = 64;          // tokens per chunk: the UT solve is O(C^3), the inter-chunk work O(C^2 D)
 constexpr int kMaxHeadDim = 256;
+constexpr int kMaxDecodeGroup = 64;   // query heads per key head in path_decode_step (a per-thread array)
 
 struct Params {
   const void* q;
@@ -64,146 +68,227 @@ struct Span {
   int64_t b, start, len;
 };
 
+// One chunk of one sequence, in the global chunk numbering (all sequences' chunks one after the other): the
+// CUDA kernels index their work by it. Chunk g's earlier chunks of the same sequence are g - index .. g - 1.
+struct ChunkRef {
+  int64_t b;           // batch row
+  int64_t t0;          // first token of the chunk (within row b)
+  int64_t seq_start;   // first token of its sequence
+  int64_t n;           // tokens in the chunk, 1..kChunk
+  int64_t index;       // position of the chunk within its sequence (0: first)
+};
+
+// Offsets (in floats) of the parts of one chunk's fp32 block, the product of pass 1 (the chunk's UT transform)
+// read by the forward, backward and key-cache passes. Operands multiplied from the right are kept transposed too,
+// so every inner loop is unit-stride; rows beyond the chunk's n tokens are zero. The backward (and the CUDA
+// kernels, which always build the full block) also keep the other orientation of each operand.
+struct ChunkLayout {
+  int d, dv;
+  bool backward = false;
+  BLOCKOPS_HD int64_t cd() const { return static_cast<int64_t>(d) * kChunk; }
+  BLOCKOPS_HD int64_t wt() const { return 0; }                        // W^T    [D, C]
+  BLOCKOPS_HD int64_t tdw() const { return cd(); }                     // TDW    [C, D]
+  BLOCKOPS_HD int64_t kt() const { return 2 * cd(); }                  // K^T    [D, C]
+  BLOCKOPS_HD int64_t kbart() const { return 3 * cd(); }               // Kbar^T [D, C]
+  BLOCKOPS_HD int64_t u() const { return 4 * cd(); }                   // U      [C, C]
+  BLOCKOPS_HD int64_t v() const { return u() + kChunk * kChunk; }      // V      [C, Dv]
+  BLOCKOPS_HD int64_t w() const { return v() + static_cast<int64_t>(kChunk) * dv; }   // backward: W [C, D]
+  BLOCKOPS_HD int64_t k() const { return w() + cd(); }                 // K      [C, D]
+  BLOCKOPS_HD int64_t kbar() const { return k() + cd(); }              // Kbar   [C, D]
+  BLOCKOPS_HD int64_t tdwt() const { return kbar() + cd(); }           // TDW^T  [D, C]
+  BLOCKOPS_HD int64_t ut() const { return tdwt() + cd(); }             // U^T    [C, C]
+  BLOCKOPS_HD int64_t vt() const { return ut() + kChunk * kChunk; }    // V^T    [Dv, C]
+  BLOCKOPS_HD int64_t size() const { return backward ? vt() + static_cast<int64_t>(dv) * kChunk : w(); }
+};
+
 // T = (I + strictLower(Dg W W^T))^{-1} for one chunk of n <= kChunk rows: T [n, n] row-major, unit lower
-// triangular. gram [n, n] holds W W^T on entry (only the strictly lower part is read).
+// triangular. gram [n, n] holds W W^T (only the strictly lower part is read).
 // Row a of (I + A) T = I gives T[a] = e_a - sum_{c < a} A[a][c] T[c]: forward substitution, O(n^3 / 6).
-BLOCKOPS_HD void ut_inverse(int n, const float* gram, const float* beta, float* T) {
-  for (int a = 0; a < n; ++a) {
-    float* ta = T + a * n;
-    for (int b = 0; b < n; ++b) ta[b] = (a == b) ? 1.f : 0.f;
-    for (int c = 0; c < a; ++c) {
-      const float coef = beta[a] * gram[a * n + c];
-      const float* tc = T + c * n;
-      for (int b = 0; b <= c; ++b) ta[b] -= coef * tc[b];
-    }
-  }
+// ut_inverse_entry is T[a][b] for b <= a, from rows 0 .. a - 1 of T (row by row; a row's entries in any order).
+BLOCKOPS_HD float ut_inverse_entry(int a, int b, int n, const float* gram, const float* beta, const float* T) {
+  float t = (a == b) ? 1.f : 0.f;
+  for (int c = b; c < a; ++c) t -= beta[a] * gram[a * n + c] * T[c * n + b];
+  return t;
 }
 
-// TDW [n, d] = T Dg W: the rank-n factor of the chunk's product, I - W^T TDW.
+BLOCKOPS_HD void ut_inverse(int n, const float* gram, const float* beta, float* T) {
+  for (int a = 0; a < n; ++a)
+    for (int b = 0; b < n; ++b) T[a * n + b] = b <= a ? ut_inverse_entry(a, b, n, gram, beta, T) : 0.f;
+}
+
+// TDW [n, d] = T Dg W: the rank-n factor of the chunk's product, I - W^T TDW. Entry (a, x).
+BLOCKOPS_HD float ut_tdw_entry(int a, int x, int n, int d, const float* T, const float* beta, const float* W) {
+  float acc = 0.f;
+  for (int c = 0; c <= a; ++c) acc += T[a * n + c] * beta[c] * W[c * d + x];
+  return acc;
+}
+
 BLOCKOPS_HD void ut_tdw(int n, int d, const float* T, const float* beta, const float* W, float* TDW) {
-  for (int a = 0; a < n; ++a) {
-    float* out = TDW + a * d;
-    for (int x = 0; x < d; ++x) out[x] = 0.f;
-    for (int c = 0; c <= a; ++c) {
-      const float coef = T[a * n + c] * beta[c];
-      const float* wc = W + c * d;
-      for (int x = 0; x < d; ++x) out[x] += coef * wc[x];
-    }
-  }
+  for (int a = 0; a < n; ++a)
+    for (int x = 0; x < d; ++x) TDW[a * d + x] = ut_tdw_entry(a, x, n, d, T, beta, W);
 }
 
 // U [n, n] = T Dg strictLower(W K^T), from wk [n, n] = W K^T (only e > b read): U[a][b] = sum_{b < e <= a}
 // T[a][e] beta_e wk[e][b] (T is lower triangular, so U is strictly lower triangular).
-BLOCKOPS_HD void ut_key_coefficients(int n, const float* T, const float* beta, const float* wk, float* U) {
-  for (int a = 0; a < n; ++a) {
-    for (int b = 0; b < n; ++b) {
-      float acc = 0.f;
-      for (int e = b + 1; e <= a; ++e) acc += T[a * n + e] * beta[e] * wk[e * n + b];
-      U[a * n + b] = acc;
-    }
-  }
+BLOCKOPS_HD float ut_key_coefficient(int a, int b, int n, const float* T, const float* beta, const float* wk) {
+  float acc = 0.f;
+  for (int e = b + 1; e <= a; ++e) acc += T[a * n + e] * beta[e] * wk[e * n + b];
+  return acc;
 }
 
-// Kbar [n, d] = K - U^T W: every key of the chunk carried to the chunk's last token.
+BLOCKOPS_HD void ut_key_coefficients(int n, const float* T, const float* beta, const float* wk, float* U) {
+  for (int a = 0; a < n; ++a)
+    for (int b = 0; b < n; ++b) U[a * n + b] = ut_key_coefficient(a, b, n, T, beta, wk);
+}
+
+// Kbar [n, d] = K - U^T W: every key of the chunk carried to the chunk's last token. Entry (b, x).
+BLOCKOPS_HD float ut_carried_key(int b, int x, int n, int d, const float* U, const float* W, const float* K) {
+  float acc = K[b * d + x];
+  for (int e = b + 1; e < n; ++e) acc -= U[e * n + b] * W[e * d + x];
+  return acc;
+}
+
 BLOCKOPS_HD void ut_carry_keys(int n, int d, const float* U, const float* W, const float* K, float* Kbar) {
-  for (int b = 0; b < n; ++b) {
-    float* out = Kbar + b * d;
-    for (int x = 0; x < d; ++x) out[x] = K[b * d + x];
-    for (int e = b + 1; e < n; ++e) {
-      const float coef = U[e * n + b];
-      const float* we = W + e * d;
-      for (int x = 0; x < d; ++x) out[x] -= coef * we[x];
-    }
-  }
+  for (int b = 0; b < n; ++b)
+    for (int x = 0; x < d; ++x) Kbar[b * d + x] = ut_carried_key(b, x, n, d, U, W, K);
 }
 
 // Backward of one chunk's UT transform: from the gradients at Kbar (dKbar [n, d]), TDW (dTDW [n, d]) and U
-// (dU [n, n], overwritten) to W, K (accumulated into dW, dK [n, d]) and beta (accumulated into dbeta [n]).
-// W, K, beta are the chunk's inputs; gram = W W^T and wk = W K^T (strictly lower parts read), T and U as computed
-// by the forward helpers above. Scratch: dT [n, n], tmp [n, n], dY [n, d]. With Z = Dg strictLower(W K^T) and
-// Y = Dg W (so U = T Z, TDW = T Y) and A = Dg strictLower(W W^T) (T = (I + A)^{-1}, so dA = -T^T dT T^T):
+// (dU [n, n], accumulated by the attention passes) to W, K and beta. W, K, beta are the chunk's inputs;
+// gram = W W^T and wk = W K^T (strictly lower parts read), T and U as computed by the forward helpers above.
+// With Z = Dg strictLower(W K^T) and Y = Dg W (so U = T Z, TDW = T Y) and A = Dg strictLower(W W^T)
+// (T = (I + A)^{-1}, so dA = -T^T dT T^T):
 //   Kbar = K - U^T W:  dK += dKbar,  dU -= W dKbar^T,  dW -= U dKbar
 //   U = T Z:           dT += dU Z^T, dZ = T^T dU  ->  dbeta_e += sum_b dZ_eb wk_eb,  d(wk) = Dg dZ
 //   TDW = T Y:         dT += dTDW Y^T, dY = T^T dTDW  ->  dW += Dg dY,  dbeta_c += dY_c . w_c
 //   A:                 dA = strictLower(-T^T dT T^T)  ->  dbeta_a += sum_c dA_ac gram_ac,  d(gram) = Dg dA
-// with d(wk) and d(gram) sent to W and K through the strictly lower products.
-BLOCKOPS_HD void ut_backward(int n, int d, const float* W, const float* K, const float* beta, const float* gram,
-                             const float* wk, const float* T, const float* U, const float* dKbar,
-                             const float* dTDW, float* dU, float* dW, float* dK, float* dbeta, float* dT,
-                             float* tmp, float* dY) {
-  // Kbar = K - U^T W
-  for (int x = 0; x < n * d; ++x) dK[x] += dKbar[x];
-  for (int e = 0; e < n; ++e) {
-    for (int b = 0; b < e; ++b) {
-      float acc = 0.f;
-      for (int x = 0; x < d; ++x) acc += W[e * d + x] * dKbar[b * d + x];
-      dU[e * n + b] -= acc;
-      const float u = U[e * n + b];
-      for (int x = 0; x < d; ++x) dW[e * d + x] -= u * dKbar[b * d + x];
-    }
-  }
-  // U = T Z (T lower, Z strictly lower: only a >= e > b contribute)
-  for (int x = 0; x < n * n; ++x) dT[x] = 0.f;
-  for (int a = 0; a < n; ++a)
-    for (int e = 0; e <= a; ++e) {
-      float acc = 0.f;
-      for (int b = 0; b < e; ++b) acc += dU[a * n + b] * beta[e] * wk[e * n + b];
-      dT[a * n + e] += acc;
-    }
-  for (int e = 1; e < n; ++e) {
-    for (int b = 0; b < e; ++b) {
-      float dz = 0.f;
-      for (int a = e; a < n; ++a) dz += T[a * n + e] * dU[a * n + b];
-      dbeta[e] += dz * wk[e * n + b];
-      const float dwk = beta[e] * dz;   // wk_eb = w_e . k_b
-      for (int x = 0; x < d; ++x) {
-        dW[e * d + x] += dwk * K[b * d + x];
-        dK[b * d + x] += dwk * W[e * d + x];
-      }
-    }
-  }
-  // TDW = T Y, Y = Dg W
-  for (int a = 0; a < n; ++a)
-    for (int c = 0; c <= a; ++c) {
-      float acc = 0.f;
-      for (int x = 0; x < d; ++x) acc += dTDW[a * d + x] * W[c * d + x];
-      dT[a * n + c] += acc * beta[c];
-    }
-  for (int c = 0; c < n; ++c) {
-    float* dy = dY + c * d;
-    for (int x = 0; x < d; ++x) dy[x] = 0.f;
-    for (int a = c; a < n; ++a) {
-      const float t = T[a * n + c];
-      for (int x = 0; x < d; ++x) dy[x] += t * dTDW[a * d + x];
-    }
-    float acc = 0.f;
-    for (int x = 0; x < d; ++x) {
-      acc += dy[x] * W[c * d + x];
-      dW[c * d + x] += beta[c] * dy[x];
-    }
-    dbeta[c] += acc;
-  }
-  // T = (I + A)^{-1}: tmp = dT T^T (dT lower, T lower), dA = -T^T tmp, strictly lower part only
-  for (int xr = 0; xr < n; ++xr)
-    for (int c = 0; c < n; ++c) {
-      float acc = 0.f;
-      const int hi = xr < c ? xr : c;   // y <= x (dT lower) and y <= c (T lower)
-      for (int y = 0; y <= hi; ++y) acc += dT[xr * n + y] * T[c * n + y];
-      tmp[xr * n + c] = acc;
-    }
-  for (int a = 1; a < n; ++a) {
-    for (int c = 0; c < a; ++c) {
-      float da = 0.f;
-      for (int xr = a; xr < n; ++xr) da -= T[xr * n + a] * tmp[xr * n + c];
-      dbeta[a] += da * gram[a * n + c];
-      const float dg = beta[a] * da;   // gram_ac = w_a . w_c
-      for (int x = 0; x < d; ++x) {
-        dW[a * d + x] += dg * W[c * d + x];
-        dW[c * d + x] += dg * W[a * d + x];
-      }
-    }
+// with d(wk) and d(gram) sent to W and K through the strictly lower products. Five phases, each a set of
+// independent entries (a CUDA block syncs between phases); the UtGrad struct holds the inputs and scratch.
+struct UtGrad {
+  int n, d;
+  const float *W, *K, *beta, *gram, *wk, *T, *U;   // the chunk's forward quantities
+  const float* dKbar;                               // [n, d]
+  const float* dTDW;                                // [n, d]
+  float* dU;      // [n, n], in: from the attention passes; phase 1 adds the Kbar term (in place)
+  float* dT;      // [n, n] scratch (lower triangle)
+  float* dZ;      // [n, n] scratch (strictly lower)
+  float* tmp;     // [n, n] scratch: dT T^T
+  float* dA;      // [n, n] scratch (strictly lower)
+  float* dY;      // [n, d] scratch
+};
+
+// Phase 1, entry (e, b) with b < e: dU_eb -= W_e . dKbar_b.
+BLOCKOPS_HD void ut_grad_phase1(const UtGrad& g, int e, int b) {
+  float acc = 0.f;
+  for (int x = 0; x < g.d; ++x) acc += g.W[e * g.d + x] * g.dKbar[b * g.d + x];
+  g.dU[e * g.n + b] -= acc;
+}
+
+// Phase 2 (after phase 1): entries (a, e), e <= a, of dT = dU Z^T + dTDW Y^T; (e, b), b < e, of dZ = T^T dU;
+// (c, x) of dY = T^T dTDW. `which` selects the matrix: 0 dT, 1 dZ, 2 dY.
+BLOCKOPS_HD void ut_grad_phase2(const UtGrad& g, int which, int r, int c) {
+  const int n = g.n, d = g.d;
+  float acc = 0.f;
+  if (which == 0) {   // dT[r][c], c <= r
+    for (int b = 0; b < c; ++b) acc += g.dU[r * n + b] * g.beta[c] * g.wk[c * n + b];
+    float dot = 0.f;
+    for (int x = 0; x < d; ++x) dot += g.dTDW[r * d + x] * g.W[c * d + x];
+    g.dT[r * n + c] = acc + dot * g.beta[c];
+  } else if (which == 1) {   // dZ[r][c], c < r
+    for (int a = r; a < n; ++a) acc += g.T[a * n + r] * g.dU[a * n + c];
+    g.dZ[r * n + c] = acc;
+  } else {   // dY[r][c] (row r, dim c)
+    for (int a = r; a < n; ++a) acc += g.T[a * n + r] * g.dTDW[a * d + c];
+    g.dY[r * d + c] = acc;
   }
 }
+
+// Phase 3 (after phase 2), entry (x, c): tmp = dT T^T (dT lower, T lower: y <= min(x, c)).
+BLOCKOPS_HD void ut_grad_phase3(const UtGrad& g, int xr, int c) {
+  const int n = g.n, hi = xr < c ? xr : c;
+  float acc = 0.f;
+  for (int y = 0; y <= hi; ++y) acc += g.dT[xr * n + y] * g.T[c * n + y];
+  g.tmp[xr * n + c] = acc;
+}
+
+// Phase 4 (after phase 3), entry (a, c) with c < a: dA = -T^T tmp.
+BLOCKOPS_HD void ut_grad_phase4(const UtGrad& g, int a, int c) {
+  const int n = g.n;
+  float acc = 0.f;
+  for (int xr = a; xr < n; ++xr) acc -= g.T[xr * n + a] * g.tmp[xr * n + c];
+  g.dA[a * n + c] = acc;
+}
+
+// Phase 5 (after phase 4): row r's gradients, accumulated. dK and dW entry (r, x); dbeta_r with x = -1.
+BLOCKOPS_HD void ut_grad_phase5(const UtGrad& g, int r, int x, float* dW, float* dK, float* dbeta) {
+  const int n = g.n, d = g.d;
+  if (x < 0) {
+    float acc = 0.f;
+    for (int b = 0; b < r; ++b) acc += g.dZ[r * n + b] * g.wk[r * n + b] + g.dA[r * n + b] * g.gram[r * n + b];
+    for (int y = 0; y < d; ++y) acc += g.dY[r * d + y] * g.W[r * d + y];
+    dbeta[r] += acc;
+    return;
+  }
+  float dk = g.dKbar[r * d + x];
+  for (int e = r + 1; e < n; ++e) dk += g.beta[e] * g.dZ[e * n + r] * g.W[e * d + x];
+  float dw = g.beta[r] * g.dY[r * d + x];
+  for (int b = 0; b < r; ++b) {
+    dw -= g.U[r * n + b] * g.dKbar[b * d + x];
+    dw += g.beta[r] * (g.dZ[r * n + b] * g.K[b * d + x] + g.dA[r * n + b] * g.W[b * d + x]);
+  }
+  for (int a = r + 1; a < n; ++a) dw += g.beta[a] * g.dA[a * n + r] * g.W[a * d + x];
+  dK[r * d + x] += dk;
+  dW[r * d + x] += dw;
+}
+
+// The five phases in order on one thread (the CPU kernel); dW, dK [n, d] and dbeta [n] accumulated.
+inline void ut_backward(const UtGrad& g, float* dW, float* dK, float* dbeta) {
+  const int n = g.n, d = g.d;
+  for (int e = 0; e < n; ++e)
+    for (int b = 0; b < e; ++b) ut_grad_phase1(g, e, b);
+  for (int r = 0; r < n; ++r) {
+    for (int c = 0; c < n; ++c) {
+      if (c <= r) ut_grad_phase2(g, 0, r, c); else g.dT[r * n + c] = 0.f;
+      if (c < r) ut_grad_phase2(g, 1, r, c); else g.dZ[r * n + c] = 0.f;
+    }
+    for (int x = 0; x < d; ++x) ut_grad_phase2(g, 2, r, x);
+  }
+  for (int r = 0; r < n; ++r)
+    for (int c = 0; c < n; ++c) ut_grad_phase3(g, r, c);
+  for (int a = 0; a < n; ++a)
+    for (int c = 0; c < n; ++c) {
+      if (c < a) ut_grad_phase4(g, a, c); else g.dA[a * n + c] = 0.f;
+    }
+  for (int r = 0; r < n; ++r) {
+    for (int x = 0; x < d; ++x) ut_grad_phase5(g, r, x, dW, dK, dbeta);
+    ut_grad_phase5(g, r, -1, dW, dK, dbeta);
+  }
+}
+
+// One decoding step (path_decode_step), for every row b and key head h: each cached key j < len_b takes the new
+// token's transform, k_j <- k_j - beta (k_j . w) w (so the cache stays carried to the newest position); the token's
+// own key and value are appended at position len_b (untransformed: the diagonal); with a gate, G_last += g and
+// gates[len_b] = G_last; then each query head of the group attends over the len_b + 1 keys with
+// s_j = scale * (q . k_j + G_last - G_j). The cache is fp32; the caller grows it (capacity > every len_b) and
+// increments the lengths afterwards.
+struct DecodeParams {
+  const void* q;          // [B, HQ, D]
+  const void* k;          // [B, H, D]
+  const void* v;          // [B, H, Dv]
+  const void* w;          // [B, H, D]
+  const void* beta;       // [B, H]
+  const void* g;          // [B, HQ] or null
+  DType dtype, w_dtype, beta_dtype, g_dtype;
+  float* keys;            // [B, H, L, D]
+  float* values;          // [B, H, L, Dv]
+  const int64_t* lengths; // [B], each in [0, L)
+  float* gates;           // [B, HQ, L] or null
+  float* g_last;          // [B, HQ] or null
+  void* o;                // [B, HQ, Dv] in dtype
+  int64_t batch, heads, kv_heads, capacity;
+  int head_dim, v_dim;
+  float scale;
+};
 
 // Online softmax (FlashAttention-2) for one row: a new block of scores with maximum `block_max` arrives; returns
 // the factor by which the row's running sum and accumulator must be multiplied, and updates the running max.

@@ -1,5 +1,5 @@
-// PaTH attention on the CPU: argument checks, the chunked forward and backward kernels and the key cache for
-// decoding. The math and the chunked algorithm are in path_attention.h. The matrix products (64 x 64 x D tiles)
+// PaTH attention on the CPU: the chunked forward and backward kernels, the key cache and the decode step, and the
+// argument checks shared with the CUDA glue (path_attention_op.h). The math and the chunked algorithm are in path_attention.h. The matrix products (64 x 64 x D tiles)
 // and the exponentials run on AVX2/FMA micro-kernels where the CPU has them, else on portable loops.
 //
 // Work partition (forward):
@@ -29,6 +29,10 @@
 // Key cache (path_key_cache): one task per (sequence, key head), chunks right to left, carrying the running
 // product A = P_last ... P_{c+1} (P_c = I - W_c^T TDW_c, a D x D matrix) so each chunk's keys become A Kbar_c:
 // O(T D^2) instead of applying every later chunk to every key.
+//
+// Decode step (path_decode_step): one task per (row, key head): one pass over the row's cached keys applies the
+// new token's rank-1 update and takes the dots with the group's queries, a second pass over the values forms the
+// outputs (path_attention.h, DecodeParams).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -50,6 +54,7 @@
 #include "introspection.h"
 #include "macros.h"
 #include "path_attention.h"
+#include "path_attention_op.h"
 
 #if BLOCKOPS_X86_DISPATCH
 #include <immintrin.h>
@@ -61,11 +66,13 @@ namespace {
 constexpr const char* kForward = "blockops.path_attention";
 constexpr const char* kKeyCache = "blockops.path_key_cache";
 constexpr const char* kBackward = "blockops.path_attention_backward";
+constexpr const char* kDecode = "blockops.path_decode_step";
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 KernelCounter forward_counter("path_attention.cpu");
 KernelCounter key_cache_counter("path_key_cache.cpu");
 KernelCounter backward_counter("path_attention_backward.cpu");
+KernelCounter decode_counter("path_decode_step.cpu");
 FamilyRegistration family("path", cpu_isa_name);
 
 // ---------------------------------------------------------------------------------------------------------
@@ -242,27 +249,6 @@ float dot(const float* a, const float* b, int n) {
 // Per-chunk block (pass 1)
 // ---------------------------------------------------------------------------------------------------------
 
-// Offsets of the parts of one chunk's fp32 block (see the header comment of this file). The backward also keeps
-// the other orientation of the operands it multiplies by from the right.
-struct ChunkLayout {
-  int d, dv;
-  bool backward = false;
-  int64_t cd() const { return static_cast<int64_t>(d) * kChunk; }
-  int64_t wt() const { return 0; }                        // W^T    [D, C]
-  int64_t tdw() const { return cd(); }                     // TDW    [C, D]
-  int64_t kt() const { return 2 * cd(); }                  // K^T    [D, C]
-  int64_t kbart() const { return 3 * cd(); }               // Kbar^T [D, C]
-  int64_t u() const { return 4 * cd(); }                   // U      [C, C]
-  int64_t v() const { return u() + kChunk * kChunk; }      // V      [C, Dv]
-  int64_t w() const { return v() + static_cast<int64_t>(kChunk) * dv; }   // backward: W [C, D]
-  int64_t k() const { return w() + cd(); }                 // K      [C, D]
-  int64_t kbar() const { return k() + cd(); }              // Kbar   [C, D]
-  int64_t tdwt() const { return kbar() + cd(); }           // TDW^T  [D, C]
-  int64_t ut() const { return tdwt() + cd(); }             // U^T    [C, C]
-  int64_t vt() const { return ut() + kChunk * kChunk; }    // V^T    [Dv, C]
-  int64_t size() const { return backward ? vt() + static_cast<int64_t>(dv) * kChunk : w(); }
-};
-
 void transpose_into(int n, int d, const float* src, float* dst_t) {   // src [n, d] -> dst_t [d, kChunk]
   for (int a = 0; a < n; ++a)
     for (int x = 0; x < d; ++x) dst_t[static_cast<int64_t>(x) * kChunk + a] = src[a * d + x];
@@ -323,34 +309,6 @@ void prepare_chunk(const Params& p, int64_t b, int64_t t0, int n, int64_t hk, co
 // ---------------------------------------------------------------------------------------------------------
 // Sequences and chunks
 // ---------------------------------------------------------------------------------------------------------
-
-struct Chunking {
-  std::vector<Span> spans;
-  std::vector<int64_t> first_chunk;   // global index of each span's first chunk; back() = total chunks
-};
-
-int64_t chunks_of(int64_t len) { return (len + kChunk - 1) / kChunk; }
-
-Chunking make_chunking(const char* op, int64_t batch, int64_t seq_len, const c10::optional<at::Tensor>& cu) {
-  Chunking ch;
-  if (cu.has_value()) {
-    const at::Tensor c = cu->to(at::kLong).contiguous();
-    const int64_t* v = c.data_ptr<int64_t>();
-    const int64_t n = c.numel();
-    TORCH_CHECK(v[0] == 0 && v[n - 1] == seq_len, op, ": cu_seqlens must start at 0 and end at T = ", seq_len,
-                ", got first ", v[0], " and last ", v[n - 1]);
-    for (int64_t i = 0; i + 1 < n; ++i) {
-      TORCH_CHECK(v[i + 1] >= v[i], op, ": cu_seqlens must be non-decreasing, got ", v[i], " then ", v[i + 1],
-                  " at index ", i);
-      if (v[i + 1] > v[i]) ch.spans.push_back(Span{0, v[i], v[i + 1] - v[i]});
-    }
-  } else if (seq_len > 0) {
-    for (int64_t b = 0; b < batch; ++b) ch.spans.push_back(Span{b, 0, seq_len});
-  }
-  ch.first_chunk.push_back(0);
-  for (const Span& s : ch.spans) ch.first_chunk.push_back(ch.first_chunk.back() + chunks_of(s.len));
-  return ch;
-}
 
 // Pass 1 for every (key head, chunk) into blocks [H, total chunks, lay.size()].
 at::Tensor prepare_all_chunks(const Params& p, const Chunking& ch, const ChunkLayout& lay) {
@@ -492,89 +450,6 @@ at::Tensor gate_prefix(const Params& p, const Chunking& ch) {
 // ---------------------------------------------------------------------------------------------------------
 // Argument checks and glue
 // ---------------------------------------------------------------------------------------------------------
-
-void check_head_dim(const char* op, const char* arg, int64_t d) {
-  TORCH_CHECK(d % 8 == 0 && d >= 8 && d <= kMaxHeadDim, op, ": ", arg, " head dim must be a multiple of 8 in [8, ",
-              kMaxHeadDim, "], got ", d);
-}
-
-// t must have `shape`, be contiguous, on q's device, with q's dtype (or fp32 where fp32_allowed).
-void check_tensor(const char* op, const char* arg, const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& q,
-                  bool fp32_allowed) {
-  if (fp32_allowed) {
-    check_dtype(t, {at::kFloat, q.scalar_type()}, op, arg);
-  } else {
-    TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", arg, " has dtype ", t.scalar_type(), " but q has ",
-                q.scalar_type(), "; q, k and v must share one dtype");
-  }
-  check_same_device(t, q, op, arg, "q");
-  TORCH_CHECK(t.sizes() == shape, op, ": ", arg, " must have shape ", shape, ", got ", t.sizes());
-  check_contiguous(t, op, arg);
-}
-
-// Checks k, w, beta (and the optional cu_seqlens) shared by both ops; fills the key-side fields of p.
-Params describe_keys(const char* op, const at::Tensor& k, const at::Tensor& w, const at::Tensor& beta,
-                     const c10::optional<at::Tensor>& cu_seqlens) {
-  check_dtype(k, {at::kHalf, at::kBFloat16, at::kFloat}, op, "k");
-  TORCH_CHECK(k.dim() == 4, op, ": k must be [B, T, H, D], got shape ", k.sizes());
-  check_contiguous(k, op, "k");
-  check_head_dim(op, "k", k.size(3));
-  TORCH_CHECK(k.size(2) >= 1, op, ": k needs at least one head, got shape ", k.sizes());
-  check_tensor(op, "w", w, k.sizes(), k, true);
-  check_tensor(op, "beta", beta, k.sizes().slice(0, 3), k, true);
-  if (cu_seqlens.has_value()) {
-    const at::Tensor& c = *cu_seqlens;
-    check_dtype(c, {at::kInt, at::kLong}, op, "cu_seqlens");
-    TORCH_CHECK(c.device().is_cpu(), op, ": cu_seqlens must be on the CPU for the CPU kernel, got ", c.device());
-    TORCH_CHECK(c.dim() == 1 && c.numel() >= 2, op, ": cu_seqlens must be [N + 1] with N >= 1, got shape ", c.sizes());
-    TORCH_CHECK(k.size(0) == 1, op, ": cu_seqlens needs batch size 1 (packed sequences), got B = ", k.size(0));
-  }
-  Params p{};
-  p.k = k.data_ptr();
-  p.w = w.data_ptr();
-  p.beta = beta.data_ptr();
-  p.dtype = dtype_of(k.scalar_type());
-  p.w_dtype = dtype_of(w.scalar_type());
-  p.beta_dtype = dtype_of(beta.scalar_type());
-  p.batch = k.size(0);
-  p.seq_len = k.size(1);
-  p.kv_heads = k.size(2);
-  p.head_dim = static_cast<int>(k.size(3));
-  return p;
-}
-
-// Checks every forward argument; fills p except the outputs.
-Params describe_forward(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                        const at::Tensor& w, const at::Tensor& beta, const c10::optional<at::Tensor>& g,
-                        const c10::optional<at::Tensor>& cu_seqlens, double scale) {
-  check_dtype(q, {at::kHalf, at::kBFloat16, at::kFloat}, op, "q");
-  TORCH_CHECK(q.dim() == 4, op, ": q must be [B, T, HQ, D], got shape ", q.sizes());
-  TORCH_CHECK(k.dim() == 4 && v.dim() == 4, op, ": k and v must be [B, T, H, D] and [B, T, H, Dv], got ", k.sizes(),
-              " and ", v.sizes());
-  check_contiguous(q, op, "q");
-  check_head_dim(op, "q", q.size(3));
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), op, ": k has dtype ", k.scalar_type(), " but q has ",
-              q.scalar_type(), "; q, k and v must share one dtype");
-  check_same_device(k, q, op, "k", "q");
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3), op,
-              ": k must be [B, T, H, D] with q's B, T and D, got q ", q.sizes(), " and k ", k.sizes());
-  TORCH_CHECK(k.size(2) >= 1 && q.size(2) % k.size(2) == 0, op, ": q's heads (", q.size(2),
-              ") must be a multiple of k's heads (", k.size(2), ") for grouped-query attention");
-  Params p = describe_keys(op, k, w, beta, cu_seqlens);
-  check_head_dim(op, "v", v.size(3));
-  check_tensor(op, "v", v, {k.size(0), k.size(1), k.size(2), v.size(3)}, q, false);
-  if (g.has_value()) check_tensor(op, "g", *g, q.sizes().slice(0, 3), q, true);
-  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
-
-  p.q = q.data_ptr();
-  p.v = v.data_ptr();
-  p.g = g.has_value() ? g->data_ptr() : nullptr;
-  p.g_dtype = g.has_value() ? dtype_of(g->scalar_type()) : DType::kF32;
-  p.heads = q.size(2);
-  p.v_dim = static_cast<int>(v.size(3));
-  p.scale = static_cast<float>(scale);
-  return p;
-}
 
 std::tuple<at::Tensor, at::Tensor> path_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       const at::Tensor& w, const at::Tensor& beta,
@@ -823,7 +698,7 @@ void backward_task(const Params& p, const BwdBuffers& bb, const Span& sp, int64_
     for (int64_t cq = 0; cq < nc; ++cq) backward_query_chunk(p, bb, sp, lay, blocks, hq, cq, g, buf);
 
   ChunkMath cm;
-  std::vector<float> dU(C * C), dT(C * C), tmp(C * C), dY(C * d), dbeta(C);
+  std::vector<float> dU(C * C), dT(C * C), dZ(C * C), tmp(C * C), dA(C * C), dY(C * d), dbeta(C);
   for (int64_t c = 0; c < nc; ++c) {
     const int64_t t0 = sp.start + c * C;
     const int n = static_cast<int>(std::min<int64_t>(C, sp.start + sp.len - t0));
@@ -832,9 +707,10 @@ void backward_task(const Params& p, const BwdBuffers& bb, const Span& sp, int64_
     float* dW = g.dW.data() + c * C * d;
     float* dK = g.dK.data() + c * C * d;
     std::fill(dbeta.begin(), dbeta.end(), 0.f);
-    ut_backward(n, d, cm.W.data(), cm.K.data(), cm.beta.data(), cm.gram.data(), cm.wk.data(), cm.T.data(),
-                cm.U.data(), g.dKbar.data() + c * C * d, g.dTDW.data() + c * C * d, dU.data(), dW, dK, dbeta.data(),
-                dT.data(), tmp.data(), dY.data());
+    const UtGrad ug{n, d, cm.W.data(), cm.K.data(), cm.beta.data(), cm.gram.data(), cm.wk.data(), cm.T.data(),
+                    cm.U.data(), g.dKbar.data() + c * C * d, g.dTDW.data() + c * C * d, dU.data(), dT.data(),
+                    dZ.data(), tmp.data(), dA.data(), dY.data()};
+    ut_backward(ug, dW, dK, dbeta.data());
     for (int a = 0; a < n; ++a) {
       const int64_t tok = (sp.b * p.seq_len + t0 + a) * p.kv_heads + hk;
       std::copy_n(dW + a * d, d, bb.dw + tok * d);
@@ -851,18 +727,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& o, const at::Tensor& lse, const c10::optional<at::Tensor>& grad_lse, double scale) {
   const char* op = kBackward;
   Params p = describe_forward(op, q, k, v, w, beta, g, cu_seqlens, scale);
-  const std::array<int64_t, 4> o_dims{p.batch, p.seq_len, p.heads, p.v_dim};
-  check_tensor(op, "grad_o", grad_o, o_dims, q, false);
-  check_tensor(op, "o", o, o_dims, q, false);
-  const std::array<int64_t, 3> lse_dims{p.batch, p.heads, p.seq_len};
-  for (auto [arg, t] : {std::pair<const char*, const at::Tensor*>{"lse", &lse}, {"grad_lse", grad_lse ? &*grad_lse : nullptr}}) {
-    if (t == nullptr) continue;
-    check_dtype(*t, {at::kFloat}, op, arg);
-    check_same_device(*t, q, op, arg, "q");
-    TORCH_CHECK(t->sizes() == at::IntArrayRef(lse_dims), op, ": ", arg, " must have shape ", at::IntArrayRef(lse_dims),
-                ", got ", t->sizes());
-    check_contiguous(*t, op, arg);
-  }
+  check_backward_inputs(op, p, q, grad_o, o, lse, grad_lse);
   backward_counter.hit();
   const at::TensorOptions f32 = q.options().dtype(at::kFloat);
   at::Tensor dq = at::zeros(q.sizes(), f32), dk = at::zeros(k.sizes(), f32), dv = at::zeros(v.sizes(), f32);
@@ -900,11 +765,336 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {as(dq, q), as(dk, k), as(dv, v), as(dw, w), as(dbeta, beta), g.has_value() ? as(dg, *g) : dg};
 }
 
+
+// ---------------------------------------------------------------------------------------------------------
+// Decode step (path_decode_step)
+// ---------------------------------------------------------------------------------------------------------
+
+// Dot product in 8 independent lanes (n a multiple of 8): the compiler turns it into one vector FMA chain where
+// the ISA has one, without reassociating a single running sum.
+[[gnu::always_inline]] inline float dot8(const float* a, const float* b, int n) {
+  float acc[8] = {};
+  for (int x = 0; x < n; x += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += a[x + l] * b[x + l];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+// One (row b, key head hk): one pass over the cached keys applies the rank-1 update and takes the group's query
+// dots, a second pass over the values accumulates the outputs. scratch: (group + 1) * (len + 1) + group * D + D +
+// Dv floats.
+[[gnu::always_inline]] inline void decode_task_body(const DecodeParams& p, int64_t b, int64_t hk, float* scratch) {
+  const int d = p.head_dim, dv = p.v_dim;
+  const int64_t group = p.heads / p.kv_heads, len = p.lengths[b], L = p.capacity;
+  float* scores = scratch;                  // [group, len + 1]
+  float* q = scores + group * (len + 1);    // [group, d]
+  float* w = q + group * d;                 // [d]
+  float* acc = w + d;                       // [dv]
+  const int64_t kv_tok = b * p.kv_heads + hk;
+  load_row(p.w, p.w_dtype, kv_tok * d, d, w);
+  const float beta = load_one(p.beta, p.beta_dtype, kv_tok);
+  float g_last[kMaxDecodeGroup];
+  for (int64_t gi = 0; gi < group; ++gi) {
+    const int64_t hq = hk * group + gi;
+    load_row(p.q, p.dtype, (b * p.heads + hq) * d, d, q + gi * d);
+    if (p.gates != nullptr) {
+      float& gl = p.g_last[b * p.heads + hq];
+      gl += load_one(p.g, p.g_dtype, b * p.heads + hq);
+      p.gates[(b * p.heads + hq) * L + len] = gl;
+      g_last[gi] = gl;
+    }
+  }
+  float* keys = p.keys + kv_tok * L * d;
+  float* values = p.values + kv_tok * L * dv;
+  load_row(p.k, p.dtype, kv_tok * d, d, keys + len * d);
+  load_row(p.v, p.dtype, kv_tok * dv, dv, values + len * dv);
+  for (int64_t j = 0; j <= len; ++j) {
+    float* kj = keys + j * d;
+    if (j < len) {
+      const float c = beta * dot8(kj, w, d);
+      for (int x = 0; x < d; ++x) kj[x] -= c * w[x];
+    }
+    for (int64_t gi = 0; gi < group; ++gi) scores[gi * (len + 1) + j] = dot8(q + gi * d, kj, d);
+  }
+  for (int64_t gi = 0; gi < group; ++gi) {
+    const int64_t hq = hk * group + gi;
+    float* s = scores + gi * (len + 1);
+    const float* gates = p.gates == nullptr ? nullptr : p.gates + (b * p.heads + hq) * L;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j <= len; ++j) {
+      s[j] = p.scale * (s[j] + (gates == nullptr ? 0.f : g_last[gi] - gates[j]));
+      mx = std::max(mx, s[j]);
+    }
+    float sum = 0.f;
+    for (int64_t j = 0; j <= len; ++j) sum += (s[j] = std::exp(s[j] - mx));
+    std::fill_n(acc, dv, 0.f);
+    for (int64_t j = 0; j <= len; ++j) {
+      const float pj = s[j];
+      const float* vj = values + j * dv;
+      for (int x = 0; x < dv; ++x) acc[x] += pj * vj[x];
+    }
+    const float inv = 1.f / sum;
+    for (int x = 0; x < dv; ++x) acc[x] *= inv;
+    store_row(p.o, p.dtype, (b * p.heads + hq) * dv, dv, acc);
+  }
+}
+
+void decode_task_portable(const DecodeParams& p, int64_t b, int64_t hk, float* scratch) {
+  decode_task_body(p, b, hk, scratch);
+}
+#if BLOCKOPS_X86_DISPATCH
+BLOCKOPS_TARGET_AVX2 void decode_task_avx2(const DecodeParams& p, int64_t b, int64_t hk, float* scratch) {
+  decode_task_body(p, b, hk, scratch);
+}
+#endif
+
+at::Tensor path_decode_step_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w,
+                                const at::Tensor& beta, const c10::optional<at::Tensor>& g, const at::Tensor& keys,
+                                const at::Tensor& values, const at::Tensor& lengths,
+                                const c10::optional<at::Tensor>& gates, const c10::optional<at::Tensor>& g_last,
+                                double scale) {
+  at::Tensor lengths_host;
+  DecodeParams p = describe_decode(kDecode, q, k, v, w, beta, g, keys, values, lengths, gates, g_last, scale,
+                                   lengths_host);
+  at::Tensor o = at::empty({p.batch, p.heads, p.v_dim}, q.options());
+  p.o = o.data_ptr();
+  decode_counter.hit();
+  const int64_t group = p.heads / p.kv_heads;
+#if BLOCKOPS_X86_DISPATCH
+  const bool avx2 = cpu_has_avx2_fma();
+#endif
+  at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / p.kv_heads, hk = task % p.kv_heads;
+      scratch.resize(static_cast<size_t>((group + 1) * (p.lengths[b] + 1) + group * p.head_dim + p.head_dim + p.v_dim));
+#if BLOCKOPS_X86_DISPATCH
+      if (avx2) {
+        decode_task_avx2(p, b, hk, scratch.data());
+        continue;
+      }
+#endif
+      decode_task_portable(p, b, hk, scratch.data());
+    }
+  });
+  return o;
+}
+
 }  // namespace
+
+// ---------------------------------------------------------------------------------------------------------
+// Argument checks and sequences, shared with the CUDA glue (path_attention_op.h)
+// ---------------------------------------------------------------------------------------------------------
+
+namespace {
+
+void check_head_dim(const char* op, const char* arg, int64_t d) {
+
+  TORCH_CHECK(d % 8 == 0 && d >= 8 && d <= kMaxHeadDim, op, ": ", arg, " head dim must be a multiple of 8 in [8, ",
+              kMaxHeadDim, "], got ", d);
+}
+
+// t must have `shape`, be contiguous, on q's device, with q's dtype (or fp32 where fp32_allowed).
+void check_tensor(const char* op, const char* arg, const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& q,
+                  bool fp32_allowed) {
+  if (fp32_allowed) {
+    check_dtype(t, {at::kFloat, q.scalar_type()}, op, arg);
+  } else {
+    TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", arg, " has dtype ", t.scalar_type(), " but q has ",
+                q.scalar_type(), "; q, k and v must share one dtype");
+  }
+  check_same_device(t, q, op, arg, "q");
+  TORCH_CHECK(t.sizes() == shape, op, ": ", arg, " must have shape ", shape, ", got ", t.sizes());
+  check_contiguous(t, op, arg);
+}
+
+}  // namespace
+
+// Checks k, w, beta (and the optional cu_seqlens) shared by both ops; fills the key-side fields of p.
+Params describe_keys(const char* op, const at::Tensor& k, const at::Tensor& w, const at::Tensor& beta,
+                     const c10::optional<at::Tensor>& cu_seqlens) {
+  check_dtype(k, {at::kHalf, at::kBFloat16, at::kFloat}, op, "k");
+  TORCH_CHECK(k.dim() == 4, op, ": k must be [B, T, H, D], got shape ", k.sizes());
+  check_contiguous(k, op, "k");
+  check_head_dim(op, "k", k.size(3));
+  TORCH_CHECK(k.size(2) >= 1, op, ": k needs at least one head, got shape ", k.sizes());
+  check_tensor(op, "w", w, k.sizes(), k, true);
+  check_tensor(op, "beta", beta, k.sizes().slice(0, 3), k, true);
+  if (cu_seqlens.has_value()) {
+    const at::Tensor& c = *cu_seqlens;
+    check_dtype(c, {at::kInt, at::kLong}, op, "cu_seqlens");
+    check_same_device(c, k, op, "cu_seqlens", "k");
+    TORCH_CHECK(c.dim() == 1 && c.numel() >= 2, op, ": cu_seqlens must be [N + 1] with N >= 1, got shape ", c.sizes());
+    TORCH_CHECK(k.size(0) == 1, op, ": cu_seqlens needs batch size 1 (packed sequences), got B = ", k.size(0));
+  }
+  Params p{};
+  p.k = k.data_ptr();
+  p.w = w.data_ptr();
+  p.beta = beta.data_ptr();
+  p.dtype = dtype_of(k.scalar_type());
+  p.w_dtype = dtype_of(w.scalar_type());
+  p.beta_dtype = dtype_of(beta.scalar_type());
+  p.batch = k.size(0);
+  p.seq_len = k.size(1);
+  p.kv_heads = k.size(2);
+  p.head_dim = static_cast<int>(k.size(3));
+  return p;
+}
+
+// Checks every forward argument; fills p except the outputs.
+Params describe_forward(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& w, const at::Tensor& beta, const c10::optional<at::Tensor>& g,
+                        const c10::optional<at::Tensor>& cu_seqlens, double scale) {
+  check_dtype(q, {at::kHalf, at::kBFloat16, at::kFloat}, op, "q");
+  TORCH_CHECK(q.dim() == 4, op, ": q must be [B, T, HQ, D], got shape ", q.sizes());
+  TORCH_CHECK(k.dim() == 4 && v.dim() == 4, op, ": k and v must be [B, T, H, D] and [B, T, H, Dv], got ", k.sizes(),
+              " and ", v.sizes());
+  check_contiguous(q, op, "q");
+  check_head_dim(op, "q", q.size(3));
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), op, ": k has dtype ", k.scalar_type(), " but q has ",
+              q.scalar_type(), "; q, k and v must share one dtype");
+  check_same_device(k, q, op, "k", "q");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3), op,
+              ": k must be [B, T, H, D] with q's B, T and D, got q ", q.sizes(), " and k ", k.sizes());
+  TORCH_CHECK(k.size(2) >= 1 && q.size(2) % k.size(2) == 0, op, ": q's heads (", q.size(2),
+              ") must be a multiple of k's heads (", k.size(2), ") for grouped-query attention");
+  Params p = describe_keys(op, k, w, beta, cu_seqlens);
+  check_head_dim(op, "v", v.size(3));
+  check_tensor(op, "v", v, {k.size(0), k.size(1), k.size(2), v.size(3)}, q, false);
+  if (g.has_value()) check_tensor(op, "g", *g, q.sizes().slice(0, 3), q, true);
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+
+  p.q = q.data_ptr();
+  p.v = v.data_ptr();
+  p.g = g.has_value() ? g->data_ptr() : nullptr;
+  p.g_dtype = g.has_value() ? dtype_of(g->scalar_type()) : DType::kF32;
+  p.heads = q.size(2);
+  p.v_dim = static_cast<int>(v.size(3));
+  p.scale = static_cast<float>(scale);
+  return p;
+}
+
+Chunking make_chunking(const char* op, int64_t batch, int64_t seq_len, const c10::optional<at::Tensor>& cu) {
+  Chunking ch;
+  if (cu.has_value()) {
+    const at::Tensor c = cu->to(at::kLong).contiguous();
+    const int64_t* v = c.data_ptr<int64_t>();
+    const int64_t n = c.numel();
+    TORCH_CHECK(v[0] == 0 && v[n - 1] == seq_len, op, ": cu_seqlens must start at 0 and end at T = ", seq_len,
+                ", got first ", v[0], " and last ", v[n - 1]);
+    for (int64_t i = 0; i + 1 < n; ++i) {
+      TORCH_CHECK(v[i + 1] >= v[i], op, ": cu_seqlens must be non-decreasing, got ", v[i], " then ", v[i + 1],
+                  " at index ", i);
+      if (v[i + 1] > v[i]) ch.spans.push_back(Span{0, v[i], v[i + 1] - v[i]});
+    }
+  } else if (seq_len > 0) {
+    for (int64_t b = 0; b < batch; ++b) ch.spans.push_back(Span{b, 0, seq_len});
+  }
+  ch.first_chunk.push_back(0);
+  for (const Span& s : ch.spans) ch.first_chunk.push_back(ch.first_chunk.back() + chunks_of(s.len));
+  return ch;
+}
+
+
+std::vector<ChunkRef> Chunking::chunk_refs() const {
+  std::vector<ChunkRef> refs;
+  for (const Span& sp : spans)
+    for (int64_t c = 0; c < chunks_of(sp.len); ++c) {
+      const int64_t t0 = sp.start + c * kChunk;
+      refs.push_back(ChunkRef{sp.b, t0, sp.start, std::min<int64_t>(kChunk, sp.start + sp.len - t0), c});
+    }
+  return refs;
+}
+
+int64_t Chunking::max_chunks_per_span() const {
+  int64_t m = 0;
+  for (const Span& sp : spans) m = std::max(m, chunks_of(sp.len));
+  return m;
+}
+
+void check_backward_inputs(const char* op, const Params& p, const at::Tensor& q, const at::Tensor& grad_o,
+                           const at::Tensor& o, const at::Tensor& lse, const c10::optional<at::Tensor>& grad_lse) {
+  const std::array<int64_t, 4> o_dims{p.batch, p.seq_len, p.heads, p.v_dim};
+  check_tensor(op, "grad_o", grad_o, o_dims, q, false);
+  check_tensor(op, "o", o, o_dims, q, false);
+  const std::array<int64_t, 3> lse_dims{p.batch, p.heads, p.seq_len};
+  for (auto [arg, t] : {std::pair<const char*, const at::Tensor*>{"lse", &lse}, {"grad_lse", grad_lse ? &*grad_lse : nullptr}}) {
+    if (t == nullptr) continue;
+    check_dtype(*t, {at::kFloat}, op, arg);
+    check_same_device(*t, q, op, arg, "q");
+    TORCH_CHECK(t->sizes() == at::IntArrayRef(lse_dims), op, ": ", arg, " must have shape ", at::IntArrayRef(lse_dims),
+                ", got ", t->sizes());
+    check_contiguous(*t, op, arg);
+  }
+}
+
+DecodeParams describe_decode(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const at::Tensor& w, const at::Tensor& beta, const c10::optional<at::Tensor>& g,
+                             const at::Tensor& keys, const at::Tensor& values, const at::Tensor& lengths,
+                             const c10::optional<at::Tensor>& gates, const c10::optional<at::Tensor>& g_last,
+                             double scale, at::Tensor& lengths_host) {
+  check_dtype(q, {at::kHalf, at::kBFloat16, at::kFloat}, op, "q_t");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, op, ": q_t, k_t and v_t must be [B, HQ, D], [B, H, D] and ",
+              "[B, H, Dv], got ", q.sizes(), ", ", k.sizes(), " and ", v.sizes());
+  check_contiguous(q, op, "q_t");
+  const int64_t B = q.size(0), HQ = q.size(1), D = q.size(2), H = k.size(1), Dv = v.size(2);
+  check_head_dim(op, "q_t", D);
+  check_head_dim(op, "v_t", Dv);
+  TORCH_CHECK(H >= 1 && HQ % H == 0 && HQ / H <= kMaxDecodeGroup, op, ": q_t's heads (", HQ,
+              ") must be a multiple of k_t's heads (", H, "), at most ", kMaxDecodeGroup, " per key head");
+  check_tensor(op, "k_t", k, {B, H, D}, q, false);
+  check_tensor(op, "v_t", v, {B, H, Dv}, q, false);
+  check_tensor(op, "w_t", w, {B, H, D}, q, true);
+  check_tensor(op, "beta_t", beta, {B, H}, q, true);
+  TORCH_CHECK(keys.dim() == 4, op, ": keys must be [B, H, L, D], got shape ", keys.sizes());
+  const int64_t L = keys.size(2);
+  auto check_cache = [&](const char* arg, const at::Tensor& t, at::IntArrayRef shape) {
+    check_dtype(t, {at::kFloat}, op, arg);
+    check_same_device(t, q, op, arg, "q_t");
+    TORCH_CHECK(t.sizes() == shape, op, ": ", arg, " must have shape ", shape, ", got ", t.sizes());
+    check_contiguous(t, op, arg);
+  };
+  check_cache("keys", keys, {B, H, L, D});
+  check_cache("values", values, {B, H, L, Dv});
+  TORCH_CHECK(g.has_value() == gates.has_value() && gates.has_value() == g_last.has_value(), op,
+              ": pass g_t, gates and g_last together (a cache built with a forget gate) or none of them");
+  if (g.has_value()) {
+    check_tensor(op, "g_t", *g, {B, HQ}, q, true);
+    check_cache("gates", *gates, {B, HQ, L});
+    check_cache("g_last", *g_last, {B, HQ});
+  }
+  check_dtype(lengths, {at::kLong}, op, "lengths");
+  check_same_device(lengths, q, op, "lengths", "q_t");
+  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == B, op, ": lengths must be [B] = [", B, "], got ", lengths.sizes());
+  check_contiguous(lengths, op, "lengths");
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  lengths_host = lengths.to(at::kCPU).contiguous();
+  const int64_t* len = lengths_host.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(len[b] >= 0 && len[b] < L, op, ": lengths[", b, "] = ", len[b], " leaves no room in a cache of capacity ",
+                L, " (grow keys/values/gates first; PathCache does)");
+  DecodeParams p{};
+  p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr(); p.w = w.data_ptr(); p.beta = beta.data_ptr();
+  p.g = g.has_value() ? g->data_ptr() : nullptr;
+  p.dtype = dtype_of(q.scalar_type());
+  p.w_dtype = dtype_of(w.scalar_type());
+  p.beta_dtype = dtype_of(beta.scalar_type());
+  p.g_dtype = g.has_value() ? dtype_of(g->scalar_type()) : DType::kF32;
+  p.keys = keys.data_ptr<float>();
+  p.values = values.data_ptr<float>();
+  p.lengths = lengths.device().is_cpu() ? len : lengths.data_ptr<int64_t>();
+  p.gates = gates.has_value() ? gates->data_ptr<float>() : nullptr;
+  p.g_last = g_last.has_value() ? g_last->data_ptr<float>() : nullptr;
+  p.batch = B; p.heads = HQ; p.kv_heads = H; p.capacity = L;
+  p.head_dim = static_cast<int>(D); p.v_dim = static_cast<int>(Dv);
+  p.scale = static_cast<float>(scale);
+  return p;
+}
+
 }  // namespace blockops::path
 
 TORCH_LIBRARY_IMPL(blockops, CPU, m) {
   m.impl("path_attention", &blockops::path::path_attention_cpu);
   m.impl("path_key_cache", &blockops::path::path_key_cache_cpu);
   m.impl("path_attention_backward", &blockops::path::path_attention_backward_cpu);
+  m.impl("path_decode_step", &blockops::path::path_decode_step_cpu);
 }

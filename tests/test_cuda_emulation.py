@@ -35,6 +35,7 @@ HARNESSES = {
     "test_lowbit_mma": ("test_lowbit_mma.cpp", ["lowbit"], ["lowbit_mma"]),
     "test_attention": ("test_attention.cpp", ["attention", "attention_mma"], []),
     "test_vq": ("test_vq.cpp", ["vq"], []),
+    "test_path_attention": ("test_path_attention.cpp", ["path_attention"], []),
 }
 
 # (harness, section); a section's summary line reports how many cases it checked.
@@ -49,6 +50,10 @@ SECTIONS = [
     ("test_vq", "linear"),
     ("test_vq", "backward"),
     ("test_vq", "garbage"),
+    ("test_path_attention", "selftest"),
+    ("test_path_attention", "fwd"),
+    ("test_path_attention", "bwd"),
+    ("test_path_attention", "decode"),
 ]
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ not found: the CUDA emulation harnesses need a C++20 g++")

@@ -284,6 +284,105 @@ def test_decode_batched_rows_of_different_lengths():
     assert cache.lengths.tolist() == total
 
 
+def decode_step_torch(q_t, k_t, v_t, w_t, beta_t, g_t, keys, values, lengths, gates, g_last, scale):
+    """The decode step in plain fp64 PyTorch ops, on copies of the cache: (o_t, keys, values, gates, g_last)."""
+    keys, values = keys.double().clone(), values.double().clone()
+    B, HQ, D = q_t.shape
+    H, L = keys.shape[1], keys.shape[2]
+    pos = torch.arange(L)
+    old = (pos[None, :] < lengths[:, None])[:, None, :, None]   # cached keys j < len
+    w = w_t.double()[:, :, None, :]
+    upd = keys - beta_t.double()[:, :, None, None] * (keys * w).sum(-1, keepdim=True) * w
+    keys = torch.where(old, upd, keys)
+    rows = torch.arange(B)
+    keys[rows, :, lengths] = k_t.double()
+    values[rows, :, lengths] = v_t.double()
+    if g_t is not None:
+        gates, g_last = gates.double().clone(), g_last.double() + g_t.double()
+        gates[rows, :, lengths] = g_last
+    q = q_t.double().view(B, H, HQ // H, D)
+    s = torch.einsum("bhgd,bhld->bhgl", q, keys)
+    if g_t is not None:
+        s = s + (g_last[:, :, None] - gates).view(B, H, HQ // H, L)
+    hidden = pos[None, :] > lengths[:, None]
+    s = (s * scale).masked_fill(hidden[:, None, None, :], float("-inf"))
+    o = torch.einsum("bhgl,bhlv->bhgv", torch.softmax(s, -1), values).reshape(B, HQ, -1)
+    return o, keys, values, gates, g_last
+
+
+def random_cache(B, HQ, H, D, Dv, L, lengths, gate, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(B, H, L, D, generator=gen)
+    values = torch.randn(B, H, L, Dv, generator=gen)
+    gates = -torch.rand(B, HQ, L, generator=gen).cumsum(-1) if gate else None
+    g_last = gates[:, :, 0].clone() if gate else None
+    to = (lambda t: None if t is None else t.to(device))
+    return (to(keys), to(values), torch.tensor(lengths, device=device), to(gates), to(g_last))
+
+
+@pytest.mark.parametrize("gate", [False, True])
+@pytest.mark.parametrize("dtype,aux", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                       (torch.float16, torch.float16)])
+def test_decode_step_kernel_vs_torch(gate, dtype, aux):
+    """The fused op on rows of lengths 0, 1, 37, 70 (capacity 80), GQA 4/2, D 40, Dv 24: outputs and every cache
+    tensor against plain PyTorch; entries beyond each row's new length are untouched."""
+    B, HQ, H, D, Dv, L = 4, 4, 2, 40, 24, 80
+    lengths = [0, 1, 37, 70]
+    q, k, v, w, beta, g = (t[:, 0] if t is not None else None for t in make_inputs(B, 1, HQ, H, D, Dv, gate, dtype, aux))
+    keys, values, lens, gates, g_last = random_cache(B, HQ, H, D, Dv, L, lengths, gate)
+    ref = decode_step_torch(q, k, v, w, beta, g, keys, values, lens, gates, g_last, 0.3)
+    with kernel_ran("path_decode_step", "cpu"):
+        o = torch.ops.blockops.path_decode_step(q, k, v, w, beta, g, keys, values, lens, gates, g_last, 0.3)
+    assert o.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_rms(o, ref[0]) < tol
+    for got, want in zip((keys, values, gates, g_last), ref[1:]):
+        if got is not None:
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_step_errors():
+    B, HQ, H, D, Dv, L = 2, 2, 1, 16, 16, 8
+    q, k, v, w, beta, g = (t[:, 0] for t in make_inputs(B, 1, HQ, H, D, Dv, True))
+    keys, values, lens, gates, g_last = random_cache(B, HQ, H, D, Dv, L, [3, 7], True)
+    op = torch.ops.blockops.path_decode_step
+    with pytest.raises(RuntimeError, match="leaves no room"):
+        op(q, k, v, w, beta, g, keys, values, torch.tensor([3, 8]), gates, g_last, 0.25)
+    with pytest.raises(RuntimeError, match="together"):
+        op(q, k, v, w, beta, None, keys, values, lens, gates, g_last, 0.25)
+    with pytest.raises(RuntimeError, match="keys must have dtype"):
+        op(q, k, v, w, beta, g, keys.half(), values, lens, gates, g_last, 0.25)
+    with pytest.raises(RuntimeError, match="values must have shape"):
+        op(q, k, v, w, beta, g, keys, values[:, :, :4], lens, gates, g_last, 0.25)
+    with pytest.raises(RuntimeError, match="lengths must have dtype"):
+        op(q, k, v, w, beta, g, keys, values, lens.int(), gates, g_last, 0.25)
+    with pytest.raises(RuntimeError, match="multiple of k_t's heads"):
+        op(q[:, :1].expand(B, 3, D).contiguous(), torch.cat([k, k], 1), v, w, beta, g, keys, values, lens, gates,
+           g_last, 0.25)
+    with pytest.raises(ValueError, match="forget gate"):
+        path_decode_step(q, k, v, w, beta, None, PathCache(keys, values, lens, gates, g_last))
+
+
+def test_decode_step_opcheck_and_compile():
+    B, HQ, H, D, Dv, L = 2, 2, 1, 16, 8, 8
+    q, k, v, w, beta, g = (t[:, 0] for t in make_inputs(B, 1, HQ, H, D, Dv, True))
+    op = torch.ops.blockops.path_decode_step.default
+    opcheck(op, (q, k, v, w, beta, g, *random_cache(B, HQ, H, D, Dv, L, [2, 5], True), 0.25))
+    opcheck(op, (q, k, v, w, beta, None, *random_cache(B, HQ, H, D, Dv, L, [0, 7], False), 0.25))
+
+    def step(q, k, v, w, beta, g, keys, values, lens, gates, g_last):
+        return torch.ops.blockops.path_decode_step(q, k, v, w, beta, g, keys, values, lens, gates, g_last, 0.25)
+
+    eager_cache = random_cache(B, HQ, H, D, Dv, L, [2, 5], True)
+    compiled_cache = [t.clone() for t in eager_cache]
+    eager = step(q, k, v, w, beta, g, *eager_cache)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)(q, k, v, w, beta, g, *compiled_cache)
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(compiled_cache, eager_cache):
+        torch.testing.assert_close(a, b)   # the cache mutations survive compilation
+
+
 # ---------------------------------------------------------------------------------------------------------
 # opcheck, torch.compile
 # ---------------------------------------------------------------------------------------------------------
@@ -375,3 +474,85 @@ def test_errors(case, match):
     with pytest.raises(RuntimeError, match=match):
         torch.ops.blockops.path_attention(q.contiguous(), k.contiguous(), v.contiguous(), w.contiguous(), beta, g,
                                           cu, 0.25)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CUDA kernels against the CPU kernels (run where a GPU is present)
+# ---------------------------------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def to_cuda(*ts):
+    return [None if t is None else t.cuda() for t in ts]
+
+
+@cuda
+@pytest.mark.parametrize("T,HQ,H,D,Dv,gate,dtype", [
+    (1, 1, 1, 64, 64, False, torch.float32),
+    (63, 4, 2, 40, 40, True, torch.float16),
+    (65, 2, 1, 72, 64, True, torch.bfloat16),
+    (200, 4, 4, 128, 128, False, torch.bfloat16),
+    (130, 2, 1, 256, 256, True, torch.float32),
+])
+def test_cuda_forward_and_key_cache_match_cpu(T, HQ, H, D, Dv, gate, dtype):
+    inputs = make_inputs(2, T, HQ, H, D, Dv, gate, dtype)
+    o_cpu, k_cpu = path_attention(*inputs, use_cache=True)
+    with kernel_ran("path_attention", "cuda"), kernel_ran("path_key_cache", "cuda"):
+        o_gpu, k_gpu = path_attention(*to_cuda(*inputs), use_cache=True)
+    tol = 1e-5 if dtype == torch.float32 else 0.005
+    assert rel_rms(o_gpu.cpu(), o_cpu) < tol
+    assert rel_rms(k_gpu.cpu(), k_cpu) < tol
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_tensor_core_forward_long_sequence(dtype):
+    """The tensor-core forward (fp16/bf16 operands, fp32 accumulation) over 32 chunks: the carried queries pass
+    through 31 rounded rank-64 corrections; flash-linear-attention's bf16 tolerance against an fp32 computation on
+    the same inputs."""
+    inputs = make_inputs(1, 2048, 2, 1, 64, 64, True, dtype)
+    ref, _ = path_attention(*(None if t is None else t.float() for t in inputs))
+    o, _ = path_attention(*to_cuda(*inputs))
+    assert rel_rms(o.cpu(), ref) < O_TOL
+
+
+@cuda
+def test_cuda_varlen_matches_cpu():
+    inputs = make_inputs(1, 200, 4, 2, 64, 64, True, torch.bfloat16)
+    cu = torch.tensor([0, 1, 65, 65, 200], dtype=torch.int32)
+    o_cpu, k_cpu = path_attention(*inputs, cu_seqlens=cu, use_cache=True)
+    o_gpu, k_gpu = path_attention(*to_cuda(*inputs), cu_seqlens=cu.cuda(), use_cache=True)
+    assert rel_rms(o_gpu.cpu(), o_cpu) < 0.005
+    assert rel_rms(k_gpu.cpu(), k_cpu) < 0.005
+
+
+@cuda
+@pytest.mark.parametrize("gate,dtype,cu", [(True, torch.float32, None), (False, torch.bfloat16, None),
+                                           (True, torch.float16, [0, 70, 130])])
+def test_cuda_backward_matches_cpu(gate, dtype, cu):
+    inputs = make_inputs(1, 130, 4, 2, 72, 64, gate, dtype)
+    cu = None if cu is None else torch.tensor(cu)
+    grad_o = torch.randn(1, 130, 4, 64, generator=torch.Generator().manual_seed(3)).to(dtype)
+    ours = grads(lambda *a: path_attention(*a, cu_seqlens=None if cu is None else cu.to(a[0].device)),
+                 to_cuda(*inputs), grad_o.cuda())
+    ref = grads(lambda *a: path_attention(*a, cu_seqlens=cu), inputs, grad_o)
+    tol = 1e-4 if dtype == torch.float32 else 0.01
+    for name, r in ref.items():
+        assert rel_rms(ours[name].cpu(), r) < tol, name
+
+
+@cuda
+@pytest.mark.parametrize("gate", [False, True])
+def test_cuda_decode_step_matches_cpu(gate):
+    B, HQ, H, D, Dv, L = 4, 4, 2, 40, 24, 80
+    q, k, v, w, beta, g = (t[:, 0] if t is not None else None for t in make_inputs(B, 1, HQ, H, D, Dv, gate))
+    cpu_cache = random_cache(B, HQ, H, D, Dv, L, [0, 1, 37, 70], gate)
+    gpu_cache = [None if t is None else t.cuda() for t in cpu_cache]
+    o_cpu = torch.ops.blockops.path_decode_step(q, k, v, w, beta, g, *cpu_cache, 0.3)
+    with kernel_ran("path_decode_step", "cuda"):
+        o_gpu = torch.ops.blockops.path_decode_step(*to_cuda(q, k, v, w, beta, g), *gpu_cache, 0.3)
+    assert rel_rms(o_gpu.cpu(), o_cpu) < 1e-5
+    for a, b in zip(gpu_cache, cpu_cache):
+        if a is not None:
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-5)

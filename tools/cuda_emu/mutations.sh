@@ -20,6 +20,7 @@ run() {  # name kernel section from to
     lowbit_mma.cu) driver=test_lowbit_mma; linked="lowbit"; included="lowbit_mma" ;;
     attention.cu | attention_mma.cu) driver=test_attention; linked="attention attention_mma"; included="" ;;
     vq.cu) driver=test_vq; linked="vq"; included="" ;;
+    path_attention.cu) driver=test_path_attention; linked="path_attention"; included="" ;;
     *) echo "ERROR $name: no harness for $file"; missed=1; return ;;
   esac
   rm -rf "$dir" && mkdir -p "$dir"

@@ -6,10 +6,12 @@ With ``H_t = I - beta_t w_t w_t^T``, the logit of query i and key j <= i is ``q_
 G_j)``; then a causal softmax. Arguments follow flash-linear-attention's ``parallel_path_attn`` so code can switch
 between the two.
 
-Kernels (CPU): ``torch.ops.blockops.path_attention`` (the chunked UT-transform algorithm of csrc/path_attention.h),
-``torch.ops.blockops.path_attention_backward`` (gradients for q, k, v, w, beta and g through the same chunked
-algorithm; registered as the op's autograd) and ``torch.ops.blockops.path_key_cache`` (keys carried to the last
-position, for decoding). Not there yet: CUDA kernels and a decode kernel (:func:`path_decode_step` is plain PyTorch).
+Kernels (CPU and CUDA): ``torch.ops.blockops.path_attention`` (the chunked UT-transform algorithm of
+csrc/path_attention.h), ``torch.ops.blockops.path_attention_backward`` (gradients for q, k, v, w, beta and g through
+the same chunked algorithm; registered as the op's autograd), ``torch.ops.blockops.path_key_cache`` (keys carried to
+the last position, for decoding) and ``torch.ops.blockops.path_decode_step`` (one fused decoding step over a batched
+cache). The CUDA kernels are the simple CUDA-core versions, checked in the CPU emulator (tools/cuda_emu), not yet
+measured on a GPU.
 
 Quick start::
 
@@ -149,7 +151,7 @@ torch.library.register_autograd("blockops::path_attention", _path_attention_back
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Decoding (plain PyTorch ops for now: no decode kernel yet)
+# Decoding
 # ---------------------------------------------------------------------------------------------------------
 
 class PathCache:
@@ -209,45 +211,44 @@ class PathCache:
 def path_decode_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, w_t: torch.Tensor,
                      beta_t: torch.Tensor, g_t: torch.Tensor | None, cache: PathCache,
                      scale: float | None = None) -> torch.Tensor:
-    """One decoding step of PaTH attention for every row of `cache` (plain PyTorch, fp32; no kernel yet).
+    """One decoding step of PaTH attention for every row of `cache` (``torch.ops.blockops.path_decode_step``).
 
     Applies the new token's transform to every cached key (``k <- k - beta (k . w) w``), appends the token's
-    own key and value, then attends over each row's keys.
+    own key and value, then attends over each row's keys; one fused kernel (CPU or CUDA), fp32 cache.
 
     Args:
         q_t: ``[B, HQ, D]``; k_t, w_t: ``[B, H, D]``; v_t: ``[B, H, Dv]``; beta_t: ``[B, H]``; g_t: ``[B, HQ]`` or
-            None (must match whether the cache was built with a gate).
-        cache: a :class:`PathCache`, updated in place.
+            None (must match whether the cache was built with a forget gate). q_t, k_t, v_t share one dtype;
+            w_t, beta_t, g_t are fp32 or that dtype.
+        cache: a :class:`PathCache`, updated in place (grown first when a row is full).
         scale: default ``D ** -0.5``.
 
     Returns:
         ``o_t [B, HQ, Dv]`` in q_t's dtype.
     """
     B, HQ, D = q_t.shape
-    H, Dv = k_t.shape[1], v_t.shape[2]
+    H = k_t.shape[1]
     if cache.keys.shape[0] != B or cache.keys.shape[1] != H or cache.keys.shape[3] != D or HQ % H:
         raise ValueError(f"path_decode_step: q_t {tuple(q_t.shape)} / k_t {tuple(k_t.shape)} do not match the cache "
                          f"keys {tuple(cache.keys.shape)} [B, H, L, D] (HQ must be a multiple of H)")
     if (g_t is None) != (cache.gates is None):
         raise ValueError("path_decode_step: pass g_t exactly when the cache was built with a forget gate")
     scale = D ** -0.5 if scale is None else float(scale)
-    w = w_t.float()[:, :, None, :]
-    beta = beta_t.float()[:, :, None, None]
-    cache.keys = cache.keys - beta * (cache.keys * w).sum(-1, keepdim=True) * w
     cache._reserve(int(cache.lengths.max()) + 1)
-    rows, pos = torch.arange(B, device=q_t.device), cache.lengths
-    cache.keys[rows, :, pos] = k_t.float()
-    cache.values[rows, :, pos] = v_t.float()
-    if g_t is not None:
-        cache.g_last = cache.g_last + g_t.float()
-        cache.gates[rows, :, pos] = cache.g_last
+    q_t, k_t, v_t, w_t, beta_t = (t.contiguous() for t in (q_t, k_t, v_t, w_t, beta_t))
+    o = _ops.path_decode_step(q_t, k_t, v_t, w_t, beta_t, None if g_t is None else g_t.contiguous(), cache.keys,
+                              cache.values, cache.lengths, cache.gates, cache.g_last, scale)
     cache.lengths = cache.lengths + 1
-    L = cache.keys.shape[2]
-    q = q_t.float().view(B, H, HQ // H, D)
-    s = torch.einsum("bhgd,bhld->bhgl", q, cache.keys)
-    if g_t is not None:
-        s = s + (cache.g_last[:, :, None] - cache.gates).view(B, H, HQ // H, L)
-    hidden = torch.arange(L, device=q_t.device)[None, :] >= cache.lengths[:, None]
-    s = (s * scale).masked_fill(hidden[:, None, None, :], float("-inf"))
-    o = torch.einsum("bhgl,bhlv->bhgv", torch.softmax(s, -1), cache.values)
-    return o.reshape(B, HQ, Dv).to(q_t.dtype)
+    return o
+
+
+@torch.library.register_fake("blockops::path_decode_step")
+def _path_decode_step_fake(q_t, k_t, v_t, w_t, beta_t, g_t, keys, values, lengths, gates, g_last, scale):
+    op = "blockops.path_decode_step"
+    torch._check(q_t.dim() == 3 and k_t.dim() == 3 and v_t.dim() == 3,
+                 lambda: f"{op}: q_t, k_t, v_t must be 3-d, got {tuple(q_t.shape)}, {tuple(k_t.shape)}, {tuple(v_t.shape)}")
+    torch._check(keys.dim() == 4 and keys.dtype == torch.float32 and values.dtype == torch.float32,
+                 lambda: f"{op}: keys [B, H, L, D] and values [B, H, L, Dv] must be fp32")
+    torch._check(q_t.dtype in _ACT_DTYPES and k_t.dtype == q_t.dtype and v_t.dtype == q_t.dtype,
+                 lambda: f"{op}: q_t, k_t and v_t must share one of fp16/bf16/fp32")
+    return q_t.new_empty((q_t.shape[0], q_t.shape[1], v_t.shape[2]))

@@ -15,7 +15,10 @@ depend only on themselves), reference in fp32 on the same (rounded) inputs.
 
 Targets of the issue, on a 2-core CPU at B=1, H=8, T=4096, D=64 (fp32): forward at most 4x the time of causal SDPA,
 backward (forward+backward minus forward) at most 4x our forward; the rows of that shape say whether they were met.
-No CUDA kernel yet: on a CUDA device `run` returns no rows (the GPU grid, up to T=16384, waits for it).
+On a CUDA device it runs the simple CUDA-core kernels (csrc/kernels/path_attention.cu: checked in the CPU emulator,
+not yet tuned: the backward runs one CTA per (sequence, key head), so its figures are a floor to improve on, not
+the issue's GPU target) on a small bf16 grid; the tensor-core version and the issue's GPU grid (up to T=16384)
+are to come.
 """
 from __future__ import annotations
 
@@ -55,6 +58,11 @@ DOC_CPU = [TARGET_CPU, dataclasses.replace(TARGET_CPU, gate=True),
            Config(1, 2048, 16, 4, 128, torch.float32), Config(1, 4096, 16, 4, 64, torch.bfloat16),
            Config(4, 512, 16, 4, 128, torch.float32)]
 
+# GPU (simple CUDA-core kernels): quick is one small bf16 shape (seconds); the full list adds GQA 16/4 at T=2048
+# and D=128 (tens of seconds, the backward's few CTAs dominate).
+QUICK_GPU = [Config(1, 1024, 8, 8, 64, torch.bfloat16)]
+FULL_GPU = QUICK_GPU + [Config(1, 2048, 16, 4, 64, torch.bfloat16), Config(1, 2048, 16, 4, 128, torch.bfloat16, True)]
+
 # Affordability of the naive reference on the CPU, in B * HQ * T^2 (* D): about 2.3 GB and 4 s for its forward at
 # B=1, HQ=16, T=2048; about 1.4 GB for its forward+backward at B=1, HQ=16, T=512, D=64 (the memory grows as T^2 D).
 _REF_FWD_MAX_T = 2048
@@ -89,12 +97,10 @@ def _max_error(q, k, v, w, beta, g, out) -> float:
 def run(device: str, quick: bool = True, configs: list[Config] | None = None) -> list[Result]:
     """Rows per config: forward vs causal SDPA, forward vs the naive reference (where affordable), forward+backward
     vs causal SDPA and vs the reference (where affordable). Quick: the CPU targets' shape (B=1, H=8, T=4096, D=64,
-    fp32). `configs` overrides the grid (e.g. `DOC_CPU`). On CUDA: no rows (no PaTH CUDA kernel yet)."""
-    if torch.device(device).type == "cuda":
-        print("path: no CUDA kernel for PaTH attention yet (CPU only); no rows on cuda")
-        return []
+    fp32); on CUDA `QUICK_GPU` / `FULL_GPU`. `configs` overrides the grid (e.g. `DOC_CPU`)."""
     if configs is None:
-        configs = QUICK_CPU if quick else FULL_CPU
+        on_gpu = torch.device(device).type == "cuda"
+        configs = (QUICK_GPU if quick else FULL_GPU) if on_gpu else (QUICK_CPU if quick else FULL_CPU)
     results: list[Result] = []
     for c in configs:
         results.extend(_run_config(c, device))
@@ -121,7 +127,7 @@ def _run_config(c: Config, device: str) -> list[Result]:
     timing = {"warmup": 1, "min_repeats": 3, "min_seconds": 0.0} if heavy else {}
     # The reference is a slow baseline: one call shows its order of magnitude.
     once = {"warmup": 0, "min_repeats": 1, "min_seconds": 0.0}
-    is_target = c == TARGET_CPU
+    is_target = c == TARGET_CPU and torch.device(device).type == "cpu"
     dense = c.batch * c.heads * c.seq_len ** 2
     ref_fwd_ok = c.seq_len <= _REF_FWD_MAX_T and dense <= _REF_FWD_LIMIT
     ref_bwd_ok = dense * c.head_dim <= _REF_BWD_LIMIT

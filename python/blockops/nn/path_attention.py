@@ -75,7 +75,7 @@ class PaTHAttention(nn.Module):
       the cache is None. ``torch.compile(fullgraph=True)`` works without ``use_cache`` (building the cache reads
       ``cu_seqlens`` on the host).
     * decoding (``cache`` given): ``x [N, 1, hidden]``, one new token per cache row; updates the cache in place and
-      returns it. Plain PyTorch on the cached keys (no decode kernel yet), fp32, without autograd.
+      returns it. One fused kernel per step (``torch.ops.blockops.path_decode_step``), fp32 cache, without autograd.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None, head_dim: int | None = None,

@@ -1,0 +1,50 @@
+// Torch-facing argument handling for the PaTH attention ops, shared by the CPU and CUDA glue (implemented in
+// path_attention_cpu.cpp, which every build compiles). Every check names the op, the argument and the sizes.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+#include "path_attention.h"
+
+namespace blockops::path {
+
+// The sequences of one call and the global numbering of their chunks.
+struct Chunking {
+  std::vector<Span> spans;
+  std::vector<int64_t> first_chunk;   // global index of each span's first chunk; back() = total chunks
+
+  // One entry per global chunk (path_attention.h, ChunkRef), for the CUDA kernels.
+  std::vector<ChunkRef> chunk_refs() const;
+  int64_t max_chunks_per_span() const;
+};
+
+inline int64_t chunks_of(int64_t len) { return (len + kChunk - 1) / kChunk; }
+
+// B rows of T tokens, or the packed sequences of cu_seqlens (a CPU tensor; its values are checked: start 0, end
+// T, non-decreasing). Empty sequences are dropped.
+Chunking make_chunking(const char* op, int64_t batch, int64_t seq_len, const c10::optional<at::Tensor>& cu_seqlens);
+
+// Checks k, w, beta and cu_seqlens (dtype, shape, on k's device, B = 1); fills the key-side fields of Params.
+Params describe_keys(const char* op, const at::Tensor& k, const at::Tensor& w, const at::Tensor& beta,
+                     const c10::optional<at::Tensor>& cu_seqlens);
+
+// Checks every forward argument; fills Params except the outputs. Reads no tensor values (no device sync).
+Params describe_forward(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& w, const at::Tensor& beta, const c10::optional<at::Tensor>& g,
+                        const c10::optional<at::Tensor>& cu_seqlens, double scale);
+
+// Checks the backward's extra inputs against the forward's parameters: grad_o and o [B, T, HQ, Dv] in q's dtype,
+// lse and grad_lse (optional) fp32 [B, HQ, T], all contiguous and on q's device.
+void check_backward_inputs(const char* op, const Params& p, const at::Tensor& q, const at::Tensor& grad_o,
+                           const at::Tensor& o, const at::Tensor& lse, const c10::optional<at::Tensor>& grad_lse);
+
+// Checks the decode step's arguments (shapes, dtypes, devices, contiguity; lengths copied to the host and each
+// checked against the capacity) and fills DecodeParams except o; lengths_host receives the host copy.
+DecodeParams describe_decode(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const at::Tensor& w, const at::Tensor& beta, const c10::optional<at::Tensor>& g,
+                             const at::Tensor& keys, const at::Tensor& values, const at::Tensor& lengths,
+                             const c10::optional<at::Tensor>& gates, const c10::optional<at::Tensor>& g_last,
+                             double scale, at::Tensor& lengths_host);
+
+}  // namespace blockops::path
