@@ -41,14 +41,14 @@ timeout 240 $PY -m blockops bench --full --family bitpack --family lowbit --json
 bench_rc=$?
 timeout 180 $PY -m blockops bench --family attention --json "$out/bench_attention.json" >> "$out/bench.log" 2>&1
 bench_rc=$(( bench_rc || $? ))
+# Vector-quantized GEMM: LLM shapes at batch 1..16 and DiT-XL/2 shapes at 256..4096 tokens (its full grid).
+timeout 180 $PY -m blockops bench --full --family vq --json "$out/bench_vq.json" >> "$out/bench.log" 2>&1
 # PaTH: the CUDA kernels against the CPU kernels (tests skipped without a GPU elsewhere), then the quick bench.
 timeout 240 $PY -m pytest -q -k cuda --junitxml="$out/tests_path_cuda.xml" tests/test_path_attention.py \
   > "$out/tests_path_cuda.log" 2>&1
 test_rc=$(( test_rc || $? ))
 tail -5 "$out/tests_path_cuda.log"
 timeout 120 $PY -m blockops bench --family path --json "$out/bench_path.json" >> "$out/bench.log" 2>&1
-# Vector-quantized GEMM: LLM shapes at batch 1..16 and DiT-XL/2 shapes at 256..4096 tokens (its full grid).
-timeout 180 $PY -m blockops bench --full --family vq --json "$out/bench_vq.json" >> "$out/bench.log" 2>&1
 bench_rc=$(( bench_rc || $? ))
 cat "$out/bench.log"
 echo "tests rc=$test_rc bench rc=$bench_rc"

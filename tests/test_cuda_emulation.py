@@ -34,11 +34,11 @@ HARNESSES = {
     "test_lowbit_gemv": ("test_lowbit_gemv.cpp", ["lowbit"], []),
     "test_lowbit_mma": ("test_lowbit_mma.cpp", ["lowbit"], ["lowbit_mma"]),
     "test_attention": ("test_attention.cpp", ["attention", "attention_mma"], []),
-    "test_path_attention": ("test_path_attention.cpp", ["path_attention"], []),
     "test_vq": ("test_vq.cpp", ["vq"], []),
     "test_ptq161": ("test_ptq161.cpp", ["ptq161"], []),
     "test_dllm": ("test_dllm.cpp", ["dllm"], []),
     "test_block_cache": ("test_block_cache.cpp", ["block_cache"], []),
+    "test_path_attention": ("test_path_attention.cpp", ["path_attention"], []),
 }
 
 # (harness, section); a section's summary line reports how many cases it checked.
@@ -50,6 +50,9 @@ SECTIONS = [
     ("test_attention", "simple"),
     ("test_attention", "mma"),
     ("test_attention", "garbage"),
+    ("test_vq", "linear"),
+    ("test_vq", "backward"),
+    ("test_vq", "garbage"),
     ("test_path_attention", "selftest"),
     ("test_path_attention", "fwd"),
     ("test_path_attention", "bwd"),

@@ -33,6 +33,8 @@
 #include <type_traits>
 
 #include "attention_launch.h"
+#include "dtype_device.cuh"
+#include "mma_ptx.cuh"
 
 namespace blockops::attention {
 namespace {
@@ -53,79 +55,15 @@ __host__ __device__ constexpr int64_t smem_elems(int head, int block_q) {
   return int64_t{block_q + 4 * kChunk} * stride_of(head);
 }
 
-// ---- PTX wrappers ----------------------------------------------------------------------------------------
-
-// The shared-state-space address the cp.async / ldmatrix operands take.
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared without a register round trip; .cg skips L1 (K/V chunks are read once per CTA).
-// full == false zero-fills the 16 bytes and reads nothing (src-size 0), for rows and columns past the operand.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool full) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(full ? 16 : 0));
-}
-
-// Closes the group of copies issued since the last commit; wait<N> returns once at most N groups are pending.
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, d[i] is this lane's part of it
-// (row lane / 4, columns 2 (lane % 4) + {0, 1}).
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&d)[4], const void* row) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
-               : "r"(smem_addr(row)));
-}
-
-// The same four matrices transposed: d[i] holds rows 2 (lane % 4) + {0, 1}, column lane / 4 of matrix i, which is
-// the B fragment of a row-major [k][n] operand (V stored [key][dv]).
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&d)[4], const void* row) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
-               : "r"(smem_addr(row)));
-}
-
-// d += A (16x16, row-major) * B (16x8, column-major), fp32 accumulate; fp16 or bf16 inputs.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                         uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+// The PTX wrappers (mma_ptx.cuh) this kernel uses.
+using mma::cp_async16;
+using mma::cp_async_commit;
+using mma::cp_async_wait;
+using mma::ldmatrix_x4;
+using mma::ldmatrix_x4_trans;
+using mma::mma_16816;
 
 // ---- element helpers -------------------------------------------------------------------------------------
-
-// Two floats rounded to one T pair, as the 32-bit register an mma operand (or a 4-byte store) takes.
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  uint32_t u;
-  if constexpr (std::is_same_v<T, __half>) {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    memcpy(&u, &v, sizeof(u));
-  } else {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    memcpy(&u, &v, sizeof(u));
-  }
-  return u;
-}
 
 // Issues the copies of `rows` smem rows from global rows row0.. of `src` (stride in elements): rows past `valid`
 // and 16-byte chunks past `dim` are zero-filled, chunks up to round16(dim) written (the k-steps read them).

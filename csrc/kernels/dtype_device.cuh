@@ -1,9 +1,11 @@
-// Device-side loads and stores of the three floating dtypes, shared by every CUDA kernel family.
+// Device-side loads, stores and packing of the floating dtypes, shared by every CUDA kernel family.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "../dtype.h"
 
@@ -26,6 +28,21 @@ __device__ __forceinline__ void store_float(void* p, DType t, int64_t i, float v
     case DType::kBF16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); break;
     default: static_cast<float*>(p)[i] = v; break;
   }
+}
+
+// Two fp32 values rounded to T (__half or __nv_bfloat16) and packed as one 32-bit register, lo in the low half:
+// the register an mma operand fragment (or a 4-byte store) takes.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  uint32_t u;
+  if constexpr (std::is_same_v<T, __half>) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    memcpy(&u, &v, sizeof(u));
+  } else {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    memcpy(&u, &v, sizeof(u));
+  }
+  return u;
 }
 
 }  // namespace blockops

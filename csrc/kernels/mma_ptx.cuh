@@ -1,6 +1,7 @@
-// Inline-PTX wrappers for the tensor-core kernels (cp.async, ldmatrix, mma.sync.m16n8k16), in namespace
-// blockops::mma. The CPU emulation (tools/cuda_emu) swaps this header for fake/mma_ptx.cuh, which maps the same
-// names onto ptx_emu.h. vq.cu uses it; lowbit_mma.cu and attention_mma.cu still carry their own copies.
+// Inline-PTX wrappers for the tensor-core kernels (cp.async, ldmatrix, mma.sync.m16n8k16, lop3), in namespace
+// blockops::mma; every kernel that issues PTX (lowbit_mma.cu, attention_mma.cu, path_attention.cu, vq.cu) takes
+// it from here, none carries its own asm. The CPU emulation (tools/cuda_emu) swaps this header for
+// fake/mma_ptx.cuh, which maps the same names onto ptx_emu.h: a wrapper added here needs its emulation there.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -14,7 +15,7 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// 16 bytes global -> shared without a register round trip; .cg skips L1 (streamed data).
+// 16 bytes global -> shared without a register round trip; .cg skips L1 (tiles are read once per block).
 // full == false zero-fills the 16 bytes and reads nothing (src-size 0), for rows and columns past the matrix.
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool full) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
@@ -28,11 +29,30 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, d[i] is this lane's part of it.
+// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, d[i] is this lane's part of it
+// (row lane / 4, columns 2 (lane % 4) + {0, 1}).
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&d)[4], const void* row) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
                : "r"(smem_addr(row)));
+}
+
+// The same four matrices transposed: d[i] holds rows 2 (lane % 4) + {0, 1}, column lane / 4 of matrix i, which is
+// the B fragment of a row-major [k][n] operand (attention's V stored [key][dv]).
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&d)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+               : "r"(smem_addr(row)));
+}
+
+// Any 3-input bitwise function of a and two constants in one instruction; kLut is F(0xF0, 0xCC, 0xAA).
+// Needed because ptxas splits C++ like (a & mask) | magic into two LOP3s (a SASS LOP3 takes one immediate).
+// Not volatile: a pure function the compiler may move or merge.
+template <int kLut, uint32_t kB, uint32_t kC>
+__device__ __forceinline__ uint32_t lop3(uint32_t a) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, %4;\n" : "=r"(d) : "r"(a), "n"(kB), "n"(kC), "n"(kLut));
+  return d;
 }
 
 // d += A (16x16, row-major) * B (16x8, column-major), fp32 accumulate; fp16 or bf16 inputs.

@@ -32,6 +32,7 @@
 #include <type_traits>
 
 #include "dtype_device.cuh"
+#include "mma_ptx.cuh"
 #include "path_attention_launch.h"
 
 namespace blockops::path {
@@ -43,44 +44,10 @@ constexpr int C = kChunk;
 constexpr int kDefaultSmem = 48 * 1024;  // dynamic shared memory a launch gets without the opt-in
 constexpr float kExpFloor = -86.f;       // below: exactly 0, as the CPU kernel's exp
 
-// ---- PTX wrappers ----------------------------------------------------------------------------------------
-
-// d += A (16x16, row-major) * B (16x8, column-major), fp32 accumulate; fp16 or bf16 inputs.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                         uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+// The PTX wrappers (mma_ptx.cuh) this kernel uses.
+using mma::mma_16816;
 
 // ---- element helpers -------------------------------------------------------------------------------------
-
-// Two fp32 values rounded to T and packed as one 32-bit register, lo in the low half (the lower column or row).
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  uint32_t u;
-  if constexpr (std::is_same_v<T, __half>) {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    memcpy(&u, &v, sizeof(u));
-  } else {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    memcpy(&u, &v, sizeof(u));
-  }
-  return u;
-}
 
 // Cm [m, n] = (accumulate ? Cm : 0) + alpha * op(A) B, op(A) = A [m, k] (lda) or with kTransA A^T for A [k, m].
 // One thread per output entry, k summed in order. Ends with __syncthreads (every call is block-uniform).

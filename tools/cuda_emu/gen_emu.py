@@ -1,9 +1,10 @@
-"""Turns one of csrc/kernels/{lowbit,lowbit_mma,attention,attention_mma,vq}.cu into C++ that g++ compiles against
-fake/ and ptx_emu.h (README.md). The source is never modified; the output goes to a build folder.
+"""Turns one of csrc/kernels/{lowbit,lowbit_mma,attention,attention_mma,vq,path_attention}.cu into C++ that g++
+compiles against fake/ and ptx_emu.h (README.md). The source is never modified; the output goes to a build folder.
 
     gen_emu.py SRC OUT [MUTATION_FROM MUTATION_TO]
 
-- the "// ---- PTX wrappers" section (up to "// ---- element helpers") becomes #include "ptx_emu.h";
+- PTX needs no rewriting: the kernels take every inline-PTX wrapper from mma_ptx.cuh, and fake/mma_ptx.cuh (first
+  on the include path) stands in for it; a kernel with asm of its own is refused (see the end of generate);
 - `extern __shared__ int4 smem_raw[];` becomes the emulated block's dynamic shared-memory buffer;
 - `kernel<<<grid, block, smem, stream>>>(args)` becomes emu_launch(EmuCfg(...), kernel, args). A template-id
   is wrapped in a generic lambda, because a kernel template with deduced arguments (lowbit.cu's
@@ -22,10 +23,6 @@ def generate(s, mutation=None):
         if s.count(frm) != 1:
             raise SystemExit(f"mutation anchor occurs {s.count(frm)} times, must occur once: {frm!r}")
         s = s.replace(frm, to)
-    if "// ---- PTX wrappers" in s:
-        a = s.index("// ---- PTX wrappers")
-        b = s.index("// ---- element helpers")
-        s = s[:a] + '#include "ptx_emu.h"\n\n' + s[b:]
     s = s.replace("extern __shared__ int4 smem_raw[];", "int4* smem_raw = reinterpret_cast<int4*>(emu_dyn_smem);")
 
     def launch(m):

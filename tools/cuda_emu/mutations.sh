@@ -20,10 +20,10 @@ run() {  # name kernel section from to
     lowbit_mma.cu) driver=test_lowbit_mma; linked="lowbit"; included="lowbit_mma" ;;
     ptq161.cu) driver=test_ptq161; linked="ptq161"; included="" ;;
     attention.cu | attention_mma.cu) driver=test_attention; linked="attention attention_mma"; included="" ;;
-    path_attention.cu) driver=test_path_attention; linked="path_attention"; included="" ;;
     vq.cu) driver=test_vq; linked="vq"; included="" ;;
     dllm.cu) driver=test_dllm; linked="dllm"; included="" ;;
     block_cache.cu) driver=test_block_cache; linked="block_cache"; included="" ;;
+    path_attention.cu) driver=test_path_attention; linked="path_attention"; included="" ;;
     *) echo "ERROR $name: no harness for $file"; missed=1; return ;;
   esac
   rm -rf "$dir" && mkdir -p "$dir"

@@ -1,4 +1,5 @@
-// Emulated PTX, substituted by gen_emu.py for the "PTX wrappers" section of lowbit_mma.cu and attention_mma.cu.
+// Emulated PTX: fake/mma_ptx.cuh includes it in namespace blockops::mma in place of csrc/kernels/mma_ptx.cuh, the
+// one header through which every kernel issues PTX.
 // Written from the PTX ISA, not from the kernels:
 //  - mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32 with the fragment layouts of
 //    "Matrix Fragments for mma.m16n8k16 with floating point type" (9.7.14.5.8);
@@ -8,7 +9,7 @@
 //  - cp.async.cg.shared.global 16 with src-size, commit_group, wait_group: a copy lands when a wait_group
 //    retires its group (the latest moment PTX allows), or at issue with EMU_CPASYNC=eager;
 //  - lop3.b32 with a generic LUT.
-// Included inside the kernel file's namespace: no #includes here (fake/*.h provide everything).
+// Included inside namespace blockops::mma: no #includes here (fake/mma_ptx.cuh provides everything).
 
 // Element i of a fragment held as b16 pairs: element 2r is the low half of register r ("low to high").
 inline uint16_t emu_half_of(uint32_t reg, int i) { return uint16_t(i & 1 ? reg >> 16 : reg & 0xFFFF); }

@@ -9,6 +9,7 @@
 #include <string>
 using namespace blockops::lowbit;
 using blockops::DType;  // dtype.h: shared by every kernel family
+using blockops::mma::emu_a_coord, blockops::mma::emu_b_coord, blockops::mma::emu_c_coord;  // ptx_emu.h
 
 static std::mt19937 rng(4321);
 static float urand(float a, float b) { return std::uniform_real_distribution<float>(a, b)(rng); }

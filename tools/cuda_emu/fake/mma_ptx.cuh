@@ -1,5 +1,5 @@
 // Emulated stand-in for csrc/kernels/mma_ptx.cuh: found first on the emulation's include path (-I fake), it puts
-// ptx_emu.h's cp.async / ldmatrix / mma under the names the kernels call (blockops::mma::...).
+// ptx_emu.h's cp.async / ldmatrix (.trans) / mma / lop3 under the names the kernels call (blockops::mma::...).
 #pragma once
 #include <cstring>
 #include <type_traits>
