@@ -61,6 +61,8 @@ def merge(results: list[dict]) -> dict:
         merged["rows"] += r["rows"]
         merged["layer_speed"] += r["layer_speed"]
         merged["load_average"] = max(merged["load_average"], r["load_average"])
+    # Runs made at different times (e.g. methods added later) keep every date.
+    merged["date"] = " and ".join(dict.fromkeys(r["date"] for r in results))
     return merged
 
 
