@@ -321,6 +321,65 @@ def test_cli_rtn_and_errors(tiny_bert, tmp_path):
         main(["eval", "--model", tiny_bert, "--quantized", tiny_bert])
 
 
+@pytest.mark.parametrize("method, options, layer_type", [
+    ("ptq161", ["--epochs", "1", "--salient-ratio", "0.25"], "PTQ161Linear"),
+    ("vq", ["--calib-steps", "3", "--vector-dim", "4"], "VQLinear"),
+])
+def test_cli_round_trip_in_blockops_formats(tiny_bert, tmp_path, capsys, method, options, layer_type):
+    from blockops.__main__ import main
+    from blockops.quant import evaluate, pipeline
+    from safetensors import safe_open
+
+    out = str(tmp_path / method)
+    common = ["--bits", "2", "--calib", "24", "--val-samples", "0", "--batch-size", "8"]
+    assert main(["quantize", "--model", tiny_bert, "--method", method, *common, *options, "--out", out]) == 0
+    with open(os.path.join(out, "quantize_config.json")) as f:
+        config = json.load(f)
+    layer = "encoder.layer.0.attention.self.query"
+    assert (config["method"], config["bits"], config["checkpoint_format"]) == (method, 2, "blockops")
+    assert "quant_method" not in config   # not a GPTQ checkpoint: GPTQ readers must not take it for one
+    assert len(config["layers"]) == 12 and config["layers"][layer]["type"] == layer_type
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert f"{layer}.weight" not in keys and "pooler.dense.weight" in keys
+    if method == "ptq161":
+        assert config["summary"]["salient_ratio"] == 0.25 and len(config["summary"]["block_losses"]) == 2
+        assert {f"{layer}.{t}" for t in ("qsalient", "signs", "alpha", "r1", "r2", "mu")} <= keys
+        assert config["layers"][layer]["num_salient"] == 16
+    else:
+        first_last = config["summary"]["block_mse_first_last"]
+        assert len(first_last) == 2 and all(0 < mse < 1 for pair in first_last for mse in pair)
+        assert {f"{layer}.{t}" for t in ("codes", "codebooks", "scales")} <= keys
+
+    # The saved model is the quantized model: the same run in memory gives the same embeddings.
+    settings = pipeline.Settings(bits=2, calib="24", val_samples=0, batch_size=8, progress=False)
+    settings.epochs, settings.salient_ratio, settings.calib_steps = 1, 0.25, 3
+    in_memory, tokenizer, _ = pipeline.quantize_model(tiny_bert, method, None, settings)
+    loaded, _, _ = pipeline.load_quantized(out)
+    assert type(loaded.encoder.layer[1].output.dense).__name__ == layer_type
+    assert config["bits_per_weight"] == pytest.approx(pipeline.bits_per_weight(loaded))
+    batches = data.tokenize_batches(tokenizer, data.splits(20)["eval"], 10)
+    torch.testing.assert_close(evaluate.embed(loaded, batches), evaluate.embed(in_memory, batches))
+
+    capsys.readouterr()
+    assert main(["eval", "--model", tiny_bert, "--quantized", out, "--num-eval", "40", "--no-speed"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{method} w2" in printed and "cosine mean" in printed
+
+
+def test_ptq161_driver_rejects_causal_masks():
+    from blockops.quant import pipeline
+
+    hidden = [torch.randn(2, 3, 4)]
+    causal = torch.triu(torch.full((3, 3), torch.finfo(torch.float32).min), 1).expand(2, 1, 3, 3)
+    with pytest.raises(ValueError, match="only masks padding keys"):
+        pipeline._with_key_masks(hidden, [((causal,), {})])
+    padding = torch.tensor([0.0, 0.0, torch.finfo(torch.float32).min]).expand(2, 1, 3, 3)
+    packed = pipeline._with_key_masks(hidden + [torch.randn(1, 5, 4)], [((padding,), {}), ((), {})])
+    assert packed.shape == (3, 5, 5) and torch.equal(packed[:2, :3, :4], hidden[0])
+    assert (packed[:2, 2:, 4] == torch.finfo(torch.float32).min).all() and (packed[2, :, 4] == 0).all()
+
+
 def test_retrieval_agreement_measures_neighbours():
     from blockops.quant.evaluate import retrieval_agreement
 

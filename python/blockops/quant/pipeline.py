@@ -3,25 +3,34 @@
 
 Methods are drivers in `DRIVERS` (name -> ``driver(model, tokenizer, settings) -> dict``), registered with
 `register_driver`; each quantizes the linear layers of the model's transformer blocks in place and returns a
-JSON-able summary. Output folders hold ``model.safetensors`` (quantized layers in the GPTQ-v2 layout of
-`QuantLinear.to_gptq`, the other tensors as they are), ``quantize_config.json`` (method, bits, group size,
-bits per weight, ...) and the model's own config and tokenizer files, so `load_quantized` (or any reader of
-EfficientQAT's GPTQ checkpoints) can rebuild the model.
+JSON-able summary: ``rtn`` and ``efficientqat`` (uniform, `QuantLinear`), ``ptq161`` (`PTQ161Linear`) and ``vq``
+(`VQLinear`, k-means plus optional data-driven VQ4DiT calibration). Output folders hold ``model.safetensors``,
+``quantize_config.json`` (method, bits, group size, bits per weight, ...) and the model's own config and tokenizer
+files, so `load_quantized` can rebuild the model. Uniform layers are stored in the GPTQ-v2 layout of
+`QuantLinear.to_gptq` (readable by tools that read EfficientQAT's GPTQ checkpoints); 1.61-bit and VQ layers in
+blockops' own format: the module's tensors under their state-dict names, and in the JSON config a ``layers`` entry
+per layer with its class and constructor arguments (``blockops_layers`` below).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
+import itertools
 import json
 import os
 import time
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from blockops.nn.ptq161_linear import PTQ161Linear
 from blockops.nn.quant_linear import QuantLinear
+from blockops.nn.vq_linear import VQLinear
 from blockops.quant import data, efficientqat
+from blockops.quant import ptq161 as ptq161_quant
 from blockops.quant.evaluate import model_inputs, sentence_embeddings
 from blockops.quantize import QuantConfig, load_gptq_checkpoint, quantize_
 
@@ -54,6 +63,11 @@ class Settings:
     seed: int = 0
     checkpoint_dir: str | None = None
     progress: bool = True
+    # PTQ1.61: the fraction of input channels kept at 4 bits (``epochs``: block-optimisation epochs).
+    salient_ratio: float = 0.2
+    # VQ: sub-vector length (k = 2 ** (bits * vector_dim)) and VQ4DiT calibration steps per block (0: k-means only).
+    vector_dim: int = 4
+    calib_steps: int = 64
 
 
 DRIVERS: dict[str, Callable[[nn.Module, object, Settings], dict]] = {}
@@ -102,7 +116,34 @@ def block_linear_names(model: nn.Module) -> set[str]:
     blocks = efficientqat.find_blocks(model)
     prefix = next(name for name, m in model.named_modules() if m is blocks)
     return {f"{prefix}.{i}.{name}" for i, block in enumerate(blocks)
-            for name, m in block.named_modules() if isinstance(m, (nn.Linear, QuantLinear))}
+            for name, m in block.named_modules() if isinstance(m, (nn.Linear, *QUANTIZED_LAYERS))}
+
+
+# blockops' own formats: the class of each layer and how to rebuild an empty one of the same shape from the JSON
+# config (its tensors then load by state-dict name).
+QUANTIZED_LAYERS = (QuantLinear, PTQ161Linear, VQLinear)
+_DTYPES = {str(d): d for d in (torch.float16, torch.bfloat16, torch.float32)}
+
+
+def _layer_spec(layer: nn.Module) -> dict:
+    if isinstance(layer, PTQ161Linear):
+        return {"type": "PTQ161Linear", "in_features": layer.in_features, "out_features": layer.out_features,
+                "num_salient": layer.num_salient, "bias": layer.bias is not None,
+                "factor_dtype": str(layer.alpha.dtype)}
+    return {"type": "VQLinear", "in_features": layer.in_features, "out_features": layer.out_features,
+            "codebook_size": layer.codebook_size, "vector_dim": layer.vector_dim,
+            "num_codebooks": layer.num_codebooks, "bias": layer.bias is not None,
+            "scales": layer.scales is not None, "dtype": str(layer.codebooks.dtype)}
+
+
+def _empty_layer(spec: dict) -> nn.Module:
+    spec = dict(spec)
+    kind = spec.pop("type")
+    if kind == "PTQ161Linear":
+        return PTQ161Linear(factor_dtype=_DTYPES[spec.pop("factor_dtype")], **spec)
+    if kind == "VQLinear":
+        return VQLinear(dtype=_DTYPES[spec.pop("dtype")], **spec)
+    raise ValueError(f"load_quantized: unknown layer type {kind!r} in {QUANTIZE_CONFIG}")
 
 
 def save_quantized(model: nn.Module, tokenizer, out_dir: str, config: dict) -> None:
@@ -122,8 +163,12 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str, config: dict) -> N
             tensors[key] = value
     # safetensors refuses shared storage: store independent contiguous copies.
     save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, os.path.join(out_dir, WEIGHTS))
-    full = {"quant_method": "gptq", "checkpoint_format": CHECKPOINT_FORMAT, "sym": False, "desc_act": False,
-            "w_bit": config["bits"], **config}
+    own = {name: _layer_spec(m) for name, m in model.named_modules() if isinstance(m, (PTQ161Linear, VQLinear))}
+    if own:
+        full = {"checkpoint_format": "blockops", **config, "layers": own}
+    else:
+        full = {"quant_method": "gptq", "checkpoint_format": CHECKPOINT_FORMAT, "sym": False, "desc_act": False,
+                "w_bit": config["bits"], **config}
     with open(os.path.join(out_dir, QUANTIZE_CONFIG), "w") as f:
         json.dump(full, f, indent=2)
     model.config.save_pretrained(out_dir)
@@ -143,7 +188,14 @@ def load_quantized(quantized_dir: str):
     with open(config_file) as f:
         quantize_config = json.load(f)
     model = AutoModel.from_config(AutoConfig.from_pretrained(quantized_dir), dtype=torch.float32)
-    load_gptq_checkpoint(model, quantized_dir)
+    if quantize_config.get("checkpoint_format") == "blockops":
+        from safetensors.torch import load_file
+
+        for name, spec in quantize_config["layers"].items():
+            efficientqat._set_submodule(model, name, _empty_layer(spec))
+        model.load_state_dict(load_file(os.path.join(quantized_dir, WEIGHTS)), strict=False)
+    else:
+        load_gptq_checkpoint(model, quantized_dir)
     with safe_open(os.path.join(quantized_dir, WEIGHTS), "pt") as f:
         stored = set(f.keys())
     missing = [k for k in model.state_dict()
@@ -154,10 +206,16 @@ def load_quantized(quantized_dir: str):
 
 
 def bits_per_weight(model: nn.Module) -> float:
-    """Storage bits per weight over the quantized layers (codes, scales, zero points)."""
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    """Storage bits per weight over the quantized layers (codes, scales, zero points, 1.61-bit factors, VQ
+    codebooks: everything the layer stores but its bias)."""
+    def bits(m):
+        if isinstance(m, QuantLinear):
+            return m.bits_per_weight
+        return m.bits_per_weight() if isinstance(m, PTQ161Linear) else m.bits_per_weight()[1]
+
+    layers = [m for m in model.modules() if isinstance(m, QUANTIZED_LAYERS)]
     weights = sum(m.in_features * m.out_features for m in layers)
-    return sum(m.bits_per_weight * m.in_features * m.out_features for m in layers) / max(1, weights)
+    return sum(bits(m) * m.in_features * m.out_features for m in layers) / max(1, weights)
 
 
 # ---- calibration data -----------------------------------------------------------------------------------------
@@ -227,6 +285,111 @@ def quantize_efficientqat(model: nn.Module, tokenizer, settings: Settings) -> di
             "e2e_qp_steps": steps, "e2e_qp_first_loss": losses[0] if losses else None,
             "e2e_qp_last_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
             "e2e_qp_seconds": time.perf_counter() - start - block_ap_seconds}
+
+
+def _calibration_block_inputs(model: nn.Module, tokenizer, settings: Settings):
+    """``(blocks, hidden, extras)``: the model's transformer blocks and, per calibration batch, what the first one
+    receives (`efficientqat.capture_block_inputs`)."""
+    train_texts, _ = calibration_texts(settings.calib, settings.val_samples)
+    batches = data.tokenize_batches(tokenizer, train_texts, settings.batch_size, settings.max_length)
+    blocks = efficientqat.find_blocks(model)
+    hidden, extras = efficientqat.capture_block_inputs(model, blocks[0], batches,
+                                                       forward_fn=lambda m, b: m(**model_inputs(b)))
+    return blocks, hidden, extras
+
+
+class _KeyMaskedBlock(nn.Module):
+    """An encoder block called as ``block(x)`` with ``x = [hidden | additive key mask]`` (the mask as one extra
+    channel): `ptq161.optimize_block` feeds its blocks one tensor of samples, shuffled across calibration batches,
+    so each sample carries its own padding mask. Returns the hidden state (without the mask channel)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden, key_mask = x[..., :-1], x[..., -1]
+        mask = key_mask[:, None, None, :].expand(-1, 1, key_mask.shape[1], -1)
+        out = self.block(hidden.contiguous(), mask)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _with_key_masks(hidden: list[torch.Tensor], extras: list) -> torch.Tensor:
+    """The captured block inputs of all batches as one ``[samples, tokens, hidden + 1]`` tensor for
+    `_KeyMaskedBlock`: padded to the longest batch (padding keys masked out), the additive key mask appended."""
+    length = max(h.shape[1] for h in hidden)
+    rows = []
+    for h, (args, kwargs) in zip(hidden, extras):
+        mask = args[0] if args else kwargs.get("attention_mask")
+        if mask is None:
+            key_mask = torch.zeros(h.shape[:2], dtype=h.dtype)
+        else:
+            if mask.dim() != 4 or not torch.equal(mask, mask[:, :, :1, :].expand_as(mask)):
+                raise ValueError("the ptq161 driver handles encoders whose attention mask only masks padding keys "
+                                 f"([batch, 1, query, key], the same for every query); got shape {tuple(mask.shape)}")
+            key_mask = mask[:, 0, 0, :].to(h.dtype)
+        pad = length - h.shape[1]
+        h = F.pad(h, (0, 0, 0, pad))
+        key_mask = F.pad(key_mask, (0, pad), value=torch.finfo(h.dtype).min)
+        rows.append(torch.cat([h, key_mask[..., None]], -1))
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def _next_block_inputs(block: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    out = torch.cat([block(x[s:s + batch_size]) for s in range(0, len(x), batch_size)])
+    return torch.cat([out, x[..., -1:]], -1)
+
+
+@register_driver("ptq161")
+def quantize_ptq161(model: nn.Module, tokenizer, settings: Settings) -> dict:
+    """PTQ1.61 block by block: activation scales on the block's (quantized-model) inputs, every linear ->
+    `PTQ161Linear` (``salient_ratio`` of the input channels at 4 bits), then ``epochs`` of `ptq161.optimize_block`
+    against the full-precision block. Each quantized block is fed the previous quantized block's output; the
+    full-precision reference, the full-precision model's own activations. Padding positions take part in the
+    block loss (their outputs are well defined: they attend to the real tokens only)."""
+    blocks, hidden, extras = _calibration_block_inputs(model, tokenizer, settings)
+    q_in = fp_in = _with_key_masks(hidden, extras)
+    losses = []
+    for i in range(len(blocks)):
+        fp_block = _KeyMaskedBlock(copy.deepcopy(blocks[i]))
+        q_block = _KeyMaskedBlock(blocks[i])
+        scales = ptq161_quant.collect_act_scales(q_block, list(q_in.split(settings.batch_size)))
+        ptq161_quant.quantize_linears(q_block, scales, settings.salient_ratio)
+        history = ptq161_quant.optimize_block(fp_block, q_block, q_in, settings.epochs, fp_inputs=fp_in,
+                                              batch_size=settings.batch_size, seed=settings.seed + i,
+                                              progress=settings.progress) if settings.epochs else []
+        losses.append(history)
+        fp_in = _next_block_inputs(fp_block, fp_in, settings.batch_size)
+        q_in = _next_block_inputs(q_block, q_in, settings.batch_size)
+    return {"salient_ratio": settings.salient_ratio, "block_losses": losses}
+
+
+@register_driver("vq")
+def quantize_vq(model: nn.Module, tokenizer, settings: Settings) -> dict:
+    """Vector quantization: k-means `VQLinear` (``bits`` per weight in codes, k = 2 ** (bits * vector_dim), row
+    scales), then, with ``calib_steps``, VQ4DiT's block-wise calibration (`blockops.vq.calibrate_blockwise`:
+    candidate codewords, softmax ratios, progressive freezing, codebook fine-tuning). VQ4DiT calibrates without
+    data (a DiT's block inputs come from random latents); this driver is its data-driven variant: the inputs are
+    the first block's inputs on the calibration sentences, captured once and advanced block by block through the
+    calibrated student (``num_batches`` mode), so each block learns on real activations."""
+    from blockops import vq
+
+    blocks = efficientqat.find_blocks(model)
+    students = vq.quantize_blocks(blocks, bits=settings.bits, vector_dim=settings.vector_dim, seed=settings.seed)
+    mse = []
+    if settings.calib_steps:
+        _, hidden, extras = _calibration_block_inputs(model, tokenizer, settings)
+        inputs = [(h, {**kwargs, **({"attention_mask": args[0]} if args else {})})
+                  for h, (args, kwargs) in zip(hidden, extras)]
+        cycle = itertools.cycle(inputs)
+        result = vq.calibrate_blockwise(blocks, students, lambda: next(cycle), settings.calib_steps,
+                                        num_batches=len(inputs), seed=settings.seed, progress=settings.progress)
+        mse = [[h[0], h[-1]] for h in result.mse]
+    for i, student in enumerate(students):
+        blocks[i] = student
+    return {"vector_dim": settings.vector_dim, "calib_steps": settings.calib_steps,
+            "block_mse_first_last": mse}
 
 
 def quantize_model(model_dir: str | None, method: str, out_dir: str | None, settings: Settings):

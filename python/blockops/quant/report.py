@@ -61,6 +61,8 @@ def merge(results: list[dict]) -> dict:
         merged["rows"] += r["rows"]
         merged["layer_speed"] += r["layer_speed"]
         merged["load_average"] = max(merged["load_average"], r["load_average"])
+    # Runs made at different times (e.g. methods added later) keep every date.
+    merged["date"] = " and ".join(dict.fromkeys(r["date"] for r in results))
     return merged
 
 
@@ -82,7 +84,10 @@ def markdown(result: dict, command: str) -> str:
         "(mean pooling, L2-normalised), mean and minimum over the evaluation sentences. Top-1: fraction of "
         "sentences whose nearest neighbour among the other evaluation sentences is the same under both models; "
         "top-5: mean overlap of the two 5-nearest-neighbour sets. Bits per weight: codes, fp16 scales and "
-        "b-bit zero points of the GPTQ-v2 layout. Time: the quantization itself (data preparation included).",
+        "b-bit zero points of the GPTQ-v2 layout (rtn, efficientqat); for ptq161 every tensor of the 1.61-bit "
+        "format (4-bit salient channels, sign bits, fp16 factors); for vq the codes plus the fp16 codebook and row "
+        "scales (the format column of ptq161 and vq gives the bits requested; their layers have no groups). "
+        "Time: the quantization itself (data preparation included).",
         "",
         f"Run: {result['date']}, {result['machine']}, load average {', '.join(f'{x:.0f}' for x in result['load_average'])} "
         "when the last configuration ended (the machine may have been shared: times are upper bounds). "
@@ -99,7 +104,12 @@ def markdown(result: dict, command: str) -> str:
         "and E2E-QP `e2e_steps` steps, a few hundred in all, where EfficientQAT's recipe takes thousands per block "
         "(4096 samples x 2 epochs) and a 4096-sample E2E-QP epoch. More data and steps (`--calib`, `--epochs`, "
         "`--e2e-steps` of `python -m blockops quantize`) are the first thing to try where the targets are missed; "
-        "the per-block validation losses before (RTN) and after Block-AP are in `quantization.json`.",
+        "the per-block validation losses before (RTN) and after Block-AP are in `quantization.json`. "
+        "ptq161 (`blockops.quant.pipeline.quantize_ptq161`): salient ratio 0.2, `epochs` passes of the block "
+        "optimisation over the calibration sentences, block by block on the quantized model's own activations. "
+        "vq (`quantize_vq`): k-means with k = 256 on 4-long sub-vectors (2 bits of codes), then VQ4DiT's "
+        "block-wise calibration for the `calib_steps` given in the row's run, fed the calibration sentences' "
+        "block inputs (a data-driven variant of VQ4DiT's zero-data calibration).",
         "",
         "![cosine and retrieval agreement per method and format](quantization.png)",
         "",
@@ -122,7 +132,7 @@ COSINE_TARGETS = {2: 0.90, 4: 0.99}   # issue 9's targets for EfficientQAT at w2
 def targets(rows: list[dict]) -> list[str]:
     """Issue 9's targets, checked on the measured rows (so the verdicts are regenerated with the numbers)."""
     lines = ["Targets (EfficientQAT: beats round-to-nearest on every metric; mean cosine >= 0.90 at 2 bits, "
-             ">= 0.99 at 4 bits):", ""]
+             ">= 0.99 at 4 bits; PTQ1.61 and VQ at 2 bits beat RTN at 2 bits):", ""]
     for r in sorted(rows, key=_row_order):
         rtn = next((x for x in rows if x["method"] == "rtn" and (x["bits"], x["group_size"]) == (r["bits"], r["group_size"])),
                    None)
@@ -136,6 +146,15 @@ def targets(rows: list[dict]) -> list[str]:
             line += (f"; mean cosine {r['cosine_mean']:.4f} {'meets' if r['cosine_mean'] >= goal else 'misses'} "
                      f"the {goal} target")
         lines.append(line + ".")
+    for r in sorted(rows, key=_row_order):
+        rtn = next((x for x in rows if x["method"] == "rtn" and x["bits"] == r["bits"]
+                    and x["group_size"] == r["group_size"]), None)
+        if r["method"] not in ("ptq161", "vq") or rtn is None:
+            continue
+        worse = [m for m in METRICS if r[m] <= rtn[m]]
+        verdict = "beats it on every metric" if not worse else f"does not beat it on {', '.join(worse)}"
+        lines.append(f"- {r['method']} at {r['bits']} bits ({r['bits_per_weight']:.3f} bits/weight) vs RTN "
+                     f"w{rtn['bits']}g{rtn['group_size']} ({rtn['bits_per_weight']:.3f} bits/weight): {verdict}.")
     return lines
 
 
