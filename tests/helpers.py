@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -70,3 +73,13 @@ def kernel_ran(name: str, device: str):
     yield
     after = blockops.kernel_call_counts()
     assert after[key] > before[key], f"compiled kernel {key} did not run"
+
+
+def run_with_cpu_isa(isa: str, code: str, *args: str) -> subprocess.CompletedProcess:
+    """Runs `code` in a fresh Python process with BLOCKOPS_CPU_ISA=isa (the ISA is chosen once, at import),
+    from the repository root so `tests` can be put on sys.path; fails with the child's stderr."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", code, *args], env=dict(os.environ, BLOCKOPS_CPU_ISA=isa), cwd=root,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, f"BLOCKOPS_CPU_ISA={isa} child failed:\n{res.stderr[-4000:]}"
+    return res

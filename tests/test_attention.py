@@ -3,9 +3,6 @@ random / per-head / empty-row masks, GQA, ragged lengths, odd head dims and ever
 torch.compile, every CPU ISA path and error paths."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ from blockops.attention import BlockMask, block_sparse_attention, masks
 from blockops.ops import MASK_FIELDS
 from blockops.reference import ref_masked_attention
 
-from helpers import DEVICES, assert_compiles, kernel_ran, opcheck
+from helpers import DEVICES, assert_compiles, kernel_ran, opcheck, run_with_cpu_isa
 
 # Max |error| / max |reference| allowed per dtype (fp32: accumulation-order noise; fp16/bf16: one rounding of
 # the inputs and outputs, same order as SDPA's own error in that dtype).
@@ -275,10 +272,7 @@ def test_cpu_isa_paths(isa):
         "t.check_against_reference(q, k, v, m)\n"
         "import blockops; print(blockops.build_info()['cpu_families']['attention'])\n"
     )
-    env = dict(os.environ, BLOCKOPS_CPU_ISA=isa)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_with_cpu_isa(isa, code)
     assert ("portable" in res.stdout) == (isa == "portable")
 
 

@@ -1,11 +1,8 @@
 """pack_bits / unpack_bits: reference comparisons, layout facts, error paths, opcheck, torch.compile."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import DEVICES, assert_compiles, kernel_ran, opcheck
+from helpers import DEVICES, assert_compiles, kernel_ran, opcheck, run_with_cpu_isa
 
 import blockops
 from blockops.reference import ref_pack_bits, ref_unpack_bits
@@ -166,5 +163,4 @@ def test_portable_cpu_path_matches():
         "    assert torch.equal(p, ref_pack_bits(v, 3, dim))\n"
         "    assert torch.equal(blockops.unpack_bits(p, 3, v.shape[dim], dim), v)\n"
     )
-    env = dict(os.environ, BLOCKOPS_CPU_ISA="portable")
-    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    run_with_cpu_isa("portable", code)

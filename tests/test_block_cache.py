@@ -4,18 +4,14 @@ force, the Bubbling Union, CFG branches, the reset context and compiled skip dec
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch import nn
 
-import blockops
 import blockops.cache as bc
 from blockops.reference import ref_apply_residual, ref_relative_l1, ref_relative_l1_residual
-from helpers import DEVICES, assert_compiles, kernel_ran, opcheck
+from helpers import DEVICES, assert_compiles, kernel_ran, opcheck, run_with_cpu_isa
 
 _ops = torch.ops.blockops
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -111,8 +107,7 @@ def test_portable_kernels_bit_identical(tmp_path):
             "    out[f'ind{k}'] = bc.relative_l1_residual(a, b, c, r, 2, True, True)\n"
             "    out[f'res{k}'], out[f'add{k}'] = r, bc.apply_residual(a, b)\n"
             "torch.save(out, sys.argv[2])\n")
-    subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "out.pt")], check=True,
-                   env=dict(os.environ, BLOCKOPS_CPU_ISA="portable"))
+    run_with_cpu_isa("portable", code, str(path), str(tmp_path / "out.pt"))
     portable = torch.load(tmp_path / "out.pt")
     for k, v in compute(tensors).items():
         assert torch.equal(v, portable[k]), k

@@ -1,7 +1,5 @@
 """dllm ops (csrc/dllm.h): confidence-aware unmasking and the per-row KV slot overwrite against the PyTorch
 references, awkward sizes, every dtype, ties, both rules, both CPU ISAs, opcheck, torch.compile and error paths."""
-import os
-import subprocess
 import sys
 
 import pytest
@@ -9,7 +7,7 @@ import torch
 
 from blockops.dllm import kv_overwrite, kv_overwrite_range, unmask
 from blockops.reference import (ref_dllm_candidates, ref_dllm_kv_overwrite, ref_dllm_select, ref_dllm_unmask)
-from helpers import DEVICES, assert_compiles, kernel_ran, opcheck
+from helpers import DEVICES, assert_compiles, kernel_ran, opcheck, run_with_cpu_isa
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -122,8 +120,7 @@ def test_portable_path_agrees():
             "r = unmask(x, m, threshold=0.01); print([r.tokens.tolist(), r.confidence.tolist()])")
     outs = []
     for isa in ("portable", ""):
-        env = dict(os.environ, BLOCKOPS_CPU_ISA=isa)
-        outs.append(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True))
+        outs.append(run_with_cpu_isa(isa, code))
     tok_p, conf_p = eval(outs[0].stdout)
     tok_a, conf_a = eval(outs[1].stdout)
     assert tok_p == tok_a

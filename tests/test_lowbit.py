@@ -2,7 +2,7 @@
 QuantLinear, quantize_, checkpoint loading, opcheck, torch.compile and error paths."""
 import pytest
 import torch
-from helpers import DEVICES, assert_close_to_reference, assert_compiles, kernel_ran, opcheck, rel_error
+from helpers import DEVICES, assert_close_to_reference, assert_compiles, kernel_ran, opcheck, rel_error, run_with_cpu_isa
 from torch import nn
 
 import blockops
@@ -291,9 +291,6 @@ def test_every_cpu_code_path_matches(isa):
     """BLOCKOPS_CPU_ISA forces the portable kernels, or stops at AVX2 (no AVX512-VNNI): each path on its own
     must match the reference, for the float (3-bit) and fixed-point (2/4-bit) decode kernels and a partial
     last tile of columns."""
-    import os
-    import subprocess
-    import sys
 
     code = (
         "import torch, blockops\n"
@@ -308,4 +305,4 @@ def test_every_cpu_code_path_matches(isa):
         "        ref = ref_quant_linear(x, qw, s, z, bits, 32)\n"
         "        assert ((y - ref).abs().mean() / ref.abs().mean()) < 2e-4, (bits, rows)\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, BLOCKOPS_CPU_ISA=isa))
+    run_with_cpu_isa(isa, code)

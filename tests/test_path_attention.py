@@ -2,9 +2,6 @@
 against the reference, decoding, opcheck, torch.compile and the error paths."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +9,7 @@ import torch.nn.functional as F
 
 from blockops.attention import PathCache, path_attention, path_decode_step
 from blockops.reference import ref_path_attention
-from helpers import assert_compiles, kernel_ran, opcheck
+from helpers import assert_compiles, kernel_ran, opcheck, run_with_cpu_isa
 
 # flash-linear-attention's relative RMS tolerances (rms(ref - out) / rms(ref))
 O_TOL = 0.005
@@ -134,10 +131,7 @@ def test_cpu_isa_paths(isa):
         "t.test_forward_varlen(True)\n"
         "import blockops; print(blockops.build_info()['cpu_families']['path'])\n"
     )
-    env = dict(os.environ, BLOCKOPS_CPU_ISA=isa)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_with_cpu_isa(isa, code)
     assert ("portable" in res.stdout) == (isa == "portable")
 
 

@@ -4,8 +4,6 @@ opcheck, torch.compile and error paths."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from blockops import ptq161
 from blockops.nn import PTQ161Linear
 from blockops.quant import ptq161 as qptq
 from blockops.reference import ref_ptq161_dequantize, ref_ptq161_linear, ref_ptq161_weight
-from helpers import assert_compiles, kernel_ran, opcheck
+from helpers import assert_compiles, kernel_ran, opcheck, run_with_cpu_isa
 
 _ops = torch.ops.blockops
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -184,7 +182,7 @@ def test_every_cpu_code_path_matches(isa):
         "    err = scaled_error(ptq161.ptq161_linear(x, *args_of(tensors), s), x.double() @ dense.double().t(), x, dense)\n"
         "    assert err < 5e-5, (rows, err)\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, BLOCKOPS_CPU_ISA=isa))
+    run_with_cpu_isa(isa, code)
 
 
 # ---- gradients ----------------------------------------------------------------------------------------------

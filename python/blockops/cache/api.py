@@ -25,7 +25,7 @@ import contextlib
 import torch
 from torch import nn
 
-from blockops.cache.kernels import apply_residual, cache_update, relative_l1_residual
+from blockops.cache.kernels import cache_update, relative_l1_residual
 
 _ATTR = "_blockops_block_cache"
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import time
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F

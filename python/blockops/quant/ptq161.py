@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blockops import ptq161
 from blockops.nn.ptq161_linear import PTQ161Linear
 
 _TRAINABLE_LR = {"alpha": "lr_alpha", "r1": "lr_r", "r2": "lr_r"}
