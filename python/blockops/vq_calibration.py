@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import os
 from typing import Callable, Sequence
 
 import torch
@@ -42,7 +43,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import blockops.nn.vq_linear as _vq_linear  # the module, not the class: blockops.vq imports this file first
-from blockops import vq
+from blockops import checkpoint, vq
+
+CHECKPOINT_VERSION = 1
 
 # Distances are clamped here before the logarithm of the initial logits: a sub-vector equal to a codeword gets a
 # huge logit (and is frozen at once) instead of an infinite one.
@@ -349,7 +352,8 @@ def calibrate_blockwise(teacher_blocks: Sequence[nn.Module], student_blocks: Seq
                         ratio_weight: float = 10.0, freeze_threshold: float = 0.99,
                         layer_freeze_fraction: float = 0.99, finetune_fraction: float = 0.2,
                         lr_logits: float = 5e-2, lr_codebook: float = 1e-3, student_inputs: str = "student",
-                        num_batches: int | None = None, seed: int = 0, progress: bool = True) -> CalibrationResult:
+                        num_batches: int | None = None, seed: int = 0, checkpoint_dir: str | None = None,
+                        progress: bool = True) -> CalibrationResult:
     """VQ4DiT zero-data block-wise calibration (see the module docstring); modifies ``student_blocks`` in place.
 
     Args:
@@ -384,8 +388,14 @@ def calibrate_blockwise(teacher_blocks: Sequence[nn.Module], student_blocks: Seq
         num_batches: None (default) draws a fresh ``input_fn()`` every step and pushes it through the
             blocks before the current one (cost grows with the block index); an int draws that many batches
             once and keeps their activations at the current block (each step runs one block).
-        seed: seeds torch's global generator (forked, restored afterwards) before the first ``input_fn()``, so
-            a run is reproducible when ``input_fn`` draws from it.
+        seed: seeds torch's global generator (forked, restored afterwards) before the first ``input_fn()``, and
+            with ``seed + 1 + i`` before block i, so a run is reproducible when ``input_fn`` draws from it, and a
+            resumed run draws what an uninterrupted one would.
+        checkpoint_dir: after each block, the student block's state (codes, codebooks, scales, biases) and its
+            history are written there atomically (`blockops.checkpoint`); a later call with the same arguments,
+            teacher and k-means students (and, with ``num_batches``, the same drawn inputs) loads the finished
+            blocks instead of calibrating them again, so a killed run loses at most the block in progress. A
+            checkpoint made with anything else different is refused.
         progress: show a tqdm progress bar.
 
     Returns a :class:`CalibrationResult` (per-block, per-step MSE and frozen fraction). At the end every
@@ -402,16 +412,38 @@ def calibrate_blockwise(teacher_blocks: Sequence[nn.Module], student_blocks: Seq
     with torch.random.fork_rng(devices=devices), _eval_mode(teacher_blocks + student_blocks):
         torch.manual_seed(seed)
         inputs = _BlockInputs(input_fn, teacher_blocks, student_blocks, student_inputs, num_batches)
+        meta = None
+        if checkpoint_dir:
+            os.makedirs(checkpoint_dir, exist_ok=True)
+            meta = dict(version=CHECKPOINT_VERSION, steps=steps, num_candidates=num_candidates,
+                        ratio_weight=ratio_weight, freeze_threshold=freeze_threshold,
+                        layer_freeze_fraction=layer_freeze_fraction, finetune_fraction=finetune_fraction,
+                        lr_logits=lr_logits, lr_codebook=lr_codebook, student_inputs=student_inputs,
+                        num_batches=num_batches, seed=seed, num_blocks=len(student_blocks),
+                        teacher=checkpoint.fingerprint([b.state_dict() for b in teacher_blocks]),
+                        students=checkpoint.fingerprint([b.state_dict() for b in student_blocks]),
+                        data=checkpoint.fingerprint(inputs.cache) if inputs.cache is not None else None)
         bar = tqdm(total=steps * len(student_blocks), desc="VQ4DiT calibration", disable=not progress)
         for i, (teacher, student) in enumerate(zip(teacher_blocks, student_blocks)):
-            layers = _attach(teacher, student, i, num_candidates)
-            try:
-                mse_history, frozen_history = _calibrate_block(
-                    teacher, student, i, [m for _, m in layers], inputs, steps, finetune_from, ratio_weight,
-                    freeze_threshold, layer_freeze_fraction, lr_logits, lr_codebook, bar)
-            finally:
-                for name, wrapper in layers:   # also on error: the student gets its VQLinear modules back
-                    student.set_submodule(name, wrapper.write_back())
+            torch.manual_seed(seed + 1 + i)
+            path = checkpoint.block_path(checkpoint_dir, i) if checkpoint_dir else None
+            if path and os.path.exists(path):
+                saved = checkpoint.load_block(path, meta, "calibrate_blockwise")
+                student.load_state_dict(saved["state"], strict=True)
+                mse_history, frozen_history = saved["mse"], saved["frozen"]
+                bar.update(steps)
+            else:
+                layers = _attach(teacher, student, i, num_candidates)
+                try:
+                    mse_history, frozen_history = _calibrate_block(
+                        teacher, student, i, [m for _, m in layers], inputs, steps, finetune_from, ratio_weight,
+                        freeze_threshold, layer_freeze_fraction, lr_logits, lr_codebook, bar)
+                finally:
+                    for name, wrapper in layers:   # also on error: the student gets its VQLinear modules back
+                        student.set_submodule(name, wrapper.write_back())
+                if path:
+                    checkpoint.atomic_save({"meta": meta, "state": student.state_dict(), "mse": mse_history,
+                                            "frozen": frozen_history}, path)
             result.mse.append(mse_history)
             result.frozen.append(frozen_history)
             inputs.advance(i)

@@ -11,7 +11,6 @@ The numerics of the fake quantizer (`fake_quant_codes`) are the ones `QuantLinea
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import time
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blockops import checkpoint
 from blockops.nn.quant_linear import QuantLinear, quantize_rtn
 
 SCALE_MIN, SCALE_MAX = 1e-4, 1e4      # EfficientQAT's clamp of the scales
@@ -189,35 +189,6 @@ def _token_masks(batches, key: str | None):
     return [batch.get(key) if key and isinstance(batch, dict) else None for batch in batches]
 
 
-# ---- checkpoints ----------------------------------------------------------------------------------------------
-
-def _atomic_save(obj, path: str) -> None:
-    """Write to a temporary file in the same folder, flush it to disk, then rename: a reader (or a resumed run)
-    sees either the old file or the complete new one, never a partial write."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fingerprint(batches) -> str:
-    digest = hashlib.sha256()
-    for batch in batches:
-        items = sorted(batch.items()) if isinstance(batch, dict) else [("", batch)]
-        for key, value in items:
-            if isinstance(value, torch.Tensor):
-                digest.update(key.encode())
-                digest.update(str(tuple(value.shape)).encode())
-                digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _checkpoint_path(directory: str, index: int) -> str:
-    return os.path.join(directory, f"block_{index:04d}.pt")
-
-
 # ---- Block-AP -------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -291,7 +262,7 @@ def block_ap(model: nn.Module, calib_batches: list, bits: int = 2, group_size: i
 
     meta = dict(version=CHECKPOINT_VERSION, bits=bits, group_size=group_size, epochs=epochs, weight_lr=weight_lr,
                 quant_lr=quant_lr, scales_dtype=str(scales_dtype), seed=seed, num_blocks=len(blocks),
-                data=_fingerprint(list(calib_batches) + val_batches))
+                data=checkpoint.fingerprint(list(calib_batches) + val_batches))
     if checkpoint_dir:
         os.makedirs(checkpoint_dir, exist_ok=True)
 
@@ -306,7 +277,7 @@ def block_ap(model: nn.Module, calib_batches: list, bits: int = 2, group_size: i
         with torch.no_grad():   # targets: the full-precision block on full-precision inputs
             fp_out = [_run_block(block, h, e, device).to(home) for h, e in zip(fp_in, extras)]
             fp_out_val = [_run_block(block, h, e, device).to(home) for h, e in zip(fp_in_val, extras_val)]
-        path = _checkpoint_path(checkpoint_dir, index) if checkpoint_dir else None
+        path = checkpoint.block_path(checkpoint_dir, index) if checkpoint_dir else None
         if path and os.path.exists(path):
             report = _load_block(block, path, meta, filter_fn, device)
         else:
@@ -315,7 +286,8 @@ def block_ap(model: nn.Module, calib_batches: list, bits: int = 2, group_size: i
                                   scales_dtype, device, seed, progress, tqdm)
             report.seconds = time.perf_counter() - start
             if path:
-                _atomic_save({"meta": meta, "state": block.state_dict(), "report": dataclasses.asdict(report)}, path)
+                saved = {"meta": meta, "state": block.state_dict(), "report": dataclasses.asdict(report)}
+                checkpoint.atomic_save(saved, path)
         with torch.no_grad():   # the next block's inputs: this quantized block on quantized inputs
             q_in = [_run_block(block, h, e, device).to(home) for h, e in zip(q_in, extras)]
             q_in_val = [_run_block(block, h, e, device).to(home) for h, e in zip(q_in_val, extras_val)]
@@ -386,11 +358,7 @@ def _train_block(index, num_blocks, block, q_in, extras, fp_out, masks, q_in_val
 
 
 def _load_block(block, path, meta, filter_fn, device) -> BlockReport:
-    saved = torch.load(path, map_location=device, weights_only=True)
-    if saved.get("meta") != meta:
-        diff = {k: (saved.get("meta", {}).get(k), v) for k, v in meta.items() if saved.get("meta", {}).get(k) != v}
-        raise ValueError(f"block_ap: checkpoint {path} was written with other settings or data {diff} "
-                         "(checkpoint, this run); use a fresh checkpoint_dir")
+    saved = checkpoint.load_block(path, meta, "block_ap", map_location=device)
     for name, linear in _linears(block, nn.Linear, filter_fn).items():
         layer = QuantLinear(linear.in_features, linear.out_features, meta["bits"], meta["group_size"],
                             linear.bias is not None, getattr(torch, meta["scales_dtype"].split(".")[-1]), device)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blockops import checkpoint
 from blockops.nn.ptq161_linear import PTQ161Linear
 from blockops.nn.quant_linear import QuantLinear
 from blockops.nn.vq_linear import VQLinear
@@ -48,7 +49,11 @@ class Settings:
     `efficientqat.block_ap` and `efficientqat.e2e_qp` (``e2e_steps=None``: one epoch over the calibration batches, 0: skip E2E-QP).
 
     The defaults fit a small encoder on a CPU budget: a few hundred optimizer steps in all, so the learning
-    rates are 5-10x EfficientQAT's (which takes thousands of steps per block on 4096 long samples)."""
+    rates are 5-10x EfficientQAT's (which takes thousands of steps per block on 4096 long samples).
+
+    ``checkpoint_dir``: per-block checkpoints for every trained method (Block-AP, PTQ1.61, VQ4DiT calibration;
+    `blockops.checkpoint`): a rerun with the same folder and settings resumes after the last finished block.
+    E2E-QP, a few minutes at most here, is not checkpointed."""
     bits: int = 2
     group_size: int = 64
     calib: str = "256"
@@ -68,6 +73,37 @@ class Settings:
     # VQ: sub-vector length (k = 2 ** (bits * vector_dim)) and VQ4DiT calibration steps per block (0: k-means only).
     vector_dim: int = 4
     calib_steps: int = 64
+    kmeans_iters: int = 25
+
+
+# Settings a command line may change: field -> (type, help). `add_settings_arguments` turns them into --flags
+# (default None: the field keeps its Settings default) for `python -m blockops quantize` and the report.
+SETTING_FLAGS: dict[str, tuple[type, str]] = {
+    "calib": (str, "number of calibration sentences (CPython docs) or a text file, one sample a line (256)"),
+    "val_samples": (int, "held-out calibration samples (Block-AP, 64)"),
+    "batch_size": (int, "calibration batch size (16)"),
+    "max_length": (int, "tokens per sample (64)"),
+    "epochs": (int, "Block-AP / PTQ1.61 block-optimisation epochs (2)"),
+    "weight_lr": (float, "Block-AP weight lr (1e-4)"),
+    "quant_lr": (float, "Block-AP scale / zero-point lr (1e-3)"),
+    "e2e_steps": (int, "E2E-QP steps (64; 0: skip)"),
+    "e2e_lr": (float, "E2E-QP lr (1e-4)"),
+    "salient_ratio": (float, "PTQ1.61: fraction of input channels at 4 bits (0.2)"),
+    "vector_dim": (int, "VQ: sub-vector length (4)"),
+    "calib_steps": (int, "VQ: VQ4DiT calibration steps per block (64; 0: k-means only)"),
+    "kmeans_iters": (int, "VQ: Lloyd iterations of each layer's k-means (25)"),
+    "checkpoint_dir": (str, "per-block checkpoints; rerun with the same folder to resume"),
+}
+
+
+def add_settings_arguments(parser) -> None:
+    for name, (kind, help_text) in SETTING_FLAGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
+
+
+def settings_overrides(args) -> dict:
+    """The `SETTING_FLAGS` given on the command line (parsed by ``add_settings_arguments``)."""
+    return {name: getattr(args, name) for name in SETTING_FLAGS if getattr(args, name, None) is not None}
 
 
 DRIVERS: dict[str, Callable[[nn.Module, object, Settings], dict]] = {}
@@ -347,18 +383,34 @@ def quantize_ptq161(model: nn.Module, tokenizer, settings: Settings) -> dict:
     `PTQ161Linear` (``salient_ratio`` of the input channels at 4 bits), then ``epochs`` of `ptq161.optimize_block`
     against the full-precision block. Each quantized block is fed the previous quantized block's output; the
     full-precision reference, the full-precision model's own activations. Padding positions take part in the
-    block loss (their outputs are well defined: they attend to the real tokens only)."""
+    block loss (their outputs are well defined: they attend to the real tokens only). With ``checkpoint_dir``,
+    each optimised block is checkpointed and a rerun resumes after the last one finished."""
     blocks, hidden, extras = _calibration_block_inputs(model, tokenizer, settings)
     q_in = fp_in = _with_key_masks(hidden, extras)
+    meta = None
+    if settings.checkpoint_dir:   # per-block checkpoints (blockops.checkpoint): a rerun resumes
+        os.makedirs(settings.checkpoint_dir, exist_ok=True)
+        meta = dict(version=1, method="ptq161", salient_ratio=settings.salient_ratio, epochs=settings.epochs,
+                    batch_size=settings.batch_size, seed=settings.seed, num_blocks=len(blocks),
+                    model=checkpoint.fingerprint([b.state_dict() for b in blocks]),
+                    data=checkpoint.fingerprint([fp_in]))
     losses = []
     for i in range(len(blocks)):
         fp_block = _KeyMaskedBlock(copy.deepcopy(blocks[i]))
         q_block = _KeyMaskedBlock(blocks[i])
         scales = ptq161_quant.collect_act_scales(q_block, list(q_in.split(settings.batch_size)))
         ptq161_quant.quantize_linears(q_block, scales, settings.salient_ratio)
-        history = ptq161_quant.optimize_block(fp_block, q_block, q_in, settings.epochs, fp_inputs=fp_in,
-                                              batch_size=settings.batch_size, seed=settings.seed + i,
-                                              progress=settings.progress) if settings.epochs else []
+        path = checkpoint.block_path(settings.checkpoint_dir, i) if meta else None
+        if path and os.path.exists(path):
+            saved = checkpoint.load_block(path, meta, "quantize_ptq161")
+            q_block.load_state_dict(saved["state"], strict=True)
+            history = saved["history"]
+        else:
+            history = ptq161_quant.optimize_block(fp_block, q_block, q_in, settings.epochs, fp_inputs=fp_in,
+                                                  batch_size=settings.batch_size, seed=settings.seed + i,
+                                                  progress=settings.progress) if settings.epochs else []
+            if path:
+                checkpoint.atomic_save({"meta": meta, "state": q_block.state_dict(), "history": history}, path)
         losses.append(history)
         fp_in = _next_block_inputs(fp_block, fp_in, settings.batch_size)
         q_in = _next_block_inputs(q_block, q_in, settings.batch_size)
@@ -372,11 +424,14 @@ def quantize_vq(model: nn.Module, tokenizer, settings: Settings) -> dict:
     candidate codewords, softmax ratios, progressive freezing, codebook fine-tuning). VQ4DiT calibrates without
     data (a DiT's block inputs come from random latents); this driver is its data-driven variant: the inputs are
     the first block's inputs on the calibration sentences, captured once and advanced block by block through the
-    calibrated student (``num_batches`` mode), so each block learns on real activations."""
+    calibrated student (``num_batches`` mode), so each block learns on real activations. With ``checkpoint_dir``,
+    each calibrated block is checkpointed and a rerun resumes after the last one finished (the k-means runs
+    again: it is deterministic)."""
     from blockops import vq
 
     blocks = efficientqat.find_blocks(model)
-    students = vq.quantize_blocks(blocks, bits=settings.bits, vector_dim=settings.vector_dim, seed=settings.seed)
+    students = vq.quantize_blocks(blocks, bits=settings.bits, vector_dim=settings.vector_dim,
+                                  iters=settings.kmeans_iters, seed=settings.seed)
     mse = []
     if settings.calib_steps:
         _, hidden, extras = _calibration_block_inputs(model, tokenizer, settings)
@@ -384,12 +439,13 @@ def quantize_vq(model: nn.Module, tokenizer, settings: Settings) -> dict:
                   for h, (args, kwargs) in zip(hidden, extras)]
         cycle = itertools.cycle(inputs)
         result = vq.calibrate_blockwise(blocks, students, lambda: next(cycle), settings.calib_steps,
-                                        num_batches=len(inputs), seed=settings.seed, progress=settings.progress)
+                                        num_batches=len(inputs), seed=settings.seed,
+                                        checkpoint_dir=settings.checkpoint_dir, progress=settings.progress)
         mse = [[h[0], h[-1]] for h in result.mse]
     for i, student in enumerate(students):
         blocks[i] = student
     return {"vector_dim": settings.vector_dim, "calib_steps": settings.calib_steps,
-            "block_mse_first_last": mse}
+            "kmeans_iters": settings.kmeans_iters, "block_mse_first_last": mse}
 
 
 def quantize_model(model_dir: str | None, method: str, out_dir: str | None, settings: Settings):

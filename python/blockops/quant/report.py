@@ -1,6 +1,7 @@
 """Regenerate the quantization results (docs/quantization.md, .json, .png):
 
     python -m blockops.quant.report [--methods rtn efficientqat] [--bits 2 3 4] [--group-size 64] [--out-dir docs]
+                                    [--epochs N --e2e-steps N --calib N ...: pipeline.Settings, see --help]
 
 Every method x bits x group size is quantized from the packaged all-MiniLM-L6-v2 through the same path as the
 CLI (driver, GPTQ-v2 save, load), then compared with the full-precision model on the evaluation split."""
@@ -200,6 +201,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out-dir", default="docs")
     parser.add_argument("--from-json", nargs="+", metavar="JSON",
                         help="only redraw the table and plot from these results (merged) into OUT_DIR")
+    pipeline.add_settings_arguments(parser)
     args = parser.parse_args(argv)
     if args.from_json:
         results = []
@@ -214,6 +216,7 @@ def main(argv=None) -> int:
     defaults = pipeline.Settings()
     settings = {k: getattr(defaults, k) for k in ("calib", "val_samples", "batch_size", "max_length", "epochs",
                                                    "weight_lr", "quant_lr", "e2e_steps", "e2e_lr", "seed")}
+    settings.update(pipeline.settings_overrides(args))
     command = " ".join(["python -m blockops.quant.report", *(argv if argv is not None else sys.argv[1:])])
     os.makedirs(args.out_dir, exist_ok=True)
 
