@@ -12,6 +12,10 @@ bool cpu_has_avx2_fma();
 // True when this process may run the BLOCKOPS_TARGET_AVX512_VNNI functions (AVX512-VNNI with AVX512VL).
 bool cpu_has_avx512_vnni();
 
+// True when this process may run the BLOCKOPS_TARGET_AVX512_VBMI functions: the AVX512-VNNI set above plus
+// AVX512-VBMI (byte permutes) and AVX512DQ.
+bool cpu_has_avx512_vbmi();
+
 // "avx2+fma" or "portable": the ISA the CPU kernels use in this process.
 const char* cpu_isa_name();
 

@@ -13,8 +13,11 @@
 #define BLOCKOPS_X86_DISPATCH 1
 #define BLOCKOPS_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))  // every AVX2 CPU has F16C
 #define BLOCKOPS_TARGET_AVX512_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+#define BLOCKOPS_TARGET_AVX512_VBMI \
+  __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512dq,avx512vnni,avx512vbmi")))
 #else
 #define BLOCKOPS_X86_DISPATCH 0
 #define BLOCKOPS_TARGET_AVX2
 #define BLOCKOPS_TARGET_AVX512_VNNI
+#define BLOCKOPS_TARGET_AVX512_VBMI
 #endif

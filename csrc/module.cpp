@@ -76,6 +76,18 @@ bool cpu_has_avx512_vnni() {
 #endif
 }
 
+bool cpu_has_avx512_vbmi() {
+#if BLOCKOPS_X86_DISPATCH
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return cpu_has_avx512_vnni() && __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512dq");
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
 const char* cpu_isa_name() { return cpu_has_avx2_fma() ? "avx2+fma" : "portable"; }
 
 std::string build_info_json() {

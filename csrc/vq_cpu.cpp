@@ -6,7 +6,9 @@
 //   lookup table:  lut[p][c][m] = x[m, j*d:(j+1)*d] . codebooks[K][c]      p = j*K + K-index, c < k, m < rows
 //                  y[m, n] = scales[n] * sum_p lut[p][codes[n, p]][m]       (one vector gather serves every m)
 //                  Tables built once per call, split over threads by positions; gathers split over threads by
-//                  output rows, tile by tile, chunk by chunk (sketch at the kernel).
+//                  output rows, tile by tile, chunk by chunk (sketch at the kernel). For fp16 / bf16
+//                  activations with uint8 codes on an AVX-512 VBMI CPU, the tables are int16 in byte planes and
+//                  looked up 64 output rows at a time by register permutes instead ("byte planes", sketch there).
 //
 //   direct:        each task dequantizes one weight row at a time into fp32 and dots it with every
 //                  activation row (no table: the choice when k is large relative to out).
@@ -27,6 +29,7 @@
 #include <algorithm>
 #include <atomic>
 #include <bit>
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -51,11 +54,17 @@ constexpr const char* kGradCodebooks = "blockops.vq_grad_codebooks";
 constexpr const char* kGradScales = "blockops.vq_grad_scales";
 
 KernelCounter linear_counter("vq_linear.cpu");
+KernelCounter byte_planes_counter("vq_linear_byte_planes.cpu");  // which vq_linear.cpu calls took the
+                                                                 // int16 byte-plane kernel
 KernelCounter dequant_counter("vq_dequantize.cpu");
 KernelCounter grad_input_counter("vq_linear_grad_input.cpu");
 KernelCounter grad_codebooks_counter("vq_grad_codebooks.cpu");
 KernelCounter grad_scales_counter("vq_grad_scales.cpu");
-FamilyRegistration family("vq", cpu_isa_name);
+// The byte-plane kernel (fp16 / bf16 activations, uint8 codes, small batches) needs AVX-512 VBMI.
+const char* vq_cpu_isa() {
+  return cpu_has_avx512_vbmi() ? "avx2+fma, avx512-vbmi (fp16/bf16 byte planes)" : cpu_isa_name();
+}
+FamilyRegistration family("vq", vq_cpu_isa);
 
 constexpr int64_t kSmallBatchRows = 8;     // the tables hold up to 8 rows' sums side by side (one AVX2 vector
                                            // per gather). Measured at 4096 x 11008, one thread (CPU time): the
@@ -529,6 +538,235 @@ void lut_gemv(bool avx2, const float* x, const void* codes, CodeType type, const
 #pragma GCC diagnostic pop
 
 // ---------------------------------------------------------------------------------------------------------
+// Small batches, fp16 / bf16 activations, uint8 codes: int16 tables in byte planes (AVX-512 VBMI)
+// ---------------------------------------------------------------------------------------------------------
+//
+// The fp32 kernel above gathers one table entry per code with scalar loads: about one code per cycle, and its
+// tables leave L1 for long rows. Here the vector lanes are 64 output rows at one position instead, so that one
+// table serves every lane and the lookup is a register permute:
+//
+//   table entries   x_m[group j] . codebook[K][c], rounded to int16 with one scale per activation row and
+//                   chunk of kPlaneChunk positions (the chunk's largest |entry| -> 32767): an error of at most
+//                   2^-16 of that entry per term, far below the rounding of the fp16 / bf16 input itself. fp32
+//                   activations keep the fp32 kernel.
+//   byte planes     each table is stored as its 256 low bytes and its 256 high bytes: vpermi2b looks up 128
+//                   entries for 64 codes at once, so two of them plus a blend on the code's top bit read a plane;
+//                   unpacking the low and high planes byte by byte gives back the exact int16 entries.
+//   accumulation    two positions' entries of each row interleaved word by word, vpdpwssd with ones adds them
+//                   into int32; each chunk's int32 sums are scaled into fp32 at the end of the chunk.
+//   codes           a tile of up to kPlaneGroups * 64 output rows is transposed into [group][position][64 rows]
+//                   (16 x 64-byte blocks through a 4-stage unpack network) so that a position's 64 codes are one
+//                   load; a tile loads each position's two planes (8 zmm) once for all its groups.
+//
+// Lane order: after the two unpacks, dword lane 4l + i of accumulator a in {0..3} holds row 16l + 4a + i.
+
+constexpr int64_t kPlaneChunk = 16;      // positions per int16 scale: int32 sums stay below 16 * 32767
+constexpr int64_t kPlaneGroups = 4;      // 64-row groups per tile: measured (11008 x 1024 codes, one thread)
+                                         // 1, 2, 4 groups: 1.6, 0.9, 0.5 ms, as tables are loaded once per tile
+constexpr int64_t kPlanePositions = 64;  // positions are padded to whole 64-position transpose blocks
+
+struct PlaneTables {
+  std::vector<uint8_t> lo, hi;  // [rows][padded][256]: low and high bytes of the int16 entries
+  std::vector<float> scale;     // [rows][padded / kPlaneChunk]: fp32 value of one int16 step
+  int64_t padded;               // positions rounded up to kPlanePositions (the extra ones are zero tables)
+};
+
+#if BLOCKOPS_X86_DISPATCH
+// GCC 12 warns that the "undefined" source vector inside its own _mm512_unpack*_epi32 intrinsics may be
+// uninitialised (a known false positive of the header); nothing here reads an uninitialised value.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// Tables of chunk q of activation row m: fp32 entries (codebook transposed to [K][d][k] so that the loop over
+// codewords vectorises), the chunk's scale, then the int16 entries split into the two planes.
+BLOCKOPS_TARGET_AVX512_VBMI void build_plane_chunk(const float* x, const float* cbt, const Geometry& g, int64_t m,
+                                                   int64_t q, PlaneTables& t) {
+  alignas(64) float entries[kPlaneChunk][256];
+  float largest = 0.f;
+  for (int64_t i = 0; i < kPlaneChunk; ++i) {
+    const int64_t p = q * kPlaneChunk + i;
+    float* e = entries[i];
+    std::fill(e, e + 256, 0.f);
+    if (p >= g.positions()) continue;
+    const float* xg = x + m * g.in() + (p / g.K) * g.d;
+    const float* ct = cbt + (p % g.K) * g.d * g.k;
+    for (int64_t u = 0; u < g.d; ++u)
+      for (int64_t c = 0; c < g.k; ++c) e[c] += xg[u] * ct[u * g.k + c];
+    for (int64_t c = 0; c < g.k; ++c) largest = std::max(largest, std::fabs(e[c]));
+  }
+  const float inv = largest > 0.f ? 32767.f / largest : 0.f;
+  t.scale[m * (t.padded / kPlaneChunk) + q] = largest / 32767.f;
+  for (int64_t i = 0; i < kPlaneChunk; ++i) {
+    const int64_t offset = (m * t.padded + q * kPlaneChunk + i) * 256;
+    for (int c = 0; c < 256; ++c) {
+      const auto v = static_cast<uint16_t>(static_cast<int16_t>(std::lrint(entries[i][c] * inv)));
+      t.lo[offset + c] = static_cast<uint8_t>(v & 0xFF);
+      t.hi[offset + c] = static_cast<uint8_t>(v >> 8);
+    }
+  }
+}
+
+// rows [r0, r0 + 16) x positions [p0, p0 + 64) of codes [out, P] into dst[p * 64 + r] (p, r relative), zeros for
+// rows >= out and positions >= P. Four unpack stages transpose within each 128-bit lane; lane l of output
+// register i then holds position 16 l + i of the 16 rows.
+BLOCKOPS_TARGET_AVX512_VBMI inline void transpose_16x64(const uint8_t* codes, int64_t out, int64_t P, int64_t r0,
+                                                        int64_t p0, uint8_t* dst) {
+  const __mmask64 in_row = P - p0 >= 64 ? ~__mmask64{0} : (__mmask64{1} << (P - p0)) - 1;
+  __m512i a[16], b[16];
+  for (int i = 0; i < 16; ++i)
+    a[i] = r0 + i < out ? _mm512_maskz_loadu_epi8(in_row, codes + (r0 + i) * P + p0) : _mm512_setzero_si512();
+  for (int i = 0; i < 8; ++i) {
+    b[2 * i] = _mm512_unpacklo_epi8(a[2 * i], a[2 * i + 1]);
+    b[2 * i + 1] = _mm512_unpackhi_epi8(a[2 * i], a[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 2; ++j) {
+      a[4 * i + 2 * j] = _mm512_unpacklo_epi16(b[4 * i + j], b[4 * i + j + 2]);
+      a[4 * i + 2 * j + 1] = _mm512_unpackhi_epi16(b[4 * i + j], b[4 * i + j + 2]);
+    }
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j) {
+      b[8 * i + 2 * j] = _mm512_unpacklo_epi32(a[8 * i + j], a[8 * i + j + 4]);
+      b[8 * i + 2 * j + 1] = _mm512_unpackhi_epi32(a[8 * i + j], a[8 * i + j + 4]);
+    }
+  for (int j = 0; j < 8; ++j) {
+    a[2 * j] = _mm512_unpacklo_epi64(b[j], b[j + 8]);
+    a[2 * j + 1] = _mm512_unpackhi_epi64(b[j], b[j + 8]);
+  }
+  for (int i = 0; i < 16; ++i) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i * 64), _mm512_castsi512_si128(a[i]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (16 + i) * 64), _mm512_extracti32x4_epi32(a[i], 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (32 + i) * 64), _mm512_extracti32x4_epi32(a[i], 2));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (48 + i) * 64), _mm512_extracti32x4_epi32(a[i], 3));
+  }
+}
+
+// The int16 entries of 64 codes (one position, 64 rows) from the two planes of a table: low bytes of the
+// words for rows 16l + 0..7 in `first` and 16l + 8..15 in `second` (per 128-bit lane l).
+BLOCKOPS_TARGET_AVX512_VBMI inline void plane_lookup(const __m512i (&lo)[4], const __m512i (&hi)[4], __m512i codes,
+                                                     __m512i& first, __m512i& second) {
+  const __mmask64 top = _mm512_movepi8_mask(codes);  // code >= 128: the second half of the table
+  const __m512i l = _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(lo[0], codes, lo[1]),
+                                           _mm512_permutex2var_epi8(lo[2], codes, lo[3]));
+  const __m512i h = _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(hi[0], codes, hi[1]),
+                                           _mm512_permutex2var_epi8(hi[2], codes, hi[3]));
+  first = _mm512_unpacklo_epi8(l, h);
+  second = _mm512_unpackhi_epi8(l, h);
+}
+
+struct PlaneArgs {
+  const PlaneTables* t;
+  const uint8_t* codes;  // [out, P]
+  const float* scales;   // [out] fp32
+  float* y;              // [rows, out] fp32
+  Geometry g;
+  int64_t rows;
+};
+
+// Output rows [n0, n0 + 64 * G) (those < out written), every activation row; tcodes: G * padded * 64 bytes.
+template <int G>
+BLOCKOPS_TARGET_AVX512_VBMI void plane_tile(const PlaneArgs& a, int64_t n0, uint8_t* tcodes) {
+  const int64_t P = a.g.positions(), padded = a.t->padded, out = a.g.out;
+  for (int grp = 0; grp < G; ++grp)
+    for (int64_t r = 0; r < 64; r += 16)
+      for (int64_t p0 = 0; p0 < padded; p0 += 64)
+        transpose_16x64(a.codes, out, P, n0 + grp * 64 + r, p0, tcodes + (grp * padded + p0) * 64 + r);
+  const __m512i ones = _mm512_set1_epi16(1);
+  for (int64_t m = 0; m < a.rows; ++m) {
+    const uint8_t* lo_m = a.t->lo.data() + m * padded * 256;
+    const uint8_t* hi_m = a.t->hi.data() + m * padded * 256;
+    const float* scale_m = a.t->scale.data() + m * (padded / kPlaneChunk);
+    __m512 sums[G][4];
+    for (auto& s : sums)
+      for (auto& v : s) v = _mm512_setzero_ps();
+    for (int64_t q0 = 0; q0 < padded; q0 += kPlaneChunk) {
+      __m512i acc[G][4];
+      for (auto& s : acc)
+        for (auto& v : s) v = _mm512_setzero_si512();
+      for (int64_t p = q0; p < q0 + kPlaneChunk; p += 2) {
+        __m512i words[G][2][2];  // [group][position p, p + 1][rows 16l + 0..7, 16l + 8..15]
+        for (int pp = 0; pp < 2; ++pp) {
+          const auto* lo = reinterpret_cast<const __m512i*>(lo_m + (p + pp) * 256);
+          const auto* hi = reinterpret_cast<const __m512i*>(hi_m + (p + pp) * 256);
+          const __m512i lo_t[4] = {_mm512_loadu_si512(lo), _mm512_loadu_si512(lo + 1), _mm512_loadu_si512(lo + 2),
+                                   _mm512_loadu_si512(lo + 3)};
+          const __m512i hi_t[4] = {_mm512_loadu_si512(hi), _mm512_loadu_si512(hi + 1), _mm512_loadu_si512(hi + 2),
+                                   _mm512_loadu_si512(hi + 3)};
+          for (int grp = 0; grp < G; ++grp)
+            plane_lookup(lo_t, hi_t, _mm512_loadu_si512(tcodes + (grp * padded + p + pp) * 64), words[grp][pp][0],
+                         words[grp][pp][1]);
+        }
+        for (int grp = 0; grp < G; ++grp)
+          for (int half = 0; half < 2; ++half) {
+            const __m512i p_lo = words[grp][0][half], p_hi = words[grp][1][half];
+            acc[grp][2 * half] = _mm512_dpwssd_epi32(acc[grp][2 * half], _mm512_unpacklo_epi16(p_lo, p_hi), ones);
+            acc[grp][2 * half + 1] =
+                _mm512_dpwssd_epi32(acc[grp][2 * half + 1], _mm512_unpackhi_epi16(p_lo, p_hi), ones);
+          }
+      }
+      const __m512 step = _mm512_set1_ps(scale_m[q0 / kPlaneChunk]);
+      for (int grp = 0; grp < G; ++grp)
+        for (int i = 0; i < 4; ++i) sums[grp][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[grp][i]), step, sums[grp][i]);
+    }
+    for (int grp = 0; grp < G; ++grp) {
+      alignas(64) float lanes[4][16];
+      for (int i = 0; i < 4; ++i) _mm512_store_ps(lanes[i], sums[grp][i]);
+      for (int l = 0; l < 4; ++l)
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j) {
+            const int64_t n = n0 + grp * 64 + 16 * l + 4 * i + j;
+            if (n < out) a.y[m * out + n] = a.scales[n] * lanes[i][4 * l + j];
+          }
+    }
+  }
+}
+
+void plane_gemv(const float* x, const uint8_t* codes, const float* cb32, const float* scales, const Geometry& g,
+                int64_t rows, float* y) {
+  PlaneTables t;
+  t.padded = (g.positions() + kPlanePositions - 1) / kPlanePositions * kPlanePositions;
+  t.lo.resize(static_cast<size_t>(rows * t.padded * 256));
+  t.hi.resize(t.lo.size());
+  t.scale.resize(static_cast<size_t>(rows * (t.padded / kPlaneChunk)));
+  std::vector<float> cbt(static_cast<size_t>(g.K * g.d * g.k));  // [K][d][k]
+  for (int64_t kk = 0; kk < g.K; ++kk)
+    for (int64_t c = 0; c < g.k; ++c)
+      for (int64_t u = 0; u < g.d; ++u) cbt[(kk * g.d + u) * g.k + c] = cb32[(kk * g.k + c) * g.d + u];
+  const int64_t chunks = t.padded / kPlaneChunk;
+  const int64_t chunk_work = kPlaneChunk * g.k * g.d;
+  at::parallel_for(0, rows * chunks, std::max<int64_t>(1, kBuildGrain / chunk_work), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) build_plane_chunk(x, cbt.data(), g, i / chunks, i % chunks, t);
+  });
+  const PlaneArgs a{&t, codes, scales, y, g, rows};
+  constexpr int64_t tile_rows = kPlaneGroups * 64;
+  std::atomic<int64_t> next_tile{0};  // handed out in order, as in lut_gemv
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    const auto tcodes = std::make_unique_for_overwrite<uint8_t[]>(static_cast<size_t>(kPlaneGroups * t.padded * 64));
+    for (int64_t n0 = next_tile.fetch_add(tile_rows); n0 < g.out; n0 = next_tile.fetch_add(tile_rows)) {
+      switch (std::min<int64_t>(kPlaneGroups, (g.out - n0 + 63) / 64)) {
+        case 1: plane_tile<1>(a, n0, tcodes.get()); break;
+        case 2: plane_tile<2>(a, n0, tcodes.get()); break;
+        case 3: plane_tile<3>(a, n0, tcodes.get()); break;
+        default: plane_tile<4>(a, n0, tcodes.get()); break;
+      }
+    }
+  });
+}
+#pragma GCC diagnostic pop
+#endif
+
+// The byte-plane kernel's domain: uint8 codes (k <= 256), half-precision activations, an AVX-512 VBMI CPU.
+bool use_byte_planes(const Weights& w, const at::Tensor& x) {
+#if BLOCKOPS_X86_DISPATCH
+  return w.type == CodeType::kU8 && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) &&
+         cpu_has_avx512_vbmi();
+#else
+  (void)w, (void)x;
+  return false;
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Small batches: direct dequantize-dot
 // ---------------------------------------------------------------------------------------------------------
 
@@ -583,7 +821,13 @@ at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
   const at::Tensor cb32 = as_float(codebooks);
   const std::vector<float> s = scale_vector(scales, g.out);
   at::Tensor y32 = at::empty({rows, g.out}, x32.options());
-  if (rows <= kSmallBatchRows && use_lookup_table(g, rows)) {
+  if (rows <= kSmallBatchRows && use_lookup_table(g, rows) && use_byte_planes(w, x)) {
+#if BLOCKOPS_X86_DISPATCH
+    byte_planes_counter.hit();
+    plane_gemv(x32.const_data_ptr<float>(), static_cast<const uint8_t*>(codes.const_data_ptr()),
+               cb32.const_data_ptr<float>(), s.data(), g, rows, y32.mutable_data_ptr<float>());
+#endif
+  } else if (rows <= kSmallBatchRows && use_lookup_table(g, rows)) {
     lut_gemv(avx2, x32.const_data_ptr<float>(), codes.const_data_ptr(), w.type, cb32.const_data_ptr<float>(), s.data(),
              g, rows, y32.mutable_data_ptr<float>());
   } else if (rows <= kSmallBatchRows) {

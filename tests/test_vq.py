@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import blockops
 from blockops import vq
 from blockops.nn import VQLinear
 from blockops.reference import ref_vq_dequantize, ref_vq_linear
@@ -117,6 +118,53 @@ def test_lookup_table_every_row_count(case):
         ref = x.double() @ w.t() + bias.double()
         err = ((y.double() - ref).abs().mean() / (x.double().abs() @ w.abs().t()).mean()).item()
         assert err <= TOL[torch.float32], f"rows={rows}: relative error {err:.3g}"
+
+
+# Byte-plane kernel layouts (fp16 / bf16 activations, uint8 codes, AVX-512 VBMI): (out, groups, K, k, d). out
+# = 190, 700, 769 leave partial 64-row groups and tiles of 3, 3 and 1 groups; P = 33, 140, 185 are not whole 64-position
+# transpose blocks; k = 64, 128, 200 leave table entries past k (never indexed); k = 256 uses the code's top bit.
+PLANE_CASES = [(300, 37, 1, 256, 4), (257, 5, 2, 64, 8), (700, 64, 1, 200, 2), (190, 33, 1, 128, 4),
+               (769, 70, 2, 256, 4), (1000, 185, 1, 256, 2)]
+HAS_BYTE_PLANES = "avx512-vbmi" in blockops.build_info()["cpu_families"]["vq"]
+
+
+@pytest.mark.skipif(not HAS_BYTE_PLANES, reason="the byte-plane kernel needs an AVX-512 VBMI CPU")
+@pytest.mark.parametrize("case", PLANE_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_byte_plane_kernel(case, dtype):
+    """Every activation-row count 1..8, scales and bias: the int16 tables' error stays below one unit in the last
+    place of the fp16 / bf16 output (the exact result rounded), up to a cancellation allowance of 2^-15 of the
+    summed magnitudes |x| @ |W_hat|^T; any lane or row mix-up would be off by whole outputs."""
+    out, groups, K, k, d = case
+    codes, codebooks, scales = make_weights(out, groups, K, k, d, cb_dtype=torch.float16, seed=out)
+    bias = torch.randn(out).to(dtype)
+    w = ref_vq_dequantize(codes, codebooks, scales).double()
+    gen = torch.Generator().manual_seed(11)
+    for rows in range(1, 9):
+        assert uses_lookup_table(out, groups, K, k, d, rows), "case no longer takes a table kernel"
+        x = torch.randn(rows, groups * d, generator=gen).to(dtype)
+        with kernel_ran("vq_linear_byte_planes", "cpu"):
+            y = vq.vq_linear(x, codes, codebooks, scales, bias)
+        assert y.dtype == dtype and y.shape == (rows, out)
+        exact = x.double() @ w.t() + bias.double()
+        ulp = torch.finfo(dtype).eps * exact.abs().to(dtype).double().clamp_min(torch.finfo(dtype).tiny)
+        allowed = ulp + 2.0 ** -15 * (x.double().abs() @ w.abs().t())
+        assert ((y.double() - exact.to(dtype).double()).abs() <= allowed).all(), f"rows={rows}"
+
+
+@pytest.mark.skipif(not HAS_BYTE_PLANES, reason="the byte-plane kernel needs an AVX-512 VBMI CPU")
+def test_byte_plane_scales_follow_outlier_activations():
+    """One activation group 1000x larger than the rest: only the 16 positions sharing its int16 scale lose
+    resolution, so the result stays as accurate as the fp32 kernel's rounded to bf16."""
+    codes, codebooks, scales = make_weights(512, 256, 1, 256, 4, seed=5)
+    x = torch.randn(1, 1024)
+    x[0, 40:44] *= 1000
+    x = x.to(torch.bfloat16)
+    with kernel_ran("vq_linear_byte_planes", "cpu"):
+        y = vq.vq_linear(x, codes, codebooks, scales)
+    exact = ref_vq_linear(x.double(), codes, codebooks.double(), scales.double()).double()
+    rounded = vq.vq_linear(x.float(), codes, codebooks, scales).to(torch.bfloat16)
+    assert rel_error(y, exact) <= 1.05 * rel_error(rounded, exact) + 1e-6
 
 
 def test_int16_codes_are_unsigned_and_2d_codes():
