@@ -14,7 +14,7 @@
 //                  activation row (no table: the choice when k is large relative to out).
 //
 // vq_linear, larger batches -- blocks of up to kBlockBytes of W_hat dequantized into fp32 and multiplied with
-// ATen's GEMM (at::mm); only one block of W_hat exists at a time.
+// ATen's GEMM (at::mm; in bf16 for bf16 activations); only one block of W_hat exists at a time.
 // vq_dequantize -- W_hat row by row. vq_linear_grad_input -- the same blocks, multiplied the other way.
 // vq_grad_codebooks -- deterministic scatter-add: each task owns a range of codewords and scans all codes in
 // order, so every codeword's gradient is summed in the same order whatever the thread count.
@@ -834,12 +834,17 @@ at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
     direct_gemv(avx2, x32.const_data_ptr<float>(), codes.const_data_ptr(), w.type, cb32.const_data_ptr<float>(),
                 s.data(), g, rows, y32.mutable_data_ptr<float>());
   } else {
+    // bf16 activations multiply in bf16 (W_hat rounded to bf16, fp32 accumulation inside the GEMM), as
+    // F.linear does with bf16 weights: the CPU's bf16 GEMM runs about twice as fast as the fp32 one.
+    const bool bf16_gemm = x.scalar_type() == at::kBFloat16;
+    const at::Tensor xg = bf16_gemm ? x.reshape({rows, g.in()}).contiguous() : x32;
     for_each_block(codes.const_data_ptr(), w.type, cb32.const_data_ptr<float>(), s.data(), g,
                    [&](int64_t n0, int64_t nb, const at::Tensor& blk) {
-                     if (nb == g.out) {
-                       y32 = at::mm(x32, blk.t());   // one block: no copy into a column slice
+                     const at::Tensor product = at::mm(xg, (bf16_gemm ? blk.to(at::kBFloat16) : blk).t());
+                     if (nb == g.out && !bf16_gemm) {
+                       y32 = product;   // one block: no copy into a column slice
                      } else {
-                       y32.narrow(1, n0, nb).copy_(at::mm(x32, blk.t()));
+                       y32.narrow(1, n0, nb).copy_(product);
                      }
                    });
   }

@@ -1,7 +1,7 @@
 """Vector-quantized GEMM benchmark: blockops.vq.vq_linear with the issue's formats -- 2-bit (k=256, d=4), 3-bit
 (k=64, d=2) and AQLM 2x8 (two additive codebooks, k=256, d=8) -- on an LLM layer at batch 1..16 and DiT-XL/2
-layers at 256..4096 tokens, against, in the same run, F.linear with dense fp32 and bf16 weights and the reference
-decode-then-linear (`blockops.reference.ref_vq_linear`). GB/s counts codes + codebooks + scales per call.
+layers at 256..4096 tokens, with fp32 and bf16 activations, against, in the same run, F.linear with dense fp32
+and bf16 weights and the reference decode-then-linear (`blockops.reference.ref_vq_linear`). GB/s counts codes + codebooks + scales per call.
 
 CUDA: fp16 activations and codebooks, against fp16 `F.linear` (cuBLAS) and, in the same run, the reference
 decode-then-linear and our `vq_dequantize` followed by cuBLAS; the issue's goals (batch 1: >= 4x faster than fp16
@@ -109,35 +109,37 @@ def run(device: str, quick: bool = True, configs: list[Config] | None = None) ->
     for c in configs or (QUICK_CPU if quick else FULL_CPU):
         f = FORMATS[c.fmt]
         codes, codebooks, scales = _weights(c, torch.float16)
-        x = torch.randn(c.rows, c.in_features)
-        y = vq.vq_linear(x, codes, codebooks, scales)
-        ref = ref_vq_linear(x, codes, codebooks, scales)
-        err = ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+        x32 = torch.randn(c.rows, c.in_features)
         weight_bytes = codes.numel() + codebooks.numel() * 2 + scales.numel() * 2
         flops = 2.0 * c.rows * c.in_features * c.out_features
-        ours = time_ms(lambda: vq.vq_linear(x, codes, codebooks, scales), device)
-        code_bits, total_bits = vq.bits_per_weight(c.out_features, c.in_features, f.codebook_size, f.vector_dim,
-                                                   f.num_codebooks, scale_bits=16)
+        _, total_bits = vq.bits_per_weight(c.out_features, c.in_features, f.codebook_size, f.vector_dim,
+                                           f.num_codebooks, scale_bits=16)
         shape = f"{c.in_features}x{c.out_features} M={c.rows}"
-        op = f"vq_linear {f.name} ({total_bits:.2f} bits/weight)"
-
-        def row(baseline, base_ms, note=""):
-            return Result("vq", op, shape, device, ours, baseline, base_ms, bytes_moved=weight_bytes, flops=flops,
-                          max_error=err, note=note)
-
+        goal_shape = c.rows == 1 and (c.in_features, c.out_features) == (4096, 11008) and c.fmt == "2-bit"
+        dense = {}
         for dtype in (torch.float32, torch.bfloat16):
             w = torch.randn(c.out_features, c.in_features, dtype=dtype)
-            xd = x.to(dtype)
-            note = ""
-            if dtype == torch.float32 and c.rows == 1 and (c.in_features, c.out_features) == (4096, 11008) \
-                    and c.fmt == "2-bit":
-                base = time_ms(lambda: F.linear(xd, w), device)
-                note = f"CPU goal >= 4x fp32 F.linear: {'met' if base / ours >= 4 else 'missed'}"
-                results.append(row("F.linear fp32", base, note))
-            else:
-                results.append(row(f"F.linear {str(dtype).replace('torch.', '')}",
-                                   time_ms(lambda: F.linear(xd, w), device)))
+            xd = x32.to(dtype)
+            dense[dtype] = time_ms(lambda: F.linear(xd, w), device)
             del w
-        results.append(row("decode-then-linear (reference)",
-                           time_ms(lambda: ref_vq_linear(x, codes, codebooks, scales), device)))
+        reference_ms = time_ms(lambda: ref_vq_linear(x32, codes, codebooks, scales), device)
+        # Both activation dtypes: fp32 runs the fp32 table kernel, bf16 (small batches, AVX-512 VBMI) the
+        # int16 byte-plane one; each against dense F.linear in fp32 and bf16.
+        for x_dtype in (torch.float32, torch.bfloat16):
+            x = x32.to(x_dtype)
+            ref = ref_vq_linear(x.float(), codes, codebooks, scales)
+            y = vq.vq_linear(x, codes, codebooks, scales)
+            err = ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+            ours = time_ms(lambda: vq.vq_linear(x, codes, codebooks, scales), device)
+            name = str(x_dtype).replace("torch.", "")
+            op = f"vq_linear {f.name} ({total_bits:.2f} bits/weight), x {name}"
+            for dtype, base in dense.items():
+                note = ""
+                if goal_shape and dtype == torch.float32:
+                    note = f"CPU goal >= 4x fp32 F.linear: {'met' if base / ours >= 4 else 'missed'}"
+                results.append(Result("vq", op, shape, device, ours, f"F.linear {str(dtype).replace('torch.', '')}",
+                                      base, bytes_moved=weight_bytes, flops=flops, max_error=err, note=note))
+            if x_dtype == torch.float32:
+                results.append(Result("vq", op, shape, device, ours, "decode-then-linear (reference)", reference_ms,
+                                      bytes_moved=weight_bytes, flops=flops, max_error=err))
     return results
