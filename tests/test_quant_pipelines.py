@@ -484,5 +484,13 @@ def test_report_table_and_target_verdicts(tmp_path):
                                                           ["| rtn", "w4g64"], ["| efficientqat", "w4g64"]]
     report.plot(merged, str(tmp_path / "plot.png"))
     assert (tmp_path / "plot.png").stat().st_size > 1000
-    with pytest.raises(ValueError, match="different settings"):
-        report.merge([first, dict(second, settings={"epochs": 3})])
+    # A configuration rerun later with a larger budget replaces the earlier row and keeps its own settings.
+    rerun = dict(run, settings={"calib": "1024", "epochs": 4, "e2e_steps": 1024},
+                 rows=[row("efficientqat", 2, 0.95, 0.7)])
+    merged = report.merge([first, second, rerun])
+    rows = {(r["method"], r["bits"]): r for r in merged["rows"]}
+    assert len(merged["rows"]) == 4 and rows["efficientqat", 2]["cosine_mean"] == 0.95
+    assert rows["efficientqat", 4]["settings"] == {"epochs": 2}
+    assert "1024 sentences x 4 epochs, E2E-QP 1024 steps" in report.markdown(merged, merged["command"])
+    with pytest.raises(ValueError, match="different numbers of sentences"):
+        report.merge([first, dict(second, num_eval=100)])

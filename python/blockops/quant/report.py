@@ -40,6 +40,7 @@ def run(methods, bits_list, group_sizes, settings: dict, num_eval: int = 400, on
                     model, _, _ = pipeline.load_quantized(out)
                     quality = evaluate.quality(ref, evaluate.embed(model, batches))
                     rows.append({"method": method, "bits": bits, "group_size": group_size,
+                                 "settings": {k: v for k, v in settings.items() if k != "progress"},
                                  "bits_per_weight": config["bits_per_weight"],
                                  "seconds": config["quantization_seconds"], **quality,
                                  "block_val_loss": [(b["val_loss_rtn"], b["val_loss"])
@@ -54,22 +55,40 @@ def run(methods, bits_list, group_sizes, settings: dict, num_eval: int = 400, on
 
 
 def merge(results: list[dict]) -> dict:
-    """One result from several runs of the same settings (e.g. formats run in parallel processes)."""
+    """One result from several runs (e.g. formats run in parallel processes, or methods rerun later with a
+    larger budget): a configuration (method, bits, group size) measured by several runs keeps the last run's row.
+    Each row keeps the settings of its run."""
+    if len({r["num_eval"] for r in results}) != 1:
+        raise ValueError("merge: the runs evaluated different numbers of sentences")
     merged = dict(results[0], rows=[], layer_speed=[])
+    rows = {}
     for r in results:
-        if r["settings"] != merged["settings"] or r["num_eval"] != merged["num_eval"]:
-            raise ValueError("merge: the runs used different settings")
-        merged["rows"] += r["rows"]
+        for row in r["rows"]:
+            rows[(row["method"], row["bits"], row["group_size"])] = {"settings": r["settings"], **row}
         merged["layer_speed"] += r["layer_speed"]
         merged["load_average"] = max(merged["load_average"], r["load_average"])
-    # Runs made at different times (e.g. methods added later) keep every date.
+    merged["rows"] = list(rows.values())
+    # Runs made at different times keep every date.
     merged["date"] = " and ".join(dict.fromkeys(r["date"] for r in results))
     return merged
 
 
+def budget(r: dict) -> str:
+    """The training budget of a row's method, from the settings of its run."""
+    s = r.get("settings", {})
+    if r["method"] == "efficientqat":
+        return f"{s.get('calib')} sentences x {s.get('epochs')} epochs, E2E-QP {s.get('e2e_steps')} steps"
+    if r["method"] == "ptq161":
+        return f"{s.get('calib')} sentences x {s.get('epochs')} epochs"
+    if r["method"] == "vq":
+        return f"{s.get('calib')} sentences, {s.get('calib_steps', 64)} steps per block"
+    return "-"
+
+
 def format_row(r: dict) -> str:
     return (f"| {r['method']} | w{r['bits']}g{r['group_size']} | {r['bits_per_weight']:.3f} | {r['cosine_mean']:.4f} | "
-            f"{r['cosine_min']:.4f} | {r['top1_agreement']:.3f} | {r['top5_overlap']:.3f} | {r['seconds']:.0f} s |")
+            f"{r['cosine_min']:.4f} | {r['top1_agreement']:.3f} | {r['top5_overlap']:.3f} | {r['seconds']:.0f} s | "
+            f"{budget(r)} |")
 
 
 def markdown(result: dict, command: str) -> str:
@@ -92,19 +111,18 @@ def markdown(result: dict, command: str) -> str:
         "",
         f"Run: {result['date']}, {result['machine']}, load average {', '.join(f'{x:.0f}' for x in result['load_average'])} "
         "when the last configuration ended (the machine may have been shared: times are upper bounds). "
-        "Settings of the trained methods: "
-        f"`{json.dumps(result['settings'])}`.",
+        "Each row's settings are in `quantization.json`; the budget column gives the ones that differ between runs.",
         "",
-        "| method | format | bits/weight | cosine mean | cosine min | top-1 | top-5 | time |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | format | bits/weight | cosine mean | cosine min | top-1 | top-5 | time | budget |",
+        "|---|---|---|---|---|---|---|---|---|",
         *[format_row(r) for r in sorted(result["rows"], key=_row_order)],
         "",
         *targets(result["rows"]),
         "",
         "The training budget is a CPU one: Block-AP takes `epochs x calib / batch_size` optimizer steps per block "
-        "and E2E-QP `e2e_steps` steps, a few hundred in all, where EfficientQAT's recipe takes thousands per block "
-        "(4096 samples x 2 epochs) and a 4096-sample E2E-QP epoch. More data and steps (`--calib`, `--epochs`, "
-        "`--e2e-steps` of `python -m blockops quantize`) are the first thing to try where the targets are missed; "
+        "(batch 16) and E2E-QP `e2e_steps` steps, where EfficientQAT's recipe takes 4096 samples x 2 epochs per "
+        "block and a 4096-sample E2E-QP epoch. More data and steps (`--calib`, `--epochs`, `--e2e-steps` of "
+        "`python -m blockops quantize` and of this report) are the first thing to try where a target is missed; "
         "the per-block validation losses before (RTN) and after Block-AP are in `quantization.json`. "
         "ptq161 (`blockops.quant.pipeline.quantize_ptq161`): salient ratio 0.2, `epochs` passes of the block "
         "optimisation over the calibration sentences, block by block on the quantized model's own activations. "
