@@ -582,7 +582,7 @@ struct PlaneTables {
 BLOCKOPS_TARGET_AVX512_VBMI void build_plane_chunk(const float* x, const float* cbt, const Geometry& g, int64_t m,
                                                    int64_t q, PlaneTables& t) {
   alignas(64) float entries[kPlaneChunk][256];
-  float largest = 0.f;
+  float largest = 0.f, poison = 0.f;  // poison: NaN when an entry is NaN or infinite (0 * inf = NaN)
   for (int64_t i = 0; i < kPlaneChunk; ++i) {
     const int64_t p = q * kPlaneChunk + i;
     float* e = entries[i];
@@ -592,10 +592,15 @@ BLOCKOPS_TARGET_AVX512_VBMI void build_plane_chunk(const float* x, const float* 
     const float* ct = cbt + (p % g.K) * g.d * g.k;
     for (int64_t u = 0; u < g.d; ++u)
       for (int64_t c = 0; c < g.k; ++c) e[c] += xg[u] * ct[u * g.k + c];
-    for (int64_t c = 0; c < g.k; ++c) largest = std::max(largest, std::fabs(e[c]));
+    for (int64_t c = 0; c < g.k; ++c) {
+      largest = std::max(largest, std::fabs(e[c]));
+      poison += e[c] * 0.f;
+    }
   }
-  const float inv = largest > 0.f ? 32767.f / largest : 0.f;
-  t.scale[m * (t.padded / kPlaneChunk) + q] = largest / 32767.f;
+  const float inv = largest > 0.f && poison == 0.f ? 32767.f / largest : 0.f;
+  // A NaN or infinite activation makes the whole chunk's scale NaN, so every output of its row is NaN (F.linear
+  // would give NaN or +-inf there; the int16 entries cannot carry an infinity), never a finite wrong value.
+  t.scale[m * (t.padded / kPlaneChunk) + q] = poison == 0.f ? largest / 32767.f : std::nanf("");
   for (int64_t i = 0; i < kPlaneChunk; ++i) {
     const int64_t offset = (m * t.padded + q * kPlaneChunk + i) * 256;
     for (int c = 0; c < 256; ++c) {

@@ -167,6 +167,20 @@ def test_byte_plane_scales_follow_outlier_activations():
     assert rel_error(y, exact) <= 1.05 * rel_error(rounded, exact) + 1e-6
 
 
+@pytest.mark.skipif(not HAS_BYTE_PLANES, reason="the byte-plane kernel needs an AVX-512 VBMI CPU")
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_byte_plane_kernel_propagates_nan_and_inf(bad):
+    """A NaN or infinite activation cannot live in the int16 tables: its row of outputs is NaN (F.linear gives NaN
+    or +-inf there), never finite; the other rows are unaffected."""
+    codes, codebooks, scales = make_weights(512, 256, 1, 256, 4, seed=6)
+    x = torch.randn(3, 1024).to(torch.bfloat16)
+    x[1, 517] = bad
+    with kernel_ran("vq_linear_byte_planes", "cpu"):
+        y = vq.vq_linear(x, codes, codebooks, scales)
+    assert y[1].isnan().all() and torch.isfinite(y[[0, 2]]).all()
+    torch.testing.assert_close(y[[0, 2]], vq.vq_linear(x[[0, 2]], codes, codebooks, scales), rtol=0, atol=0)
+
+
 def test_int16_codes_are_unsigned_and_2d_codes():
     """Codes >= 32768 are stored as negative int16 (AQLM's convention) and read back as uint16; K = 1 codes may
     be [out, in/d]."""
