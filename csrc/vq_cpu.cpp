@@ -8,7 +8,8 @@
 //                  Tables built once per call, split over threads by positions; gathers split over threads by
 //                  output rows, tile by tile, chunk by chunk (sketch at the kernel). For fp16 / bf16
 //                  activations with uint8 codes on an AVX-512 VBMI CPU, the tables are int16 in byte planes and
-//                  looked up 64 output rows at a time by register permutes instead ("byte planes", sketch there).
+//                  looked up 64 output rows at a time by register permutes instead ("byte planes", sketch there;
+//                  also for 9..32 rows of layers with at least 256 outputs: use_byte_planes).
 //
 //   direct:        each task dequantizes one weight row at a time into fp32 and dots it with every
 //                  activation row (no table: the choice when k is large relative to out).
@@ -760,13 +761,21 @@ void plane_gemv(const float* x, const uint8_t* codes, const float* cb32, const f
 #pragma GCC diagnostic pop
 #endif
 
-// The byte-plane kernel's domain: uint8 codes (k <= 256), half-precision activations, an AVX-512 VBMI CPU.
-bool use_byte_planes(const Weights& w, const at::Tensor& x) {
+// The byte-plane kernel's domain: uint8 codes (k <= 256), half-precision activations, an AVX-512 VBMI CPU;
+// up to kSmallBatchRows rows where a table beats the direct kernel (use_lookup_table), and up to kPlaneMaxRows
+// for layers of at least one whole tile, where the alternative is dequantizing W_hat for a GEMM (a lookup costs
+// about 0.05 ns per code and row on this kernel, so 32 rows of 4096 x 11008 still beat the dequantize alone).
+constexpr int64_t kPlaneMaxRows = 32;
+
+bool use_byte_planes(const Weights& w, const at::Tensor& x, int64_t rows) {
 #if BLOCKOPS_X86_DISPATCH
-  return w.type == CodeType::kU8 && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) &&
-         cpu_has_avx512_vbmi();
+  if (w.type != CodeType::kU8 || (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16) ||
+      !cpu_has_avx512_vbmi())
+    return false;
+  if (rows <= kSmallBatchRows) return use_lookup_table(w.g, rows);
+  return rows <= kPlaneMaxRows && w.g.out >= kPlaneGroups * 64;
 #else
-  (void)w, (void)x;
+  (void)w, (void)x, (void)rows;
   return false;
 #endif
 }
@@ -826,7 +835,7 @@ at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
   const at::Tensor cb32 = as_float(codebooks);
   const std::vector<float> s = scale_vector(scales, g.out);
   at::Tensor y32 = at::empty({rows, g.out}, x32.options());
-  if (rows <= kSmallBatchRows && use_lookup_table(g, rows) && use_byte_planes(w, x)) {
+  if (use_byte_planes(w, x, rows)) {
 #if BLOCKOPS_X86_DISPATCH
     byte_planes_counter.hit();
     plane_gemv(x32.const_data_ptr<float>(), static_cast<const uint8_t*>(codes.const_data_ptr()),

@@ -140,8 +140,9 @@ def test_byte_plane_kernel(case, dtype):
     bias = torch.randn(out).to(dtype)
     w = ref_vq_dequantize(codes, codebooks, scales).double()
     gen = torch.Generator().manual_seed(11)
-    for rows in range(1, 9):
-        assert uses_lookup_table(out, groups, K, k, d, rows), "case no longer takes a table kernel"
+    row_counts = list(range(1, 9)) + ([9, 16, 32] if out >= 256 else [])   # 9..32: layers of a whole tile
+    for rows in row_counts:
+        assert rows > 8 or uses_lookup_table(out, groups, K, k, d, rows), "case no longer takes a table kernel"
         x = torch.randn(rows, groups * d, generator=gen).to(dtype)
         with kernel_ran("vq_linear_byte_planes", "cpu"):
             y = vq.vq_linear(x, codes, codebooks, scales, bias)
@@ -150,6 +151,25 @@ def test_byte_plane_kernel(case, dtype):
         ulp = torch.finfo(dtype).eps * exact.abs().to(dtype).double().clamp_min(torch.finfo(dtype).tiny)
         allowed = ulp + 2.0 ** -15 * (x.double().abs() @ w.abs().t())
         assert ((y.double() - exact.to(dtype).double()).abs() <= allowed).all(), f"rows={rows}"
+
+
+@pytest.mark.skipif(not HAS_BYTE_PLANES, reason="the byte-plane kernel needs an AVX-512 VBMI CPU")
+def test_byte_plane_kernel_domain():
+    """Taken for fp16 / bf16 activations up to 32 rows (9..32 only for layers of a whole 256-row tile); fp32
+    activations, int16 codes, 33 rows and small layers beyond 8 rows take the other kernels."""
+    codes, codebooks, scales = make_weights(300, 37, 1, 256, 4)
+    small, small_cb, small_scales = make_weights(100, 37, 1, 256, 4)
+    wide, wide_cb, wide_scales = make_weights(300, 37, 1, 512, 4)
+    calls = []
+    for x, args in [(torch.randn(4, 148), (codes, codebooks, scales)),
+                    (torch.randn(33, 148).bfloat16(), (codes, codebooks, scales)),
+                    (torch.randn(9, 148).half(), (small, small_cb, small_scales)),
+                    (torch.randn(4, 148).bfloat16(), (wide, wide_cb, wide_scales)),
+                    (torch.randn(32, 148).half(), (codes, codebooks, scales))]:
+        before = blockops.kernel_call_counts()["vq_linear_byte_planes.cpu"]
+        vq.vq_linear(x, *args)
+        calls.append(blockops.kernel_call_counts()["vq_linear_byte_planes.cpu"] - before)
+    assert calls == [0, 0, 0, 0, 1]
 
 
 @pytest.mark.skipif(not HAS_BYTE_PLANES, reason="the byte-plane kernel needs an AVX-512 VBMI CPU")
