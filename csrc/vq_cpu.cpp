@@ -647,15 +647,18 @@ BLOCKOPS_TARGET_AVX512_VBMI inline void transpose_16x64(const uint8_t* codes, in
   }
 }
 
-// The int16 entries of 64 codes (one position, 64 rows) from the two planes of a table: low bytes of the
-// words for rows 16l + 0..7 in `first` and 16l + 8..15 in `second` (per 128-bit lane l).
+// The int16 entries of 64 codes (one position, 64 rows) from the two planes of a table: the words of rows
+// 16l + 0..7 in `first` and 16l + 8..15 in `second` (per 128-bit lane l). Wide: k > 128, so the code's top bit
+// picks between two 128-entry permutes; otherwise one permute per plane covers every code.
+template <bool Wide>
 BLOCKOPS_TARGET_AVX512_VBMI inline void plane_lookup(const __m512i (&lo)[4], const __m512i (&hi)[4], __m512i codes,
                                                      __m512i& first, __m512i& second) {
-  const __mmask64 top = _mm512_movepi8_mask(codes);  // code >= 128: the second half of the table
-  const __m512i l = _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(lo[0], codes, lo[1]),
-                                           _mm512_permutex2var_epi8(lo[2], codes, lo[3]));
-  const __m512i h = _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(hi[0], codes, hi[1]),
-                                           _mm512_permutex2var_epi8(hi[2], codes, hi[3]));
+  __m512i l = _mm512_permutex2var_epi8(lo[0], codes, lo[1]), h = _mm512_permutex2var_epi8(hi[0], codes, hi[1]);
+  if constexpr (Wide) {
+    const __mmask64 top = _mm512_movepi8_mask(codes);  // code >= 128: the second half of the table
+    l = _mm512_mask_blend_epi8(top, l, _mm512_permutex2var_epi8(lo[2], codes, lo[3]));
+    h = _mm512_mask_blend_epi8(top, h, _mm512_permutex2var_epi8(hi[2], codes, hi[3]));
+  }
   first = _mm512_unpacklo_epi8(l, h);
   second = _mm512_unpackhi_epi8(l, h);
 }
@@ -670,7 +673,7 @@ struct PlaneArgs {
 };
 
 // Output rows [n0, n0 + 64 * G) (those < out written), every activation row; tcodes: G * padded * 64 bytes.
-template <int G>
+template <int G, bool Wide>
 BLOCKOPS_TARGET_AVX512_VBMI void plane_tile(const PlaneArgs& a, int64_t n0, uint8_t* tcodes) {
   const int64_t P = a.g.positions(), padded = a.t->padded, out = a.g.out;
   for (int grp = 0; grp < G; ++grp)
@@ -694,12 +697,13 @@ BLOCKOPS_TARGET_AVX512_VBMI void plane_tile(const PlaneArgs& a, int64_t n0, uint
         for (int pp = 0; pp < 2; ++pp) {
           const auto* lo = reinterpret_cast<const __m512i*>(lo_m + (p + pp) * 256);
           const auto* hi = reinterpret_cast<const __m512i*>(hi_m + (p + pp) * 256);
-          const __m512i lo_t[4] = {_mm512_loadu_si512(lo), _mm512_loadu_si512(lo + 1), _mm512_loadu_si512(lo + 2),
-                                   _mm512_loadu_si512(lo + 3)};
-          const __m512i hi_t[4] = {_mm512_loadu_si512(hi), _mm512_loadu_si512(hi + 1), _mm512_loadu_si512(hi + 2),
-                                   _mm512_loadu_si512(hi + 3)};
+          __m512i lo_t[4], hi_t[4];
+          for (int i = 0; i < (Wide ? 4 : 2); ++i) {
+            lo_t[i] = _mm512_loadu_si512(lo + i);
+            hi_t[i] = _mm512_loadu_si512(hi + i);
+          }
           for (int grp = 0; grp < G; ++grp)
-            plane_lookup(lo_t, hi_t, _mm512_loadu_si512(tcodes + (grp * padded + p + pp) * 64), words[grp][pp][0],
+            plane_lookup<Wide>(lo_t, hi_t, _mm512_loadu_si512(tcodes + (grp * padded + p + pp) * 64), words[grp][pp][0],
                          words[grp][pp][1]);
         }
         for (int grp = 0; grp < G; ++grp)
@@ -744,17 +748,29 @@ void plane_gemv(const float* x, const uint8_t* codes, const float* cb32, const f
     for (int64_t i = b; i < e; ++i) build_plane_chunk(x, cbt.data(), g, i / chunks, i % chunks, t);
   });
   const PlaneArgs a{&t, codes, scales, y, g, rows};
+  const auto tile = [&](int64_t groups, int64_t n0, uint8_t* tcodes) {
+    if (g.k > 128) {
+      switch (groups) {
+        case 1: return plane_tile<1, true>(a, n0, tcodes);
+        case 2: return plane_tile<2, true>(a, n0, tcodes);
+        case 3: return plane_tile<3, true>(a, n0, tcodes);
+        default: return plane_tile<4, true>(a, n0, tcodes);
+      }
+    }
+    switch (groups) {
+      case 1: return plane_tile<1, false>(a, n0, tcodes);
+      case 2: return plane_tile<2, false>(a, n0, tcodes);
+      case 3: return plane_tile<3, false>(a, n0, tcodes);
+      default: return plane_tile<4, false>(a, n0, tcodes);
+    }
+  };
   constexpr int64_t tile_rows = kPlaneGroups * 64;
   std::atomic<int64_t> next_tile{0};  // handed out in order, as in lut_gemv
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     const auto tcodes = std::make_unique_for_overwrite<uint8_t[]>(static_cast<size_t>(kPlaneGroups * t.padded * 64));
     for (int64_t n0 = next_tile.fetch_add(tile_rows); n0 < g.out; n0 = next_tile.fetch_add(tile_rows)) {
-      switch (std::min<int64_t>(kPlaneGroups, (g.out - n0 + 63) / 64)) {
-        case 1: plane_tile<1>(a, n0, tcodes.get()); break;
-        case 2: plane_tile<2>(a, n0, tcodes.get()); break;
-        case 3: plane_tile<3>(a, n0, tcodes.get()); break;
-        default: plane_tile<4>(a, n0, tcodes.get()); break;
-      }
+      const int64_t groups = std::min<int64_t>(kPlaneGroups, (g.out - n0 + 63) / 64);
+      tile(groups, n0, tcodes.get());
     }
   });
 }

@@ -132,14 +132,15 @@ HAS_BYTE_PLANES = "avx512-vbmi" in blockops.build_info()["cpu_families"]["vq"]
 @pytest.mark.parametrize("case", PLANE_CASES, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_byte_plane_kernel(case, dtype):
-    """Every activation-row count 1..8, scales and bias: the int16 tables' error stays below one unit in the last
-    place of the fp16 / bf16 output (the exact result rounded), up to a cancellation allowance of 2^-15 of the
-    summed magnitudes |x| @ |W_hat|^T; any lane or row mix-up would be off by whole outputs."""
+    """Every activation-row count 1..8 (and 9, 16, 32 on whole tiles), scales and bias: the output is the exact
+    result rounded to fp16 / bf16, give or take one unit in the last place and 2^-13 of the summed magnitudes
+    |x| @ |W_hat|^T (the int16 tables' error, measured up to 3e-5 of them: it shows where outputs cancel); a lane
+    or row mix-up would be off by whole outputs, a scale off by 0.2% fails too."""
     out, groups, K, k, d = case
     codes, codebooks, scales = make_weights(out, groups, K, k, d, cb_dtype=torch.float16, seed=out)
-    bias = torch.randn(out).to(dtype)
-    w = ref_vq_dequantize(codes, codebooks, scales).double()
     gen = torch.Generator().manual_seed(11)
+    bias = torch.randn(out, generator=gen).to(dtype)
+    w = ref_vq_dequantize(codes, codebooks, scales).double()
     row_counts = list(range(1, 9)) + ([9, 16, 32] if out >= 256 else [])   # 9..32: layers of a whole tile
     for rows in row_counts:
         assert rows > 8 or uses_lookup_table(out, groups, K, k, d, rows), "case no longer takes a table kernel"
@@ -149,7 +150,7 @@ def test_byte_plane_kernel(case, dtype):
         assert y.dtype == dtype and y.shape == (rows, out)
         exact = x.double() @ w.t() + bias.double()
         ulp = torch.finfo(dtype).eps * exact.abs().to(dtype).double().clamp_min(torch.finfo(dtype).tiny)
-        allowed = ulp + 2.0 ** -15 * (x.double().abs() @ w.abs().t())
+        allowed = ulp + 2.0 ** -13 * (x.double().abs() @ w.abs().t())
         assert ((y.double() - exact.to(dtype).double()).abs() <= allowed).all(), f"rows={rows}"
 
 
