@@ -56,18 +56,19 @@ def run(methods, bits_list, group_sizes, settings: dict, num_eval: int = 400, on
 
 def merge(results: list[dict]) -> dict:
     """One result from several runs (e.g. formats run in parallel processes, or methods rerun later with a
-    larger budget): a configuration (method, bits, group size) measured by several runs keeps the last run's row.
-    Each row keeps the settings of its run."""
+    larger budget): a configuration (method, bits, group size) measured by several runs keeps the last run's row,
+    and each layer timing the last run's too. Each row keeps the settings of its run."""
     if len({r["num_eval"] for r in results}) != 1:
         raise ValueError("merge: the runs evaluated different numbers of sentences")
     merged = dict(results[0], rows=[], layer_speed=[])
-    rows = {}
+    rows, speed = {}, {}
     for r in results:
         for row in r["rows"]:
             rows[(row["method"], row["bits"], row["group_size"])] = {"settings": r["settings"], **row}
-        merged["layer_speed"] += r["layer_speed"]
+        for s in r["layer_speed"]:   # likewise the latest timing of each layer shape, format and row count
+            speed[(s["shape"], s["bits"], s["group_size"], s["rows"])] = s
         merged["load_average"] = max(merged["load_average"], r["load_average"])
-    merged["rows"] = list(rows.values())
+    merged["rows"], merged["layer_speed"] = list(rows.values()), list(speed.values())
     # Runs made at different times keep every date.
     merged["date"] = " and ".join(dict.fromkeys(r["date"] for r in results))
     return merged
