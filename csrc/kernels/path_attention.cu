@@ -712,15 +712,7 @@ cudaError_t prepare(const Params& p, const CudaPlan& plan, cudaStream_t stream) 
 
 }  // namespace
 
-int device_smem_optin() {
-  int device = 0, value = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess || value <= 0) {
-    (void)cudaGetLastError();  // the failed query's error is ours; do not leave it for the next launch check
-    return kDefaultSmem;
-  }
-  return value;
-}
+int device_smem_optin() { return device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, kDefaultSmem); }
 
 cudaError_t launch_path_forward(const Params& p, const CudaPlan& plan, cudaStream_t stream) {
   cudaError_t err = prepare(p, plan, stream);
