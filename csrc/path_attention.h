@@ -265,6 +265,53 @@ inline void ut_backward(const UtGrad& g, float* dW, float* dK, float* dbeta) {
   }
 }
 
+// Scratch of one query chunk's backward (backward_query_chunk of both kernels) with `chunks_before` earlier chunks
+// in its sequence: the queries carried to each earlier chunk, then this chunk's row matrices.
+struct QueryChunkScratch {
+  float* states;   // Q0^(c) [chunks_before][C, d]
+  float* Q;        // [n, d]
+  float* R;        // d loss / d Q0^(c) [n, d]
+  float* dQ;       // [n, d]
+  float* Y;        // Q0^(c) W_c^T [n, C]
+  float* QW;       // tril(Q W^T) [n, C]
+  float* S;        // scores, then probabilities [n, C]
+  float* dL;       // d loss / d logit [n, C]
+  float* dM;       // intra-chunk dL [n, C]
+  float* dQW;      // [n, C]
+  float* dO;       // [n, dv]
+  float* Ob;       // [n, dv]
+  float* delta;    // [n]
+  float* lse;      // [n]
+  float* Gq;       // [n]
+};
+
+BLOCKOPS_HD int64_t query_chunk_scratch_floats(int64_t chunks_before, int d, int dv) {
+  const int64_t C = kChunk;
+  return (chunks_before + 3) * C * d + 6 * C * C + 2 * C * dv + 3 * C;
+}
+
+// Carves `buf` (query_chunk_scratch_floats(chunks_before, d, dv) floats) in the order above.
+BLOCKOPS_HD QueryChunkScratch query_chunk_scratch(float* buf, int64_t chunks_before, int d, int dv) {
+  const int64_t C = kChunk;
+  QueryChunkScratch s;
+  s.states = buf;
+  s.Q = s.states + chunks_before * C * d;
+  s.R = s.Q + C * d;
+  s.dQ = s.R + C * d;
+  s.Y = s.dQ + C * d;
+  s.QW = s.Y + C * C;
+  s.S = s.QW + C * C;
+  s.dL = s.S + C * C;
+  s.dM = s.dL + C * C;
+  s.dQW = s.dM + C * C;
+  s.dO = s.dQW + C * C;
+  s.Ob = s.dO + C * dv;
+  s.delta = s.Ob + C * dv;
+  s.lse = s.delta + C;
+  s.Gq = s.lse + C;
+  return s;
+}
+
 // One decoding step (path_decode_step), for every row b and key head h: each cached key j < len_b takes the new
 // token's transform, k_j <- k_j - beta (k_j . w) w (so the cache stays carried to the newest position); the token's
 // own key and value are appended at position len_b (untransformed: the diagonal); with a gate, G_last += g and

@@ -571,22 +571,9 @@ void backward_query_chunk(const Params& p, const BwdBuffers& bb, const Span& sp,
   const int n = static_cast<int>(std::min<int64_t>(C, sp.start + sp.len - t0));
   const int64_t row = (sp.b * p.heads + hq) * p.seq_len;
   auto chunk = [&](int64_t c) { return blocks + c * lay.size(); };
-  buf.assign(static_cast<size_t>((cq + 3) * C * d + 6 * C * C + 2 * C * dv + 3 * C), 0.f);
-  float* states = buf.data();                     // Q0^(c) [cq][C, d]
-  float* Q = states + cq * C * d;                 // [n, d]
-  float* R = Q + C * d;                           // d loss / d Q0^(c) [n, d]
-  float* dQ = R + C * d;                          // [n, d]
-  float* Y = dQ + C * d;                          // Q0^(c) W_c^T [n, C]
-  float* QW = Y + C * C;                          // tril(Q W^T) [n, C]
-  float* S = QW + C * C;                          // scores, then probabilities [n, C]
-  float* dL = S + C * C;                          // d loss / d logit [n, C]
-  float* dM = dL + C * C;                         // intra-chunk dL [n, C]
-  float* dQW = dM + C * C;                        // [n, C]
-  float* dO = dQW + C * C;                        // [n, dv]
-  float* Ob = dO + C * dv;                        // [n, dv]
-  float* delta = Ob + C * dv;                     // [n]
-  float* lse = delta + C;                         // [n]
-  float* Gq = lse + C;                            // [n]
+  buf.assign(static_cast<size_t>(query_chunk_scratch_floats(cq, d, dv)), 0.f);
+  const auto [states, Q, R, dQ, Y, QW, S, dL, dM, dQW, dO, Ob, delta, lse, Gq] =
+      query_chunk_scratch(buf.data(), cq, d, dv);
   for (int a = 0; a < n; ++a) {
     const int64_t tok = (sp.b * p.seq_len + t0 + a) * p.heads + hq;
     load_row(p.q, p.dtype, tok * d, d, Q + a * d);

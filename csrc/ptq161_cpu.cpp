@@ -128,6 +128,57 @@ void check_activation(const char* op, const char* arg, const at::Tensor& t, int6
   check_contiguous(t, op, arg);
 }
 
+Linear begin_linear(const char* op, const at::Tensor& x, const at::Tensor& perm, const at::Tensor& qsalient,
+                    const at::Tensor& salient_scale, const at::Tensor& salient_zero, const at::Tensor& signs,
+                    const at::Tensor& zero_signs, const at::Tensor& alpha, const at::Tensor& mu, const at::Tensor& r1,
+                    const at::Tensor& r2, int64_t num_salient, const c10::optional<at::Tensor>& bias) {
+  Linear ln;
+  ln.g = check_weight(op, perm, qsalient, salient_scale, salient_zero, signs, zero_signs, alpha, mu, r1, r2,
+                      num_salient, &ln.f);
+  check_activation(op, "x", x, ln.g.in, perm);
+  if (bias.has_value()) check_factor(op, "bias", *bias, ln.g.out, perm);
+  ln.out_sizes = x.sizes().vec();
+  ln.out_sizes.back() = ln.g.out;
+  ln.rows = x.numel() / std::max<int64_t>(ln.g.in, 1);
+  if (ln.rows == 0 || ln.g.out == 0) return ln;
+  ln.x32 = as_float(x.reshape({ln.rows, ln.g.in}));
+  return ln;
+}
+
+Backward begin_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& perm,
+                        const at::Tensor& qsalient, const at::Tensor& salient_scale, const at::Tensor& salient_zero,
+                        const at::Tensor& signs, const at::Tensor& zero_signs, const at::Tensor& alpha,
+                        const at::Tensor& mu, const at::Tensor& r1, const at::Tensor& r2, int64_t num_salient,
+                        bool need_input, bool need_factors) {
+  Backward b;
+  b.g = check_weight(op, perm, qsalient, salient_scale, salient_zero, signs, zero_signs, alpha, mu, r1, r2,
+                     num_salient, &b.f);
+  const Geometry& g = b.g;
+  check_activation(op, "x", x, g.in, perm);
+  check_activation(op, "grad_out", grad_out, g.out, perm);
+  b.rows = x.numel() / std::max<int64_t>(g.in, 1);
+  TORCH_CHECK(grad_out.numel() == b.rows * g.out, op, ": grad_out ", grad_out.sizes(), " does not match x ", x.sizes(),
+              " (", b.rows, " rows of ", g.out, " outputs)");
+  b.grad_x = need_input ? at::zeros(x.sizes(), x.options()) : at::empty({0}, x.options());
+  b.grad_alpha = need_factors ? at::zeros({g.out}, alpha.options()) : at::empty({0}, alpha.options());
+  b.grad_r1 = need_factors ? at::zeros({g.out}, r1.options()) : at::empty({0}, r1.options());
+  b.grad_r2 = need_factors ? at::zeros({g.in}, r2.options()) : at::empty({0}, r2.options());
+  if (b.rows == 0 || g.in == 0 || g.out == 0 || !(need_input || need_factors)) return b;
+  b.x32 = as_float(x.reshape({b.rows, g.in}));
+  b.gy = as_float(grad_out.reshape({b.rows, g.out}));
+  return b;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> Backward::outputs(const at::Tensor& grad_x32) const {
+  if (grad_x32.defined()) grad_x.copy_(grad_x32.view(grad_x.sizes()));
+  return {grad_x, grad_alpha, grad_r1, grad_r2};
+}
+
+void Backward::factor_grads(const at::Tensor& u, const at::Tensor& v) {
+  grad_alpha.copy_(f.r1 * (gy * u).sum(0));
+  grad_r1.copy_((gy * (f.alpha * u + f.mu * v)).sum(0));
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // The salient part through the lowbit family's 4-bit kernels
 // ---------------------------------------------------------------------------------------------------------
@@ -480,17 +531,14 @@ at::Tensor ptq161_linear_cpu(const at::Tensor& x, const at::Tensor& perm, const 
                              const at::Tensor& zero_signs, const at::Tensor& alpha, const at::Tensor& mu,
                              const at::Tensor& r1, const at::Tensor& r2, int64_t num_salient,
                              const c10::optional<at::Tensor>& bias) {
-  Factors f;
-  const Geometry g = check_weight(kLinear, perm, qsalient, salient_scale, salient_zero, signs, zero_signs, alpha, mu,
-                                  r1, r2, num_salient, &f);
-  check_activation(kLinear, "x", x, g.in, perm);
-  if (bias.has_value()) check_factor(kLinear, "bias", *bias, g.out, perm);
-  std::vector<int64_t> out_sizes = x.sizes().vec();
-  out_sizes.back() = g.out;
-  const int64_t rows = x.numel() / std::max<int64_t>(g.in, 1);
-  if (rows == 0 || g.out == 0) return at::zeros(out_sizes, x.options());
+  const Linear ln = begin_linear(kLinear, x, perm, qsalient, salient_scale, salient_zero, signs, zero_signs, alpha,
+                                 mu, r1, r2, num_salient, bias);
+  if (ln.done()) return at::zeros(ln.out_sizes, x.options());
   linear_counter.hit();
-  const at::Tensor x32 = as_float(x.reshape({rows, g.in}));
+  const Factors& f = ln.f;
+  const Geometry& g = ln.g;
+  const int64_t rows = ln.rows;
+  const at::Tensor& x32 = ln.x32;
   const Gathered xg = gather(x32, perm, f.r2, g, false);
   const at::Tensor u = sign_dot(xg.plain, signs, zero_signs, g);
   const at::Tensor v = xg.plain.sum(1);
@@ -512,7 +560,7 @@ at::Tensor ptq161_linear_cpu(const at::Tensor& x, const at::Tensor& perm, const 
       }
     }
   });
-  return y.to(x.scalar_type()).view(out_sizes);
+  return y.to(x.scalar_type()).view(ln.out_sizes);
 }
 
 // W_hat [out, in] fp32 in the original channel order: tasks take tiles of 16 rows (one line of each packed row), so
@@ -569,23 +617,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ptq161_linear_backwar
     const at::Tensor& salient_scale, const at::Tensor& salient_zero, const at::Tensor& signs,
     const at::Tensor& zero_signs, const at::Tensor& alpha, const at::Tensor& mu, const at::Tensor& r1,
     const at::Tensor& r2, int64_t num_salient, bool need_input, bool need_factors) {
-  Factors f;
-  const Geometry g = check_weight(kBackward, perm, qsalient, salient_scale, salient_zero, signs, zero_signs, alpha, mu,
-                                  r1, r2, num_salient, &f);
-  check_activation(kBackward, "x", x, g.in, perm);
-  check_activation(kBackward, "grad_out", grad_out, g.out, perm);
-  const int64_t rows = x.numel() / std::max<int64_t>(g.in, 1);
-  TORCH_CHECK(grad_out.numel() == rows * g.out, kBackward, ": grad_out ", grad_out.sizes(),
-              " does not match x ", x.sizes(), " (", rows, " rows of ", g.out, " outputs)");
+  Backward bw = begin_backward(kBackward, grad_out, x, perm, qsalient, salient_scale, salient_zero, signs, zero_signs,
+                               alpha, mu, r1, r2, num_salient, need_input, need_factors);
   backward_counter.hit();
-  at::Tensor grad_x = need_input ? at::zeros(x.sizes(), x.options()) : at::empty({0}, x.options());
-  at::Tensor ga = need_factors ? at::zeros({g.out}, alpha.options()) : at::empty({0}, alpha.options());
-  at::Tensor gr1 = need_factors ? at::zeros({g.out}, r1.options()) : at::empty({0}, r1.options());
-  at::Tensor gr2 = need_factors ? at::zeros({g.in}, r2.options()) : at::empty({0}, r2.options());
-  if (rows == 0 || g.in == 0 || g.out == 0 || !(need_input || need_factors)) return {grad_x, ga, gr1, gr2};
-  const at::Tensor x32 = as_float(x.reshape({rows, g.in}));
-  const at::Tensor gy = as_float(grad_out.reshape({rows, g.out}));
-  const Gathered xg = gather(x32, perm, f.r2, g, need_factors);
+  if (bw.done()) return bw.outputs();
+  const Factors& f = bw.f;
+  const Geometry& g = bw.g;
+  const int64_t rows = bw.rows;
+  const at::Tensor& gy = bw.gy;
+  const Gathered xg = gather(bw.x32, perm, f.r2, g, need_factors);
   // Zn: the +-1 part with G scaled by r1 alpha, plus the mu part (the same for every j).
   at::Tensor zn;
   if (g.plain() > 0) {
@@ -595,21 +635,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ptq161_linear_backwar
   }
   const int32_t* p = perm.const_data_ptr<int32_t>();
   if (need_factors) {
-    const at::Tensor u = sign_dot(xg.plain, signs, zero_signs, g);
-    const at::Tensor v = xg.plain.sum(1, /*keepdim=*/true);
-    ga.copy_(f.r1 * (gy * u).sum(0));
-    gr1.copy_((gy * (f.alpha * u + f.mu * v)).sum(0));
+    bw.factor_grads(sign_dot(xg.plain, signs, zero_signs, g), xg.plain.sum(1, /*keepdim=*/true));
     if (g.plain() > 0) {
       const at::Tensor per_j = (xg.plain_raw * zn).sum(0);
-      at::Tensor gr2_32 = at::zeros({g.in}, x32.options());
+      at::Tensor gr2_32 = at::zeros({g.in}, bw.x32.options());
       const float* src = per_j.const_data_ptr<float>();
       float* dst = gr2_32.mutable_data_ptr<float>();
       for (int64_t j = 0; j < g.plain(); ++j) dst[p[g.salient + j]] = src[j];
-      gr2.copy_(gr2_32);
+      bw.grad_r2.copy_(gr2_32);
     }
   }
+  at::Tensor gx32;
   if (need_input) {
-    at::Tensor gx32 = at::empty({rows, g.in}, x32.options());
+    gx32 = at::empty({rows, g.in}, bw.x32.options());
     float* dst = gx32.mutable_data_ptr<float>();
     const at::Tensor gs = g.salient > 0 ? lowbit_grad_input(gy, qsalient, salient_params(f, g)) : at::Tensor();
     const float* gsp = g.salient > 0 ? gs.const_data_ptr<float>() : nullptr;
@@ -624,9 +662,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ptq161_linear_backwar
         }
       }
     });
-    grad_x.copy_(gx32.view(x.sizes()));
   }
-  return {grad_x, ga, gr1, gr2};
+  return bw.outputs(gx32);
 }
 
 }  // namespace

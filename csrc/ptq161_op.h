@@ -3,6 +3,9 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <tuple>
+#include <vector>
+
 #include "ptq161.h"
 
 namespace blockops::ptq161 {
@@ -46,5 +49,42 @@ at::Tensor lowbit_grad_input(const at::Tensor& gy, const at::Tensor& qweight, co
 
 // An activation-like tensor [..., features]: fp16/bf16/fp32, perm's device, contiguous.
 void check_activation(const char* op, const char* arg, const at::Tensor& t, int64_t features, const at::Tensor& perm);
+
+// What ptq161_linear's CPU and CUDA kernels share: every argument checked, the output's sizes, x as fp32 [rows, in]
+// (undefined when done(): the output is all zeros).
+struct Linear {
+  Factors f;
+  Geometry g;
+  std::vector<int64_t> out_sizes;
+  int64_t rows;
+  at::Tensor x32;
+  bool done() const { return !x32.defined(); }
+};
+
+Linear begin_linear(const char* op, const at::Tensor& x, const at::Tensor& perm, const at::Tensor& qsalient,
+                    const at::Tensor& salient_scale, const at::Tensor& salient_zero, const at::Tensor& signs,
+                    const at::Tensor& zero_signs, const at::Tensor& alpha, const at::Tensor& mu, const at::Tensor& r1,
+                    const at::Tensor& r2, int64_t num_salient, const c10::optional<at::Tensor>& bias);
+
+// What ptq161_linear_backward's CPU and CUDA kernels share: every argument checked, the outputs allocated (zeros
+// where asked for, empty otherwise), x and grad_out as fp32 [rows, in] / [rows, out] (undefined when done()).
+struct Backward {
+  Factors f;
+  Geometry g;
+  int64_t rows;
+  at::Tensor grad_x, grad_alpha, grad_r1, grad_r2;
+  at::Tensor x32, gy;
+  bool done() const { return !x32.defined(); }   // nothing to compute: the outputs are final
+  // The four outputs; grad_x takes grad_x32 [rows, in] (fp32) when given.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs(const at::Tensor& grad_x32 = {}) const;
+  // grad_alpha and grad_r1 from U = x'^T b [rows, out] and V = the row sums of x' [rows, 1] (ptq161_cpu.cpp).
+  void factor_grads(const at::Tensor& u, const at::Tensor& v);
+};
+
+Backward begin_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& perm,
+                        const at::Tensor& qsalient, const at::Tensor& salient_scale, const at::Tensor& salient_zero,
+                        const at::Tensor& signs, const at::Tensor& zero_signs, const at::Tensor& alpha,
+                        const at::Tensor& mu, const at::Tensor& r1, const at::Tensor& r2, int64_t num_salient,
+                        bool need_input, bool need_factors);
 
 }  // namespace blockops::ptq161

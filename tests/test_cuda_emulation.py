@@ -75,7 +75,7 @@ def _inputs_digest(driver, kernels):
     h = hashlib.sha256()
     h.update(subprocess.run([CXX, "--version"], capture_output=True, text=True, check=True).stdout.encode())
     h.update(" ".join(FLAGS).encode())
-    files = [KERNELS / f"{k}.cu" for k in kernels] + [EMU / driver, EMU / "gen_emu.py", EMU / "ptx_emu.h"]
+    files = [KERNELS / f"{k}.cu" for k in kernels] + [EMU / driver, EMU / "gen_emu.py"] + sorted(EMU.glob("*.h"))
     files += sorted((EMU / "fake").glob("*.h")) + sorted((EMU / "fake").glob("*.cuh"))
     files += sorted(p for p in (ROOT / "csrc").rglob("*") if p.suffix in (".h", ".cuh"))
     for f in files:

@@ -716,18 +716,7 @@ int head_bucket(const FwdParams& p) {
   return dim <= 64 ? 64 : dim <= 128 ? 128 : 256;
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
-int max_dynamic_smem() {
-  int device = 0;
-  int value = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess || value <= 0) {
-    (void)cudaGetLastError();  // the failed query's error is ours; do not leave it for the next launch check
-    return kDefaultSmem;
-  }
-  return value;
-}
+int max_dynamic_smem() { return device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, kDefaultSmem); }
 
 // Sets the opt-in when `smem` exceeds the default, then launches.
 template <typename Kernel, typename Params>

@@ -1,7 +1,9 @@
-// Device-side loads, stores and packing of the floating dtypes, shared by every CUDA kernel family.
+// Device-side loads, stores and packing of the floating dtypes, shared by every CUDA kernel family, and the host-side
+// checks their launchers share (device attributes, operand alignment).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
 
 #include <cstdint>
 #include <cstring>
@@ -44,5 +46,21 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   }
   return u;
 }
+
+// An attribute of the current device, or `fallback` when the query fails (no device, no context) or reports
+// nothing: launchers size their grids and shared memory from it.
+inline int device_attribute(cudaDeviceAttr attr, int fallback) {
+  int device = 0;
+  int value = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&value, attr, device) != cudaSuccess ||
+      value <= 0) {
+    (void)cudaGetLastError();  // the failed query's error is ours; do not leave it for the next launch check
+    return fallback;
+  }
+  return value;
+}
+
+// 16-byte alignment: what cp.async, ldmatrix and the vector loads of the tensor-core kernels need.
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 }  // namespace blockops

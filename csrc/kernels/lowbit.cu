@@ -372,16 +372,7 @@ bool valid_geometry(const Geometry& g) {
          g.in >= 0 && g.out >= 0 && g.in % g.group_size == 0;
 }
 
-int multiprocessor_count() {
-  int device = 0;
-  int sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) {
-    (void)cudaGetLastError();  // the failed query's error is ours; do not leave it for the next launch check
-    return kFallbackSms;
-  }
-  return sms;
-}
+int multiprocessor_count() { return device_attribute(cudaDevAttrMultiProcessorCount, kFallbackSms); }
 
 }  // namespace
 

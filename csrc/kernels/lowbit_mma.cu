@@ -448,19 +448,6 @@ bool valid_geometry(const Geometry& g) {
          g.in >= 0 && g.out >= 0 && g.in % g.group_size == 0;
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-int device_attribute(cudaDeviceAttr attr, int fallback) {
-  int device = 0;
-  int value = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&value, attr, device) != cudaSuccess ||
-      value <= 0) {
-    (void)cudaGetLastError();  // the failed query's error is ours; do not leave it for the next launch check
-    return fallback;
-  }
-  return value;
-}
-
 size_t smem_bytes(const GemvParams& p) {
   return size_t{kStages} * stage_layout(p.g.bits, mtiles_for(p.m), p.g.group_size, p.param_type).bytes;
 }

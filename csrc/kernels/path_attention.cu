@@ -167,6 +167,34 @@ __device__ __forceinline__ int64_t token(const Params& p, const ChunkRef& cr, in
   return (cr.b * p.seq_len + cr.t0 + a) * heads + h;
 }
 
+// Shared memory of the kernels with one block per (key head, chunk), pass 1 and the UT backward (kUtSmemBytes):
+// chunk_ut's operands for n <= C rows.
+struct UtWorkspace {
+  float* gram;   // [n, n]
+  float* wk;     // [n, n]
+  float* T;      // [n, n]
+  float* U;      // [n, n]
+  float* beta;   // [n]
+};
+
+// Loads beta of chunk cr (key head hk) into the workspace at `smem`, then runs chunk_ut on the chunk's rows W, K
+// [n, d] (already in place).
+__device__ UtWorkspace chunk_ut_in_smem(int4* smem, const Params& p, const ChunkRef& cr, int64_t hk, const float* W,
+                                        const float* K) {
+  UtWorkspace ws;
+  ws.gram = reinterpret_cast<float*>(smem);
+  ws.wk = ws.gram + C * C;
+  ws.T = ws.wk + C * C;
+  ws.U = ws.T + C * C;
+  ws.beta = ws.U + C * C;
+  const int n = static_cast<int>(cr.n);
+  for (int a = threadIdx.x; a < n; a += blockDim.x)
+    ws.beta[a] = load_float(p.beta, p.beta_dtype, token(p, cr, a, p.kv_heads, hk));
+  __syncthreads();
+  chunk_ut(n, p.head_dim, W, K, ws.beta, ws.gram, ws.wk, ws.T, ws.U);
+  return ws;
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Gate prefix and its gradient
 // ---------------------------------------------------------------------------------------------------------
@@ -200,11 +228,6 @@ __global__ void __launch_bounds__(kThreads) gate_grad_kernel(const Params p, con
 
 __global__ void __launch_bounds__(kThreads) prepare_chunks_kernel(const Params p, const CudaPlan plan) {
   extern __shared__ int4 smem_raw[];
-  float* gram = reinterpret_cast<float*>(smem_raw);   // [n, n]
-  float* wk = gram + C * C;                            // [n, n]
-  float* T = wk + C * C;                               // [n, n]
-  float* U = T + C * C;                                // [n, n]
-  float* beta = U + C * C;                             // [n]
   const int64_t hk = blockIdx.x / plan.total_chunks, gc = blockIdx.x % plan.total_chunks;
   const ChunkRef cr = plan.chunks[gc];
   const int n = static_cast<int>(cr.n), d = p.head_dim, dv = p.v_dim;
@@ -220,9 +243,7 @@ __global__ void __launch_bounds__(kThreads) prepare_chunks_kernel(const Params p
   }
   for (int idx = threadIdx.x; idx < n * dv; idx += blockDim.x)
     V[idx] = load_float(p.v, p.dtype, token(p, cr, idx / dv, p.kv_heads, hk) * dv + idx % dv);
-  for (int a = threadIdx.x; a < n; a += blockDim.x) beta[a] = load_float(p.beta, p.beta_dtype, token(p, cr, a, p.kv_heads, hk));
-  __syncthreads();
-  chunk_ut(n, d, W, K, beta, gram, wk, T, U);
+  const auto [gram, wk, T, U, beta] = chunk_ut_in_smem(smem_raw, p, cr, hk, W, K);
   float* TDW = blk + lay.tdw();
   float* Kbar = blk + lay.kbar();
   for (int idx = threadIdx.x; idx < n * d; idx += blockDim.x) {
@@ -399,22 +420,8 @@ __device__ void backward_query_chunk(const Params& p, const CudaPlan& plan, cons
   const int64_t row = (sp.b * p.heads + hq) * p.seq_len;
   auto chunk = [&](int64_t c) { return plan.blocks + (hk * plan.total_chunks + first + c) * lay.size(); };
   auto grads = [&](int64_t c) { return bb.grads + (hk * plan.total_chunks + first + c) * glay.size(); };
-  block_fill(buf, (cq + 3) * C * d + 6 * C * C + 2 * C * dv + 3 * C, 0.f);
-  float* states = buf;                 // Q0^(c) [cq][C, d]
-  float* Q = states + cq * C * d;      // [n, d]
-  float* R = Q + C * d;                // d loss / d Q0^(c) [n, d]
-  float* dQ = R + C * d;               // [n, d]
-  float* Y = dQ + C * d;               // Q0^(c) W_c^T [n, C]
-  float* QW = Y + C * C;               // tril(Q W^T) [n, C]
-  float* S = QW + C * C;               // scores, then probabilities [n, C]
-  float* dL = S + C * C;               // d loss / d logit [n, C]
-  float* dM = dL + C * C;              // intra-chunk dL [n, C]
-  float* dQW = dM + C * C;             // [n, C]
-  float* dO = dQW + C * C;             // [n, dv]
-  float* Ob = dO + C * dv;             // [n, dv]
-  float* delta = Ob + C * dv;          // [n]
-  float* lse = delta + C;              // [n]
-  float* Gq = lse + C;                 // [n]
+  block_fill(buf, query_chunk_scratch_floats(cq, d, dv), 0.f);
+  const auto [states, Q, R, dQ, Y, QW, S, dL, dM, dQW, dO, Ob, delta, lse, Gq] = query_chunk_scratch(buf, cq, d, dv);
   for (int idx = threadIdx.x; idx < n * d; idx += blockDim.x)
     Q[idx] = load_float(p.q, p.dtype, token(p, cr, idx / d, p.heads, hq) * d + idx % d);
   for (int idx = threadIdx.x; idx < n * dv; idx += blockDim.x) {
@@ -537,11 +544,6 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const Params p, cons
 // dbeta.
 __global__ void __launch_bounds__(kThreads) ut_backward_kernel(const Params p, const CudaPlan plan, const BwdArgs bb) {
   extern __shared__ int4 smem_raw[];
-  float* gram = reinterpret_cast<float*>(smem_raw);   // [n, n]
-  float* wk = gram + C * C;                            // [n, n]
-  float* T = wk + C * C;                               // [n, n]
-  float* U = T + C * C;                                // [n, n]
-  float* beta = U + C * C;                             // [n]
   const int64_t hk = blockIdx.x / plan.total_chunks, gc = blockIdx.x % plan.total_chunks;
   const ChunkRef cr = plan.chunks[gc];
   const int n = static_cast<int>(cr.n), d = p.head_dim, dv = p.v_dim;
@@ -551,9 +553,7 @@ __global__ void __launch_bounds__(kThreads) ut_backward_kernel(const Params p, c
   float* gs = bb.grads + (hk * plan.total_chunks + gc) * glay.size();
   const float* W = blk + lay.w();
   const float* K = blk + lay.k();
-  for (int a = threadIdx.x; a < n; a += blockDim.x) beta[a] = load_float(p.beta, p.beta_dtype, token(p, cr, a, p.kv_heads, hk));
-  __syncthreads();
-  chunk_ut(n, d, W, K, beta, gram, wk, T, U);
+  const auto [gram, wk, T, U, beta] = chunk_ut_in_smem(smem_raw, p, cr, hk, W, K);
   block_copy(n, n, gs + glay.du(), C, gs + glay.duc(), n);
   const UtGrad g{n, d, W, K, beta, gram, wk, T, U, gs + glay.dkbar(), gs + glay.dtdw(), gs + glay.duc(),
                  gs + glay.dt(), gs + glay.dz(), gs + glay.tmp(), gs + glay.da(), gs + glay.dy()};
@@ -712,15 +712,7 @@ cudaError_t prepare(const Params& p, const CudaPlan& plan, cudaStream_t stream) 
 
 }  // namespace
 
-int device_smem_optin() {
-  int device = 0, value = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess || value <= 0) {
-    (void)cudaGetLastError();  // the failed query's error is ours; do not leave it for the next launch check
-    return kDefaultSmem;
-  }
-  return value;
-}
+int device_smem_optin() { return device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, kDefaultSmem); }
 
 cudaError_t launch_path_forward(const Params& p, const CudaPlan& plan, cudaStream_t stream) {
   cudaError_t err = prepare(p, plan, stream);

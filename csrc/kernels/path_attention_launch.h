@@ -83,11 +83,10 @@ struct BwdArgs {
   float* scratch;          // [n_spans * H, bwd_scratch_floats] fp32
 };
 
-// Per (sequence, key head) scratch of the backward: the carried queries of every earlier chunk and the
-// per-query-chunk matrices (as the CPU kernel's).
+// Per (sequence, key head) scratch of the backward: one query chunk's (path_attention.h, QueryChunkScratch) for
+// the longest sequence.
 BLOCKOPS_HD int64_t bwd_scratch_floats(const Params& p, const CudaPlan& plan) {
-  const int64_t C = kChunk, d = p.head_dim, dv = p.v_dim;
-  return (plan.max_span_chunks + 3) * C * d + 6 * C * C + 2 * C * dv + 3 * C;
+  return query_chunk_scratch_floats(plan.max_span_chunks, p.head_dim, p.v_dim);
 }
 cudaError_t launch_path_backward(const Params& p, const CudaPlan& plan, const BwdArgs& bb, cudaStream_t stream);
 

@@ -82,25 +82,19 @@ at::Tensor ptq161_linear_cuda(const at::Tensor& x, const at::Tensor& perm, const
                               const at::Tensor& zero_signs, const at::Tensor& alpha, const at::Tensor& mu,
                               const at::Tensor& r1, const at::Tensor& r2, int64_t num_salient,
                               const c10::optional<at::Tensor>& bias) {
-  constexpr const char* op = "blockops.ptq161_linear";
-  Factors f;
-  const Geometry g = check_weight(op, perm, qsalient, salient_scale, salient_zero, signs, zero_signs, alpha, mu, r1, r2,
-                                  num_salient, &f);
-  check_activation(op, "x", x, g.in, perm);
-  if (bias.has_value()) check_factor(op, "bias", *bias, g.out, perm);
+  const Linear ln = begin_linear("blockops.ptq161_linear", x, perm, qsalient, salient_scale, salient_zero, signs,
+                                 zero_signs, alpha, mu, r1, r2, num_salient, bias);
   const c10::cuda::CUDAGuard guard(x.device());
-  std::vector<int64_t> out_sizes = x.sizes().vec();
-  out_sizes.back() = g.out;
-  const int64_t rows = x.numel() / std::max<int64_t>(g.in, 1);
-  if (rows == 0 || g.out == 0) return at::zeros(out_sizes, x.options());
+  if (ln.done()) return at::zeros(ln.out_sizes, x.options());
   linear_counter.hit();
-  const at::Tensor x32 = as_float(x.reshape({rows, g.in}));
-  const Gathered xg = gather(x32, perm, f.r2, g);
+  const Factors& f = ln.f;
+  const Geometry& g = ln.g;
+  const Gathered xg = gather(ln.x32, perm, f.r2, g);
   const at::Tensor u = sign_dot(xg.plain, signs, zero_signs, g);
   at::Tensor y = f.r1 * (f.alpha * u + f.mu * xg.plain.sum(1, /*keepdim=*/true));
   if (g.salient > 0) y.add_(lowbit_linear(xg.salient, qsalient, salient_params(f, g)));
   if (bias.has_value()) y.add_(as_float(*bias));
-  return y.to(x.scalar_type()).view(out_sizes);
+  return y.to(x.scalar_type()).view(ln.out_sizes);
 }
 
 // W_hat [out, in] fp32, original channel order.
@@ -136,42 +130,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ptq161_linear_backwar
     const at::Tensor& salient_scale, const at::Tensor& salient_zero, const at::Tensor& signs,
     const at::Tensor& zero_signs, const at::Tensor& alpha, const at::Tensor& mu, const at::Tensor& r1,
     const at::Tensor& r2, int64_t num_salient, bool need_input, bool need_factors) {
-  constexpr const char* op = "blockops.ptq161_linear_backward";
-  Factors f;
-  const Geometry g = check_weight(op, perm, qsalient, salient_scale, salient_zero, signs, zero_signs, alpha, mu, r1, r2,
-                                  num_salient, &f);
-  check_activation(op, "x", x, g.in, perm);
-  check_activation(op, "grad_out", grad_out, g.out, perm);
-  const int64_t rows = x.numel() / std::max<int64_t>(g.in, 1);
-  TORCH_CHECK(grad_out.numel() == rows * g.out, op, ": grad_out ", grad_out.sizes(), " does not match x ", x.sizes());
+  Backward bw = begin_backward("blockops.ptq161_linear_backward", grad_out, x, perm, qsalient, salient_scale,
+                               salient_zero, signs, zero_signs, alpha, mu, r1, r2, num_salient, need_input,
+                               need_factors);
   const c10::cuda::CUDAGuard guard(x.device());
   backward_counter.hit();
-  at::Tensor grad_x = need_input ? at::zeros(x.sizes(), x.options()) : at::empty({0}, x.options());
-  at::Tensor ga = need_factors ? at::zeros({g.out}, alpha.options()) : at::empty({0}, alpha.options());
-  at::Tensor gr1 = need_factors ? at::zeros({g.out}, r1.options()) : at::empty({0}, r1.options());
-  at::Tensor gr2 = need_factors ? at::zeros({g.in}, r2.options()) : at::empty({0}, r2.options());
-  if (rows == 0 || g.in == 0 || g.out == 0 || !(need_input || need_factors)) return {grad_x, ga, gr1, gr2};
-  const at::Tensor x32 = as_float(x.reshape({rows, g.in}));
-  const at::Tensor gy = as_float(grad_out.reshape({rows, g.out}));
-  const Gathered xg = gather(x32, perm, f.r2, g);
+  if (bw.done()) return bw.outputs();
+  const Factors& f = bw.f;
+  const Geometry& g = bw.g;
+  const at::Tensor& gy = bw.gy;
+  const Gathered xg = gather(bw.x32, perm, f.r2, g);
   const at::Tensor p = perm.to(at::kLong);
   const at::Tensor rest = p.narrow(0, g.salient, g.plain());
   const at::Tensor b = decode_signs(signs, zero_signs, g);                     // [N, out]
   const at::Tensor zn = at::mm(gy, (f.r1 * (f.alpha * b + f.mu)).t());        // [rows, N]
   if (need_factors) {
-    const at::Tensor u = at::mm(xg.plain.narrow(1, 0, g.plain()), b);
-    const at::Tensor v = xg.plain.sum(1, /*keepdim=*/true);
-    ga.copy_(f.r1 * (gy * u).sum(0));
-    gr1.copy_((gy * (f.alpha * u + f.mu * v)).sum(0));
-    gr2.index_copy_(0, rest, (xg.raw * zn).sum(0).to(r2.scalar_type()));
+    bw.factor_grads(at::mm(xg.plain.narrow(1, 0, g.plain()), b), xg.plain.sum(1, /*keepdim=*/true));
+    bw.grad_r2.index_copy_(0, rest, (xg.raw * zn).sum(0).to(r2.scalar_type()));
   }
+  at::Tensor gx32;
   if (need_input) {
-    at::Tensor gx32 = at::zeros({rows, g.in}, x32.options());
+    gx32 = at::zeros({bw.rows, g.in}, bw.x32.options());
     if (g.salient > 0) gx32.index_copy_(1, p.narrow(0, 0, g.salient), at::mm(gy, decode_high(qsalient, f, g).t()));
     gx32.index_copy_(1, rest, zn * f.r2.index_select(0, rest));
-    grad_x.copy_(gx32.view(x.sizes()));
   }
-  return {grad_x, ga, gr1, gr2};
+  return bw.outputs(gx32);
 }
 
 }  // namespace

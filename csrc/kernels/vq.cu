@@ -155,19 +155,6 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-int device_attribute(cudaDeviceAttr attr, int fallback) {
-  int device = 0;
-  int value = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&value, attr, device) != cudaSuccess ||
-      value <= 0) {
-    (void)cudaGetLastError();  // the failed query's error is ours; do not leave it for the next launch check
-    return fallback;
-  }
-  return value;
-}
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 constexpr int kDefaultSmem = 48 * 1024;  // dynamic smem above this needs the per-kernel opt-in
 constexpr int kFallbackSms = 132;        // H100 / H200, when the device query fails
 

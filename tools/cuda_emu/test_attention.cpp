@@ -15,6 +15,7 @@
 #include <cuda_fp16.h>
 
 #include "attention_launch.h"
+#include "harness.h"
 
 extern bool emu_allow_mma;
 using namespace blockops;
@@ -22,32 +23,6 @@ using namespace blockops::attention;
 
 static std::mt19937 rng(1234);
 static double urand(double a, double b) { return std::uniform_real_distribution<double>(a, b)(rng); }
-
-static const char* dname(DType t) { return t == DType::kF32 ? "f32" : t == DType::kF16 ? "f16" : "bf16"; }
-static int esize(DType t) { return t == DType::kF32 ? 4 : 2; }
-static double round_to(DType t, double v) {
-  if (t == DType::kF32) return (float)v;
-  if (t == DType::kF16) return __half2float(__float2half_rn((float)v));
-  return __bfloat162float(__float2bfloat16_rn((float)v));
-}
-static void put(DType t, void* p, int64_t i, double v) {
-  if (t == DType::kF32) static_cast<float*>(p)[i] = (float)v;
-  else if (t == DType::kF16) static_cast<__half*>(p)[i] = __float2half_rn((float)v);
-  else static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn((float)v);
-}
-static double get(DType t, const void* p, int64_t i) {
-  if (t == DType::kF32) return static_cast<const float*>(p)[i];
-  if (t == DType::kF16) return __half2float(static_cast<const __half*>(p)[i]);
-  return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-}
-
-// Exact-size heap buffer (16-byte aligned start; ASan redzone right after the last byte).
-struct Buf {
-  void* p = nullptr;
-  explicit Buf(size_t bytes) { if (posix_memalign(&p, 64, bytes ? bytes : 1) != 0) abort(); memset(p, 0xFF, bytes); }
-  ~Buf() { free(p); }
-  Buf(const Buf&) = delete;
-};
 
 enum MaskKind { kRandom, kCausal, kEmptyRows, kDense, kNone };
 
@@ -65,7 +40,6 @@ struct Case {
   bool glse = false;     // a gradient arriving at lse too
 };
 
-static int failures = 0, cases = 0;
 static double worst_ratio = 0;  // max over checks of error / bound: how close the passing cases come
 
 struct Lists {
@@ -325,13 +299,13 @@ static bool run_case(const Case& c) {
 }
 
 int main(int argc, char** argv) {
-  const std::string section = argc > 1 ? argv[1] : "simple";
+  const Sections section(argc, argv, "simple");
   // EMU_QUICK (CI): in "simple", the block-size pairs (bq, bkv) with an even sum of indices (every bq and every
   // bkv, all three dtypes) and no 30 s causal fp32 case (causal masks stay covered by "mma").
   const bool quick = getenv("EMU_QUICK") != nullptr;
   std::vector<Case> cs;
   const DType dts[3] = {DType::kF32, DType::kF16, DType::kBF16};
-  if (section == "simple" || section == "all") {
+  if (section("simple")) {
     // Every block-size pair once (random partial/full mask, invalid entries, backward), dtypes rotating.
     const int bs[4] = {16, 32, 64, 128};
     int n = 0;
@@ -351,7 +325,7 @@ int main(int argc, char** argv) {
     cs.push_back({1, 1, 1, 40, 50, 256, 256, 32, 32, DType::kF16, kRandom, false, false, true, false, true, false, 1.0});
     cs.push_back({1, 2, 1, 64, 64, 32, 32, 64, 16, DType::kF32, kRandom, false, true, false, false, true, false, 6.0});
   }
-  if (section == "garbage" || section == "all") {
+  if (section("garbage")) {
     for (const bool mma : {false, true})
       for (const DType dt : {DType::kF16, DType::kBF16, DType::kF32}) {
         if (mma && dt == DType::kF32) continue;
@@ -359,7 +333,7 @@ int main(int argc, char** argv) {
         cs.push_back({1, 2, 2, 70, 40, 64, 64, 32, 16, dt, kRandom, false, true, true, false, true, mma, 1.0, true});
       }
   }
-  if (section == "mma" || section == "all") {
+  if (section("mma")) {
     // Tensor-core forward and backward: every block-size pair, head dims across the buckets, fp16 and bf16.
     const int bs[4] = {16, 32, 64, 128};
     const int dims[6][2] = {{64, 64}, {128, 128}, {40, 72}, {72, 40}, {8, 16}, {96, 128}};
@@ -383,6 +357,5 @@ int main(int argc, char** argv) {
     run_case(c);
     if (getenv("EMU_VERBOSE")) printf("  %.1f s\n", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
-  printf("%s: %d cases, %d failures, worst error / bound %.3f\n", section.c_str(), cases, failures, worst_ratio);
-  return failures ? 1 : 0;
+  return summary(" section %s, worst error / bound %.3f", section.chosen.c_str(), worst_ratio);
 }

@@ -13,29 +13,12 @@
 #include <vector>
 
 #include "block_cache_launch.h"
+#include "harness.h"
 using namespace blockops::block_cache;
 using blockops::DType;
 
 static std::mt19937 rng(4321);
 static float urand(float a, float b) { return std::uniform_real_distribution<float>(a, b)(rng); }
-
-template <typename T> static T cvt(float f);
-template <> float cvt<float>(float f) { return f; }
-template <> __half cvt<__half>(float f) { return __float2half_rn(f); }
-template <> __nv_bfloat16 cvt<__nv_bfloat16>(float f) { return __float2bfloat16_rn(f); }
-static float back(float f) { return f; }
-static float back(__half h) { return __half2float(h); }
-static float back(__nv_bfloat16 h) { return __bfloat162float(h); }
-template <typename T> DType dt();
-template <> DType dt<float>() { return DType::kF32; }
-template <> DType dt<__half>() { return DType::kF16; }
-template <> DType dt<__nv_bfloat16>() { return DType::kBF16; }
-
-static int failures = 0, cases = 0;
-static void report(bool ok, const char* what, const char* cfg) {
-  ++cases;
-  if (!ok) { ++failures; printf("FAIL %s %s\n", what, cfg); }
-}
 
 template <typename T>
 static std::vector<T> random_tensor(int64_t n) {
@@ -152,6 +135,5 @@ int main() {
   test_update<__half>(cvt<__half>(0.f), GateType::kF16, true, false);
   test_update<__nv_bfloat16>(cvt<__nv_bfloat16>(0.f), GateType::kBF16, true, false);
   test_update<__nv_bfloat16>(cvt<__nv_bfloat16>(3.f), GateType::kBF16, true, true);
-  printf("cases: %d failures: %d launches: %ld\n", cases, failures, emu_launches);
-  return failures != 0;
+  return summary();
 }

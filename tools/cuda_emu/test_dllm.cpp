@@ -13,29 +13,12 @@
 #include <vector>
 
 #include "dllm_launch.h"
+#include "harness.h"
 using namespace blockops::dllm;
 using blockops::DType;
 
 static std::mt19937 rng(4321);
 static float urand(float a, float b) { return std::uniform_real_distribution<float>(a, b)(rng); }
-static int failures = 0, cases = 0;
-
-template <typename T> static T cvt(float f);
-template <> float cvt<float>(float f) { return f; }
-template <> __half cvt<__half>(float f) { return __float2half_rn(f); }
-template <> __nv_bfloat16 cvt<__nv_bfloat16>(float f) { return __float2bfloat16_rn(f); }
-static float back(float f) { return f; }
-static float back(__half h) { return __half2float(h); }
-static float back(__nv_bfloat16 h) { return __bfloat162float(h); }
-template <typename T> DType dt();
-template <> DType dt<float>() { return DType::kF32; }
-template <> DType dt<__half>() { return DType::kF16; }
-template <> DType dt<__nv_bfloat16>() { return DType::kBF16; }
-
-static void fail(const char* what, const char* cfg) {
-  ++failures;
-  printf("FAIL %s %s\n", what, cfg);
-}
 
 struct Case {
   int64_t B, L, V;
@@ -184,9 +167,8 @@ static void test_overwrite(int64_t B, int64_t H, int64_t S, int64_t D, int64_t n
 
 int main(int argc, char** argv) {
   const bool quick = getenv("EMU_QUICK") != nullptr;
-  const char* section = argc > 1 ? argv[1] : "all";
-  const bool all = strcmp(section, "all") == 0;
-  if (all || strcmp(section, "unmask") == 0) {
+  const Sections section(argc, argv, "all");
+  if (section("unmask")) {
     const Case grid[] = {
         {1, 1, 1, false, 0.9f, 0, false, 0, 3},          // one logit: confidence 1
         {2, 9, 31, false, 0.3f, 0, true, 0, 3},          // V below a warp
@@ -208,13 +190,12 @@ int main(int argc, char** argv) {
       }
     }
   }
-  if (all || strcmp(section, "overwrite") == 0) {
+  if (section("overwrite")) {
     for (bool oor : {false, true}) {
       test_overwrite<float>(3, 2, 19, 24, 5, oor);
       test_overwrite<__half>(2, 3, 8, 72, 8, oor);
       test_overwrite<__nv_bfloat16>(1, 1, 33, 40, 1, oor);
     }
   }
-  printf("cases: %d failures: %d launches: %ld\n", cases, failures, emu_launches);
-  return failures != 0;
+  return summary();
 }

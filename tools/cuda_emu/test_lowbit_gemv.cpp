@@ -10,24 +10,13 @@
 #include <random>
 #include <vector>
 
+#include "harness.h"
 #include "lowbit_launch.h"
 using namespace blockops::lowbit;
 using blockops::DType;  // dtype.h: shared by every kernel family
 
 static std::mt19937 rng(1234);
 static float urand(float a, float b) { return std::uniform_real_distribution<float>(a, b)(rng); }
-
-template <typename T> static T cvt(float f);
-template <> float cvt<float>(float f) { return f; }
-template <> __half cvt<__half>(float f) { return __float2half_rn(f); }
-template <> __nv_bfloat16 cvt<__nv_bfloat16>(float f) { return __float2bfloat16_rn(f); }
-static float back(float f) { return f; }
-static float back(__half h) { return __half2float(h); }
-static float back(__nv_bfloat16 h) { return __bfloat162float(h); }
-template <typename T> DType dt();
-template <> DType dt<float>() { return DType::kF32; }
-template <> DType dt<__half>() { return DType::kF16; }
-template <> DType dt<__nv_bfloat16>() { return DType::kBF16; }
 
 struct Weight {
   Geometry g; std::vector<int> codes;  // [in, out]
@@ -46,12 +35,6 @@ static Weight make_weight(int64_t in, int64_t out, int bits, int gs, bool frac_z
   for (auto& v : w.s) v = urand(0.01f, 0.1f);
   for (auto& v : w.z) v = frac_zero ? urand(0, (1 << bits) - 1) : float(rng() % (1 << bits));
   return w;
-}
-
-static int failures = 0, cases = 0;
-static void report(const char* what, double err, double tol, const char* cfg) {
-  ++cases;
-  if (!(err <= tol)) { ++failures; printf("FAIL %s %s err=%g tol=%g\n", what, cfg, err, tol); }
 }
 
 template <typename TX, typename TS, typename TB>
@@ -166,6 +149,5 @@ int main() {
     test_grad<float>(gs * 5, 13, bits, gs);
     test_grad<__half>(gs * 3, 40, bits, gs);
   }
-  printf("cases: %d failures: %d launches: %ld\n", cases, failures, emu_launches);
-  return failures != 0;
+  return summary();
 }

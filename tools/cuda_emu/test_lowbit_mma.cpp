@@ -3,6 +3,7 @@
 // source is included, not linked, for its internals (tile_k, the emulated fragment maps); the split-K epilogue
 // comes from the emulated lowbit.cu, linked in.
 #include "lowbit_mma_emu.cpp"
+#include "harness.h"
 #include <algorithm>
 #include <cstdio>
 #include <random>
@@ -13,31 +14,6 @@ using blockops::mma::emu_a_coord, blockops::mma::emu_b_coord, blockops::mma::emu
 
 static std::mt19937 rng(4321);
 static float urand(float a, float b) { return std::uniform_real_distribution<float>(a, b)(rng); }
-
-template <typename T> static T cvt(float f);
-template <> float cvt<float>(float f) { return f; }
-template <> __half cvt<__half>(float f) { return __float2half_rn(f); }
-template <> __nv_bfloat16 cvt<__nv_bfloat16>(float f) { return __float2bfloat16_rn(f); }
-static double back(float f) { return f; }
-static double back(__half h) { return __half2float(h); }
-static double back(__nv_bfloat16 h) { return __bfloat162float(h); }
-template <typename T> DType dt();
-template <> DType dt<float>() { return DType::kF32; }
-template <> DType dt<__half>() { return DType::kF16; }
-template <> DType dt<__nv_bfloat16>() { return DType::kBF16; }
-static const char* dname(DType t) { return t == DType::kF32 ? "f32" : t == DType::kF16 ? "f16" : "bf16"; }
-
-// Heap buffer with 16-byte alignment and exact size (ASan redzones right after the last element).
-template <typename T> struct Buf {
-  T* p = nullptr; size_t n = 0;
-  explicit Buf(size_t count, size_t offset_elems = 0) : n(count) {
-    void* v; if (posix_memalign(&v, 64, (count + offset_elems) * sizeof(T) + 1) != 0) abort();
-    base = v; p = static_cast<T*>(v) + offset_elems;
-  }
-  ~Buf() { free(base); }
-  T& operator[](size_t i) { return p[i]; }
-  void* base;
-};
 
 struct Weight { Geometry g; std::vector<int> codes; std::vector<int32_t> qweight; std::vector<float> s, z; };
 static Weight make_weight(int64_t in, int64_t out, int bits, int gs, bool frac_zero) {
@@ -55,7 +31,6 @@ static Weight make_weight(int64_t in, int64_t out, int bits, int gs, bool frac_z
   return w;
 }
 
-static int failures = 0, cases = 0;
 static double worst_rel = 0, worst_ratio = 0;
 
 struct Case { int bits, gs; int64_t m, in, out; bool bias; int splits; bool frac_zero; const char* note; };
@@ -64,17 +39,17 @@ template <typename TX, typename TS, typename TB>
 static void run_case(const Case& c) {
   ++cases;
   Weight w = make_weight(c.in, c.out, c.bits, c.gs, c.frac_zero);
-  Buf<TS> s(w.s.size()), z(w.z.size());
+  TypedBuf<TS> s(w.s.size()), z(w.z.size());
   for (size_t i = 0; i < w.s.size(); ++i) { s[i] = cvt<TS>(w.s[i]); z[i] = cvt<TS>(w.z[i]); }
-  Buf<TX> x(c.m * c.in);
+  TypedBuf<TX> x(c.m * c.in);
   for (size_t i = 0; i < x.n; ++i) x[i] = cvt<TX>(urand(-1, 1));
-  Buf<TB> b(c.out);
+  TypedBuf<TB> b(c.out);
   for (size_t i = 0; i < b.n; ++i) b[i] = cvt<TB>(urand(-1, 1));
-  Buf<TX> y(c.m * c.out);
+  TypedBuf<TX> y(c.m * c.out);
   for (size_t i = 0; i < y.n; ++i) y[i] = cvt<TX>(12345.f);
-  Buf<float> ws(c.m * c.out);
+  TypedBuf<float> ws(c.m * c.out);
   for (size_t i = 0; i < ws.n; ++i) ws[i] = 777.f;
-  Buf<int32_t> q(w.qweight.size());
+  TypedBuf<int32_t> q(w.qweight.size());
   if (!w.qweight.empty()) memcpy(q.p, w.qweight.data(), w.qweight.size() * 4);
 
   GemvParams p{};
@@ -161,7 +136,7 @@ static void check_fragment_maps() {
 
 int main(int argc, char** argv) {
   check_fragment_maps();
-  const std::string only = argc > 1 ? argv[1] : "";
+  const Sections section(argc, argv, "all");
   // EMU_QUICK (CI): every 3rd case of the grid; the factors cycle with periods co-prime to 3, so every bits,
   // group size, row count, width and dtype still appears.
   const bool quick = getenv("EMU_QUICK") != nullptr;
@@ -170,7 +145,7 @@ int main(int argc, char** argv) {
   const int64_t m_list[] = {9, 16, 17, 33, 64};
   const int64_t out_list[] = {8, 24, 136, 520};
   int idx = 0;
-  if (only.empty() || only == "grid") {
+  if (section("grid")) {
     for (int bits : bits_list) for (int gs : g_list) for (int64_t m : m_list) {
       for (int v = 0; v < 2; ++v, ++idx) {
         // in: a multiple of g that leaves a K tail where the format allows (g = 128 and 4-bit never can), with
@@ -188,7 +163,7 @@ int main(int argc, char** argv) {
       }
     }
   }
-  if (only.empty() || only == "extra") {
+  if (section("extra")) {
     // Split rule of the launcher (many SMs, narrow layer), more tiles than stages per split, uneven splits.
     emu_sms = 132;
     run(Case{4, 64, 24, 64 * 30, 8, true, 0, false, " rule"}, 0, 0, 1);
@@ -204,12 +179,12 @@ int main(int argc, char** argv) {
     run(Case{4, 64, 17, 0, 24, true, 1, false, " in=0: y = bias"}, 0, 0, 2);
     run(Case{2, 32, 33, 0, 8, true, 3, false, " in=0, splits asked"}, 1, 1, 0);
   }
-  if (only.empty() || only == "reject") {
+  if (section("reject")) {
     // quant_mma_supported / launch_quant_mma refuse what the kernel does not take (the glue then falls back).
     Weight w = make_weight(256, 64, 4, 64, false);
-    Buf<__half> s(w.s.size()), z(w.z.size()), x(65 * 256 + 8), y(65 * 64);
-    Buf<float> xf(65 * 256);
-    Buf<int32_t> q(w.qweight.size() + 4);
+    TypedBuf<__half> s(w.s.size()), z(w.z.size()), x(65 * 256 + 8), y(65 * 64);
+    TypedBuf<float> xf(65 * 256);
+    TypedBuf<int32_t> q(w.qweight.size() + 4);
     GemvParams p{};
     p.x = x.p; p.x_type = DType::kF16; p.qweight = q.p; p.scales = s.p; p.zeros = z.p; p.param_type = DType::kF16;
     p.y = y.p; p.m = 16; p.g = w.g;
@@ -235,7 +210,6 @@ int main(int argc, char** argv) {
     emu_smem_optin = 48 * 1024; expect(false, "smem over the device opt-in (2-bit, 64 rows, 48 KiB device)");
     emu_smem_optin = 227 * 1024; expect(true, "same on a 227 KiB device");
   }
-  printf("cases: %d failures: %d worst rel_mean %.2e worst ratio to dequant path %.2f launches %ld "
-         "cp.async left at exit %ld\n", cases, failures, worst_rel, worst_ratio, emu_launches, emu_cp_left_at_exit.load());
-  return failures != 0;
+  return summary(" worst rel_mean %.2e worst ratio to dequant path %.2f cp.async left at exit %ld", worst_rel,
+                 worst_ratio, emu_cp_left_at_exit.load());
 }

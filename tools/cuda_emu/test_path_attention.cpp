@@ -20,6 +20,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "harness.h"
 #include "path_attention_launch.h"
 
 using namespace blockops;
@@ -28,36 +29,6 @@ using namespace blockops::path;
 static std::mt19937 rng(4321);
 static double urand(double a, double b) { return std::uniform_real_distribution<double>(a, b)(rng); }
 static double nrand() { return std::normal_distribution<double>(0, 1)(rng); }
-
-static const char* dname(DType t) { return t == DType::kF32 ? "f32" : t == DType::kF16 ? "f16" : "bf16"; }
-static size_t esize(DType t) { return t == DType::kF32 ? 4 : 2; }
-static double round_to(DType t, double v) {
-  if (t == DType::kF32) return (float)v;
-  if (t == DType::kF16) return __half2float(__float2half_rn((float)v));
-  return __bfloat162float(__float2bfloat16_rn((float)v));
-}
-static void put(DType t, void* p, int64_t i, double v) {
-  if (t == DType::kF32) static_cast<float*>(p)[i] = (float)v;
-  else if (t == DType::kF16) static_cast<__half*>(p)[i] = __float2half_rn((float)v);
-  else static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn((float)v);
-}
-static double get(DType t, const void* p, int64_t i) {
-  if (t == DType::kF32) return static_cast<const float*>(p)[i];
-  if (t == DType::kF16) return __half2float(static_cast<const __half*>(p)[i]);
-  return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-}
-
-// Exact-size heap buffer (ASan redzone right after the last byte), filled with 0xFF (NaN) unless zeroed.
-struct Buf {
-  void* p = nullptr;
-  explicit Buf(size_t bytes, bool zero = false) {
-    if (posix_memalign(&p, 64, bytes ? bytes : 1) != 0) abort();
-    memset(p, zero ? 0 : 0xFF, bytes);
-  }
-  ~Buf() { free(p); }
-  Buf(const Buf&) = delete;
-  float* f() const { return static_cast<float*>(p); }
-};
 
 // ---------------------------------------------------------------------------------------------------------
 // fp64 reference
@@ -289,7 +260,6 @@ static CudaPlan make_plan(const Tables& t) {
   return plan;
 }
 
-static int failures = 0, cases = 0;
 static double worst_ratio = 0;
 
 // Relative RMS error rms(got - ref) / rms(ref) (ref of RMS below `floor` counts as floor).
@@ -604,7 +574,7 @@ static void run_decode_case(const DecodeCase& c) {
 }
 
 int main(int argc, char** argv) {
-  const std::string section = argc > 1 ? argv[1] : "all";
+  const Sections section(argc, argv, "all");
   const bool quick = getenv("EMU_QUICK") != nullptr;
   const DType F = DType::kF32, H16 = DType::kF16, BF = DType::kBF16;
   // Lengths around the chunk (1, 63, 64, 65, ~200), head dims 40/64/72/128 (and D != Dv), GQA, varlen with an
@@ -622,12 +592,12 @@ int main(int argc, char** argv) {
   };
   if (quick) cs.resize(6);   // EMU_QUICK (CI): up to T = 130; every dtype, gate on and off, varlen, GQA stay
   const auto t0 = std::chrono::steady_clock::now();
-  if (section == "selftest" || section == "all") selftest();
-  if (section == "fwd" || section == "all")
+  if (section("selftest")) selftest();
+  if (section("fwd"))
     for (const Case& c : cs) run_case(c, false);
-  if (section == "bwd" || section == "all")
+  if (section("bwd"))
     for (const Case& c : cs) run_case(c, true);
-  if (section == "decode" || section == "all") {
+  if (section("decode")) {
     const std::vector<DecodeCase> ds = {
         {{0, 1, 37, 70}, 80, 4, 2, 40, 24, true, F, F},
         {{5, 0}, 6, 2, 2, 64, 64, false, H16, H16},
@@ -636,7 +606,6 @@ int main(int argc, char** argv) {
     };
     for (const DecodeCase& d : ds) run_decode_case(d);
   }
-  printf("%s: %d cases, %d failures, worst error / bound %.3f (%.1f s)\n", section.c_str(), cases, failures, worst_ratio,
-         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  return failures ? 1 : 0;
+  return summary(" section %s, worst error / bound %.3f (%.1f s)", section.chosen.c_str(), worst_ratio,
+                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
 }

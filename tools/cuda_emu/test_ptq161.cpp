@@ -7,11 +7,11 @@
 #include <random>
 #include <vector>
 
+#include "harness.h"
 #include "ptq161_launch.h"
 using namespace blockops::ptq161;
 
 static std::mt19937 rng(161);
-static int failures = 0, cases = 0;
 
 static void test_gemv(int64_t m, int64_t plain, int64_t out) {
   const Geometry g{plain, out, 0};  // no salient channels: N = in
@@ -66,6 +66,5 @@ int main() {
     ++failures;
     printf("FAIL m=9 accepted\n");
   }
-  printf("cases: %d failures: %d launches: %ld\n", cases, failures, emu_launches);
-  return failures != 0;
+  return summary();
 }

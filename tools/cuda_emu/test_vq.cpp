@@ -14,30 +14,22 @@
 #include <string>
 #include <vector>
 
+#include "harness.h"
 #include "vq_launch.h"
 using namespace blockops::vq;
 using blockops::DType;
 
 static std::mt19937 rng(4321);
 static float urand(float a, float b) { return std::uniform_real_distribution<float>(a, b)(rng); }
-static const char* name(DType t) { return t == DType::kF32 ? "f32" : t == DType::kF16 ? "f16" : "bf16"; }
 
-// A device-style buffer of one float dtype; values are rounded to the dtype on the way in.
-struct Buf {
+// A device-style buffer of one float dtype (movable, unlike Buf); values are rounded to the dtype on the way in.
+struct DTypeBuf {
   DType t = DType::kF32;
   std::vector<uint8_t> bytes;
-  Buf() = default;
-  Buf(DType type, size_t n) : t(type), bytes(n * (type == DType::kF32 ? 4 : 2) + 16) {}
-  void set(size_t i, float v) {
-    if (t == DType::kF32) { memcpy(bytes.data() + 4 * i, &v, 4); return; }
-    if (t == DType::kF16) { __half h = __float2half_rn(v); memcpy(bytes.data() + 2 * i, &h, 2); return; }
-    __nv_bfloat16 h = __float2bfloat16_rn(v); memcpy(bytes.data() + 2 * i, &h, 2);
-  }
-  double get(size_t i) const {
-    if (t == DType::kF32) { float v; memcpy(&v, bytes.data() + 4 * i, 4); return v; }
-    if (t == DType::kF16) { __half h; memcpy(&h, bytes.data() + 2 * i, 2); return __half2float(h); }
-    __nv_bfloat16 h; memcpy(&h, bytes.data() + 2 * i, 2); return __bfloat162float(h);
-  }
+  DTypeBuf() = default;
+  DTypeBuf(DType type, size_t n) : t(type), bytes(n * esize(type) + 16) {}
+  void set(size_t i, float v) { put(t, bytes.data(), i, v); }
+  double get(size_t i) const { return ::get(t, bytes.data(), i); }
   void* data() { return bytes.data(); }
 };
 
@@ -53,7 +45,7 @@ struct Weights {
   Case c;
   std::vector<uint8_t> code_bytes;  // [out, P] (+ slack for the misaligned copy)
   size_t code_offset = 0;           // bytes: 1 or 2 codes off the allocation's alignment when misaligned
-  Buf codebooks, scales;
+  DTypeBuf codebooks, scales;
   std::vector<double> w_hat;        // [out, in]
   DeviceWeights dev() const {
     DeviceWeights w{};
@@ -87,9 +79,9 @@ static Weights make_weights(const Case& c, bool misalign, bool garbage) {
     if (cs == 1) w.code_bytes[w.code_offset + i] = uint8_t(v);
     else { const uint16_t h = uint16_t(v); memcpy(&w.code_bytes[w.code_offset + 2 * i], &h, 2); }
   }
-  w.codebooks = Buf(c.cb_type, c.K * c.k * c.d);
+  w.codebooks = DTypeBuf(c.cb_type, c.K * c.k * c.d);
   for (int64_t i = 0; i < c.K * c.k * c.d; ++i) w.codebooks.set(i, urand(-1, 1));
-  w.scales = Buf(c.cb_type, c.out);
+  w.scales = DTypeBuf(c.cb_type, c.out);
   for (int64_t n = 0; n < c.out; ++n) w.scales.set(n, urand(0.5f, 1.5f));
   w.w_hat.assign(c.out * in, 0.0);
   for (int64_t n = 0; n < c.out; ++n) {
@@ -108,18 +100,11 @@ static Weights make_weights(const Case& c, bool misalign, bool garbage) {
 // max() that keeps a NaN (std::max drops it: a kernel reading unwritten smem yields NaN, which must fail).
 static double worst(double a, double b) { return std::isnan(a) || std::isnan(b) ? NAN : std::max(a, b); }
 
-static int failures = 0, cases = 0;
-static void report(const char* what, double err, double tol, const std::string& cfg) {
-  ++cases;
-  if (!(err <= tol)) { ++failures; printf("FAIL %s %s err=%g tol=%g\n", what, cfg.c_str(), err, tol); }
-  if (getenv("EMU_VERBOSE")) printf("ok? %s %s err=%g tol=%g\n", what, cfg.c_str(), err, tol);
-}
-
 static std::string describe(const Case& c, int64_t m, DType x, const char* extra) {
   char s[256];
   snprintf(s, sizeof s, "m=%ld out=%ld G=%ld K=%ld k=%ld d=%ld codes=%s cb=%s scales=%d x=%s %s", long(m), long(c.out),
            long(c.groups), long(c.K), long(c.k), long(c.d), c.code_type == CodeType::kU8 ? "u8" : "u16",
-           name(c.cb_type), int(c.scales), name(x), extra);
+           dname(c.cb_type), int(c.scales), dname(x), extra);
   return s;
 }
 
@@ -133,7 +118,7 @@ static void test_linear(const Case& c, int64_t m, DType x_type, bool bias, int s
   emu_sms = sms;
   const Weights w = make_weights(c, misalign_codes, garbage);
   const int64_t in = c.groups * c.d;
-  Buf x(x_type, m * in), b(DType::kF32, c.out);
+  DTypeBuf x(x_type, m * in), b(DType::kF32, c.out);
   for (int64_t i = 0; i < m * in; ++i) x.set(i, urand(-1, 1));
   for (int64_t n = 0; n < c.out; ++n) b.set(n, urand(-1, 1));
   std::vector<double> ref(m * c.out);
@@ -159,7 +144,7 @@ static void test_linear(const Case& c, int64_t m, DType x_type, bool bias, int s
   if (chosen == LinearPath::kMma) paths.push_back(LinearPath::kMma);
   if (!skip_simt || paths.empty()) paths.push_back(LinearPath::kSimt);
   for (LinearPath path : paths) {
-    Buf y(x_type, m * c.out);
+    DTypeBuf y(x_type, m * c.out);
     for (int64_t i = 0; i < m * c.out; ++i) y.set(i, 12345.0f);
     const int splits = path == LinearPath::kGemv ? gemv_splits(p) : 1;
     if (path == LinearPath::kGemv && expect_splits && splits < 2) {
@@ -189,11 +174,11 @@ static void test_linear(const Case& c, int64_t m, DType x_type, bool bias, int s
 static void test_dequantize(const Case& c, DType out_type) {
   const Weights w = make_weights(c, false, false);
   const int64_t in = c.groups * c.d;
-  Buf o(out_type, c.out * in);
+  DTypeBuf o(out_type, c.out * in);
   for (int64_t i = 0; i < c.out * in; ++i) o.set(i, 999.0f);
   launch_vq_dequantize(w.dev(), o.data(), out_type, nullptr);
   // Bit-exact: fp32 scale * (c0 + c1) rounded once, the CPU op's arithmetic.
-  Buf expect(out_type, c.out * in);
+  DTypeBuf expect(out_type, c.out * in);
   const int64_t P = c.groups * c.K;
   for (int64_t n = 0; n < c.out; ++n) {
     const float s = c.scales ? float(w.scales.get(n)) : 1.0f;
@@ -259,13 +244,12 @@ static void test_grads(const Case& c, bool garbage) {
 }
 
 int main(int argc, char** argv) {
-  const std::string section = argc > 1 ? argv[1] : "all";
+  const Sections section(argc, argv, "all");
   const bool quick = getenv("EMU_QUICK") != nullptr;
-  const bool all = section == "all";
   const DType F32 = DType::kF32, F16 = DType::kF16, BF16 = DType::kBF16;
   const CodeType U8 = CodeType::kU8, U16 = CodeType::kU16;
 
-  if (all || section == "linear") {
+  if (section("linear")) {
     // Every (k, d, K) with awkward out / groups; codebook dtype and x dtype rotate, scales and bias alternate.
     // k = 4096 at d = 8, K = 2 (128 KiB in fp16) and k = 65536 read the codebook from global memory in the GEMV.
     const int64_t outs[] = {37, 70, 5}, groups[] = {13, 20, 33};
@@ -306,7 +290,7 @@ int main(int argc, char** argv) {
     if (!quick) test_linear({129, 20, 1, 64, 2, U8, F32, false}, 131, F16, false, 4, false);
     test_linear({72, 64, 1, 65536, 4, U16, F16, true}, 24, BF16, true, 4, false);  // codebook from global
   }
-  if (all || section == "backward") {
+  if (section("backward")) {
     const int64_t outs[] = {9, 40, 3}, groups[] = {7, 12, 5};
     int i = 0;
     for (int64_t k : {16, 256, 512}) {  // grad_codebooks runs a block per 8 codewords: small k keeps it fast
@@ -322,7 +306,7 @@ int main(int argc, char** argv) {
     }
     if (!quick) test_grads({64, 40, 1, 65536, 8, U16, F16, true}, false);
   }
-  if (all || section == "garbage") {
+  if (section("garbage")) {
     // Codes >= k: every kernel reads codeword k - 1 (the reference clamps the same way); under ASan an unclamped
     // read past the codebook aborts even where the values would happen to agree.
     test_linear({37, 13, 1, 16, 4, U8, F16, true}, 1, F16, true, 4, false, true);
@@ -332,6 +316,5 @@ int main(int argc, char** argv) {
     test_grads({20, 10, 2, 16, 4, U8, F32, true}, true);
     test_grads({20, 10, 1, 1000, 2, U16, F16, false}, true);
   }
-  printf("cases: %d failures: %d launches: %ld\n", cases, failures, emu_launches);
-  return failures != 0;
+  return summary();
 }
