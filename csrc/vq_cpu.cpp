@@ -567,10 +567,27 @@ constexpr int64_t kPlaneGroups = 4;      // 64-row groups per tile: measured (11
 constexpr int64_t kPlanePositions = 64;  // positions are padded to whole 64-position transpose blocks
 
 struct PlaneTables {
-  std::vector<uint8_t> lo, hi;  // [rows][padded][256]: low and high bytes of the int16 entries
-  std::vector<float> scale;     // [rows][padded / kPlaneChunk]: fp32 value of one int16 step
-  int64_t padded;               // positions rounded up to kPlanePositions (the extra ones are zero tables)
+  uint8_t* lo;     // [rows][padded][256]: low and high bytes of the int16 entries
+  uint8_t* hi;
+  float* scale;    // [rows][padded / kPlaneChunk]: fp32 value of one int16 step
+  int64_t padded;  // positions rounded up to kPlanePositions (the extra ones are zero tables)
 };
+
+// Per-thread buffers reused from call to call: a fresh MB-sized allocation per call costs page faults (and
+// zeroing) worth a fifth of a batch-1 call. Every byte is written before it is read. Buffers above
+// kScratchKeepBytes are released after the call rather than kept for the thread's lifetime.
+constexpr size_t kScratchKeepBytes = size_t{16} << 20;
+
+template <typename T>
+T* scratch(std::vector<T>& buffer, int64_t count) {
+  if (buffer.size() < static_cast<size_t>(count)) buffer.resize(static_cast<size_t>(count));
+  return buffer.data();
+}
+
+template <typename T>
+void release_if_large(std::vector<T>& buffer) {
+  if (buffer.capacity() * sizeof(T) > kScratchKeepBytes) std::vector<T>().swap(buffer);
+}
 
 #if BLOCKOPS_X86_DISPATCH
 // GCC 12 warns that the "undefined" source vector inside its own _mm512_unpack*_epi32 intrinsics may be
@@ -613,14 +630,17 @@ BLOCKOPS_TARGET_AVX512_VBMI void build_plane_chunk(const float* x, const float* 
 }
 
 // rows [r0, r0 + 16) x positions [p0, p0 + 64) of codes [out, P] into dst[p * 64 + r] (p, r relative), zeros for
-// rows >= out and positions >= P. Four unpack stages transpose within each 128-bit lane; lane l of output
-// register i then holds position 16 l + i of the 16 rows.
+// rows >= out and positions >= P; `largest` takes the bytewise maximum of the codes read (the range check rides
+// on this pass). Four unpack stages transpose within each 128-bit lane; lane l of output register i then holds
+// position 16 l + i of the 16 rows.
 BLOCKOPS_TARGET_AVX512_VBMI inline void transpose_16x64(const uint8_t* codes, int64_t out, int64_t P, int64_t r0,
-                                                        int64_t p0, uint8_t* dst) {
+                                                        int64_t p0, uint8_t* dst, __m512i& largest) {
   const __mmask64 in_row = P - p0 >= 64 ? ~__mmask64{0} : (__mmask64{1} << (P - p0)) - 1;
   __m512i a[16], b[16];
-  for (int i = 0; i < 16; ++i)
+  for (int i = 0; i < 16; ++i) {
     a[i] = r0 + i < out ? _mm512_maskz_loadu_epi8(in_row, codes + (r0 + i) * P + p0) : _mm512_setzero_si512();
+    largest = _mm512_max_epu8(largest, a[i]);
+  }
   for (int i = 0; i < 8; ++i) {
     b[2 * i] = _mm512_unpacklo_epi8(a[2 * i], a[2 * i + 1]);
     b[2 * i + 1] = _mm512_unpackhi_epi8(a[2 * i], a[2 * i + 1]);
@@ -673,18 +693,20 @@ struct PlaneArgs {
 };
 
 // Output rows [n0, n0 + 64 * G) (those < out written), every activation row; tcodes: G * padded * 64 bytes.
+// Returns the largest code of the tile.
 template <int G, bool Wide>
-BLOCKOPS_TARGET_AVX512_VBMI void plane_tile(const PlaneArgs& a, int64_t n0, uint8_t* tcodes) {
+BLOCKOPS_TARGET_AVX512_VBMI uint8_t plane_tile(const PlaneArgs& a, int64_t n0, uint8_t* tcodes) {
   const int64_t P = a.g.positions(), padded = a.t->padded, out = a.g.out;
+  __m512i largest = _mm512_setzero_si512();
   for (int grp = 0; grp < G; ++grp)
     for (int64_t r = 0; r < 64; r += 16)
       for (int64_t p0 = 0; p0 < padded; p0 += 64)
-        transpose_16x64(a.codes, out, P, n0 + grp * 64 + r, p0, tcodes + (grp * padded + p0) * 64 + r);
+        transpose_16x64(a.codes, out, P, n0 + grp * 64 + r, p0, tcodes + (grp * padded + p0) * 64 + r, largest);
   const __m512i ones = _mm512_set1_epi16(1);
   for (int64_t m = 0; m < a.rows; ++m) {
-    const uint8_t* lo_m = a.t->lo.data() + m * padded * 256;
-    const uint8_t* hi_m = a.t->hi.data() + m * padded * 256;
-    const float* scale_m = a.t->scale.data() + m * (padded / kPlaneChunk);
+    const uint8_t* lo_m = a.t->lo + m * padded * 256;
+    const uint8_t* hi_m = a.t->hi + m * padded * 256;
+    const float* scale_m = a.t->scale + m * (padded / kPlaneChunk);
     __m512 sums[G][4];
     for (auto& s : sums)
       for (auto& v : s) v = _mm512_setzero_ps();
@@ -729,15 +751,23 @@ BLOCKOPS_TARGET_AVX512_VBMI void plane_tile(const PlaneArgs& a, int64_t n0, uint
           }
     }
   }
+  alignas(64) uint8_t bytes[64];
+  _mm512_store_si512(bytes, largest);
+  return *std::max_element(bytes, bytes + 64);
 }
 
-void plane_gemv(const float* x, const uint8_t* codes, const float* cb32, const float* scales, const Geometry& g,
-                int64_t rows, float* y) {
+// y = x @ W_hat^T for rows activation rows. Returns the largest code in `codes`: the tables are 256 entries wide
+// (zeros past k), so codes >= k read zeros, never out of bounds, and the caller reports them.
+uint8_t plane_gemv(const float* x, const uint8_t* codes, const float* cb32, const float* scales, const Geometry& g,
+                   int64_t rows, float* y) {
+  thread_local std::vector<uint8_t> planes;
+  thread_local std::vector<float> steps;
   PlaneTables t;
   t.padded = (g.positions() + kPlanePositions - 1) / kPlanePositions * kPlanePositions;
-  t.lo.resize(static_cast<size_t>(rows * t.padded * 256));
-  t.hi.resize(t.lo.size());
-  t.scale.resize(static_cast<size_t>(rows * (t.padded / kPlaneChunk)));
+  const int64_t plane_bytes = rows * t.padded * 256;
+  t.lo = scratch(planes, 2 * plane_bytes);
+  t.hi = t.lo + plane_bytes;
+  t.scale = scratch(steps, rows * (t.padded / kPlaneChunk));
   std::vector<float> cbt(static_cast<size_t>(g.K * g.d * g.k));  // [K][d][k]
   for (int64_t kk = 0; kk < g.K; ++kk)
     for (int64_t c = 0; c < g.k; ++c)
@@ -748,7 +778,7 @@ void plane_gemv(const float* x, const uint8_t* codes, const float* cb32, const f
     for (int64_t i = b; i < e; ++i) build_plane_chunk(x, cbt.data(), g, i / chunks, i % chunks, t);
   });
   const PlaneArgs a{&t, codes, scales, y, g, rows};
-  const auto tile = [&](int64_t groups, int64_t n0, uint8_t* tcodes) {
+  const auto tile = [&](int64_t groups, int64_t n0, uint8_t* tcodes) -> uint8_t {
     if (g.k > 128) {
       switch (groups) {
         case 1: return plane_tile<1, true>(a, n0, tcodes);
@@ -766,13 +796,21 @@ void plane_gemv(const float* x, const uint8_t* codes, const float* cb32, const f
   };
   constexpr int64_t tile_rows = kPlaneGroups * 64;
   std::atomic<int64_t> next_tile{0};  // handed out in order, as in lut_gemv
+  std::atomic<uint8_t> largest{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    const auto tcodes = std::make_unique_for_overwrite<uint8_t[]>(static_cast<size_t>(kPlaneGroups * t.padded * 64));
+    thread_local std::vector<uint8_t> tile_codes;
+    uint8_t* tcodes = scratch(tile_codes, kPlaneGroups * t.padded * 64);
+    uint8_t mine = 0;
     for (int64_t n0 = next_tile.fetch_add(tile_rows); n0 < g.out; n0 = next_tile.fetch_add(tile_rows)) {
       const int64_t groups = std::min<int64_t>(kPlaneGroups, (g.out - n0 + 63) / 64);
-      tile(groups, n0, tcodes.get());
+      mine = std::max(mine, tile(groups, n0, tcodes));
     }
+    for (uint8_t seen = largest.load(); mine > seen && !largest.compare_exchange_weak(seen, mine);) {
+    }
+    release_if_large(tile_codes);
   });
+  release_if_large(planes);
+  return largest.load();
 }
 #pragma GCC diagnostic pop
 #endif
@@ -840,10 +878,11 @@ at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.out, kLinear, ": bias must have shape [", g.out, "], got ",
                 bias->sizes());
   }
-  check_code_range(kLinear, codes, w);
   std::vector<int64_t> out_sizes = x.sizes().vec();
   out_sizes.back() = g.out;
   const int64_t rows = g.in() > 0 ? x.numel() / g.in() : 0;
+  const bool planes = rows > 0 && g.out > 0 && use_byte_planes(w, x, rows);
+  if (!planes) check_code_range(kLinear, codes, w);  // the byte-plane kernel checks on its own pass over the codes
   linear_counter.hit();
   if (rows == 0 || g.out == 0) return at::zeros(out_sizes, x.options());
   const bool avx2 = cpu_has_avx2_fma();
@@ -851,11 +890,12 @@ at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
   const at::Tensor cb32 = as_float(codebooks);
   const std::vector<float> s = scale_vector(scales, g.out);
   at::Tensor y32 = at::empty({rows, g.out}, x32.options());
-  if (use_byte_planes(w, x, rows)) {
+  if (planes) {
 #if BLOCKOPS_X86_DISPATCH
     byte_planes_counter.hit();
-    plane_gemv(x32.const_data_ptr<float>(), static_cast<const uint8_t*>(codes.const_data_ptr()),
-               cb32.const_data_ptr<float>(), s.data(), g, rows, y32.mutable_data_ptr<float>());
+    const uint8_t largest = plane_gemv(x32.const_data_ptr<float>(), static_cast<const uint8_t*>(codes.const_data_ptr()),
+                                       cb32.const_data_ptr<float>(), s.data(), g, rows, y32.mutable_data_ptr<float>());
+    if (largest >= g.k) check_code_range(kLinear, codes, w);  // raises, naming the first code out of range
 #endif
   } else if (rows <= kSmallBatchRows && use_lookup_table(g, rows)) {
     lut_gemv(avx2, x32.const_data_ptr<float>(), codes.const_data_ptr(), w.type, cb32.const_data_ptr<float>(), s.data(),

@@ -174,6 +174,18 @@ def test_byte_plane_kernel_domain():
 
 
 @pytest.mark.skipif(not HAS_BYTE_PLANES, reason="the byte-plane kernel needs an AVX-512 VBMI CPU")
+def test_byte_plane_kernel_reports_codes_out_of_range():
+    """The byte-plane kernel checks the code range on its own pass over the codes (its tables are 256 wide, so a
+    code >= k reads zeros, never out of bounds): the same error as the other kernels, naming the code."""
+    codes, codebooks, scales = make_weights(300, 37, 1, 200, 4)
+    codes[123, 7, 0] = 231
+    before = blockops.kernel_call_counts()["vq_linear_byte_planes.cpu"]
+    with pytest.raises(RuntimeError, match=r"code 231 at codes\[123, 7, 0\] is out of range for a codebook of k = 200"):
+        vq.vq_linear(torch.randn(2, 148).bfloat16(), codes, codebooks, scales)
+    assert blockops.kernel_call_counts()["vq_linear_byte_planes.cpu"] == before + 1
+
+
+@pytest.mark.skipif(not HAS_BYTE_PLANES, reason="the byte-plane kernel needs an AVX-512 VBMI CPU")
 def test_byte_plane_scales_follow_outlier_activations():
     """One activation group 1000x larger than the rest: only the 16 positions sharing its int16 scale lose
     resolution, so the result stays as accurate as the fp32 kernel's rounded to bf16."""
