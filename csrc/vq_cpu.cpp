@@ -590,41 +590,47 @@ void release_if_large(std::vector<T>& buffer) {
 }
 
 #if BLOCKOPS_X86_DISPATCH
-// GCC 12 warns that the "undefined" source vector inside its own _mm512_unpack*_epi32 intrinsics may be
-// uninitialised (a known false positive of the header); nothing here reads an uninitialised value.
+// GCC 12 warns that the "undefined" source vector inside its own _mm512_unpack*_epi32/64 intrinsics is (or may
+// be) uninitialised (a known false positive of the header); nothing here reads an uninitialised value.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
-// Tables of chunk q of activation row m: fp32 entries (codebook transposed to [K][d][k] so that the loop over
-// codewords vectorises), the chunk's scale, then the int16 entries split into the two planes.
+// Tables of chunk q of activation row m: fp32 entries (codebook transposed to [K][d][k]: 16 codewords per
+// vector), the chunk's scale, then the int16 entries (rounded to nearest, as lrint) split into the two planes.
 BLOCKOPS_TARGET_AVX512_VBMI void build_plane_chunk(const float* x, const float* cbt, const Geometry& g, int64_t m,
                                                    int64_t q, PlaneTables& t) {
   alignas(64) float entries[kPlaneChunk][256];
-  float largest = 0.f, poison = 0.f;  // poison: NaN when an entry is NaN or infinite (0 * inf = NaN)
+  __m512 largest = _mm512_setzero_ps(), poison = _mm512_setzero_ps();  // poison: NaN if an entry is NaN or inf
   for (int64_t i = 0; i < kPlaneChunk; ++i) {
     const int64_t p = q * kPlaneChunk + i;
-    float* e = entries[i];
-    std::fill(e, e + 256, 0.f);
-    if (p >= g.positions()) continue;
+    const bool real = p < g.positions();
     const float* xg = x + m * g.in() + (p / g.K) * g.d;
     const float* ct = cbt + (p % g.K) * g.d * g.k;
-    for (int64_t u = 0; u < g.d; ++u)
-      for (int64_t c = 0; c < g.k; ++c) e[c] += xg[u] * ct[u * g.k + c];
-    for (int64_t c = 0; c < g.k; ++c) {
-      largest = std::max(largest, std::fabs(e[c]));
-      poison += e[c] * 0.f;
+    for (int64_t c0 = 0; c0 < 256; c0 += 16) {
+      __m512 e = _mm512_setzero_ps();
+      if (real && c0 < g.k) {
+        const __mmask16 valid = g.k - c0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (g.k - c0)) - 1);
+        for (int64_t u = 0; u < g.d; ++u)
+          e = _mm512_fmadd_ps(_mm512_set1_ps(xg[u]), _mm512_maskz_loadu_ps(valid, ct + u * g.k + c0), e);
+      }
+      _mm512_store_ps(entries[i] + c0, e);
+      largest = _mm512_max_ps(largest, _mm512_abs_ps(e));
+      poison = _mm512_add_ps(poison, _mm512_mul_ps(e, _mm512_setzero_ps()));
     }
   }
-  const float inv = largest > 0.f && poison == 0.f ? 32767.f / largest : 0.f;
+  const float top = _mm512_reduce_max_ps(largest), bad = _mm512_reduce_add_ps(poison);
+  const bool finite = bad == 0.f;
   // A NaN or infinite activation makes the whole chunk's scale NaN, so every output of its row is NaN (F.linear
   // would give NaN or +-inf there; the int16 entries cannot carry an infinity), never a finite wrong value.
-  t.scale[m * (t.padded / kPlaneChunk) + q] = poison == 0.f ? largest / 32767.f : std::nanf("");
+  t.scale[m * (t.padded / kPlaneChunk) + q] = finite ? top / 32767.f : std::nanf("");
+  const __m512 inv = _mm512_set1_ps(finite && top > 0.f ? 32767.f / top : 0.f);
   for (int64_t i = 0; i < kPlaneChunk; ++i) {
     const int64_t offset = (m * t.padded + q * kPlaneChunk + i) * 256;
-    for (int c = 0; c < 256; ++c) {
-      const auto v = static_cast<uint16_t>(static_cast<int16_t>(std::lrint(entries[i][c] * inv)));
-      t.lo[offset + c] = static_cast<uint8_t>(v & 0xFF);
-      t.hi[offset + c] = static_cast<uint8_t>(v >> 8);
+    for (int64_t c0 = 0; c0 < 256; c0 += 16) {
+      const __m256i words = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(entries[i] + c0), inv)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(t.lo + offset + c0), _mm256_cvtepi16_epi8(words));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(t.hi + offset + c0), _mm256_cvtepi16_epi8(_mm256_srai_epi16(words, 8)));
     }
   }
 }
@@ -692,28 +698,26 @@ struct PlaneArgs {
   int64_t rows;
 };
 
-// Output rows [n0, n0 + 64 * G) (those < out written), every activation row; tcodes: G * padded * 64 bytes.
-// Returns the largest code of the tile.
+// One block of kPlanePositions positions [p0, p0 + 64) of the tile of output rows [n0, n0 + 64 * G), every
+// activation row: the tile's codes of the block transposed into tcodes ([group][64 positions][64 rows], 16 KB at
+// G = 4), looked up, and each chunk's int32 sums scaled into sums [rows][G][4][16] (fp32, lane order; the caller
+// zeroes it before the first block and unscrambles it after the last). `largest` takes the codes' maximum.
 template <int G, bool Wide>
-BLOCKOPS_TARGET_AVX512_VBMI uint8_t plane_tile(const PlaneArgs& a, int64_t n0, uint8_t* tcodes) {
-  const int64_t P = a.g.positions(), padded = a.t->padded, out = a.g.out;
-  __m512i largest = _mm512_setzero_si512();
+BLOCKOPS_TARGET_AVX512_VBMI void plane_block(const PlaneArgs& a, int64_t n0, int64_t p0, uint8_t* tcodes, float* sums,
+                                             __m512i& largest) {
+  const int64_t padded = a.t->padded;
   for (int grp = 0; grp < G; ++grp)
     for (int64_t r = 0; r < 64; r += 16)
-      for (int64_t p0 = 0; p0 < padded; p0 += 64)
-        transpose_16x64(a.codes, out, P, n0 + grp * 64 + r, p0, tcodes + (grp * padded + p0) * 64 + r, largest);
+      transpose_16x64(a.codes, a.g.out, a.g.positions(), n0 + grp * 64 + r, p0, tcodes + grp * 64 * 64 + r, largest);
   const __m512i ones = _mm512_set1_epi16(1);
   for (int64_t m = 0; m < a.rows; ++m) {
     const uint8_t* lo_m = a.t->lo + m * padded * 256;
     const uint8_t* hi_m = a.t->hi + m * padded * 256;
-    const float* scale_m = a.t->scale + m * (padded / kPlaneChunk);
-    __m512 sums[G][4];
-    for (auto& s : sums)
-      for (auto& v : s) v = _mm512_setzero_ps();
-    for (int64_t q0 = 0; q0 < padded; q0 += kPlaneChunk) {
+    float* sums_m = sums + m * G * 64;
+    for (int64_t q0 = p0; q0 < p0 + kPlanePositions; q0 += kPlaneChunk) {
       __m512i acc[G][4];
-      for (auto& s : acc)
-        for (auto& v : s) v = _mm512_setzero_si512();
+      for (auto& v : acc)
+        for (auto& u : v) u = _mm512_setzero_si512();
       for (int64_t p = q0; p < q0 + kPlaneChunk; p += 2) {
         __m512i words[G][2][2];  // [group][position p, p + 1][rows 16l + 0..7, 16l + 8..15]
         for (int pp = 0; pp < 2; ++pp) {
@@ -725,30 +729,65 @@ BLOCKOPS_TARGET_AVX512_VBMI uint8_t plane_tile(const PlaneArgs& a, int64_t n0, u
             hi_t[i] = _mm512_loadu_si512(hi + i);
           }
           for (int grp = 0; grp < G; ++grp)
-            plane_lookup<Wide>(lo_t, hi_t, _mm512_loadu_si512(tcodes + (grp * padded + p + pp) * 64), words[grp][pp][0],
-                         words[grp][pp][1]);
+            plane_lookup<Wide>(lo_t, hi_t, _mm512_loadu_si512(tcodes + (grp * 64 + p + pp - p0) * 64),
+                               words[grp][pp][0], words[grp][pp][1]);
         }
         for (int grp = 0; grp < G; ++grp)
           for (int half = 0; half < 2; ++half) {
-            const __m512i p_lo = words[grp][0][half], p_hi = words[grp][1][half];
-            acc[grp][2 * half] = _mm512_dpwssd_epi32(acc[grp][2 * half], _mm512_unpacklo_epi16(p_lo, p_hi), ones);
+            const __m512i first = words[grp][0][half], second = words[grp][1][half];
+            acc[grp][2 * half] = _mm512_dpwssd_epi32(acc[grp][2 * half], _mm512_unpacklo_epi16(first, second), ones);
             acc[grp][2 * half + 1] =
-                _mm512_dpwssd_epi32(acc[grp][2 * half + 1], _mm512_unpackhi_epi16(p_lo, p_hi), ones);
+                _mm512_dpwssd_epi32(acc[grp][2 * half + 1], _mm512_unpackhi_epi16(first, second), ones);
           }
       }
-      const __m512 step = _mm512_set1_ps(scale_m[q0 / kPlaneChunk]);
+      const __m512 step = _mm512_set1_ps(a.t->scale[m * (padded / kPlaneChunk) + q0 / kPlaneChunk]);
       for (int grp = 0; grp < G; ++grp)
-        for (int i = 0; i < 4; ++i) sums[grp][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[grp][i]), step, sums[grp][i]);
+        for (int i = 0; i < 4; ++i) {
+          float* s = sums_m + (grp * 4 + i) * 16;
+          _mm512_storeu_ps(s, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[grp][i]), step, _mm512_loadu_ps(s)));
+        }
     }
-    for (int grp = 0; grp < G; ++grp) {
-      alignas(64) float lanes[4][16];
-      for (int i = 0; i < 4; ++i) _mm512_store_ps(lanes[i], sums[grp][i]);
-      for (int l = 0; l < 4; ++l)
-        for (int i = 0; i < 4; ++i)
-          for (int j = 0; j < 4; ++j) {
-            const int64_t n = n0 + grp * 64 + 16 * l + 4 * i + j;
-            if (n < out) a.y[m * out + n] = a.scales[n] * lanes[i][4 * l + j];
-          }
+  }
+}
+
+// Output rows of tiles [t0, t1) (kPlaneGroups * 64 rows each), every activation row: position blocks outermost,
+// so that each thread reads every table once (a table serves all its tiles while it is in L1 / L2) instead of
+// once per tile. Returns the largest code read.
+BLOCKOPS_TARGET_AVX512_VBMI uint8_t plane_tiles(const PlaneArgs& a, int64_t t0, int64_t t1, uint8_t* tcodes,
+                                                float* sums) {
+  constexpr int64_t tile_rows = kPlaneGroups * 64;
+  const int64_t out = a.g.out, sums_per_tile = a.rows * tile_rows;
+  std::fill(sums, sums + (t1 - t0) * sums_per_tile, 0.f);
+  __m512i largest = _mm512_setzero_si512();
+  const bool wide = a.g.k > 128;
+  for (int64_t p0 = 0; p0 < a.t->padded; p0 += kPlanePositions) {
+    for (int64_t tile = t0; tile < t1; ++tile) {
+      const int64_t n0 = tile * tile_rows, groups = std::min<int64_t>(kPlaneGroups, (out - n0 + 63) / 64);
+      float* s = sums + (tile - t0) * sums_per_tile;
+      switch (groups * 2 + wide) {
+        case 2: plane_block<1, false>(a, n0, p0, tcodes, s, largest); break;
+        case 3: plane_block<1, true>(a, n0, p0, tcodes, s, largest); break;
+        case 4: plane_block<2, false>(a, n0, p0, tcodes, s, largest); break;
+        case 5: plane_block<2, true>(a, n0, p0, tcodes, s, largest); break;
+        case 6: plane_block<3, false>(a, n0, p0, tcodes, s, largest); break;
+        case 7: plane_block<3, true>(a, n0, p0, tcodes, s, largest); break;
+        case 8: plane_block<4, false>(a, n0, p0, tcodes, s, largest); break;
+        default: plane_block<4, true>(a, n0, p0, tcodes, s, largest); break;
+      }
+    }
+  }
+  // Lane order -> rows: dword lane 4l + j of accumulator i holds row 16l + 4i + j of its 64-row group.
+  for (int64_t tile = t0; tile < t1; ++tile) {
+    const int64_t n0 = tile * tile_rows, groups = std::min<int64_t>(kPlaneGroups, (out - n0 + 63) / 64);
+    for (int64_t m = 0; m < a.rows; ++m) {
+      const float* s = sums + (tile - t0) * sums_per_tile + m * groups * 64;
+      for (int64_t grp = 0; grp < groups; ++grp)
+        for (int l = 0; l < 4; ++l)
+          for (int i = 0; i < 4; ++i)
+            for (int j = 0; j < 4; ++j) {
+              const int64_t n = n0 + grp * 64 + 16 * l + 4 * i + j;
+              if (n < out) a.y[m * out + n] = a.scales[n] * s[(grp * 4 + i) * 16 + 4 * l + j];
+            }
     }
   }
   alignas(64) uint8_t bytes[64];
@@ -778,36 +817,19 @@ uint8_t plane_gemv(const float* x, const uint8_t* codes, const float* cb32, cons
     for (int64_t i = b; i < e; ++i) build_plane_chunk(x, cbt.data(), g, i / chunks, i % chunks, t);
   });
   const PlaneArgs a{&t, codes, scales, y, g, rows};
-  const auto tile = [&](int64_t groups, int64_t n0, uint8_t* tcodes) -> uint8_t {
-    if (g.k > 128) {
-      switch (groups) {
-        case 1: return plane_tile<1, true>(a, n0, tcodes);
-        case 2: return plane_tile<2, true>(a, n0, tcodes);
-        case 3: return plane_tile<3, true>(a, n0, tcodes);
-        default: return plane_tile<4, true>(a, n0, tcodes);
-      }
-    }
-    switch (groups) {
-      case 1: return plane_tile<1, false>(a, n0, tcodes);
-      case 2: return plane_tile<2, false>(a, n0, tcodes);
-      case 3: return plane_tile<3, false>(a, n0, tcodes);
-      default: return plane_tile<4, false>(a, n0, tcodes);
-    }
-  };
   constexpr int64_t tile_rows = kPlaneGroups * 64;
-  std::atomic<int64_t> next_tile{0};  // handed out in order, as in lut_gemv
+  const int64_t tiles = (g.out + tile_rows - 1) / tile_rows;
   std::atomic<uint8_t> largest{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+  // Contiguous ranges of tiles, one per thread (each thread sweeps the tables once over its own range).
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     thread_local std::vector<uint8_t> tile_codes;
-    uint8_t* tcodes = scratch(tile_codes, kPlaneGroups * t.padded * 64);
-    uint8_t mine = 0;
-    for (int64_t n0 = next_tile.fetch_add(tile_rows); n0 < g.out; n0 = next_tile.fetch_add(tile_rows)) {
-      const int64_t groups = std::min<int64_t>(kPlaneGroups, (g.out - n0 + 63) / 64);
-      mine = std::max(mine, tile(groups, n0, tcodes));
-    }
+    thread_local std::vector<float> tile_sums;
+    uint8_t* tcodes = scratch(tile_codes, kPlaneGroups * 64 * 64);
+    float* sums = scratch(tile_sums, (t1 - t0) * rows * tile_rows);
+    const uint8_t mine = plane_tiles(a, t0, t1, tcodes, sums);
     for (uint8_t seen = largest.load(); mine > seen && !largest.compare_exchange_weak(seen, mine);) {
     }
-    release_if_large(tile_codes);
+    release_if_large(tile_sums);
   });
   release_if_large(planes);
   return largest.load();
