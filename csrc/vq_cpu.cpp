@@ -609,9 +609,9 @@ BLOCKOPS_TARGET_AVX512_VBMI void build_plane_chunk(const float* x, const float* 
   __m512 largest = _mm512_setzero_ps(), poison = _mm512_setzero_ps();  // poison: NaN if an entry is NaN or inf
   for (int64_t i = 0; i < kPlaneChunk; ++i) {
     const int64_t p = q * kPlaneChunk + i;
-    const bool real = p < g.positions();
-    const float* xg = x + m * g.in() + (p / g.K) * g.d;
-    const float* ct = cbt + (p % g.K) * g.d * g.k;
+    const bool real = p < g.positions();  // padding positions get zero tables
+    const float* xg = real ? x + m * g.in() + (p / g.K) * g.d : nullptr;
+    const float* ct = real ? cbt + (p % g.K) * g.d * g.k : nullptr;
     for (int64_t c0 = 0; c0 < 256; c0 += 16) {
       __m512 e = _mm512_setzero_ps();
       if (real && c0 < g.k) {
