@@ -6,10 +6,11 @@
 //   lookup table:  lut[p][c][m] = x[m, j*d:(j+1)*d] . codebooks[K][c]      p = j*K + K-index, c < k, m < rows
 //                  y[m, n] = scales[n] * sum_p lut[p][codes[n, p]][m]       (one vector gather serves every m)
 //                  Tables built once per call, split over threads by positions; gathers split over threads by
-//                  output rows, tile by tile, chunk by chunk (sketch at the kernel). For fp16 / bf16
-//                  activations with uint8 codes on an AVX-512 VBMI CPU, the tables are int16 in byte planes and
-//                  looked up 64 output rows at a time by register permutes instead ("byte planes", sketch there;
-//                  also for 9..32 rows of layers with at least 256 outputs: use_byte_planes).
+//                  output rows, tile by tile, chunk by chunk (sketch at the kernel). With uint8 codes on an
+//                  AVX-512 VBMI CPU, the tables are split into byte planes and looked up 64 output rows at a
+//                  time by register permutes instead ("byte planes", sketch there): exact fp32 tables (four
+//                  planes) for fp32 activations, int16 tables (two planes) for fp16 / bf16 ones, which also take
+//                  9..32 rows of layers with at least 256 outputs (use_byte_planes).
 //
 //   direct:        each task dequantizes one weight row at a time into fp32 and dots it with every
 //                  activation row (no table: the choice when k is large relative to out).
@@ -539,23 +540,25 @@ void lut_gemv(bool avx2, const float* x, const void* codes, CodeType type, const
 #pragma GCC diagnostic pop
 
 // ---------------------------------------------------------------------------------------------------------
-// Small batches, fp16 / bf16 activations, uint8 codes: int16 tables in byte planes (AVX-512 VBMI)
+// Small batches, uint8 codes: tables in byte planes (AVX-512 VBMI)
 // ---------------------------------------------------------------------------------------------------------
 //
 // The fp32 kernel above gathers one table entry per code with scalar loads: about one code per cycle, and its
 // tables leave L1 for long rows. Here the vector lanes are 64 output rows at one position instead, so that one
 // table serves every lane and the lookup is a register permute:
 //
-//   table entries   x_m[group j] . codebook[K][c], rounded to int16 with one scale per activation row and
-//                   chunk of kPlaneChunk positions (the chunk's largest |entry| -> 32767): an error of at most
-//                   2^-16 of that entry per term, far below the rounding of the fp16 / bf16 input itself. fp32
-//                   activations keep the fp32 kernel. Built with AVX-512 (vector rounding and byte split: a
-//                   scalar build cost more than all the lookups).
+//   table entries   x_m[group j] . codebook[K][c]. fp16 / bf16 activations: rounded to int16 with one scale
+//                   per activation row and chunk of kPlaneChunk positions (the chunk's largest |entry| -> 32767):
+//                   an error of at most 2^-16 of that entry per term, far below the rounding of the input
+//                   itself. fp32 activations: the fp32 entries themselves, as four byte planes ("exact"). Built
+//                   with AVX-512 (vector rounding and byte split: a scalar build cost more than the lookups).
 //   byte planes     each table is stored as its 256 low bytes and its 256 high bytes: vpermi2b looks up 128
 //                   entries for 64 codes at once, so two of them plus a blend on the code's top bit read a plane;
 //                   unpacking the low and high planes byte by byte gives back the exact int16 entries.
-//   accumulation    two positions' entries of each row interleaved word by word, vpdpwssd with ones adds them
-//                   into int32; each chunk's int32 sums are scaled into fp32 at the end of the chunk.
+//   accumulation    int16: two positions' entries of each row interleaved word by word, vpdpwssd with ones
+//                   adds them into int32; each chunk's int32 sums are scaled into fp32 at the end of the chunk.
+//                   exact: the four planes' bytes interleave back into the fp32 entries, added in fp32 (a fresh
+//                   partial sum per chunk).
 //   codes           per block of 64 positions, a tile of up to kPlaneGroups * 64 output rows is transposed into
 //                   [group][position][64 rows] (16 x 64-byte blocks through a 4-stage unpack network) so that a
 //                   position's 64 codes are one load; the range check takes the codes' maximum on this pass.
@@ -572,10 +575,11 @@ constexpr int64_t kPlaneGroups = 4;      // 64-row groups per tile; measured at 
 constexpr int64_t kPlanePositions = 64;  // positions are padded to whole 64-position transpose blocks
 
 struct PlaneTables {
-  uint8_t* lo;     // [rows][padded][256]: low and high bytes of the int16 entries
-  uint8_t* hi;
-  float* scale;    // [rows][padded / kPlaneChunk]: fp32 value of one int16 step
-  int64_t padded;  // positions rounded up to kPlanePositions (the extra ones are zero tables)
+  uint8_t* plane[4];  // [rows][padded][256] each: the int16 entries' low and high bytes (planes 0, 1), or the
+                      // fp32 entries' four bytes, least significant first (exact tables, fp32 activations)
+  float* scale;       // [rows][padded / kPlaneChunk]: fp32 value of one int16 step (int16 tables only)
+  int64_t padded;     // positions rounded up to kPlanePositions (the extra ones are zero tables)
+  bool exact;         // fp32 entries in four planes, else int16 entries in two
 };
 
 // Per-thread buffers reused from call to call: a fresh MB-sized allocation per call costs page faults (and
@@ -601,24 +605,43 @@ void release_if_large(std::vector<T>& buffer) {
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
-// Tables of chunk q of activation row m: fp32 entries (codebook transposed to [K][d][k]: 16 codewords per
-// vector), the chunk's scale, then the int16 entries (rounded to nearest, as lrint) split into the two planes.
+// Table entries c0 .. c0 + 15 of position p of activation row m: x_m[group] . codeword, fp32 (codebook
+// transposed to [K][d][k]: 16 codewords per vector); zeros for codewords >= k and padding positions p >= P.
+BLOCKOPS_TARGET_AVX512_VBMI inline __m512 table_entries(const float* x, const float* cbt, const Geometry& g,
+                                                        int64_t m, int64_t p, int64_t c0) {
+  __m512 e = _mm512_setzero_ps();
+  if (p >= g.positions() || c0 >= g.k) return e;
+  const float* xg = x + m * g.in() + (p / g.K) * g.d;
+  const float* ct = cbt + (p % g.K) * g.d * g.k;
+  const __mmask16 valid = g.k - c0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (g.k - c0)) - 1);
+  for (int64_t u = 0; u < g.d; ++u)
+    e = _mm512_fmadd_ps(_mm512_set1_ps(xg[u]), _mm512_maskz_loadu_ps(valid, ct + u * g.k + c0), e);
+  return e;
+}
+
+// Exact tables of chunk q of activation row m: the fp32 entries' bytes into the four planes.
+BLOCKOPS_TARGET_AVX512_VBMI void build_exact_chunk(const float* x, const float* cbt, const Geometry& g, int64_t m,
+                                                   int64_t q, PlaneTables& t) {
+  for (int64_t i = 0; i < kPlaneChunk; ++i) {
+    const int64_t p = q * kPlaneChunk + i, offset = (m * t.padded + p) * 256;
+    for (int64_t c0 = 0; c0 < 256; c0 += 16) {
+      const __m512i bits = _mm512_castps_si512(table_entries(x, cbt, g, m, p, c0));
+      for (int b = 0; b < 4; ++b)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(t.plane[b] + offset + c0),
+                         _mm512_cvtepi32_epi8(_mm512_srli_epi32(bits, 8 * b)));
+    }
+  }
+}
+
+// int16 tables of chunk q of activation row m: fp32 entries, the chunk's scale, then the int16 entries (rounded
+// to nearest, as lrint) split into the two planes.
 BLOCKOPS_TARGET_AVX512_VBMI void build_plane_chunk(const float* x, const float* cbt, const Geometry& g, int64_t m,
                                                    int64_t q, PlaneTables& t) {
   alignas(64) float entries[kPlaneChunk][256];
   __m512 largest = _mm512_setzero_ps(), poison = _mm512_setzero_ps();  // poison: NaN if an entry is NaN or inf
   for (int64_t i = 0; i < kPlaneChunk; ++i) {
-    const int64_t p = q * kPlaneChunk + i;
-    const bool real = p < g.positions();  // padding positions get zero tables
-    const float* xg = real ? x + m * g.in() + (p / g.K) * g.d : nullptr;
-    const float* ct = real ? cbt + (p % g.K) * g.d * g.k : nullptr;
     for (int64_t c0 = 0; c0 < 256; c0 += 16) {
-      __m512 e = _mm512_setzero_ps();
-      if (real && c0 < g.k) {
-        const __mmask16 valid = g.k - c0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (g.k - c0)) - 1);
-        for (int64_t u = 0; u < g.d; ++u)
-          e = _mm512_fmadd_ps(_mm512_set1_ps(xg[u]), _mm512_maskz_loadu_ps(valid, ct + u * g.k + c0), e);
-      }
+      const __m512 e = table_entries(x, cbt, g, m, q * kPlaneChunk + i, c0);
       _mm512_store_ps(entries[i] + c0, e);
       largest = _mm512_max_ps(largest, _mm512_abs_ps(e));
       poison = _mm512_add_ps(poison, _mm512_mul_ps(e, _mm512_setzero_ps()));
@@ -634,8 +657,9 @@ BLOCKOPS_TARGET_AVX512_VBMI void build_plane_chunk(const float* x, const float* 
     const int64_t offset = (m * t.padded + q * kPlaneChunk + i) * 256;
     for (int64_t c0 = 0; c0 < 256; c0 += 16) {
       const __m256i words = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(entries[i] + c0), inv)));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(t.lo + offset + c0), _mm256_cvtepi16_epi8(words));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(t.hi + offset + c0), _mm256_cvtepi16_epi8(_mm256_srai_epi16(words, 8)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(t.plane[0] + offset + c0), _mm256_cvtepi16_epi8(words));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(t.plane[1] + offset + c0),
+                       _mm256_cvtepi16_epi8(_mm256_srai_epi16(words, 8)));
     }
   }
 }
@@ -678,18 +702,22 @@ BLOCKOPS_TARGET_AVX512_VBMI inline void transpose_16x64(const uint8_t* codes, in
   }
 }
 
-// The int16 entries of 64 codes (one position, 64 rows) from the two planes of a table: the words of rows
-// 16l + 0..7 in `first` and 16l + 8..15 in `second` (per 128-bit lane l). Wide: k > 128, so the code's top bit
-// picks between two 128-entry permutes; otherwise one permute per plane covers every code.
+// One plane's bytes for 64 codes (one position, 64 rows). Wide: k > 128, so the code's top bit (`top`) picks
+// between two 128-entry permutes; otherwise one permute covers every code.
+template <bool Wide>
+BLOCKOPS_TARGET_AVX512_VBMI inline __m512i plane_bytes(const __m512i (&plane)[4], __m512i codes, __mmask64 top) {
+  const __m512i low = _mm512_permutex2var_epi8(plane[0], codes, plane[1]);
+  if constexpr (Wide) return _mm512_mask_blend_epi8(top, low, _mm512_permutex2var_epi8(plane[2], codes, plane[3]));
+  return low;
+}
+
+// The int16 entries of 64 codes from the two planes of a table: the words of rows 16l + 0..7 in `first` and
+// 16l + 8..15 in `second` (per 128-bit lane l).
 template <bool Wide>
 BLOCKOPS_TARGET_AVX512_VBMI inline void plane_lookup(const __m512i (&lo)[4], const __m512i (&hi)[4], __m512i codes,
                                                      __m512i& first, __m512i& second) {
-  __m512i l = _mm512_permutex2var_epi8(lo[0], codes, lo[1]), h = _mm512_permutex2var_epi8(hi[0], codes, hi[1]);
-  if constexpr (Wide) {
-    const __mmask64 top = _mm512_movepi8_mask(codes);  // code >= 128: the second half of the table
-    l = _mm512_mask_blend_epi8(top, l, _mm512_permutex2var_epi8(lo[2], codes, lo[3]));
-    h = _mm512_mask_blend_epi8(top, h, _mm512_permutex2var_epi8(hi[2], codes, hi[3]));
-  }
+  const __mmask64 top = _mm512_movepi8_mask(codes);  // code >= 128: the second half of the table
+  const __m512i l = plane_bytes<Wide>(lo, codes, top), h = plane_bytes<Wide>(hi, codes, top);
   first = _mm512_unpacklo_epi8(l, h);
   second = _mm512_unpackhi_epi8(l, h);
 }
@@ -707,17 +735,23 @@ struct PlaneArgs {
 // activation row: the tile's codes of the block transposed into tcodes ([group][64 positions][64 rows], 16 KB at
 // G = 4), looked up, and each chunk's int32 sums scaled into sums [rows][G][4][16] (fp32, lane order; the caller
 // zeroes it before the first block and unscrambles it after the last). `largest` takes the codes' maximum.
+template <int G>
+BLOCKOPS_TARGET_AVX512_VBMI inline void transpose_block(const PlaneArgs& a, int64_t n0, int64_t p0, uint8_t* tcodes,
+                                                        __m512i& largest) {
+  for (int grp = 0; grp < G; ++grp)
+    for (int64_t r = 0; r < 64; r += 16)
+      transpose_16x64(a.codes, a.g.out, a.g.positions(), n0 + grp * 64 + r, p0, tcodes + grp * 64 * 64 + r, largest);
+}
+
 template <int G, bool Wide>
 BLOCKOPS_TARGET_AVX512_VBMI void plane_block(const PlaneArgs& a, int64_t n0, int64_t p0, uint8_t* tcodes, float* sums,
                                              __m512i& largest) {
   const int64_t padded = a.t->padded;
-  for (int grp = 0; grp < G; ++grp)
-    for (int64_t r = 0; r < 64; r += 16)
-      transpose_16x64(a.codes, a.g.out, a.g.positions(), n0 + grp * 64 + r, p0, tcodes + grp * 64 * 64 + r, largest);
+  transpose_block<G>(a, n0, p0, tcodes, largest);
   const __m512i ones = _mm512_set1_epi16(1);
   for (int64_t m = 0; m < a.rows; ++m) {
-    const uint8_t* lo_m = a.t->lo + m * padded * 256;
-    const uint8_t* hi_m = a.t->hi + m * padded * 256;
+    const uint8_t* lo_m = a.t->plane[0] + m * padded * 256;
+    const uint8_t* hi_m = a.t->plane[1] + m * padded * 256;
     float* sums_m = sums + m * G * 64;
     for (int64_t q0 = p0; q0 < p0 + kPlanePositions; q0 += kPlaneChunk) {
       __m512i acc[G][4];
@@ -755,6 +789,48 @@ BLOCKOPS_TARGET_AVX512_VBMI void plane_block(const PlaneArgs& a, int64_t n0, int
   }
 }
 
+// plane_block for exact (fp32) tables: the four planes' bytes of each code interleave back into the fp32 entry,
+// added per chunk in fp32 (a fresh partial sum per kPlaneChunk positions, then into `sums`).
+template <int G, bool Wide>
+BLOCKOPS_TARGET_AVX512_VBMI void exact_block(const PlaneArgs& a, int64_t n0, int64_t p0, uint8_t* tcodes, float* sums,
+                                             __m512i& largest) {
+  const int64_t padded = a.t->padded;
+  transpose_block<G>(a, n0, p0, tcodes, largest);
+  for (int64_t m = 0; m < a.rows; ++m) {
+    float* sums_m = sums + m * G * 64;
+    for (int64_t q0 = p0; q0 < p0 + kPlanePositions; q0 += kPlaneChunk) {
+      __m512 acc[G][4];
+      for (auto& v : acc)
+        for (auto& u : v) u = _mm512_setzero_ps();
+      for (int64_t p = q0; p < q0 + kPlaneChunk; ++p) {
+        __m512i table[4][4];
+        for (int b = 0; b < 4; ++b) {
+          const auto* src = reinterpret_cast<const __m512i*>(a.t->plane[b] + (m * padded + p) * 256);
+          for (int i = 0; i < (Wide ? 4 : 2); ++i) table[b][i] = _mm512_loadu_si512(src + i);
+        }
+        for (int grp = 0; grp < G; ++grp) {
+          const __m512i codes = _mm512_loadu_si512(tcodes + (grp * 64 + p - p0) * 64);
+          const __mmask64 top = _mm512_movepi8_mask(codes);
+          const __m512i b0 = plane_bytes<Wide>(table[0], codes, top), b1 = plane_bytes<Wide>(table[1], codes, top);
+          const __m512i b2 = plane_bytes<Wide>(table[2], codes, top), b3 = plane_bytes<Wide>(table[3], codes, top);
+          const __m512i low_lo = _mm512_unpacklo_epi8(b0, b1), low_hi = _mm512_unpackhi_epi8(b0, b1);
+          const __m512i high_lo = _mm512_unpacklo_epi8(b2, b3), high_hi = _mm512_unpackhi_epi8(b2, b3);
+          // Same lane order as the int16 path: accumulator i holds rows 16l + 4i + j.
+          acc[grp][0] = _mm512_add_ps(acc[grp][0], _mm512_castsi512_ps(_mm512_unpacklo_epi16(low_lo, high_lo)));
+          acc[grp][1] = _mm512_add_ps(acc[grp][1], _mm512_castsi512_ps(_mm512_unpackhi_epi16(low_lo, high_lo)));
+          acc[grp][2] = _mm512_add_ps(acc[grp][2], _mm512_castsi512_ps(_mm512_unpacklo_epi16(low_hi, high_hi)));
+          acc[grp][3] = _mm512_add_ps(acc[grp][3], _mm512_castsi512_ps(_mm512_unpackhi_epi16(low_hi, high_hi)));
+        }
+      }
+      for (int grp = 0; grp < G; ++grp)
+        for (int i = 0; i < 4; ++i) {
+          float* s = sums_m + (grp * 4 + i) * 16;
+          _mm512_storeu_ps(s, _mm512_add_ps(_mm512_loadu_ps(s), acc[grp][i]));
+        }
+    }
+  }
+}
+
 // Output rows of tiles [t0, t1) (kPlaneGroups * 64 rows each), every activation row: position blocks outermost,
 // so that each thread reads every table once (a table serves all its tiles while it is in L1 / L2) instead of
 // once per tile. Returns the largest code read.
@@ -769,6 +845,19 @@ BLOCKOPS_TARGET_AVX512_VBMI uint8_t plane_tiles(const PlaneArgs& a, int64_t t0, 
     for (int64_t tile = t0; tile < t1; ++tile) {
       const int64_t n0 = tile * tile_rows, groups = std::min<int64_t>(kPlaneGroups, (out - n0 + 63) / 64);
       float* s = sums + (tile - t0) * sums_per_tile;
+      if (a.t->exact) {
+        switch (groups * 2 + wide) {
+          case 2: exact_block<1, false>(a, n0, p0, tcodes, s, largest); break;
+          case 3: exact_block<1, true>(a, n0, p0, tcodes, s, largest); break;
+          case 4: exact_block<2, false>(a, n0, p0, tcodes, s, largest); break;
+          case 5: exact_block<2, true>(a, n0, p0, tcodes, s, largest); break;
+          case 6: exact_block<3, false>(a, n0, p0, tcodes, s, largest); break;
+          case 7: exact_block<3, true>(a, n0, p0, tcodes, s, largest); break;
+          case 8: exact_block<4, false>(a, n0, p0, tcodes, s, largest); break;
+          default: exact_block<4, true>(a, n0, p0, tcodes, s, largest); break;
+        }
+        continue;
+      }
       switch (groups * 2 + wide) {
         case 2: plane_block<1, false>(a, n0, p0, tcodes, s, largest); break;
         case 3: plane_block<1, true>(a, n0, p0, tcodes, s, largest); break;
@@ -803,14 +892,15 @@ BLOCKOPS_TARGET_AVX512_VBMI uint8_t plane_tiles(const PlaneArgs& a, int64_t t0, 
 // y = x @ W_hat^T for rows activation rows. Returns the largest code in `codes`: the tables are 256 entries wide
 // (zeros past k), so codes >= k read zeros, never out of bounds, and the caller reports them.
 uint8_t plane_gemv(const float* x, const uint8_t* codes, const float* cb32, const float* scales, const Geometry& g,
-                   int64_t rows, float* y) {
+                   int64_t rows, bool exact, float* y) {
   thread_local std::vector<uint8_t> planes;
   thread_local std::vector<float> steps;
   PlaneTables t;
+  t.exact = exact;
   t.padded = (g.positions() + kPlanePositions - 1) / kPlanePositions * kPlanePositions;
-  const int64_t plane_bytes = rows * t.padded * 256;
-  t.lo = scratch(planes, 2 * plane_bytes);
-  t.hi = t.lo + plane_bytes;
+  const int64_t plane_size = rows * t.padded * 256, num_planes = exact ? 4 : 2;
+  uint8_t* base = scratch(planes, num_planes * plane_size);
+  for (int64_t b = 0; b < 4; ++b) t.plane[b] = b < num_planes ? base + b * plane_size : nullptr;
   t.scale = scratch(steps, rows * (t.padded / kPlaneChunk));
   std::vector<float> cbt(static_cast<size_t>(g.K * g.d * g.k));  // [K][d][k]
   for (int64_t kk = 0; kk < g.K; ++kk)
@@ -819,7 +909,13 @@ uint8_t plane_gemv(const float* x, const uint8_t* codes, const float* cb32, cons
   const int64_t chunks = t.padded / kPlaneChunk;
   const int64_t chunk_work = kPlaneChunk * g.k * g.d;
   at::parallel_for(0, rows * chunks, std::max<int64_t>(1, kBuildGrain / chunk_work), [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) build_plane_chunk(x, cbt.data(), g, i / chunks, i % chunks, t);
+    for (int64_t i = b; i < e; ++i) {
+      if (exact) {
+        build_exact_chunk(x, cbt.data(), g, i / chunks, i % chunks, t);
+      } else {
+        build_plane_chunk(x, cbt.data(), g, i / chunks, i % chunks, t);
+      }
+    }
   });
   const PlaneArgs a{&t, codes, scales, y, g, rows};
   constexpr int64_t tile_rows = kPlaneGroups * 64;
@@ -850,11 +946,10 @@ constexpr int64_t kPlaneMaxRows = 32;
 
 bool use_byte_planes(const Weights& w, const at::Tensor& x, int64_t rows) {
 #if BLOCKOPS_X86_DISPATCH
-  if (w.type != CodeType::kU8 || (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16) ||
-      !cpu_has_avx512_vbmi())
-    return false;
+  if (w.type != CodeType::kU8 || !cpu_has_avx512_vbmi()) return false;
   if (rows <= kSmallBatchRows) return use_lookup_table(w.g, rows);
-  return rows <= kPlaneMaxRows && w.g.out >= kPlaneGroups * 64;
+  // fp32 activations (exact tables, four planes) only up to kSmallBatchRows: their tables are twice the size.
+  return x.scalar_type() != at::kFloat && rows <= kPlaneMaxRows && w.g.out >= kPlaneGroups * 64;
 #else
   (void)w, (void)x, (void)rows;
   return false;
@@ -921,7 +1016,8 @@ at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
 #if BLOCKOPS_X86_DISPATCH
     byte_planes_counter.hit();
     const uint8_t largest = plane_gemv(x32.const_data_ptr<float>(), static_cast<const uint8_t*>(codes.const_data_ptr()),
-                                       cb32.const_data_ptr<float>(), s.data(), g, rows, y32.mutable_data_ptr<float>());
+                                       cb32.const_data_ptr<float>(), s.data(), g, rows, x.scalar_type() == at::kFloat,
+                                       y32.mutable_data_ptr<float>());
     if (largest >= g.k) check_code_range(kLinear, codes, w);  // raises, naming the first code out of range
 #endif
   } else if (rows <= kSmallBatchRows && use_lookup_table(g, rows)) {

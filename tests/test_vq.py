@@ -130,18 +130,20 @@ HAS_BYTE_PLANES = "avx512-vbmi" in blockops.build_info()["cpu_families"]["vq"]
 
 @pytest.mark.skipif(not HAS_BYTE_PLANES, reason="the byte-plane kernel needs an AVX-512 VBMI CPU")
 @pytest.mark.parametrize("case", PLANE_CASES, ids=lambda c: "x".join(map(str, c)))
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_byte_plane_kernel(case, dtype):
     """Every activation-row count 1..8 (and 9, 16, 32 on whole tiles), scales and bias: the output is the exact
     result rounded to fp16 / bf16, give or take one unit in the last place and 2^-13 of the summed magnitudes
-    |x| @ |W_hat|^T (the int16 tables' error, measured up to 3e-5 of them: it shows where outputs cancel); a lane
-    or row mix-up would be off by whole outputs, a scale off by 0.2% fails too."""
+    |x| @ |W_hat|^T (the int16 tables' error, measured up to 3e-5 of them: it shows where outputs cancel); fp32
+    activations take exact fp32 tables (four byte planes), within 2^-20 of the summed magnitudes. A lane or row
+    mix-up would be off by whole outputs, an int16 scale off by 0.2% fails too."""
     out, groups, K, k, d = case
     codes, codebooks, scales = make_weights(out, groups, K, k, d, cb_dtype=torch.float16, seed=out)
     gen = torch.Generator().manual_seed(11)
     bias = torch.randn(out, generator=gen).to(dtype)
     w = ref_vq_dequantize(codes, codebooks, scales).double()
-    row_counts = list(range(1, 9)) + ([9, 16, 32] if out >= 256 else [])   # 9..32: layers of a whole tile
+    # 9..32: layers of a whole tile, fp16 / bf16 only (fp32 activations: exact tables, up to 8 rows)
+    row_counts = list(range(1, 9)) + ([9, 16, 32] if out >= 256 and dtype != torch.float32 else [])
     for rows in row_counts:
         assert rows > 8 or uses_lookup_table(out, groups, K, k, d, rows), "case no longer takes a table kernel"
         x = torch.randn(rows, groups * d, generator=gen).to(dtype)
@@ -150,19 +152,22 @@ def test_byte_plane_kernel(case, dtype):
         assert y.dtype == dtype and y.shape == (rows, out)
         exact = x.double() @ w.t() + bias.double()
         ulp = torch.finfo(dtype).eps * exact.abs().to(dtype).double().clamp_min(torch.finfo(dtype).tiny)
-        allowed = ulp + 2.0 ** -13 * (x.double().abs() @ w.abs().t())
+        # fp32: exact fp32 tables, so only fp32 summation error (a few units of 2^-24 of the terms)
+        allowance = 2.0 ** -20 if dtype == torch.float32 else 2.0 ** -13
+        allowed = ulp + allowance * (x.double().abs() @ w.abs().t())
         assert ((y.double() - exact.to(dtype).double()).abs() <= allowed).all(), f"rows={rows}"
 
 
 @pytest.mark.skipif(not HAS_BYTE_PLANES, reason="the byte-plane kernel needs an AVX-512 VBMI CPU")
 def test_byte_plane_kernel_domain():
-    """Taken for fp16 / bf16 activations up to 32 rows (9..32 only for layers of a whole 256-row tile); fp32
-    activations, int16 codes, 33 rows and small layers beyond 8 rows take the other kernels."""
+    """Taken up to 8 rows (where a table beats the direct kernel) and, for fp16 / bf16 activations, up to 32 rows
+    on layers of a whole 256-row tile; int16 codes, 33 rows, fp32 beyond 8 rows and small layers beyond 8 rows
+    take the other kernels."""
     codes, codebooks, scales = make_weights(300, 37, 1, 256, 4)
     small, small_cb, small_scales = make_weights(100, 37, 1, 256, 4)
     wide, wide_cb, wide_scales = make_weights(300, 37, 1, 512, 4)
     calls = []
-    for x, args in [(torch.randn(4, 148), (codes, codebooks, scales)),
+    for x, args in [(torch.randn(9, 148), (codes, codebooks, scales)),
                     (torch.randn(33, 148).bfloat16(), (codes, codebooks, scales)),
                     (torch.randn(9, 148).half(), (small, small_cb, small_scales)),
                     (torch.randn(4, 148).bfloat16(), (wide, wide_cb, wide_scales)),
@@ -171,6 +176,9 @@ def test_byte_plane_kernel_domain():
         vq.vq_linear(x, *args)
         calls.append(blockops.kernel_call_counts()["vq_linear_byte_planes.cpu"] - before)
     assert calls == [0, 0, 0, 0, 1]
+    before = blockops.kernel_call_counts()["vq_linear_byte_planes.cpu"]
+    vq.vq_linear(torch.randn(4, 148), codes, codebooks, scales)   # fp32, 4 rows: exact tables
+    assert blockops.kernel_call_counts()["vq_linear_byte_planes.cpu"] == before + 1
 
 
 @pytest.mark.skipif(not HAS_BYTE_PLANES, reason="the byte-plane kernel needs an AVX-512 VBMI CPU")

@@ -40,11 +40,12 @@ def vq_linear(x, codes, codebooks, scales=None, bias=None) -> torch.Tensor:
 
     Returns ``[..., out]`` in x's dtype, accumulated in fp32. Differentiable w.r.t. x, codebooks, scales and
     bias. CPU kernels: up to 8 rows a lookup-table GEMV or a direct dequantize-dot kernel (chosen per call,
-    csrc/vq.h ``use_lookup_table``), dequantized blocks + GEMM above (in bf16 for bf16 x). With fp16 / bf16 x,
-    uint8 codes and an AVX-512 VBMI CPU, small batches (up to 8 rows; up to 32 for layers of >= 256 outputs) use
-    int16 tables instead of fp32 ones: each table entry ``x_group . codeword`` is rounded to one of 65535 steps of
-    its 16-position chunk's largest entry: at most about 3e-5 of ``|x| @ |W_hat|^T`` per output (measured), well
-    below the fp16 / bf16 rounding of x itself; a NaN or infinite x makes its row of y NaN. CUDA kernels: up to 8 rows a GEMV with
+    csrc/vq.h ``use_lookup_table``), dequantized blocks + GEMM above (in bf16 for bf16 x). With uint8 codes on an
+    AVX-512 VBMI CPU the table kernel looks tables up 64 output rows per byte permute ("byte planes"): exact fp32
+    tables for fp32 x (up to 8 rows); for fp16 / bf16 x (up to 8 rows, up to 32 for layers of >= 256 outputs)
+    int16 tables, each entry ``x_group . codeword`` rounded to one of 65535 steps of its 16-position chunk's
+    largest entry: at most about 3e-5 of ``|x| @ |W_hat|^T`` per output (measured), well below the fp16 / bf16
+    rounding of x itself; there a NaN or infinite x makes its row of y NaN. CUDA kernels: up to 8 rows a GEMV with
     the codebook replicated in shared memory; above, W_hat tiles dequantized into shared memory feeding
     ``mma.sync`` tensor cores (fp16/bf16 x, ``in % 8 == 0``; W_hat rounded once to x's dtype) or CUDA-core tiles.
     """
