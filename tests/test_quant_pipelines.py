@@ -3,6 +3,7 @@ the calibration text, the CLI round trip on a tiny random BERT, and one run on t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 
@@ -462,6 +463,23 @@ def test_minilm_efficientqat_beats_rtn_at_2_bits():
         assert config["bits_per_weight"] == pytest.approx(2 + 18 / 64)
         results[method] = evaluate.quality(ref, evaluate.embed(model, batches))
     assert results["efficientqat"]["cosine_mean"] > results["rtn"]["cosine_mean"] + 0.05, results
+
+
+def test_published_table_is_what_the_report_command_runs():
+    """docs/quantization.md says `python -m blockops.quant.report` regenerates it: every published row was made
+    with the settings that command gives its configuration (pipeline defaults + RECIPES), and the command covers
+    every published configuration."""
+    from blockops.quant import pipeline, report
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "quantization.json")) as f:
+        published = json.load(f)
+    defaults = dataclasses.asdict(pipeline.Settings())
+    for row in published["rows"]:
+        expected = report.row_settings(row["method"], row["bits"], defaults)
+        assert {k: expected[k] for k in row["settings"]} == row["settings"], (row["method"], row["bits"])
+        assert row["method"] not in report.TWO_BIT_METHODS or row["bits"] == 2
+    assert {r["method"] for r in published["rows"]} == set(report.METHODS)
 
 
 def test_report_table_and_target_verdicts(tmp_path):
