@@ -174,6 +174,16 @@ def _rule(threshold, factor) -> dict:
     return dict(threshold=float("inf") if threshold is None else float(threshold))
 
 
+def _start(model, input_ids, gen_length, mask_id, threshold, factor, cache: bool):
+    """What both generators start from: the unmasking rule, the prompt followed by gen_length masks, the
+    statistics, the counting model caller and (with ``cache``) an empty KV cache."""
+    B, P = input_ids.shape
+    x = torch.cat([input_ids, input_ids.new_full((B, gen_length), mask_id)], 1)
+    stats = GenerationStats()
+    kv = DiffusionKVCache(B, P + gen_length) if cache else None
+    return _rule(threshold, factor), x, stats, _Caller(model, mask_id, stats), kv
+
+
 def _apply(x, rows, cols, r):
     """x[rows, cols] <- the chosen tokens where unmasked; returns the per-row count unmasked."""
     x[rows[:, None], cols] = torch.where(r.unmask, r.tokens, x[rows[:, None], cols])
@@ -235,11 +245,7 @@ def generate(model, input_ids: torch.Tensor, gen_length: int, block_length: int,
     steps_per_block = steps // num_blocks
     base, extra = divmod(block_length, steps_per_block)
     schedule = [base + (t < extra) for t in range(steps_per_block)]
-    rule = _rule(threshold, factor)
-    x = torch.cat([input_ids, input_ids.new_full((B, gen_length), mask_id)], 1)
-    stats = GenerationStats()
-    call = _Caller(model, mask_id, stats)
-    kv = DiffusionKVCache(B, L) if cache else None
+    rule, x, stats, call, kv = _start(model, input_ids, gen_length, mask_id, threshold, factor, cache)
     all_rows = torch.arange(B, device=device)
     positions_all = torch.arange(L, device=device)
 
@@ -353,11 +359,7 @@ def generate_block_diffusion(model, input_ids: torch.Tensor, gen_length: int, bl
     device = input_ids.device
     B, P = input_ids.shape
     L = P + gen_length
-    rule = _rule(threshold, factor)
-    x = torch.cat([input_ids, input_ids.new_full((B, gen_length), mask_id)], 1)
-    stats = GenerationStats()
-    call = _Caller(model, mask_id, stats)
-    kv = DiffusionKVCache(B, L) if cache else None
+    rule, x, stats, call, kv = _start(model, input_ids, gen_length, mask_id, threshold, factor, cache)
     rows = torch.arange(B, device=device)
 
     def span(a, c):
