@@ -831,6 +831,38 @@ BLOCKOPS_TARGET_AVX512_VBMI void exact_block(const PlaneArgs& a, int64_t n0, int
   }
 }
 
+// The two block kernels as types, so that one dispatch (run_block) turns the run-time group count and table width
+// into their template arguments.
+struct ExactKernel {
+  template <int G, bool Wide>
+  BLOCKOPS_TARGET_AVX512_VBMI static void run(const PlaneArgs& a, int64_t n0, int64_t p0, uint8_t* tcodes,
+                                              float* sums, __m512i& largest) {
+    exact_block<G, Wide>(a, n0, p0, tcodes, sums, largest);
+  }
+};
+struct Int16Kernel {
+  template <int G, bool Wide>
+  BLOCKOPS_TARGET_AVX512_VBMI static void run(const PlaneArgs& a, int64_t n0, int64_t p0, uint8_t* tcodes,
+                                              float* sums, __m512i& largest) {
+    plane_block<G, Wide>(a, n0, p0, tcodes, sums, largest);
+  }
+};
+
+template <typename Kernel>
+BLOCKOPS_TARGET_AVX512_VBMI void run_block(int64_t groups, bool wide, const PlaneArgs& a, int64_t n0, int64_t p0,
+                                           uint8_t* tcodes, float* sums, __m512i& largest) {
+  switch (groups * 2 + wide) {
+    case 2: return Kernel::template run<1, false>(a, n0, p0, tcodes, sums, largest);
+    case 3: return Kernel::template run<1, true>(a, n0, p0, tcodes, sums, largest);
+    case 4: return Kernel::template run<2, false>(a, n0, p0, tcodes, sums, largest);
+    case 5: return Kernel::template run<2, true>(a, n0, p0, tcodes, sums, largest);
+    case 6: return Kernel::template run<3, false>(a, n0, p0, tcodes, sums, largest);
+    case 7: return Kernel::template run<3, true>(a, n0, p0, tcodes, sums, largest);
+    case 8: return Kernel::template run<4, false>(a, n0, p0, tcodes, sums, largest);
+    default: return Kernel::template run<4, true>(a, n0, p0, tcodes, sums, largest);
+  }
+}
+
 // Output rows of tiles [t0, t1) (kPlaneGroups * 64 rows each), every activation row: position blocks outermost,
 // so that each thread reads every table once (a table serves all its tiles while it is in L1 / L2) instead of
 // once per tile. Returns the largest code read.
@@ -846,27 +878,9 @@ BLOCKOPS_TARGET_AVX512_VBMI uint8_t plane_tiles(const PlaneArgs& a, int64_t t0, 
       const int64_t n0 = tile * tile_rows, groups = std::min<int64_t>(kPlaneGroups, (out - n0 + 63) / 64);
       float* s = sums + (tile - t0) * sums_per_tile;
       if (a.t->exact) {
-        switch (groups * 2 + wide) {
-          case 2: exact_block<1, false>(a, n0, p0, tcodes, s, largest); break;
-          case 3: exact_block<1, true>(a, n0, p0, tcodes, s, largest); break;
-          case 4: exact_block<2, false>(a, n0, p0, tcodes, s, largest); break;
-          case 5: exact_block<2, true>(a, n0, p0, tcodes, s, largest); break;
-          case 6: exact_block<3, false>(a, n0, p0, tcodes, s, largest); break;
-          case 7: exact_block<3, true>(a, n0, p0, tcodes, s, largest); break;
-          case 8: exact_block<4, false>(a, n0, p0, tcodes, s, largest); break;
-          default: exact_block<4, true>(a, n0, p0, tcodes, s, largest); break;
-        }
-        continue;
-      }
-      switch (groups * 2 + wide) {
-        case 2: plane_block<1, false>(a, n0, p0, tcodes, s, largest); break;
-        case 3: plane_block<1, true>(a, n0, p0, tcodes, s, largest); break;
-        case 4: plane_block<2, false>(a, n0, p0, tcodes, s, largest); break;
-        case 5: plane_block<2, true>(a, n0, p0, tcodes, s, largest); break;
-        case 6: plane_block<3, false>(a, n0, p0, tcodes, s, largest); break;
-        case 7: plane_block<3, true>(a, n0, p0, tcodes, s, largest); break;
-        case 8: plane_block<4, false>(a, n0, p0, tcodes, s, largest); break;
-        default: plane_block<4, true>(a, n0, p0, tcodes, s, largest); break;
+        run_block<ExactKernel>(groups, wide, a, n0, p0, tcodes, s, largest);
+      } else {
+        run_block<Int16Kernel>(groups, wide, a, n0, p0, tcodes, s, largest);
       }
     }
   }
