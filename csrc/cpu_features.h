@@ -19,4 +19,8 @@ bool cpu_has_avx512_vbmi();
 // "avx2+fma" or "portable": the ISA the CPU kernels use in this process.
 const char* cpu_isa_name();
 
+// The widest CPU path the kernels may take in this process: "avx512-vbmi", "avx512-vnni", "avx2" or "portable"
+// (BLOCKOPS_CPU_ISA=avx2 or =portable caps it). Benchmarks quote it with every CPU figure.
+const char* cpu_isa_path();
+
 }  // namespace blockops

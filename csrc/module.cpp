@@ -5,6 +5,7 @@
 //   kernel_call_counts() -> dict    calls per compiled kernel entry point
 #include <Python.h>
 
+#include <cctype>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -90,6 +91,12 @@ bool cpu_has_avx512_vbmi() {
 
 const char* cpu_isa_name() { return cpu_has_avx2_fma() ? "avx2+fma" : "portable"; }
 
+const char* cpu_isa_path() {
+  if (cpu_has_avx512_vbmi()) return "avx512-vbmi";
+  if (cpu_has_avx512_vnni()) return "avx512-vnni";
+  return cpu_has_avx2_fma() ? "avx2" : "portable";
+}
+
 std::string build_info_json() {
   // Hand-written JSON: every string below is ours (versions, family names, ISA names), none needs escaping.
   std::string families = "{";
@@ -107,6 +114,13 @@ std::string build_info_json() {
   json += "\"torch_version\": \"" BLOCKOPS_TORCH_VERSION "\", ";
   json += "\"compiler\": \"" BLOCKOPS_CXX_COMPILER "\", ";
   json += std::string("\"cpu_isa\": \"") + cpu_isa_name() + "\", ";
+  json += std::string("\"cpu_isa_path\": \"") + cpu_isa_path() + "\", ";
+  // BLOCKOPS_CPU_ISA as set (the one value here that is not ours: only letters, digits, '-' and '+' are kept).
+  std::string forced;
+  for (const char* c = std::getenv("BLOCKOPS_CPU_ISA"); c != nullptr && *c != '\0'; ++c) {
+    if (std::isalnum(static_cast<unsigned char>(*c)) || *c == '-' || *c == '+') forced += *c;
+  }
+  json += "\"cpu_isa_forced\": \"" + forced + "\", ";
 #ifdef _OPENMP
   json += "\"cpu_parallel\": \"openmp\", ";
 #else
