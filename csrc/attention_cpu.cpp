@@ -34,8 +34,8 @@
 #include "attention_op.h"
 #include "checks.h"
 #include "cpu_features.h"
-#include "cpu_math_avx2.h"
-#include "dtype_torch.h"
+#include "cpu_common.h"
+#include "glue.h"
 #include "introspection.h"
 
 namespace blockops::attention {
@@ -200,9 +200,11 @@ namespace {
 constexpr const char* kForward = "blockops.block_sparse_attention";
 constexpr const char* kBackward = "blockops.block_sparse_attention_backward";
 
-KernelCounter forward_counter("block_sparse_attention.cpu");
-KernelCounter backward_counter("block_sparse_attention_backward.cpu");
-FamilyRegistration family("attention", cpu_isa_name);
+constexpr const char* kFamily = "attention";
+
+KernelCounter forward_counter(kFamily, "block_sparse_attention.cpu");
+KernelCounter backward_counter(kFamily, "block_sparse_attention_backward.cpu");
+FamilyRegistration family(kFamily, cpu_isa_name);
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -397,9 +399,6 @@ Primitives primitives() {
 
 // ---- operand access ---------------------------------------------------------------------------------------
 
-float to_float(float v) { return v; }
-float to_float(c10::Half v) { return static_cast<float>(v); }
-float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 
 // An fp32 view of `rows` rows of n elements (row stride `stride`): the tensor itself for fp32, else a converted
 // copy in `scratch` (row stride n). Returns the pointer; *ld receives the row stride.

@@ -71,9 +71,11 @@ void raise_out_of_range(const at::Tensor& values, int bits) {
 
 namespace {
 
-KernelCounter pack_counter("pack_bits.cpu");
-KernelCounter unpack_counter("unpack_bits.cpu");
-FamilyRegistration family("bitpack", cpu_isa_name);
+constexpr const char* kFamily = "bitpack";
+
+KernelCounter pack_counter(kFamily, "pack_bits.cpu");
+KernelCounter unpack_counter(kFamily, "unpack_bits.cpu");
+FamilyRegistration family(kFamily, cpu_isa_name);
 
 // Rows [begin, end) of the packed tensor, each `inner` words wide. kBits is a template parameter so the
 // per-word loops have constant trip counts and shifts (unrolled, vectorised). Returns true if a value was
@@ -183,7 +185,7 @@ at::Tensor pack_bits_cpu(const at::Tensor& values, int64_t bits, int64_t dim) {
     const scalar_t* src = values.const_data_ptr<scalar_t>();
     int32_t* dst = out.mutable_data_ptr<int32_t>();
     const bool avx2 = cpu_has_avx2_fma();
-    BITS_SWITCH(g.bits, kBits, [&] {
+    BLOCKOPS_BITS_SWITCH(g.bits, kBits, TORCH_INTERNAL_ASSERT(false, "unsupported bits ", g.bits), [&] {
       at::parallel_for(0, g.outer * g.words(), grain_rows(g), [&](int64_t begin, int64_t end) {
         const bool chunk_bad = avx2 ? pack_rows_avx2<kBits>(src, dst, g, begin, end)
                                     : pack_rows_portable<kBits>(src, dst, g, begin, end);
@@ -204,7 +206,7 @@ at::Tensor unpack_bits_cpu(const at::Tensor& packed, int64_t bits, int64_t size,
   const int32_t* src = packed.const_data_ptr<int32_t>();
   uint8_t* dst = out.mutable_data_ptr<uint8_t>();
   const bool avx2 = cpu_has_avx2_fma();
-  BITS_SWITCH(g.bits, kBits, [&] {
+  BLOCKOPS_BITS_SWITCH(g.bits, kBits, TORCH_INTERNAL_ASSERT(false, "unsupported bits ", g.bits), [&] {
     at::parallel_for(0, g.outer * g.words(), grain_rows(g), [&](int64_t begin, int64_t end) {
       avx2 ? unpack_rows_avx2<kBits>(src, dst, g, begin, end) : unpack_rows_portable<kBits>(src, dst, g, begin, end);
     });

@@ -31,7 +31,7 @@
 #include "checks.h"
 #include "cpu_features.h"
 #include "dtype.h"
-#include "dtype_torch.h"
+#include "glue.h"
 #include "introspection.h"
 
 namespace blockops::block_cache {
@@ -92,11 +92,13 @@ void check_gate(const at::Tensor& gate, const at::Tensor& cache, const char* op)
 
 namespace {
 
-KernelCounter relative_l1_counter("relative_l1.cpu");
-KernelCounter relative_l1_residual_counter("relative_l1_residual.cpu");
-KernelCounter apply_residual_counter("apply_residual.cpu");
-KernelCounter cache_update_counter("cache_update.cpu");
-FamilyRegistration family("block_cache", cpu_isa_name);
+constexpr const char* kFamily = "block_cache";
+
+KernelCounter relative_l1_counter(kFamily, "relative_l1.cpu");
+KernelCounter relative_l1_residual_counter(kFamily, "relative_l1_residual.cpu");
+KernelCounter apply_residual_counter(kFamily, "apply_residual.cpu");
+KernelCounter cache_update_counter(kFamily, "cache_update.cpu");
+FamilyRegistration family(kFamily, cpu_isa_name);
 
 // ---- element access: scalar (both paths' row tails) -------------------------------------------------------
 

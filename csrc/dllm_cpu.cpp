@@ -29,9 +29,9 @@
 
 #include "checks.h"
 #include "cpu_features.h"
-#include "cpu_math_avx2.h"
+#include "cpu_common.h"
 #include "dllm_op.h"
-#include "dtype_torch.h"
+#include "glue.h"
 #include "introspection.h"
 
 namespace blockops::dllm {
@@ -151,16 +151,14 @@ void check_positions(const at::Tensor& positions, int64_t S) {
 
 namespace {
 
-KernelCounter unmask_counter("dllm_unmask.cpu");
-KernelCounter overwrite_counter("dllm_kv_overwrite.cpu");
-FamilyRegistration family("dllm", cpu_isa_name);
+constexpr const char* kFamily = "dllm";
+
+KernelCounter unmask_counter(kFamily, "dllm_unmask.cpu");
+KernelCounter overwrite_counter(kFamily, "dllm_kv_overwrite.cpu");
+FamilyRegistration family(kFamily, cpu_isa_name);
 
 constexpr int64_t kChunk = 2048;   // logits per chunk: 8 KiB of fp32, read twice from L1
 constexpr float kLog2e = 1.4426950408889634f;
-
-float to_float(float v) { return v; }
-float to_float(c10::Half v) { return static_cast<float>(v); }
-float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 
 // Chunk primitives, one set per ISA. `first_index_of` and the bookkeeping are shared (scalar, rare).
 struct ChunkOps {
@@ -181,20 +179,6 @@ float chunk_sum_exp_portable(const float* x, int64_t n, float m) {
 }
 
 #if BLOCKOPS_X86_DISPATCH
-BLOCKOPS_TARGET_AVX2 float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
-}
-
-BLOCKOPS_TARGET_AVX2 float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 BLOCKOPS_TARGET_AVX2 float chunk_max_avx2(const float* x, int64_t n) {
   __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0, m2 = m0, m3 = m0;  // four chains hide the max latency
   int64_t i = 0;
@@ -205,7 +189,7 @@ BLOCKOPS_TARGET_AVX2 float chunk_max_avx2(const float* x, int64_t n) {
     m3 = _mm256_max_ps(m3, _mm256_loadu_ps(x + i + 24));
   }
   for (; i + 8 <= n; i += 8) m0 = _mm256_max_ps(m0, _mm256_loadu_ps(x + i));
-  float m = hmax(_mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
+  float m = hmax_avx2(_mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
   for (; i < n; ++i) m = x[i] > m ? x[i] : m;
   return m;
 }
@@ -219,7 +203,7 @@ BLOCKOPS_TARGET_AVX2 float chunk_sum_exp_avx2(const float* x, int64_t n, float m
     s0 = _mm256_add_ps(s0, exp2_avx2(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm), l2e)));
     s1 = _mm256_add_ps(s1, exp2_avx2(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), vm), l2e)));
   }
-  float s = hsum(_mm256_add_ps(s0, s1));
+  float s = hsum_avx2(_mm256_add_ps(s0, s1));
   for (; i < n; ++i) s += std::exp(x[i] - m);
   return s;
 }

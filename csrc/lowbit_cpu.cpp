@@ -40,6 +40,7 @@
 
 #include "checks.h"
 #include "cpu_features.h"
+#include "glue.h"
 #include "introspection.h"
 #include "lowbit_op.h"
 
@@ -101,13 +102,15 @@ constexpr const char* kDequant = "blockops.quant_dequantize";
 constexpr const char* kGradInput = "blockops.quant_linear_grad_input";
 constexpr const char* kGradScales = "blockops.quant_grad_scales";
 
-KernelCounter linear_counter("quant_linear.cpu");
-KernelCounter dequant_counter("quant_dequantize.cpu");
-KernelCounter grad_input_counter("quant_linear_grad_input.cpu");
-KernelCounter grad_scales_counter("quant_grad_scales.cpu");
+constexpr const char* kFamily = "lowbit";
+
+KernelCounter linear_counter(kFamily, "quant_linear.cpu");
+KernelCounter dequant_counter(kFamily, "quant_dequantize.cpu");
+KernelCounter grad_input_counter(kFamily, "quant_linear_grad_input.cpu");
+KernelCounter grad_scales_counter(kFamily, "quant_grad_scales.cpu");
 // The fixed-point decode kernel uses AVX512-VNNI where the CPU has it; the rest of the family AVX2/FMA.
 const char* lowbit_cpu_isa() { return cpu_has_avx512_vnni() ? "avx2+fma, avx512-vnni (decode)" : cpu_isa_name(); }
-FamilyRegistration family("lowbit", lowbit_cpu_isa);
+FamilyRegistration family(kFamily, lowbit_cpu_isa);
 
 constexpr int64_t kGemvMaxRows = 64;   // measured: up to here the decode kernel (passes of 4 rows) beats
                                        // dequantized blocks + fp32 GEMM on 2 AVX-512 cores
@@ -537,7 +540,6 @@ void dequant_cols(const int32_t* qweight, const float* scales, const float* zero
   }
 }
 
-at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
 
 // Runs f(n0, nb, w) over blocks of kBlockRows output columns, w = W_hat^T[:, n0:n0+nb] as fp32 [in, nb];
 // one block buffer is reused, so at most kBlockRows * in floats of W_hat exist at a time. With unit scales
@@ -569,7 +571,7 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
   const at::Tensor x2 = x.reshape({rows, g.in});
   at::Tensor y32 = at::empty({rows, g.out}, x.options().dtype(at::kFloat));
   if (rows <= kGemvMaxRows) {
-    const at::Tensor x32 = as_float(x2);
+    const at::Tensor x32 = contiguous_fp32(x2);
     const at::Tensor xsum = x32.view({rows, g.groups(), g.group_size}).sum(-1).contiguous();
     at::Tensor xpairs, xstep;
     const bool fixed_point = cpu_has_avx2_fma() && g.bits != 3 && g.group_size <= kFixedPointMaxGroup;
@@ -577,8 +579,8 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
     // fp32 copies of scales and zeros only where a float or portable kernel reads them (the fixed-point
     // kernel converts as it goes; the portable one takes the partial tile of columns at the end).
     const bool need_f32 = !fixed_point || g.out % kTileCols != 0;
-    const at::Tensor s32 = need_f32 ? as_float(scales) : at::Tensor();
-    const at::Tensor z32 = need_f32 ? as_float(zeros) : at::Tensor();
+    const at::Tensor s32 = need_f32 ? contiguous_fp32(scales) : at::Tensor();
+    const at::Tensor z32 = need_f32 ? contiguous_fp32(zeros) : at::Tensor();
     const ParamType param_type = scales.scalar_type() == at::kHalf       ? ParamType::kF16
                                  : scales.scalar_type() == at::kBFloat16 ? ParamType::kBF16
                                                                          : ParamType::kF32;
@@ -604,13 +606,13 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
     // F.linear in bf16 does, with its accuracy), which is 2-3x faster than the fp32 one on CPUs with
     // bf16 dot products; every other dtype multiplies in fp32.
     const bool bf16 = x.scalar_type() == at::kBFloat16;
-    const at::Tensor xb = bf16 ? x2 : as_float(x2);
-    for_each_dequantized_block(qweight, as_float(scales), as_float(zeros), g,
+    const at::Tensor xb = bf16 ? x2 : contiguous_fp32(x2);
+    for_each_dequantized_block(qweight, contiguous_fp32(scales), contiguous_fp32(zeros), g,
                                [&](int64_t n0, int64_t nb, const at::Tensor& w) {
                                  y32.narrow(1, n0, nb).copy_(at::mm(xb, bf16 ? w.to(at::kBFloat16) : w));
                                });
   }
-  if (bias.has_value()) y32.add_(as_float(*bias));
+  if (bias.has_value()) y32.add_(contiguous_fp32(*bias));
   return y32.to(x.scalar_type()).view(out_sizes);
 }
 
@@ -652,7 +654,7 @@ at::Tensor quant_dequantize_cpu(const at::Tensor& qweight, const at::Tensor& sca
   dequant_counter.hit();
   at::Tensor out = at::empty({g.out, g.in}, scales.options().dtype(at::kFloat));
   if (out.numel() == 0) return out.to(scales.scalar_type());
-  const at::Tensor s32 = as_float(scales), z32 = as_float(zeros);
+  const at::Tensor s32 = contiguous_fp32(scales), z32 = contiguous_fp32(zeros);
   dequant_rows(qweight.const_data_ptr<int32_t>(), s32.const_data_ptr<float>(), z32.const_data_ptr<float>(), g,
                out.mutable_data_ptr<float>());
   return out.to(scales.scalar_type());
@@ -667,9 +669,9 @@ at::Tensor quant_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Ten
   const int64_t rows = grad_out.numel() / std::max<int64_t>(g.out, 1);
   if (rows == 0 || g.in == 0) return at::zeros(out_sizes, grad_out.options());
   grad_input_counter.hit();
-  const at::Tensor gy = as_float(grad_out).reshape({rows, g.out});
+  const at::Tensor gy = contiguous_fp32(grad_out).reshape({rows, g.out});
   at::Tensor gx = at::zeros({rows, g.in}, gy.options());
-  for_each_dequantized_block(qweight, as_float(scales), as_float(zeros), g,
+  for_each_dequantized_block(qweight, contiguous_fp32(scales), contiguous_fp32(zeros), g,
                              [&](int64_t n0, int64_t nb, const at::Tensor& w) { gx.addmm_(gy.narrow(1, n0, nb), w.t()); });
   return gx.to(grad_out.scalar_type()).view(out_sizes);
 }
@@ -687,7 +689,7 @@ at::Tensor quant_grad_scales_cpu(const at::Tensor& t, const at::Tensor& qweight,
   if (grad.numel() == 0) return grad;
   const at::Tensor ones = at::ones({g.groups(), g.out}, t.options());
   // Block of (q - z) [in, nb] times t^T, summed within each group.
-  for_each_dequantized_block(qweight, ones, as_float(zeros), g, [&](int64_t n0, int64_t nb, const at::Tensor& qz) {
+  for_each_dequantized_block(qweight, ones, contiguous_fp32(zeros), g, [&](int64_t n0, int64_t nb, const at::Tensor& qz) {
     grad.narrow(1, n0, nb).copy_(at::mul(qz, t.narrow(0, n0, nb).t()).view({g.groups(), g.group_size, nb}).sum(1));
   });
   return grad;

@@ -21,7 +21,8 @@ namespace {
 struct Registry {
   std::mutex mutex;
   std::vector<KernelCounter*> counters;
-  std::map<std::string, const char* (*)()> families;
+  std::map<std::string, const char* (*)()> families;  // family -> its CPU kernels' ISA in this process
+  std::map<std::string, std::string> op_families;       // op -> family (ops.cpp)
 };
 
 Registry& registry() {
@@ -31,7 +32,7 @@ Registry& registry() {
 
 }  // namespace
 
-KernelCounter::KernelCounter(const char* name) : name_(name) {
+KernelCounter::KernelCounter(const char* family, const char* name) : family_(family), name_(name) {
   std::lock_guard<std::mutex> lock(registry().mutex);
   registry().counters.push_back(this);
 }
@@ -39,6 +40,17 @@ KernelCounter::KernelCounter(const char* name) : name_(name) {
 FamilyRegistration::FamilyRegistration(const char* name, const char* (*cpu_isa)()) {
   std::lock_guard<std::mutex> lock(registry().mutex);
   registry().families[name] = cpu_isa;
+}
+
+void register_op_family(const std::string& op, const char* family) {
+  std::lock_guard<std::mutex> lock(registry().mutex);
+  registry().op_families[op] = family;
+}
+
+std::string op_family(const std::string& op) {
+  std::lock_guard<std::mutex> lock(registry().mutex);
+  const auto it = registry().op_families.find(op);
+  return it == registry().op_families.end() ? std::string() : it->second;
 }
 
 std::vector<std::pair<std::string, uint64_t>> kernel_call_counts() {
@@ -97,39 +109,90 @@ const char* cpu_isa_path() {
   return cpu_has_avx2_fma() ? "avx2" : "portable";
 }
 
+const std::vector<CudaFamilyBuild>& cuda_family_builds() {
+  static const std::vector<CudaFamilyBuild> builds = {BLOCKOPS_CUDA_FAMILY_TABLE};
+  return builds;
+}
+
+const CudaFamilyBuild* find_cuda_family(const std::string& family) {
+  for (const CudaFamilyBuild& b : cuda_family_builds()) {
+    if (family == b.family) return &b;
+  }
+  return nullptr;
+}
+
+std::string cuda_build_summary() {
+  if (!BLOCKOPS_CUDA_BUILT) return "this build of blockops has no CUDA kernels (built without a CUDA toolkit or with BLOCKOPS_CUDA=0)";
+  return std::string("CUDA architectures requested for this build: \"") + BLOCKOPS_CUDA_REQUESTED_ARCHS +
+         "\"; the kernels need " + BLOCKOPS_CUDA_MIN_ARCH + " or newer";
+}
+
+namespace {
+
+// Hand-written JSON: every string below is ours (versions, family and op names, architectures), none needs
+// escaping; BLOCKOPS_CPU_ISA is filtered.
+std::string quoted(const std::string& s) { return "\"" + s + "\""; }
+
+// "8.0;9.0a" -> ["8.0", "9.0a"]
+std::string arch_list(const std::string& archs) {
+  std::string out = "[";
+  size_t start = 0;
+  while (start < archs.size()) {
+    size_t end = archs.find(';', start);
+    if (end == std::string::npos) end = archs.size();
+    if (end > start) out += (out.size() > 1 ? ", " : "") + quoted(archs.substr(start, end - start));
+    start = end + 1;
+  }
+  return out + "]";
+}
+
+template <typename Map, typename Value>
+std::string object(const Map& map, Value&& value) {
+  std::string out = "{";
+  for (const auto& [key, v] : map) out += (out.size() > 1 ? ", " : "") + quoted(key) + ": " + value(v);
+  return out + "}";
+}
+
+}  // namespace
+
 std::string build_info_json() {
-  // Hand-written JSON: every string below is ours (versions, family names, ISA names), none needs escaping.
-  std::string families = "{";
+  std::map<std::string, std::string> cpu_families, op_families, counter_families, cuda_archs, cuda_ptx;
   {
     std::lock_guard<std::mutex> lock(registry().mutex);
-    bool first = true;
-    for (const auto& [name, isa] : registry().families) {
-      families += (first ? "\"" : ", \"") + name + "\": \"" + isa() + "\"";
-      first = false;
-    }
+    for (const auto& [name, isa] : registry().families) cpu_families[name] = isa();
+    op_families = registry().op_families;
+    for (const KernelCounter* c : registry().counters) counter_families[c->name()] = c->family();
   }
-  families += "}";
-  std::string json = "{";
-  json += "\"version\": \"" BLOCKOPS_VERSION "\", ";
-  json += "\"torch_version\": \"" BLOCKOPS_TORCH_VERSION "\", ";
-  json += "\"compiler\": \"" BLOCKOPS_CXX_COMPILER "\", ";
-  json += std::string("\"cpu_isa\": \"") + cpu_isa_name() + "\", ";
-  json += std::string("\"cpu_isa_path\": \"") + cpu_isa_path() + "\", ";
+  for (const CudaFamilyBuild& b : cuda_family_builds()) {
+    cuda_archs[b.family] = b.archs;
+    cuda_ptx[b.family] = b.ptx;
+  }
   // BLOCKOPS_CPU_ISA as set (the one value here that is not ours: only letters, digits, '-' and '+' are kept).
   std::string forced;
   for (const char* c = std::getenv("BLOCKOPS_CPU_ISA"); c != nullptr && *c != '\0'; ++c) {
     if (std::isalnum(static_cast<unsigned char>(*c)) || *c == '-' || *c == '+') forced += *c;
   }
-  json += "\"cpu_isa_forced\": \"" + forced + "\", ";
 #ifdef _OPENMP
-  json += "\"cpu_parallel\": \"openmp\", ";
+  const char* parallel = "openmp";
 #else
-  json += "\"cpu_parallel\": \"none\", ";
+  const char* parallel = "none";
 #endif
-  json += "\"cpu_families\": " + families + ", ";
+  std::string json = "{";
+  json += "\"version\": \"" BLOCKOPS_VERSION "\", ";
+  json += "\"torch_version\": \"" BLOCKOPS_TORCH_VERSION "\", ";
+  json += "\"compiler\": \"" BLOCKOPS_CXX_COMPILER "\", ";
+  json += "\"cpu_isa\": " + quoted(cpu_isa_name()) + ", ";
+  json += "\"cpu_isa_path\": " + quoted(cpu_isa_path()) + ", ";
+  json += "\"cpu_isa_forced\": " + quoted(forced) + ", ";
+  json += "\"cpu_parallel\": " + quoted(parallel) + ", ";
+  json += "\"cpu_families\": " + object(cpu_families, quoted) + ", ";
   json += std::string("\"cuda_compiled\": ") + (BLOCKOPS_CUDA_BUILT ? "true" : "false") + ", ";
   json += "\"cuda_version\": \"" BLOCKOPS_CUDA_VERSION "\", ";
-  json += "\"cuda_families\": " BLOCKOPS_CUDA_FAMILY_ARCHS_JSON ", ";
+  json += "\"cuda_requested_archs\": " + arch_list(BLOCKOPS_CUDA_REQUESTED_ARCHS) + ", ";
+  json += "\"cuda_families\": " + object(cuda_archs, arch_list) + ", ";
+  json += "\"cuda_ptx\": " + object(cuda_ptx, arch_list) + ", ";
+  json += "\"ops\": " + object(op_families, quoted) + ", ";
+  json += "\"kernel_counters\": " + object(counter_families, quoted) + ", ";
   json += "\"cutlass_include\": \"" BLOCKOPS_CUTLASS_INCLUDE "\"";
   json += "}";
   return json;

@@ -50,7 +50,7 @@
 
 #include "checks.h"
 #include "cpu_features.h"
-#include "dtype_torch.h"
+#include "glue.h"
 #include "introspection.h"
 #include "macros.h"
 #include "path_attention.h"
@@ -69,11 +69,13 @@ constexpr const char* kBackward = "blockops.path_attention_backward";
 constexpr const char* kDecode = "blockops.path_decode_step";
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-KernelCounter forward_counter("path_attention.cpu");
-KernelCounter key_cache_counter("path_key_cache.cpu");
-KernelCounter backward_counter("path_attention_backward.cpu");
-KernelCounter decode_counter("path_decode_step.cpu");
-FamilyRegistration family("path", cpu_isa_name);
+constexpr const char* kFamily = "path_attention";
+
+KernelCounter forward_counter(kFamily, "path_attention.cpu");
+KernelCounter key_cache_counter(kFamily, "path_key_cache.cpu");
+KernelCounter backward_counter(kFamily, "path_attention_backward.cpu");
+KernelCounter decode_counter(kFamily, "path_decode_step.cpu");
+FamilyRegistration family(kFamily, cpu_isa_name);
 
 // ---------------------------------------------------------------------------------------------------------
 // Small helpers

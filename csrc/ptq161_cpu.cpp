@@ -43,6 +43,7 @@
 
 #include "checks.h"
 #include "cpu_features.h"
+#include "glue.h"
 #include "introspection.h"
 #include "ptq161_op.h"
 
@@ -52,7 +53,6 @@ namespace blockops::ptq161 {
 // Argument checks
 // ---------------------------------------------------------------------------------------------------------
 
-at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
 
 void check_factor(const char* op, const char* arg, const at::Tensor& t, int64_t size, const at::Tensor& ref) {
   check_dtype(t, {at::kHalf, at::kBFloat16, at::kFloat}, op, arg);
@@ -114,7 +114,7 @@ Geometry check_weight(const char* op, const at::Tensor& perm, const at::Tensor& 
                 "] = ", z[e], " follows ", z[e - 1]);
   }
   if (factors != nullptr) {
-    *factors = Factors{as_float(scale), as_float(zero), as_float(alpha), as_float(mu), as_float(r1), as_float(r2)};
+    *factors = Factors{contiguous_fp32(scale), contiguous_fp32(zero), contiguous_fp32(alpha), contiguous_fp32(mu), contiguous_fp32(r1), contiguous_fp32(r2)};
   }
   return g;
 }
@@ -141,7 +141,7 @@ Linear begin_linear(const char* op, const at::Tensor& x, const at::Tensor& perm,
   ln.out_sizes.back() = ln.g.out;
   ln.rows = x.numel() / std::max<int64_t>(ln.g.in, 1);
   if (ln.rows == 0 || ln.g.out == 0) return ln;
-  ln.x32 = as_float(x.reshape({ln.rows, ln.g.in}));
+  ln.x32 = contiguous_fp32(x.reshape({ln.rows, ln.g.in}));
   return ln;
 }
 
@@ -164,8 +164,8 @@ Backward begin_backward(const char* op, const at::Tensor& grad_out, const at::Te
   b.grad_r1 = need_factors ? at::zeros({g.out}, r1.options()) : at::empty({0}, r1.options());
   b.grad_r2 = need_factors ? at::zeros({g.in}, r2.options()) : at::empty({0}, r2.options());
   if (b.rows == 0 || g.in == 0 || g.out == 0 || !(need_input || need_factors)) return b;
-  b.x32 = as_float(x.reshape({b.rows, g.in}));
-  b.gy = as_float(grad_out.reshape({b.rows, g.out}));
+  b.x32 = contiguous_fp32(x.reshape({b.rows, g.in}));
+  b.gy = contiguous_fp32(grad_out.reshape({b.rows, g.out}));
   return b;
 }
 
@@ -220,12 +220,14 @@ constexpr const char* kLinear = "blockops.ptq161_linear";
 constexpr const char* kDequant = "blockops.ptq161_dequantize";
 constexpr const char* kBackward = "blockops.ptq161_linear_backward";
 
-KernelCounter linear_counter("ptq161_linear.cpu");
-KernelCounter dequant_counter("ptq161_dequantize.cpu");
-KernelCounter backward_counter("ptq161_linear_backward.cpu");
+constexpr const char* kFamily = "ptq161";
+
+KernelCounter linear_counter(kFamily, "ptq161_linear.cpu");
+KernelCounter dequant_counter(kFamily, "ptq161_dequantize.cpu");
+KernelCounter backward_counter(kFamily, "ptq161_linear_backward.cpu");
 // The binary GEMV uses AVX-512 (vpermps on zmm) where the CPU has the AVX-512 set the lowbit decode kernel needs.
 const char* ptq161_cpu_isa() { return cpu_has_avx512_vnni() ? "avx2+fma, avx512 (binary GEMV)" : cpu_isa_name(); }
-FamilyRegistration family("ptq161", ptq161_cpu_isa);
+FamilyRegistration family(kFamily, ptq161_cpu_isa);
 
 constexpr int64_t kGemvMaxRows = 16;    // table passes up to here, decoded +-1 blocks + GEMM above (set by an
                                         // operation count, not yet tuned by measurement: see docs/performance.md)
@@ -550,7 +552,7 @@ at::Tensor ptq161_linear_cpu(const at::Tensor& x, const at::Tensor& perm, const 
   const float* al = f.alpha.const_data_ptr<float>();
   const float* mp = f.mu.const_data_ptr<float>();
   const float* rp = f.r1.const_data_ptr<float>();
-  const at::Tensor b32 = bias.has_value() ? as_float(*bias) : at::zeros({g.out}, x32.options());
+  const at::Tensor b32 = bias.has_value() ? contiguous_fp32(*bias) : at::zeros({g.out}, x32.options());
   const float* bp = b32.const_data_ptr<float>();
   float* yp = y.mutable_data_ptr<float>();
   at::parallel_for(0, rows, grain(g.out), [&](int64_t begin, int64_t end) {

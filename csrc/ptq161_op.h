@@ -15,9 +15,6 @@ struct Factors {
   at::Tensor scale, zero, alpha, mu, r1, r2;
 };
 
-// t as fp32 (itself when it already is).
-at::Tensor as_float(const at::Tensor& t);
-
 // A float factor of shape [size] on ref's device, contiguous.
 void check_factor(const char* op, const char* arg, const at::Tensor& t, int64_t size, const at::Tensor& ref);
 

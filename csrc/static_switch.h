@@ -1,8 +1,9 @@
-// Turn a runtime choice into a template parameter (flash-attention's static_switch.h idiom):
-//   BITS_SWITCH(bits, kBits, [&] { kernel<kBits>(...); });
-// Keep the lists short: every case is one more instantiation to compile. BLOCKOPS_STATIC_CASE is torch-free
-// (CUDA kernel files build their own switches from it); BITS_SWITCH reports an unsupported value through
-// torch and is for the torch-facing files.
+// Turn a runtime choice into a template parameter (flash-attention's static_switch.h idiom), the one way blockops
+// does it:
+//   BLOCKOPS_BITS_SWITCH(bits, kBits, ON_OTHER, [&] { kernel<kBits>(...); });
+// ON_OTHER is the statement run for a value outside the list: `return cudaErrorInvalidValue` in a CUDA launcher,
+// TORCH_INTERNAL_ASSERT(false, ...) in torch-facing code. Torch-free, so CUDA kernel files use it too. Keep the
+// lists short: every case is one more instantiation to compile.
 #pragma once
 
 #define BLOCKOPS_STATIC_CASE(N, NAME, ...) \
@@ -12,17 +13,40 @@
   }
 
 // bits in 1..8 (the bitpack family).
-#define BITS_SWITCH(BITS, NAME, ...)                                             \
-  [&] {                                                                          \
-    switch (BITS) {                                                              \
-      BLOCKOPS_STATIC_CASE(1, NAME, __VA_ARGS__)                                   \
-      BLOCKOPS_STATIC_CASE(2, NAME, __VA_ARGS__)                                   \
-      BLOCKOPS_STATIC_CASE(3, NAME, __VA_ARGS__)                                   \
-      BLOCKOPS_STATIC_CASE(4, NAME, __VA_ARGS__)                                   \
-      BLOCKOPS_STATIC_CASE(5, NAME, __VA_ARGS__)                                   \
-      BLOCKOPS_STATIC_CASE(6, NAME, __VA_ARGS__)                                   \
-      BLOCKOPS_STATIC_CASE(7, NAME, __VA_ARGS__)                                   \
-      BLOCKOPS_STATIC_CASE(8, NAME, __VA_ARGS__)                                   \
-      default: TORCH_INTERNAL_ASSERT(false, "BITS_SWITCH: unsupported bits ", BITS); \
-    }                                                                            \
+#define BLOCKOPS_BITS_SWITCH(BITS, NAME, ON_OTHER, ...) \
+  [&] {                                                 \
+    switch (BITS) {                                     \
+      BLOCKOPS_STATIC_CASE(1, NAME, __VA_ARGS__)        \
+      BLOCKOPS_STATIC_CASE(2, NAME, __VA_ARGS__)        \
+      BLOCKOPS_STATIC_CASE(3, NAME, __VA_ARGS__)        \
+      BLOCKOPS_STATIC_CASE(4, NAME, __VA_ARGS__)        \
+      BLOCKOPS_STATIC_CASE(5, NAME, __VA_ARGS__)        \
+      BLOCKOPS_STATIC_CASE(6, NAME, __VA_ARGS__)        \
+      BLOCKOPS_STATIC_CASE(7, NAME, __VA_ARGS__)        \
+      BLOCKOPS_STATIC_CASE(8, NAME, __VA_ARGS__)        \
+      default: ON_OTHER;                                \
+    }                                                   \
+  }()
+
+// bits in {2, 3, 4} (the lowbit family's weights).
+#define BLOCKOPS_WEIGHT_BITS_SWITCH(BITS, NAME, ON_OTHER, ...) \
+  [&] {                                                        \
+    switch (BITS) {                                            \
+      BLOCKOPS_STATIC_CASE(2, NAME, __VA_ARGS__)               \
+      BLOCKOPS_STATIC_CASE(3, NAME, __VA_ARGS__)               \
+      BLOCKOPS_STATIC_CASE(4, NAME, __VA_ARGS__)               \
+      default: ON_OTHER;                                       \
+    }                                                          \
+  }()
+
+// ROWS in 1..8 rounded up to a power of two: 1, 2, 4 or 8 (GEMV row counts).
+#define BLOCKOPS_POW2_ROWS_SWITCH(ROWS, NAME, ON_OTHER, ...)                                \
+  [&] {                                                                                    \
+    switch ((ROWS) <= 1 ? 1 : (ROWS) <= 2 ? 2 : (ROWS) <= 4 ? 4 : (ROWS) <= 8 ? 8 : 0) {     \
+      BLOCKOPS_STATIC_CASE(1, NAME, __VA_ARGS__)                                           \
+      BLOCKOPS_STATIC_CASE(2, NAME, __VA_ARGS__)                                           \
+      BLOCKOPS_STATIC_CASE(4, NAME, __VA_ARGS__)                                           \
+      BLOCKOPS_STATIC_CASE(8, NAME, __VA_ARGS__)                                           \
+      default: ON_OTHER;                                                                   \
+    }                                                                                      \
   }()

@@ -41,7 +41,9 @@
 #endif
 
 #include "checks.h"
+#include "cpu_common.h"
 #include "cpu_features.h"
+#include "glue.h"
 #include "introspection.h"
 #include "vq.h"
 #include "vq_op.h"
@@ -55,18 +57,20 @@ constexpr const char* kGradInput = "blockops.vq_linear_grad_input";
 constexpr const char* kGradCodebooks = "blockops.vq_grad_codebooks";
 constexpr const char* kGradScales = "blockops.vq_grad_scales";
 
-KernelCounter linear_counter("vq_linear.cpu");
-KernelCounter byte_planes_counter("vq_linear_byte_planes.cpu");  // which vq_linear.cpu calls took the
+constexpr const char* kFamily = "vq";
+
+KernelCounter linear_counter(kFamily, "vq_linear.cpu");
+KernelCounter byte_planes_counter(kFamily, "vq_linear_byte_planes.cpu");  // which vq_linear.cpu calls took the
                                                                  // int16 byte-plane kernel
-KernelCounter dequant_counter("vq_dequantize.cpu");
-KernelCounter grad_input_counter("vq_linear_grad_input.cpu");
-KernelCounter grad_codebooks_counter("vq_grad_codebooks.cpu");
-KernelCounter grad_scales_counter("vq_grad_scales.cpu");
+KernelCounter dequant_counter(kFamily, "vq_dequantize.cpu");
+KernelCounter grad_input_counter(kFamily, "vq_linear_grad_input.cpu");
+KernelCounter grad_codebooks_counter(kFamily, "vq_grad_codebooks.cpu");
+KernelCounter grad_scales_counter(kFamily, "vq_grad_scales.cpu");
 // The byte-plane kernel (fp16 / bf16 activations, uint8 codes, small batches) needs AVX-512 VBMI.
 const char* vq_cpu_isa() {
   return cpu_has_avx512_vbmi() ? "avx2+fma, avx512-vbmi (fp16/bf16 byte planes)" : cpu_isa_name();
 }
-FamilyRegistration family("vq", vq_cpu_isa);
+FamilyRegistration family(kFamily, vq_cpu_isa);
 
 constexpr int64_t kSmallBatchRows = 8;     // the tables hold up to 8 rows' sums side by side (one AVX2 vector
                                            // per gather). Measured at 4096 x 11008, one thread (CPU time): the
@@ -111,13 +115,12 @@ void check_code_range(const char* op, const at::Tensor& codes, const Weights& w)
   }
 }
 
-at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 // The scales in fp32, or ones.
 std::vector<float> scale_vector(const c10::optional<at::Tensor>& scales, int64_t out) {
   std::vector<float> s(out, 1.0f);
   if (scales.has_value()) {
-    const at::Tensor s32 = as_float(*scales);
+    const at::Tensor s32 = contiguous_fp32(*scales);
     std::copy_n(s32.const_data_ptr<float>(), out, s.begin());
   }
   return s;
@@ -173,13 +176,6 @@ float dot_portable(const float* a, const float* b, int64_t n) {
 }
 
 #if BLOCKOPS_X86_DISPATCH
-BLOCKOPS_TARGET_AVX2 inline float hsum_avx2(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 BLOCKOPS_TARGET_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
   __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();  // two chains hide the FMA latency
   int64_t i = 0;
@@ -1022,8 +1018,8 @@ at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
   linear_counter.hit();
   if (rows == 0 || g.out == 0) return at::zeros(out_sizes, x.options());
   const bool avx2 = cpu_has_avx2_fma();
-  const at::Tensor x32 = as_float(x).reshape({rows, g.in()});
-  const at::Tensor cb32 = as_float(codebooks);
+  const at::Tensor x32 = contiguous_fp32(x).reshape({rows, g.in()});
+  const at::Tensor cb32 = contiguous_fp32(codebooks);
   const std::vector<float> s = scale_vector(scales, g.out);
   at::Tensor y32 = at::empty({rows, g.out}, x32.options());
   if (planes) {
@@ -1055,7 +1051,7 @@ at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
                      }
                    });
   }
-  if (bias.has_value()) y32.add_(as_float(*bias));
+  if (bias.has_value()) y32.add_(contiguous_fp32(*bias));
   return y32.to(x.scalar_type()).view(out_sizes);
 }
 
@@ -1066,7 +1062,7 @@ at::Tensor vq_dequantize_cpu(const at::Tensor& codes, const at::Tensor& codebook
   dequant_counter.hit();
   at::Tensor out = at::empty({w.g.out, w.g.in()}, codebooks.options().dtype(at::kFloat));
   if (out.numel() == 0) return out.to(codebooks.scalar_type());
-  const at::Tensor cb32 = as_float(codebooks);
+  const at::Tensor cb32 = contiguous_fp32(codebooks);
   const std::vector<float> s = scale_vector(scales, w.g.out);
   dequant_rows_parallel(codes.const_data_ptr(), w.type, cb32.const_data_ptr<float>(), w.g, s.data(), 0, w.g.out,
                         out.mutable_data_ptr<float>());
@@ -1084,8 +1080,8 @@ at::Tensor vq_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor
   const int64_t rows = g.out > 0 ? grad_out.numel() / g.out : 0;
   grad_input_counter.hit();
   if (rows == 0 || g.in() == 0) return at::zeros(out_sizes, grad_out.options());
-  const at::Tensor gy = as_float(grad_out).reshape({rows, g.out});
-  const at::Tensor cb32 = as_float(codebooks);
+  const at::Tensor gy = contiguous_fp32(grad_out).reshape({rows, g.out});
+  const at::Tensor cb32 = contiguous_fp32(codebooks);
   const std::vector<float> s = scale_vector(scales, g.out);
   at::Tensor gx = at::zeros({rows, g.in()}, gy.options());
   for_each_block(codes.const_data_ptr(), w.type, cb32.const_data_ptr<float>(), s.data(), g,
@@ -1133,7 +1129,7 @@ at::Tensor vq_grad_scales_cpu(const at::Tensor& t, const at::Tensor& codes, cons
   at::Tensor grad = at::empty({g.out}, t.options());
   if (g.out == 0) return grad;
   const bool avx2 = cpu_has_avx2_fma();
-  const at::Tensor cb32 = as_float(codebooks);
+  const at::Tensor cb32 = contiguous_fp32(codebooks);
   const std::vector<float> ones(g.out, 1.0f);
   const float* tp = t.const_data_ptr<float>();
   float* gp = grad.mutable_data_ptr<float>();

@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import blockops
@@ -33,6 +34,22 @@ def test_expected_cuda_architectures_were_built():
     assert info["cuda_compiled"], "CUDA kernels were expected but not compiled"
     for family, archs in info["cuda_families"].items():
         assert set(expected) <= set(archs), f"{family}: built for {archs}, expected {expected}"
+    assert set(info["cuda_families"]) == set(info["cpu_families"]), "a family's CUDA kernels were left out"
+
+
+def test_ptx_is_embedded_for_newer_gpus():
+    """Each family embeds PTX (here the newest requested architecture that is not arch-specific), which GPUs newer
+    than every cubin JIT-compile instead of failing with "no kernel image"."""
+    info = blockops.build_info()
+    if not info["cuda_compiled"] or not info["cuda_families"]:
+        pytest.skip("no CUDA kernels in this build")
+    plain = sorted((a for a in info["cuda_requested_archs"] if a[-1].isdigit()), key=lambda a: tuple(map(int, a.split("."))))
+    if not plain:
+        pytest.skip("only arch-specific targets requested: no PTX by design")
+    for family, ptx in info["cuda_ptx"].items():
+        assert ptx == [plain[-1]], f"{family}: PTX for {ptx}, expected {plain[-1]}"
+    library = open(blockops._C.__file__, "rb").read()
+    assert f".target sm_{plain[-1].replace('.', '')}".encode() in library, "no PTX text in the library"
 
 
 def test_no_gpu_touched_at_import():
@@ -54,3 +71,66 @@ def test_missing_library_gives_a_clear_error(tmp_path):
     assert result.returncode != 0
     assert "compiled library blockops._C is missing" in result.stderr
     assert "pip install --no-build-isolation -e ." in result.stderr
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cmake():
+    try:
+        import cmake
+
+        return os.path.join(cmake.CMAKE_BIN_DIR, "cmake")
+    except ImportError:
+        return shutil.which("cmake")
+
+
+@pytest.mark.skipif(not blockops.build_info()["cuda_compiled"], reason="the test configures a CUDA build")
+def test_arch_subset_build_links_loads_and_names_missing_kernels(tmp_path):
+    """A build for a GPU older than every family supports (TORCH_CUDA_ARCH_LIST=7.5, a T4), one family only: the
+    CUDA families are left out with their glue, so the library links and loads (a glue file compiled without its
+    kernels once made it unloadable), and an op's CUDA kernel is an error that names the op, the family, the
+    requested architectures and the oldest supported one."""
+    build, out = tmp_path / "build", tmp_path / "out"
+    env = dict(os.environ, TORCH_CUDA_ARCH_LIST="7.5", BLOCKOPS_FAMILIES="bitpack")
+    configure = [_cmake(), "-S", ROOT, "-B", str(build), "-G", "Ninja", f"-DPython_EXECUTABLE={sys.executable}",
+                 f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out}", "-DCMAKE_BUILD_TYPE=Release"]
+    try:
+        import ninja
+
+        configure.append(f"-DCMAKE_MAKE_PROGRAM={os.path.join(ninja.BIN_DIR, 'ninja')}")
+    except ImportError:
+        pass
+    logs = ""
+    for cmd in (configure, [_cmake(), "--build", str(build), "--parallel", os.environ.get("MAX_JOBS", "2")]):
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        logs += r.stdout
+    assert "CUDA family bitpack: no requested architecture supports it" in logs
+    library = next(out.glob("_C*.so"))
+    code = f"""
+import importlib.util, json, torch
+spec = importlib.util.spec_from_file_location("blockops._C", {str(library)!r})
+lib = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(lib)                     # loads (all symbols resolve) and registers the ops
+info = json.loads(lib.build_info_json())
+assert info["cuda_compiled"] and info["cuda_families"] == {{}}, info
+assert info["cuda_requested_archs"] == ["7.5"], info
+assert set(info["cpu_families"]) == {{"bitpack"}}, info
+assert info["ops"]["quant_linear"] == "lowbit", info
+v = torch.randint(0, 4, (64,), dtype=torch.uint8)
+assert torch.equal(torch.ops.blockops.unpack_bits(torch.ops.blockops.pack_bits(v, 2, 0), 2, 64, 0), v)
+cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+try:
+    torch.ops.blockops.pack_bits.default.redispatch(cuda, v, 2, 0)
+except RuntimeError as e:
+    print(e)
+else:
+    raise SystemExit("the CUDA kernel of a family that was not built did not raise")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    message = r.stdout
+    for part in ("blockops.pack_bits", "bitpack family", '"7.5"', "8.0 or newer", "TORCH_CUDA_ARCH_LIST"):
+        assert part in message, f"{part!r} not in: {message}"
+

@@ -28,43 +28,22 @@ FLAGS = ["-std=c++20", "-O1", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pra
 if SANITIZE:
     FLAGS += ["-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
 
-# harness -> (driver, kernels whose generated source is linked, kernels whose generated source the driver
-# #includes for its internals)
-HARNESSES = {
-    "test_lowbit_gemv": ("test_lowbit_gemv.cpp", ["lowbit"], []),
-    "test_lowbit_mma": ("test_lowbit_mma.cpp", ["lowbit"], ["lowbit_mma"]),
-    "test_attention": ("test_attention.cpp", ["attention", "attention_mma"], []),
-    "test_vq": ("test_vq.cpp", ["vq"], []),
-    "test_ptq161": ("test_ptq161.cpp", ["ptq161"], []),
-    "test_dllm": ("test_dllm.cpp", ["dllm"], []),
-    "test_block_cache": ("test_block_cache.cpp", ["block_cache"], []),
-    "test_path_attention": ("test_path_attention.cpp", ["path_attention"], []),
-}
 
-# (harness, section); a section's summary line reports how many cases it checked.
-SECTIONS = [
-    ("test_lowbit_gemv", None),
-    ("test_lowbit_mma", "grid"),
-    ("test_lowbit_mma", "extra"),
-    ("test_lowbit_mma", "reject"),
-    ("test_attention", "simple"),
-    ("test_attention", "mma"),
-    ("test_attention", "garbage"),
-    ("test_vq", "linear"),
-    ("test_vq", "backward"),
-    ("test_vq", "garbage"),
-    ("test_path_attention", "selftest"),
-    ("test_path_attention", "fwd"),
-    ("test_path_attention", "bwd"),
-    ("test_path_attention", "decode"),
-    ("test_vq", "linear"),
-    ("test_vq", "backward"),
-    ("test_vq", "garbage"),
-    ("test_ptq161", None),
-    ("test_dllm", "unmask"),
-    ("test_dllm", "overwrite"),
-    ("test_block_cache", None),
-]
+def read_harnesses():
+    """tools/cuda_emu/harnesses.txt, the one list of harnesses (mutations.sh reads it too): harness -> (linked
+    kernels, kernels whose generated source the driver #includes, sections or [None] for a harness of one)."""
+    harnesses = {}
+    for line in (EMU / "harnesses.txt").read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        name, linked, included, sections = line.split("\t")
+        split = (lambda field: [] if field == "-" else field.split(","))
+        harnesses[name] = (split(linked), split(included), split(sections) or [None])
+    return harnesses
+
+
+HARNESSES = read_harnesses()
+SECTIONS = [(name, section) for name, (_, _, sections) in HARNESSES.items() for section in sections]
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ not found: the CUDA emulation harnesses need a C++20 g++")
 
@@ -75,7 +54,8 @@ def _inputs_digest(driver, kernels):
     h = hashlib.sha256()
     h.update(subprocess.run([CXX, "--version"], capture_output=True, text=True, check=True).stdout.encode())
     h.update(" ".join(FLAGS).encode())
-    files = [KERNELS / f"{k}.cu" for k in kernels] + [EMU / driver, EMU / "gen_emu.py"] + sorted(EMU.glob("*.h"))
+    files = [KERNELS / f"{k}.cu" for k in kernels] + [EMU / driver, EMU / "gen_emu.py", EMU / "harnesses.txt"]
+    files += sorted(EMU.glob("*.h"))
     files += sorted((EMU / "fake").glob("*.h")) + sorted((EMU / "fake").glob("*.cuh"))
     files += sorted(p for p in (ROOT / "csrc").rglob("*") if p.suffix in (".h", ".cuh"))
     for f in files:
@@ -85,7 +65,8 @@ def _inputs_digest(driver, kernels):
 
 def _build(name):
     """Path of the harness binary, built unless a build of the same inputs is already there."""
-    driver, linked, included = HARNESSES[name]
+    linked, included, _ = HARNESSES[name]
+    driver = f"{name}.cpp"
     digest = _inputs_digest(driver, linked + included)
     out_dir = BUILD / f"{name}-{digest}"
     exe = out_dir / name
@@ -132,3 +113,17 @@ def test_emulated_kernels_match_reference(harness, name, section):
     assert m is not None, f"{name} {section}: no summary line\n{log}"
     cases, failures = int(m.group(1)), int(m.group(2))
     assert failures == 0 and cases > 0, f"{name} {section}: {cases} cases, {failures} failures\n{log}"
+
+
+def test_every_kernel_file_and_driver_is_in_the_manifest():
+    """Each csrc/kernels/*.cu runs in some harness, each driver tools/cuda_emu/test_*.cpp is listed, and each planted
+    bug of mutations.txt has a harness for its kernel file."""
+    covered = {k for linked, included, _ in HARNESSES.values() for k in linked + included}
+    kernels = {p.stem for p in KERNELS.glob("*.cu")}
+    assert kernels <= covered, f"kernel files no harness runs: {sorted(kernels - covered)}"
+    drivers = {p.stem for p in EMU.glob("test_*.cpp")}
+    assert drivers == set(HARNESSES), f"drivers vs harnesses.txt: {sorted(drivers ^ set(HARNESSES))}"
+    for line in (EMU / "mutations.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, kernel_file = line.split("\t")[:2]
+            assert kernel_file.removesuffix(".cu") in covered, f"mutation {name}: no harness runs {kernel_file}"

@@ -25,7 +25,7 @@
 #include <type_traits>
 
 #include "attention_launch.h"
-#include "dtype_device.cuh"
+#include "device_common.cuh"
 
 namespace blockops::attention {
 namespace {
@@ -34,19 +34,7 @@ constexpr int kWarps = 4;                    // rows per CTA: small CTAs keep a 
 constexpr int kThreads = 32 * kWarps;        // launch bounds (kThreads, 1): with no minimum CTA count ptxas
                                              // (CUDA 13) trades a few spills for occupancy on sm_90a
 constexpr int kPerLane = kMaxHeadDim / 32;   // output dims per lane
-constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kMaxGridX = 2147483647;        // grid.x limit; one CTA per kWarps rows stays far below it
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
-  return v;
-}
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
-  return v;
-}
 
 // dot(row in warp smem (fp32), row in global memory of `type`), n elements.
 __device__ __forceinline__ float dot_row(const float* s, const void* g, DType type, int64_t off, int n) {

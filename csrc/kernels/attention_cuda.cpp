@@ -4,7 +4,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -12,15 +11,18 @@
 
 #include "../attention_op.h"
 #include "../introspection.h"
+#include "cuda_glue.h"
 #include "attention_launch.h"
 
 namespace blockops::attention {
 namespace {
 
-KernelCounter fwd_counter("block_sparse_attention.cuda");
-KernelCounter fwd_mma_counter("block_sparse_attention_mma.cuda");  // the tensor-core forward ran
-KernelCounter bwd_counter("block_sparse_attention_backward.cuda");
-KernelCounter bwd_mma_counter("block_sparse_attention_backward_mma.cuda");  // the tensor-core backward ran
+constexpr const char* kFamily = "attention";
+
+KernelCounter fwd_counter(kFamily, "block_sparse_attention.cuda");
+KernelCounter fwd_mma_counter(kFamily, "block_sparse_attention_mma.cuda");  // the tensor-core forward ran
+KernelCounter bwd_counter(kFamily, "block_sparse_attention_backward.cuda");
+KernelCounter bwd_mma_counter(kFamily, "block_sparse_attention_backward_mma.cuda");  // the tensor-core backward ran
 
 std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kv_num_blocks,
@@ -32,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
   constexpr const char* op = "blockops.block_sparse_attention";
   FwdParams p = describe_forward(op, q, k, v, {kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
                                                kv_tile_ids}, tiles, block_q, block_kv, scale);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const KernelGuard guard(kFamily, op, q.device());
   at::Tensor out = at::empty({p.batch, p.heads, p.q_len, p.v_dim}, q.options());
   at::Tensor lse = at::empty({p.batch, p.heads, p.q_len}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};  // B or H is 0
@@ -55,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward_c
   constexpr const char* op = "blockops.block_sparse_attention_backward";
   const FwdParams fwd = describe_forward(op, q, k, v, {kv_num_blocks, kv_indices, full_kv_num_blocks,
                                                        full_kv_indices, kv_tile_ids}, tiles, block_q, block_kv, scale);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const KernelGuard guard(kFamily, op, q.device());
   // The kernels index O and grad_lse densely (dO with its strides); describe_backward wants all three contiguous.
   const at::Tensor grad_out_c = grad_out.contiguous();
   const at::Tensor out_c = out.contiguous();

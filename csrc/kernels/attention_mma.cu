@@ -33,7 +33,7 @@
 #include <type_traits>
 
 #include "attention_launch.h"
-#include "dtype_device.cuh"
+#include "device_common.cuh"
 #include "mma_ptx.cuh"
 
 namespace blockops::attention {

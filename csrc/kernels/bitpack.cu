@@ -47,6 +47,7 @@ __global__ void unpack_bits_kernel(const int32_t* __restrict__ packed, uint8_t* 
 template <typename T>
 cudaError_t launch_pack(const void* values, int32_t* out, int32_t* bad_flag, const Geometry& g, cudaStream_t s) {
   const int64_t total = g.outer * g.words() * g.inner;
+  if (total == 0) return cudaSuccess;  // a grid of 0 blocks is a launch error
   pack_bits_kernel<T><<<blocks_for(total), kThreads, 0, s>>>(static_cast<const T*>(values), out, bad_flag, g);
   return cudaGetLastError();
 }
@@ -67,6 +68,7 @@ cudaError_t launch_pack_bits(const void* values, IntType type, int32_t* out, int
 
 cudaError_t launch_unpack_bits(const int32_t* packed, uint8_t* out, const Geometry& g, cudaStream_t stream) {
   const int64_t total = g.outer * g.words() * g.inner;
+  if (total == 0) return cudaSuccess;
   unpack_bits_kernel<<<blocks_for(total), kThreads, 0, stream>>>(packed, out, g);
   return cudaGetLastError();
 }

@@ -4,19 +4,21 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "../bitpack_op.h"
 #include "../introspection.h"
+#include "cuda_glue.h"
 #include "bitpack_launch.h"
 
 namespace blockops::bitpack {
 namespace {
 
-KernelCounter pack_counter("pack_bits.cuda");
-KernelCounter unpack_counter("unpack_bits.cuda");
+constexpr const char* kFamily = "bitpack";
+
+KernelCounter pack_counter(kFamily, "pack_bits.cuda");
+KernelCounter unpack_counter(kFamily, "unpack_bits.cuda");
 
 IntType int_type_of(at::ScalarType s) {
   switch (s) {
@@ -31,7 +33,7 @@ IntType int_type_of(at::ScalarType s) {
 
 at::Tensor pack_bits_cuda(const at::Tensor& values, int64_t bits, int64_t dim) {
   const Problem p = check_pack(values, bits, dim);
-  const c10::cuda::CUDAGuard guard(values.device());
+  const KernelGuard guard(kFamily, "blockops.pack_bits", values.device());
   at::Tensor out = at::empty(p.output_sizes, values.options().dtype(at::kInt));
   if (out.numel() == 0) return out;
   pack_counter.hit();
@@ -47,7 +49,7 @@ at::Tensor pack_bits_cuda(const at::Tensor& values, int64_t bits, int64_t dim) {
 
 at::Tensor unpack_bits_cuda(const at::Tensor& packed, int64_t bits, int64_t size, int64_t dim) {
   const Problem p = check_unpack(packed, bits, size, dim);
-  const c10::cuda::CUDAGuard guard(packed.device());
+  const KernelGuard guard(kFamily, "blockops.unpack_bits", packed.device());
   at::Tensor out = at::empty(p.output_sizes, packed.options().dtype(at::kByte));
   if (out.numel() == 0) return out;
   unpack_counter.hit();

@@ -15,22 +15,15 @@
 #include <cstdint>
 
 #include "block_cache_launch.h"
-#include "dtype_device.cuh"
+#include "device_common.cuh"
 
 namespace blockops::block_cache {
 namespace {
 
 constexpr int kThreads = 256;             // 8 warps: a chunk of 16K elements is 64 per thread
 constexpr int kWarps = kThreads / 32;
-constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int64_t kMaxGridX = 2147483647;  // grid.x limit
 constexpr int64_t kElementwiseBlocks = 4096;  // grid of the elementwise kernels: enough CTAs for any GPU
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
-  return v;
-}
 
 template <bool kResidual, bool kCompareResidual>
 __global__ void __launch_bounds__(kThreads) indicator_partials_kernel(IndicatorParams p) {

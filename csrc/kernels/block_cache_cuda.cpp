@@ -3,22 +3,24 @@
 // Nothing here reads a device value on the host: indicators and gates stay on the GPU.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "../block_cache_op.h"
-#include "../dtype_torch.h"
+#include "../glue.h"
 #include "../introspection.h"
+#include "cuda_glue.h"
 #include "block_cache_launch.h"
 
 namespace blockops::block_cache {
 namespace {
 
-KernelCounter relative_l1_counter("relative_l1.cuda");
-KernelCounter relative_l1_residual_counter("relative_l1_residual.cuda");
-KernelCounter apply_residual_counter("apply_residual.cuda");
-KernelCounter cache_update_counter("cache_update.cuda");
+constexpr const char* kFamily = "block_cache";
+
+KernelCounter relative_l1_counter(kFamily, "relative_l1.cuda");
+KernelCounter relative_l1_residual_counter(kFamily, "relative_l1_residual.cuda");
+KernelCounter apply_residual_counter(kFamily, "apply_residual.cuda");
+KernelCounter cache_update_counter(kFamily, "cache_update.cuda");
 
 at::Tensor run_indicator(IndicatorParams p, const at::Tensor& like) {
   at::Tensor partials = at::empty({partials_count(p.g) * 2}, like.options().dtype(at::kFloat));
@@ -32,7 +34,7 @@ at::Tensor run_indicator(IndicatorParams p, const at::Tensor& like) {
 at::Tensor relative_l1_cuda(const at::Tensor& current, const at::Tensor& reference, int64_t stride, bool per_sample) {
   const Geometry g = check_indicator_args({&current, &reference}, {"current", "reference"}, stride,
                                           "blockops.relative_l1");
-  const c10::cuda::CUDAGuard guard(current.device());
+  const KernelGuard guard(kFamily, "blockops.relative_l1", current.device());
   relative_l1_counter.hit();
   IndicatorParams p{current.const_data_ptr(), nullptr, reference.const_data_ptr(), nullptr,
                     dtype_of(current.scalar_type()), g, per_sample, false, nullptr, nullptr};
@@ -44,7 +46,7 @@ at::Tensor relative_l1_residual_cuda(const at::Tensor& output, const at::Tensor&
   const Geometry g = check_indicator_args({&output, &input, &reference, &residual},
                                           {"output", "input", "reference", "residual"}, stride,
                                           "blockops.relative_l1_residual");
-  const c10::cuda::CUDAGuard guard(output.device());
+  const KernelGuard guard(kFamily, "blockops.relative_l1_residual", output.device());
   relative_l1_residual_counter.hit();
   IndicatorParams p{output.const_data_ptr(), input.const_data_ptr(), reference.const_data_ptr(),
                     residual.mutable_data_ptr(), dtype_of(output.scalar_type()), g, per_sample, compare_residual,
@@ -54,7 +56,7 @@ at::Tensor relative_l1_residual_cuda(const at::Tensor& output, const at::Tensor&
 
 at::Tensor apply_residual_cuda(const at::Tensor& input, const at::Tensor& residual) {
   check_same_layout(input, residual, "blockops.apply_residual", "input", "residual");
-  const c10::cuda::CUDAGuard guard(input.device());
+  const KernelGuard guard(kFamily, "blockops.apply_residual", input.device());
   at::Tensor out = at::empty(input.sizes(), input.options());
   if (out.numel() == 0) return out;
   apply_residual_counter.hit();
@@ -82,7 +84,7 @@ void cache_update_cuda(at::Tensor& cache, const at::Tensor& value, const std::op
     check_gate(*gate, cache, "blockops.cache_update");
     type = gate_type_of(gate->scalar_type());
   }
-  const c10::cuda::CUDAGuard guard(cache.device());
+  const KernelGuard guard(kFamily, "blockops.cache_update", cache.device());
   cache_update_counter.hit();
   const at::Tensor gate_contig = gate.has_value() ? gate->contiguous() : at::Tensor();
   C10_CUDA_CHECK(launch_cache_update(cache.mutable_data_ptr(), value.const_data_ptr(),

@@ -15,7 +15,7 @@
 //                that), then dllm.h's rule.
 // dllm_kv_overwrite: grid (n, B), one CTA per (row, new position), threads over the H * D elements of that slot.
 #include "dllm_launch.h"
-#include "dtype_device.cuh"
+#include "device_common.cuh"
 
 namespace blockops::dllm {
 namespace {

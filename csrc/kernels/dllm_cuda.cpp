@@ -2,7 +2,6 @@
 // stream, and the CUDA dispatch registration. Compiled by the host compiler; the kernels are in dllm.cu.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -10,19 +9,22 @@
 
 #include "../dllm_op.h"
 #include "../introspection.h"
+#include "cuda_glue.h"
 #include "dllm_launch.h"
 
 namespace blockops::dllm {
 namespace {
 
-KernelCounter unmask_counter("dllm_unmask.cuda");
-KernelCounter overwrite_counter("dllm_kv_overwrite.cuda");
+constexpr const char* kFamily = "dllm";
+
+KernelCounter unmask_counter(kFamily, "dllm_unmask.cuda");
+KernelCounter overwrite_counter(kFamily, "dllm_kv_overwrite.cuda");
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dllm_unmask_cuda(const at::Tensor& logits, const at::Tensor& masked,
                                                                   const at::Tensor& block_bounds,
                                                                   const c10::optional<at::Tensor>& min_tokens,
                                                                   double threshold, c10::optional<double> factor) {
-  const c10::cuda::CUDAGuard guard(logits.device());
+  const KernelGuard guard(kFamily, "blockops.dllm_unmask", logits.device());
   UnmaskCall c = prepare_unmask(logits, masked, block_bounds, min_tokens, threshold, factor);
   TORCH_CHECK(c.params.V < std::numeric_limits<int32_t>::max(), kUnmask, ": the CUDA kernel takes vocabularies below "
               "2^31, got ", c.params.V);
@@ -34,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dllm_unmask_cuda(const at::Tensor
 
 void dllm_kv_overwrite_cuda(at::Tensor& cache, const at::Tensor& src, const at::Tensor& positions,
                             bool check_indices) {
-  const c10::cuda::CUDAGuard guard(cache.device());
+  const KernelGuard guard(kFamily, "blockops.dllm_kv_overwrite", cache.device());
   const OverwriteParams p = prepare_overwrite(cache, src, positions);
   TORCH_CHECK(p.B <= 65535, kOverwrite, ": the CUDA kernel takes at most 65535 rows, got ", p.B);
   if (check_indices) check_positions(positions, p.S);

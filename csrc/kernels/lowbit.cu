@@ -30,7 +30,7 @@
 #include <cstdint>
 
 #include "../static_switch.h"
-#include "dtype_device.cuh"
+#include "device_common.cuh"
 #include "lowbit_launch.h"
 
 namespace blockops::lowbit {
@@ -61,30 +61,10 @@ int blocks_for(int64_t work) {
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
 // Codes are < 2^23: OR-ing one into the mantissa of 2^23 and subtracting 2^23 is exact, and costs two
 // full-rate ALU ops where I2F is quarter rate. This is the GEMV's per-code conversion.
 __device__ __forceinline__ float code_to_float(uint32_t code) {
   return __uint_as_float(0x4B000000u | code) - 8388608.0f;
-}
-
-// Sum over the 32 lanes; every lane gets the result. Callers keep the whole warp converged.
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
 }
 
 // ---- GEMV --------------------------------------------------------------------------------------------
@@ -342,30 +322,6 @@ __global__ void __launch_bounds__(kEltThreads)
 
 // ---- dispatch ----------------------------------------------------------------------------------------
 
-// Runtime choice -> template parameter (static_switch.h's cases; unsupported values return
-// cudaErrorInvalidValue). Short lists on purpose: every case is one more instantiation.
-#define LOWBIT_BITS_SWITCH(BITS, NAME, ...)      \
-  [&] {                                          \
-    switch (BITS) {                              \
-      BLOCKOPS_STATIC_CASE(2, NAME, __VA_ARGS__)          \
-      BLOCKOPS_STATIC_CASE(3, NAME, __VA_ARGS__)          \
-      BLOCKOPS_STATIC_CASE(4, NAME, __VA_ARGS__)          \
-      default: return cudaErrorInvalidValue;     \
-    }                                            \
-  }()
-
-// Rows rounded up to a power of two: 1, 2, 4 or 8.
-#define LOWBIT_ROWS_SWITCH(ROWS, NAME, ...)                      \
-  [&] {                                                          \
-    switch ((ROWS) <= 1 ? 1 : (ROWS) <= 2 ? 2 : (ROWS) <= 4 ? 4 : (ROWS) <= 8 ? 8 : 0) { \
-      BLOCKOPS_STATIC_CASE(1, NAME, __VA_ARGS__)                          \
-      BLOCKOPS_STATIC_CASE(2, NAME, __VA_ARGS__)                          \
-      BLOCKOPS_STATIC_CASE(4, NAME, __VA_ARGS__)                          \
-      BLOCKOPS_STATIC_CASE(8, NAME, __VA_ARGS__)                          \
-      default: return cudaErrorInvalidValue;                     \
-    }                                                            \
-  }()
-
 // The kernels rely on g being a positive multiple of 16 (segment bound, word alignment of 2/4-bit groups).
 bool valid_geometry(const Geometry& g) {
   return (g.bits == 2 || g.bits == 3 || g.bits == 4) && g.group_size >= kMinGroup && g.group_size % kMinGroup == 0 &&
@@ -404,8 +360,8 @@ cudaError_t launch_quant_gemv(const GemvParams& p, int splits, cudaStream_t stre
     if (err != cudaSuccess) return err;
   }
   const dim3 grid(static_cast<unsigned>(ceil_div(p.g.out, kBlockCols)), static_cast<unsigned>(splits));
-  const cudaError_t err = LOWBIT_BITS_SWITCH(p.g.bits, kBits, [&] {
-    return LOWBIT_ROWS_SWITCH(p.m, kRows, [&] {
+  const cudaError_t err = BLOCKOPS_WEIGHT_BITS_SWITCH(p.g.bits, kBits, return cudaErrorInvalidValue, [&] {
+    return BLOCKOPS_POW2_ROWS_SWITCH(p.m, kRows, return cudaErrorInvalidValue, [&] {
       quant_gemv_kernel<kBits, kRows><<<grid, kThreads, 0, stream>>>(p, words_per_split, vec);
       return cudaGetLastError();
     });
@@ -427,7 +383,7 @@ cudaError_t launch_quant_dequantize(const int32_t* qweight, const void* scales, 
   if (!valid_geometry(g)) return cudaErrorInvalidValue;
   const int64_t total = g.words() * g.out;
   if (total == 0) return cudaSuccess;
-  return LOWBIT_BITS_SWITCH(g.bits, kBits, [&] {
+  return BLOCKOPS_WEIGHT_BITS_SWITCH(g.bits, kBits, return cudaErrorInvalidValue, [&] {
     switch (out_type) {
       case DType::kF16:
         dequantize_kernel<kBits><<<blocks_for(total), kEltThreads, 0, stream>>>(

@@ -6,7 +6,6 @@
 #include <ATen/ops/linear.h>
 #include <ATen/ops/matmul.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
@@ -14,28 +13,22 @@
 #include <vector>
 
 #include "../checks.h"
-#include "../dtype_torch.h"
+#include "../glue.h"
 #include "../introspection.h"
+#include "cuda_glue.h"
 #include "../lowbit_op.h"
 #include "lowbit_launch.h"
 
 namespace blockops::lowbit {
 namespace {
 
-KernelCounter linear_counter("quant_linear.cuda");
-KernelCounter linear_mma_counter("quant_linear_mma.cuda");  // the tensor-core path of quant_linear ran
-KernelCounter dequantize_counter("quant_dequantize.cuda");
-KernelCounter grad_input_counter("quant_linear_grad_input.cuda");
-KernelCounter grad_scales_counter("quant_grad_scales.cuda");
+constexpr const char* kFamily = "lowbit";
 
-// Leading dims of an activation [..., features] flattened; 0 features still leaves the rows countable.
-int64_t rows_of(const at::Tensor& t) { return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1); }
-
-std::vector<int64_t> with_last_dim(const at::Tensor& t, int64_t last) {
-  std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
-  sizes.back() = last;
-  return sizes;
-}
+KernelCounter linear_counter(kFamily, "quant_linear.cuda");
+KernelCounter linear_mma_counter(kFamily, "quant_linear_mma.cuda");  // the tensor-core path of quant_linear ran
+KernelCounter dequantize_counter(kFamily, "quant_dequantize.cuda");
+KernelCounter grad_input_counter(kFamily, "quant_linear_grad_input.cuda");
+KernelCounter grad_scales_counter(kFamily, "quant_grad_scales.cuda");
 
 // W_hat [out, in] in `dtype` (rounded once from fp32), for the cuBLAS paths.
 at::Tensor dequantize_to(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
@@ -55,7 +48,7 @@ at::Tensor quant_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, con
   const Geometry g = check_weight(op, qweight, scales, zeros, bits, group_size);
   check_activation(op, "x", x, g.in, qweight);
   check_bias(op, bias, g, qweight);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const KernelGuard guard(kFamily, op, x.device());
   const int64_t m = rows_of(x);
   if (m == 0 || g.out == 0) return at::empty(with_last_dim(x, g.out), x.options());
   linear_counter.hit();
@@ -106,7 +99,7 @@ at::Tensor quant_dequantize_cuda(const at::Tensor& qweight, const at::Tensor& sc
                                  int64_t bits, int64_t group_size) {
   constexpr const char* op = "blockops.quant_dequantize";
   const Geometry g = check_weight(op, qweight, scales, zeros, bits, group_size);
-  const c10::cuda::CUDAGuard guard(qweight.device());
+  const KernelGuard guard(kFamily, op, qweight.device());
   if (g.out * g.in > 0) dequantize_counter.hit();
   return dequantize_to(qweight, scales, zeros, g, scales.scalar_type(), c10::cuda::getCurrentCUDAStream());
 }
@@ -117,7 +110,7 @@ at::Tensor quant_linear_grad_input_cuda(const at::Tensor& grad_out, const at::Te
   constexpr const char* op = "blockops.quant_linear_grad_input";
   const Geometry g = check_weight(op, qweight, scales, zeros, bits, group_size);
   check_activation(op, "grad_out", grad_out, g.out, qweight);
-  const c10::cuda::CUDAGuard guard(grad_out.device());
+  const KernelGuard guard(kFamily, op, grad_out.device());
   if (rows_of(grad_out) == 0 || g.in == 0) return at::empty(with_last_dim(grad_out, g.in), grad_out.options());
   grad_input_counter.hit();
   // grad_x = grad_out @ W_hat: W_hat [out, in] is already the right operand, no transpose.
@@ -136,7 +129,7 @@ at::Tensor quant_grad_scales_cuda(const at::Tensor& t, const at::Tensor& qweight
   TORCH_CHECK(t.dim() == 2 && t.size(0) == g.out && t.size(1) == g.in, op, ": t must have shape [", g.out, ", ",
               g.in, "] (grad_out^T @ x), got ", t.sizes());
   check_contiguous(t, op, "t");
-  const c10::cuda::CUDAGuard guard(qweight.device());
+  const KernelGuard guard(kFamily, op, qweight.device());
   at::Tensor grad = at::empty({g.groups(), g.out}, t.options());
   if (grad.numel() == 0) return grad;
   grad_scales_counter.hit();

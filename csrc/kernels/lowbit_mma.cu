@@ -42,7 +42,7 @@
 #include <cstring>
 #include <type_traits>
 
-#include "dtype_device.cuh"
+#include "device_common.cuh"
 #include "lowbit_launch.h"
 #include "mma_ptx.cuh"
 

@@ -31,7 +31,7 @@
 #include <cstring>
 #include <type_traits>
 
-#include "dtype_device.cuh"
+#include "device_common.cuh"
 #include "mma_ptx.cuh"
 #include "path_attention_launch.h"
 
@@ -593,18 +593,6 @@ __global__ void __launch_bounds__(kThreads) ut_backward_kernel(const Params p, c
 // ---------------------------------------------------------------------------------------------------------
 
 constexpr int kWarps = kThreads / 32;
-constexpr unsigned kFullMask = 0xffffffffu;
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
-  return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
-  return v;
-}
 
 // Sum (or max) over the block of one value per thread, combined in warp order (deterministic); every thread
 // gets the result. red: kWarps floats of shared memory.

@@ -7,7 +7,6 @@
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -16,16 +15,19 @@
 #include <vector>
 
 #include "../introspection.h"
+#include "cuda_glue.h"
 #include "../path_attention_op.h"
 #include "path_attention_launch.h"
 
 namespace blockops::path {
 namespace {
 
-KernelCounter forward_counter("path_attention.cuda");
-KernelCounter key_cache_counter("path_key_cache.cuda");
-KernelCounter backward_counter("path_attention_backward.cuda");
-KernelCounter decode_counter("path_decode_step.cuda");
+constexpr const char* kFamily = "path_attention";
+
+KernelCounter forward_counter(kFamily, "path_attention.cuda");
+KernelCounter key_cache_counter(kFamily, "path_key_cache.cuda");
+KernelCounter backward_counter(kFamily, "path_attention_backward.cuda");
+KernelCounter decode_counter(kFamily, "path_decode_step.cuda");
 
 // The chunk tables of one call on the device, and the plan pointing into them (blocks and G left to the caller).
 struct DevicePlan {
@@ -91,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor> path_attention_cuda(const at::Tensor& q, cons
                                                        const c10::optional<at::Tensor>& cu_seqlens, double scale) {
   constexpr const char* op = "blockops.path_attention";
   Params p = describe_forward(op, q, k, v, w, beta, g, cu_seqlens, scale);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const KernelGuard guard(kFamily, op, q.device());
   check_forward_smem(op, p);
   at::Tensor o = at::empty({p.batch, p.seq_len, p.heads, p.v_dim}, q.options());
   at::Tensor lse = at::empty({p.batch, p.heads, p.seq_len}, q.options().dtype(at::kFloat));
@@ -112,7 +114,7 @@ at::Tensor path_key_cache_cuda(const at::Tensor& k, const at::Tensor& w, const a
   p.v = p.k;   // pass 1 reads v; the cache needs none, so v is a zero-width view of k
   p.v_dim = 0;
   p.heads = p.kv_heads;
-  const c10::cuda::CUDAGuard guard(k.device());
+  const KernelGuard guard(kFamily, op, k.device());
   at::Tensor out = at::empty(k.sizes(), k.options());
   DevicePlan dp = make_plan(op, p, k, cu_seqlens);
   key_cache_counter.hit();
@@ -131,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   constexpr const char* op = "blockops.path_attention_backward";
   Params p = describe_forward(op, q, k, v, w, beta, g, cu_seqlens, scale);
   check_backward_inputs(op, p, q, grad_o, o, lse, grad_lse);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const KernelGuard guard(kFamily, op, q.device());
   const at::TensorOptions f32 = q.options().dtype(at::kFloat);
   // Rows outside every sequence (none without cu_seqlens; none with a valid one) stay zero.
   at::Tensor dq = at::zeros(q.sizes(), f32), dk = at::zeros(k.sizes(), f32), dv = at::zeros(v.sizes(), f32);
@@ -163,7 +165,7 @@ at::Tensor path_decode_step_cuda(const at::Tensor& q, const at::Tensor& k, const
   constexpr const char* op = "blockops.path_decode_step";
   at::Tensor lengths_host;   // the lengths are checked on the host (one small synchronous copy per step)
   DecodeParams p = describe_decode(op, q, k, v, w, beta, g, keys, values, lengths, gates, g_last, scale, lengths_host);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const KernelGuard guard(kFamily, op, q.device());
   at::Tensor o = at::empty({p.batch, p.heads, p.v_dim}, q.options());
   p.o = o.data_ptr();
   decode_counter.hit();

@@ -4,23 +4,26 @@
 // codes decoded with ATen element-wise ops + cuBLAS. Compiled by the host compiler.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <vector>
 
+#include "../glue.h"
 #include "../introspection.h"
+#include "cuda_glue.h"
 #include "../ptq161_op.h"
 #include "ptq161_launch.h"
 
 namespace blockops::ptq161 {
 namespace {
 
-KernelCounter linear_counter("ptq161_linear.cuda");
-KernelCounter gemv_counter("ptq161_linear_gemv.cuda");  // the fused +-1 GEMV kernel ran
-KernelCounter dequant_counter("ptq161_dequantize.cuda");
-KernelCounter backward_counter("ptq161_linear_backward.cuda");
+constexpr const char* kFamily = "ptq161";
+
+KernelCounter linear_counter(kFamily, "ptq161_linear.cuda");
+KernelCounter gemv_counter(kFamily, "ptq161_linear_gemv.cuda");  // the fused +-1 GEMV kernel ran
+KernelCounter dequant_counter(kFamily, "ptq161_dequantize.cuda");
+KernelCounter backward_counter(kFamily, "ptq161_linear_backward.cuda");
 
 // Activations through perm: salient [rows, S_pad] (zero padded), plain [rows, words * 32] = r2 x over the
 // non-salient channels (zero padded), raw [rows, N] = x there.
@@ -84,7 +87,7 @@ at::Tensor ptq161_linear_cuda(const at::Tensor& x, const at::Tensor& perm, const
                               const c10::optional<at::Tensor>& bias) {
   const Linear ln = begin_linear("blockops.ptq161_linear", x, perm, qsalient, salient_scale, salient_zero, signs,
                                  zero_signs, alpha, mu, r1, r2, num_salient, bias);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const KernelGuard guard(kFamily, "blockops.ptq161_linear", x.device());
   if (ln.done()) return at::zeros(ln.out_sizes, x.options());
   linear_counter.hit();
   const Factors& f = ln.f;
@@ -93,7 +96,7 @@ at::Tensor ptq161_linear_cuda(const at::Tensor& x, const at::Tensor& perm, const
   const at::Tensor u = sign_dot(xg.plain, signs, zero_signs, g);
   at::Tensor y = f.r1 * (f.alpha * u + f.mu * xg.plain.sum(1, /*keepdim=*/true));
   if (g.salient > 0) y.add_(lowbit_linear(xg.salient, qsalient, salient_params(f, g)));
-  if (bias.has_value()) y.add_(as_float(*bias));
+  if (bias.has_value()) y.add_(contiguous_fp32(*bias));
   return y.to(x.scalar_type()).view(ln.out_sizes);
 }
 
@@ -119,7 +122,7 @@ at::Tensor ptq161_dequantize_cuda(const at::Tensor& perm, const at::Tensor& qsal
   Factors f;
   const Geometry g = check_weight("blockops.ptq161_dequantize", perm, qsalient, salient_scale, salient_zero, signs,
                                   zero_signs, alpha, mu, r1, r2, num_salient, &f);
-  const c10::cuda::CUDAGuard guard(perm.device());
+  const KernelGuard guard(kFamily, "blockops.ptq161_dequantize", perm.device());
   dequant_counter.hit();
   return dequantize(perm, qsalient, signs, zero_signs, f, g);
 }
@@ -133,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ptq161_linear_backwar
   Backward bw = begin_backward("blockops.ptq161_linear_backward", grad_out, x, perm, qsalient, salient_scale,
                                salient_zero, signs, zero_signs, alpha, mu, r1, r2, num_salient, need_input,
                                need_factors);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const KernelGuard guard(kFamily, "blockops.ptq161_linear_backward", x.device());
   backward_counter.hit();
   if (bw.done()) return bw.outputs();
   const Factors& f = bw.f;

@@ -40,7 +40,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "dtype_device.cuh"
+#include "device_common.cuh"
 #include "mma_ptx.cuh"
 #include "vq_launch.h"
 
@@ -146,13 +146,6 @@ __device__ __forceinline__ void dequant_group(const DeviceWeights& w, const Code
   }
 #pragma unroll
   for (int t = 0; t < 8; ++t) v[t] *= scale;
-}
-
-// Sum over the warp; every lane gets the same value (the butterfly adds the same two numbers on both sides).
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
 }
 
 constexpr int kDefaultSmem = 48 * 1024;  // dynamic smem above this needs the per-kernel opt-in

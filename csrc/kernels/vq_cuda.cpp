@@ -10,38 +10,31 @@
 #include <ATen/ops/sort.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <vector>
 
-#include "../dtype_torch.h"
+#include "../glue.h"
 #include "../introspection.h"
+#include "cuda_glue.h"
 #include "../vq_op.h"
 #include "vq_launch.h"
 
 namespace blockops::vq {
 namespace {
 
-KernelCounter linear_counter("vq_linear.cuda");
-KernelCounter linear_gemv_counter("vq_linear_gemv.cuda");  // which vq_linear kernel ran (tests check the paths)
-KernelCounter linear_mma_counter("vq_linear_mma.cuda");
-KernelCounter linear_simt_counter("vq_linear_simt.cuda");
-KernelCounter dequant_counter("vq_dequantize.cuda");
-KernelCounter grad_input_counter("vq_linear_grad_input.cuda");
-KernelCounter grad_codebooks_counter("vq_grad_codebooks.cuda");
-KernelCounter grad_scales_counter("vq_grad_scales.cuda");
+constexpr const char* kFamily = "vq";
 
-// Leading dims of an activation [..., features] flattened; 0 features still leaves the rows countable.
-int64_t rows_of(const at::Tensor& t) { return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1); }
-
-std::vector<int64_t> with_last_dim(const at::Tensor& t, int64_t last) {
-  std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
-  sizes.back() = last;
-  return sizes;
-}
+KernelCounter linear_counter(kFamily, "vq_linear.cuda");
+KernelCounter linear_gemv_counter(kFamily, "vq_linear_gemv.cuda");  // which vq_linear kernel ran (tests check the paths)
+KernelCounter linear_mma_counter(kFamily, "vq_linear_mma.cuda");
+KernelCounter linear_simt_counter(kFamily, "vq_linear_simt.cuda");
+KernelCounter dequant_counter(kFamily, "vq_dequantize.cuda");
+KernelCounter grad_input_counter(kFamily, "vq_linear_grad_input.cuda");
+KernelCounter grad_codebooks_counter(kFamily, "vq_grad_codebooks.cuda");
+KernelCounter grad_scales_counter(kFamily, "vq_grad_scales.cuda");
 
 // Contiguous and 16-byte aligned (the kernels' vector loads): a view at an odd offset is copied.
 at::Tensor aligned(const at::Tensor& t) {
@@ -81,7 +74,7 @@ at::Tensor vq_linear_cuda(const at::Tensor& x, const at::Tensor& codes, const at
   const Weights w = check_weights(op, codes, codebooks, scales);
   check_activation(op, "x", x, w.g.in(), codes);
   check_bias(op, bias, w.g, codes);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const KernelGuard guard(kFamily, op, x.device());
   linear_counter.hit();
   const int64_t m = rows_of(x);
   at::Tensor y = at::empty(with_last_dim(x, w.g.out), x.options());
@@ -116,7 +109,7 @@ at::Tensor vq_linear_cuda(const at::Tensor& x, const at::Tensor& codes, const at
 at::Tensor vq_dequantize_cuda(const at::Tensor& codes, const at::Tensor& codebooks,
                               const c10::optional<at::Tensor>& scales) {
   const Weights w = check_weights("blockops.vq_dequantize", codes, codebooks, scales);
-  const c10::cuda::CUDAGuard guard(codes.device());
+  const KernelGuard guard(kFamily, "blockops.vq_dequantize", codes.device());
   dequant_counter.hit();
   const at::Tensor s = optional_contiguous(scales);
   return dequantize_to(device_weights(w, codes, codebooks, s), codebooks, codebooks.scalar_type());
@@ -130,7 +123,7 @@ at::Tensor vq_linear_grad_input_cuda(const at::Tensor& grad_out, const at::Tenso
   constexpr const char* op = "blockops.vq_linear_grad_input";
   const Weights w = check_weights(op, codes, codebooks, scales);
   check_activation(op, "grad_out", grad_out, w.g.out, codes);
-  const c10::cuda::CUDAGuard guard(grad_out.device());
+  const KernelGuard guard(kFamily, op, grad_out.device());
   grad_input_counter.hit();
   if (rows_of(grad_out) == 0 || w.g.in() == 0 || w.g.out == 0) {
     return at::zeros(with_last_dim(grad_out, w.g.in()), grad_out.options());
@@ -147,7 +140,7 @@ at::Tensor vq_grad_codebooks_cuda(const at::Tensor& t, const at::Tensor& codes, 
   constexpr const char* op = "blockops.vq_grad_codebooks";
   const Weights w = check_weights(op, codes, codebooks, scales);
   check_t(op, t, w.g, codes);
-  const c10::cuda::CUDAGuard guard(codes.device());
+  const KernelGuard guard(kFamily, op, codes.device());
   grad_codebooks_counter.hit();
   const Geometry& g = w.g;
   at::Tensor grad = at::empty({g.K, g.k, g.d}, t.options());
@@ -168,7 +161,7 @@ at::Tensor vq_grad_scales_cuda(const at::Tensor& t, const at::Tensor& codes, con
   constexpr const char* op = "blockops.vq_grad_scales";
   const Weights w = check_weights(op, codes, codebooks, c10::nullopt);
   check_t(op, t, w.g, codes);
-  const c10::cuda::CUDAGuard guard(codes.device());
+  const KernelGuard guard(kFamily, op, codes.device());
   grad_scales_counter.hit();
   at::Tensor grad = at::empty({w.g.out}, t.options());
   C10_CUDA_CHECK(launch_vq_grad_scales(t.const_data_ptr<float>(), device_weights(w, codes, codebooks, at::Tensor()),

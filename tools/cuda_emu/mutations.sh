@@ -1,7 +1,7 @@
 #!/bin/bash
 # Planted-bug suite: each line of mutations.txt is applied by gen_emu.py to the generated copy of one kernel (the
-# repository's file is never touched), the kernel's harness is built with ASan + UBSan and runs one section on
-# the quick case lists; the harness must report a failing case or abort.
+# repository's file is never touched), the kernel's harness (harnesses.txt) is built with ASan + UBSan and runs one
+# section on the quick case lists; the harness must report a failing case or abort.
 # Usage: tools/cuda_emu/mutations.sh [NAME...]   (all mutations by default; prints CAUGHT / MISSED per mutation,
 # logs in build/cuda_emu/mutations/NAME/run.txt; exit status 1 if any was missed)
 set -u
@@ -13,19 +13,26 @@ FLAGS=(-std=c++20 -O1 -g -fno-strict-aliasing -fsanitize=address,undefined -fno-
        -Wno-unknown-pragmas -pthread -I "$EMU/fake" -I "$EMU" -I "$ROOT/csrc" -I "$KERNELS")
 missed=0
 
+# The harness of a kernel file: the first line of harnesses.txt that links or includes it (sets driver, linked,
+# included: space-separated kernel names).
+harness_of() {  # kernel file
+  local kernel=${1%.cu} name link incl sections
+  while IFS=$'\t' read -r name link incl sections; do
+    case $name in '#'* | '') continue ;; esac
+    [ "$incl" = - ] && incl=""
+    if printf '%s\n' ${link//,/ } ${incl//,/ } | grep -qx "$kernel"; then
+      driver=$name; linked=${link//,/ }; included=${incl//,/ }
+      return 0
+    fi
+  done < "$EMU/harnesses.txt"
+  return 1
+}
+
 run() {  # name kernel section from to
   local name=$1 file=$2 section=$3 from=$4 to=$5 dir=$OUT/$1 driver linked included k
-  case $file in
-    lowbit.cu) driver=test_lowbit_gemv; linked="lowbit"; included="" ;;
-    lowbit_mma.cu) driver=test_lowbit_mma; linked="lowbit"; included="lowbit_mma" ;;
-    ptq161.cu) driver=test_ptq161; linked="ptq161"; included="" ;;
-    attention.cu | attention_mma.cu) driver=test_attention; linked="attention attention_mma"; included="" ;;
-    vq.cu) driver=test_vq; linked="vq"; included="" ;;
-    dllm.cu) driver=test_dllm; linked="dllm"; included="" ;;
-    block_cache.cu) driver=test_block_cache; linked="block_cache"; included="" ;;
-    path_attention.cu) driver=test_path_attention; linked="path_attention"; included="" ;;
-    *) echo "ERROR $name: no harness for $file"; missed=1; return ;;
-  esac
+  if ! harness_of "$file"; then
+    echo "ERROR $name: no harness in harnesses.txt runs $file"; missed=1; return
+  fi
   rm -rf "$dir" && mkdir -p "$dir"
   for k in $linked $included; do
     if [ "$k.cu" = "$file" ]; then

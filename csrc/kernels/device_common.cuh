@@ -1,5 +1,6 @@
-// Device-side loads, stores and packing of the floating dtypes, shared by every CUDA kernel family, and the host-side
-// checks their launchers share (device attributes, operand alignment).
+// What every CUDA kernel family shares: device-side loads, stores and packing of the floating dtypes, warp
+// reductions, and the host-side queries their launchers share (device attributes, operand alignment). A helper
+// two kernel files need goes here, not into a copy.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -32,6 +33,20 @@ __device__ __forceinline__ void store_float(void* p, DType t, int64_t i, float v
   }
 }
 
+// Typed conversions for kernels templated on the element type T (float, __half or __nv_bfloat16).
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
 // Two fp32 values rounded to T (__half or __nv_bfloat16) and packed as one 32-bit register, lo in the low half:
 // the register an mma operand fragment (or a 4-byte store) takes.
 template <typename T>
@@ -45,6 +60,22 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
     memcpy(&u, &v, sizeof(u));
   }
   return u;
+}
+
+// Butterfly reductions over the 32 lanes of a warp: every lane gets the result (both sides of each exchange add
+// the same two numbers, so all lanes agree bit for bit). Callers keep the whole warp converged.
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, offset));
+  return v;
 }
 
 // An attribute of the current device, or `fallback` when the query fails (no device, no context) or reports

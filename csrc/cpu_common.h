@@ -1,8 +1,21 @@
-// AVX2 math shared by the CPU kernels of several families (attention's softmax, dllm's confidences). Include
-// only from CPU sources; every function is compiled for AVX2/FMA (BLOCKOPS_TARGET_AVX2) and must only be called
-// when cpu_has_avx2_fma() is true.
+// What the CPU kernels of every family share: element conversions and the AVX2 math more than one family needs
+// (softmax exponentials, horizontal reductions). Include only from CPU sources. A helper two kernel files need goes
+// here, not into a copy. The AVX2 functions are compiled for AVX2/FMA (BLOCKOPS_TARGET_AVX2) and must only be
+// called when cpu_has_avx2_fma() is true.
 #pragma once
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include "macros.h"
+
+namespace blockops {
+
+// Typed element -> fp32, for kernels templated on the element type (float, c10::Half or c10::BFloat16).
+inline float to_float(float v) { return v; }
+inline float to_float(c10::Half v) { return static_cast<float>(v); }
+inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
+
+}  // namespace blockops
 
 #if BLOCKOPS_X86_DISPATCH
 #include <immintrin.h>
@@ -26,6 +39,21 @@ BLOCKOPS_TARGET_AVX2 inline __m256 exp2_avx2(__m256 x) {
   const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
   const __m256 r = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
   return _mm256_and_ps(r, keep);
+}
+
+// Sum and maximum of the 8 lanes.
+BLOCKOPS_TARGET_AVX2 inline float hsum_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+BLOCKOPS_TARGET_AVX2 inline float hmax_avx2(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
 }
 
 }  // namespace blockops

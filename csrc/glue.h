@@ -1,0 +1,47 @@
+// What the torch-facing glue of every family (the CPU and CUDA entry points) shares besides the argument checks of
+// checks.h: at::ScalarType <-> DType, fp32 copies, activation shapes. Call these only after the op's checks.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+#include <c10/util/accumulate.h>
+
+#include <vector>
+
+#include "dtype.h"
+
+namespace blockops {
+
+inline DType dtype_of(at::ScalarType s) {
+  switch (s) {
+    case at::kFloat: return DType::kF32;
+    case at::kHalf: return DType::kF16;
+    case at::kBFloat16: return DType::kBF16;
+    default: TORCH_INTERNAL_ASSERT(false, "a dtype check let an unsupported dtype through: ", s);
+  }
+}
+
+inline at::ScalarType scalar_type_of(DType t) {
+  switch (t) {
+    case DType::kF16: return at::kHalf;
+    case DType::kBF16: return at::kBFloat16;
+    default: return at::kFloat;
+  }
+}
+
+// t as a contiguous fp32 tensor: t itself when it already is one (no copy), else a converted copy.
+inline at::Tensor contiguous_fp32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+// Rows of an activation [..., features]: the leading dims flattened (0 features still leaves the rows countable).
+inline int64_t rows_of(const at::Tensor& t) {
+  return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
+}
+
+// t's sizes with the last one replaced: the output shape of a [..., in] -> [..., out] op.
+inline std::vector<int64_t> with_last_dim(const at::Tensor& t, int64_t last) {
+  std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
+  sizes.back() = last;
+  return sizes;
+}
+
+}  // namespace blockops
