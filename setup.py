@@ -3,8 +3,9 @@
     pip install --no-build-isolation -e .     # development install (re-running rebuilds only what changed)
     pip install --no-build-isolation .        # regular install
 
-Environment: BLOCKOPS_CUDA=0 forces a CPU-only build; TORCH_CUDA_ARCH_LIST picks CUDA architectures
-(default "8.0;9.0a"); MAX_JOBS caps parallel compile jobs; CUDA_HOME / CUTLASS_DIR override discovery.
+Environment: BLOCKOPS_CUDA=0 forces a CPU-only build; TORCH_CUDA_ARCH_LIST picks CUDA architectures (default:
+BLOCKOPS_DEFAULT_CUDA_ARCHS in CMakeLists.txt); BLOCKOPS_FAMILIES (";"-separated) builds only some kernel families;
+MAX_JOBS caps parallel compile jobs; CUDA_HOME / CUTLASS_DIR override discovery.
 The CMake build folder is kept in build/ of the source tree so that rebuilds are incremental.
 """
 import os

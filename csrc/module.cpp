@@ -122,7 +122,9 @@ const CudaFamilyBuild* find_cuda_family(const std::string& family) {
 }
 
 std::string cuda_build_summary() {
-  if (!BLOCKOPS_CUDA_BUILT) return "this build of blockops has no CUDA kernels (built without a CUDA toolkit or with BLOCKOPS_CUDA=0)";
+  if (!BLOCKOPS_CUDA_BUILT) {
+    return "this build of blockops has no CUDA kernels (built without a CUDA toolkit or with BLOCKOPS_CUDA=0)";
+  }
   return std::string("CUDA architectures requested for this build: \"") + BLOCKOPS_CUDA_REQUESTED_ARCHS +
          "\"; the kernels need " + BLOCKOPS_CUDA_MIN_ARCH + " or newer";
 }

@@ -25,7 +25,7 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0a}
+# TORCH_CUDA_ARCH_LIST, when set, picks the CUDA architectures; CMakeLists.txt's BLOCKOPS_DEFAULT_CUDA_ARCHS otherwise.
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 python -m pip install -q --no-build-isolation -e . 2>&1 | { grep -v "^\s*$" || true; }
 python -m blockops info
