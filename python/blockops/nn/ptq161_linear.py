@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from blockops import ptq161
+from blockops.ops import ptq161
 
 
 class PTQ161Linear(nn.Module):
@@ -46,8 +46,9 @@ class PTQ161Linear(nn.Module):
         """PTQ1.61's initial quantization (:func:`blockops.ptq161.quantize_weight`): salient channels by
         ``act_scales [in]`` (max |x| per input channel, e.g. from :func:`blockops.quant.ptq161.collect_act_scales`),
         alpha and mu from the weights, ``r1 = r2 = 1``. The bias is kept in ``factor_dtype``."""
-        tensors, num_salient = ptq161.quantize_weight(linear.weight, act_scales, salient_ratio, salient_align,
-                                                      factor_dtype)
+        from blockops.quant.ptq161 import quantize_weight   # the algorithm layer imports this module
+
+        tensors, num_salient = quantize_weight(linear.weight, act_scales, salient_ratio, salient_align, factor_dtype)
         module = cls(linear.in_features, linear.out_features, num_salient, linear.bias is not None, factor_dtype,
                      linear.weight.device)
         module.zero_signs = tensors["zero_signs"]  # its length is the weight's (usually 0)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from blockops import vq
+from blockops.ops import vq
 
 
 class VQLinear(nn.Module):
@@ -55,6 +55,8 @@ class VQLinear(nn.Module):
         divide each row by its RMS first and keep it as the per-row scale. With ``num_codebooks = 2`` the second
         codebook is k-means on the residual of the first (residual VQ; AQLM's beam search is not implemented).
         """
+        from blockops.quant.kmeans import kmeans   # the algorithm layer (its package imports blockops.nn)
+
         if (bits is None) == (codebook_size is None):
             raise ValueError("VQLinear.from_linear: give exactly one of bits and codebook_size")
         if bits is not None:
@@ -80,7 +82,7 @@ class VQLinear(nn.Module):
         codebooks = torch.zeros(num_codebooks, module.codebook_size, vector_dim, device=weight.device)
         codes = torch.zeros(residual.shape[0], num_codebooks, dtype=torch.long, device=weight.device)
         for c in range(num_codebooks):
-            centroids, idx, _ = vq.kmeans(residual, codebook_size, iters, seed + c)
+            centroids, idx, _ = kmeans(residual, codebook_size, iters, seed + c)
             codebooks[c, :codebook_size] = centroids
             codes[:, c] = idx
             residual = residual - centroids[idx]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from blockops.cache.policies import Policy, _reuse_block
+from blockops.block_cache.policies import Policy, _reuse_block
 
 
 def _segment_values(sim: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from blockops.cache.kernels import apply_residual, relative_l1, relative_l1_residual
+from blockops.ops.block_cache import apply_residual, relative_l1, relative_l1_residual
 
 
 class Policy:
