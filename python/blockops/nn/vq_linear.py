@@ -15,7 +15,8 @@ class VQLinear(nn.Module):
 
     Buffers: ``codes [out, in/d, K]`` (uint8 for k <= 256, else int16 read as uint16). Parameters:
     ``codebooks [K, k, d]`` (trainable, VQ4DiT's codebook fine-tuning), ``scales [out]`` or None, ``bias [out]``
-    or None. CPU kernels only for now (CUDA tensors: missing-kernel error).
+    or None. CPU and CUDA kernels (:func:`blockops.ops.vq.vq_linear`); the CUDA ones (GEMV up to 8 rows,
+    ``mma.sync`` tiles above) are compiled for sm_80/sm_90a and checked in a CPU emulator, not yet run on a GPU.
     """
 
     def __init__(self, in_features: int, out_features: int, codebook_size: int = 256, vector_dim: int = 4,

@@ -28,7 +28,9 @@ def quant_linear(x, qweight, scales, zeros, bits: int, group_size: int, bias=Non
         bias: optional ``[out]``, any float dtype.
 
     Returns ``[..., out]`` in x's dtype. Differentiable w.r.t. x, scales, zeros and bias (qweight is integer).
-    Kernels: a fused unpack-in-register GEMV for up to 8 rows, dequantized tiles + GEMM above that.
+    Kernels: CPU, a fused decode kernel up to 64 rows, dequantized blocks + GEMM above; CUDA, a fused GEMV up to 8
+    rows, a tensor-core kernel (weights dequantized in registers) for 9..64 rows of fp16/bf16 x, dequantize +
+    cuBLAS above.
     """
     return _ops.quant_linear(x, qweight, scales, zeros, bits, group_size, bias)
 
