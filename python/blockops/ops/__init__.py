@@ -8,9 +8,10 @@ implementations, its autograd registrations and the small format constants and h
 ``attention``       ``block_sparse_attention_op``, ``MASK_FIELDS`` (block-sparse attention)
 ``path_attention``  ``path_attention_op``, ``path_key_cache``, ``path_decode_step_op`` (PaTH attention)
 ``vq``              ``vq_linear``, ``vq_dequantize``, ``bits_per_weight`` (vector-quantized weights)
-``ptq161``          ``ptq161_linear``, ``ptq161_dequantize``, ``bits_per_weight``, ``FIELDS``, ``salient_padded``
-``dllm``            ``unmask``, ``kv_overwrite``, ``kv_overwrite_range`` (masked diffusion LM decoding)
-``block_cache``     ``relative_l1``, ``relative_l1_residual``, ``apply_residual``, ``cache_update``
+``ptq161``          ``ptq161_linear``, ``ptq161_dequantize``, ``bits_per_weight``, ``FIELDS``, ``SALIENT_ALIGN``,
+                    ``salient_padded`` (1.61-bit weights, PTQ1.61's packed format)
+``dllm``            ``unmask`` (-> ``Unmasked``), ``kv_overwrite``, ``kv_overwrite_range`` (masked diffusion LM decoding)
+``block_cache``     ``relative_l1``, ``relative_l1_residual``, ``apply_residual``, ``cache_update`` (block skipping)
 ==================  =========================================================================================
 
 The schemas live in csrc/ops.cpp; the CPU and CUDA kernels register themselves from the C++ library. Importing this

@@ -14,6 +14,7 @@ from blockops.ops.bitpack import packed_length
 
 _ops = torch.ops.blockops
 
+
 def quant_linear(x, qweight, scales, zeros, bits: int, group_size: int, bias=None) -> torch.Tensor:
     """``y = x @ W_hat^T + bias`` with ``W_hat[n, k] = (q[k, n] - zeros[k // g, n]) * scales[k // g, n]``.
 
