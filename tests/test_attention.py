@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import blockops
 from blockops.attention import BlockMask, block_sparse_attention, masks
-from blockops.ops import MASK_FIELDS
+from blockops.ops.attention import MASK_FIELDS
 from blockops.reference import ref_masked_attention
 
 from helpers import DEVICES, assert_compiles, kernel_ran, opcheck, run_with_cpu_isa

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-import blockops.cache as bc
+import blockops.block_cache as bc
 from blockops.reference import ref_apply_residual, ref_relative_l1, ref_relative_l1_residual
 from helpers import DEVICES, assert_compiles, kernel_ran, opcheck, run_with_cpu_isa
 
@@ -99,7 +99,7 @@ def test_portable_kernels_bit_identical(tmp_path):
             out[f"res{k}"], out[f"add{k}"] = r, bc.apply_residual(a, b)
         return out
 
-    code = ("import sys, torch, blockops, blockops.cache as bc\n"
+    code = ("import sys, torch, blockops, blockops.block_cache as bc\n"
             "assert blockops.build_info()['cpu_families']['block_cache'] == 'portable'\n"
             "t = torch.load(sys.argv[1])\nDT = [torch.float32, torch.float16, torch.bfloat16]\nout = {}\n"
             "for k in range(3):\n"

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from blockops.dllm import kv_overwrite, kv_overwrite_range, unmask
+from blockops.ops.dllm import kv_overwrite, kv_overwrite_range, unmask
 from blockops.reference import (ref_dllm_candidates, ref_dllm_kv_overwrite, ref_dllm_select, ref_dllm_unmask)
 from helpers import DEVICES, assert_compiles, kernel_ran, opcheck, run_with_cpu_isa
 
@@ -115,7 +115,7 @@ def test_strided_logits_slice():
 
 @pytest.mark.skipif(sys.platform != "linux", reason="ISA switch by environment")
 def test_portable_path_agrees():
-    code = ("import torch; from blockops.dllm import unmask; g = torch.Generator().manual_seed(1);"
+    code = ("import torch; from blockops.ops.dllm import unmask; g = torch.Generator().manual_seed(1);"
             "x = torch.randn(2, 9, 7001, generator=g).half(); m = torch.ones(2, 9, dtype=torch.bool);"
             "r = unmask(x, m, threshold=0.01); print([r.tokens.tolist(), r.confidence.tolist()])")
     outs = []

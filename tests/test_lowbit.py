@@ -6,8 +6,9 @@ from helpers import DEVICES, assert_close_to_reference, assert_compiles, kernel_
 from torch import nn
 
 import blockops
-from blockops import ops
 from blockops.nn import QuantLinear
+from blockops.ops import bitpack, lowbit
+from blockops.quant import gptq, rtn
 from blockops.reference import ref_quant_dequantize, ref_quant_linear
 
 
@@ -19,7 +20,7 @@ def random_weight(in_features, out_features, bits, group_size, dtype, device, se
     zeros = torch.randint(0, 2**bits, (groups, out_features), generator=g).float()
     if fractional_zeros:
         zeros = zeros + torch.rand(groups, out_features, generator=g) - 0.5
-    return ops.pack_bits(q, bits, 0).to(device), scales.to(device), zeros.to(dtype).to(device)
+    return bitpack.pack_bits(q, bits, 0).to(device), scales.to(device), zeros.to(dtype).to(device)
 
 
 # Relative mean error vs the fp32 reference. fp32: the CPU decode kernel for 2/4-bit rounds activations to
@@ -36,7 +37,7 @@ def test_quant_linear_matches_reference(device, bits, group_size, rows):
     qweight, scales, zeros = random_weight(in_features, out_features, bits, group_size, torch.float16, device)
     x = torch.randn(rows, in_features, device=device)
     with kernel_ran("quant_linear", device):
-        y = ops.quant_linear(x, qweight, scales, zeros, bits, group_size)
+        y = lowbit.quant_linear(x, qweight, scales, zeros, bits, group_size)
     assert_close_to_reference(y, ref_quant_linear(x, qweight, scales, zeros, bits, group_size), MAX_REL[torch.float32])
 
 
@@ -48,7 +49,7 @@ def test_dtypes_and_bias(device, x_dtype, scale_dtype, rows):
     qweight, scales, zeros = random_weight(256, 48, 2, 64, scale_dtype, device, fractional_zeros=True)
     bias = torch.randn(48, device=device, dtype=x_dtype)
     x = torch.randn(2, rows, 256, device=device, dtype=x_dtype)
-    y = ops.quant_linear(x, qweight, scales, zeros, 2, 64, bias)
+    y = lowbit.quant_linear(x, qweight, scales, zeros, 2, 64, bias)
     assert y.dtype == x_dtype and y.shape == (2, rows, 48)
     ref = ref_quant_linear(x, qweight, scales, zeros, 2, 64, bias)
     assert_close_to_reference(y, ref, MAX_REL[x_dtype])
@@ -59,7 +60,7 @@ def test_dtypes_and_bias(device, x_dtype, scale_dtype, rows):
 def test_dequantize_is_exact(device, bits, group_size):
     qweight, scales, zeros = random_weight(480, 40, bits, group_size, torch.float32, device)
     with kernel_ran("quant_dequantize", device):
-        w = ops.quant_dequantize(qweight, scales, zeros, bits, group_size)
+        w = lowbit.quant_dequantize(qweight, scales, zeros, bits, group_size)
     torch.testing.assert_close(w, ref_quant_dequantize(qweight, scales, zeros, bits, group_size), rtol=0, atol=1e-7)
 
 
@@ -73,7 +74,7 @@ def test_gradients_match_autograd_through_reference(device, bits, rows):
     grad_out = torch.randn(rows, 40, device=device)
     leaves = [t.clone().requires_grad_() for t in (x, scales, zeros, bias)]
     with kernel_ran("quant_linear_grad_input", device), kernel_ran("quant_grad_scales", device):
-        ops.quant_linear(leaves[0], qweight, leaves[1], leaves[2], bits, 32, leaves[3]).backward(grad_out)
+        lowbit.quant_linear(leaves[0], qweight, leaves[1], leaves[2], bits, 32, leaves[3]).backward(grad_out)
     ref_leaves = [t.clone().double().requires_grad_() for t in (x, scales, zeros, bias)]
     ref_quant_linear_f64(ref_leaves[0], qweight, ref_leaves[1], ref_leaves[2], bits, 32, ref_leaves[3]).backward(
         grad_out.double())
@@ -83,7 +84,7 @@ def test_gradients_match_autograd_through_reference(device, bits, rows):
 
 def ref_quant_linear_f64(x, qweight, scales, zeros, bits, group_size, bias):
     in_features = scales.shape[0] * group_size
-    q = blockops.unpack_bits(qweight, bits, in_features, 0).double()
+    q = bitpack.unpack_bits(qweight, bits, in_features, 0).double()
     w = (q - zeros.repeat_interleave(group_size, 0)) * scales.repeat_interleave(group_size, 0)
     return x @ w + bias
 
@@ -97,7 +98,7 @@ def test_gradcheck_small():
     z = zeros.clone().requires_grad_()
 
     def f(x, s, z):
-        return ops.quant_linear(x, qweight, s, z, 2, 32)
+        return lowbit.quant_linear(x, qweight, s, z, 2, 32)
 
     torch.autograd.gradcheck(f, (x, s, z), eps=1e-2, atol=1e-2, rtol=1e-2, fast_mode=True)
 
@@ -126,7 +127,7 @@ def test_gptq_round_trip_is_exact(bits, fmt):
     torch.manual_seed(bits)
     layer = QuantLinear.from_linear(nn.Linear(128, 50), bits=bits, group_size=32)
     tensors = layer.to_gptq(fmt)
-    assert tensors["qzeros"].shape == (4, ops.packed_length(50, bits))
+    assert tensors["qzeros"].shape == (4, bitpack.packed_length(50, bits))
     back = QuantLinear.from_gptq(tensors["qweight"], tensors["qzeros"], tensors["scales"], tensors["bias"],
                                  bits=bits, group_size=32, checkpoint_format=fmt, g_idx=tensors["g_idx"])
     for name in ("qweight", "scales", "zeros", "bias"):
@@ -140,15 +141,15 @@ def test_gptq_v1_stores_zero_minus_one():
     layer = QuantLinear(32, 8, bits=4, group_size=32)
     with torch.no_grad():
         layer.zeros.copy_(torch.tensor([[0, 1, 2, 3, 8, 13, 14, 15]], dtype=layer.zeros.dtype))
-    v1 = blockops.unpack_bits(layer.to_gptq("gptq")["qzeros"], 4, 8, 1)
-    v2 = blockops.unpack_bits(layer.to_gptq("gptq_v2")["qzeros"], 4, 8, 1)
+    v1 = bitpack.unpack_bits(layer.to_gptq("gptq")["qzeros"], 4, 8, 1)
+    v2 = bitpack.unpack_bits(layer.to_gptq("gptq_v2")["qzeros"], 4, 8, 1)
     assert v2.tolist() == [[0, 1, 2, 3, 8, 13, 14, 15]]
     assert v1.tolist() == [[15, 0, 1, 2, 7, 12, 13, 14]]
 
 
 def test_efficientqat_3bit_packs_ten_per_word():
     q = torch.randint(0, 8, (64, 4), dtype=torch.int32)
-    layer = QuantLinear.from_gptq(blockops.pack_bits(q, 3, 0), blockops.pack_bits(torch.zeros(2, 4, dtype=torch.int32), 3, 1),
+    layer = QuantLinear.from_gptq(bitpack.pack_bits(q, 3, 0), bitpack.pack_bits(torch.zeros(2, 4, dtype=torch.int32), 3, 1),
                                   torch.ones(2, 4, dtype=torch.float16), bits=3, group_size=32)
     assert layer.qweight.shape == (7, 4)  # ceil(64 / 10)
     torch.testing.assert_close(layer.dequantize().float(), q.t().float())
@@ -160,7 +161,7 @@ def test_quantize_and_load_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32), nn.ReLU(), nn.Linear(32, 10))
     x = torch.randn(4, 64)
-    blockops.quantize_(model, blockops.QuantConfig(bits=4, group_size=32), filter_fn=lambda m, name: name != "4")
+    rtn.quantize_(model, rtn.QuantConfig(bits=4, group_size=32), filter_fn=lambda m, name: name != "4")
     assert isinstance(model[0], QuantLinear) and isinstance(model[2], QuantLinear)
     assert isinstance(model[4], nn.Linear) and not isinstance(model[4], QuantLinear)
     y = model(x)
@@ -171,7 +172,7 @@ def test_quantize_and_load_checkpoint(tmp_path):
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
     (tmp_path / "quantize_config.json").write_text('{"bits": 4, "group_size": 32}')
     fresh = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32), nn.ReLU(), nn.Linear(32, 10))
-    blockops.load_gptq_checkpoint(fresh, str(tmp_path))
+    gptq.load_gptq_checkpoint(fresh, str(tmp_path))
     assert isinstance(fresh[0], QuantLinear)
     torch.testing.assert_close(fresh(x), y)
 
@@ -182,11 +183,11 @@ def test_checkpoint_errors():
     model = nn.Sequential(nn.Linear(64, 16))
     missing = {k: v for k, v in state.items() if not k.endswith("qzeros")}
     with pytest.raises(KeyError, match="missing 0.qzeros"):
-        blockops.load_gptq_checkpoint(model, missing, bits=2, group_size=32)
+        gptq.load_gptq_checkpoint(model, missing, bits=2, group_size=32)
     with pytest.raises(ValueError, match="qweight shape"):
-        blockops.load_gptq_checkpoint(model, state, bits=4, group_size=32)
+        gptq.load_gptq_checkpoint(model, state, bits=4, group_size=32)
     with pytest.raises(ValueError, match="32->16 in the model but 64->16 in the checkpoint"):
-        blockops.load_gptq_checkpoint(nn.Sequential(nn.Linear(32, 16)), state, bits=2, group_size=32)
+        gptq.load_gptq_checkpoint(nn.Sequential(nn.Linear(32, 16)), state, bits=2, group_size=32)
 
 
 def test_module_errors():
@@ -197,7 +198,7 @@ def test_module_errors():
     with pytest.raises(ValueError, match="multiple of 16"):
         QuantLinear(64, 8, group_size=24)
     with pytest.raises(ValueError, match="not divisible"):
-        blockops.quantize_(nn.Sequential(nn.Linear(100, 8)), blockops.QuantConfig(2, 64))
+        rtn.quantize_(nn.Sequential(nn.Linear(100, 8)), rtn.QuantConfig(2, 64))
     layer = QuantLinear(64, 8, bits=2, group_size=32)
     with torch.no_grad():
         layer.zeros.fill_(0.5)
@@ -214,30 +215,30 @@ def test_op_errors_name_the_problem(device):
     qweight, scales, zeros = random_weight(128, 16, 2, 64, torch.float16, device)
     x = torch.randn(2, 128, device=device)
     with pytest.raises(RuntimeError, match="bits must be 2, 3 or 4"):
-        ops.quant_linear(x, qweight, scales, zeros, 5, 64)
+        lowbit.quant_linear(x, qweight, scales, zeros, 5, 64)
     with pytest.raises(RuntimeError, match="group_size must be a positive multiple of 16"):
-        ops.quant_linear(x, qweight, scales, zeros, 2, 40)
+        lowbit.quant_linear(x, qweight, scales, zeros, 2, 40)
     with pytest.raises(RuntimeError, match="needs 8 packed rows"):
-        ops.quant_linear(x, qweight[:7].contiguous(), scales, zeros, 2, 64)
+        lowbit.quant_linear(x, qweight[:7].contiguous(), scales, zeros, 2, 64)
     with pytest.raises(RuntimeError, match="must have 128 features"):
-        ops.quant_linear(torch.randn(2, 127, device=device), qweight, scales, zeros, 2, 64)
+        lowbit.quant_linear(torch.randn(2, 127, device=device), qweight, scales, zeros, 2, 64)
     with pytest.raises(RuntimeError, match="x must have dtype in"):
-        ops.quant_linear(x.double(), qweight, scales, zeros, 2, 64)
+        lowbit.quant_linear(x.double(), qweight, scales, zeros, 2, 64)
     with pytest.raises(RuntimeError, match="qweight must have dtype in"):
-        ops.quant_linear(x, qweight.long(), scales, zeros, 2, 64)
+        lowbit.quant_linear(x, qweight.long(), scales, zeros, 2, 64)
     with pytest.raises(RuntimeError, match="zeros must have the scales' dtype"):
-        ops.quant_linear(x, qweight, scales, zeros.float(), 2, 64)
+        lowbit.quant_linear(x, qweight, scales, zeros.float(), 2, 64)
     with pytest.raises(RuntimeError, match="must be contiguous"):
-        ops.quant_linear(torch.randn(128, 2, device=device).t(), qweight, scales, zeros, 2, 64)
+        lowbit.quant_linear(torch.randn(128, 2, device=device).t(), qweight, scales, zeros, 2, 64)
     with pytest.raises(RuntimeError, match="bias must have shape"):
-        ops.quant_linear(x, qweight, scales, zeros, 2, 64, torch.zeros(15, device=device))
+        lowbit.quant_linear(x, qweight, scales, zeros, 2, 64, torch.zeros(15, device=device))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for a second device")
 def test_mixed_devices_are_an_error():
     qweight, scales, zeros = random_weight(128, 16, 2, 64, torch.float16, "cuda")
     with pytest.raises(RuntimeError, match="x is on cpu but qweight is on cuda"):
-        ops.quant_linear(torch.randn(2, 128), qweight, scales, zeros, 2, 64)
+        lowbit.quant_linear(torch.randn(2, 128), qweight, scales, zeros, 2, 64)
 
 
 # ---- registration, tracing, compile ---------------------------------------------------------------------
@@ -262,7 +263,7 @@ def test_opcheck(device):
 def test_torch_compile_model_with_quant_linear(device):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 32)).to(device)
-    blockops.quantize_(model, blockops.QuantConfig(bits=2, group_size=32, dtype=torch.float32))
+    rtn.quantize_(model, rtn.QuantConfig(bits=2, group_size=32, dtype=torch.float32))
     x = torch.randn(3, 64, device=device)
     assert_compiles(model, x)
 
@@ -294,14 +295,15 @@ def test_every_cpu_code_path_matches(isa):
 
     code = (
         "import torch, blockops\n"
+        "from blockops.ops import bitpack, lowbit\n"
         "from blockops.reference import ref_quant_linear\n"
         f"assert blockops.build_info()['cpu_families']['lowbit'] == ({isa!r} if {isa!r} == 'portable' else 'avx2+fma')\n"
         "for bits in (2, 3, 4):\n"
         "    q = torch.randint(0, 2**bits, (320, 300), dtype=torch.int32)\n"
-        "    qw = blockops.pack_bits(q, bits, 0); s = torch.rand(10, 300); z = torch.rand(10, 300) * 3\n"
+        "    qw = bitpack.pack_bits(q, bits, 0); s = torch.rand(10, 300); z = torch.rand(10, 300) * 3\n"
         "    for rows in (1, 6):\n"
         "        x = torch.randn(rows, 320)\n"
-        "        y = blockops.ops.quant_linear(x, qw, s, z, bits, 32)\n"
+        "        y = lowbit.quant_linear(x, qw, s, z, bits, 32)\n"
         "        ref = ref_quant_linear(x, qw, s, z, bits, 32)\n"
         "        assert ((y - ref).abs().mean() / ref.abs().mean()) < 2e-4, (bits, rows)\n"
     )

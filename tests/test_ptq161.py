@@ -9,9 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-import blockops
-from blockops import ptq161
 from blockops.nn import PTQ161Linear
+from blockops.ops import bitpack, ptq161
 from blockops.quant import ptq161 as qptq
 from blockops.reference import ref_ptq161_dequantize, ref_ptq161_linear, ref_ptq161_weight
 from helpers import assert_compiles, kernel_ran, opcheck, run_with_cpu_isa
@@ -32,7 +31,7 @@ def make_weights(out, inn, ratio, seed=0, factor_dtype=torch.float32, align=1, z
     for r in zero_rows:
         w[r] = 0
     act = torch.rand(inn, generator=g)
-    tensors, num_salient = ptq161.quantize_weight(w, act, ratio, align, factor_dtype)
+    tensors, num_salient = qptq.quantize_weight(w, act, ratio, align, factor_dtype)
     if random_factors:
         tensors["r1"] = (torch.rand(out, generator=g) + 0.5).to(factor_dtype)
         tensors["r2"] = (torch.rand(inn, generator=g) + 0.5).to(factor_dtype)
@@ -74,17 +73,17 @@ def test_packing_reproduces_dense_formula(shape, ratio, factor_dtype):
 
 def test_salient_channels_are_the_largest_activations():
     act = torch.tensor([0.1, 5.0, 0.2, 3.0, 0.3, 4.0, 0.0, 0.05])
-    tensors, s = ptq161.quantize_weight(torch.randn(4, 8), act, salient_ratio=0.375, salient_align=1)
+    tensors, s = qptq.quantize_weight(torch.randn(4, 8), act, salient_ratio=0.375, salient_align=1)
     assert s == 3 and tensors["perm"].tolist() == [1, 3, 5, 0, 2, 4, 6, 7]
-    assert ptq161.salient_count(4096, 0.2) == 816 and ptq161.salient_count(4096, 0.2, 1) == 819
+    assert qptq.salient_count(4096, 0.2) == 816 and qptq.salient_count(4096, 0.2, 1) == 819
 
 
 def test_salient_codes_are_4bit_min_max_per_row():
     w = torch.tensor([[-1.5, 0.0, 3.0, 0.7], [0.2, 0.4, 0.1, 0.3]])  # row 1: all positive -> range [0, max]
-    tensors, s = ptq161.quantize_weight(w, torch.ones(4), 1.0, 1, torch.float32)
+    tensors, s = qptq.quantize_weight(w, torch.ones(4), 1.0, 1, torch.float32)
     torch.testing.assert_close(tensors["salient_scale"], torch.tensor([4.5 / 15, 0.4 / 15]))
     torch.testing.assert_close(tensors["salient_zero"], torch.tensor([5.0, 0.0]))
-    q = blockops.unpack_bits(tensors["qsalient"], 4, 16, 0)[:4].t()
+    q = bitpack.unpack_bits(tensors["qsalient"], 4, 16, 0)[:4].t()
     assert q.tolist() == [[0, 5, 15, 7], [8, 15, 4, 11]]
 
 
@@ -92,7 +91,7 @@ def test_sign_zero_is_zero_as_in_torch_sign():
     """A non-salient weight equal to its row's mean has sign 0: W_low = r1 r2 mu there (listed in zero_signs)."""
     w = torch.tensor([[9.0, 1.0, -1.0, 0.0, 0.0], [9.0, 2.0, 2.0, 2.0, 2.0], [9.0, 1.0, 2.0, 3.0, 6.0]])
     act = torch.tensor([10.0, 1, 1, 1, 1])
-    tensors, s = ptq161.quantize_weight(w, act, 0.2, 1, torch.float32)
+    tensors, s = qptq.quantize_weight(w, act, 0.2, 1, torch.float32)
     assert s == 1
     # non-salient entries j * out + i with W == mu: row 0 (mu 0): j = 2, 3; row 1 (mu 2): every j; row 2 (mu 3): j = 2.
     assert tensors["zero_signs"].tolist() == sorted([2 * 3 + 0, 3 * 3 + 0, 2 * 3 + 2] + [j * 3 + 1 for j in range(4)])
@@ -110,7 +109,7 @@ def test_sign_zero_is_zero_as_in_torch_sign():
 
 
 def test_bits_per_weight_4096_square():
-    layer = PTQ161Linear(4096, 4096, num_salient=ptq161.salient_count(4096, 0.2), bias=False)
+    layer = PTQ161Linear(4096, 4096, num_salient=qptq.salient_count(4096, 0.2), bias=False)
     bits = layer.bits_per_weight()
     s, n = 816, 4096 - 816
     expected = (4 * s + 32 * -(-n // 32) + 5 * 16) / 4096 + (32 + 16) / 4096
@@ -174,7 +173,7 @@ def test_every_cpu_code_path_matches(isa):
         "import torch, sys\n"
         f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
         "from test_ptq161 import make_weights, args_of, dense_of, scaled_error\n"
-        "from blockops import ptq161\n"
+        "from blockops.ops import ptq161\n"
         "tensors, s, w, mask = make_weights(300, 333, 0.2, zero_rows=(0,))\n"
         "dense = dense_of(tensors, w, mask)\n"
         "for rows in (1, 6):\n"
@@ -242,7 +241,7 @@ def test_module_from_linear_forward_and_state_dict():
     act = torch.rand(96)
     layer = PTQ161Linear.from_linear(linear, act, salient_ratio=0.2, factor_dtype=torch.float32)
     assert layer.num_salient == 16 and torch.equal(layer.r1, torch.ones(40))
-    tensors, s = ptq161.quantize_weight(linear.weight, act, 0.2, 16, torch.float32)
+    tensors, s = qptq.quantize_weight(linear.weight, act, 0.2, 16, torch.float32)
     for name in ptq161.FIELDS:
         assert torch.equal(getattr(layer, name), tensors[name]), name
     x = torch.randn(4, 96)
@@ -388,9 +387,9 @@ def test_op_errors_name_the_problem():
     with pytest.raises(RuntimeError, match="bias must have shape"):
         ptq161.ptq161_linear(x, *args_of(tensors), s, torch.zeros(23))
     with pytest.raises(ValueError, match="act_scales must be"):
-        ptq161.quantize_weight(torch.randn(4, 8), torch.ones(7))
+        qptq.quantize_weight(torch.randn(4, 8), torch.ones(7))
     with pytest.raises(ValueError, match="salient_ratio must be in"):
-        ptq161.quantize_weight(torch.randn(4, 8), torch.ones(8), 1.5)
+        qptq.quantize_weight(torch.randn(4, 8), torch.ones(8), 1.5)
     with pytest.raises(ValueError, match="num_salient must be in"):
         PTQ161Linear(8, 4, 9)
     with pytest.raises(ValueError, match="no PTQ161Linear"):

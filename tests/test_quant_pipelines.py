@@ -14,10 +14,10 @@ from torch import nn
 
 from helpers import kernel_ran
 
-import blockops
 from blockops import checkpoint
 from blockops.nn import QuantLinear
 from blockops.quant import data, efficientqat
+from blockops.quant.rtn import QuantConfig, quantize_
 
 # ---- synthetic block stacks ----------------------------------------------------------------------------------
 
@@ -76,7 +76,7 @@ def test_block_ap_lowers_the_loss_and_packs_every_block_linear():
     assert isinstance(model.embed, nn.Linear), "layers outside the blocks stay as they are"
     # End to end, the trained stack is closer to full precision than round-to-nearest.
     rtn = copy.deepcopy(reference)
-    blockops.quantize_(rtn, blockops.QuantConfig(2, 32), filter_fn=lambda m, name: name.startswith("blocks."))
+    quantize_(rtn, QuantConfig(2, 32), filter_fn=lambda m, name: name.startswith("blocks."))
     x = torch.cat(val)
     with torch.no_grad(), kernel_ran("quant_linear", "cpu"):
         err_ap = F.mse_loss(model(x), reference(x)).item()
@@ -180,7 +180,7 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
 def test_e2e_qp_trains_only_the_scales():
     teacher = make_stack()
     model = copy.deepcopy(teacher)
-    blockops.quantize_(model, blockops.QuantConfig(2, 32), filter_fn=lambda m, name: name.startswith("blocks."))
+    quantize_(model, QuantConfig(2, 32), filter_fn=lambda m, name: name.startswith("blocks."))
     frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(".scales")}
     scales_before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(".scales")}
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -373,11 +373,10 @@ def test_cli_round_trip_in_blockops_formats(tiny_bert, tmp_path, capsys, method,
 def test_blockops_format_drivers_resume_from_checkpoints(tiny_bert, tmp_path, monkeypatch, method):
     """The PTQ1.61 and VQ drivers killed in block 2 of 2, rerun with the same --checkpoint-dir: block 1 is
     loaded, only block 2 is optimised again, and the model equals an uninterrupted run's."""
-    from blockops import vq_calibration
-    from blockops.quant import evaluate, pipeline
+    from blockops.quant import evaluate, pipeline, vq4dit
     from blockops.quant import ptq161 as ptq161_quant
 
-    module, name = (ptq161_quant, "optimize_block") if method == "ptq161" else (vq_calibration, "_calibrate_block")
+    module, name = (ptq161_quant, "optimize_block") if method == "ptq161" else (vq4dit, "_calibrate_block")
     per_block = getattr(module, name)
     calls = []
 

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import blockops
-from blockops import vq
 from blockops.nn import VQLinear
+from blockops.ops import vq
+from blockops.quant.kmeans import kmeans
 from blockops.reference import ref_vq_dequantize, ref_vq_linear
 from helpers import assert_compiles, kernel_ran, opcheck, rel_error, run_with_cpu_isa
 
@@ -319,7 +320,7 @@ def test_portable_kernels():
         "    codes = torch.randint(0, k, (out, g, K), dtype=torch.int32).to(dt)\n"
         "    for rows in (1, 3, 8):\n"
         "        cb, x = torch.randn(K, k, d), torch.randn(rows, g * d)\n"
-        "        torch.testing.assert_close(blockops.vq.vq_linear(x, codes, cb), ref_vq_linear(x, codes, cb),\n"
+        "        torch.testing.assert_close(blockops.ops.vq.vq_linear(x, codes, cb), ref_vq_linear(x, codes, cb),\n"
         "                                   rtol=1e-5, atol=1e-4)\n"
         "assert blockops.kernel_call_counts()['vq_linear.cpu'] == 15\n"
     )
@@ -331,16 +332,16 @@ def test_portable_kernels():
 def test_kmeans_deterministic_and_improves():
     g = torch.Generator().manual_seed(0)
     v = torch.randn(3000, 4, generator=g) + torch.randint(0, 4, (3000, 1), generator=g).float() * 3
-    c1, codes1, e1 = vq.kmeans(v, 32, iters=10, seed=7)
-    c2, codes2, e2 = vq.kmeans(v, 32, iters=10, seed=7)
+    c1, codes1, e1 = kmeans(v, 32, iters=10, seed=7)
+    c2, codes2, e2 = kmeans(v, 32, iters=10, seed=7)
     assert torch.equal(c1, c2) and torch.equal(codes1, codes2) and e1 == e2
     # Another chunk size only changes the order of the fp32 sums.
-    c3, _, e3 = vq.kmeans(v, 32, iters=10, seed=7, chunk_size=700)
+    c3, _, e3 = kmeans(v, 32, iters=10, seed=7, chunk_size=700)
     torch.testing.assert_close(c3, c1, rtol=1e-4, atol=1e-4)
     assert c1.shape == (32, 4) and codes1.shape == (3000,) and codes1.max() < 32
     sse = lambda c, a: ((v - c[a]) ** 2).sum().item()  # noqa: E731
     assert abs(sse(c1, codes1) - e1) <= 1e-3 * e1
-    errors = [vq.kmeans(v, 32, iters=i, seed=7)[2] for i in (0, 1, 3, 10)]
+    errors = [kmeans(v, 32, iters=i, seed=7)[2] for i in (0, 1, 3, 10)]
     assert all(b <= a * (1 + 1e-6) for a, b in zip(errors, errors[1:])), errors
     random_codes = torch.randint(0, 32, (3000,), generator=g)
     assert e1 < 0.5 * sse(c1, random_codes)
@@ -350,9 +351,9 @@ def test_kmeans_deterministic_and_improves():
 
 def test_kmeans_errors():
     with pytest.raises(ValueError, match="k <= N"):
-        vq.kmeans(torch.randn(10, 4), 11)
+        kmeans(torch.randn(10, 4), 11)
     with pytest.raises(ValueError, match=r"\[N, d\]"):
-        vq.kmeans(torch.randn(10), 2)
+        kmeans(torch.randn(10), 2)
 
 
 # ---- VQLinear ------------------------------------------------------------------------------------------------

@@ -1,5 +1,10 @@
 """blockops: fast, trainable building blocks for block-wise methods (low-bit and VQ GEMM, block-sparse and
-PaTH attention, cached-block skipping), as `torch.ops.blockops.*` ops, nn.Modules and benchmarks."""
+PaTH attention, cached-block skipping), as `torch.ops.blockops.*` ops, nn.Modules and benchmarks.
+
+Layers: ``blockops.ops`` (one op-layer module per kernel family: typed wrappers, fake implementations, autograd),
+``blockops.nn`` (modules), ``blockops.quant`` (quantization algorithms and pipelines); the user-facing namespaces
+``blockops.attention``, ``blockops.vq``, ``blockops.ptq161``, ``blockops.dllm``, ``blockops.block_cache`` (former
+name ``blockops.cache``) and this package's own names are built on them."""
 from __future__ import annotations
 
 import copy
@@ -9,11 +14,12 @@ from blockops._loader import load as _load
 _C, _BUILD_INFO = _load()
 
 from blockops import ops  # noqa: E402  (registers fake implementations and autograd)
-from blockops.ops import pack_bits, unpack_bits  # noqa: E402
+from blockops.ops.bitpack import pack_bits, unpack_bits  # noqa: E402
 from blockops import attention, nn  # noqa: E402
-from blockops import vq  # noqa: E402
-from blockops import cache, dllm, ptq161, quant  # noqa: E402
-from blockops.quantize import QuantConfig, load_gptq_checkpoint, quantize_  # noqa: E402
+from blockops import quant, vq  # noqa: E402
+from blockops import block_cache, cache, dllm, ptq161  # noqa: E402
+from blockops.quant.gptq import load_gptq_checkpoint  # noqa: E402
+from blockops.quant.rtn import QuantConfig, quantize_  # noqa: E402
 
 __version__ = _BUILD_INFO["version"]
 
@@ -35,5 +41,5 @@ def kernel_call_counts() -> dict[str, int]:
     return dict(_C.kernel_call_counts())
 
 
-__all__ = ["QuantConfig", "attention", "build_info", "cache", "dllm", "kernel_call_counts", "load_gptq_checkpoint", "nn",
-           "ops", "pack_bits", "ptq161", "quant", "quantize_", "unpack_bits", "vq"]
+__all__ = ["QuantConfig", "attention", "block_cache", "build_info", "cache", "dllm", "kernel_call_counts",
+           "load_gptq_checkpoint", "nn", "ops", "pack_bits", "ptq161", "quant", "quantize_", "unpack_bits", "vq"]

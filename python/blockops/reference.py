@@ -170,7 +170,7 @@ def ref_ptq161_weight(weight, mask, salient_scale, salient_zero, alpha, mu, r1, 
 
 def ref_ptq161_dequantize(perm, qsalient, salient_scale, salient_zero, signs, zero_signs, alpha, mu, r1, r2,
                           num_salient: int) -> torch.Tensor:
-    """Reference for ``blockops.ptq161.ptq161_dequantize`` (format in blockops/ptq161.py), in fp32, from the
+    """Reference for ``blockops.ptq161.ptq161_dequantize`` (format in blockops/ops/ptq161.py), in fp32, from the
     packed tensors: codes and sign bits unpacked, ``mask * W_high + (1 - mask) * W_low`` assembled in the original
     channel order. Differentiable in alpha, mu, r1 and r2 (the gradient reference)."""
     in_features, out_features = perm.numel(), alpha.numel()
@@ -240,7 +240,7 @@ def ref_dllm_kv_overwrite(cache: torch.Tensor, new: torch.Tensor, positions: tor
     idx = positions[:, None, :, None].expand(-1, cache.shape[1], -1, cache.shape[3])
     return out.scatter(2, idx, new.to(cache.dtype))
 def ref_relative_l1(current, reference, stride: int = 1, per_sample: bool = False) -> torch.Tensor:
-    """Reference for ``blockops.cache.relative_l1``, in fp64: ``sum|current - reference| / sum|reference|``
+    """Reference for ``blockops.block_cache.relative_l1``, in fp64: ``sum|current - reference| / sum|reference|``
     over the tokens (dim 1) ``t % stride == 0``, per sample or over the batch; 0 when both sums are 0."""
     x = current.double()[:, ::stride].reshape(current.shape[0], -1)
     r = reference.double()[:, ::stride].reshape(current.shape[0], -1)
@@ -252,7 +252,7 @@ def ref_relative_l1(current, reference, stride: int = 1, per_sample: bool = Fals
 
 def ref_relative_l1_residual(output, input, reference, stride: int = 1, per_sample: bool = False,
                              compare_residual: bool = False):
-    """Reference for ``blockops.cache.relative_l1_residual``: ``(indicator fp64, residual)``, the residual
+    """Reference for ``blockops.block_cache.relative_l1_residual``: ``(indicator fp64, residual)``, the residual
     ``output - input`` computed in fp32 and rounded to the inputs' dtype; the indicator compares that fp32
     difference (``compare_residual``) or ``output`` against ``reference``."""
     diff = output.float() - input.float()
@@ -261,5 +261,5 @@ def ref_relative_l1_residual(output, input, reference, stride: int = 1, per_samp
 
 
 def ref_apply_residual(input, residual) -> torch.Tensor:
-    """Reference for ``blockops.cache.apply_residual``: fp32 sum rounded once to the input's dtype."""
+    """Reference for ``blockops.block_cache.apply_residual``: fp32 sum rounded once to the input's dtype."""
     return (input.float() + residual.float()).to(input.dtype)

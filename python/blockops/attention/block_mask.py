@@ -36,6 +36,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from blockops.ops.bitpack import pack_bits, unpack_bits
+
 __all__ = ["BLOCK_SIZES", "BlockMask", "Density"]
 
 BLOCK_SIZES = (16, 32, 64, 128)
@@ -97,8 +99,6 @@ def _to4d(mask: torch.Tensor, what: str) -> torch.Tensor:
 
 def _pack_rows(bits: torch.Tensor) -> torch.Tensor:
     """bool ``[P, block_q, block_kv]`` -> int32 ``[P, block_q, ceil(block_kv / 32)]`` (blockops.pack_bits, 1 bit)."""
-    from blockops import pack_bits
-
     p, bq, bkv = bits.shape
     if p == 0:
         return torch.zeros(0, bq, _cdiv(bkv, 32), dtype=torch.int32, device=bits.device)
@@ -107,8 +107,6 @@ def _pack_rows(bits: torch.Tensor) -> torch.Tensor:
 
 def _unpack_rows(tiles: torch.Tensor, block_kv: int) -> torch.Tensor:
     """Inverse of `_pack_rows`: bool ``[P, block_q, block_kv]``."""
-    from blockops import unpack_bits
-
     if tiles.shape[0] == 0:
         return torch.zeros(0, tiles.shape[1], block_kv, dtype=torch.bool, device=tiles.device)
     return unpack_bits(tiles.contiguous(), 1, block_kv, -1).bool()

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from blockops.attention.block_mask import BlockMask
-from blockops.ops import MASK_FIELDS, block_sparse_attention_op
+from blockops.ops.attention import MASK_FIELDS, block_sparse_attention_op
 
 __all__ = ["block_sparse_attention", "scaled_dot_product_attention"]
 

@@ -1,19 +1,12 @@
-"""Cached-block skipping for diffusion transformers: fused indicator / residual kernels, one-call enabling on any
-``nn.ModuleList`` of blocks, and the policies of BWCache, first-block cache, TeaCache and BAC.
-
-    import blockops.cache as bc
-    cache = bc.enable_block_cache(dit, bc.FirstBlockCache(threshold=0.08))   # finds dit.blocks
-    with bc.cache_context(dit, num_steps=50):
-        latent = sample(dit, noise)
-    print(cache.summary())
-    bc.disable_block_cache(dit)
-"""
-from blockops.cache.api import (BlockCache, cache_context, disable_block_cache, enable_block_cache,  # noqa: F401
-                                get_block_cache)
-from blockops.cache.bac import BACSchedule, bubbling_union, caching_error, optimal_update_steps, schedule_value  # noqa: F401
-from blockops.cache.kernels import apply_residual, cache_update, relative_l1, relative_l1_residual  # noqa: F401
-from blockops.cache.policies import (Always, BWCache, FirstBlockCache, Never, Policy, RecordFeatures,  # noqa: F401
-                                     TeaCache, TeaCacheCalibration, fit_teacache_coefficients)
+"""``blockops.cache``: the former name of :mod:`blockops.block_cache` (cached-block skipping), kept as an alias.
+It re-exports that package's public names, so ``import blockops.cache as bc`` works as before; new code should
+import ``blockops.block_cache``. Its modules (``api``, ``bac``, ``policies``) live under ``blockops.block_cache`` and
+the op wrappers under ``blockops.ops.block_cache``."""
+from blockops.block_cache import (Always, BACSchedule, BlockCache, BWCache, FirstBlockCache, Never, Policy,  # noqa: F401
+                                  RecordFeatures, TeaCache, TeaCacheCalibration, apply_residual, bubbling_union,
+                                  cache_context, cache_update, caching_error, disable_block_cache, enable_block_cache,
+                                  fit_teacache_coefficients, get_block_cache, optimal_update_steps, relative_l1,
+                                  relative_l1_residual, schedule_value)
 
 __all__ = ["Always", "BACSchedule", "BWCache", "BlockCache", "FirstBlockCache", "Never", "Policy", "RecordFeatures",
            "TeaCache", "TeaCacheCalibration", "apply_residual", "bubbling_union", "cache_context", "cache_update",

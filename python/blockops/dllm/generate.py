@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from blockops.dllm.ops import kv_overwrite, unmask
+from blockops.ops.dllm import kv_overwrite, unmask
 
 __all__ = ["DiffusionKVCache", "GenerateOutput", "GenerationStats", "generate", "generate_block_diffusion"]
 

@@ -1,12 +1,12 @@
 """PTQ161Linear: an nn.Linear whose weight is stored in blockops' packed PTQ1.61 format (4-bit salient input
-channels, binarized others with row/column factors; layout in blockops/ptq161.py and csrc/ptq161.h) and multiplied
-by the ptq161 kernels."""
+channels, binarized others with row/column factors; layout in blockops/ops/ptq161.py and csrc/ptq161.h) and
+multiplied by the ptq161 kernels."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from blockops import ptq161
+from blockops.ops import ptq161
 
 
 class PTQ161Linear(nn.Module):
@@ -43,11 +43,12 @@ class PTQ161Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, act_scales: torch.Tensor, salient_ratio: float = 0.2,
                     salient_align: int = ptq161.SALIENT_ALIGN, factor_dtype: torch.dtype = torch.float16):
-        """PTQ1.61's initial quantization (:func:`blockops.ptq161.quantize_weight`): salient channels by
+        """PTQ1.61's initial quantization (:func:`blockops.quant.ptq161.quantize_weight`): salient channels by
         ``act_scales [in]`` (max |x| per input channel, e.g. from :func:`blockops.quant.ptq161.collect_act_scales`),
         alpha and mu from the weights, ``r1 = r2 = 1``. The bias is kept in ``factor_dtype``."""
-        tensors, num_salient = ptq161.quantize_weight(linear.weight, act_scales, salient_ratio, salient_align,
-                                                      factor_dtype)
+        from blockops.quant.ptq161 import quantize_weight   # the algorithm layer imports this module
+
+        tensors, num_salient = quantize_weight(linear.weight, act_scales, salient_ratio, salient_align, factor_dtype)
         module = cls(linear.in_features, linear.out_features, num_salient, linear.bias is not None, factor_dtype,
                      linear.weight.device)
         module.zero_signs = tensors["zero_signs"]  # its length is the weight's (usually 0)
@@ -67,7 +68,7 @@ class PTQ161Linear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def packed(self) -> dict:
-        """The format's tensors by name (:data:`blockops.ptq161.FIELDS`)."""
+        """The format's tensors by name (:data:`blockops.ops.ptq161.FIELDS`)."""
         return {name: getattr(self, name) for name in ptq161.FIELDS}
 
     def _args(self):

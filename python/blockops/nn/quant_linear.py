@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from blockops import ops
+from blockops.ops import bitpack, lowbit
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 
@@ -38,7 +38,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
         groups = in_features // group_size
-        self.register_buffer("qweight", torch.zeros(ops.packed_length(in_features, bits), out_features,
+        self.register_buffer("qweight", torch.zeros(bitpack.packed_length(in_features, bits), out_features,
                                                     dtype=torch.int32, device=device))
         self.scales = nn.Parameter(torch.ones(groups, out_features, dtype=dtype, device=device))
         zeros = torch.zeros(groups, out_features, dtype=dtype, device=device)
@@ -55,6 +55,8 @@ class QuantLinear(nn.Module):
         """Min-max round-to-nearest quantization of ``linear.weight`` (EfficientQAT's initialisation):
         ``s = (max - min) / qmax`` clamped to [1e-4, 1e4], ``z = clamp(round(-min / s), 0, qmax)``,
         ``q = clamp(round(W / s) + z, 0, qmax)`` per group of ``group_size`` input channels."""
+        from blockops.quant.rtn import quantize_rtn   # the algorithm layer imports this module
+
         weight = linear.weight.detach()
         dtype = dtype or (weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.float16)
         q, scales, zeros = quantize_rtn(weight.float(), bits, group_size)
@@ -81,7 +83,7 @@ class QuantLinear(nn.Module):
         dtype = dtype or scales.dtype
         module = cls(in_features, out_features, bits, group_size, bias is not None, dtype, q.device)
         with torch.no_grad():
-            module.qweight.copy_(ops.pack_bits(q.to(torch.int32).t().contiguous(), bits, 0))
+            module.qweight.copy_(bitpack.pack_bits(q.to(torch.int32).t().contiguous(), bits, 0))
             module.scales.copy_(scales.to(dtype))
             module.zeros.copy_(zeros.to(dtype))
             if bias is not None:
@@ -106,18 +108,19 @@ class QuantLinear(nn.Module):
             raise ValueError(f"from_gptq: scales must be 2-D [in / group_size, out], got {tuple(scales.shape)}")
         groups, out_features = scales.shape
         in_features = groups * group_size
-        if qweight.shape != (ops.packed_length(in_features, bits), out_features):
+        if qweight.shape != (bitpack.packed_length(in_features, bits), out_features):
             raise ValueError(
                 f"from_gptq: qweight shape {tuple(qweight.shape)} does not match scales {tuple(scales.shape)} with "
-                f"bits={bits}, group_size={group_size}: expected ({ops.packed_length(in_features, bits)}, {out_features})")
-        if qzeros.shape != (groups, ops.packed_length(out_features, bits)):
+                f"bits={bits}, group_size={group_size}: expected ({bitpack.packed_length(in_features, bits)}, "
+                f"{out_features})")
+        if qzeros.shape != (groups, bitpack.packed_length(out_features, bits)):
             raise ValueError(f"from_gptq: qzeros shape {tuple(qzeros.shape)} must be "
-                             f"({groups}, {ops.packed_length(out_features, bits)})")
+                             f"({groups}, {bitpack.packed_length(out_features, bits)})")
         if g_idx is not None:
             expected = torch.arange(in_features, device=g_idx.device) // group_size
             if g_idx.shape != expected.shape or not torch.equal(g_idx.to(expected.dtype), expected):
                 raise ValueError("from_gptq: g_idx is not k // group_size (act-order checkpoints are not supported)")
-        zeros = ops.unpack_bits(qzeros.contiguous(), bits, out_features, 1).to(torch.int32)
+        zeros = bitpack.unpack_bits(qzeros.contiguous(), bits, out_features, 1).to(torch.int32)
         if checkpoint_format == "gptq":
             zeros = (zeros + 1) & ((1 << bits) - 1)
         dtype = scales.dtype if scales.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float16
@@ -144,7 +147,7 @@ class QuantLinear(nn.Module):
             z = (z - 1) & qmax
         out = {
             "qweight": self.qweight.detach().clone(),
-            "qzeros": ops.pack_bits(z.contiguous(), self.bits, 1),
+            "qzeros": bitpack.pack_bits(z.contiguous(), self.bits, 1),
             "scales": self.scales.detach().clone(),
             "g_idx": torch.arange(self.in_features, dtype=torch.int32, device=self.qweight.device) // self.group_size,
         }
@@ -156,11 +159,11 @@ class QuantLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """``W_hat [out, in]`` in the scales' dtype."""
-        return ops.quant_dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_size)
+        return lowbit.quant_dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.quant_linear(x.contiguous(), self.qweight, self.scales, self.zeros, self.bits, self.group_size,
-                                self.bias)
+        return lowbit.quant_linear(x.contiguous(), self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+                                   self.bias)
 
     @property
     def bits_per_weight(self) -> float:
@@ -174,16 +177,10 @@ class QuantLinear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
-def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int):
-    """Min-max round-to-nearest: returns integer codes ``q [out, in]`` (int32) and fp32 ``scales``, ``zeros``
-    ``[in / group_size, out]`` (see :meth:`QuantLinear.from_linear`)."""
-    out_features, in_features = weight.shape
-    if in_features % group_size:
-        raise ValueError(f"quantize_rtn: in_features={in_features} is not divisible by group_size={group_size}")
-    qmax = (1 << bits) - 1
-    w = weight.float().reshape(out_features, in_features // group_size, group_size)
-    wmin, wmax = w.amin(-1), w.amax(-1)
-    scales = ((wmax - wmin) / qmax).clamp(1e-4, 1e4)
-    zeros = (-wmin / scales).round().clamp(0, qmax)
-    q = (w / scales.unsqueeze(-1)).round().add(zeros.unsqueeze(-1)).clamp(0, qmax)
-    return q.reshape(out_features, in_features).to(torch.int32), scales.t().contiguous(), zeros.t().contiguous()
+def __getattr__(name: str):
+    # quantize_rtn used to live here; it is blockops.quant.rtn's (imported on first use: that module imports this one).
+    if name == "quantize_rtn":
+        from blockops.quant.rtn import quantize_rtn
+
+        return quantize_rtn
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from blockops import vq
+from blockops.ops import vq
 
 
 class VQLinear(nn.Module):
@@ -15,7 +15,8 @@ class VQLinear(nn.Module):
 
     Buffers: ``codes [out, in/d, K]`` (uint8 for k <= 256, else int16 read as uint16). Parameters:
     ``codebooks [K, k, d]`` (trainable, VQ4DiT's codebook fine-tuning), ``scales [out]`` or None, ``bias [out]``
-    or None. CPU kernels only for now (CUDA tensors: missing-kernel error).
+    or None. CPU and CUDA kernels (:func:`blockops.ops.vq.vq_linear`); the CUDA ones (GEMV up to 8 rows,
+    ``mma.sync`` tiles above) are compiled for sm_80/sm_90a and checked in a CPU emulator, not yet run on a GPU.
     """
 
     def __init__(self, in_features: int, out_features: int, codebook_size: int = 256, vector_dim: int = 4,
@@ -55,6 +56,8 @@ class VQLinear(nn.Module):
         divide each row by its RMS first and keep it as the per-row scale. With ``num_codebooks = 2`` the second
         codebook is k-means on the residual of the first (residual VQ; AQLM's beam search is not implemented).
         """
+        from blockops.quant.kmeans import kmeans   # the algorithm layer (its package imports blockops.nn)
+
         if (bits is None) == (codebook_size is None):
             raise ValueError("VQLinear.from_linear: give exactly one of bits and codebook_size")
         if bits is not None:
@@ -80,7 +83,7 @@ class VQLinear(nn.Module):
         codebooks = torch.zeros(num_codebooks, module.codebook_size, vector_dim, device=weight.device)
         codes = torch.zeros(residual.shape[0], num_codebooks, dtype=torch.long, device=weight.device)
         for c in range(num_codebooks):
-            centroids, idx, _ = vq.kmeans(residual, codebook_size, iters, seed + c)
+            centroids, idx, _ = kmeans(residual, codebook_size, iters, seed + c)
             codebooks[c, :codebook_size] = centroids
             codes[:, c] = idx
             residual = residual - centroids[idx]

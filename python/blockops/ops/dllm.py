@@ -1,13 +1,15 @@
-"""Typed wrappers and fake (meta) implementations of the dllm ops (schemas in csrc/ops.cpp, numerics and the exact
-unmasking rules in csrc/dllm.h)."""
+"""Typed wrappers and fake (meta) implementations of the dllm ops (family "dllm": masked diffusion LM decoding;
+schemas in csrc/ops.cpp, numerics and the exact unmasking rules in csrc/dllm.h). The generation loops that use them
+are in blockops/dllm/generate.py."""
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
 
+from blockops.ops._common import _FLOAT_DTYPES
+
 _ops = torch.ops.blockops
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class Unmasked(NamedTuple):

@@ -1,5 +1,6 @@
 """Typed wrappers, fake (meta) implementations and autograd of the cached-block skipping ops (family
-"block_cache"; schemas in csrc/ops.cpp, numerics in csrc/block_cache.h).
+"block_cache"; schemas in csrc/ops.cpp, numerics in csrc/block_cache.h). The caches and policies that use them are in
+blockops/block_cache/.
 
 Layout shared by every op: tensors of one call have one shape, one dtype (fp16, bf16 or fp32) and one device,
 are contiguous, and have at least two dims; they are seen as ``[B, T, C]`` (``B = size(0)``, ``T = size(1)``,
@@ -12,8 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from blockops.ops._common import _FLOAT_DTYPES
+
 _ops = torch.ops.blockops
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def relative_l1(current: torch.Tensor, reference: torch.Tensor, stride: int = 1,
@@ -123,3 +125,5 @@ def _apply_residual_backward(ctx, grad):
 
 torch.library.register_autograd("blockops::apply_residual", _apply_residual_backward,
                                 setup_context=_apply_residual_setup_context)
+
+__all__ = ["apply_residual", "cache_update", "relative_l1", "relative_l1_residual"]

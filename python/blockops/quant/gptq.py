@@ -1,47 +1,15 @@
-"""Model-level helpers: swap nn.Linear layers for QuantLinear (`quantize_`) and load EfficientQAT / GPTQ
-checkpoints (`load_gptq_checkpoint`)."""
+"""Loading EfficientQAT / GPTQ-format checkpoints (``qweight``, ``qzeros``, ``scales``, optional ``g_idx`` and
+``bias`` per layer) into a model: each named layer becomes a :class:`blockops.nn.QuantLinear`
+(`load_gptq_checkpoint`)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from typing import Callable
 
-import torch
 from torch import nn
 
 from blockops.nn.quant_linear import QuantLinear
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantConfig:
-    """Uniform group-wise quantization: ``bits`` in {2, 3, 4}, ``group_size`` a multiple of 16, scales dtype
-    (None: the layer's fp16/bf16 dtype, fp16 for fp32 layers)."""
-
-    bits: int = 2
-    group_size: int = 64
-    dtype: torch.dtype | None = None
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
-def quantize_(model: nn.Module, config: QuantConfig = QuantConfig(),
-              filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
-    """Replace, in place, every ``nn.Linear`` of ``model`` (for which ``filter_fn(module, name)`` is true, if
-    given) by ``QuantLinear.from_linear(linear, config.bits, config.group_size)``. Raises if a selected layer's
-    in_features is not divisible by the group size (exclude it with ``filter_fn``). Returns ``model``."""
-    selected = [(name, m) for name, m in model.named_modules()
-                if isinstance(m, nn.Linear) and (filter_fn is None or filter_fn(m, name))]
-    for name, linear in selected:
-        if linear.in_features % config.group_size:
-            raise ValueError(f"quantize_: layer {name!r} has in_features={linear.in_features}, not divisible by "
-                             f"group_size={config.group_size}; exclude it with filter_fn")
-    for name, linear in selected:
-        _set_submodule(model, name, QuantLinear.from_linear(linear, config.bits, config.group_size, config.dtype))
-    return model
+from blockops.quant.rtn import _set_submodule
 
 
 def _read_quantize_config(path: str) -> dict:
@@ -117,3 +85,6 @@ def load_gptq_checkpoint(model: nn.Module, path_or_state_dict, *, bits: int | No
     if rest:
         model.load_state_dict(rest, strict=False)
     return model
+
+
+__all__ = ["load_gptq_checkpoint"]

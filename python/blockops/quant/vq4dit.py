@@ -42,8 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import blockops.nn.vq_linear as _vq_linear  # the module, not the class: blockops.vq imports this file first
-from blockops import checkpoint, vq
+from blockops import checkpoint
+from blockops.nn.vq_linear import VQLinear
+from blockops.ops import vq
+from blockops.quant.kmeans import _squared_distances
 
 CHECKPOINT_VERSION = 1
 
@@ -66,7 +68,7 @@ def candidate_sets(vectors: torch.Tensor, codebook: torch.Tensor, num_candidates
     c_norm = (c * c).sum(1)
     candidates, distances = [], []
     for s in range(0, v.shape[0], chunk_size):
-        dist2, idx = vq._squared_distances(v[s:s + chunk_size], c, c_norm).topk(num_candidates, 1, largest=False)
+        dist2, idx = _squared_distances(v[s:s + chunk_size], c, c_norm).topk(num_candidates, 1, largest=False)
         candidates.append(idx)
         distances.append(dist2.clamp_min(0).sqrt())
     return torch.cat(candidates), torch.cat(distances)
@@ -282,7 +284,6 @@ class _BlockInputs:
 def _attach(teacher: nn.Module, student: nn.Module, block: int, num_candidates: int) -> list[tuple[str, SoftVQLinear]]:
     """Replaces every VQLinear of ``student`` by a SoftVQLinear whose candidates come from the teacher's weight at
     the same module name. Checks every layer before replacing any, so that an error leaves the block as it was."""
-    VQLinear = _vq_linear.VQLinear
     layers = [(name, m) for name, m in student.named_modules() if isinstance(m, VQLinear)]
     if not layers:
         raise ValueError(f"calibrate_blockwise: student block {block} has no VQLinear to calibrate (quantize it "
@@ -503,7 +504,6 @@ def quantize_blocks(blocks: Sequence[nn.Module], *, bits: float | None = None, c
     which ``filter_fn(linear, name)`` holds) replaced by ``VQLinear.from_linear(...)`` (k-means; arguments as
     there; 2 bits when neither ``bits`` nor ``codebook_size`` is given). Linear layers whose in_features is not a
     multiple of ``vector_dim`` stay dense. The k-means seed differs per layer (``seed`` + a running index)."""
-    VQLinear = _vq_linear.VQLinear
     if bits is None and codebook_size is None:
         bits = 2
     students = nn.ModuleList(copy.deepcopy(b) for b in blocks)

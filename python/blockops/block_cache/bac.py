@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from blockops.cache.policies import Policy, _reuse_block
+from blockops.block_cache.policies import Policy, _reuse_block
 
 
 def _segment_values(sim: torch.Tensor) -> torch.Tensor:
@@ -134,7 +134,7 @@ class BACSchedule(Policy):
 
         Args:
             similarities: ``[num_blocks, N, N]``, ``similarities[b, i, k]`` the similarity of block b's feature at
-                step i to step k (only ``i < k`` is read), e.g. from :class:`blockops.cache.RecordFeatures`.
+                step i to step k (only ``i < k`` is read), e.g. from :class:`blockops.block_cache.RecordFeatures`.
             num_updates: updates after step 0 per block (int, or one per block).
             ffn_blocks: indices of the FFN blocks (BAC schedules attention and FFN sub-blocks separately; pass
                 the indices of the FFN entries of the block list).
