@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blockops.attention.path_attention import PathCache, path_attention, path_decode_step
+from blockops.ops.path_attention import PathCache, path_attention, path_decode_step
 from blockops.reference import ref_path_attention
 from helpers import assert_compiles, kernel_ran, opcheck, run_with_cpu_isa
 

@@ -59,8 +59,8 @@ OLD_NAMES = {
     "blockops.nn.block_sparse_attention": {"BlockSparseAttention": None, "BlockSparseMultiheadAttention": None,
                                            "MaskBuilder": None, "swap_attention": None},
     "blockops.attention": {
-        "PathCache": "blockops.attention.path_attention", "path_attention": "blockops.attention.path_attention",
-        "path_decode_step": "blockops.attention.path_attention",
+        "PathCache": "blockops.ops.path_attention", "path_attention": "blockops.ops.path_attention",
+        "path_decode_step": "blockops.ops.path_attention",
         "block_sparse_attention": "blockops.attention.sparse_attention",
         "scaled_dot_product_attention": "blockops.attention.sparse_attention",
         "BLOCK_SIZES": "blockops.attention.block_mask", "BlockMask": "blockops.attention.block_mask",
@@ -197,6 +197,7 @@ def test_former_names_resolve():
 
 
 @pytest.mark.parametrize("module", ["blockops.quantize", "blockops.vq_calibration", "blockops.attention.path",
+                                    "blockops.attention.path_attention",
                                     "blockops.dllm.ops", "blockops.cache.kernels", "blockops.cache.api"])
 def test_moved_modules_are_gone(module):
     """Their names live on (above); the modules themselves moved (see blockops/quant/__init__.py)."""

@@ -21,7 +21,7 @@ from blockops.attention import hilbert, masks
 from blockops.attention.block_mask import BLOCK_SIZES, BlockMask, Density
 from blockops.attention.hilbert import hilbert_order, inverse_permutation, reorder, restore
 from blockops.attention.masks import and_masks, or_masks, per_head
-from blockops.attention.path_attention import PathCache, path_attention, path_decode_step
+from blockops.ops.path_attention import PathCache, path_attention, path_decode_step
 from blockops.attention.sparse_attention import block_sparse_attention, scaled_dot_product_attention
 
 __all__ = ["BLOCK_SIZES", "BlockMask", "Density", "PathCache", "and_masks", "block_sparse_attention", "hilbert",

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blockops.attention.path_attention import PathCache, path_attention, path_decode_step
+from blockops.ops.path_attention import PathCache, path_attention, path_decode_step
 
 __all__ = ["PaTHAttention", "PaTHAttentionCache"]
 

@@ -6,7 +6,7 @@ implementations, its autograd registrations and the small format constants and h
 ``bitpack``         ``pack_bits``, ``unpack_bits``, ``values_per_word``, ``packed_length``
 ``lowbit``          ``quant_linear``, ``quant_dequantize`` (2/3/4-bit group-wise GEMM, GPTQ-v2 layout)
 ``attention``       ``block_sparse_attention_op``, ``MASK_FIELDS`` (block-sparse attention)
-``path_attention``  ``path_attention_op``, ``path_key_cache``, ``path_decode_step_op`` (PaTH attention)
+``path_attention``  ``path_attention``, ``path_key_cache``, ``path_decode_step``, ``PathCache`` (PaTH attention)
 ``vq``              ``vq_linear``, ``vq_dequantize``, ``bits_per_weight`` (vector-quantized weights)
 ``ptq161``          ``ptq161_linear``, ``ptq161_dequantize``, ``bits_per_weight``, ``FIELDS``, ``SALIENT_ALIGN``,
                     ``salient_padded`` (1.61-bit weights, PTQ1.61's packed format)
