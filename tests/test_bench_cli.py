@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def test_bench_cli_writes_table_json_and_plot(tmp_path):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
@@ -18,6 +20,15 @@ def test_bench_cli_writes_table_json_and_plot(tmp_path):
     for row in payload["results"]:
         assert row["ours_ms"] > 0 and row["baseline_ms"] > 0 and row["note"] == ""
     assert out_png.stat().st_size > 1000
+
+
+def test_path_is_a_deprecated_alias(capsys):
+    from blockops import bench
+
+    assert bench.resolve_families(["path", "bitpack", "path_attention"]) == ["path_attention", "bitpack"]
+    assert "deprecated" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown benchmark family"):
+        bench.resolve_families(["nope"])
 
 
 def test_info_cli():

@@ -1,4 +1,5 @@
-"""PaTH attention benchmark: blockops.attention.path_attention, forward and forward+backward, against in the same run:
+"""PaTH attention benchmark (family "path_attention"): blockops.attention.path_attention, forward and
+forward+backward, against in the same run:
 
 * causal ``F.scaled_dot_product_attention`` on the same shapes (GQA through ``enable_gqa``): the cost PaTH adds over
   attention with RoPE;
@@ -133,7 +134,7 @@ def _run_config(c: Config, device: str) -> list[Result]:
     ref_bwd_ok = dense * c.head_dim <= _REF_BWD_LIMIT
 
     def row(op, ours_ms, baseline, base_ms, flops, note=""):
-        return Result("path", op, shape, device, ours_ms, baseline, base_ms, flops=flops, max_error=err,
+        return Result("path_attention", op, shape, device, ours_ms, baseline, base_ms, flops=flops, max_error=err,
                       note="MISMATCH" if mismatch else note)
 
     results = []
