@@ -1,13 +1,16 @@
 """Benchmarks of every kernel family (used by `python -m blockops bench` and the scripts in bench/).
 
-Each family module has `run(device, quick=True) -> list[Result]`; FAMILIES lists them in suite order.
+Each family module has `run(device, quick=True) -> list[Result]`; FAMILIES lists them in suite order. Every row
+carries its measured error and tolerance (see blockops.bench.harness); `report_failures` prints the rows that exceed
+theirs.
 """
 from __future__ import annotations
 
 import sys
 
 from blockops.bench import attention, bitpack, block_cache, dllm, lowbit, path_attention, ptq161, vq
-from blockops.bench.harness import Result, format_table, machine_description, plot, read_bandwidth_gbps, write_json
+from blockops.bench.harness import (Result, device_isa, failures, format_table, machine_description, plot,
+                                    read_bandwidth_gbps, report_failures, title, write_json)
 
 FAMILIES = {
     "bitpack": bitpack.run,
@@ -42,7 +45,8 @@ def resolve_families(names, file=None) -> list[str]:
 
 
 def family_main(name: str) -> None:
-    """Command line of a bench/bench_<family>.py script: every shape of one family, table and JSON."""
+    """Command line of a bench/bench_<family>.py script: every shape of one family, table and JSON; exits 1 when a
+    row's error exceeds its tolerance (naming the rows on stderr)."""
     import argparse
 
     import torch
@@ -52,9 +56,11 @@ def family_main(name: str) -> None:
     parser.add_argument("--json", default=f"bench_results/{name}.json")
     args = parser.parse_args()
     results = FAMILIES[name](args.device, quick=False)
-    write_json(results, args.json, args.device)
-    print(f"{machine_description(args.device)}; read bandwidth {read_bandwidth_gbps(args.device):.1f} GB/s")
+    bandwidth = read_bandwidth_gbps(args.device)
+    write_json(results, args.json, args.device, bandwidth)
+    print(title(args.device, bandwidth))
     print(format_table(results))
+    sys.exit(1 if report_failures(results) else 0)
 
 
 def run_suite(device: str, families=None, quick: bool = True, progress: bool = True) -> list[Result]:
@@ -67,5 +73,6 @@ def run_suite(device: str, families=None, quick: bool = True, progress: bool = T
     return results
 
 
-__all__ = ["ALIASES", "FAMILIES", "family_main", "Result", "format_table", "machine_description", "plot",
-           "read_bandwidth_gbps", "resolve_families", "run_suite", "write_json"]
+__all__ = ["ALIASES", "FAMILIES", "Result", "device_isa", "failures", "family_main", "format_table",
+           "machine_description", "plot", "read_bandwidth_gbps", "report_failures", "resolve_families", "run_suite",
+           "title", "write_json"]
