@@ -1,6 +1,7 @@
 """The main job's entry point works end to end: `python -m blockops bench` prints its table, writes JSON and a PNG
 (one family, to keep the test short), every row names its ISA path and carries its error and tolerance, a row
-above its tolerance makes the command exit 1 naming it, and `python -m blockops info` prints the build. No timing is asserted."""
+above its tolerance makes the command exit 1 naming it, `--cpu-isa` runs and merges two ISA paths, and
+`python -m blockops info` prints the build. No timing is asserted."""
 import json
 import math
 import subprocess
@@ -69,6 +70,28 @@ def test_path_is_a_deprecated_alias(capsys):
     assert "deprecated" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown benchmark family"):
         bench.resolve_families(["nope"])
+
+
+def test_cpu_isa_runs_each_isa_and_merges(tmp_path):
+    out_json = tmp_path / "isa.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "blockops", "bench", "--family", "bitpack", "--cpu-isa", "avx2,native",
+         "--json", str(out_json)],
+        capture_output=True, text=True, check=True,
+    )
+    header = result.stdout.splitlines()[1].split()
+    assert header[:4] == ["family", "op", "shape", "baseline"] and "vs" in header and header[-1] == "check"
+    payload = json.loads(out_json.read_text())
+    runs = {run["cpu_isa"]: run for run in payload["cpu_isa_runs"]}
+    assert set(runs) == {"avx2", "native"}
+    assert runs["avx2"]["build"]["cpu_isa_forced"] == "avx2" and runs["native"]["build"]["cpu_isa_forced"] == ""
+    assert runs["avx2"]["isa"] in ("avx2", "portable")        # portable on a CPU without AVX2
+    assert runs["native"]["isa"] == blockops.build_info()["cpu_isa_path"]
+    for row in payload["results"]:
+        assert row["isa"] == runs[row["cpu_isa"]]["isa"] and row["tolerance"] == 0 and row["ok"]
+    assert len(payload["results"]) == 2 * len(payload["side_by_side"]) == 12
+    for row in payload["side_by_side"]:
+        assert row["avx2"]["ours_ms"] > 0 and row["native"]["ours_ms"] > 0 and row["native"]["ok"]
 
 
 def test_info_cli():
