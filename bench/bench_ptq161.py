@@ -1,5 +1,6 @@
-"""1.61-bit GEMM benchmark, all shapes (Llama-2/3 layers, batch 1..512): `python bench/bench_ptq161.py [--json PATH]`.
-Baselines in the same run: F.linear fp32/bf16 and blockops' 2-bit quant_linear (CPU)."""
+"""1.61-bit GEMM benchmark, all shapes (Llama-2/3 layers, batch 1..512 on CPU, 1..64 on GPU):
+`python bench/bench_ptq161.py [--device cuda] [--json PATH]`. Baselines in the same run: F.linear fp32/bf16 (CPU) or
+fp16 cuBLAS (GPU), and blockops' 2-bit quant_linear."""
 from blockops.bench import family_main
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
-"""Vector-quantized GEMM benchmark, all shapes (an LLM layer at batch 1..16 and DiT-XL/2 layers at 256..4096
-tokens; 2-bit, 3-bit and AQLM 2x8): `python bench/bench_vq.py [--json PATH]`. Baselines in the same run: F.linear
-fp32/bf16 and decode-then-linear. CPU only for now (no CUDA kernel yet)."""
+"""Vector-quantized GEMM benchmark, all shapes: `python bench/bench_vq.py [--device cuda] [--json PATH]`.
+CPU: an LLM layer (4096x11008) at batch 1..16 in the three formats (2-bit, 3-bit, AQLM 2x8), its down projection
+at batch 1 and 4, and DiT-XL/2 layers at 256..4096 tokens (2-bit), each with fp32 and bf16 activations; baselines in
+the same run: F.linear fp32/bf16 and decode-then-linear. CUDA (fp16): LLM layers at batch 1..16 in the three formats
+and DiT-XL/2 layers at 256..4096 tokens (2-bit, 3-bit); baselines: fp16 F.linear (cuBLAS), vq_dequantize + cuBLAS
+and decode-then-linear. The CUDA kernels (a GEMV up to 8 rows, mma.sync tiles above) are compiled for sm_80/sm_90a
+and checked in a CPU emulator; they have not yet run on a GPU."""
 from blockops.bench import family_main
 
 if __name__ == "__main__":

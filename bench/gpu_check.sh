@@ -48,7 +48,7 @@ timeout 240 $PY -m pytest -q -k cuda --junitxml="$out/tests_path_cuda.xml" tests
   > "$out/tests_path_cuda.log" 2>&1
 test_rc=$(( test_rc || $? ))
 tail -5 "$out/tests_path_cuda.log"
-timeout 120 $PY -m blockops bench --family path --json "$out/bench_path.json" >> "$out/bench.log" 2>&1
+timeout 120 $PY -m blockops bench --family path_attention --json "$out/bench_path.json" >> "$out/bench.log" 2>&1
 bench_rc=$(( bench_rc || $? ))
 cat "$out/bench.log"
 echo "tests rc=$test_rc bench rc=$bench_rc"

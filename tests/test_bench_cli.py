@@ -1,8 +1,18 @@
-"""The main job's entry point works end to end: `python -m blockops bench` prints its table, writes JSON and
-a PNG (one family, to keep the test short), and `python -m blockops info` prints the build."""
+"""The main job's entry point works end to end: `python -m blockops bench` prints its table, writes JSON and a PNG
+(one family, to keep the test short), every row names its ISA path and carries its error and tolerance, a row
+above its tolerance makes the command exit 1 naming it, `--cpu-isa` runs and merges two ISA paths, and
+`python -m blockops info` prints the build. No timing is asserted."""
 import json
+import math
 import subprocess
 import sys
+
+import pytest
+
+import blockops
+from blockops import bench
+from blockops.__main__ import main
+from blockops.bench import Result
 
 
 def test_bench_cli_writes_table_json_and_plot(tmp_path):
@@ -12,12 +22,76 @@ def test_bench_cli_writes_table_json_and_plot(tmp_path):
          "--json", str(out_json), "--plot", str(out_png)],
         capture_output=True, text=True, check=True,
     )
-    assert "speed-up" in result.stdout and "pack_bits" in result.stdout
+    isa = blockops.build_info()["cpu_isa_path"]
+    title, header = result.stdout.splitlines()[:2]
+    assert f"CPU ISA path {isa}" in title
+    assert all(col in header.split() for col in ("isa", "speed-up", "tol", "check"))
+    assert "pack_bits" in result.stdout
     payload = json.loads(out_json.read_text())
-    assert payload["results"] and payload["read_bandwidth_gbps"] > 0
+    assert payload["results"] and payload["read_bandwidth_gbps"] > 0 and payload["isa"] == isa
     for row in payload["results"]:
         assert row["ours_ms"] > 0 and row["baseline_ms"] > 0 and row["note"] == ""
+        assert row["isa"] == isa and row["tolerance"] == 0 and row["max_error"] == 0 and row["ok"]
     assert out_png.stat().st_size > 1000
+
+
+def _row(max_error, tolerance, op="planted"):
+    return Result("bitpack", op, "2x3", "cpu", 1.0, "nothing", 2.0, max_error=max_error, tolerance=tolerance)
+
+
+def test_result_ok():
+    assert _row(1e-6, 1e-5).ok and _row(0.0, 0.0).ok and _row(1e-5, 1e-5).ok
+    assert not _row(2e-5, 1e-5).ok and not _row(float("nan"), 1e-5).ok and not _row(None, 1e-5).ok
+    assert _row(None, None).ok and _row(float("nan"), None).ok      # no tolerance: the row checks nothing
+    assert _row(0.0, 0.0).isa == blockops.build_info()["cpu_isa_path"]
+    back = Result.from_dict(json.loads(json.dumps(_row(3e-5, 1e-5).as_dict())))
+    assert back == _row(3e-5, 1e-5) and not back.ok
+
+
+def test_row_above_tolerance_fails_the_command(monkeypatch, capsys, tmp_path):
+    rows = [_row(0.0, 0.0, "fine"), _row(3e-3, 1e-3, "planted wrong result"), _row(math.nan, 1e-3, "nan result"),
+            _row(None, None, "whole sampler")]
+    monkeypatch.setitem(bench.FAMILIES, "bitpack", lambda device, quick=True: rows)
+    assert main(["bench", "--device", "cpu", "--family", "bitpack", "--json", str(tmp_path / "b.json")]) == 1
+    out, err = capsys.readouterr()
+    failed = [line for line in err.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 2
+    assert "planted wrong result" in failed[0] and "2x3" in failed[0] and "0.003" in failed[0] and "0.001" in failed[0]
+    assert "nan result" in failed[1]
+    checks = {line.split()[1]: line.split() for line in out.splitlines() if line.startswith("bitpack")}
+    assert "FAIL" in checks["planted"] and "ok" in checks["fine"] and "FAIL" not in checks["whole"]
+    assert [r["ok"] for r in json.loads((tmp_path / "b.json").read_text())["results"]] == [True, False, False, True]
+    monkeypatch.setitem(bench.FAMILIES, "bitpack", lambda device, quick=True: rows[:1] + rows[3:])
+    assert main(["bench", "--device", "cpu", "--family", "bitpack"]) == 0
+
+
+def test_path_is_a_deprecated_alias(capsys):
+    assert bench.resolve_families(["path", "bitpack", "path_attention"]) == ["path_attention", "bitpack"]
+    assert "deprecated" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown benchmark family"):
+        bench.resolve_families(["nope"])
+
+
+def test_cpu_isa_runs_each_isa_and_merges(tmp_path):
+    out_json = tmp_path / "isa.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "blockops", "bench", "--family", "bitpack", "--cpu-isa", "avx2,native",
+         "--json", str(out_json)],
+        capture_output=True, text=True, check=True,
+    )
+    header = result.stdout.splitlines()[1].split()
+    assert header[:4] == ["family", "op", "shape", "baseline"] and "vs" in header and header[-1] == "check"
+    payload = json.loads(out_json.read_text())
+    runs = {run["cpu_isa"]: run for run in payload["cpu_isa_runs"]}
+    assert set(runs) == {"avx2", "native"}
+    assert runs["avx2"]["build"]["cpu_isa_forced"] == "avx2" and runs["native"]["build"]["cpu_isa_forced"] == ""
+    assert runs["avx2"]["isa"] in ("avx2", "portable")        # portable on a CPU without AVX2
+    assert runs["native"]["isa"] == blockops.build_info()["cpu_isa_path"]
+    for row in payload["results"]:
+        assert row["isa"] == runs[row["cpu_isa"]]["isa"] and row["tolerance"] == 0 and row["ok"]
+    assert len(payload["results"]) == 2 * len(payload["side_by_side"]) == 12
+    for row in payload["side_by_side"]:
+        assert row["avx2"]["ours_ms"] > 0 and row["native"]["ours_ms"] > 0 and row["native"]["ok"]
 
 
 def test_info_cli():

@@ -1,4 +1,5 @@
-"""Command line: `python -m blockops bench [--device cpu|cuda] [--full] [--json PATH] [--plot PATH]`,
+"""Command line: `python -m blockops bench [--device cpu|cuda] [--family NAME]... [--full] [--json PATH] [--plot PATH]
+[--cpu-isa LIST]` (exit status 1 when a row's error exceeds its tolerance),
 `python -m blockops info`, `python -m blockops quantize ...`, `python -m blockops eval ...` (see
 blockops/quant/pipeline.py)."""
 from __future__ import annotations
@@ -17,6 +18,10 @@ def main(argv=None) -> int:
     bench.add_argument("--full", action="store_true", help="all shapes, not the quick suite")
     bench.add_argument("--json", metavar="PATH", help="write results as JSON")
     bench.add_argument("--plot", metavar="PATH", help="write a PNG of the speed-ups")
+    bench.add_argument("--cpu-isa", metavar="LIST",
+                       help="comma-separated CPU ISA caps, e.g. 'avx2,native' (of: native, avx2, portable): run the "
+                            "suite once per cap, each in a child process with BLOCKOPS_CPU_ISA set (native: unset), "
+                            "and print the rows side by side (--json: the merged results)")
     sub.add_parser("info", help="print what this build contains")
     _add_quant_commands(sub)
     args = parser.parse_args(argv)
@@ -31,20 +36,35 @@ def main(argv=None) -> int:
         print(json.dumps(blockops.build_info(), indent=2))
         return 0
 
-    from blockops.bench import format_table, machine_description, plot, read_bandwidth_gbps, run_suite, write_json
+    from blockops import bench as bench_suite
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    results = run_suite(device, args.family, quick=not args.full)
-    title = (f"blockops {blockops.__version__} on {machine_description(device)}; "
-             f"read bandwidth {read_bandwidth_gbps(device):.1f} GB/s")
+    device = args.device or ("cuda" if torch.cuda.is_available() and not args.cpu_isa else "cpu")
+    try:
+        families = bench_suite.resolve_families(args.family)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.cpu_isa:
+        if torch.device(device).type != "cpu":
+            parser.error("--cpu-isa compares CPU code paths: use it with --device cpu")
+        if args.plot:
+            parser.error("--plot is not supported with --cpu-isa")
+        from blockops.bench import isa_compare
+
+        try:
+            isas = isa_compare.parse_isa_list(args.cpu_isa)
+        except ValueError as e:
+            parser.error(str(e))
+        return isa_compare.main(isas, families, full=args.full, json_path=args.json)
+    results = bench_suite.run_suite(device, families, quick=not args.full)
+    bandwidth = bench_suite.read_bandwidth_gbps(device)
+    title = bench_suite.title(device, bandwidth)
     if args.json:
-        write_json(results, args.json, device)
+        bench_suite.write_json(results, args.json, device, bandwidth)
     if args.plot:
-        plot(results, args.plot, title)
+        bench_suite.plot(results, args.plot, title)
     print(title)
-    print(format_table(results))
-    bad = [r for r in results if r.note == "MISMATCH"]
-    return 1 if bad else 0
+    print(bench_suite.format_table(results))
+    return 1 if bench_suite.report_failures(results) else 0
 
 
 def _add_quant_commands(sub) -> None:

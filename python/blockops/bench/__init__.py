@@ -1,26 +1,52 @@
 """Benchmarks of every kernel family (used by `python -m blockops bench` and the scripts in bench/).
 
-Each family module has `run(device, quick=True) -> list[Result]`; FAMILIES lists them in suite order.
+Each family module has `run(device, quick=True) -> list[Result]`; FAMILIES lists them in suite order. Every row
+carries its measured error and tolerance (see blockops.bench.harness); `report_failures` prints the rows that exceed
+theirs.
 """
 from __future__ import annotations
 
-from blockops.bench import attention, bitpack, block_cache, dllm, lowbit, path, ptq161, vq
-from blockops.bench.harness import Result, format_table, machine_description, plot, read_bandwidth_gbps, write_json
+import sys
+
+from blockops.bench import attention, bitpack, block_cache, dllm, lowbit, path_attention, ptq161, vq
+from blockops.bench.harness import (Result, device_isa, failures, format_table, machine_description, plot,
+                                    read_bandwidth_gbps, report_failures, title, write_json)
 
 FAMILIES = {
     "bitpack": bitpack.run,
     "lowbit": lowbit.run,
     "attention": attention.run,
-    "path": path.run,
+    "path_attention": path_attention.run,
     "vq": vq.run,
     "ptq161": ptq161.run,
     "dllm": dllm.run,
     "block_cache": block_cache.run,
 }
+# Deprecated family names -> the current ones.
+ALIASES = {"path": "path_attention"}
+
+
+def resolve_families(names, file=None) -> list[str]:
+    """Family names with deprecated aliases mapped to the current names (a one-line note on stderr for each);
+    all families for None. Raises ValueError for an unknown name."""
+    if not names:
+        return list(FAMILIES)
+    resolved = []
+    for name in names:
+        if name in ALIASES:
+            print(f"note: benchmark family {name!r} is now {ALIASES[name]!r}; the old name is deprecated",
+                  file=sys.stderr if file is None else file)
+            name = ALIASES[name]
+        if name not in FAMILIES:
+            raise ValueError(f"unknown benchmark family {name!r}; known: {list(FAMILIES)}")
+        if name not in resolved:
+            resolved.append(name)
+    return resolved
 
 
 def family_main(name: str) -> None:
-    """Command line of a bench/bench_<family>.py script: every shape of one family, table and JSON."""
+    """Command line of a bench/bench_<family>.py script: every shape of one family, table and JSON; exits 1 when a
+    row's error exceeds its tolerance (naming the rows on stderr)."""
     import argparse
 
     import torch
@@ -30,23 +56,23 @@ def family_main(name: str) -> None:
     parser.add_argument("--json", default=f"bench_results/{name}.json")
     args = parser.parse_args()
     results = FAMILIES[name](args.device, quick=False)
-    write_json(results, args.json, args.device)
-    print(f"{machine_description(args.device)}; read bandwidth {read_bandwidth_gbps(args.device):.1f} GB/s")
+    bandwidth = read_bandwidth_gbps(args.device)
+    write_json(results, args.json, args.device, bandwidth)
+    print(title(args.device, bandwidth))
     print(format_table(results))
+    sys.exit(1 if report_failures(results) else 0)
 
 
 def run_suite(device: str, families=None, quick: bool = True, progress: bool = True) -> list[Result]:
     from tqdm import tqdm
 
-    names = list(families or FAMILIES)
-    unknown = [n for n in names if n not in FAMILIES]
-    if unknown:
-        raise ValueError(f"unknown benchmark families {unknown}; known: {list(FAMILIES)}")
+    names = resolve_families(families)
     results: list[Result] = []
     for name in tqdm(names, desc="benchmark families", disable=not progress):
         results.extend(FAMILIES[name](device, quick=quick))
     return results
 
 
-__all__ = ["FAMILIES", "family_main", "Result", "format_table", "machine_description", "plot", "read_bandwidth_gbps", "run_suite",
-           "write_json"]
+__all__ = ["ALIASES", "FAMILIES", "Result", "device_isa", "failures", "family_main", "format_table",
+           "machine_description", "plot", "read_bandwidth_gbps", "report_failures", "resolve_families", "run_suite",
+           "title", "write_json"]

@@ -12,6 +12,16 @@ TFLOP/s count computed tiles only: ``4 * B * H * tiles * block_q * block_kv * D`
 dense SDPA of at least ``0.6 * dense tiles / computed tiles`` (dense tiles: those SDPA computes, half for causal) and
 faster than compiled flex; on GPU, >= 400 TFLOP/s bf16 forward at T=16384, D=128. Every SDPA row names its goal
 speed-up in the baseline column; notes (JSON) say whether a goal was met, and hold flex failures.
+
+Error check (outside the timed calls), against ``ref_masked_attention`` in fp64 on the same (rounded) inputs and the
+exact token mask, for the last queries of batch 0 and the first GQA group of query heads (where masks see the most
+keys; up to ``_REF_ROWS`` queries, fewer when ``group x rows x T`` would pass ``_REF_ELEMENTS``): the ``fwd`` rows'
+error is ``max |out - ref| / max |ref|``; the ``fwd+bwd`` rows' is the largest of that and the same measure for dq
+(those queries), dk and dv (the group's key head), from one extra backward with the output gradient zero outside
+those queries. Tolerances are the accuracy contract of tests/test_attention.py (``TOL``; errors relative to the
+largest reference value): forward fp32 2e-5 (fp32 accumulation and exp over up to T keys), fp16 4e-3 (~8 u),
+bf16 2.5e-2 (~6 u: the output and the probabilities fed to the P.V product are rounded to bf16); the gradients
+twice that.
 """
 from __future__ import annotations
 
@@ -21,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from blockops.attention import BlockMask, block_sparse_attention, masks
-from blockops.bench.harness import Result, forward_backward, time_ms
+from blockops.bench.harness import Result, forward_backward, max_rel_error, time_ms
+from blockops.reference import ref_masked_attention
 
 PATTERNS = ("causal", "longgen", "documents", "block_diffusion", "jenga0.1", "jenga0.2", "jenga0.3")
 CAUSAL_PATTERNS = ("causal", "longgen", "documents")      # subsets of the causal mask: SDPA runs is_causal=True
@@ -59,12 +70,15 @@ DOC_CPU = ([Config(p, 4096, 16, 16, 64, torch.float32, 64)
 QUICK_CUDA = [Config(p, 16384, 16, 16, 128, torch.bfloat16, 128) for p in ("longgen", "causal", "jenga0.2")]
 FULL_CUDA = _grid((16384, 65536), PATTERNS, (torch.bfloat16,), 128)
 
-# to_flex() and the error reference expand the mask to B' * H' * T * T bools; above these, skip them (and say so):
-# 8 G for flex (GPU memory), 1 G for the reference (also for its time on CPU). The reference checks the last
-# _REF_ROWS queries, where masks see the most keys.
+# to_flex() expands the mask to B' * H' * T * T bools; above this (8 G, GPU memory), flex is skipped (and the row
+# says so). The error reference checks the last _REF_ROWS queries of the first GQA group (where masks see the most
+# keys), fewer when group * rows * T would pass _REF_ELEMENTS (its fp64 scores: 256 MB each).
 _DENSE_LIMIT = 1 << 33
-_REF_DENSE_LIMIT = 1 << 30
 _REF_ROWS = 1024
+_REF_ELEMENTS = 1 << 25
+# Largest acceptable max |ours - ref| / max |ref| of the forward output (tests/test_attention.py's TOL); the
+# gradients get twice as much.
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
 
 
 def _documents(seq_len: int) -> list[int]:
@@ -95,17 +109,54 @@ def _shape(c: Config) -> tuple:
     return (c.batch, c.seq_len, c.heads, c.kv_heads, c.head_dim, c.dtype)
 
 
-def _max_error(c: Config, q, k, v, out, mask: BlockMask) -> float:
-    """max |out - reference| / max |reference| over the last `_REF_ROWS` queries of the first GQA group of heads,
-    reference = fp32 SDPA with the dense mask; NaN when the dense mask is too large to build."""
-    b, h = mask.shape[:2]
-    if b * h * c.seq_len ** 2 > _REF_DENSE_LIMIT:
-        return float("nan")
-    g, rows = c.heads // c.kv_heads, slice(-_REF_ROWS, None)
-    dense = mask.to_dense()[:, :g, rows]
-    kk, vv = (x[:, :1].float().expand(-1, g, -1, -1) for x in (k, v))
-    ref = F.scaled_dot_product_attention(q[:, :g, rows].float(), kk, vv, attn_mask=dense)
-    return ((out[:, :g, rows].float() - ref).abs().max() / ref.abs().max()).item()
+def _dense_rows(mask: BlockMask, heads: int, q0: int) -> torch.Tensor:
+    """bool ``[heads, q_len - q0, kv_len]``: the token-level mask of batch 0, query heads ``0 .. heads - 1`` (a mask
+    broadcast over heads repeats its one head) and queries ``q0 ..``, expanded from the mask's forward lists and bit
+    tiles (``to_dense()`` would expand every head and query: 4 G bools at T=16384, H=16)."""
+    dev, bq, bk, nkb = mask.device, mask.block_q, mask.block_kv, mask.num_kv_blocks
+    qb0 = q0 // bq
+    hs = torch.arange(heads, device=dev).clamp(max=mask.kv_num_blocks.shape[1] - 1)
+    kb = torch.arange(nkb, device=dev)
+
+    def listed(num, idx, values):
+        """Per (head, query block, key block): the listed value, -1 where the key block is not listed."""
+        num, idx, values = (t[0][hs][:, qb0:].long() for t in (num, idx, values))
+        slot = torch.where(kb < num[..., None], idx, nkb)            # unlisted slots go to a spare column
+        out = torch.full((*num.shape, nkb + 1), -1, dtype=torch.long, device=dev)
+        return out.scatter_(-1, slot, values)[..., :nkb]
+
+    full = listed(mask.full_kv_num_blocks, mask.full_kv_indices, torch.zeros_like(mask.full_kv_indices)) >= 0
+    tile = listed(mask.kv_num_blocks, mask.kv_indices, mask.kv_tile_ids)
+    shifts = torch.arange(32, device=dev)
+    bits = ((mask.tiles.long()[..., None] >> shifts) & 1).bool().flatten(-2)[..., :bk]   # [tiles, bq, bk]
+    if bits.shape[0] == 0:
+        bits = torch.zeros(1, bq, bk, dtype=torch.bool, device=dev)
+    dense = torch.where((tile >= 0)[..., None, None], bits[tile.clamp_min(0)], full[..., None, None])
+    h, nqb = dense.shape[:2]
+    dense = dense.permute(0, 1, 3, 2, 4).reshape(h, nqb * bq, nkb * bk)
+    return dense[:, q0 - qb0 * bq:mask.q_len - qb0 * bq, :mask.kv_len]
+
+
+def _errors(c: Config, q, k, v, mask: BlockMask, out) -> tuple[float, float]:
+    """(forward error, forward+backward error), see the module docstring."""
+    g = c.heads // c.kv_heads
+    rows = min(_REF_ROWS, _REF_ELEMENTS // (g * c.seq_len) // c.block * c.block)
+    rows = min(c.seq_len, max(c.block, rows))
+    q0 = c.seq_len - rows
+    dense = _dense_rows(mask, g, q0)[None]
+    qr = q[:1, :g, q0:].detach().double().requires_grad_(True)
+    kr, vr = (x[:1, :1].detach().double().requires_grad_(True) for x in (k, v))
+    ref, _ = ref_masked_attention(qr, kr, vr, dense)
+    fwd = max_rel_error(out[:1, :g, q0:], ref)
+    # One more forward+backward of ours with the output gradient zero outside the checked queries.
+    grad = torch.zeros_like(q)
+    grad[:1, :g, q0:] = torch.randn(grad[:1, :g, q0:].shape, generator=torch.Generator().manual_seed(1)).to(grad)
+    ours = [x.detach().requires_grad_(True) for x in (q, k, v)]
+    block_sparse_attention(*ours, mask).backward(grad)
+    ref.backward(grad[:1, :g, q0:].double())
+    bwd = [max_rel_error(ours[0].grad[:1, :g, q0:], qr.grad), max_rel_error(ours[1].grad[:1, :1], kr.grad),
+           max_rel_error(ours[2].grad[:1, :1], vr.grad)]
+    return fwd, max([fwd] + bwd)
 
 
 def _flex_forward(c: Config, q, k, v, mask: BlockMask):
@@ -161,10 +212,7 @@ def _run_config(c: Config, device: str, cuda: bool, sdpa_ms: dict) -> list[Resul
     goal = 0.6 * dense_tiles / computed_tiles
     fwd_flops = 4.0 * c.batch * c.heads * computed_tiles * c.block * c.block * c.head_dim
 
-    out = block_sparse_attention(q, k, v, mask)
-    err = _max_error(c, q, k, v, out, mask)
-    tol = 1e-3 if c.dtype == torch.float32 else 3e-2
-    mismatch = err > tol           # False for NaN (no reference)
+    fwd_err, both_err = _errors(c, q, k, v, mask, block_sparse_attention(q, k, v, mask))
     dt = str(c.dtype).replace("torch.", "")
     shape = (f"B={c.batch} T={c.seq_len} H={c.heads}/{c.kv_heads} D={c.head_dim} {dt} blk={c.block} "
              f"tiles={density.tiles:.1%} tok={density.tokens:.1%}")
@@ -173,8 +221,9 @@ def _run_config(c: Config, device: str, cuda: bool, sdpa_ms: dict) -> list[Resul
     timing = {"warmup": 1, "min_repeats": 3, "min_seconds": 0.0} if heavy else {}
 
     def row(op, ours, baseline, base, flops, note=""):
+        err, tol = (fwd_err, TOL[c.dtype]) if op == "fwd" else (both_err, 2 * TOL[c.dtype])
         return Result("attention", f"{op} {c.pattern}", shape, device, ours, baseline, base, flops=flops,
-                      max_error=err, note="MISMATCH" if mismatch else note)
+                      max_error=err, tolerance=tol, note=note)
 
     sdpa_kwargs = {"is_causal": causal, "enable_gqa": c.heads != c.kv_heads}
     sdpa_name = f"SDPA {'causal' if causal else 'dense'} (goal {goal:.2f}x)"

@@ -1,16 +1,79 @@
 """Shared benchmark harness: timing (warm-up, then the median of repeats), result rows with the baseline
-measured in the same run, a printed table, JSON and an optional PNG plot."""
+measured in the same run and a checked error, a printed table, JSON and an optional PNG plot.
+
+Every row that runs a kernel carries ``max_error`` (measured outside the timed region, against
+``blockops.reference`` or an fp64 computation on the same inputs, in the measure its family's module documents)
+and ``tolerance`` (the largest acceptable error, from the kernel's accuracy contract); ``Result.ok`` says whether
+it holds. Rows that check nothing (whole-sampler timings) have ``tolerance=None``. ``Result.isa`` names the code
+path: the CPU ISA path of this process (``blockops.build_info()["cpu_isa_path"]``, capped by ``BLOCKOPS_CPU_ISA``)
+or the GPU's ``sm_XY``."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform
 import statistics
+import sys
 import time
 from typing import Callable
 
 import torch
+
+# Unit roundoff u of each floating-point dtype (half the distance from 1 to the next number): rounding a value
+# to the dtype changes it by at most u of itself. Half-precision tolerances are written in units of u.
+UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11,
+                 torch.bfloat16: 2.0 ** -8}
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    return UNIT_ROUNDOFF[dtype]
+
+
+def max_rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max |out - ref| / max |ref|`` in fp64: the error relative to the output's magnitude (NaN anywhere in
+    ``out`` gives NaN)."""
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("nan")
+    return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+def rel_rms_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``rms(out - ref) / rms(ref)`` in fp64 (flash-linear-attention's measure; NaN anywhere in ``out`` gives
+    NaN)."""
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("nan")
+    return ((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
+
+
+def max_abs_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max |out - ref|`` in fp64 (integers compare exactly: any difference is >= 1)."""
+    if out.shape != ref.shape:
+        return float("inf")
+    if out.numel() == 0:
+        return 0.0
+    if out.is_floating_point() and not torch.isfinite(out).all():
+        return float("nan")
+    return (out.double() - ref.double()).abs().max().item()
+
+
+@functools.lru_cache(maxsize=None)
+def device_isa(device: str) -> str:
+    """The code path of a device's rows: the CPU ISA path of this process (``"avx512-vbmi"``, ``"avx512-vnni"``,
+    ``"avx2"`` or ``"portable"``), or ``"sm_XY"`` for a CUDA device."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(dev)
+        return f"sm_{major}{minor}"
+    if dev.type != "cpu":
+        return dev.type
+    import blockops
+
+    info = blockops.build_info()
+    return info.get("cpu_isa_path") or info.get("cpu_isa", "unknown")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,8 +87,21 @@ class Result:
     baseline_ms: float   # the baseline, median milliseconds, same run
     bytes_moved: float = 0.0   # bytes read + written by blockops' kernel (for GB/s)
     flops: float = 0.0         # useful floating-point operations (for TFLOP/s)
-    max_error: float = 0.0     # max |ours - reference| (0 for exact ops)
+    max_error: float | None = None   # measured error vs the reference, in the family's measure (None: not measured)
     note: str = ""
+    tolerance: float | None = None   # the largest acceptable max_error (None: the row checks nothing)
+    isa: str = ""              # code path: CPU ISA path or "sm_XY" (filled in from the device when empty)
+
+    def __post_init__(self):
+        if not self.isa:
+            object.__setattr__(self, "isa", device_isa(self.device))
+
+    @property
+    def ok(self) -> bool:
+        """max_error <= tolerance (False for NaN or an unmeasured error); True for rows without a tolerance."""
+        if self.tolerance is None:
+            return True
+        return self.max_error is not None and self.max_error <= self.tolerance
 
     @property
     def speedup(self) -> float:
@@ -41,8 +117,32 @@ class Result:
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d.update(speedup=self.speedup, gbps=self.gbps, tflops=self.tflops)
+        d.update(speedup=self.speedup, gbps=self.gbps, tflops=self.tflops, ok=self.ok)
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Result":
+        """A row read back from JSON (the derived fields are recomputed)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def failures(results: list[Result]) -> list[Result]:
+    return [r for r in results if not r.ok]
+
+
+def report_failures(results: list[Result], file=None) -> int:
+    """Prints every row whose error exceeds its tolerance (family, op, shape, error, tolerance) on stderr;
+    returns how many there were."""
+    bad = failures(results)
+    file = sys.stderr if file is None else file
+    for r in bad:
+        err = "not measured" if r.max_error is None else f"{r.max_error:.3g}"
+        print(f"FAILED {r.family} | {r.op} | {r.shape} | {r.device} {r.isa} | baseline {r.baseline}: "
+              f"error {err} > tolerance {r.tolerance:.3g}", file=file)
+    if bad:
+        print(f"{len(bad)} of {len(results)} benchmark rows exceed their error tolerance", file=file)
+    return len(bad)
 
 
 def synchronize(device: str) -> None:
@@ -109,25 +209,62 @@ def forward_backward(fn, inputs, grad):
     return step
 
 
+def _fmt_error(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2g}"
+
+
+def check_mark(r: Result) -> str:
+    """The table's check column: "ok", "FAIL" (error above tolerance, NaN or unmeasured), "-" (no tolerance)."""
+    if r.tolerance is None:
+        return "-"
+    return "ok" if r.ok else "FAIL"
+
+
 def format_table(results: list[Result]) -> str:
-    header = ["family", "op", "shape", "dev", "blockops ms", "baseline", "base ms", "speed-up", "GB/s", "TFLOP/s",
-              "max err", "note"]
-    rows = [[r.family, r.op, r.shape, r.device, f"{r.ours_ms:.4g}", r.baseline, f"{r.baseline_ms:.4g}",
+    header = ["family", "op", "shape", "dev", "isa", "blockops ms", "baseline", "base ms", "speed-up", "GB/s",
+              "TFLOP/s", "max err", "tol", "check", "note"]
+    rows = [[r.family, r.op, r.shape, r.device, r.isa, f"{r.ours_ms:.4g}", r.baseline, f"{r.baseline_ms:.4g}",
              f"{r.speedup:.2f}x", f"{r.gbps:.1f}" if r.gbps else "-", f"{r.tflops:.2f}" if r.tflops else "-",
-             f"{r.max_error:.2g}", r.note] for r in results]
+             _fmt_error(r.max_error), _fmt_error(r.tolerance), check_mark(r), r.note] for r in results]
+    return _layout(header, rows)
+
+
+def _layout(header: list[str], rows: list[list]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in [header, *rows]]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def write_json(results: list[Result], path: str, device: str) -> None:
+def isa_description(device: str) -> str:
+    """The code path of a run, for its title: e.g. "CPU ISA path avx512-vbmi", "CPU ISA path avx2
+    (BLOCKOPS_CPU_ISA=avx2)" or, on a GPU, "sm_90 (CPU ISA path avx512-vbmi)"."""
+    import blockops
+
+    forced = blockops.build_info().get("cpu_isa_forced", "")
+    cpu = f"CPU ISA path {device_isa('cpu')}" + (f" (BLOCKOPS_CPU_ISA={forced})" if forced else "")
+    if torch.device(device).type == "cuda":
+        return f"{device_isa(device)} ({cpu})"
+    return cpu
+
+
+def title(device: str, bandwidth_gbps: float | None = None) -> str:
+    """The first line of a printed table: version, machine, ISA path, read bandwidth."""
+    import blockops
+
+    bandwidth = read_bandwidth_gbps(device) if bandwidth_gbps is None else bandwidth_gbps
+    return (f"blockops {blockops.__version__} on {machine_description(device)}; {isa_description(device)}; "
+            f"read bandwidth {bandwidth:.1f} GB/s")
+
+
+def write_json(results: list[Result], path: str, device: str, bandwidth_gbps: float | None = None) -> None:
     import blockops
 
     payload = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": machine_description(device),
-        "read_bandwidth_gbps": read_bandwidth_gbps(device),
+        "isa": device_isa(device),
+        "read_bandwidth_gbps": read_bandwidth_gbps(device) if bandwidth_gbps is None else bandwidth_gbps,
         "build": blockops.build_info(),
         "results": [r.as_dict() for r in results],
     }
