@@ -1,5 +1,5 @@
 // Block-sparse attention on CUDA cores: the simple kernels for every dtype (the fp32 path, and the reference the
-// tensor-core kernels of attention_mma.cu are tested against), and the dispatch between the two.
+// tensor-core kernels of attention_mma_{fwd,bwd}.cu are tested against), and the dispatch between the two.
 // Numerics and layouts are csrc/attention.h's; everything accumulates in fp32.
 //
 // One warp per output row, kWarps rows per CTA; rows are independent, so there is no block-level sync:
