@@ -1,6 +1,5 @@
 // Torch-facing argument handling for the block-sparse attention ops, shared by the CPU and CUDA glue
-// (implemented in attention_cpu.cpp, which every build compiles). Every check names the op, the argument and
-// the sizes.
+// (implemented in attention_op.cpp). Every check names the op, the argument and the sizes.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -29,5 +28,11 @@ FwdParams describe_forward(const char* op, const at::Tensor& q, const at::Tensor
 BwdParams describe_backward(const char* op, const FwdParams& fwd, const at::Tensor& grad_out, const at::Tensor& out,
                             const at::Tensor& lse, const c10::optional<at::Tensor>& grad_lse,
                             const ListTensors& q_lists);
+
+// Reads the values of one direction's lists (CPU tensors only: the CPU glue runs it, where reading them is free;
+// the CUDA kernels skip such entries instead, list_entry_ok) and raises on a count outside [0, width], a listed
+// index outside [0, width) or a partial entry's tile id outside [0, num_tiles). `partial` and `full` name the
+// index tensors in the message.
+void check_lists(const char* op, const char* partial, const char* full, const ListTensors& lists, int64_t num_tiles);
 
 }  // namespace blockops::attention

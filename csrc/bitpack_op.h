@@ -1,5 +1,5 @@
 // Torch-facing argument handling for the bitpack ops, shared by the CPU and CUDA glue (implemented in
-// bitpack_cpu.cpp, which every build compiles).
+// bitpack_op.cpp).
 #pragma once
 #include <ATen/core/Tensor.h>
 

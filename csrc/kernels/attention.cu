@@ -1,5 +1,5 @@
 // Block-sparse attention on CUDA cores: the simple kernels for every dtype (the fp32 path, and the reference the
-// tensor-core kernels of attention_mma.cu are tested against), and the dispatch between the two.
+// tensor-core kernels of attention_mma_{fwd,bwd}.cu are tested against), and the dispatch between the two.
 // Numerics and layouts are csrc/attention.h's; everything accumulates in fp32.
 //
 // One warp per output row, kWarps rows per CTA; rows are independent, so there is no block-level sync:
@@ -74,6 +74,17 @@ __device__ __forceinline__ void for_each_block(const BlockLists& L, const MaskDi
   }
 }
 
+// The output row this warp computes: index `row` (kWarps rows per CTA) of a [batch, heads, len] flattening, with its
+// (b, head, t); in_range is false past the end (the warp returns: warp-uniform).
+struct WarpRow {
+  int64_t row, b, head, t;
+  bool in_range;
+};
+__device__ __forceinline__ WarpRow warp_row(int warp, int64_t batch, int64_t heads, int64_t len) {
+  const int64_t row = int64_t{blockIdx.x} * kWarps + warp;
+  return {row, row / (len * heads), (row / len) % heads, row % len, row < batch * heads * len};
+}
+
 // Loads n elements of a global row into warp smem, times `mul`; the warp syncs so every lane sees all of it.
 __device__ __forceinline__ void stage_row(float* s, const void* g, DType type, int64_t off, int n, float mul,
                                           int lane) {
@@ -85,9 +96,8 @@ template <DType kT>  // element type of q, k, v, dO, O and the outputs: the load
 __global__ void __launch_bounds__(kThreads, 1) fwd_simple_kernel(const FwdParams p) {
   __shared__ float q_s[kWarps][kMaxHeadDim];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t row = int64_t{blockIdx.x} * kWarps + warp;  // (b, h, t) flattened
-  if (row >= p.batch * p.heads * p.q_len) return;            // warp-uniform
-  const int64_t t = row % p.q_len, h = (row / p.q_len) % p.heads, b = row / (p.q_len * p.heads);
+  const auto [row, b, h, t, in_range] = warp_row(warp, p.batch, p.heads, p.q_len);
+  if (!in_range) return;
   const int64_t hk = p.kv_head_of(h);
   const MaskDims& m = p.mask;
   const int r = static_cast<int>(t % m.block_q);  // tile row
@@ -136,9 +146,8 @@ template <DType kT>  // element type of q, k, v, dO, O and the outputs: the load
 __global__ void __launch_bounds__(kThreads, 1) delta_kernel(const BwdParams p) {
   const FwdParams& f = p.fwd;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t row = int64_t{blockIdx.x} * kWarps + warp;
-  if (row >= f.batch * f.heads * f.q_len) return;
-  const int64_t t = row % f.q_len, h = (row / f.q_len) % f.heads, b = row / (f.q_len * f.heads);
+  const auto [row, b, h, t, in_range] = warp_row(warp, f.batch, f.heads, f.q_len);
+  if (!in_range) return;
   const int64_t do_off = b * p.do_stride_b + h * p.do_stride_h + t * p.do_stride_t;
   float acc = 0.0f;
   for (int d = lane; d < f.v_dim; d += 32) {
@@ -155,9 +164,8 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_simple_kernel(const BwdParam
   __shared__ float v_s[kWarps][kMaxHeadDim];
   const FwdParams& f = p.fwd;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t row = int64_t{blockIdx.x} * kWarps + warp;  // (b, hk, j) flattened
-  if (row >= f.batch * f.kv_heads * f.kv_len) return;
-  const int64_t j = row % f.kv_len, hk = (row / f.kv_len) % f.kv_heads, b = row / (f.kv_len * f.kv_heads);
+  const auto [row, b, hk, j, in_range] = warp_row(warp, f.batch, f.kv_heads, f.kv_len);  // key j of (b, hk)
+  if (!in_range) return;
   const MaskDims& m = f.mask;
   const int c = static_cast<int>(j % m.block_kv);  // tile column
   const int64_t group = f.heads / f.kv_heads;
@@ -210,9 +218,8 @@ __global__ void __launch_bounds__(kThreads, 1) dq_simple_kernel(const BwdParams 
   __shared__ float do_s[kWarps][kMaxHeadDim];
   const FwdParams& f = p.fwd;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t row = int64_t{blockIdx.x} * kWarps + warp;
-  if (row >= f.batch * f.heads * f.q_len) return;
-  const int64_t t = row % f.q_len, h = (row / f.q_len) % f.heads, b = row / (f.q_len * f.heads);
+  const auto [row, b, h, t, in_range] = warp_row(warp, f.batch, f.heads, f.q_len);
+  if (!in_range) return;
   const int64_t hk = f.kv_head_of(h);
   const MaskDims& m = f.mask;
   const int r = static_cast<int>(t % m.block_q);

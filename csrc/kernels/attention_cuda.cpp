@@ -1,6 +1,7 @@
 // CUDA glue for the block-sparse attention ops: the shared argument checks (attention_op.h), allocation of the
 // outputs and the Delta workspace, launch on the current stream, and the CUDA dispatch registration. Compiled by
-// the host compiler; the kernels are in attention.cu (CUDA cores, every dtype) and attention_mma.cu (tensor cores).
+// the host compiler; the kernels are in attention.cu (CUDA cores, every dtype) and attention_mma_fwd.cu /
+// attention_mma_bwd.cu (tensor cores).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>

@@ -1,4 +1,4 @@
-// Launchers of the block-sparse attention CUDA kernels (kernels/attention.cu, kernels/attention_mma.cu).
+// Launchers of the block-sparse attention CUDA kernels (kernels/attention.cu, kernels/attention_mma_{fwd,bwd}.cu).
 // Torch-free: the glue in attention_cuda.cpp checks the arguments (attention_op.h), allocates the outputs and
 // workspaces and passes raw device pointers in FwdParams / BwdParams (csrc/attention.h documents every field).
 #pragma once
@@ -14,13 +14,13 @@ enum class CudaPath { kSimple, kMma };
 CudaPath forward_path(const FwdParams& p);
 CudaPath backward_path(const BwdParams& p);
 
-// The tensor-core forward (attention_mma.cu), for attention.cu's dispatch: whether it takes these arguments
+// The tensor-core forward (attention_mma_fwd.cu), for attention.cu's dispatch: whether it takes these arguments
 // (fp16/bf16, 16-byte aligned operands and strides, shared memory within the device's opt-in limit), and its
 // launcher (writes p.out and p.lse).
 bool fwd_mma_supported(const FwdParams& p);
 cudaError_t launch_fwd_mma(const FwdParams& p, cudaStream_t stream);
 
-// The tensor-core backward (attention_mma.cu): whether it takes these arguments (as above, and max(D, Dv) <= 128),
+// The tensor-core backward (attention_mma_bwd.cu): whether it takes these arguments (as above, and max(D, Dv) <= 128),
 // and its launcher, which reads p.delta (computed first by launch_block_sparse_attention_bwd) and writes
 // p.grad_k, p.grad_v (one CTA per key block) and p.grad_q (one CTA per query block).
 bool bwd_mma_supported(const BwdParams& p);

@@ -1,5 +1,5 @@
 // Inline-PTX wrappers for the tensor-core kernels (cp.async, ldmatrix, mma.sync.m16n8k16, lop3), in namespace
-// blockops::mma; every kernel that issues PTX (lowbit_mma.cu, attention_mma.cu, path_attention.cu, vq.cu) takes
+// blockops::mma; every kernel that issues PTX (lowbit_mma.cu, attention_mma.cuh, path_attention.cu, vq.cu) takes
 // it from here, none carries its own asm. The CPU emulation (tools/cuda_emu) swaps this header for
 // fake/mma_ptx.cuh, which maps the same names onto ptx_emu.h: a wrapper added here needs its emulation there.
 #pragma once

@@ -1,5 +1,5 @@
-"""Turns one of csrc/kernels/{lowbit,lowbit_mma,attention,attention_mma,vq,path_attention}.cu into C++ that g++
-compiles against fake/ and ptx_emu.h (README.md). The source is never modified; the output goes to a build folder.
+"""Turns one of csrc/kernels/*.cu into C++ that g++ compiles against fake/ and ptx_emu.h (README.md). The source is
+never modified; the output goes to a build folder.
 
     gen_emu.py SRC OUT [MUTATION_FROM MUTATION_TO]
 
@@ -9,12 +9,33 @@ compiles against fake/ and ptx_emu.h (README.md). The source is never modified; 
 - `kernel<<<grid, block, smem, stream>>>(args)` becomes emu_launch(EmuCfg(...), kernel, args). A template-id
   is wrapped in a generic lambda, because a kernel template with deduced arguments (lowbit.cu's
   dequantize_kernel<kBits>) has no address until it is called;
+- a kernel file's own header (`#include "F.cuh"` in F_part.cu, e.g. attention_mma.cuh in attention_mma_fwd.cu) is
+  inlined, so what it holds (launches too) is rewritten like the file, and a mutation can reach it: each kernel
+  file including it gets its own copy (the header keeps everything in an anonymous namespace for that);
 - attention.cu: the tensor-core dispatch is gated by a global `emu_allow_mma`, so the tests can also run the
   CUDA-core kernels for fp16/bf16.
-The optional pair is a one-off textual mutation (mutations.sh): FROM must occur exactly once in SRC.
+The optional pair is a one-off textual mutation (mutations.sh): FROM must occur exactly once in SRC (with its own
+header inlined).
 """
+import os
 import re
 import sys
+
+
+def inline_own_header(s, src_path):
+    """Replaces `#include "F.cuh"` by the header's text when the kernel file is F.cu or F_*.cu (next to it)."""
+    stem = os.path.splitext(os.path.basename(src_path))[0]
+
+    def include(m):
+        name = m.group(1)
+        head = name[: -len(".cuh")]
+        path = os.path.join(os.path.dirname(src_path), name)
+        if not (stem == head or stem.startswith(head + "_")) or not os.path.exists(path):
+            return m.group(0)
+        text = open(path).read().replace("#pragma once\n", "", 1)
+        return f"// ---- {name} (inlined by gen_emu.py) ----\n{text}// ---- end of {name} ----\n"
+
+    return re.sub(r'^#include "([\w.]+\.cuh)"\n', include, s, flags=re.M)
 
 
 def generate(s, mutation=None):
@@ -54,7 +75,7 @@ def generate(s, mutation=None):
 def main(argv):
     if len(argv) not in (3, 5):
         raise SystemExit(__doc__)
-    src = open(argv[1]).read()
+    src = inline_own_header(open(argv[1]).read(), argv[1])
     out = generate(src, (argv[3], argv[4]) if len(argv) == 5 else None)
     with open(argv[2], "w") as f:
         f.write(out)

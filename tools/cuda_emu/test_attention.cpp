@@ -1,4 +1,4 @@
-// CPU-emulation test of the block-sparse attention CUDA kernels (attention.cu, attention_mma.cu through
+// CPU-emulation test of the block-sparse attention CUDA kernels (attention.cu, attention_mma_{fwd,bwd}.cu through
 // gen_emu.py) against an fp64 reference built from a dense token mask. The block lists are built here from
 // the dense mask (independently of block_mask.py), optionally with invalid entries that the kernels must skip.
 #include <algorithm>
