@@ -39,7 +39,7 @@
 #include "dtype.h"
 #include "macros.h"
 
-namespace blockops::path {
+namespace blockops::path_attention {
 
 constexpr int kChunk = 64;          // tokens per chunk: the UT solve is O(C^3), the inter-chunk work O(C^2 D)
 constexpr int kMaxHeadDim = 256;
@@ -347,4 +347,4 @@ BLOCKOPS_HD float softmax_rescale(float& row_max, float block_max) {
   return factor;
 }
 
-}  // namespace blockops::path
+}  // namespace blockops::path_attention

@@ -60,7 +60,7 @@
 #include <immintrin.h>
 #endif
 
-namespace blockops::path {
+namespace blockops::path_attention {
 namespace {
 
 constexpr const char* kForward = "blockops.path_attention";
@@ -1079,11 +1079,11 @@ DecodeParams describe_decode(const char* op, const at::Tensor& q, const at::Tens
   return p;
 }
 
-}  // namespace blockops::path
+}  // namespace blockops::path_attention
 
 TORCH_LIBRARY_IMPL(blockops, CPU, m) {
-  m.impl("path_attention", &blockops::path::path_attention_cpu);
-  m.impl("path_key_cache", &blockops::path::path_key_cache_cpu);
-  m.impl("path_attention_backward", &blockops::path::path_attention_backward_cpu);
-  m.impl("path_decode_step", &blockops::path::path_decode_step_cpu);
+  m.impl("path_attention", &blockops::path_attention::path_attention_cpu);
+  m.impl("path_key_cache", &blockops::path_attention::path_key_cache_cpu);
+  m.impl("path_attention_backward", &blockops::path_attention::path_attention_backward_cpu);
+  m.impl("path_decode_step", &blockops::path_attention::path_decode_step_cpu);
 }

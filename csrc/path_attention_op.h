@@ -7,7 +7,7 @@
 
 #include "path_attention.h"
 
-namespace blockops::path {
+namespace blockops::path_attention {
 
 // The sequences of one call and the global numbering of their chunks.
 struct Chunking {
@@ -47,4 +47,4 @@ DecodeParams describe_decode(const char* op, const at::Tensor& q, const at::Tens
                              const c10::optional<at::Tensor>& gates, const c10::optional<at::Tensor>& g_last,
                              double scale, at::Tensor& lengths_host);
 
-}  // namespace blockops::path
+}  // namespace blockops::path_attention

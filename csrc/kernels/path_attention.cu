@@ -35,7 +35,7 @@
 #include "mma_ptx.cuh"
 #include "path_attention_launch.h"
 
-namespace blockops::path {
+namespace blockops::path_attention {
 namespace {
 
 constexpr int kThreads = 256;            // per CTA: 4 outputs per thread of a 64 x 16 product, enough for the
@@ -734,4 +734,4 @@ cudaError_t launch_path_backward(const Params& p, const CudaPlan& plan, const Bw
   return launch(gate_grad_kernel, thread_ctas(plan.n_spans * p.heads), 0, stream, p, plan, bb.dG);
 }
 
-}  // namespace blockops::path
+}  // namespace blockops::path_attention

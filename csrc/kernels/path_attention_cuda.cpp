@@ -19,7 +19,7 @@
 #include "../path_attention_op.h"
 #include "path_attention_launch.h"
 
-namespace blockops::path {
+namespace blockops::path_attention {
 namespace {
 
 constexpr const char* kFamily = "path_attention";
@@ -176,11 +176,11 @@ at::Tensor path_decode_step_cuda(const at::Tensor& q, const at::Tensor& k, const
 }
 
 }  // namespace
-}  // namespace blockops::path
+}  // namespace blockops::path_attention
 
 TORCH_LIBRARY_IMPL(blockops, CUDA, m) {
-  m.impl("path_attention", &blockops::path::path_attention_cuda);
-  m.impl("path_key_cache", &blockops::path::path_key_cache_cuda);
-  m.impl("path_attention_backward", &blockops::path::path_attention_backward_cuda);
-  m.impl("path_decode_step", &blockops::path::path_decode_step_cuda);
+  m.impl("path_attention", &blockops::path_attention::path_attention_cuda);
+  m.impl("path_key_cache", &blockops::path_attention::path_key_cache_cuda);
+  m.impl("path_attention_backward", &blockops::path_attention::path_attention_backward_cuda);
+  m.impl("path_decode_step", &blockops::path_attention::path_decode_step_cuda);
 }

@@ -8,7 +8,7 @@
 
 #include "../path_attention.h"
 
-namespace blockops::path {
+namespace blockops::path_attention {
 
 // The sequences and chunks of one call, on the device, plus the per-chunk UT blocks (pass 1's output).
 struct CudaPlan {
@@ -94,4 +94,4 @@ cudaError_t launch_path_backward(const Params& p, const CudaPlan& plan, const Bw
 // glue). scores: [B, HQ, capacity] fp32 workspace.
 cudaError_t launch_path_decode_step(const DecodeParams& p, float* scores, cudaStream_t stream);
 
-}  // namespace blockops::path
+}  // namespace blockops::path_attention
