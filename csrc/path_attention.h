@@ -1,4 +1,4 @@
-// PaTH attention numerics, torch-free, shared by the CPU kernels (path_attention_cpu.cpp) and the CUDA kernels
+// PaTH attention numerics, torch-free, shared by the CPU kernels (path_attention_cpu*.cpp) and the CUDA kernels
 // (kernels/path_attention.cu): the parameters, the per-chunk block layout, the UT transform of one chunk and its
 // backward, and the online-softmax bookkeeping. The UT helpers come as one function per output entry (or row),
 // so the CPU loops over them in order while a CUDA block spreads them over its threads, with one summation

@@ -1,5 +1,5 @@
 // PaTH attention on CUDA cores: the simple, correct version of the chunked UT-transform algorithm of the CPU
-// kernel (csrc/path_attention_cpu.cpp), with the numerics of csrc/path_attention.h shared by both. Everything is
+// kernels (csrc/path_attention_cpu*.cpp), with the numerics of csrc/path_attention.h shared by both. Everything is
 // fp32; q/k/v are read in their dtype (fp16/bf16/fp32) and w/beta/g in theirs, once, into fp32 buffers.
 //
 // Work partition (C = kChunk = 64 tokens per chunk, g = global chunk index over all sequences):
@@ -408,7 +408,7 @@ __global__ void __launch_bounds__(kThreads) key_cache_kernel(const Params p, con
 
 // One query chunk cq of query head hq of sequence s (chunk blocks prepared): recomputes the carried queries
 // Q0^(c), the probabilities from lse, and sends the gradients to dq (written), the key chunks' gradient slots and
-// dG. The same steps as the CPU kernel's backward_query_chunk (path_attention_cpu.cpp documents them).
+// dG. The same steps as the CPU kernel's backward_query_chunk (path_attention_cpu_backward.cpp documents them).
 __device__ void backward_query_chunk(const Params& p, const CudaPlan& plan, const BwdArgs& bb, const Span& sp,
                                      int64_t first, int64_t hk, int64_t hq, int64_t cq, float* buf) {
   const int d = p.head_dim, dv = p.v_dim;
