@@ -12,7 +12,6 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -92,10 +91,7 @@ void gemm_portable(int m, int n, int k, float alpha, const float* A, int lda, co
   }
 }
 
-// y[i] = exp(x[i] * mul - sub), exactly 0 where the argument is below -86 (or -inf: hidden keys).
-constexpr float kExpFloor = -86.f;
-inline float exp_or_zero(float v) { return v < kExpFloor ? 0.f : std::exp(v); }
-
+// y[i] = exp(x[i] * mul - sub), exactly 0 where the argument is below kExpFloor (path_attention.h exp_or_zero).
 inline void exp_portable(const float* x, float* y, int n, float mul, float sub) {
   for (int i = 0; i < n; ++i) y[i] = exp_or_zero(x[i] * mul - sub);
 }
@@ -145,25 +141,18 @@ BLOCKOPS_TARGET_AVX2 void gemm_avx2(int m, int n, int k, float alpha, const floa
   for (; i < m; ++i) gemm_rows_avx2<1, kTransA>(n, k, alpha, rows(i), lda, B, ldb, C + static_cast<int64_t>(i) * ldc, ldc);
 }
 
-// exp_portable, 8 lanes at a time: round to the nearest power of 2, Cody-Waite reduction to |r| <= ln2 / 2, a
-// degree-6 Taylor polynomial (relative error about 2e-7, below the fp32 rounding of the sums it feeds), and 2^e
-// added to the exponent bits (e >= -124 after the clamp, so the result stays normal).
+// exp_portable, 8 lanes at a time: exp(v) = 2^(v log2 e) on cpu_common.h's exp2_avx2, masked to exactly 0 below
+// kExpFloor (and for -inf and NaN) as exp_or_zero. Relative error about 2e-7 + 6e-8 |v| (the polynomial, then
+// the rounding of v log2 e), 4e-6 at the floor; v <= 0 here (scores minus their row's max, or lse), so the
+// absolute error stays below about 2.5e-7 of the row's largest term, 1.
 BLOCKOPS_TARGET_AVX2 inline void exp_avx2(const float* x, float* y, int n, float mul, float sub) {
   const __m256 vmul = _mm256_set1_ps(mul), vsub = _mm256_set1_ps(sub), floor = _mm256_set1_ps(kExpFloor);
-  const __m256 log2e = _mm256_set1_ps(1.44269504f), ln2_hi = _mm256_set1_ps(0.693359375f),
-               ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
-  constexpr float kCoef[] = {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
+  const __m256 log2e = _mm256_set1_ps(1.44269504f);
   int i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256 v = _mm256_fmsub_ps(_mm256_loadu_ps(x + i), vmul, vsub);
-    const __m256 c = _mm256_max_ps(v, floor);
-    const __m256 e = _mm256_round_ps(_mm256_mul_ps(c, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256 r = _mm256_fnmadd_ps(e, ln2_lo, _mm256_fnmadd_ps(e, ln2_hi, c));
-    __m256 p = _mm256_set1_ps(kCoef[0]);
-    for (int t = 1; t < 7; ++t) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kCoef[t]));
-    const __m256i bits = _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_cvtps_epi32(e), 23));
     const __m256 keep = _mm256_cmp_ps(v, floor, _CMP_GE_OQ);
-    _mm256_storeu_ps(y + i, _mm256_and_ps(_mm256_castsi256_ps(bits), keep));
+    _mm256_storeu_ps(y + i, _mm256_and_ps(exp2_avx2(_mm256_mul_ps(v, log2e)), keep));
   }
   for (; i < n; ++i) y[i] = exp_or_zero(x[i] * mul - sub);
 }

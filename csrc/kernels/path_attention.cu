@@ -42,7 +42,6 @@ constexpr int kThreads = 256;            // per CTA: 4 outputs per thread of a 6
                                          // 64 x 64 x D tiles without register pressure
 constexpr int C = kChunk;
 constexpr int kDefaultSmem = 48 * 1024;  // dynamic shared memory a launch gets without the opt-in
-constexpr float kExpFloor = -86.f;       // below: exactly 0, as the CPU kernel's exp
 
 // The PTX wrappers (mma_ptx.cuh) this kernel uses.
 using mma::mma_16816;
@@ -135,8 +134,6 @@ __device__ void block_tril(int n, float* M) {
     if (idx % C > idx / C) M[idx] = 0.f;
   __syncthreads();
 }
-
-__device__ __forceinline__ float exp_or_zero(float v) { return v < kExpFloor ? 0.f : expf(v); }
 
 // gram = W W^T and wk = W K^T (strictly lower), T (row by row: each row needs the earlier ones), U, for n rows of
 // W, K [n, d] (fp32, ld d); the n x n results have ld n (path_attention.h).
