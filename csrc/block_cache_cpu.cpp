@@ -1,5 +1,5 @@
-// Cached-block skipping on the CPU (family "block_cache"; layout and numerics in csrc/block_cache.h): the
-// shared argument checks and the CPU kernels.
+// Cached-block skipping on the CPU (family "block_cache"; layout and numerics in csrc/block_cache.h, argument checks
+// in block_cache_op.cpp): the CPU kernels and their glue.
 //
 // relative_l1 / relative_l1_residual -- at::parallel_for hands out (sample, chunk) tasks; a task walks its
 // chunk's tokens row by row, 16 elements per step in two 8-float vectors, one pass over every input:
@@ -23,76 +23,19 @@
 #include <cstring>
 #include <vector>
 
-#if BLOCKOPS_X86_DISPATCH
-#include <immintrin.h>
-#endif
-
 #include "block_cache_op.h"
-#include "checks.h"
 #include "cpu_features.h"
 #include "dtype.h"
 #include "glue.h"
 #include "introspection.h"
+#include "macros.h"
+
+#if BLOCKOPS_X86_DISPATCH   // (macros.h decides)
+#include <immintrin.h>
+#endif
 
 namespace blockops::block_cache {
-
 namespace {
-constexpr const char* kRelativeL1 = "blockops.relative_l1";
-constexpr const char* kRelativeL1Residual = "blockops.relative_l1_residual";
-constexpr const char* kApplyResidual = "blockops.apply_residual";
-constexpr const char* kCacheUpdate = "blockops.cache_update";
-}  // namespace
-
-// ---- argument checks (shared with the CUDA glue) ----------------------------------------------------------
-
-Geometry check_indicator_args(std::initializer_list<const at::Tensor*> tensors,
-                              std::initializer_list<const char*> names, int64_t stride, const char* op) {
-  TORCH_CHECK(stride >= 1, op, ": stride must be at least 1, got ", stride);
-  const at::Tensor& first = **tensors.begin();
-  const char* first_name = *names.begin();
-  auto name = names.begin();
-  for (const at::Tensor* t : tensors) {
-    check_dtype(*t, {at::kFloat, at::kHalf, at::kBFloat16}, op, *name);
-    check_ndim_at_least(*t, 2, op, *name);
-    check_same_device(*t, first, op, *name, first_name);
-    TORCH_CHECK(t->scalar_type() == first.scalar_type(), op, ": ", *name, " has dtype ", t->scalar_type(), " but ",
-                first_name, " has ", first.scalar_type(), "; all tensors must share one dtype");
-    TORCH_CHECK(t->sizes() == first.sizes(), op, ": ", *name, " has shape ", t->sizes(), " but ", first_name,
-                " has ", first.sizes(), "; all tensors must have one shape");
-    check_contiguous(*t, op, *name);
-    ++name;
-  }
-  const int64_t batch = first.size(0), tokens = first.size(1);
-  const int64_t channels = batch * tokens == 0 ? 0 : first.numel() / (batch * tokens);
-  return Geometry{batch, tokens, channels, stride};
-}
-
-std::vector<int64_t> indicator_sizes(const Geometry& g, bool per_sample) {
-  return per_sample ? std::vector<int64_t>{g.batch} : std::vector<int64_t>{};
-}
-
-void check_same_layout(const at::Tensor& a, const at::Tensor& b, const char* op, const char* a_name,
-                       const char* b_name) {
-  check_dtype(a, {at::kFloat, at::kHalf, at::kBFloat16}, op, a_name);
-  check_same_device(b, a, op, b_name, a_name);
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", b_name, " has dtype ", b.scalar_type(), " but ", a_name,
-              " has ", a.scalar_type(), "; they must match");
-  TORCH_CHECK(a.sizes() == b.sizes(), op, ": ", b_name, " has shape ", b.sizes(), " but ", a_name, " has ",
-              a.sizes(), "; they must match");
-  check_contiguous(a, op, a_name);
-  check_contiguous(b, op, b_name);
-}
-
-void check_gate(const at::Tensor& gate, const at::Tensor& cache, const char* op) {
-  TORCH_CHECK(gate.numel() == 1, op, ": gate must have exactly one element, got shape ", gate.sizes());
-  TORCH_CHECK(gate.scalar_type() == at::kBool || at::isFloatingType(gate.scalar_type()), op,
-              ": gate must be bool or floating, got ", gate.scalar_type());
-  check_same_device(gate, cache, op, "gate", "cache");
-}
-
-namespace {
-
-constexpr const char* kFamily = "block_cache";
 
 KernelCounter relative_l1_counter(kFamily, "relative_l1.cpu");
 KernelCounter relative_l1_residual_counter(kFamily, "relative_l1_residual.cpu");
