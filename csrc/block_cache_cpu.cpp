@@ -29,6 +29,7 @@
 #include "glue.h"
 #include "introspection.h"
 #include "macros.h"
+#include "static_switch.h"
 
 #if BLOCKOPS_X86_DISPATCH   // (macros.h decides)
 #include <immintrin.h>
@@ -227,14 +228,15 @@ BLOCKOPS_TARGET_AVX2 void chunks_avx2(const IndicatorArgs& a, const Geometry& g,
 }
 #endif
 
-// Runs `fn.template operator()<kT>()` for the runtime dtype.
-template <typename Fn>
-void dtype_switch(DType t, Fn&& fn) {
-  switch (t) {
-    case DType::kF16: fn.template operator()<DType::kF16>(); break;
-    case DType::kBF16: fn.template operator()<DType::kBF16>(); break;
-    default: fn.template operator()<DType::kF32>(); break;
-  }
+// Tasks [begin, end) on the AVX2 path when `avx2` (cpu_has_avx2_fma), else on the portable one.
+template <DType kT, bool kResidual, bool kCompareResidual>
+void chunks_dispatch(bool avx2, const IndicatorArgs& a, const Geometry& g, Partial* partials, int64_t begin,
+                     int64_t end) {
+#if BLOCKOPS_X86_DISPATCH
+  if (avx2) return chunks_avx2<kT, kResidual, kCompareResidual>(a, g, partials, begin, end);
+#endif
+  (void)avx2;
+  chunks_portable<kT, kResidual, kCompareResidual>(a, g, partials, begin, end);
 }
 
 template <bool kResidual, bool kCompareResidual>
@@ -242,15 +244,11 @@ at::Tensor indicator_cpu(const IndicatorArgs& a, DType type, const Geometry& g, 
                          const at::TensorOptions& options) {
   std::vector<Partial> partials(static_cast<size_t>(g.batch * g.chunks()));
   const bool avx2 = cpu_has_avx2_fma();
-  dtype_switch(type, [&]<DType kT>() {
+  BLOCKOPS_DTYPE_SWITCH(type, kT, TORCH_INTERNAL_ASSERT(false, "unsupported dtype"), [&] {
     at::parallel_for(0, g.batch * g.chunks(), 1, [&](int64_t begin, int64_t end) {
-#if BLOCKOPS_X86_DISPATCH
-      if (avx2) return chunks_avx2<kT, kResidual, kCompareResidual>(a, g, partials.data(), begin, end);
-#endif
-      chunks_portable<kT, kResidual, kCompareResidual>(a, g, partials.data(), begin, end);
+      chunks_dispatch<kT, kResidual, kCompareResidual>(avx2, a, g, partials.data(), begin, end);
     });
   });
-  (void)avx2;
   at::Tensor out = at::empty(indicator_sizes(g, per_sample), options.dtype(at::kFloat));
   float* dst = out.mutable_data_ptr<float>();
   if (per_sample) {
@@ -305,6 +303,16 @@ BLOCKOPS_TARGET_AVX2 void add_range_avx2(const void* in, const void* res, void* 
 }
 #endif
 
+// Elements [b, e) on the AVX2 path when `avx2` (cpu_has_avx2_fma), else on the portable one.
+template <DType kT>
+void add_range_dispatch(bool avx2, const void* in, const void* res, void* out, int64_t b, int64_t e) {
+#if BLOCKOPS_X86_DISPATCH
+  if (avx2) return add_range_avx2<kT>(in, res, out, b, e);
+#endif
+  (void)avx2;
+  add_range_portable<kT>(in, res, out, b, e);
+}
+
 at::Tensor apply_residual_cpu(const at::Tensor& input, const at::Tensor& residual) {
   check_same_layout(input, residual, kApplyResidual, "input", "residual");
   at::Tensor out = at::empty(input.sizes(), input.options());
@@ -314,15 +322,11 @@ at::Tensor apply_residual_cpu(const at::Tensor& input, const at::Tensor& residua
   const void* res = residual.const_data_ptr();
   void* dst = out.mutable_data_ptr();
   const bool avx2 = cpu_has_avx2_fma();
-  dtype_switch(dtype_of(input.scalar_type()), [&]<DType kT>() {
+  BLOCKOPS_DTYPE_SWITCH(dtype_of(input.scalar_type()), kT, TORCH_INTERNAL_ASSERT(false, "unsupported dtype"), [&] {
     at::parallel_for(0, input.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
-#if BLOCKOPS_X86_DISPATCH
-      if (avx2) return add_range_avx2<kT>(in, res, dst, begin, end);
-#endif
-      add_range_portable<kT>(in, res, dst, begin, end);
+      add_range_dispatch<kT>(avx2, in, res, dst, begin, end);
     });
   });
-  (void)avx2;
   return out;
 }
 
