@@ -24,16 +24,12 @@
 #include <vector>
 
 #include "block_cache_op.h"
+#include "cpu_common.h"
 #include "cpu_features.h"
 #include "dtype.h"
 #include "glue.h"
 #include "introspection.h"
-#include "macros.h"
 #include "static_switch.h"
-
-#if BLOCKOPS_X86_DISPATCH   // (macros.h decides)
-#include <immintrin.h>
-#endif
 
 namespace blockops::block_cache {
 namespace {
@@ -114,11 +110,9 @@ struct Avx2 {
   template <DType kT>
   BLOCKOPS_TARGET_AVX2 static V load(const void* p, int64_t i) {
     if constexpr (kT == DType::kF16) {
-      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
-    } else if constexpr (kT == DType::kBF16) {  // bf16 is the high half of an fp32
-      return _mm256_castsi256_ps(_mm256_slli_epi32(
-          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i))),
-          16));
+      return load8_f16_avx2(static_cast<const uint16_t*>(p) + i);
+    } else if constexpr (kT == DType::kBF16) {
+      return load8_bf16_avx2(static_cast<const uint16_t*>(p) + i);
     } else {
       return _mm256_loadu_ps(static_cast<const float*>(p) + i);
     }

@@ -90,20 +90,16 @@ BLOCKOPS_TARGET_AVX2 float chunk_sum_exp_avx2(const float* x, int64_t n, float m
   return s;
 }
 
-// fp16 / bf16 -> fp32 for one chunk (F16C; bf16 is the high half of an fp32).
+// fp16 / bf16 -> fp32 for one chunk.
 BLOCKOPS_TARGET_AVX2 void convert_avx2(const c10::Half* src, float* dst, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8_f16_avx2(src + i));
   for (; i < n; ++i) dst[i] = to_float(src[i]);
 }
 
 BLOCKOPS_TARGET_AVX2 void convert_avx2(const c10::BFloat16* src, float* dst, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
-    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16)));
-  }
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8_bf16_avx2(src + i));
   for (; i < n; ++i) dst[i] = to_float(src[i]);
 }
 #endif
