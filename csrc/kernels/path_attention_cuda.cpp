@@ -82,7 +82,7 @@ void check_forward_smem(const char* op, const Params& p) {
   const int64_t need = forward_smem_bytes(p), limit = device_smem_optin();
   TORCH_CHECK(need <= limit, op, ": head dims D = ", p.head_dim, " and Dv = ", p.v_dim, " need ", need,
               " bytes of shared memory per block on CUDA, this device allows ", limit, "; use D + Dv <= ",
-              (limit / 4 - 2 * kChunk * kChunk - 3 * kChunk) / kChunk);
+              max_forward_head_dims(limit));
 }
 
 std::tuple<at::Tensor, at::Tensor> path_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -32,6 +32,10 @@ BLOCKOPS_HD int64_t block_floats(const Params& p) { return cuda_chunk_layout(p).
 inline int64_t forward_smem_bytes(const Params& p) {
   return 4 * (static_cast<int64_t>(kChunk) * (p.head_dim + p.v_dim) + 2 * kChunk * kChunk + 3 * kChunk);
 }
+// The largest D + Dv whose forward fits in smem_bytes (the inverse of forward_smem_bytes), for the glue's error.
+inline int64_t max_forward_head_dims(int64_t smem_bytes) {
+  return (smem_bytes / 4 - 2 * kChunk * kChunk - 3 * kChunk) / kChunk;
+}
 constexpr int64_t kUtSmemBytes = 4 * (4 * kChunk * kChunk + kChunk);
 int device_smem_optin();
 
