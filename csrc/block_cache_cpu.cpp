@@ -1,5 +1,5 @@
-// Cached-block skipping on the CPU (family "block_cache"; layout and numerics in csrc/block_cache.h): the
-// shared argument checks and the CPU kernels.
+// Cached-block skipping on the CPU (family "block_cache"; layout and numerics in csrc/block_cache.h, argument checks
+// in block_cache_op.cpp): the CPU kernels and their glue.
 //
 // relative_l1 / relative_l1_residual -- at::parallel_for hands out (sample, chunk) tasks; a task walks its
 // chunk's tokens row by row, 16 elements per step in two 8-float vectors, one pass over every input:
@@ -23,76 +23,16 @@
 #include <cstring>
 #include <vector>
 
-#if BLOCKOPS_X86_DISPATCH
-#include <immintrin.h>
-#endif
-
 #include "block_cache_op.h"
-#include "checks.h"
+#include "cpu_common.h"
 #include "cpu_features.h"
 #include "dtype.h"
 #include "glue.h"
 #include "introspection.h"
+#include "static_switch.h"
 
 namespace blockops::block_cache {
-
 namespace {
-constexpr const char* kRelativeL1 = "blockops.relative_l1";
-constexpr const char* kRelativeL1Residual = "blockops.relative_l1_residual";
-constexpr const char* kApplyResidual = "blockops.apply_residual";
-constexpr const char* kCacheUpdate = "blockops.cache_update";
-}  // namespace
-
-// ---- argument checks (shared with the CUDA glue) ----------------------------------------------------------
-
-Geometry check_indicator_args(std::initializer_list<const at::Tensor*> tensors,
-                              std::initializer_list<const char*> names, int64_t stride, const char* op) {
-  TORCH_CHECK(stride >= 1, op, ": stride must be at least 1, got ", stride);
-  const at::Tensor& first = **tensors.begin();
-  const char* first_name = *names.begin();
-  auto name = names.begin();
-  for (const at::Tensor* t : tensors) {
-    check_dtype(*t, {at::kFloat, at::kHalf, at::kBFloat16}, op, *name);
-    check_ndim_at_least(*t, 2, op, *name);
-    check_same_device(*t, first, op, *name, first_name);
-    TORCH_CHECK(t->scalar_type() == first.scalar_type(), op, ": ", *name, " has dtype ", t->scalar_type(), " but ",
-                first_name, " has ", first.scalar_type(), "; all tensors must share one dtype");
-    TORCH_CHECK(t->sizes() == first.sizes(), op, ": ", *name, " has shape ", t->sizes(), " but ", first_name,
-                " has ", first.sizes(), "; all tensors must have one shape");
-    check_contiguous(*t, op, *name);
-    ++name;
-  }
-  const int64_t batch = first.size(0), tokens = first.size(1);
-  const int64_t channels = batch * tokens == 0 ? 0 : first.numel() / (batch * tokens);
-  return Geometry{batch, tokens, channels, stride};
-}
-
-std::vector<int64_t> indicator_sizes(const Geometry& g, bool per_sample) {
-  return per_sample ? std::vector<int64_t>{g.batch} : std::vector<int64_t>{};
-}
-
-void check_same_layout(const at::Tensor& a, const at::Tensor& b, const char* op, const char* a_name,
-                       const char* b_name) {
-  check_dtype(a, {at::kFloat, at::kHalf, at::kBFloat16}, op, a_name);
-  check_same_device(b, a, op, b_name, a_name);
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", b_name, " has dtype ", b.scalar_type(), " but ", a_name,
-              " has ", a.scalar_type(), "; they must match");
-  TORCH_CHECK(a.sizes() == b.sizes(), op, ": ", b_name, " has shape ", b.sizes(), " but ", a_name, " has ",
-              a.sizes(), "; they must match");
-  check_contiguous(a, op, a_name);
-  check_contiguous(b, op, b_name);
-}
-
-void check_gate(const at::Tensor& gate, const at::Tensor& cache, const char* op) {
-  TORCH_CHECK(gate.numel() == 1, op, ": gate must have exactly one element, got shape ", gate.sizes());
-  TORCH_CHECK(gate.scalar_type() == at::kBool || at::isFloatingType(gate.scalar_type()), op,
-              ": gate must be bool or floating, got ", gate.scalar_type());
-  check_same_device(gate, cache, op, "gate", "cache");
-}
-
-namespace {
-
-constexpr const char* kFamily = "block_cache";
 
 KernelCounter relative_l1_counter(kFamily, "relative_l1.cpu");
 KernelCounter relative_l1_residual_counter(kFamily, "relative_l1_residual.cpu");
@@ -170,11 +110,9 @@ struct Avx2 {
   template <DType kT>
   BLOCKOPS_TARGET_AVX2 static V load(const void* p, int64_t i) {
     if constexpr (kT == DType::kF16) {
-      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
-    } else if constexpr (kT == DType::kBF16) {  // bf16 is the high half of an fp32
-      return _mm256_castsi256_ps(_mm256_slli_epi32(
-          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i))),
-          16));
+      return load8_f16_avx2(static_cast<const uint16_t*>(p) + i);
+    } else if constexpr (kT == DType::kBF16) {
+      return load8_bf16_avx2(static_cast<const uint16_t*>(p) + i);
     } else {
       return _mm256_loadu_ps(static_cast<const float*>(p) + i);
     }
@@ -284,14 +222,15 @@ BLOCKOPS_TARGET_AVX2 void chunks_avx2(const IndicatorArgs& a, const Geometry& g,
 }
 #endif
 
-// Runs `fn.template operator()<kT>()` for the runtime dtype.
-template <typename Fn>
-void dtype_switch(DType t, Fn&& fn) {
-  switch (t) {
-    case DType::kF16: fn.template operator()<DType::kF16>(); break;
-    case DType::kBF16: fn.template operator()<DType::kBF16>(); break;
-    default: fn.template operator()<DType::kF32>(); break;
-  }
+// Tasks [begin, end) on the AVX2 path when `avx2` (cpu_has_avx2_fma), else on the portable one.
+template <DType kT, bool kResidual, bool kCompareResidual>
+void chunks_dispatch(bool avx2, const IndicatorArgs& a, const Geometry& g, Partial* partials, int64_t begin,
+                     int64_t end) {
+#if BLOCKOPS_X86_DISPATCH
+  if (avx2) return chunks_avx2<kT, kResidual, kCompareResidual>(a, g, partials, begin, end);
+#endif
+  (void)avx2;
+  chunks_portable<kT, kResidual, kCompareResidual>(a, g, partials, begin, end);
 }
 
 template <bool kResidual, bool kCompareResidual>
@@ -299,15 +238,11 @@ at::Tensor indicator_cpu(const IndicatorArgs& a, DType type, const Geometry& g, 
                          const at::TensorOptions& options) {
   std::vector<Partial> partials(static_cast<size_t>(g.batch * g.chunks()));
   const bool avx2 = cpu_has_avx2_fma();
-  dtype_switch(type, [&]<DType kT>() {
+  BLOCKOPS_DTYPE_SWITCH(type, kT, TORCH_INTERNAL_ASSERT(false, "unsupported dtype"), [&] {
     at::parallel_for(0, g.batch * g.chunks(), 1, [&](int64_t begin, int64_t end) {
-#if BLOCKOPS_X86_DISPATCH
-      if (avx2) return chunks_avx2<kT, kResidual, kCompareResidual>(a, g, partials.data(), begin, end);
-#endif
-      chunks_portable<kT, kResidual, kCompareResidual>(a, g, partials.data(), begin, end);
+      chunks_dispatch<kT, kResidual, kCompareResidual>(avx2, a, g, partials.data(), begin, end);
     });
   });
-  (void)avx2;
   at::Tensor out = at::empty(indicator_sizes(g, per_sample), options.dtype(at::kFloat));
   float* dst = out.mutable_data_ptr<float>();
   if (per_sample) {
@@ -362,6 +297,16 @@ BLOCKOPS_TARGET_AVX2 void add_range_avx2(const void* in, const void* res, void* 
 }
 #endif
 
+// Elements [b, e) on the AVX2 path when `avx2` (cpu_has_avx2_fma), else on the portable one.
+template <DType kT>
+void add_range_dispatch(bool avx2, const void* in, const void* res, void* out, int64_t b, int64_t e) {
+#if BLOCKOPS_X86_DISPATCH
+  if (avx2) return add_range_avx2<kT>(in, res, out, b, e);
+#endif
+  (void)avx2;
+  add_range_portable<kT>(in, res, out, b, e);
+}
+
 at::Tensor apply_residual_cpu(const at::Tensor& input, const at::Tensor& residual) {
   check_same_layout(input, residual, kApplyResidual, "input", "residual");
   at::Tensor out = at::empty(input.sizes(), input.options());
@@ -371,15 +316,11 @@ at::Tensor apply_residual_cpu(const at::Tensor& input, const at::Tensor& residua
   const void* res = residual.const_data_ptr();
   void* dst = out.mutable_data_ptr();
   const bool avx2 = cpu_has_avx2_fma();
-  dtype_switch(dtype_of(input.scalar_type()), [&]<DType kT>() {
+  BLOCKOPS_DTYPE_SWITCH(dtype_of(input.scalar_type()), kT, TORCH_INTERNAL_ASSERT(false, "unsupported dtype"), [&] {
     at::parallel_for(0, input.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
-#if BLOCKOPS_X86_DISPATCH
-      if (avx2) return add_range_avx2<kT>(in, res, dst, begin, end);
-#endif
-      add_range_portable<kT>(in, res, dst, begin, end);
+      add_range_dispatch<kT>(avx2, in, res, dst, begin, end);
     });
   });
-  (void)avx2;
   return out;
 }
 

@@ -1,5 +1,5 @@
 // Torch-facing argument handling for the block_cache ops, shared by the CPU and CUDA glue (implemented in
-// block_cache_cpu.cpp, which every build compiles).
+// block_cache_op.cpp): the op names and the checks.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -9,6 +9,12 @@
 #include "block_cache.h"
 
 namespace blockops::block_cache {
+
+constexpr const char* kFamily = "block_cache";   // introspection.h: counters and build_info
+constexpr const char* kRelativeL1 = "blockops.relative_l1";
+constexpr const char* kRelativeL1Residual = "blockops.relative_l1_residual";
+constexpr const char* kApplyResidual = "blockops.apply_residual";
+constexpr const char* kCacheUpdate = "blockops.cache_update";
 
 // Checks that every tensor of `tensors` (named by `names`) is a contiguous fp16/bf16/fp32 tensor of at least
 // two dims with the first one's shape, dtype and device; returns the [B, T, C] geometry with `stride`.

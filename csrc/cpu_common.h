@@ -56,6 +56,17 @@ BLOCKOPS_TARGET_AVX2 inline float hmax_avx2(__m256 v) {
   return _mm_cvtss_f32(m);
 }
 
+// ---- 8 fp16 or bf16 values (from src, any alignment) widened to fp32 lanes: F16C for fp16; bf16 is the high half
+// of an fp32. (dllm and block_cache CPU kernels.)
+BLOCKOPS_TARGET_AVX2 inline __m256 load8_f16_avx2(const void* src) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(static_cast<const __m128i*>(src)));
+}
+
+BLOCKOPS_TARGET_AVX2 inline __m256 load8_bf16_avx2(const void* src) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(static_cast<const __m128i*>(src)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
 }  // namespace blockops
 
 #endif  // BLOCKOPS_X86_DISPATCH

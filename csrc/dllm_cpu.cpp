@@ -1,5 +1,5 @@
-// Masked diffusion LM decoding on the CPU (family "dllm"; numerics in csrc/dllm.h): the shared argument checks
-// and the CPU kernels.
+// Masked diffusion LM decoding on the CPU (family "dllm"; numerics in csrc/dllm.h, argument checks in dllm_op.cpp):
+// the CPU kernels and their glue.
 //
 // dllm_unmask, two phases:
 //   1. statistics, threads over candidate positions (masked and inside the row's block; every other position
@@ -22,136 +22,18 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
-#include <limits>
-#include <numeric>
+#include <type_traits>
 #include <vector>
 
-#include "checks.h"
-#include "cpu_features.h"
 #include "cpu_common.h"
+#include "cpu_features.h"
 #include "dllm_op.h"
-#include "glue.h"
 #include "introspection.h"
 
 namespace blockops::dllm {
-
-// ---- argument checks (shared with the CUDA glue) ------------------------------------------------------------
-
-UnmaskCall prepare_unmask(const at::Tensor& logits, const at::Tensor& masked, const at::Tensor& block_bounds,
-                          const c10::optional<at::Tensor>& min_tokens, double threshold,
-                          c10::optional<double> factor) {
-  const char* op = kUnmask;
-  check_dtype(logits, {at::kHalf, at::kBFloat16, at::kFloat}, op, "logits");
-  TORCH_CHECK(logits.dim() == 3, op, ": logits must be [B, L, V], got shape ", logits.sizes());
-  const int64_t B = logits.size(0), L = logits.size(1), V = logits.size(2);
-  TORCH_CHECK(V >= 1, op, ": logits must have a non-empty vocabulary dim, got shape ", logits.sizes());
-  TORCH_CHECK(logits.stride(2) == 1, op, ": logits must be contiguous in the vocabulary dim (got strides ",
-              logits.strides(), "); other dims may be strided, e.g. a slice logits[:, a:b]");
-  check_dtype(masked, {at::kBool}, op, "masked");
-  TORCH_CHECK(masked.dim() == 2 && masked.size(0) == B && masked.size(1) == L, op, ": masked must be [", B, ", ",
-              L, "] (logits are ", logits.sizes(), "), got ", masked.sizes());
-  check_contiguous(masked, op, "masked");
-  check_same_device(masked, logits, op, "masked", "logits");
-  check_dtype(block_bounds, {at::kLong}, op, "block_bounds");
-  TORCH_CHECK(block_bounds.dim() == 2 && block_bounds.size(0) == B && block_bounds.size(1) == 2, op,
-              ": block_bounds must be [", B, ", 2] (lo, hi per row), got ", block_bounds.sizes());
-  check_contiguous(block_bounds, op, "block_bounds");
-  check_same_device(block_bounds, logits, op, "block_bounds", "logits");
-  if (min_tokens) {
-    check_dtype(*min_tokens, {at::kLong}, op, "min_tokens");
-    TORCH_CHECK(min_tokens->dim() == 1 && min_tokens->size(0) == B, op, ": min_tokens must be [", B, "], got ",
-                min_tokens->sizes());
-    check_contiguous(*min_tokens, op, "min_tokens");
-    check_same_device(*min_tokens, logits, op, "min_tokens", "logits");
-  }
-  TORCH_CHECK(!std::isnan(threshold), op, ": threshold must not be NaN");
-  if (factor) TORCH_CHECK(*factor > 0.0, op, ": factor must be positive, got ", *factor);
-
-  UnmaskCall c;
-  const auto opts = logits.options();
-  c.tokens = at::empty({B, L}, opts.dtype(at::kLong));
-  c.unmask = at::empty({B, L}, opts.dtype(at::kBool));
-  c.confidence = at::empty({B, L}, opts.dtype(at::kFloat));
-  c.dtype = static_cast<int>(dtype_of(logits.scalar_type()));
-  UnmaskParams& p = c.params;
-  p.logits = logits.const_data_ptr();
-  p.stride_b = logits.stride(0);
-  p.stride_l = logits.stride(1);
-  p.masked = masked.const_data_ptr<bool>();
-  p.bounds = block_bounds.const_data_ptr<int64_t>();
-  p.min_tokens = min_tokens ? min_tokens->const_data_ptr<int64_t>() : nullptr;
-  p.tokens = c.tokens.mutable_data_ptr<int64_t>();
-  p.unmask = c.unmask.mutable_data_ptr<bool>();
-  p.conf = c.confidence.mutable_data_ptr<float>();
-  p.B = B;
-  p.L = L;
-  p.V = V;
-  // The threshold is compared in fp32 (confidences are fp32); values beyond fp32's range saturate to +-inf.
-  p.rule = UnmaskRule{factor ? Rule::kFactor : Rule::kThreshold, static_cast<float>(threshold),
-                      factor ? static_cast<float>(*factor) : 0.f};
-  return c;
-}
-
-OverwriteParams prepare_overwrite(const at::Tensor& cache, const at::Tensor& src, const at::Tensor& positions) {
-  const char* op = kOverwrite;
-  check_dtype(cache, {at::kHalf, at::kBFloat16, at::kFloat}, op, "cache");
-  TORCH_CHECK(cache.dim() == 4, op, ": cache must be [B, H, S, D], got shape ", cache.sizes());
-  check_contiguous(cache, op, "cache");
-  TORCH_CHECK(src.scalar_type() == cache.scalar_type(), op, ": new must have the cache's dtype ",
-              cache.scalar_type(), ", got ", src.scalar_type());
-  const int64_t B = cache.size(0), H = cache.size(1), S = cache.size(2), D = cache.size(3);
-  TORCH_CHECK(src.dim() == 4 && src.size(0) == B && src.size(1) == H && src.size(3) == D, op, ": new must be [",
-              B, ", ", H, ", n, ", D, "] to match the cache ", cache.sizes(), ", got ", src.sizes());
-  TORCH_CHECK(src.stride(3) == 1 || D == 1, op, ": new must be contiguous in its last dim (got strides ",
-              src.strides(), ")");
-  check_same_device(src, cache, op, "new", "cache");
-  const int64_t n = src.size(2);
-  check_dtype(positions, {at::kLong}, op, "positions");
-  TORCH_CHECK(positions.dim() == 2 && positions.size(0) == B && positions.size(1) == n, op,
-              ": positions must be [", B, ", ", n, "] (one slot per row and new position), got ",
-              positions.sizes());
-  check_contiguous(positions, op, "positions");
-  check_same_device(positions, cache, op, "positions", "cache");
-  TORCH_CHECK(n <= S, op, ": ", n, " new positions per row do not fit a cache of ", S, " slots");
-  OverwriteParams p;
-  p.cache = cache.data_ptr();
-  p.src = src.const_data_ptr();
-  p.sb = src.stride(0);
-  p.sh = src.stride(1);
-  p.sj = src.stride(2);
-  p.positions = positions.const_data_ptr<int64_t>();
-  p.B = B;
-  p.H = H;
-  p.S = S;
-  p.n = n;
-  p.D = D;
-  p.element_bytes = static_cast<int>(cache.element_size());
-  return p;
-}
-
-void check_positions(const at::Tensor& positions, int64_t S) {
-  if (positions.numel() == 0) return;
-  at::Tensor bad = positions.lt(0).logical_or(positions.ge(S));
-  if (positions.size(1) > 1) {
-    const int64_t n = positions.size(1);
-    bad.slice(1, 1, n).logical_or_(positions.slice(1, 1, n).le(positions.slice(1, 0, n - 1)));
-  }
-  if (!bad.any().item<bool>()) return;
-  const at::Tensor host = positions.cpu(), where = bad.cpu().nonzero();
-  const int64_t b = where[0][0].item<int64_t>(), j = where[0][1].item<int64_t>();
-  const int64_t value = host[b][j].item<int64_t>();
-  TORCH_CHECK(value >= 0 && value < S, kOverwrite, ": positions[", b, ", ", j, "] = ", value,
-              " is outside the cache's slots [0, ", S, ")");
-  TORCH_CHECK(false, kOverwrite, ": positions must be strictly increasing in each row, but positions[", b, ", ", j,
-              "] = ", value, " follows ", host[b][j - 1].item<int64_t>());
-}
-
-// ---- CPU kernels --------------------------------------------------------------------------------------------
-
 namespace {
-
-constexpr const char* kFamily = "dllm";
 
 KernelCounter unmask_counter(kFamily, "dllm_unmask.cpu");
 KernelCounter overwrite_counter(kFamily, "dllm_kv_overwrite.cpu");
@@ -208,20 +90,16 @@ BLOCKOPS_TARGET_AVX2 float chunk_sum_exp_avx2(const float* x, int64_t n, float m
   return s;
 }
 
-// fp16 / bf16 -> fp32 for one chunk (F16C; bf16 is the high half of an fp32).
+// fp16 / bf16 -> fp32 for one chunk.
 BLOCKOPS_TARGET_AVX2 void convert_avx2(const c10::Half* src, float* dst, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8_f16_avx2(src + i));
   for (; i < n; ++i) dst[i] = to_float(src[i]);
 }
 
 BLOCKOPS_TARGET_AVX2 void convert_avx2(const c10::BFloat16* src, float* dst, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
-    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16)));
-  }
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8_bf16_avx2(src + i));
   for (; i < n; ++i) dst[i] = to_float(src[i]);
 }
 #endif

@@ -1,5 +1,5 @@
-// Torch-facing argument handling for the dllm ops, shared by the CPU and CUDA glue (implemented in dllm_cpu.cpp,
-// which every build compiles).
+// Torch-facing argument handling for the dllm ops, shared by the CPU and CUDA glue (implemented in dllm_op.cpp): the
+// op names, the checks, and the outputs and kernel parameters they build.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
@@ -8,6 +8,7 @@
 
 namespace blockops::dllm {
 
+constexpr const char* kFamily = "dllm";   // introspection.h: counters and build_info
 constexpr const char* kUnmask = "blockops.dllm_unmask";
 constexpr const char* kOverwrite = "blockops.dllm_kv_overwrite";
 

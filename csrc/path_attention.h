@@ -1,8 +1,8 @@
-// PaTH attention numerics, torch-free, shared by the CPU kernels (path_attention_cpu.cpp) and the CUDA kernels
+// PaTH attention numerics, torch-free, shared by the CPU kernels (path_attention_cpu*.cpp) and the CUDA kernels
 // (kernels/path_attention.cu): the parameters, the per-chunk block layout, the UT transform of one chunk and its
-// backward, and the online-softmax bookkeeping. The UT helpers come as one function per output entry (or row),
-// so the CPU loops over them in order while a CUDA block spreads them over its threads, with one summation
-// order for both.
+// backward, the online-softmax bookkeeping and its exponential. The UT helpers come as one function per output
+// entry (or row), so the CPU loops over them in order while a CUDA block spreads them over its threads, with one
+// summation order for both.
 //
 // Math (../shared/reference/attention.md, PaTH section): H_t = I - beta_t w_t w_t^T; the logit of query i and
 // key j <= i is q_i^T H_i H_{i-1} ... H_{j+1} k_j (no transform on the diagonal); with the forget gate,
@@ -39,7 +39,7 @@
 #include "dtype.h"
 #include "macros.h"
 
-namespace blockops::path {
+namespace blockops::path_attention {
 
 constexpr int kChunk = 64;          // tokens per chunk: the UT solve is O(C^3), the inter-chunk work O(C^2 D)
 constexpr int kMaxHeadDim = 256;
@@ -347,4 +347,9 @@ BLOCKOPS_HD float softmax_rescale(float& row_max, float block_max) {
   return factor;
 }
 
-}  // namespace blockops::path
+// The forward's and backward's softmax exponentials, on both backends: exactly 0 below kExpFloor (and for -inf:
+// hidden keys), so a negligible score never yields a denormal (e^-86 ~ 4e-38 is near fp32's smallest normal).
+constexpr float kExpFloor = -86.f;
+BLOCKOPS_HD float exp_or_zero(float v) { return v < kExpFloor ? 0.f : std::exp(v); }
+
+}  // namespace blockops::path_attention

@@ -1,5 +1,6 @@
 // Torch-facing argument handling for the PaTH attention ops, shared by the CPU and CUDA glue (implemented in
-// path_attention_cpu.cpp, which every build compiles). Every check names the op, the argument and the sizes.
+// path_attention_op.cpp): the op names, the sequences and their chunks, and the checks that turn the tensors into
+// the kernels' parameters (path_attention.h). Every check names the op, the argument and the sizes.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -7,7 +8,13 @@
 
 #include "path_attention.h"
 
-namespace blockops::path {
+namespace blockops::path_attention {
+
+constexpr const char* kFamily = "path_attention";   // introspection.h: counters and build_info
+constexpr const char* kForward = "blockops.path_attention";
+constexpr const char* kKeyCache = "blockops.path_key_cache";
+constexpr const char* kBackward = "blockops.path_attention_backward";
+constexpr const char* kDecode = "blockops.path_decode_step";
 
 // The sequences of one call and the global numbering of their chunks.
 struct Chunking {
@@ -47,4 +54,4 @@ DecodeParams describe_decode(const char* op, const at::Tensor& q, const at::Tens
                              const c10::optional<at::Tensor>& gates, const c10::optional<at::Tensor>& g_last,
                              double scale, at::Tensor& lengths_host);
 
-}  // namespace blockops::path
+}  // namespace blockops::path_attention

@@ -5,6 +5,7 @@
 // TORCH_INTERNAL_ASSERT(false, ...) in torch-facing code. Torch-free, so CUDA kernel files use it too. Keep the
 // lists short: every case is one more instantiation to compile.
 #pragma once
+#include "dtype.h"
 
 #define BLOCKOPS_STATIC_CASE(N, NAME, ...) \
   case N: {                                \
@@ -49,4 +50,22 @@
       BLOCKOPS_STATIC_CASE(8, NAME, __VA_ARGS__)                                           \
       default: ON_OTHER;                                                                   \
     }                                                                                      \
+  }()
+
+// ---- The element dtype (dtype.h DType) as `constexpr DType NAME` (the block_cache CPU kernels, templated on the
+// dtype they load and store).
+#define BLOCKOPS_DTYPE_CASE(VALUE, NAME, ...)    \
+  case VALUE: {                                  \
+    constexpr ::blockops::DType NAME = VALUE;    \
+    return __VA_ARGS__();                        \
+  }
+
+#define BLOCKOPS_DTYPE_SWITCH(TYPE, NAME, ON_OTHER, ...)                \
+  [&] {                                                                 \
+    switch (TYPE) {                                                     \
+      BLOCKOPS_DTYPE_CASE(::blockops::DType::kF32, NAME, __VA_ARGS__)   \
+      BLOCKOPS_DTYPE_CASE(::blockops::DType::kF16, NAME, __VA_ARGS__)   \
+      BLOCKOPS_DTYPE_CASE(::blockops::DType::kBF16, NAME, __VA_ARGS__)  \
+      default: ON_OTHER;                                                \
+    }                                                                   \
   }()

@@ -129,7 +129,7 @@ def test_cpu_isa_paths(isa):
         "import test_path_attention as t\n"
         "t.test_backward_matches_reference(*t.BACKWARD_CASES[-1])\n"
         "t.test_forward_varlen(True)\n"
-        "import blockops; print(blockops.build_info()['cpu_families']['path'])\n"
+        "import blockops; print(blockops.build_info()['cpu_families']['path_attention'])\n"
     )
     res = run_with_cpu_isa(isa, code)
     assert ("portable" in res.stdout) == (isa == "portable")

@@ -15,8 +15,6 @@
 namespace blockops::block_cache {
 namespace {
 
-constexpr const char* kFamily = "block_cache";
-
 KernelCounter relative_l1_counter(kFamily, "relative_l1.cuda");
 KernelCounter relative_l1_residual_counter(kFamily, "relative_l1_residual.cuda");
 KernelCounter apply_residual_counter(kFamily, "apply_residual.cuda");
@@ -33,8 +31,8 @@ at::Tensor run_indicator(IndicatorParams p, const at::Tensor& like) {
 
 at::Tensor relative_l1_cuda(const at::Tensor& current, const at::Tensor& reference, int64_t stride, bool per_sample) {
   const Geometry g = check_indicator_args({&current, &reference}, {"current", "reference"}, stride,
-                                          "blockops.relative_l1");
-  const KernelGuard guard(kFamily, "blockops.relative_l1", current.device());
+                                          kRelativeL1);
+  const KernelGuard guard(kFamily, kRelativeL1, current.device());
   relative_l1_counter.hit();
   IndicatorParams p{current.const_data_ptr(), nullptr, reference.const_data_ptr(), nullptr,
                     dtype_of(current.scalar_type()), g, per_sample, false, nullptr, nullptr};
@@ -45,8 +43,8 @@ at::Tensor relative_l1_residual_cuda(const at::Tensor& output, const at::Tensor&
                                      at::Tensor& residual, int64_t stride, bool per_sample, bool compare_residual) {
   const Geometry g = check_indicator_args({&output, &input, &reference, &residual},
                                           {"output", "input", "reference", "residual"}, stride,
-                                          "blockops.relative_l1_residual");
-  const KernelGuard guard(kFamily, "blockops.relative_l1_residual", output.device());
+                                          kRelativeL1Residual);
+  const KernelGuard guard(kFamily, kRelativeL1Residual, output.device());
   relative_l1_residual_counter.hit();
   IndicatorParams p{output.const_data_ptr(), input.const_data_ptr(), reference.const_data_ptr(),
                     residual.mutable_data_ptr(), dtype_of(output.scalar_type()), g, per_sample, compare_residual,
@@ -55,8 +53,8 @@ at::Tensor relative_l1_residual_cuda(const at::Tensor& output, const at::Tensor&
 }
 
 at::Tensor apply_residual_cuda(const at::Tensor& input, const at::Tensor& residual) {
-  check_same_layout(input, residual, "blockops.apply_residual", "input", "residual");
-  const KernelGuard guard(kFamily, "blockops.apply_residual", input.device());
+  check_same_layout(input, residual, kApplyResidual, "input", "residual");
+  const KernelGuard guard(kFamily, kApplyResidual, input.device());
   at::Tensor out = at::empty(input.sizes(), input.options());
   if (out.numel() == 0) return out;
   apply_residual_counter.hit();
@@ -78,13 +76,13 @@ GateType gate_type_of(at::ScalarType s) {
 }
 
 void cache_update_cuda(at::Tensor& cache, const at::Tensor& value, const std::optional<at::Tensor>& gate) {
-  check_same_layout(cache, value, "blockops.cache_update", "cache", "value");
+  check_same_layout(cache, value, kCacheUpdate, "cache", "value");
   GateType type = GateType::kBool;
   if (gate.has_value()) {
-    check_gate(*gate, cache, "blockops.cache_update");
+    check_gate(*gate, cache, kCacheUpdate);
     type = gate_type_of(gate->scalar_type());
   }
-  const KernelGuard guard(kFamily, "blockops.cache_update", cache.device());
+  const KernelGuard guard(kFamily, kCacheUpdate, cache.device());
   cache_update_counter.hit();
   const at::Tensor gate_contig = gate.has_value() ? gate->contiguous() : at::Tensor();
   C10_CUDA_CHECK(launch_cache_update(cache.mutable_data_ptr(), value.const_data_ptr(),

@@ -15,8 +15,6 @@
 namespace blockops::dllm {
 namespace {
 
-constexpr const char* kFamily = "dllm";
-
 KernelCounter unmask_counter(kFamily, "dllm_unmask.cuda");
 KernelCounter overwrite_counter(kFamily, "dllm_kv_overwrite.cuda");
 
@@ -24,7 +22,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dllm_unmask_cuda(const at::Tensor
                                                                   const at::Tensor& block_bounds,
                                                                   const c10::optional<at::Tensor>& min_tokens,
                                                                   double threshold, c10::optional<double> factor) {
-  const KernelGuard guard(kFamily, "blockops.dllm_unmask", logits.device());
+  const KernelGuard guard(kFamily, kUnmask, logits.device());
   UnmaskCall c = prepare_unmask(logits, masked, block_bounds, min_tokens, threshold, factor);
   TORCH_CHECK(c.params.V < std::numeric_limits<int32_t>::max(), kUnmask, ": the CUDA kernel takes vocabularies below "
               "2^31, got ", c.params.V);
@@ -36,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dllm_unmask_cuda(const at::Tensor
 
 void dllm_kv_overwrite_cuda(at::Tensor& cache, const at::Tensor& src, const at::Tensor& positions,
                             bool check_indices) {
-  const KernelGuard guard(kFamily, "blockops.dllm_kv_overwrite", cache.device());
+  const KernelGuard guard(kFamily, kOverwrite, cache.device());
   const OverwriteParams p = prepare_overwrite(cache, src, positions);
   TORCH_CHECK(p.B <= 65535, kOverwrite, ": the CUDA kernel takes at most 65535 rows, got ", p.B);
   if (check_indices) check_positions(positions, p.S);

@@ -1,5 +1,5 @@
 // PaTH attention on CUDA cores: the simple, correct version of the chunked UT-transform algorithm of the CPU
-// kernel (csrc/path_attention_cpu.cpp), with the numerics of csrc/path_attention.h shared by both. Everything is
+// kernels (csrc/path_attention_cpu*.cpp), with the numerics of csrc/path_attention.h shared by both. Everything is
 // fp32; q/k/v are read in their dtype (fp16/bf16/fp32) and w/beta/g in theirs, once, into fp32 buffers.
 //
 // Work partition (C = kChunk = 64 tokens per chunk, g = global chunk index over all sequences):
@@ -35,14 +35,13 @@
 #include "mma_ptx.cuh"
 #include "path_attention_launch.h"
 
-namespace blockops::path {
+namespace blockops::path_attention {
 namespace {
 
 constexpr int kThreads = 256;            // per CTA: 4 outputs per thread of a 64 x 16 product, enough for the
                                          // 64 x 64 x D tiles without register pressure
 constexpr int C = kChunk;
 constexpr int kDefaultSmem = 48 * 1024;  // dynamic shared memory a launch gets without the opt-in
-constexpr float kExpFloor = -86.f;       // below: exactly 0, as the CPU kernel's exp
 
 // The PTX wrappers (mma_ptx.cuh) this kernel uses.
 using mma::mma_16816;
@@ -135,8 +134,6 @@ __device__ void block_tril(int n, float* M) {
     if (idx % C > idx / C) M[idx] = 0.f;
   __syncthreads();
 }
-
-__device__ __forceinline__ float exp_or_zero(float v) { return v < kExpFloor ? 0.f : expf(v); }
 
 // gram = W W^T and wk = W K^T (strictly lower), T (row by row: each row needs the earlier ones), U, for n rows of
 // W, K [n, d] (fp32, ld d); the n x n results have ld n (path_attention.h).
@@ -408,7 +405,7 @@ __global__ void __launch_bounds__(kThreads) key_cache_kernel(const Params p, con
 
 // One query chunk cq of query head hq of sequence s (chunk blocks prepared): recomputes the carried queries
 // Q0^(c), the probabilities from lse, and sends the gradients to dq (written), the key chunks' gradient slots and
-// dG. The same steps as the CPU kernel's backward_query_chunk (path_attention_cpu.cpp documents them).
+// dG. The same steps as the CPU kernel's backward_query_chunk (path_attention_cpu_backward.cpp documents them).
 __device__ void backward_query_chunk(const Params& p, const CudaPlan& plan, const BwdArgs& bb, const Span& sp,
                                      int64_t first, int64_t hk, int64_t hq, int64_t cq, float* buf) {
   const int d = p.head_dim, dv = p.v_dim;
@@ -734,4 +731,4 @@ cudaError_t launch_path_backward(const Params& p, const CudaPlan& plan, const Bw
   return launch(gate_grad_kernel, thread_ctas(plan.n_spans * p.heads), 0, stream, p, plan, bb.dG);
 }
 
-}  // namespace blockops::path
+}  // namespace blockops::path_attention

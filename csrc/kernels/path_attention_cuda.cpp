@@ -19,10 +19,8 @@
 #include "../path_attention_op.h"
 #include "path_attention_launch.h"
 
-namespace blockops::path {
+namespace blockops::path_attention {
 namespace {
-
-constexpr const char* kFamily = "path_attention";
 
 KernelCounter forward_counter(kFamily, "path_attention.cuda");
 KernelCounter key_cache_counter(kFamily, "path_key_cache.cuda");
@@ -84,14 +82,14 @@ void check_forward_smem(const char* op, const Params& p) {
   const int64_t need = forward_smem_bytes(p), limit = device_smem_optin();
   TORCH_CHECK(need <= limit, op, ": head dims D = ", p.head_dim, " and Dv = ", p.v_dim, " need ", need,
               " bytes of shared memory per block on CUDA, this device allows ", limit, "; use D + Dv <= ",
-              (limit / 4 - 2 * kChunk * kChunk - 3 * kChunk) / kChunk);
+              max_forward_head_dims(limit));
 }
 
 std::tuple<at::Tensor, at::Tensor> path_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                        const at::Tensor& w, const at::Tensor& beta,
                                                        const c10::optional<at::Tensor>& g,
                                                        const c10::optional<at::Tensor>& cu_seqlens, double scale) {
-  constexpr const char* op = "blockops.path_attention";
+  constexpr const char* op = kForward;
   Params p = describe_forward(op, q, k, v, w, beta, g, cu_seqlens, scale);
   const KernelGuard guard(kFamily, op, q.device());
   check_forward_smem(op, p);
@@ -109,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor> path_attention_cuda(const at::Tensor& q, cons
 
 at::Tensor path_key_cache_cuda(const at::Tensor& k, const at::Tensor& w, const at::Tensor& beta,
                                const c10::optional<at::Tensor>& cu_seqlens) {
-  constexpr const char* op = "blockops.path_key_cache";
+  constexpr const char* op = kKeyCache;
   Params p = describe_keys(op, k, w, beta, cu_seqlens);
   p.v = p.k;   // pass 1 reads v; the cache needs none, so v is a zero-width view of k
   p.v_dim = 0;
@@ -130,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_o, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w,
     const at::Tensor& beta, const c10::optional<at::Tensor>& g, const c10::optional<at::Tensor>& cu_seqlens,
     const at::Tensor& o, const at::Tensor& lse, const c10::optional<at::Tensor>& grad_lse, double scale) {
-  constexpr const char* op = "blockops.path_attention_backward";
+  constexpr const char* op = kBackward;
   Params p = describe_forward(op, q, k, v, w, beta, g, cu_seqlens, scale);
   check_backward_inputs(op, p, q, grad_o, o, lse, grad_lse);
   const KernelGuard guard(kFamily, op, q.device());
@@ -162,7 +160,7 @@ at::Tensor path_decode_step_cuda(const at::Tensor& q, const at::Tensor& k, const
                                  const at::Tensor& values, const at::Tensor& lengths,
                                  const c10::optional<at::Tensor>& gates, const c10::optional<at::Tensor>& g_last,
                                  double scale) {
-  constexpr const char* op = "blockops.path_decode_step";
+  constexpr const char* op = kDecode;
   at::Tensor lengths_host;   // the lengths are checked on the host (one small synchronous copy per step)
   DecodeParams p = describe_decode(op, q, k, v, w, beta, g, keys, values, lengths, gates, g_last, scale, lengths_host);
   const KernelGuard guard(kFamily, op, q.device());
@@ -176,11 +174,11 @@ at::Tensor path_decode_step_cuda(const at::Tensor& q, const at::Tensor& k, const
 }
 
 }  // namespace
-}  // namespace blockops::path
+}  // namespace blockops::path_attention
 
 TORCH_LIBRARY_IMPL(blockops, CUDA, m) {
-  m.impl("path_attention", &blockops::path::path_attention_cuda);
-  m.impl("path_key_cache", &blockops::path::path_key_cache_cuda);
-  m.impl("path_attention_backward", &blockops::path::path_attention_backward_cuda);
-  m.impl("path_decode_step", &blockops::path::path_decode_step_cuda);
+  m.impl("path_attention", &blockops::path_attention::path_attention_cuda);
+  m.impl("path_key_cache", &blockops::path_attention::path_key_cache_cuda);
+  m.impl("path_attention_backward", &blockops::path_attention::path_attention_backward_cuda);
+  m.impl("path_decode_step", &blockops::path_attention::path_decode_step_cuda);
 }

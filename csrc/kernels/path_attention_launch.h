@@ -8,7 +8,7 @@
 
 #include "../path_attention.h"
 
-namespace blockops::path {
+namespace blockops::path_attention {
 
 // The sequences and chunks of one call, on the device, plus the per-chunk UT blocks (pass 1's output).
 struct CudaPlan {
@@ -31,6 +31,10 @@ BLOCKOPS_HD int64_t block_floats(const Params& p) { return cuda_chunk_layout(p).
 // opt-in limit (device_smem_optin) to give a clear error first.
 inline int64_t forward_smem_bytes(const Params& p) {
   return 4 * (static_cast<int64_t>(kChunk) * (p.head_dim + p.v_dim) + 2 * kChunk * kChunk + 3 * kChunk);
+}
+// The largest D + Dv whose forward fits in smem_bytes (the inverse of forward_smem_bytes), for the glue's error.
+inline int64_t max_forward_head_dims(int64_t smem_bytes) {
+  return (smem_bytes / 4 - 2 * kChunk * kChunk - 3 * kChunk) / kChunk;
 }
 constexpr int64_t kUtSmemBytes = 4 * (4 * kChunk * kChunk + kChunk);
 int device_smem_optin();
@@ -94,4 +98,4 @@ cudaError_t launch_path_backward(const Params& p, const CudaPlan& plan, const Bw
 // glue). scores: [B, HQ, capacity] fp32 workspace.
 cudaError_t launch_path_decode_step(const DecodeParams& p, float* scores, cudaStream_t stream);
 
-}  // namespace blockops::path
+}  // namespace blockops::path_attention

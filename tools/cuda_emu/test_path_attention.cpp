@@ -24,7 +24,7 @@
 #include "path_attention_launch.h"
 
 using namespace blockops;
-using namespace blockops::path;
+using namespace blockops::path_attention;
 
 static std::mt19937 rng(4321);
 static double urand(double a, double b) { return std::uniform_real_distribution<double>(a, b)(rng); }

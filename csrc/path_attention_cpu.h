@@ -1,0 +1,239 @@
+// What the pieces of the PaTH attention CPU kernels share (internal to path_attention_cpu*.cpp): fp16/bf16/fp32 row
+// conversions, the matrix products and softmax exponentials on AVX2/FMA micro-kernels where the CPU has them (else
+// portable loops), pass 1 (each chunk's UT transform into its fp32 block, path_attention.h ChunkLayout) and the gate
+// prefix. The kernels themselves:
+//   path_attention_cpu.cpp           forward, key cache, pass 1, the CPU glue registration
+//   path_attention_cpu_backward.cpp  backward
+//   path_attention_cpu_decode.cpp    decode step
+// The argument checks are path_attention_op.cpp's, the math path_attention.h's.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "cpu_common.h"
+#include "cpu_features.h"
+#include "macros.h"
+#include "path_attention.h"
+#include "path_attention_op.h"
+
+namespace blockops::path_attention {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// ---------------------------------------------------------------------------------------------------------
+// Rows of the inputs and outputs (each tensor in its own dtype, path_attention.h Params)
+// ---------------------------------------------------------------------------------------------------------
+
+// n elements of a fp16/bf16/fp32 tensor from element offset `off`, widened to fp32.
+inline void load_row(const void* base, DType dt, int64_t off, int n, float* dst) {
+  switch (dt) {
+    case DType::kF32: std::copy_n(static_cast<const float*>(base) + off, n, dst); break;
+    case DType::kF16: {
+      const c10::Half* src = static_cast<const c10::Half*>(base) + off;
+      for (int x = 0; x < n; ++x) dst[x] = static_cast<float>(src[x]);
+      break;
+    }
+    case DType::kBF16: {
+      const c10::BFloat16* src = static_cast<const c10::BFloat16*>(base) + off;
+      for (int x = 0; x < n; ++x) dst[x] = static_cast<float>(src[x]);
+      break;
+    }
+  }
+}
+
+inline float load_one(const void* base, DType dt, int64_t off) {
+  float x;
+  load_row(base, dt, off, 1, &x);
+  return x;
+}
+
+inline void store_row(void* base, DType dt, int64_t off, int n, const float* src) {
+  switch (dt) {
+    case DType::kF32: std::copy_n(src, n, static_cast<float*>(base) + off); break;
+    case DType::kF16: {
+      c10::Half* dst = static_cast<c10::Half*>(base) + off;
+      for (int x = 0; x < n; ++x) dst[x] = static_cast<c10::Half>(src[x]);
+      break;
+    }
+    case DType::kBF16: {
+      c10::BFloat16* dst = static_cast<c10::BFloat16*>(base) + off;
+      for (int x = 0; x < n; ++x) dst[x] = static_cast<c10::BFloat16>(src[x]);
+      break;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Matrix products and exponentials
+// ---------------------------------------------------------------------------------------------------------
+
+// ---- portable primitives: the innermost loop runs along a row of B and C, unit-stride, so the compiler
+// vectorizes it without reassociating any sum.
+
+// C [m, n] += alpha * op(A) B with op(A) = A [m, k] row-major, or with kTransA, A stored [k, m] (op(A) = A^T).
+template <bool kTransA>
+void gemm_portable(int m, int n, int k, float alpha, const float* A, int lda, const float* B, int ldb, float* C,
+                   int ldc) {
+  for (int i = 0; i < m; ++i) {
+    float* c = C + static_cast<int64_t>(i) * ldc;
+    for (int kk = 0; kk < k; ++kk) {
+      const float a = alpha * (kTransA ? A[static_cast<int64_t>(kk) * lda + i] : A[static_cast<int64_t>(i) * lda + kk]);
+      const float* b = B + static_cast<int64_t>(kk) * ldb;
+      for (int j = 0; j < n; ++j) c[j] += a * b[j];
+    }
+  }
+}
+
+// y[i] = exp(x[i] * mul - sub), exactly 0 where the argument is below kExpFloor (path_attention.h exp_or_zero).
+inline void exp_portable(const float* x, float* y, int n, float mul, float sub) {
+  for (int i = 0; i < n; ++i) y[i] = exp_or_zero(x[i] * mul - sub);
+}
+
+#if BLOCKOPS_X86_DISPATCH
+// ---- AVX2/FMA primitives
+
+// An MB x (8 NV) block of C += alpha * op(A) B, accumulated over k in MB x NV registers (4 x 2: 8 of the 16 ymm),
+// so each row of B is loaded once per MB rows of A.
+template <int MB, int NV, bool kTransA>
+BLOCKOPS_TARGET_AVX2 inline void gemm_block_avx2(int k, float alpha, const float* A, int lda, const float* B, int ldb,
+                                                 float* C, int ldc) {
+  __m256 acc[MB][NV];
+  for (int r = 0; r < MB; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+  for (int kk = 0; kk < k; ++kk) {
+    __m256 b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = _mm256_loadu_ps(B + static_cast<int64_t>(kk) * ldb + 8 * v);
+    for (int r = 0; r < MB; ++r) {
+      const __m256 a = _mm256_set1_ps(kTransA ? A[static_cast<int64_t>(kk) * lda + r] : A[static_cast<int64_t>(r) * lda + kk]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(a, b[v], acc[r][v]);
+    }
+  }
+  const __m256 va = _mm256_set1_ps(alpha);
+  for (int r = 0; r < MB; ++r)
+    for (int v = 0; v < NV; ++v) {
+      float* c = C + static_cast<int64_t>(r) * ldc + 8 * v;
+      _mm256_storeu_ps(c, _mm256_fmadd_ps(va, acc[r][v], _mm256_loadu_ps(c)));
+    }
+}
+
+template <int MB, bool kTransA>
+BLOCKOPS_TARGET_AVX2 inline void gemm_rows_avx2(int n, int k, float alpha, const float* A, int lda, const float* B,
+                                                int ldb, float* C, int ldc) {
+  int j = 0;
+  for (; j + 16 <= n; j += 16) gemm_block_avx2<MB, 2, kTransA>(k, alpha, A, lda, B + j, ldb, C + j, ldc);
+  for (; j < n; j += 8) gemm_block_avx2<MB, 1, kTransA>(k, alpha, A, lda, B + j, ldb, C + j, ldc);
+}
+
+// Same contract as gemm_portable; n must be a multiple of 8 (C, D and Dv all are).
+template <bool kTransA>
+BLOCKOPS_TARGET_AVX2 void gemm_avx2(int m, int n, int k, float alpha, const float* A, int lda, const float* B, int ldb,
+                                    float* C, int ldc) {
+  auto rows = [&](int i) { return kTransA ? A + i : A + static_cast<int64_t>(i) * lda; };
+  int i = 0;
+  for (; i + 4 <= m; i += 4) gemm_rows_avx2<4, kTransA>(n, k, alpha, rows(i), lda, B, ldb, C + static_cast<int64_t>(i) * ldc, ldc);
+  for (; i < m; ++i) gemm_rows_avx2<1, kTransA>(n, k, alpha, rows(i), lda, B, ldb, C + static_cast<int64_t>(i) * ldc, ldc);
+}
+
+// exp_portable, 8 lanes at a time: exp(v) = 2^(v log2 e) on cpu_common.h's exp2_avx2, masked to exactly 0 below
+// kExpFloor (and for -inf and NaN) as exp_or_zero. Relative error about 2e-7 + 6e-8 |v| (the polynomial, then
+// the rounding of v log2 e), 4e-6 at the floor; v <= 0 here (scores minus their row's max, or lse), so the
+// absolute error stays below about 2.5e-7 of the row's largest term, 1.
+BLOCKOPS_TARGET_AVX2 inline void exp_avx2(const float* x, float* y, int n, float mul, float sub) {
+  const __m256 vmul = _mm256_set1_ps(mul), vsub = _mm256_set1_ps(sub), floor = _mm256_set1_ps(kExpFloor);
+  const __m256 log2e = _mm256_set1_ps(1.44269504f);
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_fmsub_ps(_mm256_loadu_ps(x + i), vmul, vsub);
+    const __m256 keep = _mm256_cmp_ps(v, floor, _CMP_GE_OQ);
+    _mm256_storeu_ps(y + i, _mm256_and_ps(exp2_avx2(_mm256_mul_ps(v, log2e)), keep));
+  }
+  for (; i < n; ++i) y[i] = exp_or_zero(x[i] * mul - sub);
+}
+#endif
+
+// ---- dispatch (cpu_features.h: AVX2/FMA unless the CPU lacks it or BLOCKOPS_CPU_ISA=portable)
+
+// C [m, n] += alpha * op(A) B as gemm_portable (n a multiple of 8), on the AVX2/FMA kernel where the CPU has it.
+template <bool kTransA>
+inline void gemm(int m, int n, int k, float alpha, const float* A, int lda, const float* B, int ldb, float* C,
+                 int ldc) {
+#if BLOCKOPS_X86_DISPATCH
+  if (cpu_has_avx2_fma()) return gemm_avx2<kTransA>(m, n, k, alpha, A, lda, B, ldb, C, ldc);
+#endif
+  gemm_portable<kTransA>(m, n, k, alpha, A, lda, B, ldb, C, ldc);
+}
+
+// C [m, n] += alpha * A [m, k] B [k, n] (row-major, leading dims given; n a multiple of 8).
+inline void matmul_acc(int m, int n, int k, float alpha, const float* A, int lda, const float* B, int ldb, float* C,
+                       int ldc) {
+  gemm<false>(m, n, k, alpha, A, lda, B, ldb, C, ldc);
+}
+
+// C [m, n] += alpha * A^T B with A [k, m], B [k, n] row-major: the gradient products summed over query rows.
+inline void matmul_tn_acc(int m, int n, int k, float alpha, const float* A, int lda, const float* B, int ldb,
+                          float* C, int ldc) {
+  gemm<true>(m, n, k, alpha, A, lda, B, ldb, C, ldc);
+}
+
+inline void exp_row(const float* x, float* y, int n, float mul, float sub) {
+#if BLOCKOPS_X86_DISPATCH
+  if (cpu_has_avx2_fma()) return exp_avx2(x, y, n, mul, sub);
+#endif
+  exp_portable(x, y, n, mul, sub);
+}
+
+inline float dot(const float* a, const float* b, int n) {
+  float s = 0.f;
+  for (int x = 0; x < n; ++x) s += a[x] * b[x];
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Pass 1 and the gate prefix (path_attention_cpu.cpp), shared by the forward, key cache and backward
+// ---------------------------------------------------------------------------------------------------------
+
+// One chunk's inputs in fp32 and its UT quantities (path_attention.h), row-major [n, *] / [n, n].
+struct ChunkMath {
+  std::vector<float> W, K, beta, gram, wk, T, U, TDW, Kbar;
+
+  // The n tokens starting at (b, t0) of key head hk.
+  void compute(const Params& p, int64_t b, int64_t t0, int n, int64_t hk);
+};
+
+// Pass 1 for every (key head, chunk) into blocks [H, total chunks, lay.size()].
+at::Tensor prepare_all_chunks(const Params& p, const Chunking& ch, const ChunkLayout& lay);
+
+// G [B, HQ, T] = cumsum(g) within each sequence, summed in fp64 so long sequences keep G_i - G_j accurate.
+at::Tensor gate_prefix(const Params& p, const Chunking& ch);
+
+// ---------------------------------------------------------------------------------------------------------
+// The CPU entry points (registered in path_attention_cpu.cpp; schemas in ops.cpp)
+// ---------------------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> path_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const at::Tensor& w, const at::Tensor& beta,
+                                                      const c10::optional<at::Tensor>& g,
+                                                      const c10::optional<at::Tensor>& cu_seqlens, double scale);
+
+at::Tensor path_key_cache_cpu(const at::Tensor& k, const at::Tensor& w, const at::Tensor& beta,
+                              const c10::optional<at::Tensor>& cu_seqlens);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> path_attention_backward_cpu(
+    const at::Tensor& grad_o, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w,
+    const at::Tensor& beta, const c10::optional<at::Tensor>& g, const c10::optional<at::Tensor>& cu_seqlens,
+    const at::Tensor& o, const at::Tensor& lse, const c10::optional<at::Tensor>& grad_lse, double scale);
+
+at::Tensor path_decode_step_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w,
+                                const at::Tensor& beta, const c10::optional<at::Tensor>& g, const at::Tensor& keys,
+                                const at::Tensor& values, const at::Tensor& lengths,
+                                const c10::optional<at::Tensor>& gates, const c10::optional<at::Tensor>& g_last,
+                                double scale);
+
+}  // namespace blockops::path_attention
