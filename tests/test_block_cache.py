@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import blockops.block_cache as bc
-from blockops.reference import ref_apply_residual, ref_relative_l1, ref_relative_l1_residual
+from blockops.reference import ref_apply_residual, ref_cache_update, ref_relative_l1, ref_relative_l1_residual
 from helpers import DEVICES, assert_compiles, kernel_ran, opcheck, run_with_cpu_isa
 
 _ops = torch.ops.blockops
@@ -138,6 +138,7 @@ def test_cache_update(device, dtype):
         with kernel_ran("cache_update", device):
             bc.cache_update(cache, value, None if gate is None else gate.to(device))
         assert torch.equal(cache, value if copied else torch.zeros_like(value))
+        assert torch.equal(cache, ref_cache_update(torch.zeros_like(value), value, gate))
 
 
 def test_opcheck():

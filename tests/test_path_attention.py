@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from blockops.ops.path_attention import PathCache, path_attention, path_decode_step
-from blockops.reference import ref_path_attention
+from blockops.reference import ref_path_attention, ref_path_decode_step, ref_path_key_cache
 from helpers import assert_compiles, kernel_ran, opcheck, run_with_cpu_isa
 
 # flash-linear-attention's relative RMS tolerances (rms(ref - out) / rms(ref))
@@ -57,17 +57,6 @@ def brute_force(q, k, v, w, beta, g, scale):
                     M = M @ Hs[j]
                 o[b, i, hq] = torch.softmax(s, 0) @ v[b, :i + 1, h]
     return o
-
-
-def carried_keys(k, w, beta):
-    """k_cache by brute force: each key pushed through every later token's transform."""
-    out = k.clone()
-    for j in range(k.shape[1]):
-        x = k[:, j].clone()
-        for t in range(j + 1, k.shape[1]):
-            x = x - beta[:, t, :, None] * (x * w[:, t]).sum(-1, keepdim=True) * w[:, t]
-        out[:, j] = x
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -148,7 +137,7 @@ def test_forward_varlen(gate):
         sl = slice(s, e)
         ref = ref_path_attention(*fp64(q[:, sl], k[:, sl], v[:, sl], w[:, sl], beta[:, sl], None if g is None else g[:, sl]))
         assert rel_rms(o[:, sl], ref) < 1e-5
-        torch.testing.assert_close(k_cache[:, sl].double(), carried_keys(*fp64(k[:, sl], w[:, sl], beta[:, sl])),
+        torch.testing.assert_close(k_cache[:, sl].double(), ref_path_key_cache(*fp64(k[:, sl], w[:, sl], beta[:, sl])),
                                    rtol=1e-5, atol=1e-5)
 
 
@@ -169,7 +158,7 @@ def test_key_cache_matches_brute_force():
     q, k, v, w, beta, _ = make_inputs(2, 150, 2, 2, 16, 16, False)
     with kernel_ran("path_key_cache", "cpu"):
         _, k_cache = path_attention(q, k, v, w, beta, use_cache=True)
-    torch.testing.assert_close(k_cache.double(), carried_keys(*fp64(k, w, beta)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k_cache.double(), ref_path_key_cache(*fp64(k, w, beta)), rtol=1e-5, atol=1e-5)
 
 
 def test_empty_sequence():
@@ -278,32 +267,6 @@ def test_decode_batched_rows_of_different_lengths():
     assert cache.lengths.tolist() == total
 
 
-def decode_step_torch(q_t, k_t, v_t, w_t, beta_t, g_t, keys, values, lengths, gates, g_last, scale):
-    """The decode step in plain fp64 PyTorch ops, on copies of the cache: (o_t, keys, values, gates, g_last)."""
-    keys, values = keys.double().clone(), values.double().clone()
-    B, HQ, D = q_t.shape
-    H, L = keys.shape[1], keys.shape[2]
-    pos = torch.arange(L)
-    old = (pos[None, :] < lengths[:, None])[:, None, :, None]   # cached keys j < len
-    w = w_t.double()[:, :, None, :]
-    upd = keys - beta_t.double()[:, :, None, None] * (keys * w).sum(-1, keepdim=True) * w
-    keys = torch.where(old, upd, keys)
-    rows = torch.arange(B)
-    keys[rows, :, lengths] = k_t.double()
-    values[rows, :, lengths] = v_t.double()
-    if g_t is not None:
-        gates, g_last = gates.double().clone(), g_last.double() + g_t.double()
-        gates[rows, :, lengths] = g_last
-    q = q_t.double().view(B, H, HQ // H, D)
-    s = torch.einsum("bhgd,bhld->bhgl", q, keys)
-    if g_t is not None:
-        s = s + (g_last[:, :, None] - gates).view(B, H, HQ // H, L)
-    hidden = pos[None, :] > lengths[:, None]
-    s = (s * scale).masked_fill(hidden[:, None, None, :], float("-inf"))
-    o = torch.einsum("bhgl,bhlv->bhgv", torch.softmax(s, -1), values).reshape(B, HQ, -1)
-    return o, keys, values, gates, g_last
-
-
 def random_cache(B, HQ, H, D, Dv, L, lengths, gate, device="cpu", seed=0):
     gen = torch.Generator().manual_seed(seed)
     keys = torch.randn(B, H, L, D, generator=gen)
@@ -324,7 +287,7 @@ def test_decode_step_kernel_vs_torch(gate, dtype, aux):
     lengths = [0, 1, 37, 70]
     q, k, v, w, beta, g = (t[:, 0] if t is not None else None for t in make_inputs(B, 1, HQ, H, D, Dv, gate, dtype, aux))
     keys, values, lens, gates, g_last = random_cache(B, HQ, H, D, Dv, L, lengths, gate)
-    ref = decode_step_torch(q, k, v, w, beta, g, keys, values, lens, gates, g_last, 0.3)
+    ref = ref_path_decode_step(q, k, v, w, beta, g, keys, values, lens, gates, g_last, 0.3)
     with kernel_ran("path_decode_step", "cpu"):
         o = torch.ops.blockops.path_decode_step(q, k, v, w, beta, g, keys, values, lens, gates, g_last, 0.3)
     assert o.dtype == dtype

@@ -1,7 +1,9 @@
-"""Pure-PyTorch references (``ref_*``) for every blockops op.
+"""Pure-PyTorch references (``ref_*``) for every blockops op, and :data:`OP_REFERENCES`, which names the reference
+of each op registered in csrc/ops.cpp (tests/test_architecture.py checks that none is missing).
 
 Written for clarity, not speed: tests compare the kernels against them, and benchmarks use them as the
-"plain PyTorch" baseline where PyTorch has no op of its own.
+"plain PyTorch" baseline where PyTorch has no op of its own. A backward op's reference is its forward op's: the
+tests compare the backward kernels with autograd through the forward reference.
 """
 from __future__ import annotations
 
@@ -128,6 +130,45 @@ def ref_path_attention(q, k, v, w, beta, g=None, scale=None, cu_seqlens=None, re
     lse = torch.logsumexp(s_ij, -1)
     o = (torch.softmax(s_ij, -1) @ vt).transpose(1, 2)
     return (o, lse.transpose(1, 2)) if return_lse else o
+
+
+def ref_path_key_cache(k, w, beta):
+    """Reference for ``path_key_cache`` (one sequence per batch row; ``[B, T, H, D]``): by brute force, each key
+    pushed through every later token's transform, ``k_cache[j] = H_last ... H_{j+1} k_j``."""
+    out = k.clone()
+    for j in range(k.shape[1]):
+        x = k[:, j].clone()
+        for t in range(j + 1, k.shape[1]):
+            x = x - beta[:, t, :, None] * (x * w[:, t]).sum(-1, keepdim=True) * w[:, t]
+        out[:, j] = x
+    return out
+
+
+def ref_path_decode_step(q_t, k_t, v_t, w_t, beta_t, g_t, keys, values, lengths, gates, g_last, scale):
+    """Reference for ``path_decode_step``: the step in plain fp64 PyTorch ops, on copies of the cache (arguments as
+    the op's; see ``blockops.attention.path_decode_step``). Returns ``(o_t, keys, values, gates, g_last)``."""
+    keys, values = keys.double().clone(), values.double().clone()
+    B, HQ, D = q_t.shape
+    H, L = keys.shape[1], keys.shape[2]
+    pos = torch.arange(L)
+    old = (pos[None, :] < lengths[:, None])[:, None, :, None]   # cached keys j < len
+    w = w_t.double()[:, :, None, :]
+    upd = keys - beta_t.double()[:, :, None, None] * (keys * w).sum(-1, keepdim=True) * w
+    keys = torch.where(old, upd, keys)
+    rows = torch.arange(B)
+    keys[rows, :, lengths] = k_t.double()
+    values[rows, :, lengths] = v_t.double()
+    if g_t is not None:
+        gates, g_last = gates.double().clone(), g_last.double() + g_t.double()
+        gates[rows, :, lengths] = g_last
+    q = q_t.double().view(B, H, HQ // H, D)
+    s = torch.einsum("bhgd,bhld->bhgl", q, keys)
+    if g_t is not None:
+        s = s + (g_last[:, :, None] - gates).view(B, H, HQ // H, L)
+    hidden = pos[None, :] > lengths[:, None]
+    s = (s * scale).masked_fill(hidden[:, None, None, :], float("-inf"))
+    o = torch.einsum("bhgl,bhlv->bhgv", torch.softmax(s, -1), values).reshape(B, HQ, -1)
+    return o, keys, values, gates, g_last
 
 
 def ref_vq_dequantize(codes, codebooks, scales=None) -> torch.Tensor:
@@ -263,3 +304,42 @@ def ref_relative_l1_residual(output, input, reference, stride: int = 1, per_samp
 def ref_apply_residual(input, residual) -> torch.Tensor:
     """Reference for ``blockops.block_cache.apply_residual``: fp32 sum rounded once to the input's dtype."""
     return (input.float() + residual.float()).to(input.dtype)
+
+
+def ref_cache_update(cache, value, gate=None) -> torch.Tensor:
+    """Reference for ``blockops.block_cache.cache_update`` (out of place): ``value`` where the one-element ``gate`` is
+    absent or non-zero, else ``cache``."""
+    keep = gate is not None and not bool(gate.reshape(()) != 0)
+    return cache.clone() if keep else value.clone()
+
+
+# op (torch.ops.blockops.<op>) -> its reference. Backward ops map to their forward op's reference (gradients are
+# checked against autograd through it); path_attention's reference computes lse too (return_lse=True).
+OP_REFERENCES = {
+    "pack_bits": ref_pack_bits,
+    "unpack_bits": ref_unpack_bits,
+    "quant_linear": ref_quant_linear,
+    "quant_dequantize": ref_quant_dequantize,
+    "quant_linear_grad_input": ref_quant_linear,
+    "quant_grad_scales": ref_quant_linear,
+    "block_sparse_attention": ref_masked_attention,
+    "block_sparse_attention_backward": ref_masked_attention,
+    "path_attention": ref_path_attention,
+    "path_attention_backward": ref_path_attention,
+    "path_key_cache": ref_path_key_cache,
+    "path_decode_step": ref_path_decode_step,
+    "vq_linear": ref_vq_linear,
+    "vq_dequantize": ref_vq_dequantize,
+    "vq_linear_grad_input": ref_vq_linear,
+    "vq_grad_codebooks": ref_vq_linear,
+    "vq_grad_scales": ref_vq_linear,
+    "ptq161_linear": ref_ptq161_linear,
+    "ptq161_dequantize": ref_ptq161_dequantize,
+    "ptq161_linear_backward": ref_ptq161_linear,
+    "dllm_unmask": ref_dllm_unmask,
+    "dllm_kv_overwrite": ref_dllm_kv_overwrite,
+    "relative_l1": ref_relative_l1,
+    "relative_l1_residual": ref_relative_l1_residual,
+    "apply_residual": ref_apply_residual,
+    "cache_update": ref_cache_update,
+}
