@@ -1,4 +1,4 @@
-// Low-bit GEMM on the CPU: the shared argument checks and the CPU kernels of the lowbit family.
+// Low-bit GEMM on the CPU: the CPU kernels and the CPU glue of the lowbit family (argument checks: lowbit_op.cpp).
 //
 // quant_linear, M <= kGemvMaxRows rows (decode and small batches) -- fused kernels that read every packed
 // weight once per pass of up to kRowsPerPass activation rows and never materialise W_hat:
@@ -44,65 +44,13 @@
 #include "introspection.h"
 #include "lowbit_op.h"
 
+#if BLOCKOPS_X86_DISPATCH
+#include <immintrin.h>
+#endif
+
 namespace blockops::lowbit {
 
-// ---------------------------------------------------------------------------------------------------------
-// Argument checks (shared with the CUDA glue)
-// ---------------------------------------------------------------------------------------------------------
-
-Geometry check_weight(const char* op, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
-                      int64_t bits, int64_t group_size) {
-  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4, op, ": bits must be 2, 3 or 4, got ", bits);
-  TORCH_CHECK(group_size >= 16 && group_size % 16 == 0, op, ": group_size must be a positive multiple of 16, got ",
-              group_size);
-  check_dtype(qweight, {at::kInt}, op, "qweight");
-  check_dtype(scales, {at::kHalf, at::kBFloat16, at::kFloat}, op, "scales");
-  TORCH_CHECK(zeros.scalar_type() == scales.scalar_type(), op, ": zeros must have the scales' dtype ",
-              scales.scalar_type(), ", got ", zeros.scalar_type());
-  TORCH_CHECK(qweight.dim() == 2 && scales.dim() == 2, op, ": qweight and scales must be 2-D, got shapes ",
-              qweight.sizes(), " and ", scales.sizes());
-  TORCH_CHECK(zeros.sizes() == scales.sizes(), op, ": zeros shape ", zeros.sizes(), " must equal scales shape ",
-              scales.sizes());
-  check_same_device(scales, qweight, op, "scales", "qweight");
-  check_same_device(zeros, qweight, op, "zeros", "qweight");
-  check_contiguous(qweight, op, "qweight");
-  check_contiguous(scales, op, "scales");
-  check_contiguous(zeros, op, "zeros");
-  const Geometry g{scales.size(0) * group_size, scales.size(1), static_cast<int>(bits), static_cast<int>(group_size)};
-  TORCH_CHECK(qweight.size(1) == g.out, op, ": qweight has ", qweight.size(1), " output columns but scales has ",
-              g.out);
-  TORCH_CHECK(qweight.size(0) == g.words(), op, ": in = scales.size(0) * group_size = ", g.in, " needs ", g.words(),
-              " packed rows of ", g.per_word(), " ", bits, "-bit codes, but qweight has ", qweight.size(0),
-              " (shape ", qweight.sizes(), ")");
-  return g;
-}
-
-void check_activation(const char* op, const char* arg, const at::Tensor& t, int64_t features,
-                      const at::Tensor& qweight) {
-  check_dtype(t, {at::kHalf, at::kBFloat16, at::kFloat}, op, arg);
-  check_same_device(t, qweight, op, arg, "qweight");
-  check_ndim_at_least(t, 1, op, arg);
-  TORCH_CHECK(t.size(-1) == features, op, ": ", arg, " must have ", features, " features in its last dim, got shape ",
-              t.sizes());
-  check_contiguous(t, op, arg);
-}
-
-void check_bias(const char* op, const c10::optional<at::Tensor>& bias, const Geometry& g, const at::Tensor& qweight) {
-  if (!bias.has_value()) return;
-  check_dtype(*bias, {at::kHalf, at::kBFloat16, at::kFloat}, op, "bias");
-  check_same_device(*bias, qweight, op, "bias", "qweight");
-  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.out, op, ": bias must have shape [", g.out, "], got ",
-              bias->sizes());
-}
-
 namespace {
-
-constexpr const char* kLinear = "blockops.quant_linear";
-constexpr const char* kDequant = "blockops.quant_dequantize";
-constexpr const char* kGradInput = "blockops.quant_linear_grad_input";
-constexpr const char* kGradScales = "blockops.quant_grad_scales";
-
-constexpr const char* kFamily = "lowbit";
 
 KernelCounter linear_counter(kFamily, "quant_linear.cpu");
 KernelCounter dequant_counter(kFamily, "quant_dequantize.cpu");
@@ -562,7 +510,7 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
                             const c10::optional<at::Tensor>& bias) {
   const Geometry g = check_weight(kLinear, qweight, scales, zeros, bits, group_size);
   check_activation(kLinear, "x", x, g.in, qweight);
-  check_bias(kLinear, bias, g, qweight);
+  check_bias(bias, g.out, kLinear, qweight, "qweight");
   std::vector<int64_t> out_sizes = x.sizes().vec();
   out_sizes.back() = g.out;
   const int64_t rows = x.numel() / std::max<int64_t>(g.in, 1);
@@ -667,6 +615,7 @@ at::Tensor quant_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Ten
   std::vector<int64_t> out_sizes = grad_out.sizes().vec();
   out_sizes.back() = g.in;
   const int64_t rows = grad_out.numel() / std::max<int64_t>(g.out, 1);
+  // zeros stands in for scales: the same shape and dtype rules apply to both.
   if (rows == 0 || g.in == 0) return at::zeros(out_sizes, grad_out.options());
   grad_input_counter.hit();
   const at::Tensor gy = contiguous_fp32(grad_out).reshape({rows, g.out});
@@ -679,11 +628,7 @@ at::Tensor quant_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Ten
 at::Tensor quant_grad_scales_cpu(const at::Tensor& t, const at::Tensor& qweight, const at::Tensor& zeros, int64_t bits,
                                  int64_t group_size) {
   const Geometry g = check_weight(kGradScales, qweight, zeros, zeros, bits, group_size);
-  check_dtype(t, {at::kFloat}, kGradScales, "t");
-  check_same_device(t, qweight, kGradScales, "t", "qweight");
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == g.out && t.size(1) == g.in, kGradScales, ": t must have shape [", g.out,
-              ", ", g.in, "] (grad_out^T @ x), got ", t.sizes());
-  check_contiguous(t, kGradScales, "t");
+  check_t(kGradScales, t, g, qweight);
   grad_scales_counter.hit();
   at::Tensor grad = at::empty({g.groups(), g.out}, t.options());
   if (grad.numel() == 0) return grad;

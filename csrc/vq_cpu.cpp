@@ -51,14 +51,6 @@
 namespace blockops::vq {
 namespace {
 
-constexpr const char* kLinear = "blockops.vq_linear";
-constexpr const char* kDequant = "blockops.vq_dequantize";
-constexpr const char* kGradInput = "blockops.vq_linear_grad_input";
-constexpr const char* kGradCodebooks = "blockops.vq_grad_codebooks";
-constexpr const char* kGradScales = "blockops.vq_grad_scales";
-
-constexpr const char* kFamily = "vq";
-
 KernelCounter linear_counter(kFamily, "vq_linear.cpu");
 KernelCounter byte_planes_counter(kFamily, "vq_linear_byte_planes.cpu");  // which vq_linear.cpu calls took the
                                                                  // int16 byte-plane kernel
@@ -86,35 +78,6 @@ constexpr int64_t kTilesPerThread = 4;     // table-kernel tiles per thread, for
 constexpr int64_t kBlockBytes = 64 << 20;  // fp32 W_hat dequantized at once on the GEMM paths. Measured: GEMMs
                                            // on 512-row blocks ran 1.6x slower than one GEMM on the whole
                                            // 4608 x 1152 DiT weight (21 MB), so blocks are as large as this allows
-
-// ---------------------------------------------------------------------------------------------------------
-// Argument checks
-// ---------------------------------------------------------------------------------------------------------
-
-// Codes >= k would index past the codebook: a user error, found here before any kernel reads a codeword.
-// Skipped when the dtype cannot hold such a code (uint8 with k = 256, int16 with k = 65536).
-void check_code_range(const char* op, const at::Tensor& codes, const Weights& w) {
-  if (w.g.k >= code_capacity(w.type)) return;
-  const int64_t n = codes.numel();
-  const void* p = codes.const_data_ptr();
-  const uint32_t k = static_cast<uint32_t>(w.g.k);
-  uint32_t mx = 0;
-  if (w.type == CodeType::kU8) {
-    const uint8_t* c = static_cast<const uint8_t*>(p);
-    for (int64_t i = 0; i < n; ++i) mx = std::max<uint32_t>(mx, c[i]);  // vectorised by the compiler
-  } else {
-    const uint16_t* c = static_cast<const uint16_t*>(p);
-    for (int64_t i = 0; i < n; ++i) mx = std::max<uint32_t>(mx, c[i]);
-  }
-  if (mx < k) return;
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t c = read_code(p, w.type, i);
-    TORCH_CHECK(c < k, op, ": code ", c, " at codes[", i / w.g.positions(), ", ", (i % w.g.positions()) / w.g.K, ", ",
-                i % w.g.K, "] is out of range for a codebook of k = ", k, " codewords (codes shape ", codes.sizes(),
-                w.type == CodeType::kU16 ? "; int16 codes are read as uint16" : "", ")");
-  }
-}
-
 
 // The scales in fp32, or ones.
 std::vector<float> scale_vector(const c10::optional<at::Tensor>& scales, int64_t out) {
@@ -1004,12 +967,7 @@ at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
   const Weights w = check_weights(kLinear, codes, codebooks, scales);
   const Geometry& g = w.g;
   check_activation(kLinear, "x", x, g.in(), codes);
-  if (bias.has_value()) {
-    check_dtype(*bias, {at::kHalf, at::kBFloat16, at::kFloat}, kLinear, "bias");
-    check_same_device(*bias, codes, kLinear, "bias", "codes");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.out, kLinear, ": bias must have shape [", g.out, "], got ",
-                bias->sizes());
-  }
+  check_bias(bias, g.out, kLinear, codes, "codes");
   std::vector<int64_t> out_sizes = x.sizes().vec();
   out_sizes.back() = g.out;
   const int64_t rows = g.in() > 0 ? x.numel() / g.in() : 0;
