@@ -8,8 +8,8 @@ namespace blockops::lowbit {
 Geometry check_weight(const char* op, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
                       int64_t bits, int64_t group_size) {
   TORCH_CHECK(bits == 2 || bits == 3 || bits == 4, op, ": bits must be 2, 3 or 4, got ", bits);
-  TORCH_CHECK(group_size >= 16 && group_size % 16 == 0, op, ": group_size must be a positive multiple of 16, got ",
-              group_size);
+  TORCH_CHECK(group_size >= kGroupQuantum && group_size % kGroupQuantum == 0, op, ": group_size must be a positive ",
+              "multiple of ", kGroupQuantum, ", got ", group_size);
   check_dtype(qweight, {at::kInt}, op, "qweight");
   check_dtype(scales, {at::kHalf, at::kBFloat16, at::kFloat}, op, "scales");
   TORCH_CHECK(zeros.scalar_type() == scales.scalar_type(), op, ": zeros must have the scales' dtype ",

@@ -8,7 +8,7 @@
 //             16-bit fixed-point decode kernel applies); nothing of the 4-bit decode is duplicated here.
 //   binary:   r1_i (alpha_i U[m, i] + mu_i V[m]),  U = signs^T x'  (x' = r2 x over the non-salient channels)
 //
-// U for up to kGemvMaxRows rows: a lookup-table GEMV. Per group of 4 non-salient inputs a 16-entry table holds
+// U for up to kCpuGemvMaxRows rows: a lookup-table GEMV. Per group of 4 non-salient inputs a 16-entry table holds
 // every signed sum +-x'_0 +-x'_1 +-x'_2 +-x'_3; a 4-bit nibble of sign bits indexes it. With AVX-512 the table is
 // one zmm register and _mm512_permutexvar_ps looks up 16 rows at once (it reads only the low 4 bits of each
 // index, so a shift of the sign word is the whole decode): 64 weights per shift + permute + add.
@@ -37,14 +37,10 @@
 #include <cstring>
 #include <vector>
 
-#if BLOCKOPS_X86_DISPATCH
-#include <immintrin.h>
-#endif
-
-#include "checks.h"
 #include "cpu_features.h"
 #include "glue.h"
 #include "introspection.h"
+#include "macros.h"
 #include "ptq161_op.h"
 
 #if BLOCKOPS_X86_DISPATCH
@@ -62,8 +58,9 @@ KernelCounter backward_counter(kFamily, "ptq161_linear_backward.cpu");
 const char* ptq161_cpu_isa() { return cpu_has_avx512_vnni() ? "avx2+fma, avx512 (binary GEMV)" : cpu_isa_name(); }
 FamilyRegistration family(kFamily, ptq161_cpu_isa);
 
-constexpr int64_t kGemvMaxRows = 16;    // table passes up to here, decoded +-1 blocks + GEMM above (set by an
-                                        // operation count, not yet tuned by measurement: see docs/performance.md)
+constexpr int64_t kCpuGemvMaxRows = 16;  // table passes up to here, decoded +-1 blocks + GEMM above (set by an
+                                         // operation count, not yet tuned by measurement: see docs/performance.md;
+                                         // CUDA: kCudaGemvMaxRows in kernels/ptq161_launch.h)
 constexpr int kTileRows = 16;           // output rows per tile: one 64-byte line of a word row
 constexpr int kBandTiles = 8;           // tiles per task: 8 accumulator pairs + 8 tables fill the zmm file
 constexpr int kPrefetchWords = 16;      // word rows fetched ahead (~ memory latency / time per word row)
@@ -186,7 +183,7 @@ BLOCKOPS_TARGET_AVX512_VNNI void sign_band_avx512(const float* table, const int3
 BLOCKOPS_TARGET_AVX512_VNNI void sign_band_rows_avx512(const float* tables, int64_t table_stride, int rows,
                                                        const int32_t* signs, const Geometry& g, int64_t i0,
                                                        int tiles, float* u) {
-  alignas(64) float acc[kGemvMaxRows][kBandTiles * kTileRows];
+  alignas(64) float acc[kCpuGemvMaxRows][kBandTiles * kTileRows];
   for (int m = 0; m < rows; ++m)
     for (int c = 0; c < tiles * kTileRows; ++c) acc[m][c] = 0.f;
   for (int64_t w = 0; w < g.sign_words(); ++w) {
@@ -325,7 +322,7 @@ void for_each_sign_block(const at::Tensor& signs, const at::Tensor& zero_signs, 
 at::Tensor sign_dot(const at::Tensor& plain, const at::Tensor& signs, const at::Tensor& zero_signs, const Geometry& g) {
   const int64_t rows = plain.size(0);
   if (g.plain() == 0) return at::zeros({rows, g.out}, plain.options());
-  if (rows <= kGemvMaxRows) {
+  if (rows <= kCpuGemvMaxRows) {
     at::Tensor u = at::empty({rows, g.out}, plain.options());
     sign_gemv(build_tables(plain, g), signs.const_data_ptr<int32_t>(), g, u.mutable_data_ptr<float>());
     // The kernel read every stored bit; take the sign(0) entries back out.

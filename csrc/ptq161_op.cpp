@@ -15,6 +15,7 @@
 
 #include "checks.h"
 #include "glue.h"
+#include "lowbit.h"
 
 namespace blockops::ptq161 {
 
@@ -147,12 +148,12 @@ void Backward::factor_grads(const at::Tensor& u, const at::Tensor& v) {
 // The salient part through the lowbit family's 4-bit kernels
 // ---------------------------------------------------------------------------------------------------------
 
-// Groups of at most kMaxSalientGroup salient channels (multiples of 16) splitting S_pad evenly, so that the lowbit
-// decode kernel runs its fixed-point path; every group repeats the row's scale and zero.
+// Groups of at most lowbit::kCpuFixedPointMaxGroup salient channels (multiples of 16) splitting S_pad evenly, so that
+// the lowbit CPU decode kernel runs its fixed-point path; every group repeats the row's scale and zero.
 int64_t salient_groups(const Geometry& g) {
   const int64_t units = g.salient_padded() / kSalientAlign;
   for (int64_t k = 1;; ++k) {
-    if (units % k == 0 && units / k * kSalientAlign <= kMaxSalientGroup) return k;
+    if (units % k == 0 && units / k * kSalientAlign <= lowbit::kCpuFixedPointMaxGroup) return k;
   }
 }
 

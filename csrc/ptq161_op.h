@@ -35,10 +35,8 @@ Geometry check_weight(const char* op, const at::Tensor& perm, const at::Tensor& 
 
 // The salient part runs on the lowbit family's 4-bit kernels through the dispatcher (blockops::quant_linear and
 // quant_linear_grad_input with one scale / zero per row, so it works on every device those ops support): S_pad
-// channels in `groups` equal groups of at most kMaxSalientGroup (the CPU fixed-point decode kernel's largest group),
-// each repeating the row's scale and zero.
-constexpr int64_t kMaxSalientGroup = 1024;
-
+// channels in `groups` equal groups of at most lowbit::kCpuFixedPointMaxGroup (lowbit.h: the CPU fixed-point decode
+// kernel's largest group), each repeating the row's scale and zero.
 struct SalientParams {
   at::Tensor scales, zeros;  // [groups, out] fp32
   int64_t group_size;

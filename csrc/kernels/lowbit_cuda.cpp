@@ -66,9 +66,9 @@ at::Tensor quant_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, con
   p.m = m;
   p.g = g;
 
-  // Up to kGemvMaxRows: the fused GEMV. Up to kMmaMaxRows (fp16 / bf16 x, out % 8 == 0, aligned operands):
+  // Up to kCudaGemvMaxRows: the fused GEMV. Up to kCudaMmaMaxRows (fp16 / bf16 x, out % 8 == 0, aligned operands):
   // the fused tensor-core kernel, weights read once and dequantized in registers.
-  const bool gemv = m <= kGemvMaxRows;
+  const bool gemv = m <= kCudaGemvMaxRows;
   if (!gemv && !quant_mma_supported(p)) {
     // Enough rows to amortise one pass writing W_hat (or an operand the fused kernel does not take):
     // dequantize, then a tensor-core GEMM.
