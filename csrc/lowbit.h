@@ -1,5 +1,5 @@
 // Low-bit (2/3/4-bit) group-wise asymmetric weight numerics, torch-free, shared by the CPU kernels
-// (lowbit_cpu.cpp), the CUDA kernels (kernels/lowbit.cu) and therefore by the tests of both.
+// (lowbit_cpu.cpp), the CUDA kernels (kernels/lowbit.cu, kernels/lowbit_mma.cu) and therefore by the tests of both.
 //
 // Format (the GPTQ-v2 / EfficientQAT layout, used by blockops' kernels as is):
 //   weight W [out, in], bits b in {2, 3, 4}, group size g (a multiple of 16 dividing in), p = 32 / b
