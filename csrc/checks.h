@@ -3,6 +3,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
 
 #include <initializer_list>
 
@@ -39,6 +40,40 @@ inline int64_t normalize_dim(int64_t dim, int64_t ndim, const char* op) {
   TORCH_CHECK(dim >= -ndim && dim < ndim, op, ": dim ", dim, " is out of range for a tensor with ", ndim,
               " dimension(s)");
   return dim < 0 ? dim + ndim : dim;
+}
+
+// ---- The quantized linear layers (lowbit, ptq161, vq): activations, bias and t = grad_out^T x ----------------------
+// `ref` / `ref_arg` name the weight tensor the others must share a device with (qweight, perm, codes).
+
+// An activation-like tensor [..., features] (x, grad_out): fp16 / bf16 / fp32, ref's device, `features` in its last
+// dim. Whether it must also be contiguous is the family's rule (check_contiguous after this).
+inline void check_features(const at::Tensor& t, int64_t features, const char* op, const char* arg,
+                           const at::Tensor& ref, const char* ref_arg) {
+  check_dtype(t, {at::kHalf, at::kBFloat16, at::kFloat}, op, arg);
+  check_same_device(t, ref, op, arg, ref_arg);
+  check_ndim_at_least(t, 1, op, arg);
+  TORCH_CHECK(t.size(-1) == features, op, ": ", arg, " must have ", features, " features in its last dim, got shape ",
+              t.sizes());
+}
+
+// The optional bias [out]: fp16 / bf16 / fp32, ref's device (any strides: the glue makes it contiguous).
+inline void check_bias(const c10::optional<at::Tensor>& bias, int64_t out, const char* op, const at::Tensor& ref,
+                       const char* ref_arg) {
+  if (!bias.has_value()) return;
+  check_dtype(*bias, {at::kHalf, at::kBFloat16, at::kFloat}, op, "bias");
+  check_same_device(*bias, ref, op, "bias", ref_arg);
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out, op, ": bias must have shape [", out, "], got ",
+              bias->sizes());
+}
+
+// t = grad_out^T @ x [out, in] fp32, contiguous, on ref's device: the input of the scales' (and codebooks') gradient.
+inline void check_grad_product(const at::Tensor& t, int64_t out, int64_t in, const char* op, const at::Tensor& ref,
+                               const char* ref_arg) {
+  check_dtype(t, {at::kFloat}, op, "t");
+  check_same_device(t, ref, op, "t", ref_arg);
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == out && t.size(1) == in, op, ": t must have shape [", out, ", ", in,
+              "] (grad_out^T @ x), got ", t.sizes());
+  check_contiguous(t, op, "t");
 }
 
 }  // namespace blockops

@@ -1,5 +1,5 @@
 // Low-bit (2/3/4-bit) group-wise asymmetric weight numerics, torch-free, shared by the CPU kernels
-// (lowbit_cpu.cpp), the CUDA kernels (kernels/lowbit.cu) and therefore by the tests of both.
+// (lowbit_cpu.cpp), the CUDA kernels (kernels/lowbit.cu, kernels/lowbit_mma.cu) and therefore by the tests of both.
 //
 // Format (the GPTQ-v2 / EfficientQAT layout, used by blockops' kernels as is):
 //   weight W [out, in], bits b in {2, 3, 4}, group size g (a multiple of 16 dividing in), p = 32 / b
@@ -21,6 +21,13 @@
 
 namespace blockops::lowbit {
 
+constexpr int kGroupQuantum = 16;  // group sizes are positive multiples of this (the kernels' k granularity)
+
+// The largest group the CPU decode kernel's 16-bit fixed-point path takes (lowbit_cpu.cpp): its int32 group sums
+// stay exact, |code * x16| * group_size <= 15 * 32767 * 1024 < 2^31. Larger groups take the fp32 kernel. ptq161
+// cuts its salient channels into groups of at most this many so that they run on the fixed-point path.
+constexpr int64_t kCpuFixedPointMaxGroup = 1024;
+
 struct Geometry {
   int64_t in;        // input features (K)
   int64_t out;       // output features (N)
@@ -32,6 +39,12 @@ struct Geometry {
   BLOCKOPS_HD int64_t groups() const { return in / group_size; }                 // rows of scales/zeros
   BLOCKOPS_HD int max_code() const { return (1 << bits) - 1; }
 };
+
+// The format's rules every kernel relies on: 2, 3 or 4 bits, g a positive multiple of kGroupQuantum dividing in.
+BLOCKOPS_HD bool valid_geometry(const Geometry& g) {
+  return (g.bits == 2 || g.bits == 3 || g.bits == 4) && g.group_size >= kGroupQuantum &&
+         g.group_size % kGroupQuantum == 0 && g.in >= 0 && g.out >= 0 && g.in % g.group_size == 0;
+}
 
 // The integer code q[k, n] from qweight (row-major [words, out] int32).
 BLOCKOPS_HD int code_at(const int32_t* qweight, const Geometry& g, int64_t k, int64_t n) {

@@ -1,6 +1,6 @@
-// Low-bit GEMM on the CPU: the shared argument checks and the CPU kernels of the lowbit family.
+// Low-bit GEMM on the CPU: the CPU kernels and the CPU glue of the lowbit family (argument checks: lowbit_op.cpp).
 //
-// quant_linear, M <= kGemvMaxRows rows (decode and small batches) -- fused kernels that read every packed
+// quant_linear, M <= kCpuGemvMaxRows rows (decode and small batches) -- fused kernels that read every packed
 // weight once per pass of up to kRowsPerPass activation rows and never materialise W_hat:
 //
 //      qweight [words, out] int32        2/4-bit (fixed-point kernel): a task owns a band of kBandTiles
@@ -34,75 +34,20 @@
 #include <vector>
 #include <type_traits>
 
-#if BLOCKOPS_X86_DISPATCH
-#include <immintrin.h>
-#endif
-
 #include "checks.h"
 #include "cpu_features.h"
 #include "glue.h"
 #include "introspection.h"
 #include "lowbit_op.h"
+#include "macros.h"
+
+#if BLOCKOPS_X86_DISPATCH
+#include <immintrin.h>
+#endif
 
 namespace blockops::lowbit {
 
-// ---------------------------------------------------------------------------------------------------------
-// Argument checks (shared with the CUDA glue)
-// ---------------------------------------------------------------------------------------------------------
-
-Geometry check_weight(const char* op, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
-                      int64_t bits, int64_t group_size) {
-  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4, op, ": bits must be 2, 3 or 4, got ", bits);
-  TORCH_CHECK(group_size >= 16 && group_size % 16 == 0, op, ": group_size must be a positive multiple of 16, got ",
-              group_size);
-  check_dtype(qweight, {at::kInt}, op, "qweight");
-  check_dtype(scales, {at::kHalf, at::kBFloat16, at::kFloat}, op, "scales");
-  TORCH_CHECK(zeros.scalar_type() == scales.scalar_type(), op, ": zeros must have the scales' dtype ",
-              scales.scalar_type(), ", got ", zeros.scalar_type());
-  TORCH_CHECK(qweight.dim() == 2 && scales.dim() == 2, op, ": qweight and scales must be 2-D, got shapes ",
-              qweight.sizes(), " and ", scales.sizes());
-  TORCH_CHECK(zeros.sizes() == scales.sizes(), op, ": zeros shape ", zeros.sizes(), " must equal scales shape ",
-              scales.sizes());
-  check_same_device(scales, qweight, op, "scales", "qweight");
-  check_same_device(zeros, qweight, op, "zeros", "qweight");
-  check_contiguous(qweight, op, "qweight");
-  check_contiguous(scales, op, "scales");
-  check_contiguous(zeros, op, "zeros");
-  const Geometry g{scales.size(0) * group_size, scales.size(1), static_cast<int>(bits), static_cast<int>(group_size)};
-  TORCH_CHECK(qweight.size(1) == g.out, op, ": qweight has ", qweight.size(1), " output columns but scales has ",
-              g.out);
-  TORCH_CHECK(qweight.size(0) == g.words(), op, ": in = scales.size(0) * group_size = ", g.in, " needs ", g.words(),
-              " packed rows of ", g.per_word(), " ", bits, "-bit codes, but qweight has ", qweight.size(0),
-              " (shape ", qweight.sizes(), ")");
-  return g;
-}
-
-void check_activation(const char* op, const char* arg, const at::Tensor& t, int64_t features,
-                      const at::Tensor& qweight) {
-  check_dtype(t, {at::kHalf, at::kBFloat16, at::kFloat}, op, arg);
-  check_same_device(t, qweight, op, arg, "qweight");
-  check_ndim_at_least(t, 1, op, arg);
-  TORCH_CHECK(t.size(-1) == features, op, ": ", arg, " must have ", features, " features in its last dim, got shape ",
-              t.sizes());
-  check_contiguous(t, op, arg);
-}
-
-void check_bias(const char* op, const c10::optional<at::Tensor>& bias, const Geometry& g, const at::Tensor& qweight) {
-  if (!bias.has_value()) return;
-  check_dtype(*bias, {at::kHalf, at::kBFloat16, at::kFloat}, op, "bias");
-  check_same_device(*bias, qweight, op, "bias", "qweight");
-  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.out, op, ": bias must have shape [", g.out, "], got ",
-              bias->sizes());
-}
-
 namespace {
-
-constexpr const char* kLinear = "blockops.quant_linear";
-constexpr const char* kDequant = "blockops.quant_dequantize";
-constexpr const char* kGradInput = "blockops.quant_linear_grad_input";
-constexpr const char* kGradScales = "blockops.quant_grad_scales";
-
-constexpr const char* kFamily = "lowbit";
 
 KernelCounter linear_counter(kFamily, "quant_linear.cpu");
 KernelCounter dequant_counter(kFamily, "quant_dequantize.cpu");
@@ -112,16 +57,15 @@ KernelCounter grad_scales_counter(kFamily, "quant_grad_scales.cpu");
 const char* lowbit_cpu_isa() { return cpu_has_avx512_vnni() ? "avx2+fma, avx512-vnni (decode)" : cpu_isa_name(); }
 FamilyRegistration family(kFamily, lowbit_cpu_isa);
 
-constexpr int64_t kGemvMaxRows = 64;   // measured: up to here the decode kernel (passes of 4 rows) beats
-                                       // dequantized blocks + fp32 GEMM on 2 AVX-512 cores
+constexpr int64_t kCpuGemvMaxRows = 64;  // measured: up to here the decode kernel (passes of 4 rows) beats
+                                         // dequantized blocks + fp32 GEMM on 2 AVX-512 cores (CUDA:
+                                         // kCudaGemvMaxRows in kernels/lowbit_launch.h)
 constexpr int kTileCols = 16;          // one 64-byte cache line of a packed row; two AVX2 vectors
 constexpr int kRowsPerPass = 4;        // activation rows kept in registers per pass over a tile
 constexpr int kPrefetchRows = 32;      // packed rows fetched ahead (~ memory latency / time per row)
 constexpr int kBandTiles = 16;         // fixed-point path: 256 columns (1 KiB of each packed row) per task
 constexpr int64_t kBlockRows = 512;    // output features (rows of W_hat) dequantized at once on the GEMM
                                        // paths: <= 512 * in fp32, e.g. 8 MB at in = 4096
-
-enum class ParamType { kF32, kF16, kBF16 };  // dtype of scales and zeros as the caller stores them
 
 // What one GEMV pass needs: fp32 activations [M, in], their per-group sums [M, groups], fp32 scales and
 // zeros [groups, out], the fp32 output [M, out].
@@ -137,7 +81,7 @@ struct GemvArgs {
   const float* zeros;
   const void* scales_native;  // the caller's scales / zeros as stored, read by the fixed-point kernel
   const void* zeros_native;
-  ParamType param_type;
+  DType param_type;          // dtype of scales_native / zeros_native
   float* y;
   Geometry g;
 };
@@ -279,15 +223,14 @@ BLOCKOPS_TARGET_AVX2 void gemv_tile_avx2(const GemvArgs& a, int64_t n0, int64_t 
   }
 }
 
-#if BLOCKOPS_X86_DISPATCH
 // Eight scales (or zeros) from index i as fp32, whatever their storage dtype: converting them here, once per
 // group, costs less than converting the whole [groups, out] tensors on every call.
 BLOCKOPS_TARGET_AVX2 __attribute__((always_inline)) inline __m256 load8_as_float(const void* base, int64_t i,
-                                                                                  ParamType type) {
+                                                                                  DType type) {
   switch (type) {
-    case ParamType::kF16:
+    case DType::kF16:
       return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i)));
-    case ParamType::kBF16:  // bf16 is the high half of an fp32
+    case DType::kBF16:  // bf16 is the high half of an fp32
       return _mm256_castsi256_ps(_mm256_slli_epi32(
           _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i))),
           16));
@@ -295,7 +238,6 @@ BLOCKOPS_TARGET_AVX2 __attribute__((always_inline)) inline __m256 load8_as_float
       return _mm256_loadu_ps(static_cast<const float*>(base) + i);
   }
 }
-#endif
 
 // The 2- and 4-bit decode kernel on 16-bit fixed-point activations. An int32 lane (one column) of a packed
 // word holds codes k in its low half and k + p/2 in its high half, so one shift and one mask leave two
@@ -303,7 +245,7 @@ BLOCKOPS_TARGET_AVX2 __attribute__((always_inline)) inline __m256 load8_as_float
 // activations and adds the two products: 16 weights cost 4 instructions instead of the float path's 8.
 // Activations are rounded per (row, group) to 16-bit fixed point, step = max|x| / 32767 (relative error
 // <= 1.5e-5 of the group's largest activation: finer than fp16 or bf16 inputs). Group sums stay in int32:
-// |code * x16| * group_size <= 15 * 32767 * 1024 < 2^31 (kFixedPointMaxGroup).
+// |code * x16| * group_size <= 15 * 32767 * 1024 < 2^31 (kCpuFixedPointMaxGroup, lowbit.h).
 // The fixed-point band kernel, stamped out once per ISA by the macro below: GCC cannot inline an
 // intrinsic of a wider ISA into a shared template body, so the body is a macro and only the dot-product
 // step DOT(acc, codes, x) differs: AVX2 multiplies int16 pairs and adds (madd + add), AVX512-VNNI does
@@ -454,9 +396,7 @@ void gemv(const GemvArgs& a, int64_t rows) {
   });
 }
 
-constexpr int64_t kFixedPointMaxGroup = 1024;  // keeps the int32 group sums of the fixed-point path exact
-
-// Inputs of the fixed-point decode kernel: int16 activations paired as gemv_tile_avx2_fixed reads them
+// Inputs of the fixed-point decode kernel: int16 activations paired as gemv_band_fixed_{avx2,vnni} read them
 // (xpairs [rows, words, p/2] int32) and the fixed-point step per (row, group) (xstep [rows, groups]).
 void prepare_fixed_point(const at::Tensor& x32, const Geometry& g, at::Tensor& xpairs, at::Tensor& xstep) {
   const int64_t rows = x32.size(0);
@@ -562,7 +502,7 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
                             const c10::optional<at::Tensor>& bias) {
   const Geometry g = check_weight(kLinear, qweight, scales, zeros, bits, group_size);
   check_activation(kLinear, "x", x, g.in, qweight);
-  check_bias(kLinear, bias, g, qweight);
+  check_bias(bias, g.out, kLinear, qweight, "qweight");
   std::vector<int64_t> out_sizes = x.sizes().vec();
   out_sizes.back() = g.out;
   const int64_t rows = x.numel() / std::max<int64_t>(g.in, 1);
@@ -570,20 +510,17 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
   linear_counter.hit();
   const at::Tensor x2 = x.reshape({rows, g.in});
   at::Tensor y32 = at::empty({rows, g.out}, x.options().dtype(at::kFloat));
-  if (rows <= kGemvMaxRows) {
+  if (rows <= kCpuGemvMaxRows) {
     const at::Tensor x32 = contiguous_fp32(x2);
     const at::Tensor xsum = x32.view({rows, g.groups(), g.group_size}).sum(-1).contiguous();
     at::Tensor xpairs, xstep;
-    const bool fixed_point = cpu_has_avx2_fma() && g.bits != 3 && g.group_size <= kFixedPointMaxGroup;
+    const bool fixed_point = cpu_has_avx2_fma() && g.bits != 3 && g.group_size <= kCpuFixedPointMaxGroup;
     if (fixed_point) prepare_fixed_point(x32, g, xpairs, xstep);
     // fp32 copies of scales and zeros only where a float or portable kernel reads them (the fixed-point
     // kernel converts as it goes; the portable one takes the partial tile of columns at the end).
     const bool need_f32 = !fixed_point || g.out % kTileCols != 0;
     const at::Tensor s32 = need_f32 ? contiguous_fp32(scales) : at::Tensor();
     const at::Tensor z32 = need_f32 ? contiguous_fp32(zeros) : at::Tensor();
-    const ParamType param_type = scales.scalar_type() == at::kHalf       ? ParamType::kF16
-                                 : scales.scalar_type() == at::kBFloat16 ? ParamType::kBF16
-                                                                         : ParamType::kF32;
     const GemvArgs a{x32.const_data_ptr<float>(),
                      xsum.const_data_ptr<float>(),
                      fixed_point ? xpairs.const_data_ptr<int32_t>() : nullptr,
@@ -593,7 +530,7 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
                      need_f32 ? z32.const_data_ptr<float>() : nullptr,
                      scales.const_data_ptr(),
                      zeros.const_data_ptr(),
-                     param_type,
+                     dtype_of(scales.scalar_type()),
                      y32.mutable_data_ptr<float>(),
                      g};
     switch (g.bits) {
@@ -678,12 +615,9 @@ at::Tensor quant_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Ten
 
 at::Tensor quant_grad_scales_cpu(const at::Tensor& t, const at::Tensor& qweight, const at::Tensor& zeros, int64_t bits,
                                  int64_t group_size) {
+  // zeros stands in for scales: the same shape and dtype rules apply to both.
   const Geometry g = check_weight(kGradScales, qweight, zeros, zeros, bits, group_size);
-  check_dtype(t, {at::kFloat}, kGradScales, "t");
-  check_same_device(t, qweight, kGradScales, "t", "qweight");
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == g.out && t.size(1) == g.in, kGradScales, ": t must have shape [", g.out,
-              ", ", g.in, "] (grad_out^T @ x), got ", t.sizes());
-  check_contiguous(t, kGradScales, "t");
+  check_t(kGradScales, t, g, qweight);
   grad_scales_counter.hit();
   at::Tensor grad = at::empty({g.groups(), g.out}, t.options());
   if (grad.numel() == 0) return grad;

@@ -1,11 +1,20 @@
-// Torch-facing argument handling for the low-bit GEMM ops, shared by the CPU and CUDA glue (implemented
-// in lowbit_cpu.cpp, which every build compiles). Every check names the op, the argument and the sizes.
+// Torch-facing argument handling for the low-bit GEMM ops, shared by the CPU glue (lowbit_cpu.cpp) and the CUDA glue
+// (kernels/lowbit_cuda.cpp); implemented in lowbit_op.cpp. Every check names the op, the argument and the sizes. The
+// bias check is checks.h's check_bias, shared with the vq family.
 #pragma once
 #include <ATen/core/Tensor.h>
 
 #include "lowbit.h"
 
 namespace blockops::lowbit {
+
+constexpr const char* kFamily = "lowbit";
+
+// The ops' names in error messages (their schemas are in ops.cpp).
+constexpr const char* kLinear = "blockops.quant_linear";
+constexpr const char* kDequant = "blockops.quant_dequantize";
+constexpr const char* kGradInput = "blockops.quant_linear_grad_input";
+constexpr const char* kGradScales = "blockops.quant_grad_scales";
 
 // Validates (qweight, scales, zeros, bits, group_size) and returns the geometry. in = scales.size(0) * g.
 Geometry check_weight(const char* op, const at::Tensor& qweight, const at::Tensor& scales,
@@ -16,7 +25,7 @@ Geometry check_weight(const char* op, const at::Tensor& qweight, const at::Tenso
 void check_activation(const char* op, const char* arg, const at::Tensor& t, int64_t features,
                       const at::Tensor& qweight);
 
-// Validates the optional bias [out] (any float dtype, same device as qweight).
-void check_bias(const char* op, const c10::optional<at::Tensor>& bias, const Geometry& g, const at::Tensor& qweight);
+// Validates t = grad_out^T @ x of quant_grad_scales: [out, in] fp32, contiguous, on qweight's device.
+void check_t(const char* op, const at::Tensor& t, const Geometry& g, const at::Tensor& qweight);
 
 }  // namespace blockops::lowbit

@@ -1,5 +1,5 @@
-// Torch-facing argument handling for the PTQ1.61 ops, shared by the CPU and CUDA glue (implemented in
-// ptq161_cpu.cpp, which every build compiles). Every check names the op, the argument and the sizes.
+// Torch-facing argument handling for the PTQ1.61 ops, shared by the CPU glue (ptq161_cpu.cpp) and the CUDA glue
+// (kernels/ptq161_cuda.cpp); implemented in ptq161_op.cpp. Every check names the op, the argument and the sizes.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -9,6 +9,13 @@
 #include "ptq161.h"
 
 namespace blockops::ptq161 {
+
+constexpr const char* kFamily = "ptq161";
+
+// The ops' names in error messages (their schemas are in ops.cpp).
+constexpr const char* kLinear = "blockops.ptq161_linear";
+constexpr const char* kDequant = "blockops.ptq161_dequantize";
+constexpr const char* kBackward = "blockops.ptq161_linear_backward";
 
 // fp32 copies of the per-row / per-column factors (O(in + out): converting costs nothing next to a product).
 struct Factors {
@@ -28,10 +35,8 @@ Geometry check_weight(const char* op, const at::Tensor& perm, const at::Tensor& 
 
 // The salient part runs on the lowbit family's 4-bit kernels through the dispatcher (blockops::quant_linear and
 // quant_linear_grad_input with one scale / zero per row, so it works on every device those ops support): S_pad
-// channels in `groups` equal groups of at most kMaxSalientGroup (the CPU fixed-point decode kernel's largest group),
-// each repeating the row's scale and zero.
-constexpr int64_t kMaxSalientGroup = 1024;
-
+// channels in `groups` equal groups of at most lowbit::kCpuFixedPointMaxGroup (lowbit.h: the CPU fixed-point decode
+// kernel's largest group), each repeating the row's scale and zero.
 struct SalientParams {
   at::Tensor scales, zeros;  // [groups, out] fp32
   int64_t group_size;
@@ -74,7 +79,7 @@ struct Backward {
   bool done() const { return !x32.defined(); }   // nothing to compute: the outputs are final
   // The four outputs; grad_x takes grad_x32 [rows, in] (fp32) when given.
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs(const at::Tensor& grad_x32 = {}) const;
-  // grad_alpha and grad_r1 from U = x'^T b [rows, out] and V = the row sums of x' [rows, 1] (ptq161_cpu.cpp).
+  // grad_alpha and grad_r1 from U = x'^T b [rows, out] and V = the row sums of x' [rows, 1].
   void factor_grads(const at::Tensor& u, const at::Tensor& v);
 };
 

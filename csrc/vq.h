@@ -39,7 +39,13 @@ BLOCKOPS_HD uint32_t read_code(const void* codes, CodeType type, int64_t flat) {
 // Largest code a dtype can hold plus one: codes of a dtype need a range check only when k is below this.
 BLOCKOPS_HD int64_t code_capacity(CodeType type) { return type == CodeType::kU8 ? 256 : 65536; }
 
-// Small batches (rows <= kSmallBatchRows): lookup table or direct dequantize-dot, chosen per call by an
+// The CPU's small-batch kernels take up to this many rows: the tables hold up to 8 rows' sums side by side (one AVX2
+// vector per gather). Measured at 4096 x 11008, one thread (CPU time): the table kernel ties fp32 F.linear at 8 rows
+// (2-bit, 3-bit), while 16 side by side (16 MB of tables for k = 256) ran 4x slower. (The CUDA GEMV's limit:
+// kCudaGemvMaxRows in kernels/vq_launch.h.)
+constexpr int64_t kCpuSmallBatchRows = 8;
+
+// Small batches (rows <= kCpuSmallBatchRows): lookup table or direct dequantize-dot, chosen per call by an
 // operation count. The table costs rows * P * k * d multiply-adds to build (P = G * K) and P * out gathers to
 // read: the CPU kernel keeps the rows' sums of a codeword side by side (up to 8 of them, one AVX2 vector), so a
 // gather serves every activation row at once. The direct kernel dequantizes each weight row once (out * P * d

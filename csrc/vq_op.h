@@ -1,13 +1,21 @@
 // Torch-facing argument checks of the vector-quantized GEMM ops (layout in vq.h), shared by the CPU glue
-// (vq_cpu.cpp) and the CUDA glue (kernels/vq_cuda.cpp). Header-only. None reads tensor values: the code range
-// check needs the codes on the host and stays in vq_cpu.cpp (the CUDA kernels clamp codes instead, vq.cu).
+// (vq_cpu.cpp) and the CUDA glue (kernels/vq_cuda.cpp); implemented in vq_op.cpp. The bias check is checks.h's
+// check_bias, shared with the lowbit family.
 #pragma once
 #include <ATen/core/Tensor.h>
 
-#include "checks.h"
 #include "vq.h"
 
 namespace blockops::vq {
+
+constexpr const char* kFamily = "vq";
+
+// The ops' names in error messages (their schemas are in ops.cpp).
+constexpr const char* kLinear = "blockops.vq_linear";
+constexpr const char* kDequant = "blockops.vq_dequantize";
+constexpr const char* kGradInput = "blockops.vq_linear_grad_input";
+constexpr const char* kGradCodebooks = "blockops.vq_grad_codebooks";
+constexpr const char* kGradScales = "blockops.vq_grad_scales";
 
 // The geometry and code type of validated (codes, codebooks, scales).
 struct Weights {
@@ -15,57 +23,22 @@ struct Weights {
   CodeType type;
 };
 
-inline Weights check_weights(const char* op, const at::Tensor& codes, const at::Tensor& codebooks,
-                             const c10::optional<at::Tensor>& scales) {
-  check_dtype(codes, {at::kByte, at::kShort}, op, "codes");
-  check_dtype(codebooks, {at::kHalf, at::kBFloat16, at::kFloat}, op, "codebooks");
-  TORCH_CHECK(codebooks.dim() == 3, op, ": codebooks must be [K, k, d], got shape ", codebooks.sizes());
-  const int64_t K = codebooks.size(0), k = codebooks.size(1), d = codebooks.size(2);
-  TORCH_CHECK(K == 1 || K == 2, op, ": codebooks.size(0) (additive codebooks K) must be 1 or 2, got ", K,
-              " (shape ", codebooks.sizes(), ")");
-  TORCH_CHECK(d == 2 || d == 4 || d == 8, op, ": codebooks.size(2) (vector dim d) must be 2, 4 or 8, got ", d);
-  TORCH_CHECK(k >= 16 && k <= 65536, op, ": codebooks.size(1) (codebook size k) must be in [16, 65536], got ", k);
-  TORCH_CHECK((codes.dim() == 3 && codes.size(2) == K) || (codes.dim() == 2 && K == 1), op,
-              ": codes must be [out, in/d, K] = [out, in/d, ", K, "]", K == 1 ? " or [out, in/d]" : "",
-              " for codebooks of shape ", codebooks.sizes(), ", got ", codes.sizes());
-  check_same_device(codebooks, codes, op, "codebooks", "codes");
-  check_contiguous(codes, op, "codes");
-  check_contiguous(codebooks, op, "codebooks");
-  const Geometry g{codes.size(0), codes.size(1), K, k, d};
-  if (scales.has_value()) {
-    check_dtype(*scales, {at::kHalf, at::kBFloat16, at::kFloat}, op, "scales");
-    check_same_device(*scales, codes, op, "scales", "codes");
-    TORCH_CHECK(scales->dim() == 1 && scales->size(0) == g.out, op, ": scales must have shape [", g.out,
-                "] (one per output row), got ", scales->sizes());
-  }
-  return {g, codes.scalar_type() == at::kByte ? CodeType::kU8 : CodeType::kU16};
-}
+// Validates codes [out, G, K] (or [out, G] for K = 1), codebooks [K, k, d] and the optional scales [out]: dtypes,
+// shapes, devices, contiguity. Reads no tensor values (codes >= k: check_code_range).
+Weights check_weights(const char* op, const at::Tensor& codes, const at::Tensor& codebooks,
+                      const c10::optional<at::Tensor>& scales);
 
-inline void check_activation(const char* op, const char* arg, const at::Tensor& t, int64_t features,
-                             const at::Tensor& codes) {
-  check_dtype(t, {at::kHalf, at::kBFloat16, at::kFloat}, op, arg);
-  check_same_device(t, codes, op, arg, "codes");
-  check_ndim_at_least(t, 1, op, arg);
-  TORCH_CHECK(t.size(-1) == features, op, ": ", arg, " must have ", features, " features in its last dim (in = ",
-              "codes.size(1) * d), got shape ", t.sizes());
-}
+// An activation-like tensor [..., features] (x, grad_out): fp16 / bf16 / fp32 on the codes' device. Any strides:
+// both backends copy it (contiguous fp32 on the CPU, contiguous and 16-byte aligned on CUDA).
+void check_activation(const char* op, const char* arg, const at::Tensor& t, int64_t features, const at::Tensor& codes);
 
-inline void check_t(const char* op, const at::Tensor& t, const Geometry& g, const at::Tensor& codes) {
-  check_dtype(t, {at::kFloat}, op, "t");
-  check_same_device(t, codes, op, "t", "codes");
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == g.out && t.size(1) == g.in(), op, ": t must have shape [", g.out, ", ",
-              g.in(), "] (grad_out^T @ x), got ", t.sizes());
-  check_contiguous(t, op, "t");
-}
+// t = grad_out^T @ x [out, in] fp32, contiguous, on the codes' device.
+void check_t(const char* op, const at::Tensor& t, const Geometry& g, const at::Tensor& codes);
 
-// Validates the optional bias [out] (fp16/bf16/fp32, same device as the codes).
-inline void check_bias(const char* op, const c10::optional<at::Tensor>& bias, const Geometry& g,
-                       const at::Tensor& codes) {
-  if (!bias.has_value()) return;
-  check_dtype(*bias, {at::kHalf, at::kBFloat16, at::kFloat}, op, "bias");
-  check_same_device(*bias, codes, op, "bias", "codes");
-  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.out, op, ": bias must have shape [", g.out, "], got ",
-              bias->sizes());
-}
+// Codes >= k would index past the codebook: a user error, raised (naming the first such code) before any CPU kernel
+// reads a codeword. Reads every code, so only for host tensors: the CPU ops call it; the CUDA kernels clamp codes
+// instead of paying a device-to-host sync (vq_launch.h). Skipped when the dtype cannot hold such a code (uint8 with
+// k = 256, int16 with k = 65536).
+void check_code_range(const char* op, const at::Tensor& codes, const Weights& w);
 
 }  // namespace blockops::vq

@@ -4,6 +4,7 @@
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -93,5 +94,29 @@ inline int device_attribute(cudaDeviceAttr attr, int fallback) {
 
 // 16-byte alignment: what cp.async, ldmatrix and the vector loads of the tensor-core kernels need.
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// ---- Launch arithmetic and device limits (shared by the lowbit and vq kernels) -----------------------------------
+
+// std::min is not a device function without --expt-relaxed-constexpr everywhere; keep int64 explicit.
+__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Bytes of one element of a float dtype.
+__host__ __device__ __forceinline__ int dtype_bytes(DType t) { return t == DType::kF32 ? 4 : 2; }
+
+constexpr int kDefaultSmem = 48 * 1024;  // dynamic shared memory a launch gets without the per-kernel opt-in
+constexpr int kFallbackSms = 132;        // H100 / H200: the SM count grids are sized for when the query fails
+
+inline int multiprocessor_count() { return device_attribute(cudaDevAttrMultiProcessorCount, kFallbackSms); }
+
+// The largest dynamic shared memory a kernel may opt in to on the current device.
+inline int max_dynamic_smem() { return device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, kDefaultSmem); }
+
+// The opt-in a launch with `smem` bytes of dynamic shared memory above kDefaultSmem needs (nothing below it).
+template <typename Kernel>
+cudaError_t allow_dynamic_smem(Kernel kernel, size_t smem) {
+  if (smem <= size_t{kDefaultSmem}) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+}
 
 }  // namespace blockops

@@ -43,12 +43,10 @@ constexpr int kBlockCols = kThreads * kCols;
 constexpr int kTileWords = 64;       // word rows per x tile: 512..1024 codes, <= 32 KiB of fp32 x at 8 rows
 constexpr int kLoadAhead = 4;        // word rows loaded before use: with few warps per SM (8 rows: ~150
                                      // registers) one load per thread in flight cannot cover DRAM latency
-constexpr int kMinGroup = 16;        // the format's group granularity; bounds the segments per x tile
 constexpr int kMinSplitWords = 16;   // word rows per split: keeps x staging a small share of a block's work
 constexpr int kSplitWordsPerRow = 4; // and >= 4 word rows per row of x: split-K atomics (splits x m x out
                                      // floats) stay <= 1/4 of the weight's bytes
 constexpr int kBlocksPerSm = 2;      // split K until the grid has this many blocks per SM
-constexpr int kFallbackSms = 132;    // H100 / H200, when the device query fails
 constexpr int kEltThreads = 256;     // elementwise kernels (dequantize, epilogue, grad_scales): memory-bound
 
 // Enough blocks to fill any current GPU several times over; grid-stride loops do the rest.
@@ -56,10 +54,6 @@ int blocks_for(int64_t work) {
   const int64_t blocks = (work + kEltThreads - 1) / kEltThreads;
   return static_cast<int>(blocks < 1 ? 1 : (blocks < 65536 ? blocks : 65536));
 }
-
-// std::min is not a device function without --expt-relaxed-constexpr everywhere; keep int64 explicit.
-__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Codes are < 2^23: OR-ing one into the mantissa of 2^23 and subtracting 2^23 is exact, and costs two
 // full-rate ALU ops where I2F is quarter rate. This is the GEMV's per-code conversion.
@@ -144,7 +138,7 @@ __global__ void __launch_bounds__(kThreads)
     quant_gemv_kernel(const GemvParams p, const int64_t words_per_split, const bool vec) {
   constexpr int kPerWord = bitpack::values_per_word(kBits);
   constexpr int kTileK = kTileWords * kPerWord;
-  constexpr int kMaxSegments = (kTileK - 1) / kMinGroup + 2;  // a tile cuts at most this many groups
+  constexpr int kMaxSegments = (kTileK - 1) / kGroupQuantum + 2;  // a tile cuts at most this many groups
   __shared__ float xs[kRows][kTileK];          // (kRows, kTileK) fp32 slice of x
   __shared__ float xsum[kRows][kMaxSegments];  // (kRows, segments) sums of that slice per segment
 
@@ -322,14 +316,6 @@ __global__ void __launch_bounds__(kEltThreads)
 
 // ---- dispatch ----------------------------------------------------------------------------------------
 
-// The kernels rely on g being a positive multiple of 16 (segment bound, word alignment of 2/4-bit groups).
-bool valid_geometry(const Geometry& g) {
-  return (g.bits == 2 || g.bits == 3 || g.bits == 4) && g.group_size >= kMinGroup && g.group_size % kMinGroup == 0 &&
-         g.in >= 0 && g.out >= 0 && g.in % g.group_size == 0;
-}
-
-int multiprocessor_count() { return device_attribute(cudaDevAttrMultiProcessorCount, kFallbackSms); }
-
 }  // namespace
 
 // Split K when the output columns alone give fewer than kBlocksPerSm blocks per SM (tall-skinny weights,
@@ -347,7 +333,7 @@ int quant_gemv_splits(const Geometry& g, int64_t m) {
 }
 
 cudaError_t launch_quant_gemv(const GemvParams& p, int splits, cudaStream_t stream) {
-  if (!valid_geometry(p.g) || p.m < 1 || p.m > kGemvMaxRows || splits < 1 || splits > 65535 ||
+  if (!valid_geometry(p.g) || p.m < 1 || p.m > kCudaGemvMaxRows || splits < 1 || splits > 65535 ||
       (splits > 1 && p.workspace == nullptr)) {
     return cudaErrorInvalidValue;
   }

@@ -1,6 +1,6 @@
-// CUDA glue for the low-bit GEMM ops: argument checks (shared with the CPU path), allocation, launch on the
-// current stream, cuBLAS for the many-row products, and the CUDA dispatch registration. Compiled by the host
-// compiler; the kernels themselves are in lowbit.cu.
+// CUDA glue for the low-bit GEMM ops: argument checks (lowbit_op.h, shared with the CPU path), allocation, launch on
+// the current stream, cuBLAS for the many-row products, and the CUDA dispatch registration. Compiled by the host
+// compiler; the kernels themselves are in lowbit.cu and lowbit_mma.cu.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
@@ -22,8 +22,6 @@
 namespace blockops::lowbit {
 namespace {
 
-constexpr const char* kFamily = "lowbit";
-
 KernelCounter linear_counter(kFamily, "quant_linear.cuda");
 KernelCounter linear_mma_counter(kFamily, "quant_linear_mma.cuda");  // the tensor-core path of quant_linear ran
 KernelCounter dequantize_counter(kFamily, "quant_dequantize.cuda");
@@ -44,10 +42,10 @@ at::Tensor dequantize_to(const at::Tensor& qweight, const at::Tensor& scales, co
 at::Tensor quant_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                              const at::Tensor& zeros, int64_t bits, int64_t group_size,
                              const c10::optional<at::Tensor>& bias) {
-  constexpr const char* op = "blockops.quant_linear";
+  constexpr const char* op = kLinear;
   const Geometry g = check_weight(op, qweight, scales, zeros, bits, group_size);
   check_activation(op, "x", x, g.in, qweight);
-  check_bias(op, bias, g, qweight);
+  check_bias(bias, g.out, op, qweight, "qweight");
   const KernelGuard guard(kFamily, op, x.device());
   const int64_t m = rows_of(x);
   if (m == 0 || g.out == 0) return at::empty(with_last_dim(x, g.out), x.options());
@@ -68,9 +66,9 @@ at::Tensor quant_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, con
   p.m = m;
   p.g = g;
 
-  // Up to kGemvMaxRows: the fused GEMV. Up to kMmaMaxRows (fp16 / bf16 x, out % 8 == 0, aligned operands):
+  // Up to kCudaGemvMaxRows: the fused GEMV. Up to kCudaMmaMaxRows (fp16 / bf16 x, out % 8 == 0, aligned operands):
   // the fused tensor-core kernel, weights read once and dequantized in registers.
-  const bool gemv = m <= kGemvMaxRows;
+  const bool gemv = m <= kCudaGemvMaxRows;
   if (!gemv && !quant_mma_supported(p)) {
     // Enough rows to amortise one pass writing W_hat (or an operand the fused kernel does not take):
     // dequantize, then a tensor-core GEMM.
@@ -97,7 +95,7 @@ at::Tensor quant_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, con
 
 at::Tensor quant_dequantize_cuda(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
                                  int64_t bits, int64_t group_size) {
-  constexpr const char* op = "blockops.quant_dequantize";
+  constexpr const char* op = kDequant;
   const Geometry g = check_weight(op, qweight, scales, zeros, bits, group_size);
   const KernelGuard guard(kFamily, op, qweight.device());
   if (g.out * g.in > 0) dequantize_counter.hit();
@@ -107,7 +105,7 @@ at::Tensor quant_dequantize_cuda(const at::Tensor& qweight, const at::Tensor& sc
 at::Tensor quant_linear_grad_input_cuda(const at::Tensor& grad_out, const at::Tensor& qweight,
                                         const at::Tensor& scales, const at::Tensor& zeros, int64_t bits,
                                         int64_t group_size) {
-  constexpr const char* op = "blockops.quant_linear_grad_input";
+  constexpr const char* op = kGradInput;
   const Geometry g = check_weight(op, qweight, scales, zeros, bits, group_size);
   check_activation(op, "grad_out", grad_out, g.out, qweight);
   const KernelGuard guard(kFamily, op, grad_out.device());
@@ -121,14 +119,10 @@ at::Tensor quant_linear_grad_input_cuda(const at::Tensor& grad_out, const at::Te
 
 at::Tensor quant_grad_scales_cuda(const at::Tensor& t, const at::Tensor& qweight, const at::Tensor& zeros,
                                   int64_t bits, int64_t group_size) {
-  constexpr const char* op = "blockops.quant_grad_scales";
+  constexpr const char* op = kGradScales;
   // zeros stands in for scales: the same shape and dtype rules apply to both.
   const Geometry g = check_weight(op, qweight, zeros, zeros, bits, group_size);
-  check_dtype(t, {at::kFloat}, op, "t");
-  check_same_device(t, qweight, op, "t", "qweight");
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == g.out && t.size(1) == g.in, op, ": t must have shape [", g.out, ", ",
-              g.in, "] (grad_out^T @ x), got ", t.sizes());
-  check_contiguous(t, op, "t");
+  check_t(op, t, g, qweight);
   const KernelGuard guard(kFamily, op, qweight.device());
   at::Tensor grad = at::empty({g.groups(), g.out}, t.options());
   if (grad.numel() == 0) return grad;

@@ -11,10 +11,11 @@
 
 namespace blockops::lowbit {
 
-// Rows of x up to which quant_linear runs the fused GEMV; above it, the tensor-core kernel (when
-// quant_mma_supported) up to kMmaMaxRows, else dequantize + cuBLAS GEMM.
-constexpr int64_t kGemvMaxRows = 8;
-constexpr int64_t kMmaMaxRows = 64;
+// Rows of x up to which quant_linear runs the fused GEMV on CUDA; above it, the tensor-core kernel (when
+// quant_mma_supported) up to kCudaMmaMaxRows, else dequantize + cuBLAS GEMM. (The CPU's limits differ:
+// kCpuGemvMaxRows in lowbit_cpu.cpp.)
+constexpr int64_t kCudaGemvMaxRows = 8;
+constexpr int64_t kCudaMmaMaxRows = 64;
 
 // Arguments of the fused GEMV and of the tensor-core kernel (same pointers; only the row range differs).
 struct GemvParams {
@@ -28,7 +29,7 @@ struct GemvParams {
   DType bias_type;
   void* y;                  // [m, out], x_type
   float* workspace;         // [m, out] fp32 when splits > 1 (the launcher zeroes it), else unused
-  int64_t m;                // 1 ..= kGemvMaxRows (GEMV), kGemvMaxRows < m <= kMmaMaxRows (mma)
+  int64_t m;                // 1 ..= kCudaGemvMaxRows (GEMV), kCudaGemvMaxRows < m <= kCudaMmaMaxRows (mma)
   Geometry g;
 };
 
@@ -36,13 +37,13 @@ struct GemvParams {
 // The glue allocates GemvParams::workspace when this is > 1.
 int quant_gemv_splits(const Geometry& g, int64_t m);
 
-// y = x @ W_hat^T (+ bias) for m <= kGemvMaxRows rows; `splits` from quant_gemv_splits.
+// y = x @ W_hat^T (+ bias) for m <= kCudaGemvMaxRows rows; `splits` from quant_gemv_splits.
+cudaError_t launch_quant_gemv(const GemvParams& p, int splits, cudaStream_t stream);
+
 // Split-K finish shared by both kernels: y = workspace + bias, rounded once to x's dtype.
 cudaError_t launch_splitk_epilogue(const GemvParams& p, cudaStream_t stream);
 
-cudaError_t launch_quant_gemv(const GemvParams& p, int splits, cudaStream_t stream);
-
-// Whether launch_quant_mma takes these arguments: kGemvMaxRows < m <= kMmaMaxRows, x fp16 or bf16, out a
+// Whether launch_quant_mma takes these arguments: kCudaGemvMaxRows < m <= kCudaMmaMaxRows, x fp16 or bf16, out a
 // positive multiple of 8, x / qweight / scales / zeros 16-byte aligned, and its shared memory fits the current
 // device. Otherwise quant_linear keeps dequantize + cuBLAS.
 bool quant_mma_supported(const GemvParams& p);

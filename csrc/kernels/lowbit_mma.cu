@@ -60,22 +60,14 @@ constexpr int kTileWords = 8;            // word rows per k tile: 4 KiB of qweig
 constexpr int kStages = 4;               // cp.async ring depth: 3 tiles (12 KiB of weights) in flight per block
 constexpr int kXPad = 8;                 // halves after each staged x row: a 16 B (mod 128) row shift keeps the 8
                                          // rows of an ldmatrix on distinct banks
-constexpr int kMaxMTiles = static_cast<int>(kMmaMaxRows / 8);
+constexpr int kMaxMTiles = static_cast<int>(kCudaMmaMaxRows / 8);
 constexpr int kBlocksPerSm = 2;          // split K until the grid has this many blocks per SM
-constexpr int kFallbackSms = 132;        // H100 / H200, when the device query fails
-constexpr int kDefaultSmem = 48 * 1024;  // dynamic smem above this needs the per-kernel opt-in
 
 static_assert(kBlockCols % 8 == 0, "a column tile must hold whole 16-byte chunks of fp16 scales");
 static_assert(kMaxMTiles % 2 == 0, "ldmatrix.x4 loads row tiles in pairs");
+static_assert(kGroupQuantum % kMmaK == 0, "a k chunk of 16 codes must lie in one group");
 
 __host__ __device__ constexpr int tile_k(int bits) { return kTileWords * (32 / bits); }  // codes per k tile
-
-// std::min is not a device function without --expt-relaxed-constexpr everywhere; keep int64 explicit.
-__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Bytes of one scale / zero / bias element.
-__host__ __device__ __forceinline__ int dtype_bytes(DType t) { return t == DType::kF32 ? 4 : 2; }
 
 // Byte offsets inside one pipeline stage; the same function sizes the launch and carves smem in the kernel.
 struct StageLayout {
@@ -114,23 +106,21 @@ using mma::mma_16816;
 
 // ---- element helpers -------------------------------------------------------------------------------------
 
-// The mma input type's pair and the magic whose mantissa takes a code: ULP 1 on [magic, 2 magic), so
-// magic | q == magic + q exactly for q < magic (fp16: 1024, 11-bit significand; bf16: 128, 8-bit).
+// The mma input type T (__half or __nv_bfloat16): its pair type and the magic whose mantissa takes a code: ULP 1 on
+// [magic, 2 magic), so magic | q == magic + q exactly for q < magic (fp16: 1024, 11-bit significand; bf16: 128, 8-bit).
 template <typename T>
-struct MmaType;
-template <>
-struct MmaType<__half> {
-  using T2 = __half2;
-  static constexpr uint32_t kMagic = 0x64006400u;
-  static __device__ __forceinline__ T2 splat(float v) { return __float2half2_rn(v); }
-  static __device__ __forceinline__ T2 pack(float lo, float hi) { return __floats2half2_rn(lo, hi); }
-};
-template <>
-struct MmaType<__nv_bfloat16> {
-  using T2 = __nv_bfloat162;
-  static constexpr uint32_t kMagic = 0x43004300u;
-  static __device__ __forceinline__ T2 splat(float v) { return __float2bfloat162_rn(v); }
-  static __device__ __forceinline__ T2 pack(float lo, float hi) { return __floats2bfloat162_rn(lo, hi); }
+struct MmaType {
+  static constexpr bool kHalf = std::is_same_v<T, __half>;
+  using T2 = std::conditional_t<kHalf, __half2, __nv_bfloat162>;
+  static constexpr uint32_t kMagic = kHalf ? 0x64006400u : 0x43004300u;
+  // {v, v}, rounded to T once.
+  static __device__ __forceinline__ T2 splat(float v) {
+    if constexpr (kHalf) {
+      return __float2half2_rn(v);
+    } else {
+      return __float2bfloat162_rn(v);
+    }
+  }
 };
 
 // A pair <-> the 32-bit register the mma takes (memcpy: the aliasing-safe bit cast, compiled to nothing).
@@ -432,8 +422,8 @@ __global__ void __launch_bounds__(kThreads)
         for (int j = 0; j < 4; ++j) atomicAdd(p.workspace + m * out + n + j, v[j]);
       } else {
         uint2 packed;
-        packed.x = to_bits(MmaType<T>::pack(v[0] + bias[0], v[1] + bias[1]));
-        packed.y = to_bits(MmaType<T>::pack(v[2] + bias[2], v[3] + bias[3]));
+        packed.x = pack2<T>(v[0] + bias[0], v[1] + bias[1]);
+        packed.y = pack2<T>(v[2] + bias[2], v[3] + bias[3]);
         *reinterpret_cast<uint2*>(static_cast<T*>(p.y) + m * out + n) = packed;
       }
     }
@@ -441,12 +431,6 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---- dispatch --------------------------------------------------------------------------------------------
-
-// The format's rules the kernel relies on (g a positive multiple of 16 dividing in), as in lowbit.cu.
-bool valid_geometry(const Geometry& g) {
-  return (g.bits == 2 || g.bits == 3 || g.bits == 4) && g.group_size >= kMmaK && g.group_size % kMmaK == 0 &&
-         g.in >= 0 && g.out >= 0 && g.in % g.group_size == 0;
-}
 
 size_t smem_bytes(const GemvParams& p) {
   return size_t{kStages} * stage_layout(p.g.bits, mtiles_for(p.m), p.g.group_size, p.param_type).bytes;
@@ -456,11 +440,8 @@ template <int kBits, int kMTiles, typename T>
 cudaError_t launch_typed(const GemvParams& p, dim3 grid, int64_t tiles_per_split, size_t smem,
                          cudaStream_t stream) {
   auto kernel = quant_mma_kernel<kBits, kMTiles, T>;
-  if (smem > size_t{kDefaultSmem}) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
+  const cudaError_t err = allow_dynamic_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
   kernel<<<grid, kThreads, smem, stream>>>(p, tiles_per_split);
   return cudaGetLastError();
 }
@@ -487,13 +468,12 @@ cudaError_t launch_bits(const GemvParams& p, dim3 grid, int64_t tiles_per_split,
 }  // namespace
 
 bool quant_mma_supported(const GemvParams& p) {
-  if (!valid_geometry(p.g) || p.m <= kGemvMaxRows || p.m > kMmaMaxRows || p.g.out == 0 || p.g.out % 8 != 0) {
+  if (!valid_geometry(p.g) || p.m <= kCudaGemvMaxRows || p.m > kCudaMmaMaxRows || p.g.out == 0 || p.g.out % 8 != 0) {
     return false;
   }
   if (p.x_type != DType::kF16 && p.x_type != DType::kBF16) return false;
   if (!aligned16(p.x) || !aligned16(p.qweight) || !aligned16(p.scales) || !aligned16(p.zeros)) return false;
-  const int optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, kDefaultSmem);
-  return smem_bytes(p) <= static_cast<size_t>(optin);
+  return smem_bytes(p) <= static_cast<size_t>(max_dynamic_smem());
 }
 
 // Split K when the column tiles alone give fewer than kBlocksPerSm blocks per SM. A split keeps at least
@@ -502,7 +482,7 @@ bool quant_mma_supported(const GemvParams& p) {
 int quant_mma_splits(const Geometry& g, int64_t m) {
   const int64_t tiles = ceil_div(g.words(), kTileWords);
   const int64_t col_blocks = ceil_div(g.out, kBlockCols);
-  const int64_t target = int64_t{kBlocksPerSm} * device_attribute(cudaDevAttrMultiProcessorCount, kFallbackSms);
+  const int64_t target = int64_t{kBlocksPerSm} * multiprocessor_count();
   const int64_t by_rows = ceil_div(m, kTileWords);
   const int64_t min_tiles = by_rows > kStages ? by_rows : kStages;
   if (col_blocks <= 0 || col_blocks >= target || tiles < 2 * min_tiles) return 1;

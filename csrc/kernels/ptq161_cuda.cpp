@@ -18,8 +18,6 @@
 namespace blockops::ptq161 {
 namespace {
 
-constexpr const char* kFamily = "ptq161";
-
 KernelCounter linear_counter(kFamily, "ptq161_linear.cuda");
 KernelCounter gemv_counter(kFamily, "ptq161_linear_gemv.cuda");  // the fused +-1 GEMV kernel ran
 KernelCounter dequant_counter(kFamily, "ptq161_dequantize.cuda");
@@ -85,9 +83,9 @@ at::Tensor ptq161_linear_cuda(const at::Tensor& x, const at::Tensor& perm, const
                               const at::Tensor& zero_signs, const at::Tensor& alpha, const at::Tensor& mu,
                               const at::Tensor& r1, const at::Tensor& r2, int64_t num_salient,
                               const c10::optional<at::Tensor>& bias) {
-  const Linear ln = begin_linear("blockops.ptq161_linear", x, perm, qsalient, salient_scale, salient_zero, signs,
+  const Linear ln = begin_linear(kLinear, x, perm, qsalient, salient_scale, salient_zero, signs,
                                  zero_signs, alpha, mu, r1, r2, num_salient, bias);
-  const KernelGuard guard(kFamily, "blockops.ptq161_linear", x.device());
+  const KernelGuard guard(kFamily, kLinear, x.device());
   if (ln.done()) return at::zeros(ln.out_sizes, x.options());
   linear_counter.hit();
   const Factors& f = ln.f;
@@ -120,9 +118,9 @@ at::Tensor ptq161_dequantize_cuda(const at::Tensor& perm, const at::Tensor& qsal
                                   const at::Tensor& alpha, const at::Tensor& mu, const at::Tensor& r1,
                                   const at::Tensor& r2, int64_t num_salient) {
   Factors f;
-  const Geometry g = check_weight("blockops.ptq161_dequantize", perm, qsalient, salient_scale, salient_zero, signs,
+  const Geometry g = check_weight(kDequant, perm, qsalient, salient_scale, salient_zero, signs,
                                   zero_signs, alpha, mu, r1, r2, num_salient, &f);
-  const KernelGuard guard(kFamily, "blockops.ptq161_dequantize", perm.device());
+  const KernelGuard guard(kFamily, kDequant, perm.device());
   dequant_counter.hit();
   return dequantize(perm, qsalient, signs, zero_signs, f, g);
 }
@@ -133,10 +131,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ptq161_linear_backwar
     const at::Tensor& salient_scale, const at::Tensor& salient_zero, const at::Tensor& signs,
     const at::Tensor& zero_signs, const at::Tensor& alpha, const at::Tensor& mu, const at::Tensor& r1,
     const at::Tensor& r2, int64_t num_salient, bool need_input, bool need_factors) {
-  Backward bw = begin_backward("blockops.ptq161_linear_backward", grad_out, x, perm, qsalient, salient_scale,
+  Backward bw = begin_backward(kBackward, grad_out, x, perm, qsalient, salient_scale,
                                salient_zero, signs, zero_signs, alpha, mu, r1, r2, num_salient, need_input,
                                need_factors);
-  const KernelGuard guard(kFamily, "blockops.ptq161_linear_backward", x.device());
+  const KernelGuard guard(kFamily, kBackward, x.device());
   backward_counter.hit();
   if (bw.done()) return bw.outputs();
   const Factors& f = bw.f;

@@ -2,8 +2,8 @@
 //
 //   W_hat[n, j*d + t] = scales[n] * sum_K codebooks[K, code(n, j*K + K), t]      code(.) = min(code, k - 1)
 //
-// vq_gemv_kernel<D, M> -- m <= kGemvMaxRows rows of x (decode). Block = 8 warps; warp w owns kRows output rows
-// (8 for m <= 2, 4 above) and walks their positions p (codes) in steps of 128, 4 consecutive codes per lane (one
+// vq_gemv_kernel<D, M> -- m <= kCudaGemvMaxRows rows of x (decode). Block = 8 warps; warp w owns kRows output
+// rows (8 for m <= 2, 4 above) and walks their positions p (codes) in steps of 128, 4 consecutive codes per lane (one
 // 4- or 8-byte load per row, coalesced along the row). Each lane keeps x[:, group of p] in registers and reuses
 // it for its kRows rows (for M > kRows the other way round: the rows' codewords stay, x streams); the codewords
 // come from a copy of the codebook in shared memory replicated R times, copy r = lane % R, so that the random
@@ -48,10 +48,6 @@ namespace blockops::vq {
 namespace {
 
 // ---- tiny helpers ----------------------------------------------------------------------------------------
-
-__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-__host__ __device__ __forceinline__ int dtype_bytes(DType t) { return t == DType::kF32 ? 4 : 2; }
 
 // Code p of row n, clamped to the codebook: a code >= k reads codeword k - 1 (never past the codebook).
 __device__ __forceinline__ uint32_t clamped_code(const DeviceWeights& w, int64_t flat) {
@@ -148,15 +144,6 @@ __device__ __forceinline__ void dequant_group(const DeviceWeights& w, const Code
   for (int t = 0; t < 8; ++t) v[t] *= scale;
 }
 
-constexpr int kDefaultSmem = 48 * 1024;  // dynamic smem above this needs the per-kernel opt-in
-constexpr int kFallbackSms = 132;        // H100 / H200, when the device query fails
-
-template <typename Kernel>
-cudaError_t allow_smem(Kernel kernel, size_t smem) {
-  if (smem <= size_t{kDefaultSmem}) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-}
-
 // ---- dequantize ------------------------------------------------------------------------------------------
 
 constexpr int kEltThreads = 256;
@@ -182,11 +169,11 @@ __global__ void __launch_bounds__(kEltThreads) vq_dequantize_kernel(const Device
 // (kStrideBlocksPerSm per SM), no more.
 constexpr int kStrideBlocksPerSm = 8;
 unsigned stride_blocks(int64_t items, int64_t per_block) {
-  const int64_t fill = int64_t{kStrideBlocksPerSm} * device_attribute(cudaDevAttrMultiProcessorCount, kFallbackSms);
+  const int64_t fill = int64_t{kStrideBlocksPerSm} * multiprocessor_count();
   return static_cast<unsigned>(min64(ceil_div(items, per_block), fill));
 }
 
-// ---- GEMV (m <= kGemvMaxRows) ----------------------------------------------------------------------------
+// ---- GEMV (m <= kCudaGemvMaxRows) ------------------------------------------------------------------------
 
 constexpr int kGemvThreads = 256;
 constexpr int kGemvWarps = kGemvThreads / 32;
@@ -381,7 +368,7 @@ cudaError_t launch_gemv_typed(const LinearParams& p, int splits, cudaStream_t st
   const int replicas = gemv_replicas(p.w.g, p.w.cb_type);
   const size_t smem = replicas > 0 ? size_t(p.w.g.K * p.w.g.k * D * dtype_bytes(p.w.cb_type)) * replicas : 0;
   auto kernel = vq_gemv_kernel<D, M>;
-  const cudaError_t err = allow_smem(kernel, smem);
+  const cudaError_t err = allow_dynamic_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(ceil_div(p.w.g.out, gemv_block_rows(M))), static_cast<unsigned>(splits));
   kernel<<<grid, kGemvThreads, smem, stream>>>(p, replicas, gemv_per_split(p.w.g, splits));
@@ -570,15 +557,14 @@ __global__ void __launch_bounds__(kMmaThreads) vq_mma_kernel(const LinearParams 
 bool mma_supported(const LinearParams& p) {
   if (p.x_type != DType::kF16 && p.x_type != DType::kBF16) return false;
   if (p.w.g.in() % 8 != 0 || !aligned16(p.x)) return false;
-  const int optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, kDefaultSmem);
-  return mma_smem_bytes(p) <= static_cast<size_t>(optin);
+  return mma_smem_bytes(p) <= static_cast<size_t>(max_dynamic_smem());
 }
 
 template <typename T, int kWarpM16>
 cudaError_t launch_mma_typed(const LinearParams& p, cudaStream_t stream) {
   const size_t smem = mma_smem_bytes(p);
   auto kernel = vq_mma_kernel<T, kWarpM16>;
-  const cudaError_t err = allow_smem(kernel, smem);
+  const cudaError_t err = allow_dynamic_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(ceil_div(p.m, mma_block_rows(kWarpM16))),
                   static_cast<unsigned>(ceil_div(p.w.g.out, kBN)));
@@ -729,7 +715,7 @@ __global__ void __launch_bounds__(kRowWarps * 32) vq_grad_codebooks_kernel(const
 // ---- launchers -------------------------------------------------------------------------------------------
 
 LinearPath linear_path(const LinearParams& p) {
-  if (p.m <= kGemvMaxRows) return LinearPath::kGemv;
+  if (p.m <= kCudaGemvMaxRows) return LinearPath::kGemv;
   return mma_supported(p) ? LinearPath::kMma : LinearPath::kSimt;
 }
 
@@ -738,7 +724,7 @@ LinearPath linear_path(const LinearParams& p) {
 int gemv_splits(const LinearParams& p) {
   const int64_t row_blocks = ceil_div(p.w.g.out, gemv_block_rows(gemv_m_tile(p.m)));
   const int64_t steps = ceil_div(p.w.g.positions(), kStepCodes);
-  const int64_t target = int64_t{kGemvBlocksPerSm} * device_attribute(cudaDevAttrMultiProcessorCount, kFallbackSms);
+  const int64_t target = int64_t{kGemvBlocksPerSm} * multiprocessor_count();
   if (row_blocks <= 0 || row_blocks >= target || steps < 2 * kGemvMinStepsPerSplit) return 1;
   const int64_t wanted = min64(min64(ceil_div(target, row_blocks), steps / kGemvMinStepsPerSplit), kGemvMaxSplits);
   const int64_t per_split = gemv_per_split(p.w.g, static_cast<int>(wanted));
@@ -749,7 +735,7 @@ cudaError_t launch_vq_linear(const LinearParams& p, LinearPath path, int splits,
   if (p.m <= 0 || p.w.g.out <= 0) return cudaSuccess;
   switch (path) {
     case LinearPath::kGemv:
-      if (p.m > kGemvMaxRows || splits < 1 || splits > kGemvMaxSplits) return cudaErrorInvalidValue;
+      if (p.m > kCudaGemvMaxRows || splits < 1 || splits > kGemvMaxSplits) return cudaErrorInvalidValue;
       return launch_gemv(p, splits, stream);
     case LinearPath::kMma:
       if (!mma_supported(p)) return cudaErrorInvalidValue;

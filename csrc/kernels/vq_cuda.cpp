@@ -16,6 +16,7 @@
 
 #include <vector>
 
+#include "../checks.h"
 #include "../glue.h"
 #include "../introspection.h"
 #include "cuda_glue.h"
@@ -24,8 +25,6 @@
 
 namespace blockops::vq {
 namespace {
-
-constexpr const char* kFamily = "vq";
 
 KernelCounter linear_counter(kFamily, "vq_linear.cuda");
 KernelCounter linear_gemv_counter(kFamily, "vq_linear_gemv.cuda");  // which vq_linear kernel ran (tests check the paths)
@@ -70,10 +69,10 @@ at::Tensor dequantize_to(const DeviceWeights& w, const at::Tensor& like, at::Sca
 
 at::Tensor vq_linear_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks,
                           const c10::optional<at::Tensor>& scales, const c10::optional<at::Tensor>& bias) {
-  constexpr const char* op = "blockops.vq_linear";
+  constexpr const char* op = kLinear;
   const Weights w = check_weights(op, codes, codebooks, scales);
   check_activation(op, "x", x, w.g.in(), codes);
-  check_bias(op, bias, w.g, codes);
+  check_bias(bias, w.g.out, op, codes, "codes");
   const KernelGuard guard(kFamily, op, x.device());
   linear_counter.hit();
   const int64_t m = rows_of(x);
@@ -108,8 +107,8 @@ at::Tensor vq_linear_cuda(const at::Tensor& x, const at::Tensor& codes, const at
 
 at::Tensor vq_dequantize_cuda(const at::Tensor& codes, const at::Tensor& codebooks,
                               const c10::optional<at::Tensor>& scales) {
-  const Weights w = check_weights("blockops.vq_dequantize", codes, codebooks, scales);
-  const KernelGuard guard(kFamily, "blockops.vq_dequantize", codes.device());
+  const Weights w = check_weights(kDequant, codes, codebooks, scales);
+  const KernelGuard guard(kFamily, kDequant, codes.device());
   dequant_counter.hit();
   const at::Tensor s = optional_contiguous(scales);
   return dequantize_to(device_weights(w, codes, codebooks, s), codebooks, codebooks.scalar_type());
@@ -120,7 +119,7 @@ at::Tensor vq_dequantize_cuda(const at::Tensor& codes, const at::Tensor& codeboo
 // save the temporary's write and read.
 at::Tensor vq_linear_grad_input_cuda(const at::Tensor& grad_out, const at::Tensor& codes, const at::Tensor& codebooks,
                                      const c10::optional<at::Tensor>& scales) {
-  constexpr const char* op = "blockops.vq_linear_grad_input";
+  constexpr const char* op = kGradInput;
   const Weights w = check_weights(op, codes, codebooks, scales);
   check_activation(op, "grad_out", grad_out, w.g.out, codes);
   const KernelGuard guard(kFamily, op, grad_out.device());
@@ -137,7 +136,7 @@ at::Tensor vq_linear_grad_input_cuda(const at::Tensor& grad_out, const at::Tenso
 // code, flat index order inside a key), and one warp per codeword sums its list in a fixed order (vq.cu).
 at::Tensor vq_grad_codebooks_cuda(const at::Tensor& t, const at::Tensor& codes, const at::Tensor& codebooks,
                                   const c10::optional<at::Tensor>& scales) {
-  constexpr const char* op = "blockops.vq_grad_codebooks";
+  constexpr const char* op = kGradCodebooks;
   const Weights w = check_weights(op, codes, codebooks, scales);
   check_t(op, t, w.g, codes);
   const KernelGuard guard(kFamily, op, codes.device());
@@ -158,7 +157,7 @@ at::Tensor vq_grad_codebooks_cuda(const at::Tensor& t, const at::Tensor& codes, 
 }
 
 at::Tensor vq_grad_scales_cuda(const at::Tensor& t, const at::Tensor& codes, const at::Tensor& codebooks) {
-  constexpr const char* op = "blockops.vq_grad_scales";
+  constexpr const char* op = kGradScales;
   const Weights w = check_weights(op, codes, codebooks, c10::nullopt);
   check_t(op, t, w.g, codes);
   const KernelGuard guard(kFamily, op, codes.device());

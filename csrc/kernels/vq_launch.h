@@ -15,8 +15,9 @@
 
 namespace blockops::vq {
 
-// Rows of x up to which vq_linear runs the GEMV (CUDA cores, codebook in shared memory).
-constexpr int64_t kGemvMaxRows = 8;
+// Rows of x up to which vq_linear runs the GEMV on CUDA (CUDA cores, codebook in shared memory). The CPU's
+// small-batch limit differs: kCpuSmallBatchRows in vq.h.
+constexpr int64_t kCudaGemvMaxRows = 8;
 
 // The quantized weight as the kernels read it.
 struct DeviceWeights {
@@ -41,7 +42,7 @@ struct LinearParams {
 };
 
 enum class LinearPath {
-  kGemv,  // m <= kGemvMaxRows: CUDA-core GEMV, codebook replicated in shared memory, split over positions
+  kGemv,  // m <= kCudaGemvMaxRows: CUDA-core GEMV, codebook replicated in shared memory, split over positions
   kMma,   // fp16/bf16 x, in % 8 == 0, 16-byte aligned x: W_hat tiles dequantized into smem, mma.sync m16n8k16
   kSimt,  // everything else (fp32 x, odd in): CUDA-core tiled GEMM on dequantized W_hat tiles
 };

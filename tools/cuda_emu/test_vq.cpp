@@ -108,7 +108,7 @@ static std::string describe(const Case& c, int64_t m, DType x, const char* extra
   return s;
 }
 
-// Runs vq_linear on every path that takes these arguments (GEMV when m <= kGemvMaxRows, tensor cores when
+// Runs vq_linear on every path that takes these arguments (GEMV when m <= kCudaGemvMaxRows, tensor cores when
 // supported, CUDA-core tiles always) and compares each with x . W_hat^T + bias in fp64.
 static bool skip_simt = false;      // run the CUDA-core tiled path only when the caller allows it
 static bool expect_splits = false;  // the GEMV must split its positions (the split cases must not go stale)
@@ -139,7 +139,7 @@ static void test_linear(const Case& c, int64_t m, DType x_type, bool bias, int s
   p.bias_type = DType::kF32;
   p.m = m;
   std::vector<LinearPath> paths;
-  if (m <= kGemvMaxRows) paths.push_back(LinearPath::kGemv);
+  if (m <= kCudaGemvMaxRows) paths.push_back(LinearPath::kGemv);
   const LinearPath chosen = linear_path(p);
   if (chosen == LinearPath::kMma) paths.push_back(LinearPath::kMma);
   if (!skip_simt || paths.empty()) paths.push_back(LinearPath::kSimt);

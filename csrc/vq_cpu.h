@@ -1,0 +1,30 @@
+// What the pieces of the vq family's CPU kernels share (internal: include only from csrc/vq_cpu*.cpp):
+//   vq_cpu.cpp              the CPU glue (ops, counters) with the dequantize, direct-dot and blocked-GEMM paths
+//   vq_cpu_lut.cpp          small batches: the lookup-table GEMV (fp32 tables, any code dtype)
+//   vq_cpu_byte_planes.cpp  small batches, uint8 codes, AVX-512 VBMI: the tables in byte planes
+// Layout, numerics and the table-or-direct rule (use_lookup_table, kCpuSmallBatchRows) are vq.h's.
+#pragma once
+#include <cstdint>
+
+#include "vq.h"
+
+namespace blockops::vq {
+
+constexpr int64_t kBuildGrain = 1 << 22;  // table multiply-adds per task of either table build (~0.3 ms on one
+                                          // thread): a small build stays on the calling thread
+
+// y [rows, out] fp32 = x [rows, in] fp32 @ W_hat^T through lookup tables, rows <= kCpuSmallBatchRows. cb32: the
+// codebooks in fp32 [K, k, d]; scales [out] fp32; avx2: run the AVX2 copies of the loops (cpu_has_avx2_fma()).
+void lut_gemv(bool avx2, const float* x, const void* codes, CodeType type, const float* cb32, const float* scales,
+              const Geometry& g, int64_t rows, float* y);
+
+// Whether vq_linear takes the byte-plane kernel for these weights and rows (fp32_x: fp32 activations, which need
+// exact tables). Always false without BLOCKOPS_X86_DISPATCH or an AVX-512 VBMI CPU.
+bool use_byte_planes(const Geometry& g, CodeType type, bool fp32_x, int64_t rows);
+
+// y = x @ W_hat^T on the byte-plane kernel (only where use_byte_planes; exact: fp32 tables, for fp32 activations).
+// Returns the largest code: codes >= k read zero tables (never out of bounds) and the caller reports them.
+uint8_t plane_gemv(const float* x, const uint8_t* codes, const float* cb32, const float* scales, const Geometry& g,
+                   int64_t rows, bool exact, float* y);
+
+}  // namespace blockops::vq

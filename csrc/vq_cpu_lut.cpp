@@ -1,0 +1,362 @@
+// Vector-quantized GEMM on the CPU, small batches: the lookup-table GEMV (vq_cpu.h; the rule that picks it is vq.h's
+// use_lookup_table). Any code dtype and k, fp32 tables built once per call, AVX2 or portable copies of the loops.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "vq_cpu.h"
+
+namespace blockops::vq {
+namespace {
+
+constexpr int64_t kChunkBytes = 16 << 10;  // tables gathered from per chunk: half of Zen 4's 32 KB L1
+constexpr int64_t kTileBytes = 4 << 20;    // staged codes of one tile (L3). Every tile reads all the tables,
+                                           // which reach MBs with long rows and several activation rows
+                                           // (11 MB at 11008 x 4096, 4 rows), so few large tiles beat tiles
+                                           // sized for L2 (measured, one thread: 512 KB 30 ms, 4 MB 13.6 ms)
+constexpr int64_t kTilesPerThread = 4;     // table-kernel tiles per thread, for balance on a shared CPU
+
+// Tables: lut[p][c][m] = x[m, j*d:(j+1)*d] . codebooks[p % K][c] for position p = j*K + (p % K), codeword c and
+// activation row m < RP, the rows padded with zeros to RP in {1, 2, 4, 8}. The RP sums of one codeword sit side by
+// side, so one vector load fetches what one code contributes to every activation row: a gather costs about the
+// same at batch 8 as at batch 1. In memory the W positions covered by one 64-bit word of codes (W = 8 uint8 or 4
+// int16 codes) are interleaved per codeword, [P / W][k][W][RP], so that a code rotated into place is its entry's
+// byte offset (no multiply, no per-position base pointer). Positions are padded with zero tables to whole words.
+//
+// Gathers, per tile of output rows (staged codes within kTileBytes; the threads take tiles in turn, lut_gemv):
+//
+//        positions ->   chunk 0           chunk 1           ...    (chunk * k * RP floats of tables <= kChunkBytes: L1)
+//                       +-----------------+-----------------+--
+//      tile rows        | staged codes [chunk][row][chunk positions], copied row by row from codes [out, P]
+//      (4 at a time)    +-----------------+-----------------+--
+//
+//   The tile's codes are read in order (one sequential stream, the next tile's prefetched while this one is
+//   gathered) and come out contiguous per chunk: read in place, rows of 1024 codes at a power-of-two stride would
+//   all map to the same few L1 sets. Each chunk's tables stay in L1 while all the tile's rows gather from them.
+
+// The vectors below live inside always-inlined loops, never crossing a call, so GCC's -Wpsabi note (a vector
+// return would change the ABI between the AVX2 and the portable copies) does not apply.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+// RP floats side by side: a GCC vector (SSE/AVX2 in the AVX2 copy of the loops), or a float when RP = 1. (A
+// typedef: GCC drops vector_size from an alias declaration in a template.)
+template <int RP>
+struct Lanes { typedef float type __attribute__((vector_size(RP * sizeof(float)))); };
+static_assert(sizeof(Lanes<4>::type) == 4 * sizeof(float), "Lanes<RP> must be a vector of RP floats");
+template <>
+struct Lanes<1> { using type = float; };
+
+template <int RP>
+__attribute__((always_inline)) inline typename Lanes<RP>::type load_lanes(const float* p) {
+  typename Lanes<RP>::type v;
+  std::memcpy(&v, p, sizeof v);  // unaligned vector load
+  return v;
+}
+
+template <int RP>
+__attribute__((always_inline)) inline void store_lanes(float* p, typename Lanes<RP>::type v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+// How the table and the gathers are cut, for one call.
+struct TablePlan {
+  int64_t rp;      // activation rows padded to 1, 2, 4 or 8
+  int64_t chunk;   // positions per chunk: a power of two in [8, 64] (whole 64-bit words of codes) with
+                   // chunk * k * rp floats at most kChunkBytes where possible
+  int64_t padded;  // positions rounded up to whole 64-bit words of uint8 codes (8); the last chunk may be shorter
+  int64_t tile;    // output rows per tile: staged codes and accumulators within kTileBytes
+};
+
+static_assert(kCpuSmallBatchRows <= 8, "the tables hold at most 8 activation rows side by side");
+
+TablePlan plan_tables(const Geometry& g, int64_t rows, int64_t code_bytes) {
+  TablePlan t{};
+  t.rp = rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8;
+  const int64_t entry_bytes = g.k * t.rp * static_cast<int64_t>(sizeof(float));
+  t.chunk = 8;
+  while (t.chunk < 64 && t.chunk * 2 * entry_bytes <= kChunkBytes) t.chunk *= 2;
+  t.padded = (g.positions() + 7) / 8 * 8;
+  const int64_t row_bytes = t.padded * code_bytes + t.rp * static_cast<int64_t>(sizeof(float));
+  t.tile = std::max<int64_t>(16, kTileBytes / row_bytes);
+  return t;
+}
+
+// Tables of one position p into its slot of the word-interleaved layout (see build_tables): RP = 1, unit-stride over
+// c into a block of kBuildBlock sums with the codebook transposed to [K][d][k], so that it vectorises 8-wide in
+// the AVX2 copy, then spread to the slot; RP > 1, one vector of the RP rows' inputs per t, times each codeword's
+// weight broadcast. Positions >= P (padding) get zeros.
+constexpr int64_t kBuildBlock = 64;
+
+template <int D, int RP>
+__attribute__((always_inline)) inline void build_position(const float* x, const float* cb, const float* cbt,
+                                                          const Geometry& g, int64_t rows, int64_t p, int64_t stride,
+                                                          float* slot) {
+  if (p >= g.positions()) {
+    for (int64_t c = 0; c < g.k; ++c)
+      for (int m = 0; m < RP; ++m) slot[c * stride + m] = 0.f;
+    return;
+  }
+  const int64_t j = p / g.K, kk = p % g.K, in = g.in();
+  if constexpr (RP == 1) {
+    const float* xg = x + j * D;
+    const float* ct = cbt + kk * D * g.k;
+    float sums[kBuildBlock];
+    for (int64_t c0 = 0; c0 < g.k; c0 += kBuildBlock) {
+      const int64_t n = std::min(kBuildBlock, g.k - c0);
+      for (int64_t c = 0; c < n; ++c) {
+        float s = 0.f;
+        for (int t = 0; t < D; ++t) s += xg[t] * ct[t * g.k + c0 + c];
+        sums[c] = s;
+      }
+      for (int64_t c = 0; c < n; ++c) slot[(c0 + c) * stride] = sums[c];
+    }
+  } else {
+    using V = typename Lanes<RP>::type;
+    V xt[D];
+    for (int t = 0; t < D; ++t) {
+      float lane[RP] = {};
+      for (int64_t m = 0; m < rows; ++m) lane[m] = x[m * in + j * D + t];
+      xt[t] = load_lanes<RP>(lane);
+    }
+    const float* cw = cb + kk * g.k * D;
+    for (int64_t c = 0; c < g.k; ++c) {
+      V s = xt[0] * cw[c * D];
+      for (int t = 1; t < D; ++t) s += xt[t] * cw[c * D + t];
+      store_lanes<RP>(slot + c * stride, s);
+    }
+  }
+}
+
+// The tables of words [w0, w1): positions w * W .. w * W + W - 1, W codes per 64-bit word.
+template <int D, int RP>
+__attribute__((always_inline)) inline void build_words(const float* x, const float* cb, const float* cbt,
+                                                       const Geometry& g, int64_t rows, int64_t per_word, int64_t w0,
+                                                       int64_t w1, float* lut) {
+  for (int64_t w = w0; w < w1; ++w)
+    for (int64_t i = 0; i < per_word; ++i)
+      build_position<D, RP>(x, cb, cbt, g, rows, w * per_word + i, per_word * RP, lut + (w * g.k * per_word + i) * RP);
+}
+
+template <int D, int RP>
+void build_words_portable(const float* x, const float* cb, const float* cbt, const Geometry& g, int64_t rows,
+                          int64_t per_word, int64_t w0, int64_t w1, float* lut) {
+  build_words<D, RP>(x, cb, cbt, g, rows, per_word, w0, w1, lut);
+}
+#if BLOCKOPS_X86_DISPATCH
+template <int D, int RP>
+BLOCKOPS_TARGET_AVX2 void build_words_avx2(const float* x, const float* cb, const float* cbt, const Geometry& g,
+                                           int64_t rows, int64_t per_word, int64_t w0, int64_t w1, float* lut) {
+  build_words<D, RP>(x, cb, cbt, g, rows, per_word, w0, w1, lut);
+}
+#endif
+
+using BuildFn = void (*)(const float*, const float*, const float*, const Geometry&, int64_t, int64_t, int64_t, int64_t,
+                         float*);
+
+template <int RP>
+BuildFn pick_build_rp(bool avx2, int64_t d) {
+#if BLOCKOPS_X86_DISPATCH
+  if (avx2) return d == 2 ? &build_words_avx2<2, RP> : d == 4 ? &build_words_avx2<4, RP> : &build_words_avx2<8, RP>;
+#endif
+  return d == 2 ? &build_words_portable<2, RP> : d == 4 ? &build_words_portable<4, RP> : &build_words_portable<8, RP>;
+}
+
+BuildFn pick_build(bool avx2, int64_t d, int64_t rp) {
+  switch (rp) {
+    case 1: return pick_build_rp<1>(avx2, d);
+    case 2: return pick_build_rp<2>(avx2, d);
+    case 4: return pick_build_rp<4>(avx2, d);
+    default: return pick_build_rp<8>(avx2, d);
+  }
+}
+
+// All tables, [padded / W][k][W][rp] (W codes per 64-bit word): the W positions that one word of codes covers
+// sit side by side for each codeword, so that a code shifted into place is the byte offset of its entry.
+void build_tables(bool avx2, const float* x, const float* cb32, const Geometry& g, int64_t rows, const TablePlan& t,
+                  int64_t per_word, float* lut) {
+  std::vector<float> cbt;  // [K][d][k], for the single-row tables
+  if (t.rp == 1) {
+    cbt.resize(static_cast<size_t>(g.K * g.d * g.k));
+    for (int64_t kk = 0; kk < g.K; ++kk)
+      for (int64_t c = 0; c < g.k; ++c)
+        for (int64_t i = 0; i < g.d; ++i) cbt[(kk * g.d + i) * g.k + c] = cb32[(kk * g.k + c) * g.d + i];
+  }
+  const float* cbt_p = cbt.data();
+  const BuildFn build = pick_build(avx2, g.d, t.rp);
+  // At least kBuildGrain multiply-adds per task: a small build (a few hundred microseconds at most) runs on the
+  // calling thread, sparing a parallel region whose wake-up costs milliseconds on a shared CPU.
+  const int64_t per_word_work = std::max<int64_t>(1, per_word * g.k * g.d * rows);
+  at::parallel_for(0, t.padded / per_word, std::max<int64_t>(1, kBuildGrain / per_word_work), [&](int64_t w0, int64_t w1) {
+    build(x, cb32, cbt_p, g, rows, per_word, w0, w1, lut);
+  });
+}
+
+// w rotated right by n in [0, 64): one instruction (ror / rorx), and it leaves w intact for the next code.
+inline uint64_t rotate_right(uint64_t w, int n) { return (w >> n) | (w << ((64 - n) & 63)); }
+
+struct GatherArgs {
+  const float* lut;     // [padded / W][k][W][rp], see build_tables
+  const void* codes;    // [out, P]
+  const float* scales;  // [out] fp32
+  float* y;             // [rows, out] fp32
+  Geometry g;
+  TablePlan t;
+  int64_t rows;
+};
+
+// acc[r][0:RP] += sum over the chunk's positions i of table(i, codes[r][i]) for R rows at once (the staged codes of
+// row r at codes + r * len). R rows of kSums sums each are independent chains, so that the adds pipeline; the
+// per-row overhead (zeroing, reducing the sums, updating acc) is paid once per chunk.
+template <typename CodeT, int RP, int R>
+__attribute__((always_inline)) inline void gather_rows(const CodeT* codes, int64_t len, const float* lut, int64_t table,
+                                                       float* acc) {
+  using V = typename Lanes<RP>::type;
+  constexpr int kPerWord = 8 / sizeof(CodeT);        // codes per 64-bit word
+  constexpr int kBits = 8 * sizeof(CodeT);
+  constexpr uint64_t kMask = (uint64_t{1} << kBits) - 1;
+  constexpr int kSums = R == 1 ? 8 : 2;              // sums per row: 8 chains in flight either way
+  constexpr int kEntryShift = std::countr_zero(static_cast<unsigned>(kPerWord * RP * sizeof(float)));  // log2 of a
+                                                     // codeword's bytes in a word's tables
+  V s[R][kSums] = {};
+  for (int64_t i0 = 0; i0 < len; i0 += kPerWord) {
+    const char* word_tables = reinterpret_cast<const char*>(lut + i0 * table);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      uint64_t w;
+      std::memcpy(&w, codes + r * len + i0, sizeof w);
+#pragma GCC unroll 8
+      for (int i = 0; i < kPerWord; ++i) {
+        // Byte offset of code i's entry: the code rotated into bits [kEntryShift, kEntryShift + kBits).
+        const uint64_t offset = rotate_right(w, (i * kBits - kEntryShift) & 63) & (kMask << kEntryShift);
+        s[r][i % kSums] += load_lanes<RP>(reinterpret_cast<const float*>(word_tables + offset) + i * RP);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    V sum = s[r][0];
+    for (int i = 1; i < kSums; ++i) sum += s[r][i];
+    store_lanes<RP>(acc + r * RP, load_lanes<RP>(acc + r * RP) + sum);
+  }
+}
+
+// One tile of output rows [n0, n1) of a task ending at n_end: stage its codes, gather every chunk's tables into
+// acc [row][RP], then write y = scale * acc.
+template <typename CodeT, int RP>
+__attribute__((always_inline)) inline void gather_tile(const GatherArgs& a, int64_t n0, int64_t n1, int64_t n_end,
+                                                       CodeT* staged, float* acc) {
+  constexpr int kPerWord = 8 / sizeof(CodeT);        // codes per 64-bit word
+  constexpr int kRowsAtOnce = 4;                     // output rows gathered together
+  const int64_t P = a.g.positions(), k = a.g.k, rows = n1 - n0;
+  const int64_t chunk = a.t.chunk, padded = a.t.padded, table = k * RP;
+  const CodeT* codes = static_cast<const CodeT*>(a.codes);
+  // Stage the tile: staged[q * chunk * rows + r * len_q + i] = codes[n0 + r, q * chunk + i] for chunk q of len_q
+  // positions, zero past P. The tile's codes are read in order (one sequential stream) and each chunk's codes
+  // come out contiguous.
+  for (int64_t r = 0; r < rows; ++r) {
+    const CodeT* src = codes + (n0 + r) * P;
+    for (int64_t q0 = 0; q0 < padded; q0 += chunk) {
+      const int64_t len = std::min(chunk, padded - q0);
+      CodeT* dst = staged + q0 * rows + r * len;
+      for (int64_t i0 = 0; i0 < len; i0 += kPerWord) {
+        if (q0 + i0 + kPerWord <= P) {
+          std::memcpy(dst + i0, src + q0 + i0, sizeof(uint64_t));
+        } else {
+          for (int i = 0; i < kPerWord; ++i) dst[i0 + i] = q0 + i0 + i < P ? src[q0 + i0 + i] : CodeT{0};
+        }
+      }
+    }
+  }
+  std::fill(acc, acc + rows * RP, 0.f);
+  const char* next = reinterpret_cast<const char*>(codes + n1 * P);
+  const int64_t next_bytes = std::min(rows, n_end - n1) * P * static_cast<int64_t>(sizeof(CodeT));
+  for (int64_t q0 = 0; q0 < padded; q0 += chunk) {
+    const int64_t len = std::min(chunk, padded - q0);
+    const float* lut = a.lut + q0 * table;
+    const CodeT* code_rows = staged + q0 * rows;
+    int64_t r = 0;
+    for (; r + kRowsAtOnce <= rows; r += kRowsAtOnce) {
+      // Sweep the next tile's codes into the cache at the pace this tile's staged codes are read, so that
+      // staging it finds them there instead of waiting on DRAM.
+      const int64_t ahead = (q0 * rows + r * len) * static_cast<int64_t>(sizeof(CodeT));
+      if (ahead < next_bytes) __builtin_prefetch(next + ahead);
+      gather_rows<CodeT, RP, kRowsAtOnce>(code_rows + r * len, len, lut, table, acc + r * RP);
+    }
+    for (; r < rows; ++r) gather_rows<CodeT, RP, 1>(code_rows + r * len, len, lut, table, acc + r * RP);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t n = n0 + r;
+    for (int64_t m = 0; m < a.rows; ++m) a.y[m * a.g.out + n] = a.scales[n] * acc[r * RP + m];
+  }
+}
+
+template <typename CodeT, int RP>
+void gather_portable(const GatherArgs& a, int64_t n0, int64_t n1, int64_t n_end, void* staged, float* acc) {
+  gather_tile<CodeT, RP>(a, n0, n1, n_end, static_cast<CodeT*>(staged), acc);
+}
+#if BLOCKOPS_X86_DISPATCH
+template <typename CodeT, int RP>
+BLOCKOPS_TARGET_AVX2 void gather_avx2(const GatherArgs& a, int64_t n0, int64_t n1, int64_t n_end, void* staged,
+                                      float* acc) {
+  gather_tile<CodeT, RP>(a, n0, n1, n_end, static_cast<CodeT*>(staged), acc);
+}
+#endif
+
+using GatherFn = void (*)(const GatherArgs&, int64_t, int64_t, int64_t, void*, float*);
+
+template <typename CodeT, int RP>
+GatherFn pick_gather_isa(bool avx2) {
+#if BLOCKOPS_X86_DISPATCH
+  if (avx2) return &gather_avx2<CodeT, RP>;
+#endif
+  return &gather_portable<CodeT, RP>;
+}
+
+template <typename CodeT>
+GatherFn pick_gather_rp(bool avx2, int64_t rp) {
+  switch (rp) {
+    case 1: return pick_gather_isa<CodeT, 1>(avx2);
+    case 2: return pick_gather_isa<CodeT, 2>(avx2);
+    case 4: return pick_gather_isa<CodeT, 4>(avx2);
+    default: return pick_gather_isa<CodeT, 8>(avx2);
+  }
+}
+
+}  // namespace
+
+void lut_gemv(bool avx2, const float* x, const void* codes, CodeType type, const float* cb32, const float* scales,
+              const Geometry& g, int64_t rows, float* y) {
+  const int64_t code_bytes = type == CodeType::kU8 ? 1 : 2;
+  const TablePlan t = plan_tables(g, rows, code_bytes);
+  at::Tensor lut = at::empty({t.padded, g.k, t.rp}, at::TensorOptions().dtype(at::kFloat));  // interleaved, see build_tables
+  build_tables(avx2, x, cb32, g, rows, t, 8 / code_bytes, lut.mutable_data_ptr<float>());
+  const GatherArgs a{lut.const_data_ptr<float>(), codes, scales, y, g, t, rows};
+  const GatherFn gather = type == CodeType::kU8 ? pick_gather_rp<uint8_t>(avx2, t.rp)
+                                                : pick_gather_rp<uint16_t>(avx2, t.rp);
+  // Tiles handed out in order from a shared counter rather than one fixed range per thread: on a shared CPU a
+  // descheduled thread leaves its tiles to the others instead of making them wait at the end. kTilesPerThread
+  // tiles per thread at least, so that there is something to hand over; each tile reads the whole table.
+  const int64_t threads = at::get_num_threads();
+  const int64_t tile = std::min(t.tile, std::max<int64_t>(64, (g.out + kTilesPerThread * threads - 1) /
+                                                                  (kTilesPerThread * threads)));
+  std::atomic<int64_t> next_tile{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    // Not zero-filled: staging writes every byte before it is read.
+    const auto staged = std::make_unique_for_overwrite<uint8_t[]>(static_cast<size_t>(tile * t.padded * code_bytes));
+    std::vector<float> acc(static_cast<size_t>(tile * t.rp));
+    for (int64_t n0 = next_tile.fetch_add(tile); n0 < g.out; n0 = next_tile.fetch_add(tile)) {
+      gather(a, n0, std::min(g.out, n0 + tile), g.out, staged.get(), acc.data());
+    }
+  });
+}
+
+#pragma GCC diagnostic pop
+
+}  // namespace blockops::vq
