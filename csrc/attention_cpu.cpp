@@ -27,22 +27,14 @@
 #include <type_traits>
 #include <vector>
 
-#if BLOCKOPS_X86_DISPATCH
-#include <immintrin.h>
-#endif
-
 #include "attention_op.h"
+#include "cpu_common.h"  // also <immintrin.h> where the AVX2 paths are compiled
 #include "cpu_features.h"
-#include "cpu_common.h"
 #include "introspection.h"
+#include "static_switch.h"
 
 namespace blockops::attention {
 namespace {
-
-constexpr const char* kForward = "blockops.block_sparse_attention";
-constexpr const char* kBackward = "blockops.block_sparse_attention_backward";
-
-constexpr const char* kFamily = "attention";
 
 KernelCounter forward_counter(kFamily, "block_sparse_attention.cpu");
 KernelCounter backward_counter(kFamily, "block_sparse_attention_backward.cpu");
@@ -555,15 +547,6 @@ void backward_kernel(const BwdParams& p) {
   });
 }
 
-template <typename Fn>
-void dispatch_dtype(DType t, Fn&& fn) {
-  switch (t) {
-    case DType::kF16: return fn(c10::Half{});
-    case DType::kBF16: return fn(c10::BFloat16{});
-    default: return fn(float{});
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                const at::Tensor& kv_num, const at::Tensor& kv_idx,
                                                const at::Tensor& full_kv_num, const at::Tensor& full_kv_idx,
@@ -580,7 +563,8 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   forward_counter.hit();
-  dispatch_dtype(p.dtype, [&](auto tag) { forward_kernel<decltype(tag)>(p); });
+  BLOCKOPS_DTYPE_SWITCH(p.dtype, kT, TORCH_INTERNAL_ASSERT(false, "unsupported dtype"),
+                        [&] { forward_kernel<cpu_element_t<kT>>(p); });
   return {out, lse};
 }
 
@@ -609,7 +593,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   p.grad_k = gk.data_ptr();
   p.grad_v = gv.data_ptr();
   backward_counter.hit();
-  dispatch_dtype(fwd.dtype, [&](auto tag) { backward_kernel<decltype(tag)>(p); });
+  BLOCKOPS_DTYPE_SWITCH(fwd.dtype, kT, TORCH_INTERNAL_ASSERT(false, "unsupported dtype"),
+                        [&] { backward_kernel<cpu_element_t<kT>>(p); });
   return {gq, gk, gv};
 }
 

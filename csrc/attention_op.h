@@ -7,6 +7,10 @@
 
 namespace blockops::attention {
 
+constexpr const char* kFamily = "attention";   // introspection.h: counters and build_info
+constexpr const char* kForward = "blockops.block_sparse_attention";
+constexpr const char* kBackward = "blockops.block_sparse_attention_backward";
+
 // The mask tensors of one direction as the op receives them.
 struct ListTensors {
   const at::Tensor& num;

@@ -20,8 +20,6 @@ namespace blockops::bitpack {
 
 namespace {
 
-constexpr const char* kFamily = "bitpack";
-
 KernelCounter pack_counter(kFamily, "pack_bits.cpu");
 KernelCounter unpack_counter(kFamily, "unpack_bits.cpu");
 FamilyRegistration family(kFamily, cpu_isa_name);

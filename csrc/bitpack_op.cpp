@@ -8,8 +8,6 @@
 namespace blockops::bitpack {
 
 namespace {
-constexpr const char* kPack = "blockops.pack_bits";
-constexpr const char* kUnpack = "blockops.unpack_bits";
 
 // Geometry of `sizes` packed along dim, given the (unpacked) length along it.
 Geometry geometry_of(at::IntArrayRef sizes, int64_t dim, int64_t length, int bits) {

@@ -9,6 +9,10 @@
 
 namespace blockops::bitpack {
 
+constexpr const char* kFamily = "bitpack";   // introspection.h: counters and build_info
+constexpr const char* kPack = "blockops.pack_bits";
+constexpr const char* kUnpack = "blockops.unpack_bits";
+
 struct Problem {
   Geometry geometry;
   std::vector<int64_t> output_sizes;

@@ -6,9 +6,16 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "dtype.h"
 #include "macros.h"
 
 namespace blockops {
+
+// The C++ element type of a DType (BLOCKOPS_DTYPE_SWITCH gives the DType as a constant).
+template <DType T> struct cpu_element { using type = float; };
+template <> struct cpu_element<DType::kF16> { using type = c10::Half; };
+template <> struct cpu_element<DType::kBF16> { using type = c10::BFloat16; };
+template <DType T> using cpu_element_t = typename cpu_element<T>::type;
 
 // Typed element -> fp32, for kernels templated on the element type (float, c10::Half or c10::BFloat16).
 inline float to_float(float v) { return v; }

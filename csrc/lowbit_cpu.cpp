@@ -35,6 +35,7 @@
 #include <type_traits>
 
 #include "checks.h"
+#include "cpu_common.h"
 #include "cpu_features.h"
 #include "glue.h"
 #include "introspection.h"
@@ -228,12 +229,8 @@ BLOCKOPS_TARGET_AVX2 void gemv_tile_avx2(const GemvArgs& a, int64_t n0, int64_t 
 BLOCKOPS_TARGET_AVX2 __attribute__((always_inline)) inline __m256 load8_as_float(const void* base, int64_t i,
                                                                                   DType type) {
   switch (type) {
-    case DType::kF16:
-      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i)));
-    case DType::kBF16:  // bf16 is the high half of an fp32
-      return _mm256_castsi256_ps(_mm256_slli_epi32(
-          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i))),
-          16));
+    case DType::kF16: return load8_f16_avx2(static_cast<const uint16_t*>(base) + i);
+    case DType::kBF16: return load8_bf16_avx2(static_cast<const uint16_t*>(base) + i);
     default:
       return _mm256_loadu_ps(static_cast<const float*>(base) + i);
   }

@@ -52,8 +52,8 @@
     }                                                                                      \
   }()
 
-// ---- The element dtype (dtype.h DType) as `constexpr DType NAME` (the block_cache CPU kernels, templated on the
-// dtype they load and store).
+// ---- The element dtype (dtype.h DType) as `constexpr DType NAME`, for kernels templated on the dtype they load and
+// store (cpu_common.h's cpu_element_t<NAME> is its C++ element type).
 #define BLOCKOPS_DTYPE_CASE(VALUE, NAME, ...)    \
   case VALUE: {                                  \
     constexpr ::blockops::DType NAME = VALUE;    \

@@ -588,7 +588,7 @@ def test_api_errors():
         bc.disable_block_cache(two)
     with pytest.raises(ValueError, match="has no attribute path 'nope'"):
         bc.enable_block_cache(two, bc.Never(), blocks_attr="nope")
-    with pytest.raises(TypeError, match="policy must be a blockops.cache policy"):
+    with pytest.raises(TypeError, match="policy must be a blockops.block_cache policy"):
         bc.enable_block_cache(two, "fast", blocks_attr="dec")
     with pytest.raises(ValueError, match="needs at least two blocks"):
         bc.enable_block_cache(nn.ModuleList([Block(4, 0)]), bc.FirstBlockCache(0.1))

@@ -18,8 +18,6 @@
 namespace blockops::attention {
 namespace {
 
-constexpr const char* kFamily = "attention";
-
 KernelCounter fwd_counter(kFamily, "block_sparse_attention.cuda");
 KernelCounter fwd_mma_counter(kFamily, "block_sparse_attention_mma.cuda");  // the tensor-core forward ran
 KernelCounter bwd_counter(kFamily, "block_sparse_attention_backward.cuda");
@@ -32,7 +30,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
     const at::Tensor& /*full_q_num_blocks*/, const at::Tensor& /*full_q_indices*/, const at::Tensor& /*q_tile_ids*/,
     const at::Tensor& tiles, int64_t block_q, int64_t block_kv, double scale) {
   // The transposed lists are the op's inputs only for its registered autograd; the forward reads the kv lists.
-  constexpr const char* op = "blockops.block_sparse_attention";
+  constexpr const char* op = kForward;
   FwdParams p = describe_forward(op, q, k, v, {kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
                                                kv_tile_ids}, tiles, block_q, block_kv, scale);
   const KernelGuard guard(kFamily, op, q.device());
@@ -55,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward_c
     const at::Tensor& q_num_blocks, const at::Tensor& q_indices, const at::Tensor& full_q_num_blocks,
     const at::Tensor& full_q_indices, const at::Tensor& q_tile_ids, const at::Tensor& tiles, int64_t block_q,
     int64_t block_kv, double scale) {
-  constexpr const char* op = "blockops.block_sparse_attention_backward";
+  constexpr const char* op = kBackward;
   const FwdParams fwd = describe_forward(op, q, k, v, {kv_num_blocks, kv_indices, full_kv_num_blocks,
                                                        full_kv_indices, kv_tile_ids}, tiles, block_q, block_kv, scale);
   const KernelGuard guard(kFamily, op, q.device());

@@ -37,7 +37,6 @@ constexpr int kMaxWarps = 8;          // block_q = 128; launch bounds (32 kMaxWa
                                       // count ptxas (CUDA 13, sm_90a) caps registers and spills in dq_mma_kernel
 constexpr int kPad = 8;               // elements after each smem row: a 16 B (mod 128) row shift keeps the 8 rows
                                       // of an ldmatrix on distinct banks
-constexpr int kDefaultSmem = 48 * 1024;  // dynamic smem above this needs the per-kernel opt-in
 constexpr int kMaxGridYZ = 65535;
 
 __host__ __device__ constexpr int round16(int x) { return (x + 15) / 16 * 16; }
@@ -234,17 +233,12 @@ int head_bucket(const FwdParams& p) {
   return dim <= 64 ? 64 : dim <= 128 ? 128 : 256;
 }
 
-int max_dynamic_smem() { return device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, kDefaultSmem); }
-
 // Sets the opt-in when `smem` exceeds the default, then launches.
 template <typename Kernel, typename Params>
 cudaError_t launch_with_smem(Kernel kernel, dim3 grid, int threads, size_t smem, const Params& p,
                              cudaStream_t stream) {
-  if (smem > size_t{kDefaultSmem}) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
+  const cudaError_t err = allow_dynamic_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
   kernel<<<grid, threads, smem, stream>>>(p);
   return cudaGetLastError();
 }

@@ -15,8 +15,6 @@
 namespace blockops::bitpack {
 namespace {
 
-constexpr const char* kFamily = "bitpack";
-
 KernelCounter pack_counter(kFamily, "pack_bits.cuda");
 KernelCounter unpack_counter(kFamily, "unpack_bits.cuda");
 
@@ -33,7 +31,7 @@ IntType int_type_of(at::ScalarType s) {
 
 at::Tensor pack_bits_cuda(const at::Tensor& values, int64_t bits, int64_t dim) {
   const Problem p = check_pack(values, bits, dim);
-  const KernelGuard guard(kFamily, "blockops.pack_bits", values.device());
+  const KernelGuard guard(kFamily, kPack, values.device());
   at::Tensor out = at::empty(p.output_sizes, values.options().dtype(at::kInt));
   if (out.numel() == 0) return out;
   pack_counter.hit();
@@ -49,7 +47,7 @@ at::Tensor pack_bits_cuda(const at::Tensor& values, int64_t bits, int64_t dim) {
 
 at::Tensor unpack_bits_cuda(const at::Tensor& packed, int64_t bits, int64_t size, int64_t dim) {
   const Problem p = check_unpack(packed, bits, size, dim);
-  const KernelGuard guard(kFamily, "blockops.unpack_bits", packed.device());
+  const KernelGuard guard(kFamily, kUnpack, packed.device());
   at::Tensor out = at::empty(p.output_sizes, packed.options().dtype(at::kByte));
   if (out.numel() == 0) return out;
   unpack_counter.hit();

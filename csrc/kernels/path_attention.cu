@@ -41,7 +41,6 @@ namespace {
 constexpr int kThreads = 256;            // per CTA: 4 outputs per thread of a 64 x 16 product, enough for the
                                          // 64 x 64 x D tiles without register pressure
 constexpr int C = kChunk;
-constexpr int kDefaultSmem = 48 * 1024;  // dynamic shared memory a launch gets without the opt-in
 
 // The PTX wrappers (mma_ptx.cuh) this kernel uses.
 using mma::mma_16816;
@@ -676,10 +675,8 @@ template <typename Kernel, typename... Args>
 cudaError_t launch(Kernel kernel, int64_t grid, int64_t smem, cudaStream_t stream, Args... args) {
   if (grid == 0) return cudaSuccess;
   if (grid > kMaxGridX) return cudaErrorInvalidValue;
-  if (smem > kDefaultSmem) {
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
+  const cudaError_t err = allow_dynamic_smem(kernel, static_cast<size_t>(smem));
+  if (err != cudaSuccess) return err;
   kernel<<<static_cast<unsigned>(grid), kThreads, static_cast<size_t>(smem), stream>>>(args...);
   return cudaGetLastError();
 }
@@ -697,7 +694,7 @@ cudaError_t prepare(const Params& p, const CudaPlan& plan, cudaStream_t stream) 
 
 }  // namespace
 
-int device_smem_optin() { return device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, kDefaultSmem); }
+int device_smem_optin() { return max_dynamic_smem(); }
 
 cudaError_t launch_path_forward(const Params& p, const CudaPlan& plan, cudaStream_t stream) {
   cudaError_t err = prepare(p, plan, stream);

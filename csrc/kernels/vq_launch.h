@@ -4,7 +4,7 @@
 //
 // Codes >= k never cause an out-of-bounds read: every kernel reads code c as min(c, k - 1). The CPU ops raise on
 // such codes; checking on the GPU would need a device-to-host sync per call, so the CUDA ops compute with the
-// clamped code instead (documented in python/blockops/vq.py and tested in tests/test_vq.py).
+// clamped code instead (documented in python/blockops/ops/vq.py and tested in tests/test_vq.py).
 #pragma once
 #include <cuda_runtime_api.h>
 

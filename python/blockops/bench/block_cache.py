@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import blockops.cache as bc
+import blockops.block_cache as bc
 from blockops.bench.harness import Result, time_ms
 from blockops.reference import ref_relative_l1, ref_relative_l1_residual
 

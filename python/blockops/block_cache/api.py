@@ -46,11 +46,11 @@ class BlockCall:
         else:
             self.key = next((k for k in ("hidden_states", "x") if k in kwargs), None)
             if self.key is None:
-                raise TypeError(f"blockops.cache: block {index} was called without hidden states (a first positional "
+                raise TypeError(f"blockops.block_cache: block {index} was called without hidden states (a first positional "
                                 "argument, or hidden_states= / x=)")
             self.x = kwargs[self.key]
         if not isinstance(self.x, torch.Tensor):
-            raise TypeError(f"blockops.cache: block {index}'s hidden states must be a tensor, got {type(self.x).__name__}")
+            raise TypeError(f"blockops.block_cache: block {index}'s hidden states must be a tensor, got {type(self.x).__name__}")
         self.x = self.x.contiguous()  # the kernels read [B, T, C] row-major (a no-op for the usual layout)
 
     def __call__(self, x):
@@ -60,7 +60,7 @@ class BlockCall:
             out = self.forward(**{**self.kwargs, self.key: x})
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = type(out).__name__ if not isinstance(out, torch.Tensor) else f"shape {tuple(out.shape)}"
-            raise TypeError(f"blockops.cache: block {self.index} returned {got}; a cached block must return one tensor "
+            raise TypeError(f"blockops.block_cache: block {self.index} returned {got}; a cached block must return one tensor "
                             f"shaped like its hidden states {tuple(x.shape)}")
         return out.contiguous()
 
@@ -251,18 +251,18 @@ def _find_blocks(model: nn.Module, blocks_attr: str | None) -> tuple[str, nn.Mod
         obj = model
         for part in blocks_attr.split("."):
             if not hasattr(obj, part):
-                raise ValueError(f"blockops.cache: {type(model).__name__} has no attribute path {blocks_attr!r}")
+                raise ValueError(f"blockops.block_cache: {type(model).__name__} has no attribute path {blocks_attr!r}")
             obj = getattr(obj, part)
         if not isinstance(obj, nn.ModuleList) or len(obj) == 0:
-            raise ValueError(f"blockops.cache: {blocks_attr!r} is a {type(obj).__name__}, not a non-empty nn.ModuleList "
+            raise ValueError(f"blockops.block_cache: {blocks_attr!r} is a {type(obj).__name__}, not a non-empty nn.ModuleList "
                              "of blocks")
         return blocks_attr, obj
     found = _candidate_lists(model)
     if not found:
-        raise ValueError(f"blockops.cache: {type(model).__name__} has no nn.ModuleList of blocks (at least two modules "
+        raise ValueError(f"blockops.block_cache: {type(model).__name__} has no nn.ModuleList of blocks (at least two modules "
                          "of one class); pass the list itself or blocks_attr='name.of.list'")
     if len(found) > 1:
-        raise ValueError(f"blockops.cache: {type(model).__name__} has several block lists "
+        raise ValueError(f"blockops.block_cache: {type(model).__name__} has several block lists "
                          f"{[n for n, _ in found]}; name one with blocks_attr=")
     return found[0]
 
@@ -278,12 +278,12 @@ def enable_block_cache(blocks_or_model: nn.Module, policy, blocks_attr: str | No
     from blockops.block_cache.policies import Policy
 
     if not isinstance(policy, Policy):
-        raise TypeError(f"blockops.cache: policy must be a blockops.cache policy, got {type(policy).__name__}")
+        raise TypeError(f"blockops.block_cache: policy must be a blockops.block_cache policy, got {type(policy).__name__}")
     if getattr(blocks_or_model, _ATTR, None) is not None:
-        raise RuntimeError("blockops.cache: a block cache is already enabled here; disable_block_cache() first")
+        raise RuntimeError("blockops.block_cache: a block cache is already enabled here; disable_block_cache() first")
     name, blocks = _find_blocks(blocks_or_model, blocks_attr)
     if any("forward" in vars(b) for b in blocks):
-        raise RuntimeError(f"blockops.cache: the blocks of {name} already have a patched forward (another cache?)")
+        raise RuntimeError(f"blockops.block_cache: the blocks of {name} already have a patched forward (another cache?)")
     cache = BlockCache(blocks, policy, name)
     for i, block in enumerate(blocks):
         original = block.forward
@@ -299,7 +299,7 @@ def enable_block_cache(blocks_or_model: nn.Module, policy, blocks_attr: str | No
 def get_block_cache(model: nn.Module) -> BlockCache:
     cache = getattr(model, _ATTR, None)
     if cache is None:
-        raise RuntimeError(f"blockops.cache: no block cache is enabled on this {type(model).__name__}")
+        raise RuntimeError(f"blockops.block_cache: no block cache is enabled on this {type(model).__name__}")
     return cache
 
 

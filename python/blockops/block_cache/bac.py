@@ -117,7 +117,7 @@ class BACSchedule(Policy):
             raise ValueError(f"BACSchedule: fitted for {self.num_steps} steps, the generation has {cache.num_steps}")
         if st.step_host >= self.num_steps:
             raise ValueError(f"BACSchedule: step {st.step_host} is past the schedule's {self.num_steps} steps; "
-                             "use blockops.cache.cache_context(model) to start a new generation")
+                             "use blockops.block_cache.cache_context(model) to start a new generation")
         if torch.compiler.is_compiling():
             device = st.step.device
             if device not in self._device:

@@ -223,7 +223,7 @@ class BWCache(Policy):
         n_steps = cache.num_steps
         if n_steps is None:
             raise ValueError("BWCache needs the sampler's step count: BWCache(num_steps=...) or "
-                             "blockops.cache.cache_context(model, num_steps=...)")
+                             "blockops.block_cache.cache_context(model, num_steps=...)")
         if i == 0:
             self._decide(cache, st, n_steps)
         skip = st.run_skip
