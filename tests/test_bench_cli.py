@@ -1,7 +1,7 @@
 """The main job's entry point works end to end: `python -m blockops bench` prints its table, writes JSON and a PNG
 (one family, to keep the test short), every row names its ISA path and carries its error and tolerance, a row
-above its tolerance makes the command exit 1 naming it, `--cpu-isa` runs and merges two ISA paths, and
-`python -m blockops info` prints the build. No timing is asserted."""
+above its tolerance makes the command exit 1 naming it, `--cpu-isa` runs and merges two ISA paths, `--smoke` times
+one call per timing, and `python -m blockops info` prints the build. No timing is asserted."""
 import json
 import math
 import subprocess
@@ -12,7 +12,7 @@ import pytest
 import blockops
 from blockops import bench
 from blockops.__main__ import main
-from blockops.bench import Result
+from blockops.bench import Result, harness
 
 
 def test_bench_cli_writes_table_json_and_plot(tmp_path):
@@ -97,3 +97,26 @@ def test_cpu_isa_runs_each_isa_and_merges(tmp_path):
 def test_info_cli():
     result = subprocess.run([sys.executable, "-m", "blockops", "info"], capture_output=True, text=True, check=True)
     assert json.loads(result.stdout)["version"]
+
+
+def test_smoke_mode_times_one_call(monkeypatch, capsys):
+    calls = []
+    with harness.smoke_timing():
+        assert harness.smoke_mode()
+        harness.time_ms(lambda: calls.append(1), "cpu", warmup=3, min_repeats=10, min_seconds=1.0)
+    assert calls == [1] and not harness.smoke_mode()
+    seen = []
+
+    def family(device, quick=True):
+        seen.append((quick, harness.smoke_mode()))
+        return [_row(0.0, 0.0)]
+
+    monkeypatch.setitem(bench.FAMILIES, "bitpack", family)
+    assert main(["bench", "--device", "cpu", "--family", "bitpack", "--smoke"]) == 0
+    assert seen == [(True, True)] and not harness.smoke_mode()
+    assert "smoke run" in capsys.readouterr().out.splitlines()[0]
+    with pytest.raises(SystemExit):
+        main(["bench", "--device", "cpu", "--smoke", "--full"])
+    with pytest.raises(ValueError, match="quick"):
+        bench.run_suite("cpu", ["bitpack"], quick=False, smoke=True)
+

@@ -2,15 +2,17 @@
 
 Each family module has `run(device, quick=True) -> list[Result]`; FAMILIES lists them in suite order. Every row
 carries its measured error and tolerance (see blockops.bench.harness); `report_failures` prints the rows that exceed
-theirs.
+theirs. `run_suite(..., smoke=True)` runs the quick configurations with one timed call per timing and no warm-up,
+every error check kept.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 
 from blockops.bench import attention, bitpack, block_cache, dllm, lowbit, path_attention, ptq161, vq
 from blockops.bench.harness import (Result, device_isa, failures, format_table, machine_description, plot,
-                                    read_bandwidth_gbps, report_failures, title, write_json)
+                                    read_bandwidth_gbps, report_failures, smoke_timing, title, write_json)
 
 FAMILIES = {
     "bitpack": bitpack.run,
@@ -63,16 +65,23 @@ def family_main(name: str) -> None:
     sys.exit(1 if report_failures(results) else 0)
 
 
-def run_suite(device: str, families=None, quick: bool = True, progress: bool = True) -> list[Result]:
+def run_suite(device: str, families=None, quick: bool = True, progress: bool = True,
+              smoke: bool = False) -> list[Result]:
+    """The rows of `families` (default: all) on `device`: the quick or the full configurations. `smoke`: the quick
+    configurations with one timed call per timing and no warm-up (harness.smoke_timing), every error check kept;
+    raises ValueError with quick=False."""
     from tqdm import tqdm
 
+    if smoke and not quick:
+        raise ValueError("a smoke run runs the quick configurations: pass quick=True")
     names = resolve_families(families)
     results: list[Result] = []
-    for name in tqdm(names, desc="benchmark families", disable=not progress):
-        results.extend(FAMILIES[name](device, quick=quick))
+    with smoke_timing() if smoke else contextlib.nullcontext():
+        for name in tqdm(names, desc="benchmark families", disable=not progress):
+            results.extend(FAMILIES[name](device, quick=quick))
     return results
 
 
 __all__ = ["ALIASES", "FAMILIES", "Result", "device_isa", "failures", "family_main", "format_table",
            "machine_description", "plot", "read_bandwidth_gbps", "report_failures", "resolve_families", "run_suite",
-           "title", "write_json"]
+           "smoke_timing", "title", "write_json"]
