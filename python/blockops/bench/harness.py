@@ -202,6 +202,32 @@ def time_ms(fn: Callable[[], object], device: str, warmup: int = 2, min_repeats:
     return statistics.median(times)
 
 
+def time_ms_and_result(fn: Callable[[], object], device: str, **timing) -> tuple[float, object]:
+    """``(time_ms(fn, device, **timing), the result of fn's last call)``: for a slow baseline whose output is also
+    the error reference (a pure-PyTorch reference timed once), so that it runs once, not twice."""
+    last = [None]
+
+    def call():
+        last[0] = fn()
+
+    return time_ms(call, device, **timing), last[0]
+
+
+class SharedReferences:
+    """Slow references (e.g. a large layer's dense reference weight) built once per run and shared by the rows that
+    need them: ``get(key, fn)`` builds ``fn()`` on the first call for `key`, timed (one call: it doubles as a
+    reference baseline's time), and returns ``(ms of that build, result)``."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self._built: dict = {}
+
+    def get(self, key, fn: Callable[[], object]) -> tuple[float, object]:
+        if key not in self._built:
+            self._built[key] = time_ms_and_result(fn, self.device, warmup=0, min_repeats=1, min_seconds=0.0)
+        return self._built[key]
+
+
 def machine_description(device: str) -> str:
     """e.g. 'AMD EPYC 9654 (2 threads), torch 2.14.1' or 'NVIDIA H200, torch 2.11.0'."""
     if torch.device(device).type == "cuda":
