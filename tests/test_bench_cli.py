@@ -1,7 +1,9 @@
 """The main job's entry point works end to end: `python -m blockops bench` prints its table, writes JSON and a PNG
 (one family, to keep the test short), every row names its ISA path and carries its error and tolerance, a row
 above its tolerance makes the command exit 1 naming it, `--cpu-isa` runs and merges two ISA paths, `--smoke` times
-one call per timing, and `python -m blockops info` prints the build. No timing is asserted."""
+one call per timing, and `python -m blockops info` prints the build. The smoke suite of every family, with the kernel
+counters, checks that every registered op has a benchmark row and that each family's OPS names them. No timing is
+asserted."""
 import json
 import math
 import subprocess
@@ -120,3 +122,22 @@ def test_smoke_mode_times_one_call(monkeypatch, capsys):
     with pytest.raises(ValueError, match="quick"):
         bench.run_suite("cpu", ["bitpack"], quick=False, smoke=True)
 
+
+def test_smoke_suite_runs_every_op():
+    """Every family's smoke suite on the CPU, one family at a time, in this process: every row holds its tolerance,
+    the kernel counters show each op of blockops.build_info()["ops"] running on the CPU in some row, and each family
+    module's OPS names exactly the ops of its family that ran in it (the expensive test: about a minute on 2 cores)."""
+    op_family = blockops.build_info()["ops"]
+    assert set(bench.FAMILY_OPS) == set(bench.FAMILIES)
+    ran_somewhere = set()
+    for family in bench.FAMILIES:
+        before = blockops.kernel_call_counts()
+        rows = bench.run_suite("cpu", [family], progress=False, smoke=True)
+        after = blockops.kernel_call_counts()
+        ran = {op for op in op_family if after[f"{op}.cpu"] > before[f"{op}.cpu"]}
+        ran_somewhere |= ran
+        assert rows and all(r.family == family for r in rows), family
+        assert not bench.failures(rows), [(r.op, r.shape, r.baseline, r.max_error, r.tolerance)
+                                          for r in bench.failures(rows)]
+        assert sorted(bench.FAMILY_OPS[family]) == sorted(op for op in ran if op_family[op] == family), family
+    assert sorted(set(op_family) - ran_somewhere) == []

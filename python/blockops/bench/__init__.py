@@ -1,9 +1,11 @@
 """Benchmarks of every kernel family (used by `python -m blockops bench` and the scripts in bench/).
 
-Each family module has `run(device, quick=True) -> list[Result]`; FAMILIES lists them in suite order. Every row
-carries its measured error and tolerance (see blockops.bench.harness); `report_failures` prints the rows that exceed
-theirs. `run_suite(..., smoke=True)` runs the quick configurations with one timed call per timing and no warm-up,
-every error check kept.
+Each family module has `run(device, quick=True) -> list[Result]` and `OPS`, the torch.ops.blockops ops its rows run
+(backward kernels included); FAMILIES lists the runs in suite order, FAMILY_OPS the ops. Every row carries its
+measured error and tolerance (see blockops.bench.harness); `report_failures` prints the rows that exceed theirs.
+`run_suite(..., smoke=True)` runs the quick configurations with one timed call per timing and no warm-up, every error
+check kept: with the kernel counters (`blockops.kernel_call_counts()`), the cheap check that every op's kernel runs
+in some row (tests/test_bench_cli.py).
 """
 from __future__ import annotations
 
@@ -23,6 +25,18 @@ FAMILIES = {
     "ptq161": ptq161.run,
     "dllm": dllm.run,
     "block_cache": block_cache.run,
+}
+# Family -> the torch.ops.blockops ops its rows run (each module's OPS; blockops.build_info()["ops"] maps every op
+# to its family).
+FAMILY_OPS = {
+    "bitpack": bitpack.OPS,
+    "lowbit": lowbit.OPS,
+    "attention": attention.OPS,
+    "path_attention": path_attention.OPS,
+    "vq": vq.OPS,
+    "ptq161": ptq161.OPS,
+    "dllm": dllm.OPS,
+    "block_cache": block_cache.OPS,
 }
 # Deprecated family names -> the current ones.
 ALIASES = {"path": "path_attention"}
@@ -82,6 +96,6 @@ def run_suite(device: str, families=None, quick: bool = True, progress: bool = T
     return results
 
 
-__all__ = ["ALIASES", "FAMILIES", "Result", "device_isa", "failures", "family_main", "format_table",
+__all__ = ["ALIASES", "FAMILIES", "FAMILY_OPS", "Result", "device_isa", "failures", "family_main", "format_table",
            "machine_description", "plot", "read_bandwidth_gbps", "report_failures", "resolve_families", "run_suite",
            "smoke_timing", "title", "write_json"]
