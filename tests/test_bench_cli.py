@@ -1,7 +1,9 @@
 """The main job's entry point works end to end: `python -m blockops bench` prints its table, writes JSON and a PNG
 (one family, to keep the test short), every row names its ISA path and carries its error and tolerance, a row
-above its tolerance makes the command exit 1 naming it, `--cpu-isa` runs and merges two ISA paths, and
-`python -m blockops info` prints the build. No timing is asserted."""
+above its tolerance makes the command exit 1 naming it, `--cpu-isa` runs and merges two ISA paths, `--smoke` times
+one call per timing, and `python -m blockops info` prints the build. The smoke suite of every family, with the kernel
+counters, checks that every registered op has a benchmark row and that each family's OPS names them. No timing is
+asserted."""
 import json
 import math
 import subprocess
@@ -12,7 +14,7 @@ import pytest
 import blockops
 from blockops import bench
 from blockops.__main__ import main
-from blockops.bench import Result
+from blockops.bench import Result, harness
 
 
 def test_bench_cli_writes_table_json_and_plot(tmp_path):
@@ -97,3 +99,45 @@ def test_cpu_isa_runs_each_isa_and_merges(tmp_path):
 def test_info_cli():
     result = subprocess.run([sys.executable, "-m", "blockops", "info"], capture_output=True, text=True, check=True)
     assert json.loads(result.stdout)["version"]
+
+
+def test_smoke_mode_times_one_call(monkeypatch, capsys):
+    calls = []
+    with harness.smoke_timing():
+        assert harness.smoke_mode()
+        harness.time_ms(lambda: calls.append(1), "cpu", warmup=3, min_repeats=10, min_seconds=1.0)
+    assert calls == [1] and not harness.smoke_mode()
+    seen = []
+
+    def family(device, quick=True):
+        seen.append((quick, harness.smoke_mode()))
+        return [_row(0.0, 0.0)]
+
+    monkeypatch.setitem(bench.FAMILIES, "bitpack", family)
+    assert main(["bench", "--device", "cpu", "--family", "bitpack", "--smoke"]) == 0
+    assert seen == [(True, True)] and not harness.smoke_mode()
+    assert "smoke run" in capsys.readouterr().out.splitlines()[0]
+    with pytest.raises(SystemExit):
+        main(["bench", "--device", "cpu", "--smoke", "--full"])
+    with pytest.raises(ValueError, match="quick"):
+        bench.run_suite("cpu", ["bitpack"], quick=False, smoke=True)
+
+
+def test_smoke_suite_runs_every_op():
+    """Every family's smoke suite on the CPU, one family at a time, in this process: every row holds its tolerance,
+    the kernel counters show each op of blockops.build_info()["ops"] running on the CPU in some row, and each family
+    module's OPS names exactly the ops of its family that ran in it (the expensive test: about a minute on 2 cores)."""
+    op_family = blockops.build_info()["ops"]
+    assert set(bench.FAMILY_OPS) == set(bench.FAMILIES)
+    ran_somewhere = set()
+    for family in bench.FAMILIES:
+        before = blockops.kernel_call_counts()
+        rows = bench.run_suite("cpu", [family], progress=False, smoke=True)
+        after = blockops.kernel_call_counts()
+        ran = {op for op in op_family if after[f"{op}.cpu"] > before[f"{op}.cpu"]}
+        ran_somewhere |= ran
+        assert rows and all(r.family == family for r in rows), family
+        assert not bench.failures(rows), [(r.op, r.shape, r.baseline, r.max_error, r.tolerance)
+                                          for r in bench.failures(rows)]
+        assert sorted(bench.FAMILY_OPS[family]) == sorted(op for op in ran if op_family[op] == family), family
+    assert sorted(set(op_family) - ran_somewhere) == []

@@ -1,5 +1,5 @@
-"""Command line: `python -m blockops bench [--device cpu|cuda] [--family NAME]... [--full] [--json PATH] [--plot PATH]
-[--cpu-isa LIST]` (exit status 1 when a row's error exceeds its tolerance),
+"""Command line: `python -m blockops bench [--device cpu|cuda] [--family NAME]... [--full | --smoke] [--json PATH]
+[--plot PATH] [--cpu-isa LIST]` (exit status 1 when a row's error exceeds its tolerance),
 `python -m blockops info`, `python -m blockops quantize ...`, `python -m blockops eval ...` (see
 blockops/quant/pipeline.py)."""
 from __future__ import annotations
@@ -16,6 +16,9 @@ def main(argv=None) -> int:
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present, else cpu)")
     bench.add_argument("--family", action="append", help="only this family (repeatable)")
     bench.add_argument("--full", action="store_true", help="all shapes, not the quick suite")
+    bench.add_argument("--smoke", action="store_true",
+                       help="the quick suite with one timed call per timing and no warm-up, every error check kept: "
+                            "checks that every kernel runs and holds its tolerance; its timings are not figures")
     bench.add_argument("--json", metavar="PATH", help="write results as JSON")
     bench.add_argument("--plot", metavar="PATH", help="write a PNG of the speed-ups")
     bench.add_argument("--cpu-isa", metavar="LIST",
@@ -43,6 +46,8 @@ def main(argv=None) -> int:
         families = bench_suite.resolve_families(args.family)
     except ValueError as e:
         parser.error(str(e))
+    if args.smoke and args.full:
+        parser.error("--smoke runs the quick suite: it cannot be combined with --full")
     if args.cpu_isa:
         if torch.device(device).type != "cpu":
             parser.error("--cpu-isa compares CPU code paths: use it with --device cpu")
@@ -54,12 +59,13 @@ def main(argv=None) -> int:
             isas = isa_compare.parse_isa_list(args.cpu_isa)
         except ValueError as e:
             parser.error(str(e))
-        return isa_compare.main(isas, families, full=args.full, json_path=args.json)
-    results = bench_suite.run_suite(device, families, quick=not args.full)
-    bandwidth = bench_suite.read_bandwidth_gbps(device)
-    title = bench_suite.title(device, bandwidth)
+        return isa_compare.main(isas, families, full=args.full, json_path=args.json, smoke=args.smoke)
+    results = bench_suite.run_suite(device, families, quick=not args.full, smoke=args.smoke)
+    with bench_suite.smoke_timing(args.smoke):
+        bandwidth = bench_suite.read_bandwidth_gbps(device)
+    title = bench_suite.title(device, bandwidth, smoke=args.smoke)
     if args.json:
-        bench_suite.write_json(results, args.json, device, bandwidth)
+        bench_suite.write_json(results, args.json, device, bandwidth, smoke=args.smoke)
     if args.plot:
         bench_suite.plot(results, args.plot, title)
     print(title)

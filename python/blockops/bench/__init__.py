@@ -1,16 +1,20 @@
 """Benchmarks of every kernel family (used by `python -m blockops bench` and the scripts in bench/).
 
-Each family module has `run(device, quick=True) -> list[Result]`; FAMILIES lists them in suite order. Every row
-carries its measured error and tolerance (see blockops.bench.harness); `report_failures` prints the rows that exceed
-theirs.
+Each family module has `run(device, quick=True) -> list[Result]` and `OPS`, the torch.ops.blockops ops its rows run
+(backward kernels included); FAMILIES lists the runs in suite order, FAMILY_OPS the ops. Every row carries its
+measured error and tolerance (see blockops.bench.harness); `report_failures` prints the rows that exceed theirs.
+`run_suite(..., smoke=True)` runs the quick configurations with one timed call per timing and no warm-up, every error
+check kept: with the kernel counters (`blockops.kernel_call_counts()`), the cheap check that every op's kernel runs
+in some row (tests/test_bench_cli.py).
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 
 from blockops.bench import attention, bitpack, block_cache, dllm, lowbit, path_attention, ptq161, vq
 from blockops.bench.harness import (Result, device_isa, failures, format_table, machine_description, plot,
-                                    read_bandwidth_gbps, report_failures, title, write_json)
+                                    read_bandwidth_gbps, report_failures, smoke_timing, title, write_json)
 
 FAMILIES = {
     "bitpack": bitpack.run,
@@ -21,6 +25,18 @@ FAMILIES = {
     "ptq161": ptq161.run,
     "dllm": dllm.run,
     "block_cache": block_cache.run,
+}
+# Family -> the torch.ops.blockops ops its rows run (each module's OPS; blockops.build_info()["ops"] maps every op
+# to its family).
+FAMILY_OPS = {
+    "bitpack": bitpack.OPS,
+    "lowbit": lowbit.OPS,
+    "attention": attention.OPS,
+    "path_attention": path_attention.OPS,
+    "vq": vq.OPS,
+    "ptq161": ptq161.OPS,
+    "dllm": dllm.OPS,
+    "block_cache": block_cache.OPS,
 }
 # Deprecated family names -> the current ones.
 ALIASES = {"path": "path_attention"}
@@ -63,16 +79,23 @@ def family_main(name: str) -> None:
     sys.exit(1 if report_failures(results) else 0)
 
 
-def run_suite(device: str, families=None, quick: bool = True, progress: bool = True) -> list[Result]:
+def run_suite(device: str, families=None, quick: bool = True, progress: bool = True,
+              smoke: bool = False) -> list[Result]:
+    """The rows of `families` (default: all) on `device`: the quick or the full configurations. `smoke`: the quick
+    configurations with one timed call per timing and no warm-up (harness.smoke_timing), every error check kept;
+    raises ValueError with quick=False."""
     from tqdm import tqdm
 
+    if smoke and not quick:
+        raise ValueError("a smoke run runs the quick configurations: pass quick=True")
     names = resolve_families(families)
     results: list[Result] = []
-    for name in tqdm(names, desc="benchmark families", disable=not progress):
-        results.extend(FAMILIES[name](device, quick=quick))
+    with smoke_timing() if smoke else contextlib.nullcontext():
+        for name in tqdm(names, desc="benchmark families", disable=not progress):
+            results.extend(FAMILIES[name](device, quick=quick))
     return results
 
 
-__all__ = ["ALIASES", "FAMILIES", "Result", "device_isa", "failures", "family_main", "format_table",
+__all__ = ["ALIASES", "FAMILIES", "FAMILY_OPS", "Result", "device_isa", "failures", "family_main", "format_table",
            "machine_description", "plot", "read_bandwidth_gbps", "report_failures", "resolve_families", "run_suite",
-           "title", "write_json"]
+           "smoke_timing", "title", "write_json"]

@@ -34,6 +34,9 @@ from blockops.attention import BlockMask, block_sparse_attention, masks
 from blockops.bench.harness import Result, forward_backward, max_rel_error, time_ms
 from blockops.reference import ref_masked_attention
 
+# The torch.ops.blockops ops this family's rows run (backward kernels included).
+OPS = ("block_sparse_attention", "block_sparse_attention_backward")
+
 PATTERNS = ("causal", "longgen", "documents", "block_diffusion", "jenga0.1", "jenga0.2", "jenga0.3")
 CAUSAL_PATTERNS = ("causal", "longgen", "documents")      # subsets of the causal mask: SDPA runs is_causal=True
 

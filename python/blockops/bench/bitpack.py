@@ -15,6 +15,9 @@ import blockops
 from blockops.bench.harness import Result, max_abs_error, time_ms
 from blockops.reference import ref_pack_bits, ref_unpack_bits
 
+# The torch.ops.blockops ops this family's rows run (backward kernels included).
+OPS = ("pack_bits", "unpack_bits")
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:

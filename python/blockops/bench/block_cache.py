@@ -35,6 +35,9 @@ import blockops.block_cache as bc
 from blockops.bench.harness import Result, time_ms
 from blockops.reference import ref_relative_l1, ref_relative_l1_residual
 
+# The torch.ops.blockops ops this family's rows run (backward kernels included).
+OPS = ("relative_l1", "relative_l1_residual", "apply_residual", "cache_update")
+
 # Largest acceptable indicator error |indicator - ref| / ref (see the module docstring).
 INDICATOR_TOL = 2e-6
 

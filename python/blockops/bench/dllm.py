@@ -32,6 +32,8 @@ from blockops.bench.tiny_dllm import TinyDiffusionLM
 from blockops.dllm import generate, unmask
 from blockops.reference import ref_dllm_select, ref_dllm_unmask
 
+# The torch.ops.blockops ops this family's rows run (backward kernels included).
+OPS = ("dllm_unmask", "dllm_kv_overwrite")
 
 
 def unmask_tolerance(vocab: int) -> float:

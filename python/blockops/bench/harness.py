@@ -1,6 +1,10 @@
 """Shared benchmark harness: timing (warm-up, then the median of repeats), result rows with the baseline
 measured in the same run and a checked error, a printed table, JSON and an optional PNG plot.
 
+Smoke mode (``smoke_timing()``; ``run_suite(..., smoke=True)``, ``python -m blockops bench --smoke``): every
+``time_ms`` call makes one timed call and no warm-up, whatever its arguments, so that the whole quick suite runs
+cheaply with every error check kept (its timings are single cold calls: not figures to quote).
+
 Every row that runs a kernel carries ``max_error`` (measured outside the timed region, against
 ``blockops.reference`` or an fp64 computation on the same inputs, in the measure its family's module documents)
 and ``tolerance`` (the largest acceptable error, from the kernel's accuracy contract); ``Result.ok`` says whether
@@ -9,6 +13,7 @@ path: the CPU ISA path of this process (``blockops.build_info()["cpu_isa_path"]`
 or the GPU's ``sm_XY``."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -150,10 +155,33 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+_smoke = False
+
+
+def smoke_mode() -> bool:
+    """Whether time_ms runs in smoke mode (one timed call, no warm-up; see the module docstring)."""
+    return _smoke
+
+
+@contextlib.contextmanager
+def smoke_timing(enabled: bool = True):
+    """Within the block, time_ms makes one timed call and no warm-up whatever its arguments (enabled=False: the
+    normal timing); the previous mode is restored on exit."""
+    global _smoke
+    previous, _smoke = _smoke, enabled
+    try:
+        yield
+    finally:
+        _smoke = previous
+
+
 def time_ms(fn: Callable[[], object], device: str, warmup: int = 2, min_repeats: int = 5,
             min_seconds: float = 0.2, max_repeats: int = 200) -> float:
     """Median wall time of fn() in milliseconds: `warmup` untimed calls, then at least `min_repeats` timed
-    calls and at least `min_seconds` in total (capped at `max_repeats`)."""
+    calls and at least `min_seconds` in total (capped at `max_repeats`). In smoke mode: one timed call, no
+    warm-up."""
+    if _smoke:
+        warmup, min_repeats, min_seconds, max_repeats = 0, 1, 0.0, 1
     for _ in range(warmup):
         fn()
     synchronize(device)
@@ -172,6 +200,32 @@ def time_ms(fn: Callable[[], object], device: str, warmup: int = 2, min_repeats:
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def time_ms_and_result(fn: Callable[[], object], device: str, **timing) -> tuple[float, object]:
+    """``(time_ms(fn, device, **timing), the result of fn's last call)``: for a slow baseline whose output is also
+    the error reference (a pure-PyTorch reference timed once), so that it runs once, not twice."""
+    last = [None]
+
+    def call():
+        last[0] = fn()
+
+    return time_ms(call, device, **timing), last[0]
+
+
+class SharedReferences:
+    """Slow references (e.g. a large layer's dense reference weight) built once per run and shared by the rows that
+    need them: ``get(key, fn)`` builds ``fn()`` on the first call for `key`, timed (one call: it doubles as a
+    reference baseline's time), and returns ``(ms of that build, result)``."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self._built: dict = {}
+
+    def get(self, key, fn: Callable[[], object]) -> tuple[float, object]:
+        if key not in self._built:
+            self._built[key] = time_ms_and_result(fn, self.device, warmup=0, min_repeats=1, min_seconds=0.0)
+        return self._built[key]
 
 
 def machine_description(device: str) -> str:
@@ -248,16 +302,19 @@ def isa_description(device: str) -> str:
     return cpu
 
 
-def title(device: str, bandwidth_gbps: float | None = None) -> str:
-    """The first line of a printed table: version, machine, ISA path, read bandwidth."""
+def title(device: str, bandwidth_gbps: float | None = None, smoke: bool = False) -> str:
+    """The first line of a printed table: version, machine, ISA path, read bandwidth (and, for a smoke run, that
+    its timings are single cold calls)."""
     import blockops
 
     bandwidth = read_bandwidth_gbps(device) if bandwidth_gbps is None else bandwidth_gbps
     return (f"blockops {blockops.__version__} on {machine_description(device)}; {isa_description(device)}; "
-            f"read bandwidth {bandwidth:.1f} GB/s")
+            f"read bandwidth {bandwidth:.1f} GB/s"
+            + ("; smoke run: one cold call per timing, not figures to quote" if smoke else ""))
 
 
-def write_json(results: list[Result], path: str, device: str, bandwidth_gbps: float | None = None) -> None:
+def write_json(results: list[Result], path: str, device: str, bandwidth_gbps: float | None = None,
+               smoke: bool = False) -> None:
     import blockops
 
     payload = {
@@ -265,6 +322,7 @@ def write_json(results: list[Result], path: str, device: str, bandwidth_gbps: fl
         "machine": machine_description(device),
         "isa": device_isa(device),
         "read_bandwidth_gbps": read_bandwidth_gbps(device) if bandwidth_gbps is None else bandwidth_gbps,
+        "smoke": smoke,
         "build": blockops.build_info(),
         "results": [r.as_dict() for r in results],
     }

@@ -47,14 +47,16 @@ def child_env(cap: str) -> dict:
     return env
 
 
-def run_child(cap: str, families: list[str], full: bool, json_path: str) -> tuple[int, str]:
-    """One `python -m blockops bench --device cpu` run under `cap`; its stderr (progress, failing rows) passes
-    through. Returns (exit status, its stdout: title line and table)."""
+def run_child(cap: str, families: list[str], full: bool, json_path: str, smoke: bool = False) -> tuple[int, str]:
+    """One `python -m blockops bench --device cpu` run under `cap` (`--smoke` with smoke); its stderr (progress,
+    failing rows) passes through. Returns (exit status, its stdout: title line and table)."""
     cmd = [sys.executable, "-m", "blockops", "bench", "--device", "cpu", "--json", json_path]
     for family in families:
         cmd += ["--family", family]
     if full:
         cmd.append("--full")
+    if smoke:
+        cmd.append("--smoke")
     proc = subprocess.run(cmd, env=child_env(cap), stdout=subprocess.PIPE, text=True)
     return proc.returncode, proc.stdout
 
@@ -102,9 +104,10 @@ def format_side_by_side(caps: list[str], entries: list[dict]) -> str:
     return _layout(header, rows)
 
 
-def main(caps: list[str], families: list[str], full: bool = False, json_path: str | None = None) -> int:
-    """Runs the children, prints the side-by-side table, writes the merged JSON; 1 when a child failed or a row
-    exceeds its tolerance."""
+def main(caps: list[str], families: list[str], full: bool = False, json_path: str | None = None,
+         smoke: bool = False) -> int:
+    """Runs the children (smoke runs with `smoke`), prints the side-by-side table, writes the merged JSON; 1 when a
+    child failed or a row exceeds its tolerance."""
     import blockops
 
     runs: dict[str, list[Result]] = {}
@@ -114,7 +117,7 @@ def main(caps: list[str], families: list[str], full: bool = False, json_path: st
         for cap in caps:
             path = os.path.join(tmp, f"{cap}.json")
             print(f"== BLOCKOPS_CPU_ISA={'(unset)' if cap == 'native' else cap}", file=sys.stderr, flush=True)
-            rc, _ = run_child(cap, families, full, path)
+            rc, _ = run_child(cap, families, full, path, smoke)
             if rc not in (0, 1) or not os.path.exists(path):
                 print(f"bench under --cpu-isa {cap} failed (exit status {rc}); its rows are missing", file=sys.stderr)
                 status = 1
@@ -126,7 +129,8 @@ def main(caps: list[str], families: list[str], full: bool = False, json_path: st
         return 1
     done = [cap for cap in caps if cap in runs]
     paths = ", ".join(f"{cap} = {payloads[cap].get('isa', '?')}" for cap in done)
-    print(f"blockops {blockops.__version__} on {machine_description('cpu')}; CPU ISA paths: {paths}")
+    print(f"blockops {blockops.__version__} on {machine_description('cpu')}; CPU ISA paths: {paths}"
+          + ("; smoke runs: one cold call per timing, not figures to quote" if smoke else ""))
     entries = side_by_side(runs)
     print(format_side_by_side(done, entries))
     bad = [(cap, r) for cap in done for r in runs[cap] if not r.ok]

@@ -9,13 +9,33 @@ decode-then-linear and our `vq_dequantize` followed by cuBLAS; the issue's goals
 cuBLAS; DiT token counts: no slower) are marked on the rows they concern.
 
 Error check: ``max |y - ref| / max |ref|`` with ``ref = ref_vq_linear`` in fp32 (W_hat decoded in fp32) on the same
-x, codes, codebooks and scales. Tolerance (``tolerance()``): fp32 outputs 1e-5, tests/test_vq.py's contract (exact
-fp32 tables or decoded fp32 blocks, fp32 accumulation; about 1e-6 measured); fp16/bf16 outputs 1e-5 + 2 units of
-the dtype's rounding u: y is rounded once to its dtype (<= u of max |y|), and on the paths that round W_hat to x's
-dtype before the product (bf16 blocks + GEMM on the CPU above the GEMV rows, mma.sync tiles on CUDA) that adds a
-sum of independent roundings, well under u of max |y|; the byte-plane kernel's int16 tables (bf16 x) add at most
-3e-5 of ``|x| @ |W_hat|^T``, a few 1e-4 of max |y| here. A 1% error in y fails the fp32 and fp16 rows; bf16's u is
-0.4%, so there the check catches errors above about 1.2%."""
+x, codes, codebooks and scales; the reference weight of each weight (``ref_vq_dequantize``) is built once per run,
+timed, and shared by the rows of that weight. Tolerance (``tolerance()``): fp32 outputs 1e-5, tests/test_vq.py's
+contract (exact fp32 tables or decoded fp32 blocks, fp32 accumulation; about 1e-6 measured); fp16/bf16 outputs
+1e-5 + 2 units of the dtype's rounding u: y is rounded once to its dtype (<= u of max |y|), and on the paths that
+round W_hat to x's dtype before the product (bf16 blocks + GEMM on the CPU above the GEMV rows, mma.sync tiles on
+CUDA) that adds a sum of independent roundings, well under u of max |y|; the byte-plane kernel's int16 tables (bf16
+x) add at most 3e-5 of ``|x| @ |W_hat|^T``, a few 1e-4 of max |y| here. A 1% error in y fails the fp32 and fp16 rows;
+bf16's u is 0.4%, so there the check catches errors above about 1.2%.
+
+The op's other kernels, in rows of their own (CPU and CUDA alike):
+
+* ``vq_dequantize`` (W_hat [out, in] in the codebooks' dtype, fp16 here) against the reference decode
+  ``ref_vq_dequantize`` (fp32): its one timed build, whose output is also the error reference. Error
+  ``max |W - ref| / max |ref|``; the fp32 reference is exact with one codebook (a codeword times its row's scale,
+  both fp16; AQLM's sum of two codewords adds at most an fp32 rounding, far below u), so the only error allowed is
+  rounding W_hat once to its dtype: tolerance ``dequantize_tolerance()``, u of that dtype (fp16: 4.9e-4; 3.2e-4
+  measured).
+* a VQ4DiT codebook fine-tuning step ("fwd+bwd"): vq_linear forward and backward with x, the codebooks and the
+  scales requiring grad (fp32 x, codebooks and scales, as trained copies are), which runs
+  ``vq_linear_grad_input``, ``vq_grad_codebooks`` and ``vq_grad_scales``, against F.linear forward and backward
+  with a dense fp32 weight requiring grad, on a DiT-XL/2 layer. Error: the largest ``max |g - ref| / max |ref|``
+  over the gradients of x, the codebooks and the scales, against autograd through ``ref_vq_linear`` (fp32) on the
+  same inputs and output gradient. Tolerance ``GRAD_TOLERANCE`` = 2e-5: both sides sum in fp32, and a codeword's
+  gradient is a sum of about 5000 entries of ``grad_out^T x`` (DiT-XL/2 at 256 tokens): each side lies up to about
+  3e-6 from an fp64 computation (measured; one thread gives the reference's own summation order and the same
+  gradient), so two summation orders (threads, CUDA) may differ by twice that; x and the scales about 3e-7. A 1%
+  error in a gradient fails the row."""
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +44,11 @@ import torch
 import torch.nn.functional as F
 
 from blockops import vq
-from blockops.bench.harness import Result, max_rel_error, time_ms, unit_roundoff
-from blockops.reference import ref_vq_linear
+from blockops.bench.harness import Result, SharedReferences, forward_backward, max_rel_error, time_ms, unit_roundoff
+from blockops.reference import ref_vq_dequantize, ref_vq_linear
+
+# The torch.ops.blockops ops this family's rows run (backward kernels included).
+OPS = ("vq_linear", "vq_dequantize", "vq_linear_grad_input", "vq_grad_codebooks", "vq_grad_scales")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,14 +100,44 @@ FULL_CUDA = ([Config(i, o, m, f) for i, o in [(4096, 11008), (11008, 4096), (409
              + [Config(i, o, t, f) for i, o in _DIT for t in (256, 1024, 4096) for f in ("2-bit", "3-bit")])
 
 
-def _run_cuda(device: str, configs: list[Config]) -> list[Result]:
+@dataclasses.dataclass(frozen=True)
+class WeightConfig:
+    in_features: int
+    out_features: int
+    fmt: str               # key of FORMATS
+
+
+# vq_dequantize rows (one layer's W_hat) and VQ4DiT fine-tuning steps (Config.rows: tokens), CPU and CUDA alike.
+QUICK_DEQUANT = [WeightConfig(4096, 11008, "2-bit")]
+FULL_DEQUANT = [WeightConfig(4096, 11008, f) for f in FORMATS] + [WeightConfig(1152, 4608, "2-bit")]
+QUICK_TRAIN = [Config(1152, 4608, 256, "2-bit")]
+FULL_TRAIN = [Config(i, o, t, "2-bit") for i, o in _DIT for t in (256, 1024)] + [Config(1152, 4608, 256, "3-bit")]
+# Largest acceptable max |g - ref| / max |ref| of the training rows' fp32 gradients (see the module docstring).
+GRAD_TOLERANCE = 2e-5
+# Training steps and the dequantize take up to a few hundred ms on 2 cores: median of 3 calls after 1 warm-up (the
+# reference decode: its one build, SharedReferences).
+_STEP_TIMING = dict(warmup=1, min_repeats=3, min_seconds=0.0)
+
+
+def dequantize_tolerance(dtype: torch.dtype) -> float:
+    """Largest acceptable max |W - ref| / max |ref| of vq_dequantize's output of `dtype`: one rounding."""
+    return unit_roundoff(dtype)
+
+
+def _weight_key(c) -> tuple:
+    """What _weights' tensors depend on: rows of equal keys (fp16 codebooks) share one reference weight."""
+    return (c.in_features, c.out_features, c.fmt)
+
+
+def _run_cuda(device: str, configs: list[Config], refs: SharedReferences) -> list[Result]:
     results = []
     for c in configs:
         f = FORMATS[c.fmt]
         codes, codebooks, scales = (t.to(device) for t in _weights(c, torch.float16))
         x = torch.randn(c.rows, c.in_features, device=device, dtype=torch.float16)
         y = vq.vq_linear(x, codes, codebooks, scales)
-        ref = ref_vq_linear(x.float(), codes, codebooks.float(), scales.float())
+        _, w_ref = refs.get(_weight_key(c), lambda: ref_vq_dequantize(codes, codebooks, scales))
+        ref = x.float() @ w_ref.t()   # ref_vq_linear in fp32 on the shared reference weight
         err, tol = max_rel_error(y, ref), tolerance(y.dtype)
         weight_bytes = codes.numel() + codebooks.numel() * 2 + scales.numel() * 2
         flops = 2.0 * c.rows * c.in_features * c.out_features
@@ -115,13 +168,26 @@ def _run_cuda(device: str, configs: list[Config]) -> list[Result]:
 
 
 def run(device: str, quick: bool = True, configs: list[Config] | None = None) -> list[Result]:
+    """The GEMM rows of `configs` (default: the quick or full grid of the device), then, without `configs`, the
+    dequantize and training rows."""
+    refs = SharedReferences(device)   # ref_vq_dequantize of each weight, keyed by _weight_key
     if torch.device(device).type == "cuda":
-        return _run_cuda(device, configs or (QUICK_CUDA if quick else FULL_CUDA))
-    if torch.device(device).type != "cpu":
+        results = _run_cuda(device, configs or (QUICK_CUDA if quick else FULL_CUDA), refs)
+    elif torch.device(device).type == "cpu":
+        results = _run_cpu(device, configs or (QUICK_CPU if quick else FULL_CPU), refs)
+    else:
         print(f"vq: no {device} kernel for vector-quantized GEMM; no rows on {device}")
         return []
+    if configs is None:
+        results += _dequantize_rows(QUICK_DEQUANT if quick else FULL_DEQUANT, device, refs)
+        del refs
+        results += _train_rows(QUICK_TRAIN if quick else FULL_TRAIN, device)
+    return results
+
+
+def _run_cpu(device: str, configs: list[Config], refs: SharedReferences) -> list[Result]:
     results = []
-    for c in configs or (QUICK_CPU if quick else FULL_CPU):
+    for c in configs:
         f = FORMATS[c.fmt]
         codes, codebooks, scales = _weights(c, torch.float16)
         x32 = torch.randn(c.rows, c.in_features)
@@ -142,7 +208,8 @@ def run(device: str, quick: bool = True, configs: list[Config] | None = None) ->
         # int16 byte-plane one; each against dense F.linear in fp32 and bf16.
         for x_dtype in (torch.float32, torch.bfloat16):
             x = x32.to(x_dtype)
-            ref = ref_vq_linear(x.float(), codes, codebooks, scales)
+            _, w_ref = refs.get(_weight_key(c), lambda: ref_vq_dequantize(codes, codebooks, scales))
+            ref = x.float() @ w_ref.t()   # ref_vq_linear in fp32 on the shared reference weight
             y = vq.vq_linear(x, codes, codebooks, scales)
             err, tol = max_rel_error(y, ref), tolerance(y.dtype)
             ours = time_ms(lambda: vq.vq_linear(x, codes, codebooks, scales), device)
@@ -158,4 +225,52 @@ def run(device: str, quick: bool = True, configs: list[Config] | None = None) ->
             if x_dtype == torch.float32:
                 results.append(Result("vq", op, shape, device, ours, "decode-then-linear (reference)", reference_ms,
                                       bytes_moved=weight_bytes, flops=flops, max_error=err, tolerance=tol))
+    return results
+
+
+def _dequantize_rows(configs: list[WeightConfig], device: str, refs: SharedReferences) -> list[Result]:
+    results = []
+    for c in configs:
+        f = FORMATS[c.fmt]
+        codes, codebooks, scales = (t.to(device) for t in _weights(Config(c.in_features, c.out_features, 0, c.fmt),
+                                                                    torch.float16))
+        w = vq.vq_dequantize(codes, codebooks, scales)
+        base, ref = refs.get(_weight_key(c), lambda: ref_vq_dequantize(codes, codebooks, scales))
+        err, tol = max_rel_error(w, ref), dequantize_tolerance(w.dtype)
+        del w
+        ours = time_ms(lambda: vq.vq_dequantize(codes, codebooks, scales), device, **_STEP_TIMING)
+        moved = (codes.numel() + codebooks.numel() * 2 + scales.numel() * 2
+                 + c.in_features * c.out_features * codebooks.element_size())
+        results.append(Result("vq", f"vq_dequantize {f.name}", f"{c.in_features}x{c.out_features}", device, ours,
+                              "ref_vq_dequantize (1 call)", base, bytes_moved=moved, max_error=err, tolerance=tol))
+    return results
+
+
+def _train_rows(configs: list[Config], device: str) -> list[Result]:
+    """VQ4DiT fine-tuning steps: vq_linear forward + backward (x, codebooks and scales requiring grad) vs dense
+    F.linear forward + backward (x and the weight requiring grad); fp32 throughout."""
+    results = []
+    for c in configs:
+        f = FORMATS[c.fmt]
+        codes, codebooks, scales = (t.to(device) for t in _weights(c, torch.float32))
+        g = torch.Generator(device=device).manual_seed(1)
+        x = torch.randn(c.rows, c.in_features, device=device, generator=g)
+        grad = torch.randn(c.rows, c.out_features, device=device, generator=g)
+        leaves = [t.clone().requires_grad_(True) for t in (x, codebooks, scales)]
+        ref_leaves = [t.clone().requires_grad_(True) for t in (x, codebooks, scales)]
+        ours_fn = lambda: vq.vq_linear(leaves[0], codes, leaves[1], leaves[2])  # noqa: E731
+        ours_fn().backward(grad)
+        ref_vq_linear(ref_leaves[0], codes, ref_leaves[1], ref_leaves[2]).backward(grad)
+        err = max(max_rel_error(a.grad, b.grad) for a, b in zip(leaves, ref_leaves))
+        del ref_leaves
+        ours = time_ms(forward_backward(ours_fn, leaves, grad), device, **_STEP_TIMING)
+        w = torch.randn(c.out_features, c.in_features, device=device, generator=g).requires_grad_(True)
+        xd = x.clone().requires_grad_(True)
+        base = time_ms(forward_backward(lambda: F.linear(xd, w), (xd, w), grad), device, **_STEP_TIMING)
+        del w
+        results.append(Result("vq", f"vq_linear {f.name} fwd+bwd (VQ4DiT codebooks)",
+                              f"{c.in_features}x{c.out_features} M={c.rows}", device, ours,
+                              "F.linear fp32 fwd+bwd (dense weight)", base,
+                              flops=3 * 2.0 * c.rows * c.in_features * c.out_features, max_error=err,
+                              tolerance=GRAD_TOLERANCE, note="x, codebooks, scales require grad; fp32"))
     return results
