@@ -13,6 +13,7 @@
 
 #include "build_config.h"
 #include "cpu_features.h"
+#include "cuda_arch.h"
 #include "introspection.h"
 
 namespace blockops {
@@ -223,9 +224,23 @@ PyObject* py_kernel_call_counts(PyObject*, PyObject*) {
   return dict;
 }
 
+// cuda_kernel_image(family, major, minor) -> str | None: the kernel image of `family` in this build that a GPU of
+// compute capability major.minor would run ("sm_80", "compute_80", or "" for none); None when the family has no
+// CUDA kernels in this build. Lets the tests check KernelGuard's rules without a GPU.
+PyObject* py_cuda_kernel_image(PyObject*, PyObject* args) {
+  const char* family = nullptr;
+  int major = 0, minor = 0;
+  if (!PyArg_ParseTuple(args, "sii", &family, &major, &minor)) return nullptr;
+  const blockops::CudaFamilyBuild* build = blockops::find_cuda_family(family);
+  if (build == nullptr) Py_RETURN_NONE;
+  return PyUnicode_FromString(blockops::cuda_arch::kernel_image(build->archs, build->ptx, major, minor).c_str());
+}
+
 PyMethodDef methods[] = {
     {"build_info_json", py_build_info_json, METH_NOARGS, "JSON description of what this build contains."},
     {"kernel_call_counts", py_kernel_call_counts, METH_NOARGS, "Calls per compiled kernel entry point."},
+    {"cuda_kernel_image", py_cuda_kernel_image, METH_VARARGS,
+     "The kernel image of a family a GPU of the given compute capability would run."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "blockops compiled kernels", -1, methods};

@@ -134,3 +134,22 @@ else:
     for part in ("blockops.pack_bits", "bitpack family", '"7.5"', "8.0 or newer", "TORCH_CUDA_ARCH_LIST"):
         assert part in message, f"{part!r} not in: {message}"
 
+
+
+def test_kernel_image_rules_for_each_gpu():
+    """KernelGuard's rules (csrc/cuda_arch.h), checked without a GPU on this build's families: a cubin runs on its
+    major version at an equal or higher minor one (an arch-specific one only on its exact architecture), PTX on
+    every newer GPU, nothing on an older one."""
+    info = blockops.build_info()
+    if not info["cuda_families"]:
+        pytest.skip("no CUDA kernels in this build")
+    image = blockops._C.cuda_kernel_image
+    for family, archs in info["cuda_families"].items():
+        if archs != ["8.0", "9.0a"] or info["cuda_ptx"][family] != ["8.0"]:
+            pytest.skip(f"the expectations below are for the default architectures, not {archs}")
+        assert image(family, 8, 0) == "sm_80"
+        assert image(family, 8, 6) == "sm_80" and image(family, 8, 9) == "sm_80"   # A10, L4: binary compatible
+        assert image(family, 9, 0) == "sm_90a"                                      # H100 / H200
+        assert image(family, 10, 0) == "compute_80" and image(family, 12, 0) == "compute_80"  # Blackwell: JIT
+        assert image(family, 7, 5) == ""                                            # T4: nothing runs
+    assert image("no_such_family", 9, 0) is None
