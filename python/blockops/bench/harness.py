@@ -263,6 +263,27 @@ def forward_backward(fn, inputs, grad):
     return step
 
 
+def linear_training_step(family: str, op: str, device: str, ours_fn, ref_fn, leaves, ref_leaves,
+                         grad: torch.Tensor, generator: torch.Generator, *, tolerance: float, note: str,
+                         timing: dict) -> Result:
+    """The row of a quantized linear layer's training step (forward + backward): the largest relative error of
+    the trainable leaves' gradients (``leaves[0]`` is the activation x) against the reference's, and the step's
+    time against ``F.linear``'s fp32 forward + backward with a dense weight of the same shape (drawn from
+    ``generator``), in the same run."""
+    ours_fn().backward(grad)
+    ref_fn().backward(grad)
+    err = max(max_rel_error(a.grad, b.grad) for a, b in zip(leaves, ref_leaves))
+    ours = time_ms(forward_backward(ours_fn, leaves, grad), device, **timing)
+    rows, in_features = leaves[0].shape
+    out_features = grad.shape[-1]
+    w = torch.randn(out_features, in_features, device=device, generator=generator).requires_grad_(True)
+    xd = leaves[0].detach().clone().requires_grad_(True)
+    base = time_ms(forward_backward(lambda: torch.nn.functional.linear(xd, w), (xd, w), grad), device, **timing)
+    return Result(family, op, f"{in_features}x{out_features} M={rows}", device, ours,
+                  "F.linear fp32 fwd+bwd (dense weight)", base, flops=3 * 2.0 * rows * in_features * out_features,
+                  max_error=err, tolerance=tolerance, note=note)
+
+
 def _fmt_error(x: float | None) -> str:
     return "-" if x is None else f"{x:.2g}"
 

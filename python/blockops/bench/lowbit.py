@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from blockops import ops
-from blockops.bench.harness import Result, SharedReferences, forward_backward, max_rel_error, time_ms, unit_roundoff
+from blockops.bench.harness import (Result, SharedReferences, linear_training_step, max_rel_error, time_ms,
+                                     unit_roundoff)
 from blockops.reference import ref_quant_dequantize, ref_quant_linear
 
 # The torch.ops.blockops ops this family's rows run (backward kernels included).
@@ -198,19 +199,10 @@ def _train_rows(configs: list[Config], device: str) -> list[Result]:
         grad = torch.randn(c.rows, c.out_features, device=device, generator=g)
         leaves = [x.clone().requires_grad_(True), scales.clone().requires_grad_(True)]
         ref_leaves = [x.clone().requires_grad_(True), scales.clone().requires_grad_(True)]
-        ours_fn = lambda: ops.quant_linear(leaves[0], qweight, leaves[1], zeros, c.bits, c.group_size)  # noqa: E731
-        ours_fn().backward(grad)
-        ref_quant_linear(ref_leaves[0], qweight, ref_leaves[1], zeros, c.bits, c.group_size).backward(grad)
-        err = max(max_rel_error(a.grad, b.grad) for a, b in zip(leaves, ref_leaves))
-        del ref_leaves
-        ours = time_ms(forward_backward(ours_fn, leaves, grad), device, **_STEP_TIMING)
-        w = torch.randn(c.out_features, c.in_features, device=device, generator=g).requires_grad_(True)
-        xd = x.clone().requires_grad_(True)
-        base = time_ms(forward_backward(lambda: F.linear(xd, w), (xd, w), grad), device, **_STEP_TIMING)
-        del w
-        results.append(Result("lowbit", f"quant_linear w{c.bits}g{c.group_size} fwd+bwd (E2E-QP)",
-                              f"{c.in_features}x{c.out_features} M={c.rows}", device, ours,
-                              "F.linear fp32 fwd+bwd (dense weight)", base,
-                              flops=3 * 2.0 * c.rows * c.in_features * c.out_features, max_error=err,
-                              tolerance=GRAD_TOLERANCE, note="x, scales require grad; fp32"))
+        results.append(linear_training_step(
+            "lowbit", f"quant_linear w{c.bits}g{c.group_size} fwd+bwd (E2E-QP)", device,
+            lambda: ops.quant_linear(leaves[0], qweight, leaves[1], zeros, c.bits, c.group_size),
+            lambda: ref_quant_linear(ref_leaves[0], qweight, ref_leaves[1], zeros, c.bits, c.group_size),
+            leaves, ref_leaves, grad, g, tolerance=GRAD_TOLERANCE, note="x, scales require grad; fp32",
+            timing=_STEP_TIMING))
     return results

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from blockops import ops, ptq161
-from blockops.bench.harness import Result, SharedReferences, forward_backward, max_rel_error, time_ms, unit_roundoff
+from blockops.bench.harness import (Result, SharedReferences, linear_training_step, max_rel_error, time_ms,
+                                     unit_roundoff)
 from blockops.bench.lowbit import _LLAMA
 from blockops.bench.lowbit import Config as LowbitConfig
 from blockops.bench.lowbit import _weights as lowbit_weights
@@ -191,18 +192,10 @@ def _train_rows(configs: list[Config], device: str) -> list[Result]:
 
         leaves, args = leaves_and_args()
         ref_leaves, ref_args = leaves_and_args()
-        ours_fn = lambda: ptq161.ptq161_linear(leaves[0], *args, s)  # noqa: E731
-        ours_fn().backward(grad)
-        ref_ptq161_linear(ref_leaves[0], *ref_args, s).backward(grad)
-        err = max(max_rel_error(a.grad, b.grad) for a, b in zip(leaves, ref_leaves))
-        del ref_leaves, ref_args
-        ours = time_ms(forward_backward(ours_fn, leaves, grad), device, **_STEP_TIMING)
-        w = torch.randn(c.out_features, c.in_features, device=device, generator=g).requires_grad_(True)
-        xd = x.clone().requires_grad_(True)
-        base = time_ms(forward_backward(lambda: F.linear(xd, w), (xd, w), grad), device, **_STEP_TIMING)
-        del w
-        results.append(Result("ptq161", "ptq161_linear fwd+bwd (factors)", f"{c.in_features}x{c.out_features} "
-                              f"M={c.rows}", device, ours, "F.linear fp32 fwd+bwd (dense weight)", base,
-                              flops=3 * 2.0 * c.rows * c.in_features * c.out_features, max_error=err,
-                              tolerance=GRAD_TOLERANCE, note="x, alpha, r1, r2 require grad; fp32"))
+        results.append(linear_training_step(
+            "ptq161", "ptq161_linear fwd+bwd (factors)", device,
+            lambda: ptq161.ptq161_linear(leaves[0], *args, s),
+            lambda: ref_ptq161_linear(ref_leaves[0], *ref_args, s),
+            leaves, ref_leaves, grad, g, tolerance=GRAD_TOLERANCE, note="x, alpha, r1, r2 require grad; fp32",
+            timing=_STEP_TIMING))
     return results

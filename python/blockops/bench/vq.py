@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from blockops import vq
-from blockops.bench.harness import Result, SharedReferences, forward_backward, max_rel_error, time_ms, unit_roundoff
+from blockops.bench.harness import (Result, SharedReferences, linear_training_step, max_rel_error, time_ms,
+                                     unit_roundoff)
 from blockops.reference import ref_vq_dequantize, ref_vq_linear
 
 # The torch.ops.blockops ops this family's rows run (backward kernels included).
@@ -258,19 +259,10 @@ def _train_rows(configs: list[Config], device: str) -> list[Result]:
         grad = torch.randn(c.rows, c.out_features, device=device, generator=g)
         leaves = [t.clone().requires_grad_(True) for t in (x, codebooks, scales)]
         ref_leaves = [t.clone().requires_grad_(True) for t in (x, codebooks, scales)]
-        ours_fn = lambda: vq.vq_linear(leaves[0], codes, leaves[1], leaves[2])  # noqa: E731
-        ours_fn().backward(grad)
-        ref_vq_linear(ref_leaves[0], codes, ref_leaves[1], ref_leaves[2]).backward(grad)
-        err = max(max_rel_error(a.grad, b.grad) for a, b in zip(leaves, ref_leaves))
-        del ref_leaves
-        ours = time_ms(forward_backward(ours_fn, leaves, grad), device, **_STEP_TIMING)
-        w = torch.randn(c.out_features, c.in_features, device=device, generator=g).requires_grad_(True)
-        xd = x.clone().requires_grad_(True)
-        base = time_ms(forward_backward(lambda: F.linear(xd, w), (xd, w), grad), device, **_STEP_TIMING)
-        del w
-        results.append(Result("vq", f"vq_linear {f.name} fwd+bwd (VQ4DiT codebooks)",
-                              f"{c.in_features}x{c.out_features} M={c.rows}", device, ours,
-                              "F.linear fp32 fwd+bwd (dense weight)", base,
-                              flops=3 * 2.0 * c.rows * c.in_features * c.out_features, max_error=err,
-                              tolerance=GRAD_TOLERANCE, note="x, codebooks, scales require grad; fp32"))
+        results.append(linear_training_step(
+            "vq", f"vq_linear {f.name} fwd+bwd (VQ4DiT codebooks)", device,
+            lambda: vq.vq_linear(leaves[0], codes, leaves[1], leaves[2]),
+            lambda: ref_vq_linear(ref_leaves[0], codes, ref_leaves[1], ref_leaves[2]),
+            leaves, ref_leaves, grad, g, tolerance=GRAD_TOLERANCE,
+            note="x, codebooks, scales require grad; fp32", timing=_STEP_TIMING))
     return results
