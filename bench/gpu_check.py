@@ -878,8 +878,24 @@ def build_command(python: str) -> list[str]:
     return [python, "setup.py", "build_ext", "--inplace"]
 
 
+# The host compiler of the build. The H200 image's default C++ compiler (/opt/gcc, chosen through its environment)
+# links libstdc++ statically, and such an extension segfaulted on its first error message beside torch's shared
+# libstdc++ (2026-12-04; CMakeLists.txt now refuses such a link): the system compiler is used where there is one.
+# GPU_CHECK_CXX overrides it; an empty GPU_CHECK_CXX keeps the environment's.
+SYSTEM_CXX = "/usr/bin/g++"
+
+
+def host_compiler() -> str | None:
+    chosen = os.environ.get("GPU_CHECK_CXX", SYSTEM_CXX if os.access(SYSTEM_CXX, os.X_OK) else "")
+    return chosen or None
+
+
 def build_env(arch: str, jobs: int) -> dict:
-    return dict(os.environ, TORCH_CUDA_ARCH_LIST=arch, MAX_JOBS=str(jobs))
+    env = dict(os.environ, TORCH_CUDA_ARCH_LIST=arch, MAX_JOBS=str(jobs))
+    cxx = host_compiler()
+    if cxx:
+        env.update(CXX=cxx, CUDAHOSTCXX=cxx)
+    return env
 
 
 def run_build(ctx: Context, end: float) -> str:
@@ -887,7 +903,7 @@ def run_build(ctx: Context, end: float) -> str:
     cmd = build_command(ctx.python)
     env = build_env(ctx.arch, ctx.cpus)
     with open(log_path, "a", buffering=1) as log:
-        log.write(f"$ TORCH_CUDA_ARCH_LIST={ctx.arch} MAX_JOBS={ctx.cpus} {' '.join(cmd)}\n")
+        log.write(f"$ TORCH_CUDA_ARCH_LIST={ctx.arch} MAX_JOBS={ctx.cpus} CXX={env.get('CXX', '')} {' '.join(cmd)}\n")
         log.flush()
         t0 = time.monotonic()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -906,7 +922,7 @@ def run_build(ctx: Context, end: float) -> str:
         seconds = time.monotonic() - t0
     tail = tail_text(open(log_path, errors="replace").read(), 3000)
     ctx.results.write("build", stage="build", status=status, rc=rc, seconds=round(seconds, 1), arch=ctx.arch,
-                      jobs=ctx.cpus, command=" ".join(cmd), log_tail=tail if status != "ok" else "")
+                      jobs=ctx.cpus, cxx=env.get("CXX"), command=" ".join(cmd), log_tail=tail if status != "ok" else "")
     say(f"  build: {status} in {seconds:.0f} s (TORCH_CUDA_ARCH_LIST={ctx.arch}, MAX_JOBS={ctx.cpus})")
     return status
 

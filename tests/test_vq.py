@@ -558,7 +558,8 @@ def test_cuda_gradients_match_cpu(K):
     x = torch.randn(7, 52)
     grads = {}
     for device in ("cpu", "cuda"):
-        leaves = [t.to(device).requires_grad_() for t in (x, codebooks, scales, bias)]
+        # clone: on the CPU `.to(device)` returns the tensor itself, and marking it would make the CUDA copies non-leaves
+        leaves = [t.to(device).clone().requires_grad_() for t in (x, codebooks, scales, bias)]
         y = vq.vq_linear(leaves[0], codes.to(device), *leaves[1:])
         y.backward(torch.linspace(-1, 1, y.numel()).view_as(y).to(device))
         grads[device] = [t.grad.cpu() for t in leaves]

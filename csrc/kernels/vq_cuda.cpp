@@ -146,7 +146,9 @@ at::Tensor vq_grad_codebooks_cuda(const at::Tensor& t, const at::Tensor& codes, 
   at::Tensor keys = codes.to(at::kLong);
   if (w.type == CodeType::kU16) keys = keys.bitwise_and(0xFFFF);  // int16 codes are read as uint16
   keys = keys.clamp_max(g.k - 1).reshape({-1, g.K}).add(at::arange(g.K, keys.options()).mul_(g.k));
-  const auto sorted = keys.reshape({-1}).sort(/*stable=*/true, /*dim=*/0);
+  // The optional<bool> is spelled out: a bare `true` would pick the sort(int64_t dim, bool descending) overload
+  // (dim 1 of a 1-D tensor: the first GPU run failed with "Dimension out of range").
+  const auto sorted = keys.reshape({-1}).sort(/*stable=*/std::optional<bool>(true), /*dim=*/0);
   const at::Tensor order = std::get<1>(sorted);
   const at::Tensor offsets = at::searchsorted(std::get<0>(sorted), at::arange(g.K * g.k + 1, keys.options()));
   const at::Tensor s = optional_contiguous(scales);
