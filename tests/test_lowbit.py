@@ -234,6 +234,31 @@ def test_op_errors_name_the_problem(device):
         lowbit.quant_linear(x, qweight, scales, zeros, 2, 64, torch.zeros(15, device=device))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_in_features_zero_gives_the_bias(device, bias):
+    """issue 17: with in_features == 0, x @ W^T is all zeros and F.linear returns the bias; quant_linear returned
+    zeros. Backward: no gradient reaches x (empty), scales and zeros (empty); bias gets grad_out summed."""
+    qweight = torch.zeros(0, 12, dtype=torch.int32, device=device)
+    scales = torch.ones(0, 12, device=device, requires_grad=True)
+    zeros = torch.zeros(0, 12, device=device, requires_grad=True)
+    b = torch.randn(12, device=device, requires_grad=True) if bias else None
+    for shape in [(3, 0), (2, 5, 0), (0, 0)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.zeros(shape, device=device, dtype=dtype, requires_grad=True)
+            y = lowbit.quant_linear(x, qweight, scales, zeros, 2, 32, b)
+            want = torch.nn.functional.linear(x, torch.zeros(12, 0, device=device, dtype=dtype),
+                                              None if b is None else b.to(dtype))
+            assert y.shape == want.shape and y.dtype == dtype
+            torch.testing.assert_close(y, want, rtol=0, atol=0)
+            gy = torch.randn(y.shape, device=device).to(dtype)
+            inputs = (x, scales, zeros) + ((b,) if bias else ())
+            grads = torch.autograd.grad(y, inputs, gy)
+            assert [g.shape for g in grads[:3]] == [x.shape, scales.shape, zeros.shape]
+            if bias:
+                torch.testing.assert_close(grads[3], gy.float().reshape(-1, 12).sum(0))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for a second device")
 def test_mixed_devices_are_an_error():
     qweight, scales, zeros = random_weight(128, 16, 2, 64, torch.float16, "cuda")
