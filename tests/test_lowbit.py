@@ -235,6 +235,21 @@ def test_op_errors_name_the_problem(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_int_arguments_beyond_int32_are_refused(device):
+    """issue 17: group_size was narrowed to int in the checks, so 2**32 + 64 was read as 64."""
+    qweight, scales, zeros = random_weight(128, 16, 2, 64, torch.float16, device)
+    x = torch.randn(2, 128, device=device)
+    empty = [t[:0].contiguous() for t in (qweight, scales, zeros)]  # in = 0 * group_size: no size check trips
+    for group_size in (2**32 + 64, 2**62):
+        with pytest.raises(RuntimeError, match=rf"group_size must be in \[16, 2147483647\], got {group_size}"):
+            lowbit.quant_linear(x, qweight, scales, zeros, 2, group_size)
+        with pytest.raises(RuntimeError, match=rf"group_size must be in \[16, 2147483647\], got {group_size}"):
+            torch.ops.blockops.quant_linear(x[:, :0], *empty, 2, group_size)
+        with pytest.raises(RuntimeError, match=rf"group_size must be in \[16, 2147483647\], got {group_size}"):
+            lowbit.quant_dequantize(*empty, 2, group_size)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_in_features_zero_gives_the_bias(device, bias):
     """issue 17: with in_features == 0, x @ W^T is all zeros and F.linear returns the bias; quant_linear returned
