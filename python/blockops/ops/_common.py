@@ -21,5 +21,15 @@ def _rows_2d(t, *last):
     return t.reshape(math.prod(t.shape[:-1]), *(last or (t.shape[-1],)))
 
 
+def _default_scale(scale, q):
+    """``float(scale)``, or ``D ** -0.5`` for q's head dim ``D`` (last dim) when None. Without a head dim (D = 0, or
+    a 0-d q) it is 1.0, a placeholder: the op's own checks then refuse q with a message naming the head dim, rather
+    than a ZeroDivisionError or IndexError here."""
+    if scale is not None:
+        return float(scale)
+    head_dim = q.shape[-1] if q.dim() > 0 else 0
+    return head_dim ** -0.5 if head_dim > 0 else 1.0
+
+
 def _cdiv(a, b):
     return (a + b - 1) // b
