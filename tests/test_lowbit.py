@@ -1,5 +1,7 @@
 """2/3/4-bit group-wise GEMM: kernels vs the dequantize-then-matmul reference, gradients, GPTQ round trips,
 QuantLinear, quantize_, checkpoint loading, opcheck, torch.compile and error paths."""
+import re
+
 import pytest
 import torch
 from helpers import DEVICES, assert_close_to_reference, assert_compiles, kernel_ran, opcheck, rel_error, run_with_cpu_isa
@@ -188,6 +190,49 @@ def test_checkpoint_errors():
         gptq.load_gptq_checkpoint(model, state, bits=4, group_size=32)
     with pytest.raises(ValueError, match="32->16 in the model but 64->16 in the checkpoint"):
         gptq.load_gptq_checkpoint(nn.Sequential(nn.Linear(32, 16)), state, bits=2, group_size=32)
+
+
+def test_checkpoint_bias_shape_names_the_layer():
+    """issue 17: a [1] bias was broadcast to every output by copy_; a [out + 1] one failed in copy_ naming neither the
+    tensor nor the layer."""
+    t = QuantLinear.from_linear(nn.Linear(64, 16), bits=2, group_size=32).to_gptq()
+    for bad in (torch.zeros(1), torch.zeros(17), torch.zeros(16, 1), torch.zeros(16, dtype=torch.int32)):
+        with pytest.raises(ValueError, match=r"from_gptq: bias must be a floating \[out_features\] = \[16\]"):
+            QuantLinear.from_gptq(t["qweight"], t["qzeros"], t["scales"], bad, bits=2, group_size=32)
+        state = {f"blk.proj.{k}": v for k, v in {**t, "bias": bad}.items()}
+        model = nn.Sequential()
+        model.add_module("blk", nn.Module())
+        model.blk.proj = nn.Linear(64, 16)
+        with pytest.raises(ValueError, match=r"layer 'blk.proj': from_gptq: bias must be a floating \[out_features\]"):
+            gptq.load_gptq_checkpoint(model, state, bits=2, group_size=32)
+
+
+def test_malformed_safetensors_names_the_file(tmp_path):
+    """issue 17: the library's SafetensorError named neither the checkpoint file nor the loader."""
+    from safetensors.torch import save_file
+
+    from blockops.checkpoint import load_safetensors, safetensors_keys
+
+    layer = QuantLinear.from_linear(nn.Linear(64, 16), bits=2, group_size=32)
+    good = tmp_path / "good" / "model.safetensors"
+    good.parent.mkdir()
+    save_file({f"0.{k}": v.contiguous() for k, v in layer.to_gptq().items()}, str(good))
+    data = good.read_bytes()
+    for name, blob in [("truncated", data[:-7]), ("empty", b""), ("header", data[:8] + b"{oops" + data[13:])]:
+        folder = tmp_path / name
+        folder.mkdir()
+        bad = folder / "model-00002.safetensors"
+        bad.write_bytes(blob)
+        (folder / "model-00001.safetensors").write_bytes(data)
+        file_match = rf"checkpoint file {re.escape(str(bad))} is not a readable \.safetensors file"
+        for source in (str(bad), str(folder)):
+            with pytest.raises(ValueError, match=rf"load_gptq_checkpoint: {file_match}"):
+                gptq.load_gptq_checkpoint(nn.Sequential(nn.Linear(64, 16)), source, bits=2, group_size=32)
+        with pytest.raises(ValueError, match=rf"who: {file_match}"):
+            load_safetensors(str(bad), "who")
+        with pytest.raises(ValueError, match=rf"who: {file_match}"):
+            safetensors_keys(str(bad), "who")
+    assert safetensors_keys(str(good), "who") == {f"0.{k}" for k in layer.to_gptq()}
 
 
 def test_module_errors():
