@@ -292,6 +292,10 @@ def test_int_arguments_beyond_int32_are_refused(device):
             torch.ops.blockops.quant_linear(x[:, :0], *empty, 2, group_size)
         with pytest.raises(RuntimeError, match=rf"group_size must be in \[16, 2147483647\], got {group_size}"):
             lowbit.quant_dequantize(*empty, 2, group_size)
+        with pytest.raises(RuntimeError, match=rf"group_size must be in \[16, 2147483647\], got {group_size}"):
+            with torch._subclasses.fake_tensor.FakeTensorMode() as mode:   # the fake (torch.compile) agrees
+                lowbit.quant_linear(mode.from_tensor(x), *(mode.from_tensor(t) for t in (qweight, scales, zeros)), 2,
+                                    group_size)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -45,6 +45,7 @@ def _check_lowbit_weight(op, qweight, scales, zeros, bits, group_size):
     torch._check(bits in (2, 3, 4), lambda: f"{op}: bits must be 2, 3 or 4, got {bits}")
     torch._check(group_size >= 16 and group_size % 16 == 0,
                  lambda: f"{op}: group_size must be a positive multiple of 16, got {group_size}")
+    torch._check(group_size <= 2**31 - 1, lambda: f"{op}: group_size must be in [16, 2147483647], got {group_size}")
     torch._check(qweight.dtype == torch.int32, lambda: f"{op}: qweight must be int32, got {qweight.dtype}")
     torch._check(scales.dtype in _FLOAT_DTYPES, lambda: f"{op}: scales must be fp16/bf16/fp32, got {scales.dtype}")
     torch._check(zeros.dtype == scales.dtype, lambda: f"{op}: zeros must have the scales' dtype")
