@@ -76,8 +76,8 @@ at::Tensor vq_linear_cuda(const at::Tensor& x, const at::Tensor& codes, const at
   const KernelGuard guard(kFamily, op, x.device());
   linear_counter.hit();
   const int64_t m = rows_of(x);
+  if (m == 0 || w.g.out == 0 || w.g.in() == 0) return linear_without_products(with_last_dim(x, w.g.out), bias, x.options());
   at::Tensor y = at::empty(with_last_dim(x, w.g.out), x.options());
-  if (m == 0 || w.g.out == 0) return y;
 
   const at::Tensor xc = aligned(x);
   const at::Tensor cb = aligned(codebooks);
