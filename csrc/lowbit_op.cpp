@@ -11,7 +11,7 @@ Geometry check_weight(const char* op, const at::Tensor& qweight, const at::Tenso
   TORCH_CHECK(group_size >= kGroupQuantum && group_size % kGroupQuantum == 0, op, ": group_size must be a positive ",
               "multiple of ", kGroupQuantum, ", got ", group_size);
   check_dtype(qweight, {at::kInt}, op, "qweight");
-  check_dtype(scales, {at::kHalf, at::kBFloat16, at::kFloat}, op, "scales");
+  check_float_dtype(scales, op, "scales");  // fp64 on the CPU only
   TORCH_CHECK(zeros.scalar_type() == scales.scalar_type(), op, ": zeros must have the scales' dtype ",
               scales.scalar_type(), ", got ", zeros.scalar_type());
   TORCH_CHECK(qweight.dim() == 2 && scales.dim() == 2, op, ": qweight and scales must be 2-D, got shapes ",
