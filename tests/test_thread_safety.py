@@ -26,7 +26,7 @@ from blockops.reference import OP_REFERENCES
 
 _ops = torch.ops.blockops
 THREADS = 4
-CALLS = 3  # calls per thread and op
+CALLS = 4  # calls per thread and case, back to back
 
 
 def _gen(seed):
@@ -123,10 +123,10 @@ def _path(op):
     return make
 
 
-def _vq(op, rows, x_dtype=torch.float32, k=256):
+def _vq(op, rows, x_dtype=torch.float32, k=256, out=192, inn=128):
     def make(seed):
         g = _gen(seed)
-        out, inn, K, d = 192, 128, 2, 4
+        K, d = 2, 4
         codes = torch.randint(0, k, (out, inn // d, K), generator=g).to(torch.uint8)
         codebooks = torch.randn(K, k, d, generator=g)
         scales = torch.rand(out, generator=g) + 0.5
@@ -224,7 +224,8 @@ CASES = {
     "path_decode_step": [_path("path_decode_step")],
     # k = 16: the table kernels (byte planes with their thread_local tables on AVX-512 VBMI CPUs, exact for fp32 x,
     # int16 for fp16 x); k = 256 at 2 rows: the direct kernel; 20 rows: the blocked GEMM.
-    "vq_linear": [_vq("vq_linear", 2, k=16), _vq("vq_linear", 4, torch.float16, k=16), _vq("vq_linear", 2),
+    "vq_linear": [_vq("vq_linear", 2, k=16, out=512, inn=512), _vq("vq_linear", 4, torch.float16, k=16, out=512,
+                                                                      inn=512), _vq("vq_linear", 2),
                   _vq("vq_linear", 20)],
     "vq_dequantize": [_vq("vq_dequantize", 1)],
     "vq_linear_grad_input": [_vq("vq_linear_grad_input", 3)],
@@ -268,25 +269,27 @@ def _assert_bitwise_equal(got, want, what):
 
 
 def test_concurrent_calls_match_serial(two_intra_op_threads):
-    """THREADS Python threads, each with its own inputs (seed = thread), call every case of every op CALLS times,
-    interleaved (thread i starts at a different op), while torch's intra-op pool runs 2 threads per call."""
-    runs = {(op, c, seed): make(seed)
-            for op, makers in CASES.items() for c, make in enumerate(makers) for seed in range(THREADS)}
+    """THREADS Python threads, each with its own inputs (seed = thread), call every case of every op CALLS times in
+    a row, all threads starting each case together (a barrier: calls of one kernel overlap, which is when shared
+    scratch would be overwritten), while torch's intra-op pool runs 2 threads per call."""
+    cases = [(op, c, make) for op, makers in CASES.items() for c, make in enumerate(makers)]
+    runs = {(op, c, seed): make(seed) for op, c, make in cases for seed in range(THREADS)}
     serial = {key: tuple(t.clone() for t in run()) for key, run in runs.items()}
-    keys = sorted(runs, key=lambda k: (k[2], k[0], k[1]))
     errors = []
     barrier = threading.Barrier(THREADS)
 
     def worker(seed):
-        mine = [k for k in keys if k[2] == seed]
-        mine = mine[seed * len(mine) // THREADS:] + mine[: seed * len(mine) // THREADS]  # different op order
-        try:
-            barrier.wait()
-            for _ in range(CALLS):
-                for key in mine:
-                    _assert_bitwise_equal(runs[key](), serial[key], f"{key[0]} case {key[1]}, thread {seed}")
-        except Exception as e:  # noqa: BLE001 -- reported by the main thread
-            errors.append(e)
+        for op, c, _ in cases:
+            try:
+                barrier.wait()
+            except threading.BrokenBarrierError:
+                return
+            try:
+                results = [runs[op, c, seed]() for _ in range(CALLS)]  # back to back, compared afterwards
+                for got in results:
+                    _assert_bitwise_equal(got, serial[op, c, seed], f"{op} case {c}, thread {seed}")
+            except Exception as e:  # noqa: BLE001 -- reported by the main thread
+                errors.append(e)
 
     before = blockops.kernel_call_counts()
     threads = [threading.Thread(target=worker, args=(s,)) for s in range(THREADS)]
