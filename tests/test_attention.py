@@ -501,3 +501,45 @@ def test_hand_built_mask_out_of_range(field, value, python_message, op_message):
     with pytest.raises(RuntimeError, match=op_message):
         torch.ops.blockops.block_sparse_attention(*_op_args(q, k, v, bad))
 
+
+def test_mask_edited_in_place_is_validated_again(monkeypatch):
+    """A mask edited in place after its first use was never validated again: a duplicated full-block index gave a
+    result off by 0.14 with no error. Its tensors' version counters now tell that it changed."""
+    mask = masks.causal(64, block_q=16, block_kv=16)
+    q, k, v = _inputs(1, 1, 1, 64, 64, 16, 16, torch.float32, "cpu")
+    calls = []
+    validate = BlockMask.validate
+    monkeypatch.setattr(BlockMask, "validate", lambda self: calls.append(1) or validate(self))
+    block_sparse_attention(q, k, v, mask)
+    block_sparse_attention(q, k, v, mask)
+    assert calls == [], "an unchanged mask from a constructor is not validated (no host sync per call)"
+    assert mask.full_kv_num_blocks[0, 0, 3] == 3
+    mask.full_kv_indices[0, 0, 3, 1] = 0                 # query block 3 now lists key block 0 twice
+    with pytest.raises(ValueError, match="not strictly ascending"):
+        block_sparse_attention(q, k, v, mask)
+    assert calls == [1]
+    mask.full_kv_indices[0, 0, 3, 1] = 1                 # repaired: validated once more, then trusted again
+    block_sparse_attention(q, k, v, mask)
+    block_sparse_attention(q, k, v, mask)
+    assert calls == [1, 1]
+    torch.testing.assert_close(block_sparse_attention(q, k, v, mask),
+                               F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=2e-5, rtol=2e-5)
+
+
+def test_mask_edited_through_a_view_is_validated_again():
+    """Views share their base's version counter: an edit through a view (or of the base) is seen too."""
+    mask = masks.causal(64, block_q=16, block_kv=16)
+    q, k, v = _inputs(1, 1, 1, 64, 64, 16, 16, torch.float32, "cpu")
+    block_sparse_attention(q, k, v, mask)
+    mask.kv_num_blocks.view(-1)[2] = 9                   # a count beyond KB = 4
+    with pytest.raises(ValueError, match="counts outside"):
+        block_sparse_attention(q, k, v, mask)
+
+
+def test_mask_built_in_inference_mode():
+    """Inference tensors have no version counter: such masks are trusted once validated (the previous rule)."""
+    with torch.inference_mode():
+        mask = masks.causal(64, block_q=16, block_kv=16)
+        q, k, v = _inputs(1, 1, 1, 64, 64, 16, 16, torch.float32, "cpu")
+        out = block_sparse_attention(q, k, v, mask)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=2e-5, rtol=2e-5)
