@@ -395,30 +395,33 @@ struct FwdScratch {
       : qt(D * bq), k(bkv * D), v(bkv * Dv), st(bkv * bq), ot(Dv * bq), m(bq), l(bq), alpha(bq) {}
 };
 
-// Per (b, key head, key block): whether V has a NaN / Inf there. A hidden key's P is 0, but 0 * NaN is NaN, so
-// the GEMM O += P V would leak a hidden key's NaN v into the rows of its block that cannot see it; partial blocks
-// whose V is not all finite take the per-pair path instead. One read of V, only when the mask has bit tiles.
-template <typename T>
-std::vector<uint8_t> nonfinite_v_blocks(const FwdParams& p) {
-  std::vector<uint8_t> bad;
-  if (p.mask.num_tiles == 0) return bad;
-  const int64_t KB = p.mask.kv_blocks;
-  bad.assign(p.batch * p.kv_heads * KB, 0);
-  const T* v = static_cast<const T*>(p.v);
-  at::parallel_for(0, p.batch * p.kv_heads * KB, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t kb = t % KB, bhk = t / KB;
-      const int64_t c0 = kb * p.mask.block_kv, c1 = std::min<int64_t>(c0 + p.mask.block_kv, p.kv_len);
-      const T* vb = v + (bhk / p.kv_heads) * p.v_stride_b + (bhk % p.kv_heads) * p.v_stride_h;
-      bool finite = true;
-      for (int64_t c = c0; c < c1 && finite; ++c) {
-        for (int d = 0; d < p.v_dim; ++d) finite &= std::isfinite(static_cast<double>(vb[c * p.v_stride_t + d]));
+// Whether V has a NaN / Inf in a key block, per (b, key head, key block), scanned on the first visit of the block as
+// a partial one (0 not scanned yet, 1 finite, 2 not). A hidden key's P is 0, but 0 * NaN is NaN, so the GEMM
+// O += P V would leak a hidden key's NaN v into the rows of its block that cannot see it; partial blocks whose V
+// is not all finite take the per-pair path instead. Full blocks hide no key and never scan. Two tasks may scan
+// one block at once: both store the same answer (relaxed atomics, no lock).
+class FiniteV {
+ public:
+  explicit FiniteV(int64_t blocks) : state_(blocks) {}
+
+  template <typename A>
+  bool bad(int64_t block, const A* v, int64_t ldv, int keys, int dv) {
+    uint8_t s = state_[block].load(std::memory_order_relaxed);
+    if (s == 0) {
+      int nonfinite = 0;
+      for (int c = 0; c < keys; ++c) {
+        // !(|x| <= max) is true for +-inf and NaN; branch-free, so the loop vectorises
+        for (int d = 0; d < dv; ++d) nonfinite |= !(std::abs(v[c * ldv + d]) <= std::numeric_limits<A>::max());
       }
-      bad[t] = !finite;
+      s = nonfinite ? 2 : 1;
+      state_[block].store(s, std::memory_order_relaxed);
     }
-  });
-  return bad;
-}
+    return s == 2;
+  }
+
+ private:
+  std::vector<std::atomic<uint8_t>> state_;
+};
 
 template <typename T, typename A>
 void forward_kernel(const FwdParams& p) {
@@ -433,7 +436,7 @@ void forward_kernel(const FwdParams& p) {
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   T* out = static_cast<T*>(p.out);
-  const std::vector<uint8_t> bad_v = nonfinite_v_blocks<T>(p);
+  FiniteV finite_v(p.batch * p.kv_heads * KB);
 
   run_tasks(p.batch * p.heads * QB, proto, [&](int64_t t, FwdScratch<A>& sc) {
     const auto [b, h, hk, qb, q0, rows, lanes] = query_task(p, t);
@@ -453,7 +456,7 @@ void forward_kernel(const FwdParams& p) {
         A* o = sc.ot.data() + d * lanes;
         for (int r = 0; r < lanes; ++r) o[r] *= sc.alpha[r];
       }
-      if (blk.tile != nullptr && bad_v[(b * p.kv_heads + hk) * KB + blk.block]) {
+      if (blk.tile != nullptr && finite_v.bad((b * p.kv_heads + hk) * KB + blk.block, vf, ldv, keys, Dv)) {
         // Visible pairs only: a hidden key's NaN / Inf v must not reach this block's other rows (0 * NaN).
         for (int c = 0; c < keys; ++c) {
           for (int r = 0; r < rows; ++r) {
