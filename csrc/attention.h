@@ -4,8 +4,9 @@
 // Tensors (strides in elements; the last dim is contiguous):
 //   q [B, H, Tq, D], k [B, Hk, Tk, D], v [B, Hk, Tk, Dv]; H a multiple of Hk (GQA: query head h reads key
 //   head h / (H / Hk)); D and Dv multiples of 8, at most 256; fp16, bf16 or fp32 (one dtype for all three).
-//   out [B, H, Tq, Dv] (q's dtype, contiguous), lse [B, H, Tq] fp32 contiguous: natural log-sum-exp of the
-//   scaled visible scores, -inf for a row with no visible key (whose output is 0).
+//   fp64 too on the CPU (portable path; for gradcheck). out [B, H, Tq, Dv] (q's dtype, contiguous), lse [B, H, Tq]
+//   fp32 (fp64 for fp64 operands) contiguous: natural log-sum-exp of the scaled visible scores, -inf for a row
+//   with no visible key (whose output is 0).
 //
 // Mask (python/blockops/attention/block_mask.py has the full description): per (b', h', block) int32 lists
 // with b' = b when the mask has the batch dim, else 0 (same for h'); blocks of block_q queries / block_kv keys;
@@ -19,12 +20,26 @@
 // Softmax bookkeeping (FlashAttention-2): scores are kept in base 2, s2 = (q . k) * scale * log2(e), with a
 // running row maximum m and row sum l of exp2(s2 - m); lse = (m + log2(l)) / log2(e).
 //
+// NaN / Inf (as softmax, and F.scaled_dot_product_attention over the visible keys): a NaN visible score (NaN in q
+// or in a visible key's k) or a +inf one (exp2(inf - inf)) makes the row's output and lse NaN; a NaN in a visible
+// key's v makes those output columns NaN; a row whose visible scores are all -inf is empty (out 0, lse -inf).
+// Hidden keys never reach the forward output, NaN or not: their scores become -inf before the softmax, unlisted
+// blocks are never read, and a hidden key's v is not multiplied in (CPU: a per-pair path for partial blocks whose
+// V is not finite; CUDA-core: hidden keys are skipped). Known limits: the CUDA tensor-core forward multiplies P = 0
+// by V in a listed partial block, so a NaN / Inf v of a key hidden there reaches that block's rows (0 * NaN, as in
+// SDPA with a boolean mask); in the backward, a hidden NaN inside a listed partial block may reach the gradients
+// through 0 * NaN in the products (as in SDPA's backward, which spreads it to every row). The rule every backend follows: exp2 propagates NaN, so a NaN score makes
+// the row sum l NaN and l stays NaN (l = l * alpha + sum); the running maximum need not keep the NaN (SIMD max
+// drops it); at the end a row is empty exactly when l == 0 (l >= 1 once any finite score was seen), never by
+// `l > 0`, which is false for a NaN row too (that reported NaN rows as empty: out 0, lse -inf).
+//
 // Backward (per visited tile, with P = exp2(s2 - lse2), lse2 = lse * log2(e), and Delta_r = dO_r . O_r):
 //   dV += P^T dO,   dP = dO V^T,   dS = P * (dP - Delta),   dQ += scale * dS K,   dK += scale * dS^T Q.
 // A gradient g arriving at lse (d lse_i / d s_ij = P_ij) enters as Delta_i = dO_i . O_i - g_i.
 // dK/dV are computed per key block from the transposed lists (a key head sums over its query heads), dQ per
 // query block from the forward lists: two passes, no atomics, deterministic.
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 #include "dtype.h"
@@ -33,6 +48,19 @@
 namespace blockops::attention {
 
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr double kLog2eF64 = 1.4426950408889634;
+template <typename A> BLOCKOPS_HD A log2e() { return static_cast<A>(kLog2eF64); }
+template <> BLOCKOPS_HD float log2e<float>() { return kLog2e; }
+BLOCKOPS_HD float log2_of(float x) { return log2f(x); }
+BLOCKOPS_HD double log2_of(double x) { return log2(x); }
+
+// The end of one row's online softmax (base-2 maximum m, sum l; float, or double for fp64 on the CPU): the factor
+// the accumulated output is multiplied by and the natural lse. Empty rows (l == 0) give 0 and -inf; NaN rows NaN.
+template <typename A> BLOCKOPS_HD bool row_empty(A l) { return l == A(0); }
+template <typename A> BLOCKOPS_HD A row_out_scale(A l) { return row_empty(l) ? A(0) : A(1) / l; }
+template <typename A> BLOCKOPS_HD A row_lse(A m, A l) {
+  return row_empty(l) ? -static_cast<A>(INFINITY) : (m + log2_of(l)) / log2e<A>();
+}
 constexpr int kMaxHeadDim = 256;
 
 // Where the lists of one (b', h') start: element offset into a [B', H', N] count array (times the row width
@@ -82,7 +110,7 @@ struct FwdParams {
   const void* k;
   const void* v;
   void* out;          // [B, H, Tq, Dv] contiguous
-  float* lse;         // [B, H, Tq] contiguous
+  void* lse;          // [B, H, Tq] contiguous, fp32 (fp64 for fp64 operands, CPU only)
   DType dtype;
   int64_t batch, heads, kv_heads, q_len, kv_len;
   int head_dim, v_dim;
@@ -90,6 +118,7 @@ struct FwdParams {
   int64_t k_stride_b, k_stride_h, k_stride_t;
   int64_t v_stride_b, v_stride_h, v_stride_t;
   float scale;
+  double scale_f64;    // scale before its rounding to fp32: what the fp64 CPU kernels use
   MaskDims mask;
   BlockLists kv;       // forward lists (per query block)
   const int32_t* tiles;
@@ -102,8 +131,8 @@ struct BwdParams {
   FwdParams fwd;      // q, k, v, lse, mask and the forward lists (for dQ); fwd.out is the forward output O
   const void* grad_out;   // dO [B, H, Tq, Dv]
   int64_t do_stride_b, do_stride_h, do_stride_t;
-  const float* grad_lse;  // [B, H, Tq] fp32 contiguous, or null: no gradient at lse
-  float* delta;       // [B, H, Tq] fp32 workspace: rowsum(dO * O) - grad_lse
+  const void* grad_lse;   // [B, H, Tq] lse's dtype, contiguous, or null: no gradient at lse
+  void* delta;        // [B, H, Tq] workspace of lse's dtype: rowsum(dO * O) - grad_lse
   void* grad_q;       // [B, H, Tq, D] contiguous, q's dtype
   void* grad_k;       // [B, Hk, Tk, D] contiguous
   void* grad_v;       // [B, Hk, Tk, Dv] contiguous

@@ -51,57 +51,68 @@ int64_t round_up8(int64_t n) { return (n + 7) / 8 * 8; }
 //   S^T [keys, lanes] (forward and dQ pass: Q^T and dO^T are built once per query-block task; the per-query
 //                      softmax bookkeeping then runs across SIMD lanes, one lane per query, with no horizontal ops)
 // The GEMM reads A through two strides, so a transposed operand (P^T, dS^T, V^T) is just a different stride.
+// A is the accumulation type: float (fp32/fp16/bf16 operands, portable or AVX2) or double (fp64 operands,
+// portable only).
+template <typename A>
 struct Primitives {
   // C[M, N] (+)= A[M, K] @ B[K, N] with A(i, k) = A[i * a_row + k * a_col], B and C row-major (ldb, ldc);
   // N a multiple of 8.
-  void (*gemm)(int M, int N, int K, const float* A, int64_t a_row, int64_t a_col, const float* B, int64_t ldb,
-               float* C, int64_t ldc, bool accumulate);
+  void (*gemm)(int M, int N, int K, const A* a, int64_t a_row, int64_t a_col, const A* b, int64_t ldb, A* c,
+               int64_t ldc, bool accumulate);
   // x[i] = exp2(x[i] * mul - sub) for i < n (a multiple of 8); exp2 of anything below -126 is exactly 0.
-  void (*exp2_row)(float* x, int n, float mul, float sub);
+  void (*exp2_row)(A* x, int n, A mul, A sub);
   // x[c] = fill where bit c of `bits` is clear, c < n (a multiple of 8).
-  void (*apply_bits)(float* x, const int32_t* bits, int n, float fill);
+  void (*apply_bits)(A* x, const int32_t* bits, int n, A fill);
   // One online-softmax step on S^T [keys, lanes] (lanes a multiple of 8, row stride ld), in place:
   //   m_new = max(m, max_k S^T[k, :]);  P^T = exp2(S^T - m_new);  alpha = exp2(m - m_new);  l = l * alpha + sum_k P^T
-  // Lanes whose m_new is -inf (nothing visible yet) get P = 0, alpha = 0.
-  void (*softmax_step_t)(float* St, int64_t ld, int keys, int lanes, float* m, float* l, float* alpha);
-  // P^T [keys, lanes] = exp2(S^T * mul - lse2[lane]), 0 on lanes with lse2 = -inf.
-  void (*probs_t)(float* St, int64_t ld, int keys, int lanes, float mul, const float* lse2);
+  // Lanes whose m_new is -inf (nothing visible yet) get P = 0, alpha = 0. NaN (attention.h): exp2 of a NaN score
+  // is NaN, so l turns NaN and stays NaN; m may drop the NaN (max), which is harmless.
+  void (*softmax_step_t)(A* St, int64_t ld, int keys, int lanes, A* m, A* l, A* alpha);
+  // P^T [keys, lanes] = exp2(S^T * mul - lse2[lane]), 0 on lanes with lse2 = -inf (NaN on lanes with NaN lse2).
+  void (*probs_t)(A* St, int64_t ld, int keys, int lanes, A mul, const A* lse2);
 };
 
-void gemm_portable(int M, int N, int K, const float* A, int64_t a_row, int64_t a_col, const float* B, int64_t ldb,
-                   float* C, int64_t ldc, bool accumulate) {
+template <typename F>
+void gemm_portable(int M, int N, int K, const F* A, int64_t a_row, int64_t a_col, const F* B, int64_t ldb, F* C,
+                   int64_t ldc, bool accumulate) {
   for (int i = 0; i < M; ++i) {
-    float* c = C + i * ldc;
-    if (!accumulate) std::fill(c, c + N, 0.f);
+    F* c = C + i * ldc;
+    if (!accumulate) std::fill(c, c + N, F(0));
     for (int k = 0; k < K; ++k) {
-      const float a = A[i * a_row + k * a_col];
-      const float* b = B + k * ldb;
+      const F a = A[i * a_row + k * a_col];
+      const F* b = B + k * ldb;
       for (int j = 0; j < N; ++j) c[j] += a * b[j];
     }
   }
 }
 
-float exp2_or_zero(float x) { return x < -126.f ? 0.f : std::exp2(x); }
+// NaN stays NaN (the comparison is false).
+template <typename F>
+F exp2_or_zero(F x) { return x < F(-126) ? F(0) : std::exp2(x); }
 
-void exp2_row_portable(float* x, int n, float mul, float sub) {
+template <typename F>
+void exp2_row_portable(F* x, int n, F mul, F sub) {
   for (int i = 0; i < n; ++i) x[i] = exp2_or_zero(x[i] * mul - sub);
 }
 
-void apply_bits_portable(float* x, const int32_t* bits, int n, float fill) {
+template <typename F>
+void apply_bits_portable(F* x, const int32_t* bits, int n, F fill) {
   for (int c = 0; c < n; ++c) {
     if (!tile_bit(bits, c)) x[c] = fill;
   }
 }
 
-void softmax_step_t_portable(float* St, int64_t ld, int keys, int lanes, float* m, float* l, float* alpha) {
+template <typename F>
+void softmax_step_t_portable(F* St, int64_t ld, int keys, int lanes, F* m, F* l, F* alpha) {
+  constexpr F neg_inf = -std::numeric_limits<F>::infinity();
   for (int r = 0; r < lanes; ++r) {
-    float mx = m[r];
+    F mx = m[r];
     for (int k = 0; k < keys; ++k) mx = std::max(mx, St[k * ld + r]);
-    const float use = mx == kNegInf ? 0.f : mx;
+    const F use = mx == neg_inf ? F(0) : mx;
     alpha[r] = exp2_or_zero(m[r] - use);
-    float sum = 0.f;
+    F sum = 0;
     for (int k = 0; k < keys; ++k) {
-      const float e = exp2_or_zero(St[k * ld + r] - use);
+      const F e = exp2_or_zero(St[k * ld + r] - use);
       St[k * ld + r] = e;
       sum += e;
     }
@@ -110,10 +121,12 @@ void softmax_step_t_portable(float* St, int64_t ld, int keys, int lanes, float* 
   }
 }
 
-void probs_t_portable(float* St, int64_t ld, int keys, int lanes, float mul, const float* lse2) {
+template <typename F>
+void probs_t_portable(F* St, int64_t ld, int keys, int lanes, F mul, const F* lse2) {
+  constexpr F neg_inf = -std::numeric_limits<F>::infinity();
   for (int k = 0; k < keys; ++k) {
     for (int r = 0; r < lanes; ++r) {
-      St[k * ld + r] = lse2[r] == kNegInf ? 0.f : exp2_or_zero(St[k * ld + r] * mul - lse2[r]);
+      St[k * ld + r] = lse2[r] == neg_inf ? F(0) : exp2_or_zero(St[k * ld + r] * mul - lse2[r]);
     }
   }
 }
@@ -215,7 +228,7 @@ BLOCKOPS_TARGET_AVX2 void probs_t_avx2(float* St, int64_t ld, int keys, int lane
   const __m256 vm = _mm256_set1_ps(mul);
   for (int r = 0; r < lanes; r += 8) {
     const __m256 sub = _mm256_loadu_ps(lse2 + r);
-    const __m256 live = _mm256_cmp_ps(sub, _mm256_set1_ps(kNegInf), _CMP_NEQ_OQ);
+    const __m256 live = _mm256_cmp_ps(sub, _mm256_set1_ps(kNegInf), _CMP_NEQ_UQ);   // NaN lse2: live (P NaN)
     for (int k = 0; k < keys; ++k) {
       const __m256 e = exp2_avx2(_mm256_fmsub_ps(_mm256_loadu_ps(St + k * ld + r), vm, sub));
       _mm256_storeu_ps(St + k * ld + r, _mm256_and_ps(e, live));
@@ -224,26 +237,38 @@ BLOCKOPS_TARGET_AVX2 void probs_t_avx2(float* St, int64_t ld, int keys, int lane
 }
 #endif
 
-Primitives primitives() {
+template <typename A>
+Primitives<A> primitives() {
 #if BLOCKOPS_X86_DISPATCH
-  if (cpu_has_avx2_fma()) return {gemm_avx2, exp2_row_avx2, apply_bits_avx2, softmax_step_t_avx2, probs_t_avx2};
+  if constexpr (std::is_same_v<A, float>) {
+    if (cpu_has_avx2_fma()) return {gemm_avx2, exp2_row_avx2, apply_bits_avx2, softmax_step_t_avx2, probs_t_avx2};
+  }
 #endif
-  return {gemm_portable, exp2_row_portable, apply_bits_portable, softmax_step_t_portable, probs_t_portable};
+  return {gemm_portable<A>, exp2_row_portable<A>, apply_bits_portable<A>, softmax_step_t_portable<A>,
+          probs_t_portable<A>};
+}
+
+// The score scale in the accumulation type: fp32 as the CUDA kernels use it, or the exact value for fp64.
+template <typename A>
+A scale_of(const FwdParams& p) {
+  if constexpr (std::is_same_v<A, double>) return p.scale_f64;
+  return p.scale;
 }
 
 // ---- operand access ---------------------------------------------------------------------------------------
 
 
-// An fp32 view of `rows` rows of n elements (row stride `stride`): the tensor itself for fp32, else a converted
-// copy in `scratch` (row stride n). Returns the pointer; *ld receives the row stride.
-template <typename T>
-const float* fp32_rows(const T* src, int64_t stride, int rows, int n, float* scratch, int64_t* ld) {
-  if constexpr (std::is_same_v<T, float>) {
+// An accumulation-type (fp32, or fp64 for fp64 operands) view of `rows` rows of n elements (row stride
+// `stride`): the tensor itself when it has that type, else a converted copy in `scratch` (row stride n). Returns
+// the pointer; *ld receives the row stride.
+template <typename T, typename A>
+const A* fp32_rows(const T* src, int64_t stride, int rows, int n, A* scratch, int64_t* ld) {
+  if constexpr (std::is_same_v<T, A>) {
     *ld = stride;
     return src;
   } else {
     for (int r = 0; r < rows; ++r) {
-      for (int i = 0; i < n; ++i) scratch[r * n + i] = to_float(src[r * stride + i]);
+      for (int i = 0; i < n; ++i) scratch[r * n + i] = static_cast<A>(src[r * stride + i]);
     }
     *ld = n;
     return scratch;
@@ -251,12 +276,12 @@ const float* fp32_rows(const T* src, int64_t stride, int rows, int n, float* scr
 }
 
 // dst [n, ld] = (src rows [rows, n])^T * mul, columns rows..ld zero-filled (ld a multiple of 8 >= rows).
-template <typename T>
-void load_transposed(const T* src, int64_t stride, int rows, int n, float mul, float* dst, int64_t ld) {
-  for (int i = 0; i < n; ++i) std::fill(dst + i * ld + rows, dst + i * ld + ld, 0.f);
+template <typename T, typename A>
+void load_transposed(const T* src, int64_t stride, int rows, int n, A mul, A* dst, int64_t ld) {
+  for (int i = 0; i < n; ++i) std::fill(dst + i * ld + rows, dst + i * ld + ld, A(0));
   for (int r = 0; r < rows; ++r) {
     const T* s = src + r * stride;
-    for (int i = 0; i < n; ++i) dst[i * ld + r] = to_float(s[i]) * mul;
+    for (int i = 0; i < n; ++i) dst[i * ld + r] = static_cast<A>(s[i]) * mul;
   }
 }
 
@@ -303,7 +328,8 @@ void for_each_listed(const BlockLists& lists, const MaskDims& m, int64_t row, co
 
 // S^T layout [keys, lanes]: entry (key c, query r) = fill where the bit tile hides it (partial blocks only; key
 // and query lengths are handled by computing only `keys` rows and never storing lanes >= rows).
-void mask_scores_t(float* St, int64_t ld, int rows, int keys, const int32_t* tile, int words, float fill) {
+template <typename A>
+void mask_scores_t(A* St, int64_t ld, int rows, int keys, const int32_t* tile, int words, A fill) {
   if (tile == nullptr) return;
   for (int r = 0; r < rows; ++r) {
     const int32_t* bits = tile + r * words;
@@ -314,10 +340,11 @@ void mask_scores_t(float* St, int64_t ld, int rows, int keys, const int32_t* til
 }
 
 // S layout [rows, cols_pad]: the bit tile's zeros and the columns past the key length become `fill`.
-void mask_scores(const Primitives& prim, float* S, int64_t ld, int rows, int cols, int cols_pad, const int32_t* tile,
-                 int words, float fill) {
+template <typename A>
+void mask_scores(const Primitives<A>& prim, A* S, int64_t ld, int rows, int cols, int cols_pad, const int32_t* tile,
+                 int words, A fill) {
   for (int r = 0; r < rows; ++r) {
-    float* s = S + r * ld;
+    A* s = S + r * ld;
     if (tile != nullptr) prim.apply_bits(s, tile + r * words, cols_pad, fill);
     for (int c = cols; c < cols_pad; ++c) s[c] = fill;
   }
@@ -337,20 +364,21 @@ QueryTask query_task(const FwdParams& p, int64_t t) {
   return {bh / p.heads, h, p.kv_head_of(h), qb, q0, rows, static_cast<int>(round_up8(rows))};
 }
 
-// Key block `block` of one (b, key head): its first key, its length and fp32 views of its K and V rows (the tensors
-// themselves for fp32, else converted copies in kbuf / vbuf), for the forward and dQ passes.
+// Key block `block` of one (b, key head): its first key, its length and accumulation-type views of its K and V
+// rows (the tensors themselves for fp32 / fp64, else converted copies in kbuf / vbuf), for the forward and dQ passes.
+template <typename A>
 struct KeyBlock {
   int64_t c0;
   int keys;
-  const float* k;
+  const A* k;
   int64_t ldk;
-  const float* v;
+  const A* v;
   int64_t ldv;
 };
 
-template <typename T>
-KeyBlock key_block(const FwdParams& p, const T* k_bh, const T* v_bh, int64_t block, float* kbuf, float* vbuf) {
-  KeyBlock kb{};
+template <typename T, typename A>
+KeyBlock<A> key_block(const FwdParams& p, const T* k_bh, const T* v_bh, int64_t block, A* kbuf, A* vbuf) {
+  KeyBlock<A> kb{};
   kb.c0 = block * p.mask.block_kv;
   kb.keys = static_cast<int>(std::min<int64_t>(p.mask.block_kv, p.kv_len - kb.c0));
   kb.k = fp32_rows(k_bh + kb.c0 * p.k_stride_t, p.k_stride_t, kb.keys, p.head_dim, kbuf, &kb.ldk);
@@ -359,75 +387,124 @@ KeyBlock key_block(const FwdParams& p, const T* k_bh, const T* v_bh, int64_t blo
 }
 
 // One worker's buffers of the forward (run_tasks copies the prototype).
+template <typename A>
 struct FwdScratch {
-  std::vector<float> qt, k, v, st, ot, m, l, alpha;
+  std::vector<A> qt, k, v, st, ot, m, l, alpha;
 
   FwdScratch(int D, int Dv, int bq, int bkv)
       : qt(D * bq), k(bkv * D), v(bkv * Dv), st(bkv * bq), ot(Dv * bq), m(bq), l(bq), alpha(bq) {}
 };
 
-template <typename T>
+// Whether V has a NaN / Inf in a key block, per (b, key head, key block), scanned on the first visit of the block as
+// a partial one (0 not scanned yet, 1 finite, 2 not). A hidden key's P is 0, but 0 * NaN is NaN, so the GEMM
+// O += P V would leak a hidden key's NaN v into the rows of its block that cannot see it; partial blocks whose V
+// is not all finite take the per-pair path instead. Full blocks hide no key and never scan. Two tasks may scan
+// one block at once: both store the same answer (relaxed atomics, no lock).
+class FiniteV {
+ public:
+  explicit FiniteV(int64_t blocks) : state_(blocks) {}
+
+  template <typename A>
+  bool bad(int64_t block, const A* v, int64_t ldv, int keys, int dv) {
+    uint8_t s = state_[block].load(std::memory_order_relaxed);
+    if (s == 0) {
+      int nonfinite = 0;
+      for (int c = 0; c < keys; ++c) {
+        // !(|x| <= max) is true for +-inf and NaN; branch-free, so the loop vectorises
+        for (int d = 0; d < dv; ++d) nonfinite |= !(std::abs(v[c * ldv + d]) <= std::numeric_limits<A>::max());
+      }
+      s = nonfinite ? 2 : 1;
+      state_[block].store(s, std::memory_order_relaxed);
+    }
+    return s == 2;
+  }
+
+ private:
+  std::vector<std::atomic<uint8_t>> state_;
+};
+
+template <typename T, typename A>
 void forward_kernel(const FwdParams& p) {
-  const Primitives prim = primitives();
+  const Primitives<A> prim = primitives<A>();
   const MaskDims& md = p.mask;
   const int D = p.head_dim, Dv = p.v_dim, bq = md.block_q, bkv = md.block_kv, words = md.words();
-  const int64_t QB = md.q_blocks;
-  const float qmul = p.scale * kLog2e;
-  const FwdScratch proto(D, Dv, bq, bkv);
+  const int64_t QB = md.q_blocks, KB = md.kv_blocks;
+  const A qmul = scale_of<A>(p) * log2e<A>();
+  const A neg_inf = -std::numeric_limits<A>::infinity();
+  const FwdScratch<A> proto(D, Dv, bq, bkv);
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   T* out = static_cast<T*>(p.out);
+  FiniteV finite_v(p.batch * p.kv_heads * KB);
 
-  run_tasks(p.batch * p.heads * QB, proto, [&](int64_t t, FwdScratch& sc) {
+  run_tasks(p.batch * p.heads * QB, proto, [&](int64_t t, FwdScratch<A>& sc) {
     const auto [b, h, hk, qb, q0, rows, lanes] = query_task(p, t);
     load_transposed(q + b * p.q_stride_b + h * p.q_stride_h + q0 * p.q_stride_t, p.q_stride_t, rows, D, qmul,
                     sc.qt.data(), lanes);
-    std::fill(sc.ot.begin(), sc.ot.end(), 0.f);
-    std::fill(sc.m.begin(), sc.m.end(), kNegInf);
-    std::fill(sc.l.begin(), sc.l.end(), 0.f);
+    std::fill(sc.ot.begin(), sc.ot.end(), A(0));
+    std::fill(sc.m.begin(), sc.m.end(), neg_inf);
+    std::fill(sc.l.begin(), sc.l.end(), A(0));
     const T* kbh = k + b * p.k_stride_b + hk * p.k_stride_h;
     const T* vbh = v + b * p.v_stride_b + hk * p.v_stride_h;
     for_each_listed(p.kv, md, md.row(b, h) * QB + qb, p.tiles, [&](Listed blk) {
       const auto [c0, keys, kf, ldk, vf, ldv] = key_block(p, kbh, vbh, blk.block, sc.k.data(), sc.v.data());
       prim.gemm(keys, lanes, D, kf, ldk, 1, sc.qt.data(), lanes, sc.st.data(), lanes, false);    // S^T = K Q^T
-      mask_scores_t(sc.st.data(), lanes, rows, keys, blk.tile, words, kNegInf);
+      mask_scores_t(sc.st.data(), lanes, rows, keys, blk.tile, words, neg_inf);
       prim.softmax_step_t(sc.st.data(), lanes, keys, lanes, sc.m.data(), sc.l.data(), sc.alpha.data());
       for (int d = 0; d < Dv; ++d) {
-        float* o = sc.ot.data() + d * lanes;
+        A* o = sc.ot.data() + d * lanes;
         for (int r = 0; r < lanes; ++r) o[r] *= sc.alpha[r];
       }
-      prim.gemm(Dv, lanes, keys, vf, 1, ldv, sc.st.data(), lanes, sc.ot.data(), lanes, true);   // O^T += V^T P^T
+      if (blk.tile != nullptr && finite_v.bad((b * p.kv_heads + hk) * KB + blk.block, vf, ldv, keys, Dv)) {
+        // Visible pairs only: a hidden key's NaN / Inf v must not reach this block's other rows (0 * NaN).
+        for (int c = 0; c < keys; ++c) {
+          for (int r = 0; r < rows; ++r) {
+            if (!tile_bit(blk.tile + r * words, c)) continue;
+            const A pr = sc.st[c * lanes + r];
+            for (int d = 0; d < Dv; ++d) sc.ot[d * lanes + r] += pr * vf[c * ldv + d];
+          }
+        }
+      } else {
+        prim.gemm(Dv, lanes, keys, vf, 1, ldv, sc.st.data(), lanes, sc.ot.data(), lanes, true);  // O^T += V^T P^T
+      }
     });
     T* o_dst = out + ((b * p.heads + h) * p.q_len + q0) * Dv;
-    float* lse = p.lse + (b * p.heads + h) * p.q_len + q0;
+    A* lse = static_cast<A*>(p.lse) + (b * p.heads + h) * p.q_len + q0;
     for (int r = 0; r < rows; ++r) {
-      const bool any = sc.l[r] > 0.f;
-      const float inv = any ? 1.f / sc.l[r] : 0.f;
-      for (int d = 0; d < Dv; ++d) o_dst[r * Dv + d] = static_cast<T>(sc.ot[d * lanes + r] * inv);
-      lse[r] = any ? (sc.m[r] + std::log2(sc.l[r])) / kLog2e : kNegInf;
+      // attention.h: empty rows (l == 0) get exactly 0 (not 0 * O, NaN when a -inf-score key's v is NaN); NaN
+      // rows (l NaN) get NaN output and lse.
+      const A scale = row_out_scale(sc.l[r]);
+      const bool empty = row_empty(sc.l[r]);
+      for (int d = 0; d < Dv; ++d) o_dst[r * Dv + d] = static_cast<T>(empty ? A(0) : sc.ot[d * lanes + r] * scale);
+      lse[r] = row_lse(sc.m[r], sc.l[r]);
     }
   });
 }
 
 // One worker's buffers of both backward passes: operand tiles a..d and accumulators of up to max(bq, bkv) rows by
 // max(D, Dv), score tiles of max(bq, bkv)^2, row statistics of a query block.
+template <typename A>
 struct BwdScratch {
-  std::vector<float> a, b, c, d, s, dp, acc1, acc2, lse2, delta;
+  std::vector<A> a, b, c, d, s, dp, acc1, acc2, lse2, delta;
 
   BwdScratch(int maxb, int maxd, int bq)
       : a(maxb * maxd), b(maxb * maxd), c(maxb * maxd), d(maxb * maxd), s(maxb * maxb), dp(maxb * maxb),
         acc1(maxb * maxd), acc2(maxb * maxd), lse2(bq), delta(bq) {}
 };
 
-template <typename T>
+template <typename T, typename A>
 void backward_kernel(const BwdParams& p) {
   const FwdParams& f = p.fwd;
-  const Primitives prim = primitives();
+  const Primitives<A> prim = primitives<A>();
   const MaskDims& md = f.mask;
   const int D = f.head_dim, Dv = f.v_dim, bq = md.block_q, bkv = md.block_kv, words = md.words();
   const int64_t QB = md.q_blocks, KB = md.kv_blocks, group = f.heads / f.kv_heads;
-  const float smul = f.scale * kLog2e;
+  const A smul = scale_of<A>(f) * log2e<A>();
+  const A neg_inf = -std::numeric_limits<A>::infinity();
+  const A* lse = static_cast<const A*>(f.lse);
+  const A* grad_lse = static_cast<const A*>(p.grad_lse);
+  A* delta = static_cast<A*>(p.delta);
   const T* q = static_cast<const T*>(f.q);
   const T* k = static_cast<const T*>(f.k);
   const T* v = static_cast<const T*>(f.v);
@@ -438,20 +515,21 @@ void backward_kernel(const BwdParams& p) {
   const int64_t total_rows = f.batch * f.heads * f.q_len;
   at::parallel_for(0, total_rows, 256, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      float acc = 0.f;
-      for (int i = 0; i < Dv; ++i) acc += to_float(dout[r * Dv + i]) * to_float(o[r * Dv + i]);
-      p.delta[r] = p.grad_lse != nullptr ? acc - p.grad_lse[r] : acc;
+      A acc = 0;
+      for (int i = 0; i < Dv; ++i) acc += static_cast<A>(dout[r * Dv + i]) * static_cast<A>(o[r * Dv + i]);
+      delta[r] = grad_lse != nullptr ? acc - grad_lse[r] : acc;
     }
   });
 
-  const BwdScratch proto(std::max(bq, bkv), std::max(D, Dv), bq);
+  const BwdScratch<A> proto(std::max(bq, bkv), std::max(D, Dv), bq);
 
   // lse2 = lse * log2(e) and Delta of rows [q0, q0 + rows) of (b, h), zero-padded to `lanes`.
-  auto load_row_stats = [&](BwdScratch& sc, int64_t b, int64_t h, int64_t q0, int rows, int lanes) {
+  auto load_row_stats = [&](BwdScratch<A>& sc, int64_t b, int64_t h, int64_t q0, int rows, int lanes) {
     const int64_t row0 = (b * f.heads + h) * f.q_len + q0;
     for (int r = 0; r < lanes; ++r) {
-      sc.lse2[r] = r < rows ? f.lse[row0 + r] * kLog2e : kNegInf;   // -inf stays -inf: the row gets P = 0
-      sc.delta[r] = r < rows ? p.delta[row0 + r] : 0.f;
+      // -inf stays -inf: the row gets P = 0; NaN stays NaN: the row's gradients are NaN, as its output.
+      sc.lse2[r] = r < rows ? lse[row0 + r] * log2e<A>() : neg_inf;
+      sc.delta[r] = r < rows ? delta[row0 + r] : A(0);
     }
   };
 
@@ -459,42 +537,43 @@ void backward_kernel(const BwdParams& p) {
   // query heads of the group are summed here, in order.
   T* gk = static_cast<T*>(p.grad_k);
   T* gv = static_cast<T*>(p.grad_v);
-  run_tasks(f.batch * f.kv_heads * KB, proto, [&](int64_t t, BwdScratch& sc) {
+  run_tasks(f.batch * f.kv_heads * KB, proto, [&](int64_t t, BwdScratch<A>& sc) {
     const int64_t kb = t % KB, bhk = t / KB, b = bhk / f.kv_heads, hk = bhk % f.kv_heads;
     const int64_t c0 = kb * bkv;
     const int keys = static_cast<int>(std::min<int64_t>(bkv, f.kv_len - c0));
     const int cols = static_cast<int>(round_up8(keys));
-    float* kt = sc.a.data();   // [D, cols]
-    float* vt = sc.b.data();   // [Dv, cols]
-    load_transposed(k + b * f.k_stride_b + hk * f.k_stride_h + c0 * f.k_stride_t, f.k_stride_t, keys, D, 1.f, kt, cols);
-    load_transposed(v + b * f.v_stride_b + hk * f.v_stride_h + c0 * f.v_stride_t, f.v_stride_t, keys, Dv, 1.f, vt,
+    A* kt = sc.a.data();   // [D, cols]
+    A* vt = sc.b.data();   // [Dv, cols]
+    load_transposed(k + b * f.k_stride_b + hk * f.k_stride_h + c0 * f.k_stride_t, f.k_stride_t, keys, D, A(1), kt,
                     cols);
-    float* dk = sc.acc1.data();   // [keys, D]
-    float* dv = sc.acc2.data();   // [keys, Dv]
-    std::fill(dk, dk + keys * D, 0.f);
-    std::fill(dv, dv + keys * Dv, 0.f);
+    load_transposed(v + b * f.v_stride_b + hk * f.v_stride_h + c0 * f.v_stride_t, f.v_stride_t, keys, Dv, A(1), vt,
+                    cols);
+    A* dk = sc.acc1.data();   // [keys, D]
+    A* dv = sc.acc2.data();   // [keys, Dv]
+    std::fill(dk, dk + keys * D, A(0));
+    std::fill(dv, dv + keys * Dv, A(0));
     for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
       for_each_listed(p.q, md, md.row(b, h) * KB + kb, f.tiles, [&](Listed blk) {
         const int64_t q0 = blk.block * bq;
         const int rows = static_cast<int>(std::min<int64_t>(bq, f.q_len - q0));
         int64_t ldq, ldo;
-        const float* qf = fp32_rows(q + b * f.q_stride_b + h * f.q_stride_h + q0 * f.q_stride_t, f.q_stride_t, rows, D,
+        const A* qf = fp32_rows(q + b * f.q_stride_b + h * f.q_stride_h + q0 * f.q_stride_t, f.q_stride_t, rows, D,
                                     sc.c.data(), &ldq);
-        const float* of = fp32_rows(dout + b * p.do_stride_b + h * p.do_stride_h + q0 * p.do_stride_t,
+        const A* of = fp32_rows(dout + b * p.do_stride_b + h * p.do_stride_h + q0 * p.do_stride_t,
                                     p.do_stride_t, rows, Dv, sc.d.data(), &ldo);
         load_row_stats(sc, b, h, q0, rows, rows);
-        float* S = sc.s.data();     // [rows, cols]
-        float* dP = sc.dp.data();   // [rows, cols]
+        A* S = sc.s.data();     // [rows, cols]
+        A* dP = sc.dp.data();   // [rows, cols]
         prim.gemm(rows, cols, D, qf, ldq, 1, kt, cols, S, cols, false);                    // S = Q K^T
         for (int r = 0; r < rows; ++r) {
-          float* s = S + r * cols;
-          if (sc.lse2[r] == kNegInf) {
-            std::fill(s, s + cols, 0.f);
+          A* s = S + r * cols;
+          if (sc.lse2[r] == neg_inf) {
+            std::fill(s, s + cols, A(0));
           } else {
             prim.exp2_row(s, cols, smul, sc.lse2[r]);                                       // P
           }
         }
-        mask_scores(prim, S, cols, rows, keys, cols, blk.tile, words, 0.f);
+        mask_scores(prim, S, cols, rows, keys, cols, blk.tile, words, A(0));
         prim.gemm(keys, Dv, rows, S, 1, cols, of, ldo, dv, Dv, true);                     // dV += P^T dO
         prim.gemm(rows, cols, Dv, of, ldo, 1, vt, cols, dP, cols, false);                 // dP = dO V^T
         for (int r = 0; r < rows; ++r) {
@@ -505,7 +584,7 @@ void backward_kernel(const BwdParams& p) {
     }
     const int64_t row0 = (b * f.kv_heads + hk) * f.kv_len + c0;
     for (int c = 0; c < keys; ++c) {
-      for (int d = 0; d < D; ++d) gk[(row0 + c) * D + d] = static_cast<T>(dk[c * D + d] * f.scale);
+      for (int d = 0; d < D; ++d) gk[(row0 + c) * D + d] = static_cast<T>(dk[c * D + d] * scale_of<A>(f));
       for (int d = 0; d < Dv; ++d) gv[(row0 + c) * Dv + d] = static_cast<T>(dv[c * Dv + d]);
     }
   });
@@ -513,25 +592,26 @@ void backward_kernel(const BwdParams& p) {
   // Pass 2: dQ per (b, h, query block) over the forward lists, S in [keys, lanes] layout; Q^T and dO^T built once
   // per task.
   T* gq = static_cast<T*>(p.grad_q);
-  run_tasks(f.batch * f.heads * QB, proto, [&](int64_t t, BwdScratch& sc) {
+  run_tasks(f.batch * f.heads * QB, proto, [&](int64_t t, BwdScratch<A>& sc) {
     const auto [b, h, hk, qb, q0, rows, lanes] = query_task(f, t);
-    float* qt = sc.a.data();    // [D, lanes]
-    float* dot = sc.b.data();   // [Dv, lanes]
-    load_transposed(q + b * f.q_stride_b + h * f.q_stride_h + q0 * f.q_stride_t, f.q_stride_t, rows, D, 1.f, qt, lanes);
-    load_transposed(dout + b * p.do_stride_b + h * p.do_stride_h + q0 * p.do_stride_t, p.do_stride_t, rows, Dv, 1.f,
+    A* qt = sc.a.data();    // [D, lanes]
+    A* dot = sc.b.data();   // [Dv, lanes]
+    load_transposed(q + b * f.q_stride_b + h * f.q_stride_h + q0 * f.q_stride_t, f.q_stride_t, rows, D, A(1), qt,
+                    lanes);
+    load_transposed(dout + b * p.do_stride_b + h * p.do_stride_h + q0 * p.do_stride_t, p.do_stride_t, rows, Dv, A(1),
                     dot, lanes);
     load_row_stats(sc, b, h, q0, rows, lanes);
-    float* dqt = sc.acc1.data();   // dQ^T [D, lanes]
-    std::fill(dqt, dqt + D * lanes, 0.f);
+    A* dqt = sc.acc1.data();   // dQ^T [D, lanes]
+    std::fill(dqt, dqt + D * lanes, A(0));
     const T* kbh = k + b * f.k_stride_b + hk * f.k_stride_h;
     const T* vbh = v + b * f.v_stride_b + hk * f.v_stride_h;
     for_each_listed(f.kv, md, md.row(b, h) * QB + qb, f.tiles, [&](Listed blk) {
       const auto [c0, keys, kf, ldk, vf, ldv] = key_block(f, kbh, vbh, blk.block, sc.c.data(), sc.d.data());
-      float* St = sc.s.data();     // [keys, lanes]
-      float* dPt = sc.dp.data();   // [keys, lanes]
+      A* St = sc.s.data();     // [keys, lanes]
+      A* dPt = sc.dp.data();   // [keys, lanes]
       prim.gemm(keys, lanes, D, kf, ldk, 1, qt, lanes, St, lanes, false);                 // S^T = K Q^T
       prim.probs_t(St, lanes, keys, lanes, smul, sc.lse2.data());                          // P^T
-      mask_scores_t(St, lanes, rows, keys, blk.tile, words, 0.f);
+      mask_scores_t(St, lanes, rows, keys, blk.tile, words, A(0));
       prim.gemm(keys, lanes, Dv, vf, ldv, 1, dot, lanes, dPt, lanes, false);              // dP^T = V dO^T
       for (int c = 0; c < keys; ++c) {
         for (int r = 0; r < lanes; ++r) {
@@ -542,7 +622,7 @@ void backward_kernel(const BwdParams& p) {
     });
     T* dst = gq + ((b * f.heads + h) * f.q_len + q0) * D;
     for (int r = 0; r < rows; ++r) {
-      for (int d = 0; d < D; ++d) dst[r * D + d] = static_cast<T>(dqt[d * lanes + r] * f.scale);
+      for (int d = 0; d < D; ++d) dst[r * D + d] = static_cast<T>(dqt[d * lanes + r] * scale_of<A>(f));
     }
   });
 }
@@ -559,12 +639,16 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
   FwdParams p = describe_forward(kForward, q, k, v, lists, tiles, block_q, block_kv, scale);
   check_lists(kForward, "kv_indices", "full_kv_indices", lists, p.mask.num_tiles);
   at::Tensor out = at::empty({p.batch, p.heads, p.q_len, p.v_dim}, q.options());
-  at::Tensor lse = at::empty({p.batch, p.heads, p.q_len}, q.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({p.batch, p.heads, p.q_len}, q.options().dtype(lse_dtype(q.scalar_type())));
   p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
+  p.lse = lse.data_ptr();
   forward_counter.hit();
-  BLOCKOPS_DTYPE_SWITCH(p.dtype, kT, TORCH_INTERNAL_ASSERT(false, "unsupported dtype"),
-                        [&] { forward_kernel<cpu_element_t<kT>>(p); });
+  if (p.dtype == DType::kF64) {
+    forward_kernel<double, double>(p);   // the portable path, in fp64 throughout (gradcheck)
+  } else {
+    BLOCKOPS_DTYPE_SWITCH(p.dtype, kT, TORCH_INTERNAL_ASSERT(false, "unsupported dtype"),
+                          [&] { forward_kernel<cpu_element_t<kT>, float>(p); });
+  }
   return {out, lse};
 }
 
@@ -588,13 +672,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   at::Tensor gq = at::empty({fwd.batch, fwd.heads, fwd.q_len, fwd.head_dim}, q.options());
   at::Tensor gk = at::empty({fwd.batch, fwd.kv_heads, fwd.kv_len, fwd.head_dim}, q.options());
   at::Tensor gv = at::empty({fwd.batch, fwd.kv_heads, fwd.kv_len, fwd.v_dim}, q.options());
-  p.delta = delta.data_ptr<float>();
+  p.delta = delta.data_ptr();
   p.grad_q = gq.data_ptr();
   p.grad_k = gk.data_ptr();
   p.grad_v = gv.data_ptr();
   backward_counter.hit();
-  BLOCKOPS_DTYPE_SWITCH(fwd.dtype, kT, TORCH_INTERNAL_ASSERT(false, "unsupported dtype"),
-                        [&] { backward_kernel<cpu_element_t<kT>>(p); });
+  if (fwd.dtype == DType::kF64) {
+    backward_kernel<double, double>(p);
+  } else {
+    BLOCKOPS_DTYPE_SWITCH(fwd.dtype, kT, TORCH_INTERNAL_ASSERT(false, "unsupported dtype"),
+                          [&] { backward_kernel<cpu_element_t<kT>, float>(p); });
+  }
   return {gq, gk, gv};
 }
 

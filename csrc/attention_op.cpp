@@ -34,10 +34,12 @@ void check_list(const char* op, const char* arg, const at::Tensor& t, std::initi
 // Strides of a [B, H, T, D] operand: only the last dim must be contiguous (q from a [B, T, H, D] projection
 // viewed as [B, H, T, D] works as is).
 void check_operand(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& q) {
-  check_dtype(t, {at::kHalf, at::kBFloat16, at::kFloat}, op, arg);
+  check_dtype(t, {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble}, op, arg);
   TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", arg, " has dtype ", t.scalar_type(), " but q has ",
               q.scalar_type(), "; q, k and v must share one dtype");
   check_same_device(t, q, op, arg, "q");
+  TORCH_CHECK(t.scalar_type() != at::kDouble || t.is_cpu(), op, ": float64 runs on the CPU only (for gradcheck), ",
+              arg, " is a float64 tensor on ", t.device(), "; use fp32, fp16 or bf16 there");
   TORCH_CHECK(t.dim() == 4, op, ": ", arg, " must be [B, H, T, D], got shape ", t.sizes());
   TORCH_CHECK(t.size(3) % 8 == 0 && t.size(3) >= 8 && t.size(3) <= kMaxHeadDim, op, ": ", arg,
               " head dim must be a multiple of 8 in [8, ", kMaxHeadDim, "], got ", t.size(3));
@@ -106,6 +108,7 @@ FwdParams describe_forward(const char* op, const at::Tensor& q, const at::Tensor
   p.k_stride_b = k.stride(0), p.k_stride_h = k.stride(1), p.k_stride_t = k.stride(2);
   p.v_stride_b = v.stride(0), p.v_stride_h = v.stride(1), p.v_stride_t = v.stride(2);
   p.scale = static_cast<float>(scale);
+  p.scale_f64 = scale;
 
   MaskDims& m = p.mask;
   m.block_q = static_cast<int>(block_q);
@@ -152,12 +155,15 @@ BwdParams describe_backward(const char* op, const FwdParams& fwd, const at::Tens
                 lse.device());
     check_contiguous(*t, op, arg);
   }
-  check_dtype(lse, {at::kFloat}, op, "lse");
+  const at::ScalarType stat = lse_dtype(scalar_type_of(fwd.dtype));
+  TORCH_CHECK(lse.scalar_type() == stat, op, ": lse must be ", stat, " for ", scalar_type_of(fwd.dtype),
+              " operands, got ", lse.scalar_type());
   TORCH_CHECK(lse.sizes() == at::IntArrayRef({fwd.batch, fwd.heads, fwd.q_len}), op, ": lse must have shape [",
               fwd.batch, ", ", fwd.heads, ", ", fwd.q_len, "], got ", lse.sizes());
   check_contiguous(lse, op, "lse");
   if (grad_lse.has_value()) {
-    check_dtype(*grad_lse, {at::kFloat}, op, "grad_lse");
+    TORCH_CHECK(grad_lse->scalar_type() == stat, op, ": grad_lse must have lse's dtype ", stat, ", got ",
+                grad_lse->scalar_type());
     check_same_device(*grad_lse, lse, op, "grad_lse", "lse");
     TORCH_CHECK(grad_lse->sizes() == lse.sizes(), op, ": grad_lse must have lse's shape ", lse.sizes(), ", got ",
                 grad_lse->sizes());
@@ -173,9 +179,9 @@ BwdParams describe_backward(const char* op, const FwdParams& fwd, const at::Tens
   BwdParams p{};
   p.fwd = fwd;
   p.fwd.out = const_cast<void*>(out.data_ptr());
-  p.fwd.lse = const_cast<float*>(lse.data_ptr<float>());
+  p.fwd.lse = const_cast<void*>(lse.data_ptr());
   p.grad_out = grad_out.data_ptr();
-  p.grad_lse = grad_lse.has_value() ? grad_lse->data_ptr<float>() : nullptr;
+  p.grad_lse = grad_lse.has_value() ? grad_lse->data_ptr() : nullptr;
   p.do_stride_b = grad_out.stride(0), p.do_stride_h = grad_out.stride(1), p.do_stride_t = grad_out.stride(2);
   p.q = BlockLists{q_lists.num.data_ptr<int32_t>(), q_lists.idx.data_ptr<int32_t>(),
                    q_lists.full_num.data_ptr<int32_t>(), q_lists.full_idx.data_ptr<int32_t>(),

@@ -11,6 +11,11 @@ constexpr const char* kFamily = "attention";   // introspection.h: counters and 
 constexpr const char* kForward = "blockops.block_sparse_attention";
 constexpr const char* kBackward = "blockops.block_sparse_attention_backward";
 
+// lse's dtype (and grad_lse's, and the backward's Delta workspace): fp32, fp64 for fp64 operands (CPU only).
+inline at::ScalarType lse_dtype(at::ScalarType operands) {
+  return operands == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 // The mask tensors of one direction as the op receives them.
 struct ListTensors {
   const at::Tensor& num;

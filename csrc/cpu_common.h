@@ -32,8 +32,11 @@ namespace blockops {
 // 2^x: 2^round(x) (exponent bits) times a degree-6 polynomial of 2^f, |f| <= 1/2 (Taylor series of e^(f ln 2):
 // relative error < 2e-7). Inputs below -126 (including -inf) give exactly 0; inputs are clamped at 127.
 BLOCKOPS_TARGET_AVX2 inline __m256 exp2_avx2(__m256 x) {
-  const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-126.f), _CMP_GE_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-126.f)), _mm256_set1_ps(127.f));
+  // NaN in, NaN out (softmax rows with a NaN score must come out NaN): the clamps take x as their second operand,
+  // which maxps / minps return when either is NaN, and `keep` is true for unordered x; the NaN then survives the
+  // polynomial and the exponent add (cvtps(NaN) << 23 is 0). Same instructions as the NaN-dropping order.
+  const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-126.f), _CMP_NLT_UQ);
+  x = _mm256_min_ps(_mm256_set1_ps(127.f), _mm256_max_ps(_mm256_set1_ps(-126.f), x));
   const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(x, n);
   __m256 p = _mm256_set1_ps(1.5403530393381606e-4f);                       // ln2^6 / 720

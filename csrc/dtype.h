@@ -3,6 +3,7 @@
 
 namespace blockops {
 
-enum class DType { kF32, kF16, kBF16 };
+// kF64 is CPU-only and only for the ops that take it (gradcheck at tiny sizes); the CUDA glue refuses it.
+enum class DType { kF32, kF16, kBF16, kF64 };
 
 }  // namespace blockops

@@ -21,6 +21,7 @@ inline DType dtype_of(at::ScalarType s) {
     case at::kFloat: return DType::kF32;
     case at::kHalf: return DType::kF16;
     case at::kBFloat16: return DType::kBF16;
+    case at::kDouble: return DType::kF64;
     default: TORCH_INTERNAL_ASSERT(false, "a dtype check let an unsupported dtype through: ", s);
   }
 }
@@ -29,6 +30,7 @@ inline at::ScalarType scalar_type_of(DType t) {
   switch (t) {
     case DType::kF16: return at::kHalf;
     case DType::kBF16: return at::kBFloat16;
+    case DType::kF64: return at::kDouble;
     default: return at::kFloat;
   }
 }

@@ -347,9 +347,15 @@ BLOCKOPS_HD float softmax_rescale(float& row_max, float block_max) {
   return factor;
 }
 
+// The maximum of a block of scores for the `no visible key in this block` test, kept NaN once a score is NaN (std::max
+// and fmaxf drop it): a block whose scores are all NaN / -inf must not be skipped, the NaN has to reach the row's
+// sum so the row's output and lse come out NaN, as softmax (and F.scaled_dot_product_attention) give them.
+// softmax_rescale then keeps the running max finite (NaN > m is false); exp_or_zero(NaN) is NaN.
+BLOCKOPS_HD float nan_max(float a, float b) { return (b > a || b != b) ? b : a; }
+
 // The forward's and backward's softmax exponentials, on both backends: exactly 0 below kExpFloor (and for -inf:
 // hidden keys), so a negligible score never yields a denormal (e^-86 ~ 4e-38 is near fp32's smallest normal).
 constexpr float kExpFloor = -86.f;
-BLOCKOPS_HD float exp_or_zero(float v) { return v < kExpFloor ? 0.f : std::exp(v); }
+BLOCKOPS_HD float exp_or_zero(float v) { return v < kExpFloor ? 0.f : std::exp(v); }   // NaN -> NaN
 
 }  // namespace blockops::path_attention

@@ -156,8 +156,8 @@ void softmax_block(int n, int nk, int dv, float* S, const float* V, RowsState& s
   for (int a = 0; a < n; ++a) {
     float* s = S + a * kChunk;
     float bmax = kNegInf;
-    for (int b = 0; b < nk; ++b) bmax = std::max(bmax, s[b]);
-    if (bmax == kNegInf) continue;   // no visible key in this block
+    for (int b = 0; b < nk; ++b) bmax = nan_max(bmax, s[b]);
+    if (bmax == kNegInf) continue;   // no visible key in this block (a NaN score is not skipped: nan_max)
     const float f = softmax_rescale(st.m[a], bmax);
     float* acc = st.acc.data() + static_cast<int64_t>(a) * dv;
     if (f != 1.f) {

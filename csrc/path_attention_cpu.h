@@ -45,6 +45,7 @@ inline void load_row(const void* base, DType dt, int64_t off, int n, float* dst)
       for (int x = 0; x < n; ++x) dst[x] = static_cast<float>(src[x]);
       break;
     }
+    case DType::kF64: TORCH_INTERNAL_ASSERT(false, "path_attention: fp64 is not a PaTH dtype (its checks refuse it)");
   }
 }
 
@@ -67,6 +68,7 @@ inline void store_row(void* base, DType dt, int64_t off, int n, const float* src
       for (int x = 0; x < n; ++x) dst[x] = static_cast<c10::BFloat16>(src[x]);
       break;
     }
+    case DType::kF64: TORCH_INTERNAL_ASSERT(false, "path_attention: fp64 is not a PaTH dtype (its checks refuse it)");
   }
 }
 
@@ -142,7 +144,7 @@ BLOCKOPS_TARGET_AVX2 void gemm_avx2(int m, int n, int k, float alpha, const floa
 }
 
 // exp_portable, 8 lanes at a time: exp(v) = 2^(v log2 e) on cpu_common.h's exp2_avx2, masked to exactly 0 below
-// kExpFloor (and for -inf and NaN) as exp_or_zero. Relative error about 2e-7 + 6e-8 |v| (the polynomial, then
+// kExpFloor (and for -inf) and NaN for NaN, as exp_or_zero (a NaN score or lse gives NaN probabilities). Relative error about 2e-7 + 6e-8 |v| (the polynomial, then
 // the rounding of v log2 e), 4e-6 at the floor; v <= 0 here (scores minus their row's max, or lse), so the
 // absolute error stays below about 2.5e-7 of the row's largest term, 1.
 BLOCKOPS_TARGET_AVX2 inline void exp_avx2(const float* x, float* y, int n, float mul, float sub) {
@@ -151,7 +153,7 @@ BLOCKOPS_TARGET_AVX2 inline void exp_avx2(const float* x, float* y, int n, float
   int i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256 v = _mm256_fmsub_ps(_mm256_loadu_ps(x + i), vmul, vsub);
-    const __m256 keep = _mm256_cmp_ps(v, floor, _CMP_GE_OQ);
+    const __m256 keep = _mm256_cmp_ps(v, floor, _CMP_NLT_UQ);   // unordered (NaN) kept: NaN stays NaN
     _mm256_storeu_ps(y + i, _mm256_and_ps(exp2_avx2(_mm256_mul_ps(v, log2e)), keep));
   }
   for (; i < n; ++i) y[i] = exp_or_zero(x[i] * mul - sub);

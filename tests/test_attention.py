@@ -17,7 +17,7 @@ from helpers import DEVICES, assert_compiles, kernel_ran, opcheck, run_with_cpu_
 
 # Max |error| / max |reference| allowed per dtype (fp32: accumulation-order noise; fp16/bf16: one rounding of
 # the inputs and outputs, same order as SDPA's own error in that dtype).
-TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
 
 
 def _inputs(b, h, hk, tq, tk, d, dv, dtype, device, seed=0):
@@ -44,7 +44,7 @@ def check_against_reference(q, k, v, mask: BlockMask, scale=None, backward=True,
     dense = mask.to_dense()
     qr, kr, vr = (t.detach().double().requires_grad_(backward) for t in (q, k, v))
     ref, ref_lse = ref_masked_attention(qr, kr, vr, dense, scale=scale)
-    assert out.dtype == q.dtype and lse.dtype == torch.float32
+    assert out.dtype == q.dtype and lse.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)
     assert torch.isfinite(out).all()
     assert _max_rel(out, ref) <= tol, f"out error {_max_rel(out, ref):.3g}"
     empty = torch.isinf(ref_lse)
@@ -53,7 +53,8 @@ def check_against_reference(q, k, v, mask: BlockMask, scale=None, backward=True,
     assert (out[empty.expand_as(out[..., 0])] == 0).all(), "rows without a visible key must give 0"
     if (~empty).any():
         lse_err = (lse.double() - ref_lse)[~empty.expand_as(lse)].abs().max().item()
-        assert lse_err <= 1e-4 if q.dtype == torch.float32 else lse_err <= 2e-2, f"lse error {lse_err:.3g}"
+        lse_tol = {torch.float64: 1e-10, torch.float32: 1e-4}.get(q.dtype, 2e-2)
+        assert lse_err <= lse_tol, f"lse error {lse_err:.3g}"
     if not backward:
         return
     g = torch.Generator().manual_seed(1)
@@ -234,6 +235,111 @@ def test_matches_sdpa_dense_mask():
     torch.testing.assert_close(causal, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=2e-5, rtol=2e-5)
 
 
+# ------------------------------------------------------------------------------------------------ NaN / Inf
+def _poison(t, index, value):
+    t = t.clone()
+    t[index] = value
+    return t
+
+
+def check_nan_inf_like_sdpa():
+    """NaN / Inf in visible entries propagate as in F.scaled_dot_product_attention (fp32, CPU) and the fp64
+    reference, forward and backward; rows that are not affected stay exact. A dense mask (every block full) so
+    that SDPA without a mask is the same computation. Run on each CPU ISA path by test_cpu_isa_paths."""
+    t = 40
+    mask = BlockMask.from_dense(torch.ones(t, t, dtype=torch.bool), 16, 16)
+    q, k, v = _inputs(1, 2, 1, t, t, 16, 16, torch.float32, "cpu", seed=3)
+    k = k.abs() + 0.1                                   # q_i . k_j = +inf for the +inf entry of q below
+    nan, inf = float("nan"), float("inf")
+    cases = {
+        "nan_k": (q, _poison(k, (0, 0, 5, 3), nan), v),
+        "nan_v": (q, k, _poison(v, (0, 0, 7, 2), nan)),
+        "nan_q": (_poison(q, (0, 1, 9, 0), nan), k, v),
+        "inf_q": (_poison(q, (0, 0, 11, 0), inf), k, v),
+        "inf_v": (q, k, _poison(v, (0, 0, 3, 4), inf)),
+    }
+    for name, (qc, kc, vc) in cases.items():
+        qc, kc, vc = (x.detach().clone().requires_grad_() for x in (qc, kc, vc))
+        out, lse = block_sparse_attention(qc, kc, vc, mask, return_lse=True)
+        qs, ks, vs = (x.detach().clone().requires_grad_() for x in (qc, kc, vc))
+        sdpa = F.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True)
+        qr, kr, vr = (x.detach().double().requires_grad_() for x in (qc, kc, vc))
+        ref, ref_lse = ref_masked_attention(qr, kr, vr, mask.to_dense())
+        for want in (sdpa, ref):
+            assert torch.equal(out.isnan(), want.isnan()), f"{name}: NaN pattern of out differs"
+            torch.testing.assert_close(out, want.to(out.dtype), atol=2e-5, rtol=2e-5, equal_nan=True)
+        row_nan = ref.isnan().all(-1)                   # NaN / +inf score: the whole row is NaN, lse too
+        assert torch.equal(lse.isnan(), row_nan), f"{name}: NaN pattern of lse differs"
+        assert torch.isfinite(lse[~row_nan]).all(), f"{name}: lse not finite on the unaffected rows"
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+        out.backward(grad)
+        sdpa.backward(grad)
+        ref.backward(grad.double())
+        for g_name, got, want, want64 in (("dq", qc.grad, qs.grad, qr.grad), ("dk", kc.grad, ks.grad, kr.grad),
+                                          ("dv", vc.grad, vs.grad, vr.grad)):
+            assert torch.equal(got.isnan(), want.isnan()), f"{name}: NaN pattern of {g_name} differs from SDPA"
+            # ref_masked_attention's lse-based formula turns some of those NaN into +-inf: compare finiteness
+            assert torch.equal(got.isfinite(), want64.isfinite()), f"{name}: {g_name} finiteness differs (fp64)"
+
+
+def check_masked_nan_does_not_leak():
+    """NaN in keys / values hidden from a row (by a bit tile of a listed block, or in an unlisted block) never
+    reaches that row: causal, NaN k and v at keys 20 (partial diagonal block 1) and 35 (block 2, never listed for
+    query blocks 0 and 1)."""
+    t = 40
+    mask = masks.causal(t, block_q=16, block_kv=16)
+    q, k, v = _inputs(1, 2, 1, t, t, 16, 16, torch.float32, "cpu", seed=4)
+    clean = block_sparse_attention(q, k, v, mask, return_lse=True)
+    kn, vn = k.clone(), v.clone()
+    for key in (20, 35):
+        kn[:, :, key] = float("nan")
+        vn[:, :, key] = float("nan")
+    out, lse = block_sparse_attention(q, kn, vn, mask, return_lse=True)
+    # (rows 16-19 take the per-pair path for block 1, whose V is not finite: same sums, another order)
+    torch.testing.assert_close(out[:, :, :20], clean[0][:, :, :20], atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(lse[:, :, :20], clean[1][:, :, :20], atol=2e-6, rtol=2e-6)
+    assert out[:, :, 20:].isnan().all() and lse[:, :, 20:].isnan().all()
+
+
+def test_nan_inf_like_sdpa():
+    check_nan_inf_like_sdpa()
+
+
+def test_masked_nan_does_not_leak():
+    check_masked_nan_does_not_leak()
+
+
+def test_nan_row_is_not_an_empty_row():
+    """A row whose only visible keys have NaN scores was reported as empty (out 0, lse -inf): the `l > 0` test."""
+    mask = masks.causal(32, block_q=16, block_kv=16)
+    q, k, v = _inputs(1, 1, 1, 32, 32, 8, 8, torch.float32, "cpu")
+    k = _poison(k, (0, 0, 0, 0), float("nan"))        # row 0 sees key 0 only
+    out, lse = block_sparse_attention(q, k, v, mask, return_lse=True)
+    assert out.isnan().all() and lse.isnan().all()    # every row sees key 0
+
+
+# ------------------------------------------------------------------------------------------------------ fp64
+def test_fp64_against_reference():
+    mask = masks.sink_window_strided(70, 4, 20, 3, block_q=16, block_kv=32)
+    q, k, v = _inputs(1, 4, 2, 70, 70, 24, 16, torch.float64, "cpu")
+    check_against_reference(q, k, v, mask)
+
+
+def test_gradcheck_fp64():
+    """fp64 runs the portable path in fp64 throughout, so gradcheck runs with its default tolerances, through out and
+    lse. No gradgradcheck: the backward is a kernel (block_sparse_attention_backward) with no derivative."""
+    mask = BlockMask.from_dense(torch.rand(20, 24, generator=torch.Generator().manual_seed(5)) < 0.5, 16, 16)
+    q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 1, 20, 24, 8, 8, torch.float64, "cpu"))
+    fn = lambda a, b, c: block_sparse_attention(a, b, c, mask, return_lse=True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_fp64_opcheck():
+    mask = masks.sliding_window(40, 20, block_q=16, block_kv=16)
+    q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 1, 40, 40, 8, 8, torch.float64, "cpu"))
+    opcheck(torch.ops.blockops.block_sparse_attention.default, _op_args(q, k, v, mask))
+
+
 @pytest.mark.filterwarnings("ignore:Input #:UserWarning")
 def test_gradcheck_small():
     mask = BlockMask.from_dense(torch.rand(20, 24, generator=torch.Generator().manual_seed(5)) < 0.5, 16, 16)
@@ -270,6 +376,8 @@ def test_cpu_isa_paths(isa):
         "t.check_against_reference(q, k, v, m)\n"
         "q, k, v = t._inputs(1, 2, 2, 130, 130, 64, 64, torch.bfloat16, 'cpu')\n"
         "t.check_against_reference(q, k, v, m)\n"
+        "t.check_nan_inf_like_sdpa()\n"
+        "t.check_masked_nan_does_not_leak()\n"
         "import blockops; print(blockops.build_info()['cpu_families']['attention'])\n"
     )
     res = run_with_cpu_isa(isa, code)
@@ -409,3 +517,46 @@ def test_hand_built_mask_out_of_range(field, value, python_message, op_message):
         block_sparse_attention(q, k, v, bad)
     with pytest.raises(RuntimeError, match=op_message):
         torch.ops.blockops.block_sparse_attention(*_op_args(q, k, v, bad))
+
+
+def test_mask_edited_in_place_is_validated_again(monkeypatch):
+    """A mask edited in place after its first use was never validated again: a duplicated full-block index gave a
+    result off by 0.14 with no error. Its tensors' version counters now tell that it changed."""
+    mask = masks.causal(64, block_q=16, block_kv=16)
+    q, k, v = _inputs(1, 1, 1, 64, 64, 16, 16, torch.float32, "cpu")
+    calls = []
+    validate = BlockMask.validate
+    monkeypatch.setattr(BlockMask, "validate", lambda self: calls.append(1) or validate(self))
+    block_sparse_attention(q, k, v, mask)
+    block_sparse_attention(q, k, v, mask)
+    assert calls == [], "an unchanged mask from a constructor is not validated (no host sync per call)"
+    assert mask.full_kv_num_blocks[0, 0, 3] == 3
+    mask.full_kv_indices[0, 0, 3, 1] = 0                 # query block 3 now lists key block 0 twice
+    with pytest.raises(ValueError, match="not strictly ascending"):
+        block_sparse_attention(q, k, v, mask)
+    assert calls == [1]
+    mask.full_kv_indices[0, 0, 3, 1] = 1                 # repaired: validated once more, then trusted again
+    block_sparse_attention(q, k, v, mask)
+    block_sparse_attention(q, k, v, mask)
+    assert calls == [1, 1]
+    torch.testing.assert_close(block_sparse_attention(q, k, v, mask),
+                               F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=2e-5, rtol=2e-5)
+
+
+def test_mask_edited_through_a_view_is_validated_again():
+    """Views share their base's version counter: an edit through a view (or of the base) is seen too."""
+    mask = masks.causal(64, block_q=16, block_kv=16)
+    q, k, v = _inputs(1, 1, 1, 64, 64, 16, 16, torch.float32, "cpu")
+    block_sparse_attention(q, k, v, mask)
+    mask.kv_num_blocks.view(-1)[2] = 9                   # a count beyond KB = 4
+    with pytest.raises(ValueError, match="counts outside"):
+        block_sparse_attention(q, k, v, mask)
+
+
+def test_mask_built_in_inference_mode():
+    """Inference tensors have no version counter: such masks are trusted once validated (the previous rule)."""
+    with torch.inference_mode():
+        mask = masks.causal(64, block_q=16, block_kv=16)
+        q, k, v = _inputs(1, 1, 1, 64, 64, 16, 16, torch.float32, "cpu")
+        out = block_sparse_attention(q, k, v, mask)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=2e-5, rtol=2e-5)

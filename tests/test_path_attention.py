@@ -109,6 +109,27 @@ def test_forward_scale_and_extreme_beta(scale):
     assert rel_rms(o, ref_path_attention(*fp64(q, k, v, w, beta, g), scale=scale)) < 1e-5
 
 
+def test_nan_propagates_like_softmax():
+    """A NaN in a visible q / k / v entry gives NaN exactly where the fp64 reference (softmax) has it: the query's
+    row, every row that sees the key (output and lse), the value's column of those rows; other rows unchanged. The
+    AVX2 exponential dropped NaN (0), and a block whose scores were all NaN was skipped as "no visible key"."""
+    T = 80   # two 64-query chunks: the NaN crosses the carried-query step
+    clean = make_inputs(1, T, 2, 1, 16, 16, True)
+    o0, lse0 = torch.ops.blockops.path_attention(*clean, None, 0.25)
+    for name, index in (("q", (0, 10, 1, 3)), ("k", (0, 70, 0, 1)), ("k", (0, 5, 0, 0)), ("v", (0, 30, 0, 2))):
+        inputs = list(clean)
+        t = inputs[NAMES.index(name)].clone()
+        t[index] = float("nan")
+        inputs[NAMES.index(name)] = t
+        o, lse = torch.ops.blockops.path_attention(*inputs, None, 0.25)
+        ref, ref_lse = ref_path_attention(*fp64(*inputs), scale=0.25, return_lse=True)
+        assert torch.equal(o.isnan(), ref.isnan()), f"NaN in {name}{index}: NaN pattern of o"
+        assert torch.equal(lse.transpose(1, 2).isnan(), ref_lse.isnan()), f"NaN in {name}{index}: lse"
+        assert ref.isnan().any()
+        torch.testing.assert_close(o[~o.isnan()], o0[~o.isnan()], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(lse[~lse.isnan()], lse0[~lse.isnan()], atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("isa", ["portable", "avx2"])
 def test_cpu_isa_paths(isa):
     """Each CPU code path (forced with BLOCKOPS_CPU_ISA, in a fresh process): forward and backward."""
@@ -118,6 +139,7 @@ def test_cpu_isa_paths(isa):
         "import test_path_attention as t\n"
         "t.test_backward_matches_reference(*t.BACKWARD_CASES[-1])\n"
         "t.test_forward_varlen(True)\n"
+        "t.test_nan_propagates_like_softmax()\n"
         "import blockops; print(blockops.build_info()['cpu_families']['path_attention'])\n"
     )
     res = run_with_cpu_isa(isa, code)

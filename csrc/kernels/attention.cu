@@ -116,8 +116,10 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_simple_kernel(const FwdParams
       const bool visible = c < m.block_kv && key < p.kv_len &&
                            (tile == nullptr || tile_bit(tile + r * m.words(), c));
       const float s = visible ? dot_row(q, p.k, kT, k_base + key * p.k_stride_t, p.head_dim) : -INFINITY;
-      const float mx_new = fmaxf(mx, warp_max(s));
-      if (mx_new == -INFINITY) continue;  // nothing visible so far (warp-uniform)
+      const float mx_new = fmaxf(mx, warp_max(s));   // fmaxf drops NaN: l carries it instead (attention.h)
+      // Nothing visible so far (warp-uniform): skip, unless a score is NaN, which must make l NaN (the extra
+      // reduction runs only in chunks where the row has seen nothing yet).
+      if (mx_new == -INFINITY && warp_sum(s != s ? 1.0f : 0.0f) == 0.0f) continue;
       const float alpha = exp2f(mx - mx_new);  // 0 while mx is -inf
       const float pr = visible ? exp2f(s - mx_new) : 0.0f;
       l = l * alpha + warp_sum(pr);
@@ -132,13 +134,13 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_simple_kernel(const FwdParams
     }
   });
 
-  const float inv_l = l > 0.0f ? 1.0f / l : 0.0f;  // a row with no visible key: out = 0
+  const float inv_l = row_out_scale(l);  // attention.h: an empty row (l == 0) gets 0, a NaN row NaN
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) {
     const int d = lane + 32 * i;
     if (d < p.v_dim) store_float(p.out, kT, row * p.v_dim + d, o[i] * inv_l);
   }
-  if (lane == 0) p.lse[row] = l > 0.0f ? (mx + log2f(l)) / kLog2e : -INFINITY;
+  if (lane == 0) static_cast<float*>(p.lse)[row] = row_lse(mx, l);
 }
 
 // Delta_t = dO_t . O_t - grad_lse_t (csrc/attention.h), one warp per row.
@@ -154,7 +156,8 @@ __global__ void __launch_bounds__(kThreads, 1) delta_kernel(const BwdParams p) {
     acc += load_float(p.grad_out, kT, do_off + d) * load_float(f.out, kT, row * f.v_dim + d);
   }
   acc = warp_sum(acc);
-  if (lane == 0) p.delta[row] = p.grad_lse != nullptr ? acc - p.grad_lse[row] : acc;
+  const float* grad_lse = static_cast<const float*>(p.grad_lse);
+  if (lane == 0) static_cast<float*>(p.delta)[row] = grad_lse != nullptr ? acc - grad_lse[row] : acc;
 }
 
 // dK, dV of one key row j of (b, key head hk), summed over the query heads of its group.
@@ -184,12 +187,12 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_simple_kernel(const BwdParam
         const int64_t i = qb * m.block_q + r;
         float pr = 0.0f, ds = 0.0f;
         if (r < m.block_q && i < f.q_len && (tile == nullptr || tile_bit(tile + r * m.words(), c))) {
-          const float lse = f.lse[bh * f.q_len + i];
+          const float lse = static_cast<const float*>(f.lse)[bh * f.q_len + i];
           if (lse != -INFINITY) {  // a row with no visible key has no gradient
             const float s = dot_row(k_s[warp], f.q, kT, q_base + i * f.q_stride_t, f.head_dim);
             pr = exp2f(s - lse * kLog2e);
             const float dp = dot_row(v_s[warp], p.grad_out, kT, do_base + i * p.do_stride_t, f.v_dim);
-            ds = pr * (dp - p.delta[bh * f.q_len + i]);
+            ds = pr * (dp - static_cast<const float*>(p.delta)[bh * f.q_len + i]);
           }
         }
         for (int e = 0; e < 32; ++e) {
@@ -223,10 +226,10 @@ __global__ void __launch_bounds__(kThreads, 1) dq_simple_kernel(const BwdParams 
   const int64_t hk = f.kv_head_of(h);
   const MaskDims& m = f.mask;
   const int r = static_cast<int>(t % m.block_q);
-  const float lse = f.lse[row];
+  const float lse = static_cast<const float*>(f.lse)[row];
   float dq[kPerLane] = {};
   if (lse != -INFINITY) {  // warp-uniform; a row with no visible key has dq = 0
-    const float lse2 = lse * kLog2e, delta = p.delta[row];
+    const float lse2 = lse * kLog2e, delta = static_cast<const float*>(p.delta)[row];
     stage_row(q_s[warp], f.q, kT, b * f.q_stride_b + h * f.q_stride_h + t * f.q_stride_t, f.head_dim,
               f.scale * kLog2e, lane);
     stage_row(do_s[warp], p.grad_out, kT, b * p.do_stride_b + h * p.do_stride_h + t * p.do_stride_t, f.v_dim,

@@ -93,9 +93,9 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 1) dkdv_mma_kernel(const BwdPa
     for (int r = threadIdx.x; r < wq; r += blockDim.x) {
       const int64_t i = i0 + r;
       const int64_t at = (b * f.heads + h) * f.q_len + i;
-      const float lse = i < f.q_len ? f.lse[at] : -INFINITY;
+      const float lse = i < f.q_len ? static_cast<const float*>(f.lse)[at] : -INFINITY;
       lse2_s[s * kChunk + r] = lse == -INFINITY ? INFINITY : lse * kLog2e;
-      delta_s[s * kChunk + r] = i < f.q_len ? p.delta[at] : 0.0f;
+      delta_s[s * kChunk + r] = i < f.q_len ? static_cast<const float*>(p.delta)[at] : 0.0f;
     }
   };
 
@@ -243,9 +243,9 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 1) dq_mma_kernel(const BwdPara
   for (int hr = 0; hr < 2; ++hr) {
     const int64_t i = q0 + 16 * warp + gid + 8 * hr;
     const int64_t at = (b * f.heads + h) * f.q_len + i;
-    const float lse = i < f.q_len ? f.lse[at] : -INFINITY;
+    const float lse = i < f.q_len ? static_cast<const float*>(f.lse)[at] : -INFINITY;
     lse2[hr] = lse == -INFINITY ? INFINITY : lse * kLog2e;
-    delta[hr] = i < f.q_len ? p.delta[at] : 0.0f;
+    delta[hr] = i < f.q_len ? static_cast<const float*>(p.delta)[at] : 0.0f;
   }
 
   const int a_off = a_lane_offset<kStride>(lane);

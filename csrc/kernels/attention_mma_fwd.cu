@@ -171,16 +171,17 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 1) fwd_mma_kernel(const FwdPar
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     const int64_t row = q0 + 16 * warp + gid + 8 * hr;
     if (row >= p.q_len) continue;
-    const float inv_l = l > 0.0f ? 1.0f / l : 0.0f;  // a row with no visible key: out = 0
+    // attention.h: an empty row (l == 0) gets exactly 0, a NaN row (l NaN: exp2f keeps a NaN score's NaN although
+    // fmaxf drops it from the maximum) NaN output and lse.
+    const bool empty = row_empty(l);
+    const float inv_l = row_out_scale(l);
 #pragma unroll
     for (int j = 0; j < 2 * kSteps; ++j) {
       if (j >= dvh.tiles) break;
       *reinterpret_cast<uint32_t*>(out + row * p.v_dim + 8 * j + 2 * tig) =
-          pack2<T>(o[j][2 * hr] * inv_l, o[j][2 * hr + 1] * inv_l);
+          pack2<T>(empty ? 0.0f : o[j][2 * hr] * inv_l, empty ? 0.0f : o[j][2 * hr + 1] * inv_l);
     }
-    if (tig == 0) {
-      p.lse[(b * p.heads + h) * p.q_len + row] = l > 0.0f ? (row_max[hr] + log2f(l)) / kLog2e : -INFINITY;
-    }
+    if (tig == 0) static_cast<float*>(p.lse)[(b * p.heads + h) * p.q_len + row] = row_lse(row_max[hr], l);
   }
 }
 

@@ -313,7 +313,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const Params p, co
     for (int a = threadIdx.x; a < n; a += blockDim.x) {
       float* s = S + a * C;
       float bmax = -INFINITY;
-      for (int b = 0; b < nk; ++b) bmax = fmaxf(bmax, s[b]);
+      for (int b = 0; b < nk; ++b) bmax = nan_max(bmax, s[b]);   // a NaN score must reach rsum
       if (bmax == -INFINITY) {   // no visible key in this block (cannot happen: kept for safety)
         factor[a] = 1.f;
         for (int b = 0; b < nk; ++b) s[b] = 0.f;

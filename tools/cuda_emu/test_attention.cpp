@@ -38,6 +38,7 @@ struct Case {
   double qscale;      // input magnitude (larger: more online-softmax rescaling)
   bool garbage = false;  // counts beyond the list width or negative: only "no out-of-bounds access" is checked
   bool glse = false;     // a gradient arriving at lse too
+  int poison = 0;        // forward only: 1 a NaN in q (b 0, h 0, row Tq / 2), 2 a NaN in k (b 0, key head 0, key Tk / 3)
 };
 
 static double worst_ratio = 0;  // max over checks of error / bound: how close the passing cases come
@@ -176,6 +177,11 @@ static bool run_case(const Case& c) {
     for (int d = 0; d < c.D; ++d) put(c.dt, kb_.p, b * p.k_stride_b + h * p.k_stride_h + t * p.k_stride_t + d, k[((size_t(b) * c.Hk + h) * c.Tk + t) * c.D + d]);
     for (int d = 0; d < c.Dv; ++d) put(c.dt, vb_.p, b * p.v_stride_b + h * p.v_stride_h + t * p.v_stride_t + d, v[((size_t(b) * c.Hk + h) * c.Tk + t) * c.Dv + d]);
   }
+  // NaN (csrc/attention.h): the poisoned q row, and every row that sees the poisoned key, must come out NaN (out
+  // and lse); rows that do not see it must match the clean reference (a hidden NaN key must not leak).
+  const int poison_row = c.Tq / 2, poison_key = c.Tk / 3;
+  if (c.poison == 1) put(c.dt, qb_.p, poison_row * p.q_stride_t, NAN);
+  if (c.poison == 2) put(c.dt, kb_.p, poison_key * p.k_stride_t + 1, NAN);
   p.q = qb_.p; p.k = kb_.p; p.v = vb_.p;
   p.scale = float(1.0 / std::sqrt(double(c.D)));
   p.mask = MaskDims{Bm, Hm, QB, KB, c.bq, c.bkv, num_tiles};
@@ -230,6 +236,18 @@ static bool run_case(const Case& c) {
     }
   }
 
+  if (c.poison) {
+    for (int b = 0; b < c.B; ++b) for (int h = 0; h < c.H; ++h) for (int i = 0; i < c.Tq; ++i) {
+      const size_t row = (size_t(b) * c.H + h) * c.Tq + i;
+      const int mrow = (c.mb ? b : 0) * Hm + (c.mh ? h : 0);
+      const bool hit = b == 0 && (c.poison == 1 ? h == 0 && i == poison_row && rl[row] != -INFINITY
+                                                : h / G == 0 && dense[(size_t(mrow) * c.Tq + i) * c.Tk + poison_key]);
+      if (!hit) continue;
+      rl[row] = NAN;
+      for (int d = 0; d < c.Dv; ++d) ro[row * c.Dv + d] = NAN;
+    }
+  }
+
   // Error: max |got - ref| / max(|ref|, floor), against a per-dtype bound (a few ulps of the output dtype; the mma
   // path also rounds P to the input dtype before P V).
   const double eps = c.dt == DType::kF32 ? 1.2e-7 : c.dt == DType::kF16 ? 9.8e-4 : 7.8e-3;
@@ -242,7 +260,7 @@ static bool run_case(const Case& c) {
     for (size_t i = 0; i < ref.size(); ++i) mref = std::max(mref, std::fabs(ref[i]));
     for (size_t i = 0; i < ref.size(); ++i) {
       const double g = get(t, got, i);
-      const double e = std::isfinite(g) ? std::fabs(g - ref[i]) : INFINITY;
+      const double e = std::isnan(ref[i]) ? (std::isnan(g) ? 0 : INFINITY) : std::isfinite(g) ? std::fabs(g - ref[i]) : INFINITY;
       if (e > merr || !(e <= merr)) { merr = e; at = i; }
     }
     worst_ratio = std::max(worst_ratio, merr / (tol * mref));
@@ -256,7 +274,8 @@ static bool run_case(const Case& c) {
   if (!c.garbage) {  // lse: -inf exactly where the reference has it, else close in absolute terms (natural log of sums)
     for (size_t i = 0; i < rows_q; ++i) {
       const double g = static_cast<float*>(lse.p)[i];
-      const bool bad = std::isinf(rl[i]) ? !(std::isinf(g) && g < 0) : !(std::fabs(g - rl[i]) <= 1e-4 * (1 + std::fabs(rl[i])));
+      const bool bad = std::isnan(rl[i]) ? !std::isnan(g)
+                       : std::isinf(rl[i]) ? !(std::isinf(g) && g < 0) : !(std::fabs(g - rl[i]) <= 1e-4 * (1 + std::fabs(rl[i])));
       if (bad) { ok = false; char buf[128]; snprintf(buf, sizeof buf, " lse[%zu] got %g ref %g;", i, g, rl[i]); what += buf; break; }
     }
   }
@@ -351,6 +370,17 @@ int main(int argc, char** argv) {
     cs.push_back({1, 1, 1, 40, 70, 160, 200, 64, 32, DType::kBF16, kDense, false, false, false, false, true, true, 1.0});
     cs.push_back({1, 2, 1, 20, 40, 64, 64, 16, 32, DType::kF16, kNone, false, false, false, false, true, true, 1.0});
     cs.push_back({1, 2, 2, 48, 64, 64, 64, 16, 64, DType::kF16, kRandom, false, true, false, false, true, true, 8.0});
+  }
+  if (section("nan")) {
+    // NaN in q or in a key, CUDA-core and tensor-core forward: NaN rows exactly where softmax has them.
+    for (const int poison : {1, 2})
+      for (const bool mma : {false, true})
+        for (const MaskKind kind : {kCausal, kRandom, kEmptyRows}) {
+          const DType dt = mma ? (kind == kRandom ? DType::kBF16 : DType::kF16) : DType::kF32;
+          Case c{1, 2, 1, 70, 70, 32, 32, 16, 32, dt, kind, false, true, false, false, false, mma, 1.0};
+          c.poison = poison;
+          cs.push_back(c);
+        }
   }
   for (const Case& c : cs) {
     const auto t0 = std::chrono::steady_clock::now();

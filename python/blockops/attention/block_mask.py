@@ -402,14 +402,30 @@ class BlockMask:
         return self._same_validity(dataclasses.replace(self, **{n: getattr(self, n).to(device)
                                                                 for n in self._INT_FIELDS}))
 
-    # Masks made by blockops' constructors are valid by construction; hand-built ones are validated once before
-    # the first kernel call (blockops.attention.block_sparse_attention) and remembered as valid.
+    # Masks made by blockops' constructors are valid by construction; hand-built ones are validated before the
+    # first kernel call (blockops.attention.block_sparse_attention). Validity is remembered together with the
+    # tensors' version counters (`Tensor._version`, bumped by every in-place write, views included): a mask
+    # edited in place afterwards (mask.kv_indices[...] = 3) no longer matches and is validated again before its
+    # next use. Reading 11 counters costs no device sync. Inference tensors have no version counter: such a mask
+    # is remembered as valid once (None), as before.
+    def _versions(self):
+        if torch.compiler.is_compiling():   # a mask built inside a compiled region: not tracked (no graph break)
+            return None
+        tensors = [getattr(self, n) for n in self._INT_FIELDS]
+        if any(t.is_inference() for t in tensors):
+            return None
+        return tuple(t._version for t in tensors)
+
+    def _is_marked_valid(self) -> bool:
+        marked = getattr(self, "_valid_versions", False)
+        return marked is not False and marked == self._versions()
+
     def _mark_valid(self) -> "BlockMask":
-        object.__setattr__(self, "_validated", True)
+        object.__setattr__(self, "_valid_versions", self._versions())
         return self
 
     def _same_validity(self, other: "BlockMask") -> "BlockMask":
-        return other._mark_valid() if getattr(self, "_validated", False) else other
+        return other._mark_valid() if self._is_marked_valid() else other
 
     def expand(self, batch: int, heads: int) -> "BlockMask":
         """Materialise broadcast dims: ``B' = batch``, ``H' = heads`` (each must be 1 or already equal)."""

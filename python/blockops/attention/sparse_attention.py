@@ -16,12 +16,15 @@ __all__ = ["block_sparse_attention", "scaled_dot_product_attention"]
 
 
 def _ensure_valid(mask: BlockMask) -> None:
-    """Masks from blockops' constructors are valid by construction; a hand-built one is validated once (one host
-    sync) before its first use, so a wrong index is a clear error on every device, not a skipped block."""
-    if getattr(mask, "_validated", False) or torch.compiler.is_compiling():
+    """Masks from blockops' constructors are valid by construction; a hand-built one is validated (one host sync)
+    before its first use, so a wrong index is a clear error on every device, not a skipped block. A mask whose
+    tensors were written in place since (their version counters moved) is validated again: no sync per call while
+    it is unchanged. Skipped while torch.compile traces (the check runs in eager calls; reading `_version` would
+    break the graph)."""
+    if torch.compiler.is_compiling() or mask._is_marked_valid():
         return
     mask.validate()
-    object.__setattr__(mask, "_validated", True)
+    mask._mark_valid()
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask,
@@ -30,7 +33,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
 
     Args:
         q: ``[B, H, Tq, D]``; k: ``[B, Hk, Tk, D]``; v: ``[B, Hk, Tk, Dv]`` (as ``F.scaled_dot_product_attention``
-            and ``flex_attention``); fp16, bf16 or fp32, one dtype; ``H`` a multiple of ``Hk`` (grouped-query
+            and ``flex_attention``); fp16, bf16 or fp32, one dtype (fp64 too on the CPU, for gradcheck); ``H`` a
+            multiple of ``Hk`` (grouped-query
             attention); ``D``, ``Dv`` multiples of 8 up to 256; the last dim contiguous (other strides free).
         block_mask: a :class:`BlockMask` built for ``q_len = Tq``, ``kv_len = Tk``, on q's device, with batch and
             head dims of 1 (broadcast) or ``B`` / ``H``.
@@ -38,7 +42,11 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         return_lse: also return the log-sum-exp of the scaled visible scores.
 
     Returns:
-        ``out [B, H, Tq, Dv]`` in q's dtype, or ``(out, lse)`` with ``lse [B, H, Tq]`` fp32 (natural log).
+        ``out [B, H, Tq, Dv]`` in q's dtype, or ``(out, lse)`` with ``lse [B, H, Tq]`` fp32 (natural log; fp64
+        for fp64 q). NaN / Inf propagate as in ``F.scaled_dot_product_attention`` over the visible keys: a NaN
+        visible score (NaN in q or a visible k) or a +inf one makes the row's output and lse NaN, a NaN in a
+        visible v makes those columns NaN; NaN / Inf of hidden keys (unlisted blocks or bits cleared in a tile)
+        never reach the output.
         Rows with no visible key give ``out = 0`` and ``lse = -inf`` and zero gradients. Differentiable in q, k
         and v (and through lse).
     """
