@@ -3,6 +3,7 @@
 #
 #   bash tools/sanitize.sh                 # build (incremental) + the fast subset below
 #   bash tools/sanitize.sh build           # build only
+#   bash tools/sanitize.sh --durations=10  # the subset with extra pytest options
 #   bash tools/sanitize.sh tests/test_x.py -k y   # build + these pytest arguments instead of the subset
 #
 # Builds a CPU-only blockops._C with -DBLOCKOPS_SANITIZE=ON (CMakeLists.txt) in build/sanitize/, apart from the
@@ -55,8 +56,9 @@ done
 find "$PKG" -maxdepth 1 -xtype l -delete  # links to files removed from python/blockops
 
 [ "${1:-}" = build ] && exit 0
+# No arguments, or only options (e.g. --durations=10): the subset (plus those options).
 ARGS=("$@")
-[ ${#ARGS[@]} -eq 0 ] && ARGS=("${SUBSET[@]}")
+if [ ${#ARGS[@]} -eq 0 ] || [[ "${1:-}" == -* ]]; then ARGS=("${SUBSET[@]}" "$@"); fi
 
 # libstdc++ right after libasan: ASan's __cxa_throw interceptor binds to the real one when it starts, and the
 # Python executable does not link libstdc++ (without it the first C++ exception, e.g. one thrown while torch
