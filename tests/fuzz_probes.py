@@ -50,6 +50,8 @@ ITEM4 = "issue 17 item 4 (gptq bias shape unchecked), fixed on branch rel-fixes"
 ITEM5 = "issue 17 item 5 (error raised before validation), fixed on branch rel-fixes"
 ITEM6 = "issue 17 item 6 (BlockMask edited after first use), fixed on branch rel-nan"
 ITEM7 = "issue 17 item 7 (safetensors errors do not name the file or layer), fixed on branch rel-fixes"
+ITEM7_INT = ("issue 17 item 7 (int64 arguments: signed overflow in lowbit's check_weight, seen by UBSan), fixed on "
+             "branch rel-fixes")
 
 
 def probe(family: str, kind: str = "error", match: str | None = None, xfail: str | None = None):
@@ -198,8 +200,9 @@ def p_group_size_eight():
     _quant_linear(torch.randn(2, 64), qw, s, z, 4, 8)
 
 
-@probe("lowbit", match="group_size")
+@probe("lowbit", match="group_size", xfail=ITEM7_INT)
 def p_group_size_huge():
+    """Refused today, but only after scales.size(0) * group_size overflowed int64 (UBSan, tools/sanitize.sh)."""
     qw, s, z = _lowbit()
     _quant_linear(torch.randn(2, 64), qw, s, z, 4, BIG)
 
