@@ -26,10 +26,9 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-import blockops  # noqa: E402
 from blockops.attention import BLOCK_SIZES, BlockMask, block_sparse_attention, masks  # noqa: E402
 from blockops.ops import bitpack, block_cache as bc, dllm, lowbit, ptq161, vq  # noqa: E402
-from blockops.ops.path_attention import path_attention, path_key_cache  # noqa: E402
+from blockops.ops.path_attention import path_attention  # noqa: E402
 from blockops.reference import (ref_apply_residual, ref_cache_update, ref_dllm_candidates,  # noqa: E402
                                 ref_dllm_kv_overwrite, ref_dllm_select, ref_dllm_unmask, ref_masked_attention,
                                 ref_pack_bits, ref_path_attention, ref_path_key_cache, ref_ptq161_dequantize,

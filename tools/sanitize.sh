@@ -19,6 +19,7 @@ PY=${PYTHON:-}
 if [ -z "$PY" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
+case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; *) PY=$(command -v "$PY") ;; esac
 BUILD=$ROOT/build/sanitize
 PKG=$BUILD/python/blockops
 CXX=${CXX:-g++}
@@ -41,7 +42,7 @@ if [ ! -e "$LIBASAN" ] || [ "$LIBASAN" = libasan.so ]; then
 fi
 
 mkdir -p "$PKG"
-"$CMAKE" -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_MAKE_PROGRAM="$NINJA" -DPython_EXECUTABLE="$(command -v "$PY" || echo "$PY")" \
+"$CMAKE" -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_MAKE_PROGRAM="$NINJA" -DPython_EXECUTABLE="$PY" \
   -DCMAKE_CXX_COMPILER="$CXX" -DCMAKE_BUILD_TYPE=Release -DBLOCKOPS_CUDA=OFF -DBLOCKOPS_SANITIZE=ON \
   -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$PKG" >"$BUILD/configure.log" 2>&1 \
   || { cat "$BUILD/configure.log" >&2; exit 1; }
@@ -71,5 +72,6 @@ export UBSAN_OPTIONS="halt_on_error=1:abort_on_error=1:print_stacktrace=1${UBSAN
 export PYTHONPATH="$BUILD/python${PYTHONPATH:+:$PYTHONPATH}"
 export BLOCKOPS_SANITIZED_RUN=1   # tests/test_sanitizers.py skips itself inside (no recursion)
 # The library loaded must be the sanitized one.
-"$PY" -c "import blockops, sys; f = blockops._C.__file__; sys.exit(0 if f.startswith('$PKG') else 'sanitize.sh: loaded ' + f)"
+"$PY" -c "import blockops, sys; f = blockops._C.__file__
+sys.exit(0 if f.startswith('$PKG') else 'sanitize.sh: loaded ' + f)"
 exec "$PY" -m pytest -q -p no:cacheprovider "${ARGS[@]}"
