@@ -86,7 +86,7 @@ FwdParams describe_forward(const char* op, const at::Tensor& q, const at::Tensor
   TORCH_CHECK(k.size(3) == q.size(3), op, ": k head dim ", k.size(3), " must equal q head dim ", q.size(3));
   TORCH_CHECK(q.size(2) >= 1 && k.size(2) >= 1, op, ": q and k need at least one position, got q ", q.sizes(),
               " and k ", k.sizes());
-  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  checked_finite_float(scale, op, "scale");  // the kernels take it as a float
   check_block_size(op, "block_q", block_q);
   check_block_size(op, "block_kv", block_kv);
 

@@ -26,12 +26,23 @@ namespace blockops::block_cache {
 // over many chunks.
 constexpr int64_t kChunkElements = 16384;
 
+// The stride the kernels use for a stride >= 1 over `tokens` tokens: a stride >= T visits token 0 only, as T
+// (or 1 when T is 0) does, so it is clamped there. Without the clamp a huge stride (2^49, 2^63 - 1) overflows
+// the chunk size below and every index computed from it (issue 17: SIGFPE, or an indicator of 0 for tensors
+// that differ). The checks (block_cache_op.cpp) apply it before any kernel, CPU or CUDA, sees the stride.
+BLOCKOPS_HD int64_t clamp_stride(int64_t tokens, int64_t stride) {
+  const int64_t limit = tokens > 1 ? tokens : 1;
+  return stride < limit ? stride : limit;
+}
+
 // Tokens (of the full, unstrided token axis) per chunk: a multiple of the stride so every chunk starts on a
-// token that enters the indicator.
+// token that enters the indicator. Saturates at INT64_MAX rather than wrap (a clamped stride never gets near:
+// stride <= T and T * kChunkElements is far below 2^63 for any tensor that fits in memory).
 BLOCKOPS_HD int64_t chunk_tokens(int64_t channels, int64_t stride) {
   const int64_t c = channels > 0 ? channels : 1;
   const int64_t strided = kChunkElements / c > 0 ? kChunkElements / c : 1;
-  return strided * stride;
+  constexpr int64_t kMax = INT64_MAX;
+  return stride > kMax / strided ? kMax : strided * stride;
 }
 
 struct Geometry {
@@ -41,7 +52,8 @@ struct Geometry {
   int64_t stride;    // tokens t % stride == 0 enter the indicator
 
   BLOCKOPS_HD int64_t tokens_per_chunk() const { return chunk_tokens(channels, stride); }
-  BLOCKOPS_HD int64_t chunks() const { return (tokens + tokens_per_chunk() - 1) / tokens_per_chunk(); }
+  // (T - 1) / tc + 1 rather than (T + tc - 1) / tc: no overflow for any tc >= 1.
+  BLOCKOPS_HD int64_t chunks() const { return tokens > 0 ? (tokens - 1) / tokens_per_chunk() + 1 : 0; }
   BLOCKOPS_HD int64_t sample_elements() const { return tokens * channels; }
   // Token range [first, last) of chunk k.
   BLOCKOPS_HD int64_t chunk_begin(int64_t k) const { return k * tokens_per_chunk(); }

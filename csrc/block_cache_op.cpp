@@ -29,7 +29,8 @@ Geometry check_indicator_args(std::initializer_list<const at::Tensor*> tensors,
   }
   const int64_t batch = first.size(0), tokens = first.size(1);
   const int64_t channels = batch * tokens == 0 ? 0 : first.numel() / (batch * tokens);
-  return Geometry{batch, tokens, channels, stride};
+  // A stride >= T visits token 0 only, like T: clamped so the chunk arithmetic cannot overflow (block_cache.h).
+  return Geometry{batch, tokens, channels, clamp_stride(tokens, stride)};
 }
 
 std::vector<int64_t> indicator_sizes(const Geometry& g, bool per_sample) {

@@ -5,7 +5,10 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <cmath>
+#include <cstdint>
 #include <initializer_list>
+#include <limits>
 
 namespace blockops {
 
@@ -33,6 +36,24 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const 
 inline void check_ndim_at_least(const at::Tensor& t, int64_t ndim, const char* op, const char* arg) {
   TORCH_CHECK(t.dim() >= ndim, op, ": ", arg, " must have at least ", ndim, " dimension(s), got shape ",
               t.sizes());
+}
+
+// An int64 argument that the kernels keep as an int (a params struct field): refused, naming it, when outside
+// [lo, hi] (default: int's range) instead of wrapping on the narrowing cast (group_size = 2^32 + 64 read as 64).
+// Call it before any other use of the value.
+inline int checked_int(int64_t value, const char* op, const char* arg,
+                       int64_t lo = std::numeric_limits<int>::min(), int64_t hi = std::numeric_limits<int>::max()) {
+  TORCH_CHECK(value >= lo && value <= hi, op, ": ", arg, " must be in [", lo, ", ", hi, "], got ", value);
+  return static_cast<int>(value);
+}
+
+// A double argument that the kernels keep as a float (a score scale): refused, naming it, when NaN, infinite or
+// beyond fp32's range (1e300 passes std::isfinite as a double but becomes inf on the cast), rather than narrowed.
+inline float checked_finite_float(double value, const char* op, const char* arg) {
+  constexpr double kMax = std::numeric_limits<float>::max();
+  TORCH_CHECK(std::isfinite(value) && std::fabs(value) <= kMax, op, ": ", arg, " must be finite and within fp32's range "
+              "(|", arg, "| <= ", kMax, "), got ", value);
+  return static_cast<float>(value);
 }
 
 // Wraps a possibly negative dim into [0, ndim).

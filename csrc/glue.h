@@ -2,8 +2,10 @@
 // checks.h: at::ScalarType <-> DType, fp32 copies, activation shapes. Call these only after the op's checks.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
 #include <c10/util/accumulate.h>
 
 #include <vector>
@@ -42,6 +44,17 @@ inline std::vector<int64_t> with_last_dim(const at::Tensor& t, int64_t last) {
   std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
   sizes.back() = last;
   return sizes;
+}
+
+// The output of a quantized linear layer [..., in] -> [..., out] that has nothing to multiply (no rows, no
+// outputs, or no input features): x @ W^T is all zeros, so y is the bias broadcast over the rows in x's dtype
+// (what F.linear returns for in == 0), or zeros without a bias. Called by every family's CPU and CUDA glue
+// (lowbit, vq, ptq161) after the checks, before any kernel sees in == 0.
+inline at::Tensor linear_without_products(const std::vector<int64_t>& out_sizes, const c10::optional<at::Tensor>& bias,
+                                          const at::TensorOptions& options) {
+  at::Tensor y = at::zeros(out_sizes, options);
+  if (bias.has_value() && y.numel() > 0) y.copy_(*bias);  // broadcasts [out] over the rows, rounds to x's dtype
+  return y;
 }
 
 }  // namespace blockops

@@ -502,8 +502,8 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
   check_bias(bias, g.out, kLinear, qweight, "qweight");
   std::vector<int64_t> out_sizes = x.sizes().vec();
   out_sizes.back() = g.out;
-  const int64_t rows = x.numel() / std::max<int64_t>(g.in, 1);
-  if (rows == 0 || g.out == 0) return at::zeros(out_sizes, x.options());
+  const int64_t rows = rows_of(x);
+  if (rows == 0 || g.out == 0 || g.in == 0) return linear_without_products(out_sizes, bias, x.options());
   linear_counter.hit();
   const at::Tensor x2 = x.reshape({rows, g.in});
   at::Tensor y32 = at::empty({rows, g.out}, x.options().dtype(at::kFloat));

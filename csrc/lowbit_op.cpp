@@ -10,6 +10,10 @@ Geometry check_weight(const char* op, const at::Tensor& qweight, const at::Tenso
   TORCH_CHECK(bits == 2 || bits == 3 || bits == 4, op, ": bits must be 2, 3 or 4, got ", bits);
   TORCH_CHECK(group_size >= kGroupQuantum && group_size % kGroupQuantum == 0, op, ": group_size must be a positive ",
               "multiple of ", kGroupQuantum, ", got ", group_size);
+  // Geometry keeps it as an int: refuse what would wrap (2^32 + 64 read as 64) rather than narrow it.
+  const int group = checked_int(group_size, op, "group_size", kGroupQuantum);
+  TORCH_CHECK(scales.dim() < 1 || scales.size(0) <= std::numeric_limits<int64_t>::max() / group_size, op,
+              ": in = scales.size(0) * group_size = ", scales.size(0), " * ", group_size, " overflows int64");
   check_dtype(qweight, {at::kInt}, op, "qweight");
   check_dtype(scales, {at::kHalf, at::kBFloat16, at::kFloat}, op, "scales");
   TORCH_CHECK(zeros.scalar_type() == scales.scalar_type(), op, ": zeros must have the scales' dtype ",
@@ -23,7 +27,7 @@ Geometry check_weight(const char* op, const at::Tensor& qweight, const at::Tenso
   check_contiguous(qweight, op, "qweight");
   check_contiguous(scales, op, "scales");
   check_contiguous(zeros, op, "zeros");
-  const Geometry g{scales.size(0) * group_size, scales.size(1), static_cast<int>(bits), static_cast<int>(group_size)};
+  const Geometry g{scales.size(0) * group_size, scales.size(1), static_cast<int>(bits), group};
   TORCH_CHECK(qweight.size(1) == g.out, op, ": qweight has ", qweight.size(1), " output columns but scales has ",
               g.out);
   TORCH_CHECK(qweight.size(0) == g.words(), op, ": in = scales.size(0) * group_size = ", g.in, " needs ", g.words(),

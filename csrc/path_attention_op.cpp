@@ -90,7 +90,7 @@ Params describe_forward(const char* op, const at::Tensor& q, const at::Tensor& k
   check_head_dim(op, "v", v.size(3));
   check_tensor(op, "v", v, {k.size(0), k.size(1), k.size(2), v.size(3)}, q, false);
   if (g.has_value()) check_tensor(op, "g", *g, q.sizes().slice(0, 3), q, true);
-  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  checked_finite_float(scale, op, "scale");  // the kernels take it as a float
 
   p.q = q.data_ptr();
   p.v = v.data_ptr();
@@ -194,7 +194,7 @@ DecodeParams describe_decode(const char* op, const at::Tensor& q, const at::Tens
   check_same_device(lengths, q, op, "lengths", "q_t");
   TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == B, op, ": lengths must be [B] = [", B, "], got ", lengths.sizes());
   check_contiguous(lengths, op, "lengths");
-  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  checked_finite_float(scale, op, "scale");  // the kernels take it as a float
   lengths_host = lengths.to(at::kCPU).contiguous();
   const int64_t* len = lengths_host.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)

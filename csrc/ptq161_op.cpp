@@ -104,8 +104,8 @@ Linear begin_linear(const char* op, const at::Tensor& x, const at::Tensor& perm,
   if (bias.has_value()) check_factor(op, "bias", *bias, ln.g.out, perm);
   ln.out_sizes = x.sizes().vec();
   ln.out_sizes.back() = ln.g.out;
-  ln.rows = x.numel() / std::max<int64_t>(ln.g.in, 1);
-  if (ln.rows == 0 || ln.g.out == 0) return ln;
+  ln.rows = rows_of(x);
+  if (ln.rows == 0 || ln.g.out == 0 || ln.g.in == 0) return ln;  // done(): the glue returns the bias (or zeros)
   ln.x32 = contiguous_fp32(x.reshape({ln.rows, ln.g.in}));
   return ln;
 }
@@ -121,7 +121,7 @@ Backward begin_backward(const char* op, const at::Tensor& grad_out, const at::Te
   const Geometry& g = b.g;
   check_activation(op, "x", x, g.in, perm);
   check_activation(op, "grad_out", grad_out, g.out, perm);
-  b.rows = x.numel() / std::max<int64_t>(g.in, 1);
+  b.rows = rows_of(x);
   TORCH_CHECK(grad_out.numel() == b.rows * g.out, op, ": grad_out ", grad_out.sizes(), " does not match x ", x.sizes(),
               " (", b.rows, " rows of ", g.out, " outputs)");
   b.grad_x = need_input ? at::zeros(x.sizes(), x.options()) : at::empty({0}, x.options());

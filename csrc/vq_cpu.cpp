@@ -187,11 +187,11 @@ at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
   check_bias(bias, g.out, kLinear, codes, "codes");
   std::vector<int64_t> out_sizes = x.sizes().vec();
   out_sizes.back() = g.out;
-  const int64_t rows = g.in() > 0 ? x.numel() / g.in() : 0;
-  const bool planes = rows > 0 && g.out > 0 && use_byte_planes(g, w.type, x.scalar_type() == at::kFloat, rows);
+  const int64_t rows = rows_of(x);
+  const bool planes = rows > 0 && g.out > 0 && g.in() > 0 && use_byte_planes(g, w.type, x.scalar_type() == at::kFloat, rows);
   if (!planes) check_code_range(kLinear, codes, w);  // the byte-plane kernel checks on its own pass over the codes
   linear_counter.hit();
-  if (rows == 0 || g.out == 0) return at::zeros(out_sizes, x.options());
+  if (rows == 0 || g.out == 0 || g.in() == 0) return linear_without_products(out_sizes, bias, x.options());
   const bool avx2 = cpu_has_avx2_fma();
   const at::Tensor x32 = contiguous_fp32(x).reshape({rows, g.in()});
   const at::Tensor cb32 = contiguous_fp32(codebooks);

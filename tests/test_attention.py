@@ -368,6 +368,23 @@ def test_errors_shapes_and_types():
         block_sparse_attention(q, k, v, wide)
 
 
+def test_errors_before_computing():
+    """issue 17: head dim 0 raised ZeroDivisionError from the default scale D ** -0.5 before any check; a scale
+    beyond fp32's range passed the finiteness check as a double and became inf in the kernels."""
+    q, k, v = _inputs(1, 2, 2, 64, 64, 32, 32, torch.float32, "cpu")
+    mask = masks.causal(64, block_q=16, block_kv=16)
+    for scale in (None, 0.5):
+        with pytest.raises(RuntimeError, match=r"head dim must be a multiple of 8 in \[8, 256\], got 0"):
+            block_sparse_attention(q[..., :0], k[..., :0], v, mask, scale=scale)
+    for scale in (1e300, -1e39, float("inf"), float("nan")):
+        with pytest.raises(RuntimeError, match="scale must be finite and within fp32's range"):
+            block_sparse_attention(q, k, v, mask, scale=scale)
+    args = list(_op_args(q, k, v, mask))
+    args[-1] = 1e300
+    with pytest.raises(RuntimeError, match="scale must be finite and within fp32's range"):
+        torch.ops.blockops.block_sparse_attention(*args)
+
+
 def _corrupt(mask: BlockMask, field: str, value: int) -> BlockMask:
     t = getattr(mask, field).clone()
     t.view(-1)[0] = value

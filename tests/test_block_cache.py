@@ -69,6 +69,28 @@ def test_indicator_edge_values():
     torch.testing.assert_close(bc.relative_l1(a, b, stride=100).double(), ref_relative_l1(a[:, :1], b[:, :1]))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("stride", [5, 6, 2**31, 2**32 + 1, 2**49, 2**50, 2**62, 2**63 - 1])
+def test_indicator_huge_stride_matches_reference(device, stride):
+    """issue 17: a stride >= T visits token 0 only. The chunk size (16384 / C) * stride overflowed int64 for huge
+    strides: SIGFPE at 2**50, an indicator of 0 for different tensors at 2**49 / 2**63 - 1."""
+    for shape in [(2, 5, 8), (3, 37, 19), (1, 6, 1)]:
+        a, b, c = (_rand(shape, torch.float32, device, s) for s in (7, 8, 9))
+        for per_sample in (False, True):
+            with kernel_ran("relative_l1", device):
+                got = bc.relative_l1(a, b, stride, per_sample)
+            want = ref_relative_l1(a, b, stride, per_sample)
+            assert (got != 0).all()
+            torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=0)
+            for compare in (False, True):
+                residual = torch.full_like(a, 123.0)
+                with kernel_ran("relative_l1_residual", device):
+                    got = bc.relative_l1_residual(a, b, c, residual, stride, per_sample, compare)
+                want, want_residual = ref_relative_l1_residual(a, b, c, stride, per_sample, compare)
+                assert torch.equal(residual, want_residual), "every token's residual, whatever the stride"
+                torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=0)
+
+
 def test_indicator_deterministic_across_threads_and_runs():
     a, b = _rand((3, 2000, 72), torch.float32, "cpu", 5), _rand((3, 2000, 72), torch.float32, "cpu", 6)
     threads = torch.get_num_threads()

@@ -153,3 +153,40 @@ def test_kernel_image_rules_for_each_gpu():
         assert image(family, 10, 0) == "compute_80" and image(family, 12, 0) == "compute_80"  # Blackwell: JIT
         assert image(family, 7, 5) == ""                                            # T4: nothing runs
     assert image("no_such_family", 9, 0) is None
+
+
+def _cmake() -> str:
+    try:
+        import cmake
+
+        return os.path.join(cmake.CMAKE_BIN_DIR, "cmake")
+    except ImportError:
+        return shutil.which("cmake") or pytest.skip("no cmake")
+
+
+def test_static_libstdcxx_is_refused(tmp_path):
+    """The post-link check (cmake/CheckSharedLibstdcxx.cmake) passes the built extension and refuses a library with
+    libstdc++ linked in statically: such a _C segfaulted on its first error message on the H200 image (2026-12-04)."""
+    compiler, nm = shutil.which("g++"), shutil.which("nm")
+    if compiler is None or nm is None:
+        pytest.skip("needs g++ and nm")
+    script = os.path.join(os.path.dirname(__file__), "..", "cmake", "CheckSharedLibstdcxx.cmake")
+    source = tmp_path / "format.cpp"
+    source.write_text('#include <sstream>\n#include <string>\n'
+                      'std::string format(long n) { std::ostringstream s; s << "n=" << n; return s.str(); }\n')
+
+    def check(library):
+        return subprocess.run([_cmake(), f"-DSO={library}", f"-DNM={nm}", "-P", script], capture_output=True,
+                              text=True, timeout=60)
+
+    assert check(blockops._C.__file__).returncode == 0
+    for name, flags in (("shared", []), ("static", ["-static-libstdc++"])):
+        library = tmp_path / f"lib{name}.so"
+        subprocess.run([compiler, "-shared", "-fPIC", "-o", str(library), str(source), *flags], check=True,
+                       timeout=120)
+        result = check(library)
+        if name == "shared":
+            assert result.returncode == 0, result.stderr
+        else:
+            assert result.returncode != 0 and "linked in statically" in result.stderr, result.stderr
+            assert not library.exists(), "a refused library must not be left behind"

@@ -186,6 +186,19 @@ def test_errors():
         kv_overwrite(torch.zeros(1, 4, 2, 8).transpose(1, 2), torch.zeros(1, 2, 1, 8), torch.zeros(1, 1, dtype=torch.long))
 
 
+def test_errors_before_computing():
+    """issue 17: 1-D logits without block_bounds raised IndexError (tuple index out of range) from the default
+    bounds' B, L before the op's checks; kv_overwrite_range read new.shape[2] before them."""
+    logits, masked, bounds = make_case(2, 5, 11, seed=0)
+    for bad in (logits[0, 0], logits[0], logits[None]):
+        with pytest.raises(RuntimeError, match=rf"logits must be \[B, L, V\], got shape \({bad.shape[0]},"):
+            unmask(bad, masked)
+        with pytest.raises(RuntimeError, match=r"logits must be \[B, L, V\]"):
+            unmask(bad, masked, bounds)
+    with pytest.raises(RuntimeError, match=r"new must be \[B, H, n, D\], got shape \(8,\)"):
+        kv_overwrite_range(torch.zeros(1, 2, 4, 8), torch.zeros(8), torch.zeros(1, dtype=torch.long))
+
+
 def test_opcheck():
     logits, masked, bounds = make_case(3, 9, 70, seed=1)
     with kernel_ran("dllm_unmask", "cpu"):

@@ -1,5 +1,7 @@
 """2/3/4-bit group-wise GEMM: kernels vs the dequantize-then-matmul reference, gradients, GPTQ round trips,
 QuantLinear, quantize_, checkpoint loading, opcheck, torch.compile and error paths."""
+import re
+
 import pytest
 import torch
 from helpers import DEVICES, assert_close_to_reference, assert_compiles, kernel_ran, opcheck, rel_error, run_with_cpu_isa
@@ -190,6 +192,49 @@ def test_checkpoint_errors():
         gptq.load_gptq_checkpoint(nn.Sequential(nn.Linear(32, 16)), state, bits=2, group_size=32)
 
 
+def test_checkpoint_bias_shape_names_the_layer():
+    """issue 17: a [1] bias was broadcast to every output by copy_; a [out + 1] one failed in copy_ naming neither the
+    tensor nor the layer."""
+    t = QuantLinear.from_linear(nn.Linear(64, 16), bits=2, group_size=32).to_gptq()
+    for bad in (torch.zeros(1), torch.zeros(17), torch.zeros(16, 1), torch.zeros(16, dtype=torch.int32)):
+        with pytest.raises(ValueError, match=r"from_gptq: bias must be a floating \[out_features\] = \[16\]"):
+            QuantLinear.from_gptq(t["qweight"], t["qzeros"], t["scales"], bad, bits=2, group_size=32)
+        state = {f"blk.proj.{k}": v for k, v in {**t, "bias": bad}.items()}
+        model = nn.Sequential()
+        model.add_module("blk", nn.Module())
+        model.blk.proj = nn.Linear(64, 16)
+        with pytest.raises(ValueError, match=r"layer 'blk.proj': from_gptq: bias must be a floating \[out_features\]"):
+            gptq.load_gptq_checkpoint(model, state, bits=2, group_size=32)
+
+
+def test_malformed_safetensors_names_the_file(tmp_path):
+    """issue 17: the library's SafetensorError named neither the checkpoint file nor the loader."""
+    from safetensors.torch import save_file
+
+    from blockops.checkpoint import load_safetensors, safetensors_keys
+
+    layer = QuantLinear.from_linear(nn.Linear(64, 16), bits=2, group_size=32)
+    good = tmp_path / "good" / "model.safetensors"
+    good.parent.mkdir()
+    save_file({f"0.{k}": v.contiguous() for k, v in layer.to_gptq().items()}, str(good))
+    data = good.read_bytes()
+    for name, blob in [("truncated", data[:-7]), ("empty", b""), ("header", data[:8] + b"{oops" + data[13:])]:
+        folder = tmp_path / name
+        folder.mkdir()
+        bad = folder / "model-00002.safetensors"
+        bad.write_bytes(blob)
+        (folder / "model-00001.safetensors").write_bytes(data)
+        file_match = rf"checkpoint file {re.escape(str(bad))} is not a readable \.safetensors file"
+        for source in (str(bad), str(folder)):
+            with pytest.raises(ValueError, match=rf"load_gptq_checkpoint: {file_match}"):
+                gptq.load_gptq_checkpoint(nn.Sequential(nn.Linear(64, 16)), source, bits=2, group_size=32)
+        with pytest.raises(ValueError, match=rf"who: {file_match}"):
+            load_safetensors(str(bad), "who")
+        with pytest.raises(ValueError, match=rf"who: {file_match}"):
+            safetensors_keys(str(bad), "who")
+    assert safetensors_keys(str(good), "who") == {f"0.{k}" for k in layer.to_gptq()}
+
+
 def test_module_errors():
     with pytest.raises(ValueError, match="not divisible by group_size"):
         QuantLinear.from_linear(nn.Linear(100, 8), bits=2, group_size=64)
@@ -232,6 +277,50 @@ def test_op_errors_name_the_problem(device):
         lowbit.quant_linear(torch.randn(128, 2, device=device).t(), qweight, scales, zeros, 2, 64)
     with pytest.raises(RuntimeError, match="bias must have shape"):
         lowbit.quant_linear(x, qweight, scales, zeros, 2, 64, torch.zeros(15, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int_arguments_beyond_int32_are_refused(device):
+    """issue 17: group_size was narrowed to int in the checks, so 2**32 + 64 was read as 64."""
+    qweight, scales, zeros = random_weight(128, 16, 2, 64, torch.float16, device)
+    x = torch.randn(2, 128, device=device)
+    empty = [t[:0].contiguous() for t in (qweight, scales, zeros)]  # in = 0 * group_size: no size check trips
+    for group_size in (2**32 + 64, 2**62):
+        with pytest.raises(RuntimeError, match=rf"group_size must be in \[16, 2147483647\], got {group_size}"):
+            lowbit.quant_linear(x, qweight, scales, zeros, 2, group_size)
+        with pytest.raises(RuntimeError, match=rf"group_size must be in \[16, 2147483647\], got {group_size}"):
+            torch.ops.blockops.quant_linear(x[:, :0], *empty, 2, group_size)
+        with pytest.raises(RuntimeError, match=rf"group_size must be in \[16, 2147483647\], got {group_size}"):
+            lowbit.quant_dequantize(*empty, 2, group_size)
+        with pytest.raises(RuntimeError, match=rf"group_size must be in \[16, 2147483647\], got {group_size}"):
+            with torch._subclasses.fake_tensor.FakeTensorMode() as mode:   # the fake (torch.compile) agrees
+                lowbit.quant_linear(mode.from_tensor(x), *(mode.from_tensor(t) for t in (qweight, scales, zeros)), 2,
+                                    group_size)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_in_features_zero_gives_the_bias(device, bias):
+    """issue 17: with in_features == 0, x @ W^T is all zeros and F.linear returns the bias; quant_linear returned
+    zeros. Backward: no gradient reaches x (empty), scales and zeros (empty); bias gets grad_out summed."""
+    qweight = torch.zeros(0, 12, dtype=torch.int32, device=device)
+    scales = torch.ones(0, 12, device=device, requires_grad=True)
+    zeros = torch.zeros(0, 12, device=device, requires_grad=True)
+    b = torch.randn(12, device=device, requires_grad=True) if bias else None
+    for shape in [(3, 0), (2, 5, 0), (0, 0)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.zeros(shape, device=device, dtype=dtype, requires_grad=True)
+            y = lowbit.quant_linear(x, qweight, scales, zeros, 2, 32, b)
+            want = torch.nn.functional.linear(x, torch.zeros(12, 0, device=device, dtype=dtype),
+                                              None if b is None else b.to(dtype))
+            assert y.shape == want.shape and y.dtype == dtype
+            torch.testing.assert_close(y, want, rtol=0, atol=0)
+            gy = torch.randn(y.shape, device=device).to(dtype)
+            inputs = (x, scales, zeros) + ((b,) if bias else ())
+            grads = torch.autograd.grad(y, inputs, gy)
+            assert [g.shape for g in grads[:3]] == [x.shape, scales.shape, zeros.shape]
+            if bias:
+                torch.testing.assert_close(grads[3], gy.float().reshape(-1, 12).sum(0))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for a second device")

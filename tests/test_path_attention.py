@@ -320,6 +320,39 @@ def test_decode_step_errors():
         path_decode_step(q, k, v, w, beta, None, PathCache(keys, values, lens, gates, g_last))
 
 
+def test_errors_before_computing():
+    """issue 17: head dim 0 raised ZeroDivisionError from the default scale D ** -0.5, a 2-D q_t a tuple-unpacking
+    ValueError, before any check; a scale beyond fp32's range became inf in the kernels."""
+    q, k, v, w, beta, g = make_inputs(1, 10, 2, 1, 16, 16, True)
+    for scale in (None, 0.5):
+        with pytest.raises(RuntimeError, match=r"q head dim must be a multiple of 8 in \[8, 256\], got 0"):
+            path_attention(q[..., :0], k[..., :0], v, w[..., :0], beta, g, scale=scale)
+    with pytest.raises(RuntimeError, match="scale must be finite and within fp32's range"):
+        path_attention(q, k, v, w, beta, g, scale=1e300)
+    B, HQ, H, D, Dv, L = 2, 2, 1, 16, 16, 8
+    q, k, v, w, beta, g = (t[:, 0] for t in make_inputs(B, 1, HQ, H, D, Dv, True))
+    cache = PathCache(*random_cache(B, HQ, H, D, Dv, L, [3, 5], True))
+    with pytest.raises(ValueError, match=r"q_t must be \[B, HQ, D\] and k_t \[B, H, D\], got \(2, 32\)"):
+        path_decode_step(q.reshape(B, HQ * D), k, v, w, beta, g, cache)
+    with pytest.raises(ValueError, match=r"q_t must be \[B, HQ, D\] and k_t \[B, H, D\], got \(2, 2, 16\) and \(2, 16\)"):
+        path_decode_step(q, k[:, 0], v, w, beta, g, cache)
+    empty = PathCache(*random_cache(B, HQ, H, 0, Dv, L, [3, 5], True))
+    with pytest.raises(RuntimeError, match=r"q_t head dim must be a multiple of 8 in \[8, 256\], got 0"):
+        path_decode_step(q[..., :0], k[..., :0], v, w[..., :0], beta, g, empty)
+    with pytest.raises(RuntimeError, match="scale must be finite and within fp32's range"):
+        path_decode_step(q, k, v, w, beta, g, cache, scale=-1e300)
+    assert cache.lengths.tolist() == [3, 5], "a refused step leaves the cache as it was"
+    none = PathCache(torch.zeros(0, H, L, D), torch.zeros(0, H, L, Dv), torch.zeros(0, dtype=torch.long))
+    o = path_decode_step(q[:0], k[:0], v[:0], w[:0], beta[:0], None, none)   # no rows: max() of no lengths raised
+    assert o.shape == (0, HQ, Dv) and none.lengths.shape == (0,)
+    with pytest.raises(ValueError, match=r"from_prefill: k_cache must be \[B, T, H, D\], v \[B, T, H, Dv\]"):
+        PathCache.from_prefill(torch.zeros(1, 4, 16), torch.zeros(1, 4, 1, 16))
+    with pytest.raises(ValueError, match=r"from_prefill: .* got \(1, 4, 1, 16\), \(1, 3, 1, 16\) and None"):
+        PathCache.from_prefill(torch.zeros(1, 4, 1, 16), torch.zeros(1, 3, 1, 16))
+    with pytest.raises(ValueError, match=r"from_prefill: .* and \(1, 4\)"):
+        PathCache.from_prefill(torch.zeros(1, 4, 1, 16), torch.zeros(1, 4, 1, 16), torch.zeros(1, 4))
+
+
 def test_decode_step_opcheck_and_compile():
     B, HQ, H, D, Dv, L = 2, 2, 1, 16, 8, 8
     q, k, v, w, beta, g = (t[:, 0] for t in make_inputs(B, 1, HQ, H, D, Dv, True))

@@ -356,6 +356,29 @@ def test_torch_compile_model_with_ptq161_linear():
     assert_compiles(model, torch.randn(3, 64))
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_in_features_zero_gives_the_bias(bias):
+    """issue 17: with in_features == 0, x @ W^T is all zeros and F.linear returns the bias; ptq161_linear returned
+    zeros, and its backward refused grad_out (rows counted as x.numel() / in). alpha and r1 get zero gradients."""
+    tensors, s, _, _ = make_weights(6, 0, 0.0)
+    params = {k: tensors[k].clone().requires_grad_() for k in ("alpha", "r1", "r2")}
+    b = torch.randn(6, requires_grad=True) if bias else None
+    for shape in [(3, 0), (2, 4, 0), (0, 0)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.zeros(shape, dtype=dtype, requires_grad=True)
+            y = ptq161.ptq161_linear(x, *args_of({**tensors, **params}), s, b)
+            want = torch.nn.functional.linear(x, torch.zeros(6, 0, dtype=dtype), None if b is None else b.to(dtype))
+            assert y.shape == want.shape and y.dtype == dtype
+            torch.testing.assert_close(y, want, rtol=0, atol=0)
+            gy = torch.randn(y.shape).to(dtype)
+            inputs = (x, params["alpha"], params["r1"], params["r2"]) + ((b,) if bias else ())
+            grads = torch.autograd.grad(y, inputs, gy)
+            assert grads[0].shape == x.shape and grads[3].shape == (0,)
+            assert torch.equal(grads[1], torch.zeros(6)) and torch.equal(grads[2], torch.zeros(6))
+            if bias:
+                torch.testing.assert_close(grads[4], gy.float().reshape(-1, 6).sum(0))
+
+
 def test_op_errors_name_the_problem():
     tensors, s, _, _ = make_weights(24, 40, 0.2)
     x = torch.randn(2, 40)

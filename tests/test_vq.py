@@ -463,6 +463,30 @@ def test_code_out_of_range():
         vq.vq_linear(torch.randn(2, 6), codes16, codebooks16)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_in_features_zero_gives_the_bias(bias):
+    """issue 17: with in_features == 0 (no code groups), x @ W^T is all zeros and F.linear returns the bias;
+    vq_linear returned zeros. Backward: codebooks and scales get zero gradients, bias grad_out summed."""
+    codes, codebooks, scales = make_weights(6, 0, 2, 16, 4)
+    codebooks.requires_grad_()
+    scales.requires_grad_()
+    b = torch.randn(6, requires_grad=True) if bias else None
+    for shape in [(3, 0), (2, 4, 0), (0, 0)]:
+        for dtype in (torch.float32, torch.float16):
+            x = torch.zeros(shape, dtype=dtype, requires_grad=True)
+            y = vq.vq_linear(x, codes, codebooks, scales, b)
+            want = F.linear(x, torch.zeros(6, 0, dtype=dtype), None if b is None else b.to(dtype))
+            assert y.shape == want.shape and y.dtype == dtype
+            torch.testing.assert_close(y, want, rtol=0, atol=0)
+            gy = torch.randn(y.shape).to(dtype)
+            inputs = (x, codebooks, scales) + ((b,) if bias else ())
+            grads = torch.autograd.grad(y, inputs, gy)
+            assert grads[0].shape == x.shape
+            assert torch.equal(grads[1], torch.zeros_like(codebooks)) and torch.equal(grads[2], torch.zeros_like(scales))
+            if bias:
+                torch.testing.assert_close(grads[3], gy.float().reshape(-1, 6).sum(0))
+
+
 def test_argument_errors():
     codes, codebooks, scales = make_weights(4, 3, 1, 16, 4)
     x = torch.randn(2, 12)
@@ -558,7 +582,8 @@ def test_cuda_gradients_match_cpu(K):
     x = torch.randn(7, 52)
     grads = {}
     for device in ("cpu", "cuda"):
-        leaves = [t.to(device).requires_grad_() for t in (x, codebooks, scales, bias)]
+        # clone: on the CPU `.to(device)` returns the tensor itself, and marking it would make the CUDA copies non-leaves
+        leaves = [t.to(device).clone().requires_grad_() for t in (x, codebooks, scales, bias)]
         y = vq.vq_linear(leaves[0], codes.to(device), *leaves[1:])
         y.backward(torch.linspace(-1, 1, y.numel()).view_as(y).to(device))
         grads[device] = [t.grad.cpu() for t in leaves]

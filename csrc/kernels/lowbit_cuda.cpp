@@ -48,7 +48,7 @@ at::Tensor quant_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, con
   check_bias(bias, g.out, op, qweight, "qweight");
   const KernelGuard guard(kFamily, op, x.device());
   const int64_t m = rows_of(x);
-  if (m == 0 || g.out == 0) return at::empty(with_last_dim(x, g.out), x.options());
+  if (m == 0 || g.out == 0 || g.in == 0) return linear_without_products(with_last_dim(x, g.out), bias, x.options());
   linear_counter.hit();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 

@@ -76,8 +76,8 @@ at::Tensor vq_linear_cuda(const at::Tensor& x, const at::Tensor& codes, const at
   const KernelGuard guard(kFamily, op, x.device());
   linear_counter.hit();
   const int64_t m = rows_of(x);
+  if (m == 0 || w.g.out == 0 || w.g.in() == 0) return linear_without_products(with_last_dim(x, w.g.out), bias, x.options());
   at::Tensor y = at::empty(with_last_dim(x, w.g.out), x.options());
-  if (m == 0 || w.g.out == 0) return y;
 
   const at::Tensor xc = aligned(x);
   const at::Tensor cb = aligned(codebooks);
@@ -146,7 +146,9 @@ at::Tensor vq_grad_codebooks_cuda(const at::Tensor& t, const at::Tensor& codes, 
   at::Tensor keys = codes.to(at::kLong);
   if (w.type == CodeType::kU16) keys = keys.bitwise_and(0xFFFF);  // int16 codes are read as uint16
   keys = keys.clamp_max(g.k - 1).reshape({-1, g.K}).add(at::arange(g.K, keys.options()).mul_(g.k));
-  const auto sorted = keys.reshape({-1}).sort(/*stable=*/true, /*dim=*/0);
+  // The optional<bool> is spelled out: a bare `true` would pick the sort(int64_t dim, bool descending) overload
+  // (dim 1 of a 1-D tensor: the first GPU run failed with "Dimension out of range").
+  const auto sorted = keys.reshape({-1}).sort(/*stable=*/std::optional<bool>(true), /*dim=*/0);
   const at::Tensor order = std::get<1>(sorted);
   const at::Tensor offsets = at::searchsorted(std::get<0>(sorted), at::arange(g.K * g.k + 1, keys.options()));
   const at::Tensor s = optional_contiguous(scales);

@@ -2,7 +2,8 @@
 optimisation, VQ4DiT's block-wise calibration): each finished block is written atomically with a record of the
 settings and data it was made from, so that a killed run, started again with the same checkpoint folder, skips
 the blocks already done and loses at most the block in progress; a checkpoint made with other settings or data
-is refused rather than silently mixed in."""
+is refused rather than silently mixed in. Also the one reader of ``.safetensors`` files for the loaders
+(`load_safetensors`, `safetensors_keys`): a malformed file is refused naming it."""
 from __future__ import annotations
 
 import hashlib
@@ -58,3 +59,30 @@ def load_block(path: str, meta: dict, who: str, map_location=None) -> dict:
         raise ValueError(f"{who}: checkpoint {path} was written with other settings or data {diff} "
                          "(checkpoint, this run); use a fresh checkpoint_dir")
     return saved
+
+
+def _malformed(who: str, path: str, error: Exception) -> ValueError:
+    return ValueError(f"{who}: checkpoint file {path} is not a readable .safetensors file: {error}")
+
+
+def load_safetensors(path: str, who: str) -> dict:
+    """Every tensor of the ``.safetensors`` file at ``path`` (on the CPU). A truncated or malformed file raises
+    ValueError naming ``who`` and the file (the library's own SafetensorError names neither), chained to it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except SafetensorError as e:
+        raise _malformed(who, path, e) from e
+
+
+def safetensors_keys(path: str, who: str) -> set:
+    """The tensor names stored in the ``.safetensors`` file at ``path`` (header only); errors as `load_safetensors`."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            return set(f.keys())
+    except SafetensorError as e:
+        raise _malformed(who, path, e) from e

@@ -283,8 +283,10 @@ def ref_dllm_kv_overwrite(cache: torch.Tensor, new: torch.Tensor, positions: tor
 def ref_relative_l1(current, reference, stride: int = 1, per_sample: bool = False) -> torch.Tensor:
     """Reference for ``blockops.block_cache.relative_l1``, in fp64: ``sum|current - reference| / sum|reference|``
     over the tokens (dim 1) ``t % stride == 0``, per sample or over the batch; 0 when both sums are 0."""
-    x = current.double()[:, ::stride].flatten(1)   # not reshape(B, -1): ambiguous when B = 0
-    r = reference.double()[:, ::stride].flatten(1)
+    # A stride >= T takes token 0 only, as T does; slicing with a huge step would overflow torch's own strides.
+    step = min(stride, max(current.shape[1], 1))
+    x = current.double()[:, ::step].flatten(1)   # not reshape(B, -1): ambiguous when B = 0
+    r = reference.double()[:, ::step].flatten(1)
     num, den = (x - r).abs().sum(1), r.abs().sum(1)
     if not per_sample:
         num, den = num.sum(), den.sum()

@@ -32,7 +32,7 @@ enum Mode { kPlain, kResidual, kCompareResidual };
 template <typename T>
 static void test_indicator(int64_t B, int64_t T_, int64_t C, int64_t stride, bool per_sample, Mode mode) {
   const int64_t n = B * T_ * C;
-  const Geometry g{B, T_, C, stride};
+  const Geometry g{B, T_, C, clamp_stride(T_, stride)};  // as check_indicator_args builds it
   auto out = random_tensor<T>(n), in = random_tensor<T>(n), ref = random_tensor<T>(n);
   std::vector<T> residual(n, cvt<T>(777.f));
   std::vector<Partial> partials(partials_count(g) + 1, Partial{-1.f, -1.f});
@@ -119,6 +119,11 @@ int main() {
   indicator_grid<__nv_bfloat16>(quick);
   test_indicator<float>(2, 1000, 40, 7, true, kCompareResidual);   // many chunks, stride 7, both kinds of token
   test_indicator<__nv_bfloat16>(0, 5, 8, 1, true, kPlain);          // empty batch: no launch of pass 1
+  // Strides >= T (token 0 only), up to ones whose unclamped chunk size overflowed int64 (issue 17).
+  for (int64_t stride : {int64_t{37}, int64_t{1} << 49, int64_t{1} << 50, INT64_MAX}) {
+    test_indicator<float>(2, 37, 19, stride, true, kPlain);
+    test_indicator<__half>(2, 37, 19, stride, false, kCompareResidual);
+  }
   for (int64_t n : {1, 7, 8, 1025, 300000}) {
     test_apply<float>(n);
     test_apply<__half>(n);

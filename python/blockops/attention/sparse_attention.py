@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from blockops.attention.block_mask import BlockMask
+from blockops.ops._common import _default_scale
 from blockops.ops.attention import MASK_FIELDS, block_sparse_attention_op
 
 __all__ = ["block_sparse_attention", "scaled_dot_product_attention"]
@@ -54,7 +55,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         raise ValueError(f"block_sparse_attention: the mask is on {block_mask.device} but q is on {q.device}; "
                          f"use block_mask.to(q.device)")
     _ensure_valid(block_mask)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _default_scale(scale, q)
     out, lse = block_sparse_attention_op(q, k, v, [getattr(block_mask, f) for f in MASK_FIELDS],
                                          block_mask.block_q, block_mask.block_kv, scale)
     return (out, lse) if return_lse else out

@@ -227,9 +227,11 @@ def dit_rows(device: str, c: DiTConfig, quick: bool) -> list[Result]:
     return rows
 
 
-def indicator_rows(device: str, quick: bool) -> list[Result]:
+def indicator_rows(device: str, quick: bool, shapes: list[tuple[int, int, int]] | None = None) -> list[Result]:
+    """Fused indicator rows (fp32 and bf16) at the quick or full shapes [B, T, C], or at `shapes` when given."""
     rows = []
-    shapes = [(2, 256, 1152)] if quick else [(2, 4096, 1152), (8, 4096, 1152), (2, 16384, 1152)]
+    if shapes is None:
+        shapes = [(2, 256, 1152)] if quick else [(2, 4096, 1152), (8, 4096, 1152), (2, 16384, 1152)]
     for dtype in (torch.float32, torch.bfloat16):
         for shape in shapes:
             g = torch.Generator().manual_seed(0)

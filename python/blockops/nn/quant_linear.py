@@ -116,6 +116,12 @@ class QuantLinear(nn.Module):
         if qzeros.shape != (groups, bitpack.packed_length(out_features, bits)):
             raise ValueError(f"from_gptq: qzeros shape {tuple(qzeros.shape)} must be "
                              f"({groups}, {bitpack.packed_length(out_features, bits)})")
+        if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (out_features,)
+                                 or not bias.is_floating_point()):
+            # copy_ into the [out] parameter would broadcast a [1] bias to every output without a word.
+            got = f"{bias.dtype} {tuple(bias.shape)}" if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"from_gptq: bias must be a floating [out_features] = [{out_features}] tensor (out "
+                             f"from scales {tuple(scales.shape)}), got {got}")
         if g_idx is not None:
             expected = torch.arange(in_features, device=g_idx.device) // group_size
             if g_idx.shape != expected.shape or not torch.equal(g_idx.to(expected.dtype), expected):

@@ -1,5 +1,8 @@
-"""Validation helpers shared by the op families' fake implementations (private)."""
+"""Validation helpers shared by the op families' fake implementations, and the shape helpers of their autograd
+(private)."""
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -10,6 +13,22 @@ def _check_features(op, arg, t, features):
     torch._check(t.dtype in _FLOAT_DTYPES, lambda: f"{op}: {arg} must be fp16/bf16/fp32, got {t.dtype}")
     torch._check(t.dim() >= 1 and t.shape[-1] == features,
                  lambda: f"{op}: {arg} must have {features} features in its last dim, got {tuple(t.shape)}")
+
+
+def _rows_2d(t, *last):
+    """``t`` [..., n] as [rows, n] (or [rows, *last] when given): the leading dims counted explicitly, because
+    ``reshape(-1, n)`` fails on a tensor with no elements (in or out features 0: a bias-only layer)."""
+    return t.reshape(math.prod(t.shape[:-1]), *(last or (t.shape[-1],)))
+
+
+def _default_scale(scale, q):
+    """``float(scale)``, or ``D ** -0.5`` for q's head dim ``D`` (last dim) when None. Without a head dim (D = 0, or
+    a 0-d q) it is 1.0, a placeholder: the op's own checks then refuse q with a message naming the head dim, rather
+    than a ZeroDivisionError or IndexError here."""
+    if scale is not None:
+        return float(scale)
+    head_dim = q.shape[-1] if q.dim() > 0 else 0
+    return head_dim ** -0.5 if head_dim > 0 else 1.0
 
 
 def _cdiv(a, b):

@@ -24,7 +24,7 @@ def relative_l1(current: torch.Tensor, reference: torch.Tensor, stride: int = 1,
 
     Args:
         current, reference: fp16/bf16/fp32 ``[B, T, ...]``, same shape, dtype and device, contiguous.
-        stride: token (dim 1) downsampling, >= 1.
+        stride: token (dim 1) downsampling, >= 1 (any int64: a stride >= T reads token 0 only).
         per_sample: one indicator per sample (``[B]``) instead of one over the batch (``[]``).
 
     Returns fp32 ``[B]`` or ``[]`` on the inputs' device: 0 when both sums are 0, inf when only the reference

@@ -41,8 +41,12 @@ def unmask(logits: torch.Tensor, masked: torch.Tensor, block_bounds: torch.Tenso
 
     Returns :class:`Unmasked` ``(tokens, unmask, confidence)``.
     """
-    B, L = logits.shape[0], logits.shape[1]
     if block_bounds is None:
+        # The default bounds need B and L: the op's own rank check, first (same message and type as
+        # csrc/dllm_op.cpp's; a plain raise, not torch._check, whose tensor-reading message breaks a compiled graph).
+        if logits.dim() != 3:
+            raise RuntimeError(f"blockops.dllm_unmask: logits must be [B, L, V], got shape {tuple(logits.shape)}")
+        B, L = logits.shape[0], logits.shape[1]
         block_bounds = torch.tensor([0, L], dtype=torch.long, device=logits.device).expand(B, 2).contiguous()
     return Unmasked(*_ops.dllm_unmask(logits, masked, block_bounds, min_tokens, float(threshold),
                                       None if factor is None else float(factor)))
@@ -64,6 +68,9 @@ def kv_overwrite(cache: torch.Tensor, new: torch.Tensor, positions: torch.Tensor
 
 def kv_overwrite_range(cache: torch.Tensor, new: torch.Tensor, start: torch.Tensor, check_indices: bool = True) -> None:
     """:func:`kv_overwrite` of the contiguous slots ``[start[b], start[b] + n)`` of each row (``start`` int64 [B])."""
+    # n comes from new's shape: the op's rank check first (as in unmask).
+    if new.dim() != 4:
+        raise RuntimeError(f"blockops.dllm_kv_overwrite: new must be [B, H, n, D], got shape {tuple(new.shape)}")
     n = new.shape[2]
     positions = (start.to(torch.long).view(-1, 1) + torch.arange(n, device=start.device)).contiguous()
     kv_overwrite(cache, new, positions, check_indices)

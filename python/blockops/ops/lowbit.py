@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from blockops.ops._common import _FLOAT_DTYPES, _check_features
+from blockops.ops._common import _FLOAT_DTYPES, _check_features, _rows_2d
 from blockops.ops.bitpack import packed_length
 
 _ops = torch.ops.blockops
@@ -45,6 +45,7 @@ def _check_lowbit_weight(op, qweight, scales, zeros, bits, group_size):
     torch._check(bits in (2, 3, 4), lambda: f"{op}: bits must be 2, 3 or 4, got {bits}")
     torch._check(group_size >= 16 and group_size % 16 == 0,
                  lambda: f"{op}: group_size must be a positive multiple of 16, got {group_size}")
+    torch._check(group_size <= 2**31 - 1, lambda: f"{op}: group_size must be in [16, 2147483647], got {group_size}")
     torch._check(qweight.dtype == torch.int32, lambda: f"{op}: qweight must be int32, got {qweight.dtype}")
     torch._check(scales.dtype in _FLOAT_DTYPES, lambda: f"{op}: scales must be fp16/bf16/fp32, got {scales.dtype}")
     torch._check(zeros.dtype == scales.dtype, lambda: f"{op}: zeros must have the scales' dtype")
@@ -107,15 +108,15 @@ def _quant_linear_backward(ctx, grad_out):
     bits, group_size = ctx.bits, ctx.group_size
     need_x, _, need_scales, need_zeros, _, _, need_bias = (*ctx.needs_input_grad, False)[:7]
     grad_out = grad_out.contiguous()
-    gy2 = grad_out.reshape(-1, grad_out.shape[-1])
+    gy2 = _rows_2d(grad_out)
     grad_x = grad_scales = grad_zeros = grad_bias = None
     if need_x:
         grad_x = _ops.quant_linear_grad_input(grad_out, qweight, scales, zeros, bits, group_size)
     if need_scales:
-        t = gy2.float().t() @ x.reshape(-1, x.shape[-1]).float()
+        t = gy2.float().t() @ _rows_2d(x).float()
         grad_scales = _ops.quant_grad_scales(t.contiguous(), qweight, zeros, bits, group_size).to(scales.dtype)
     if need_zeros:
-        xsum = x.reshape(-1, scales.shape[0], group_size).float().sum(-1)
+        xsum = _rows_2d(x, scales.shape[0], group_size).float().sum(-1)
         grad_zeros = (-(xsum.t() @ gy2.float()) * scales.float()).to(zeros.dtype)
     if need_bias:
         grad_bias = gy2.float().sum(0).to(ctx.bias_dtype)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from blockops.ops._common import _FLOAT_DTYPES
+from blockops.ops._common import _FLOAT_DTYPES, _default_scale
 
 _ops = torch.ops.blockops
 
@@ -58,7 +58,7 @@ def path_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.T
     Raises:
         RuntimeError naming the argument and sizes for bad shapes, dtypes or head dims.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _default_scale(scale, q)
     q, k, v, w, beta = (t.contiguous() for t in (q, k, v, w, beta))
     g = None if g is None else g.contiguous()
     o, _ = _ops.path_attention(q, k, v, w, beta, g, cu_seqlens, scale)
@@ -198,6 +198,12 @@ class PathCache:
                      cu_seqlens: torch.Tensor | None = None) -> "PathCache":
         """The cache after ``path_attention(..., use_cache=True)`` on the same ``v`` (and ``g``, ``cu_seqlens``):
         one row per batch row, or per packed sequence with ``cu_seqlens`` (rows then have their own lengths)."""
+        # The shapes are unpacked below: checked first, so a wrong one is named rather than an IndexError.
+        if (k_cache.dim() != 4 or v.dim() != 4 or v.shape[:3] != k_cache.shape[:3]
+                or (g is not None and (g.dim() != 3 or g.shape[:2] != k_cache.shape[:2]))):
+            raise ValueError(f"PathCache.from_prefill: k_cache must be [B, T, H, D], v [B, T, H, Dv] and g [B, T, HQ] "
+                             f"(one B, T and H), got {tuple(k_cache.shape)}, {tuple(v.shape)} and "
+                             f"{None if g is None else tuple(g.shape)}")
         if cu_seqlens is None:
             rows = [(b, 0, k_cache.shape[1]) for b in range(k_cache.shape[0])]
         else:
@@ -250,6 +256,10 @@ def path_decode_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, w_
     Returns:
         ``o_t [B, HQ, Dv]`` in q_t's dtype.
     """
+    if q_t.dim() != 3 or k_t.dim() != 3:
+        # Checked before the shapes are unpacked to compare them with the cache's.
+        raise ValueError(f"path_decode_step: q_t must be [B, HQ, D] and k_t [B, H, D], got {tuple(q_t.shape)} and "
+                         f"{tuple(k_t.shape)}")
     B, HQ, D = q_t.shape
     H = k_t.shape[1]
     if cache.keys.shape[0] != B or cache.keys.shape[1] != H or cache.keys.shape[3] != D or HQ % H:
@@ -257,8 +267,8 @@ def path_decode_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, w_
                          f"keys {tuple(cache.keys.shape)} [B, H, L, D] (HQ must be a multiple of H)")
     if (g_t is None) != (cache.gates is None):
         raise ValueError("path_decode_step: pass g_t exactly when the cache was built with a forget gate")
-    scale = D ** -0.5 if scale is None else float(scale)
-    cache._reserve(int(cache.lengths.max()) + 1)
+    scale = _default_scale(scale, q_t)
+    cache._reserve(int(cache.lengths.max()) + 1 if cache.lengths.numel() else 0)  # max() of no rows raises
     q_t, k_t, v_t, w_t, beta_t = (t.contiguous() for t in (q_t, k_t, v_t, w_t, beta_t))
     o = _ops.path_decode_step(q_t, k_t, v_t, w_t, beta_t, None if g_t is None else g_t.contiguous(), cache.keys,
                               cache.values, cache.lengths, cache.gates, cache.g_last, scale)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from blockops.ops._common import _FLOAT_DTYPES, _check_features
+from blockops.ops._common import _FLOAT_DTYPES, _check_features, _rows_2d
 
 _ops = torch.ops.blockops
 
@@ -152,7 +152,7 @@ def _ptq161_linear_backward(ctx, grad_out):
         if need_factors:
             grads[_ALPHA], grads[_R1], grads[_R2] = ga, gr1, gr2
     if needs[_BIAS] and ctx.bias_dtype is not None:
-        grads[_BIAS] = grad_out.reshape(-1, grad_out.shape[-1]).float().sum(0).to(ctx.bias_dtype)
+        grads[_BIAS] = _rows_2d(grad_out).float().sum(0).to(ctx.bias_dtype)
     return tuple(grads)
 
 

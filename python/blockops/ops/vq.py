@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from blockops.ops._common import _FLOAT_DTYPES, _check_features
+from blockops.ops._common import _FLOAT_DTYPES, _check_features, _rows_2d
 
 _ops = torch.ops.blockops
 _CODE_DTYPES = (torch.uint8, torch.int16)
@@ -138,12 +138,12 @@ def _vq_linear_backward(ctx, grad_out):
     x, codes, codebooks, scales = ctx.saved_tensors
     need_x, _, need_codebooks, need_scales, need_bias = (*ctx.needs_input_grad, False, False)[:5]
     grad_out = grad_out.contiguous()
-    gy2 = grad_out.reshape(-1, grad_out.shape[-1])
+    gy2 = _rows_2d(grad_out)
     grad_x = grad_codebooks = grad_scales = grad_bias = None
     if need_x:
         grad_x = _ops.vq_linear_grad_input(grad_out, codes, codebooks, scales)
     if need_codebooks or need_scales:
-        t = (gy2.float().t() @ x.reshape(-1, x.shape[-1]).float()).contiguous()
+        t = (gy2.float().t() @ _rows_2d(x).float()).contiguous()
         if need_codebooks:
             grad_codebooks = _ops.vq_grad_codebooks(t, codes, codebooks, scales).to(codebooks.dtype)
         if need_scales:

@@ -8,6 +8,7 @@ import os
 
 from torch import nn
 
+from blockops.checkpoint import load_safetensors
 from blockops.nn.quant_linear import QuantLinear
 from blockops.quant.rtn import _set_submodule
 
@@ -37,8 +38,6 @@ def load_gptq_checkpoint(model: nn.Module, path_or_state_dict, *, bits: int | No
     parameters and buffers."""
     config: dict = {}
     if isinstance(path_or_state_dict, (str, os.PathLike)):
-        from safetensors.torch import load_file
-
         path = os.fspath(path_or_state_dict)
         if os.path.isdir(path):
             files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
@@ -46,10 +45,10 @@ def load_gptq_checkpoint(model: nn.Module, path_or_state_dict, *, bits: int | No
                 raise FileNotFoundError(f"load_gptq_checkpoint: no .safetensors files in {path}")
             state = {}
             for f in files:
-                state.update(load_file(os.path.join(path, f)))
+                state.update(load_safetensors(os.path.join(path, f), "load_gptq_checkpoint"))
             config = _read_quantize_config(path)
         else:
-            state = load_file(path)
+            state = load_safetensors(path, "load_gptq_checkpoint")
     else:
         state = dict(path_or_state_dict)
     bits = bits or config.get("bits") or config.get("w_bit")
@@ -72,9 +71,13 @@ def load_gptq_checkpoint(model: nn.Module, path_or_state_dict, *, bits: int | No
             raise KeyError(f"load_gptq_checkpoint: the model has no layer {name!r}") from e
         if not isinstance(target, (nn.Linear, QuantLinear)):
             raise TypeError(f"load_gptq_checkpoint: {name!r} is a {type(target).__name__}, not a linear layer")
-        layer = QuantLinear.from_gptq(
-            state[f"{name}.qweight"], state[f"{name}.qzeros"], state[f"{name}.scales"], state.get(f"{name}.bias"),
-            bits=bits, group_size=group_size, checkpoint_format=checkpoint_format, g_idx=state.get(f"{name}.g_idx"))
+        try:
+            layer = QuantLinear.from_gptq(
+                state[f"{name}.qweight"], state[f"{name}.qzeros"], state[f"{name}.scales"], state.get(f"{name}.bias"),
+                bits=bits, group_size=group_size, checkpoint_format=checkpoint_format, g_idx=state.get(f"{name}.g_idx"))
+        except ValueError as e:
+            # from_gptq names the tensor; only this loop knows the layer.
+            raise ValueError(f"load_gptq_checkpoint: layer {name!r}: {e}") from e
         if (layer.in_features, layer.out_features) != (target.in_features, target.out_features):
             raise ValueError(f"load_gptq_checkpoint: {name!r} is {target.in_features}->{target.out_features} in the "
                              f"model but {layer.in_features}->{layer.out_features} in the checkpoint")

@@ -216,7 +216,6 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str, config: dict) -> N
 def load_quantized(quantized_dir: str):
     """``(model, tokenizer, quantize_config)`` from a folder written by `save_quantized`. Every tensor of the
     model must be in the checkpoint."""
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     config_file = os.path.join(quantized_dir, QUANTIZE_CONFIG)
@@ -226,15 +225,12 @@ def load_quantized(quantized_dir: str):
         quantize_config = json.load(f)
     model = AutoModel.from_config(AutoConfig.from_pretrained(quantized_dir), dtype=torch.float32)
     if quantize_config.get("checkpoint_format") == "blockops":
-        from safetensors.torch import load_file
-
         for name, spec in quantize_config["layers"].items():
             efficientqat._set_submodule(model, name, _empty_layer(spec))
-        model.load_state_dict(load_file(os.path.join(quantized_dir, WEIGHTS)), strict=False)
+        model.load_state_dict(checkpoint.load_safetensors(os.path.join(quantized_dir, WEIGHTS), "load_quantized"), strict=False)
     else:
         load_gptq_checkpoint(model, quantized_dir)
-    with safe_open(os.path.join(quantized_dir, WEIGHTS), "pt") as f:
-        stored = set(f.keys())
+    stored = checkpoint.safetensors_keys(os.path.join(quantized_dir, WEIGHTS), "load_quantized")
     missing = [k for k in model.state_dict()
                if k not in stored and not (k.endswith(".zeros") and f"{k[:-len('zeros')]}qzeros" in stored)]
     if missing:
