@@ -44,14 +44,7 @@ class Probe:
 
 PROBES: dict[str, Probe] = {}
 
-ITEM1 = "issue 17 item 1 (block_cache stride overflow), fixed on branch rel-fixes"
-ITEM3 = "issue 17 item 3 (in_features == 0 must return the bias), fixed on branch rel-fixes"
-ITEM4 = "issue 17 item 4 (gptq bias shape unchecked), fixed on branch rel-fixes"
-ITEM5 = "issue 17 item 5 (error raised before validation), fixed on branch rel-fixes"
 ITEM6 = "issue 17 item 6 (BlockMask edited after first use), fixed on branch rel-nan"
-ITEM7 = "issue 17 item 7 (safetensors errors do not name the file or layer), fixed on branch rel-fixes"
-ITEM7_INT = ("issue 17 item 7 (int64 arguments: signed overflow in lowbit's check_weight, seen by UBSan), fixed on "
-             "branch rel-fixes")
 
 
 def probe(family: str, kind: str = "error", match: str | None = None, xfail: str | None = None):
@@ -200,9 +193,9 @@ def p_group_size_eight():
     _quant_linear(torch.randn(2, 64), qw, s, z, 4, 8)
 
 
-@probe("lowbit", match="group_size", xfail=ITEM7_INT)
+@probe("lowbit", match="group_size")
 def p_group_size_huge():
-    """Refused today, but only after scales.size(0) * group_size overflowed int64 (UBSan, tools/sanitize.sh)."""
+    """Once refused only after scales.size(0) * group_size overflowed int64 (found by UBSan, tools/sanitize.sh)."""
     qw, s, z = _lowbit()
     _quant_linear(torch.randn(2, 64), qw, s, z, 4, BIG)
 
@@ -282,7 +275,7 @@ def p_zero_rows():
     assert y.shape == (0, 24), y.shape
 
 
-@probe("lowbit", kind="valid", xfail=ITEM3)
+@probe("lowbit", kind="valid")
 def p_in_features_zero_gives_bias():
     qw, s, z = _lowbit(0, 24, 4, 32)
     bias = torch.randn(24)
@@ -307,9 +300,9 @@ def p_grad_scales_wrong_t():
     torch.ops.blockops.quant_grad_scales(torch.randn(24, 63), qw, z, 4, 32)
 
 
-@probe("lowbit", kind="valid", xfail=ITEM4)
+@probe("lowbit", kind="valid")
 def p_from_gptq_bias_broadcast():
-    """A [1] bias for a 24-output layer must be refused (it was broadcast to every output)."""
+    """A [1] bias for a 24-output layer must be refused (issue 17 item 4: it was broadcast to every output)."""
     from blockops.nn import QuantLinear
     qw, s, z = _lowbit()
     qzeros = torch.zeros(2, 3, dtype=torch.int32)
@@ -321,7 +314,7 @@ def p_from_gptq_bias_broadcast():
     raise AssertionError("a [1] bias for 24 outputs was accepted")
 
 
-@probe("lowbit", match="broken.safetensors", xfail=ITEM7)
+@probe("lowbit", match="broken.safetensors")
 def p_gptq_checkpoint_malformed_file():
     """A truncated .safetensors file: the error must say which file (it was the library's bare SafetensorError)."""
     import os
@@ -378,7 +371,7 @@ def p_head_dim_264():
     _bsa(q, k, v, _causal(40))
 
 
-@probe("attention", match="D", xfail=ITEM5)
+@probe("attention", match="D")
 def p_head_dim_zero():
     q, k, v = _attn(D=0)
     _bsa(q, k, v, _causal(40))
@@ -499,7 +492,7 @@ def p_head_dim_12():
     _path_attention(*_path(D=12))
 
 
-@probe("path_attention", match="D", xfail=ITEM5)
+@probe("path_attention", match="D")
 def p_head_dim_zero():
     _path_attention(*_path(D=0))
 
@@ -590,7 +583,7 @@ def _decode_args(B=2, HQ=2, H=2, D=16, Dv=16, L=8, gate=False):
     return [q_t, k_t, v_t, w_t, beta_t, g_t, keys, values, lengths, gates, g_last, D ** -0.5]
 
 
-@probe("path_attention", match="q_t", xfail=ITEM5)
+@probe("path_attention", match="q_t")
 def p_decode_two_d_q():
     from blockops.ops.path_attention import PathCache, path_decode_step
     a = _decode_args()
@@ -765,7 +758,7 @@ def p_zero_outputs():
     assert _vq_linear(torch.randn(3, 16), codes, cb).shape == (3, 0)
 
 
-@probe("vq", kind="valid", xfail=ITEM3)
+@probe("vq", kind="valid")
 def p_in_features_zero_gives_bias():
     codes, cb = _vq(groups=0)
     bias = torch.randn(8)
@@ -917,7 +910,7 @@ def p_all_salient_and_none_salient():
         _close(_ptq_linear(x, t, S), ref_ptq161_linear(x, *[t[f] for f in FIELDS], S), 1e-3, 1e-3, f"S={S}")
 
 
-@probe("ptq161", kind="valid", xfail=ITEM3)
+@probe("ptq161", kind="valid")
 def p_in_features_zero_gives_bias():
     t, S = _ptq(inn=0, S=0)
     bias = torch.randn(8)
@@ -950,7 +943,7 @@ def _unmask_ref_check(logits, masked, bounds, **kw):
     assert torch.equal(r.unmask, sel), "selection differs from the rule"
 
 
-@probe("dllm", match="logits", xfail=ITEM5)
+@probe("dllm", match="logits")
 def p_one_d_logits():
     _unmask(torch.randn(7), torch.ones(7, dtype=torch.bool))
 
@@ -1161,22 +1154,22 @@ def p_stride_2_31():
     _huge_stride_check(2**31)
 
 
-@probe("block_cache", kind="valid", xfail=ITEM1)
+@probe("block_cache", kind="valid")
 def p_stride_2_49():
     _huge_stride_check(2**49)
 
 
-@probe("block_cache", kind="valid", xfail=ITEM1)
+@probe("block_cache", kind="valid")
 def p_stride_2_50():
     _huge_stride_check(2**50)
 
 
-@probe("block_cache", kind="valid", xfail=ITEM1)
+@probe("block_cache", kind="valid")
 def p_stride_int64_max():
     _huge_stride_check(HUGE)
 
 
-@probe("block_cache", kind="valid", xfail=ITEM1)
+@probe("block_cache", kind="valid")
 def p_residual_stride_int64_max():
     _huge_stride_check(HUGE, residual=True)
 
