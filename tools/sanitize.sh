@@ -25,8 +25,10 @@ PKG=$BUILD/python/blockops
 CXX=${CXX:-g++}
 
 # The fast subset: every op family's property-based fuzz tests and bad-input probes (each probe runs in a child
-# process, which inherits the sanitizers), plus the families' own error-path and awkward-size tests. Chosen to
-# fit about 5 minutes on 2 cores; docs/reliability.md has the measured time.
+# process, which inherits the sanitizers), plus the bitpack, block_cache and dllm tests, which run their kernels on
+# many awkward sizes cheaply. Left out: torch.compile and opcheck tests (slow under ASan, they test tracing, not
+# the kernels' memory accesses), the per-ISA child-process tests and block_cache's policy / schedule tests (model
+# level). About 2-3 minutes on 2 cores after the build (tests/test_sanitizers.py has the measured times).
 SUBSET=(tests/test_fuzz.py tests/test_bitpack.py tests/test_block_cache.py tests/test_dllm_ops.py
         -k "not compile and not opcheck and not isa and not policy and not schedule")
 
@@ -66,8 +68,8 @@ if [ ${#ARGS[@]} -eq 0 ] || [[ "${1:-}" == -* ]]; then ARGS=("${SUBSET[@]}" "$@"
 # imports triton, aborts with "CHECK failed: real___cxa_throw != 0").
 LIBSTDCXX=$("$CXX" -print-file-name=libstdc++.so)
 export LD_PRELOAD="$LIBASAN:$LIBSTDCXX${LD_PRELOAD:+:$LD_PRELOAD}"
-# alloc_dealloc_mismatch=0: torch (not instrumented) frees memory blockops' inlined headers allocated and back.
-export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:alloc_dealloc_mismatch=0:detect_odr_violation=0${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
+# Options given in the environment come last, so they override these.
+export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
 export UBSAN_OPTIONS="halt_on_error=1:abort_on_error=1:print_stacktrace=1${UBSAN_OPTIONS:+:$UBSAN_OPTIONS}"
 export PYTHONPATH="$BUILD/python${PYTHONPATH:+:$PYTHONPATH}"
 export BLOCKOPS_SANITIZED_RUN=1   # tests/test_sanitizers.py skips itself inside (no recursion)
