@@ -78,7 +78,7 @@ ALWAYS_TESTS = ("test_build.py::test_build_info_describes_the_build",
 DEADLINE = 540
 BUDGETS = {"build": 150, "tests": 170, "sanitizer": 80, "bench": 110}
 SUMMARY_RESERVE = 8
-ITEM_TIMEOUTS = {"tests": 60, "sanitizer": 60, "bench": 90}
+ITEM_TIMEOUTS = {"tests": 90, "sanitizer": 60, "bench": 90}
 DRY_DEADLINE = 240
 DRY_BUDGETS = {"build": 0, "tests": 120, "sanitizer": 45, "bench": 60}
 DRY_ITEM_TIMEOUTS = {"tests": 60, "sanitizer": 30, "bench": 30}
@@ -101,20 +101,28 @@ STICKY_CUDA_ERRORS = re.compile(r"illegal memory access|illegal address|unspecif
 # ---------------------------------------------------------------------------------------------------------------------
 
 _emit_lock = threading.Lock()
+_emit_fd: list = []          # the descriptor in use: GPU_CHECK_FD, or -1 for stdout
+RECORD_PREFIX = "@@gpu_check@@ "
 
 
 def emit(**record) -> None:
-    """Sends one record to the parent: a JSON line on the descriptor GPU_CHECK_FD (stdout without one)."""
-    line = (json.dumps(record, default=str, allow_nan=True) + "\n").encode()
-    fd = int(os.environ.get("GPU_CHECK_FD", "-1"))
+    """Sends one record to the parent: a JSON line on the descriptor GPU_CHECK_FD. Without one, or when it does not
+    work (a launcher in between, e.g. compute-sanitizer, that closed it), the line goes to stdout behind
+    RECORD_PREFIX, where the parent's output reader picks it up."""
+    line = json.dumps(record, default=str, allow_nan=True) + "\n"
     with _emit_lock:
-        if fd < 0:
-            sys.stdout.write(line.decode())
-            sys.stdout.flush()
-            return
-        view = memoryview(line)
-        while view:
-            view = view[os.write(fd, view):]
+        if not _emit_fd:
+            _emit_fd.append(int(os.environ.get("GPU_CHECK_FD", "-1")))
+        if _emit_fd[0] >= 0:
+            try:
+                view = memoryview(line.encode())
+                while view:
+                    view = view[os.write(_emit_fd[0], view):]
+                return
+            except OSError:
+                _emit_fd[0] = -1
+        sys.stdout.write(RECORD_PREFIX + line)
+        sys.stdout.flush()
 
 
 def planted_fault(stage: str, name: str) -> None:
@@ -467,6 +475,9 @@ class Job:
     def _pump(self, proc, state) -> None:
         for raw in iter(proc.stdout.readline, b""):
             line = raw.decode(errors="replace").rstrip("\n")
+            if line.startswith(RECORD_PREFIX):     # a record sent on stdout (see emit)
+                self._record(line[len(RECORD_PREFIX):].encode(), state)
+                continue
             state["tail"].append(line)
             self.log.write(f"[{self.family}] {line}")
             if self.on_line:

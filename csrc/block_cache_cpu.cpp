@@ -315,6 +315,16 @@ at::Tensor apply_residual_cpu(const at::Tensor& input, const at::Tensor& residua
   const void* in = input.const_data_ptr();
   const void* res = residual.const_data_ptr();
   void* dst = out.mutable_data_ptr();
+  if (input.scalar_type() == at::kDouble) {
+    // fp64 (CPU only; gradcheck of the ops with a backward): a plain loop, added in fp64.
+    const double* a = static_cast<const double*>(in);
+    const double* r = static_cast<const double*>(res);
+    double* o = static_cast<double*>(dst);
+    at::parallel_for(0, input.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) o[i] = a[i] + r[i];
+    });
+    return out;
+  }
   const bool avx2 = cpu_has_avx2_fma();
   BLOCKOPS_DTYPE_SWITCH(dtype_of(input.scalar_type()), kT, TORCH_INTERNAL_ASSERT(false, "unsupported dtype"), [&] {
     at::parallel_for(0, input.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {

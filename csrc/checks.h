@@ -22,6 +22,18 @@ inline void check_dtype(const at::Tensor& t, std::initializer_list<at::ScalarTyp
   TORCH_CHECK(false, op, ": ", arg, " must have dtype in {", names, "}, got ", t.scalar_type());
 }
 
+// A floating tensor a kernel reads: fp16 / bf16 / fp32 on every device, and fp64 on the CPU, where the GEMM
+// families and apply_residual run a portable fp64 path so that torch.autograd.gradcheck can check their gradients.
+// The CUDA kernels have no fp64 instantiation (it would double their compile time for no user): a clear error.
+inline void check_float_dtype(const at::Tensor& t, const char* op, const char* arg) {
+  if (t.scalar_type() == at::kDouble) {
+    TORCH_CHECK(t.is_cpu(), op, ": ", arg, " is float64 on ", t.device(), ", but float64 is CPU-only (a portable "
+                "path for gradcheck); use fp32, fp16 or bf16 on ", t.device().type());
+    return;
+  }
+  check_dtype(t, {at::kHalf, at::kBFloat16, at::kFloat}, op, arg);
+}
+
 inline void check_contiguous(const at::Tensor& t, const char* op, const char* arg) {
   TORCH_CHECK(t.is_contiguous(), op, ": ", arg, " must be contiguous (got strides ", t.strides(),
               " for sizes ", t.sizes(), "); call .contiguous() first");
@@ -66,31 +78,36 @@ inline int64_t normalize_dim(int64_t dim, int64_t ndim, const char* op) {
 // ---- The quantized linear layers (lowbit, ptq161, vq): activations, bias and t = grad_out^T x ----------------------
 // `ref` / `ref_arg` name the weight tensor the others must share a device with (qweight, perm, codes).
 
-// An activation-like tensor [..., features] (x, grad_out): fp16 / bf16 / fp32, ref's device, `features` in its last
+// An activation-like tensor [..., features] (x, grad_out): fp16 / bf16 / fp32 (fp64 on the CPU), ref's device, `features` in its last
 // dim. Whether it must also be contiguous is the family's rule (check_contiguous after this).
 inline void check_features(const at::Tensor& t, int64_t features, const char* op, const char* arg,
                            const at::Tensor& ref, const char* ref_arg) {
-  check_dtype(t, {at::kHalf, at::kBFloat16, at::kFloat}, op, arg);
+  check_float_dtype(t, op, arg);
   check_same_device(t, ref, op, arg, ref_arg);
   check_ndim_at_least(t, 1, op, arg);
   TORCH_CHECK(t.size(-1) == features, op, ": ", arg, " must have ", features, " features in its last dim, got shape ",
               t.sizes());
 }
 
-// The optional bias [out]: fp16 / bf16 / fp32, ref's device (any strides: the glue makes it contiguous).
+// The optional bias [out]: fp16 / bf16 / fp32 (fp64 on the CPU), ref's device (any strides: the glue makes it contiguous).
 inline void check_bias(const c10::optional<at::Tensor>& bias, int64_t out, const char* op, const at::Tensor& ref,
                        const char* ref_arg) {
   if (!bias.has_value()) return;
-  check_dtype(*bias, {at::kHalf, at::kBFloat16, at::kFloat}, op, "bias");
+  check_float_dtype(*bias, op, "bias");
   check_same_device(*bias, ref, op, "bias", ref_arg);
   TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out, op, ": bias must have shape [", out, "], got ",
               bias->sizes());
 }
 
-// t = grad_out^T @ x [out, in] fp32, contiguous, on ref's device: the input of the scales' (and codebooks') gradient.
+// t = grad_out^T @ x [out, in] fp32 (fp64 on the CPU: the fp64 path), contiguous, on ref's device: the input of the
+// scales' (and codebooks') gradient.
 inline void check_grad_product(const at::Tensor& t, int64_t out, int64_t in, const char* op, const at::Tensor& ref,
                                const char* ref_arg) {
-  check_dtype(t, {at::kFloat}, op, "t");
+  if (t.scalar_type() == at::kDouble) {
+    check_float_dtype(t, op, "t");
+  } else {
+    check_dtype(t, {at::kFloat}, op, "t");
+  }
   check_same_device(t, ref, op, "t", ref_arg);
   TORCH_CHECK(t.dim() == 2 && t.size(0) == out && t.size(1) == in, op, ": t must have shape [", out, ", ", in,
               "] (grad_out^T @ x), got ", t.sizes());

@@ -8,6 +8,8 @@
 #include <c10/util/Optional.h>
 #include <c10/util/accumulate.h>
 
+#include <initializer_list>
+#include <type_traits>
 #include <vector>
 
 #include "dtype.h"
@@ -33,6 +35,20 @@ inline at::ScalarType scalar_type_of(DType t) {
 
 // t as a contiguous fp32 tensor: t itself when it already is one (no copy), else a converted copy.
 inline at::Tensor contiguous_fp32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+// The same in the compute type T of a kernel with an fp64 path (float: contiguous_fp32; double: fp64).
+template <typename T>
+inline at::Tensor contiguous_as(const at::Tensor& t) {
+  return t.to(std::is_same_v<T, double> ? at::kDouble : at::kFloat).contiguous();
+}
+
+// Whether any of the defined tensors is fp64: the CPU kernels of the GEMM families then take their fp64 path.
+inline bool any_fp64(std::initializer_list<const at::Tensor*> ts) {
+  for (const at::Tensor* t : ts) {
+    if (t->defined() && t->scalar_type() == at::kDouble) return true;
+  }
+  return false;
+}
 
 // Rows of an activation [..., features]: the leading dims flattened (0 features still leaves the rows countable).
 inline int64_t rows_of(const at::Tensor& t) {

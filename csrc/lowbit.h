@@ -52,7 +52,8 @@ BLOCKOPS_HD int code_at(const int32_t* qweight, const Geometry& g, int64_t k, in
   return static_cast<int>(bitpack::extract(word, static_cast<int>(k % g.per_word()), g.bits));
 }
 
-// W_hat[n, k] in fp32, given the group's scale and zero already in fp32.
-BLOCKOPS_HD float dequant(int code, float scale, float zero) { return (static_cast<float>(code) - zero) * scale; }
+// W_hat[n, k] in the compute type T (fp32; fp64 on the CPU's fp64 path), given the group's scale and zero in T.
+template <typename T>
+BLOCKOPS_HD T dequant(int code, T scale, T zero) { return (static_cast<T>(code) - zero) * scale; }
 
 }  // namespace blockops::lowbit

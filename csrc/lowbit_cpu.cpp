@@ -15,6 +15,8 @@
 //
 // quant_linear, larger batches -- dequantize blocks of kBlockRows output features into fp32 and hand them to
 // ATen's blocked GEMM (at::mm); only one block of W_hat exists at a time.
+// fp64 (CPU only, for gradcheck): any fp64 x / scales / zeros / t takes the blocked paths with the blocks, the GEMM
+// and the output in fp64 (the portable dequantize loop; the fp32 kernels above are not instantiated for it).
 // quant_dequantize -- W_hat written row by row (dequant_rows).
 // quant_linear_grad_input -- the same blocks as the batched path, multiplied the other way.
 // quant_grad_scales -- the blocks with unit scales (q - z), times t = grad_out^T x, summed per group.
@@ -41,6 +43,7 @@
 #include "introspection.h"
 #include "lowbit_op.h"
 #include "macros.h"
+#include "static_switch.h"
 
 #if BLOCKOPS_X86_DISPATCH
 #include <immintrin.h>
@@ -428,21 +431,21 @@ void prepare_fixed_point(const at::Tensor& x32, const Geometry& g, at::Tensor& x
 // Dequantizes output columns [n0, n0 + nb) of W_hat^T into out ([in, nb] fp32, row-major): the packed
 // rows are walked in order and the loop over columns is unit-stride (vectorised). Scales and zeros are fp32
 // [groups, out].
-template <int kBits>
-__attribute__((always_inline)) inline void dequant_cols_body(const int32_t* qweight, const float* scales,
-                                                             const float* zeros, const Geometry& g, int64_t n0,
-                                                             int64_t nb, float* out, int64_t r_begin, int64_t r_end) {
+template <int kBits, typename T = float>
+__attribute__((always_inline)) inline void dequant_cols_body(const int32_t* qweight, const T* scales,
+                                                             const T* zeros, const Geometry& g, int64_t n0,
+                                                             int64_t nb, T* out, int64_t r_begin, int64_t r_end) {
   constexpr int kPer = 32 / kBits;
   for (int64_t r = r_begin; r < r_end; ++r) {
     const uint32_t* w = reinterpret_cast<const uint32_t*>(qweight + r * g.out + n0);
     const int lanes = static_cast<int>(std::min<int64_t>(kPer, g.in - r * kPer));
     for (int t = 0; t < lanes; ++t) {
       const int64_t k = r * kPer + t;
-      const float* s = scales + (k / g.group_size) * g.out + n0;
-      const float* z = zeros + (k / g.group_size) * g.out + n0;
-      float* dst = out + k * nb;
+      const T* s = scales + (k / g.group_size) * g.out + n0;
+      const T* z = zeros + (k / g.group_size) * g.out + n0;
+      T* dst = out + k * nb;
       for (int64_t c = 0; c < nb; ++c) {
-        dst[c] = (static_cast<float>((w[c] >> (kBits * t)) & ((1u << kBits) - 1u)) - z[c]) * s[c];
+        dst[c] = (static_cast<T>((w[c] >> (kBits * t)) & ((1u << kBits) - 1u)) - z[c]) * s[c];
       }
     }
   }
@@ -460,36 +463,36 @@ void dequant_cols_portable(const int32_t* q, const float* s, const float* z, con
   dequant_cols_body<kBits>(q, s, z, g, n0, nb, out, rb, re);
 }
 
-void dequant_cols(const int32_t* qweight, const float* scales, const float* zeros, const Geometry& g, int64_t n0,
-                  int64_t nb, float* out) {
+// T = float: the AVX2 or portable copy; T = double (the fp64 path): the portable loop.
+template <typename T>
+void dequant_cols(const int32_t* qweight, const T* scales, const T* zeros, const Geometry& g, int64_t n0, int64_t nb,
+                  T* out) {
   const bool avx2 = cpu_has_avx2_fma();
-  auto run = [&](auto bits_tag) {
-    constexpr int kBits = decltype(bits_tag)::value;
+  BLOCKOPS_WEIGHT_BITS_SWITCH(g.bits, kBits, TORCH_INTERNAL_ASSERT(false, "bits ", g.bits), [&] {
     at::parallel_for(0, g.words(), 4, [&](int64_t rb, int64_t re) {
-      avx2 ? dequant_cols_avx2<kBits>(qweight, scales, zeros, g, n0, nb, out, rb, re)
-           : dequant_cols_portable<kBits>(qweight, scales, zeros, g, n0, nb, out, rb, re);
+      if constexpr (std::is_same_v<T, float>) {
+        avx2 ? dequant_cols_avx2<kBits>(qweight, scales, zeros, g, n0, nb, out, rb, re)
+             : dequant_cols_portable<kBits>(qweight, scales, zeros, g, n0, nb, out, rb, re);
+      } else {
+        dequant_cols_body<kBits, T>(qweight, scales, zeros, g, n0, nb, out, rb, re);
+      }
     });
-  };
-  switch (g.bits) {
-    case 2: return run(std::integral_constant<int, 2>{});
-    case 3: return run(std::integral_constant<int, 3>{});
-    default: return run(std::integral_constant<int, 4>{});
-  }
+  });
 }
 
 
-// Runs f(n0, nb, w) over blocks of kBlockRows output columns, w = W_hat^T[:, n0:n0+nb] as fp32 [in, nb];
-// one block buffer is reused, so at most kBlockRows * in floats of W_hat exist at a time. With unit scales
-// the block holds q - z instead (what the scales' gradient needs).
-template <typename F>
+// Runs f(n0, nb, w) over blocks of kBlockRows output columns, w = W_hat^T[:, n0:n0+nb] as T [in, nb] (scales32
+// and zeros32 in T: fp32, or fp64 on the fp64 path); one block buffer is reused, so at most kBlockRows * in
+// values of W_hat exist at a time. With unit scales the block holds q - z instead (what the scales' gradient needs).
+template <typename T = float, typename F>
 void for_each_dequantized_block(const at::Tensor& qweight, const at::Tensor& scales32, const at::Tensor& zeros32,
                                 const Geometry& g, F&& f) {
   at::Tensor buffer = at::empty({g.in * std::min(kBlockRows, g.out)}, scales32.options());
   for (int64_t n0 = 0; n0 < g.out; n0 += kBlockRows) {
     const int64_t nb = std::min(kBlockRows, g.out - n0);
     at::Tensor w = buffer.narrow(0, 0, g.in * nb).view({g.in, nb});
-    dequant_cols(qweight.const_data_ptr<int32_t>(), scales32.const_data_ptr<float>(), zeros32.const_data_ptr<float>(),
-                 g, n0, nb, w.mutable_data_ptr<float>());
+    dequant_cols<T>(qweight.const_data_ptr<int32_t>(), scales32.const_data_ptr<T>(), zeros32.const_data_ptr<T>(), g,
+                    n0, nb, w.mutable_data_ptr<T>());
     f(n0, nb, w);
   }
 }
@@ -506,6 +509,17 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
   if (rows == 0 || g.out == 0 || g.in == 0) return linear_without_products(out_sizes, bias, x.options());
   linear_counter.hit();
   const at::Tensor x2 = x.reshape({rows, g.in});
+  if (any_fp64({&x, &scales})) {
+    // The fp64 path: blocks of W_hat and the GEMM in fp64, y in x's dtype.
+    const at::Tensor x64 = x2.to(at::kDouble).contiguous();
+    at::Tensor y64 = at::empty({rows, g.out}, x64.options());
+    for_each_dequantized_block<double>(qweight, contiguous_as<double>(scales), contiguous_as<double>(zeros), g,
+                                       [&](int64_t n0, int64_t nb, const at::Tensor& w) {
+                                         y64.narrow(1, n0, nb).copy_(at::mm(x64, w));
+                                       });
+    if (bias.has_value()) y64.add_(contiguous_as<double>(*bias));
+    return y64.to(x.scalar_type()).view(out_sizes);
+  }
   at::Tensor y32 = at::empty({rows, g.out}, x.options().dtype(at::kFloat));
   if (rows <= kCpuGemvMaxRows) {
     const at::Tensor x32 = contiguous_fp32(x2);
@@ -552,7 +566,8 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
 
 // W_hat [out, in] written directly: tasks take tiles of kTileCols output rows (one cache line of each packed
 // row), and each packed word fills p consecutive entries of one output row, so reads and writes both stream.
-void dequant_rows(const int32_t* qweight, const float* scales, const float* zeros, const Geometry& g, float* out) {
+template <typename T>
+void dequant_rows(const int32_t* qweight, const T* scales, const T* zeros, const Geometry& g, T* out) {
   const int per = g.per_word();
   const uint32_t mask = (1u << g.bits) - 1u;
   const int64_t tiles = (g.out + kTileCols - 1) / kTileCols;
@@ -567,8 +582,8 @@ void dequant_rows(const int32_t* qweight, const float* scales, const float* zero
         const int split = static_cast<int>(std::min<int64_t>(lanes, (grp0 + 1) * g.group_size - k0));
         for (int64_t n = tile * kTileCols; n < n_end; ++n) {
           const uint32_t w = static_cast<uint32_t>(qweight[r * g.out + n]);
-          float* dst = out + n * g.in + k0;
-          float s = scales[grp0 * g.out + n], z = zeros[grp0 * g.out + n];
+          T* dst = out + n * g.in + k0;
+          T s = scales[grp0 * g.out + n], z = zeros[grp0 * g.out + n];
           for (int t = 0; t < lanes; ++t) {
             if (t == split) {
               s = scales[(grp0 + 1) * g.out + n];
@@ -586,12 +601,14 @@ at::Tensor quant_dequantize_cpu(const at::Tensor& qweight, const at::Tensor& sca
                                 int64_t bits, int64_t group_size) {
   const Geometry g = check_weight(kDequant, qweight, scales, zeros, bits, group_size);
   dequant_counter.hit();
-  at::Tensor out = at::empty({g.out, g.in}, scales.options().dtype(at::kFloat));
-  if (out.numel() == 0) return out.to(scales.scalar_type());
-  const at::Tensor s32 = contiguous_fp32(scales), z32 = contiguous_fp32(zeros);
-  dequant_rows(qweight.const_data_ptr<int32_t>(), s32.const_data_ptr<float>(), z32.const_data_ptr<float>(), g,
-               out.mutable_data_ptr<float>());
-  return out.to(scales.scalar_type());
+  return BLOCKOPS_FLOAT_SWITCH(scales.scalar_type() == at::kDouble, T, [&] {
+    at::Tensor out = at::empty({g.out, g.in}, scales.options().dtype(c10::CppTypeToScalarType<T>::value));
+    if (out.numel() == 0) return out.to(scales.scalar_type());
+    const at::Tensor s32 = contiguous_as<T>(scales), z32 = contiguous_as<T>(zeros);
+    dequant_rows<T>(qweight.const_data_ptr<int32_t>(), s32.const_data_ptr<T>(), z32.const_data_ptr<T>(), g,
+                    out.mutable_data_ptr<T>());
+    return out.to(scales.scalar_type());
+  });
 }
 
 at::Tensor quant_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& qweight, const at::Tensor& scales,
@@ -603,11 +620,16 @@ at::Tensor quant_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Ten
   const int64_t rows = grad_out.numel() / std::max<int64_t>(g.out, 1);
   if (rows == 0 || g.in == 0) return at::zeros(out_sizes, grad_out.options());
   grad_input_counter.hit();
-  const at::Tensor gy = contiguous_fp32(grad_out).reshape({rows, g.out});
-  at::Tensor gx = at::zeros({rows, g.in}, gy.options());
-  for_each_dequantized_block(qweight, contiguous_fp32(scales), contiguous_fp32(zeros), g,
-                             [&](int64_t n0, int64_t nb, const at::Tensor& w) { gx.addmm_(gy.narrow(1, n0, nb), w.t()); });
-  return gx.to(grad_out.scalar_type()).view(out_sizes);
+  // fp32, or fp64 when grad_out or the scales are (the fp64 path).
+  return BLOCKOPS_FLOAT_SWITCH(any_fp64({&grad_out, &scales}), T, [&] {
+    const at::Tensor gy = contiguous_as<T>(grad_out).reshape({rows, g.out});
+    at::Tensor gx = at::zeros({rows, g.in}, gy.options());
+    for_each_dequantized_block<T>(qweight, contiguous_as<T>(scales), contiguous_as<T>(zeros), g,
+                                  [&](int64_t n0, int64_t nb, const at::Tensor& w) {
+                                    gx.addmm_(gy.narrow(1, n0, nb), w.t());
+                                  });
+    return gx.to(grad_out.scalar_type()).view(out_sizes);
+  });
 }
 
 at::Tensor quant_grad_scales_cpu(const at::Tensor& t, const at::Tensor& qweight, const at::Tensor& zeros, int64_t bits,
@@ -616,14 +638,20 @@ at::Tensor quant_grad_scales_cpu(const at::Tensor& t, const at::Tensor& qweight,
   const Geometry g = check_weight(kGradScales, qweight, zeros, zeros, bits, group_size);
   check_t(kGradScales, t, g, qweight);
   grad_scales_counter.hit();
-  at::Tensor grad = at::empty({g.groups(), g.out}, t.options());
-  if (grad.numel() == 0) return grad;
-  const at::Tensor ones = at::ones({g.groups(), g.out}, t.options());
-  // Block of (q - z) [in, nb] times t^T, summed within each group.
-  for_each_dequantized_block(qweight, ones, contiguous_fp32(zeros), g, [&](int64_t n0, int64_t nb, const at::Tensor& qz) {
-    grad.narrow(1, n0, nb).copy_(at::mul(qz, t.narrow(0, n0, nb).t()).view({g.groups(), g.group_size, nb}).sum(1));
+  // In t's dtype: fp32, or fp64 on the fp64 path (check_t allows fp64 t on the CPU only).
+  return BLOCKOPS_FLOAT_SWITCH(t.scalar_type() == at::kDouble, T, [&] {
+    at::Tensor grad = at::empty({g.groups(), g.out}, t.options());
+    if (grad.numel() == 0) return grad;
+    const at::Tensor ones = at::ones({g.groups(), g.out}, t.options());
+    // Block of (q - z) [in, nb] times t^T, summed within each group.
+    for_each_dequantized_block<T>(qweight, ones, contiguous_as<T>(zeros), g,
+                                  [&](int64_t n0, int64_t nb, const at::Tensor& qz) {
+                                    grad.narrow(1, n0, nb).copy_(at::mul(qz, t.narrow(0, n0, nb).t())
+                                                                     .view({g.groups(), g.group_size, nb})
+                                                                     .sum(1));
+                                  });
+    return grad;
   });
-  return grad;
 }
 
 }  // namespace

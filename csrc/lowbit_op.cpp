@@ -15,7 +15,7 @@ Geometry check_weight(const char* op, const at::Tensor& qweight, const at::Tenso
   TORCH_CHECK(scales.dim() < 1 || scales.size(0) <= std::numeric_limits<int64_t>::max() / group_size, op,
               ": in = scales.size(0) * group_size = ", scales.size(0), " * ", group_size, " overflows int64");
   check_dtype(qweight, {at::kInt}, op, "qweight");
-  check_dtype(scales, {at::kHalf, at::kBFloat16, at::kFloat}, op, "scales");
+  check_float_dtype(scales, op, "scales");  // fp64 on the CPU only
   TORCH_CHECK(zeros.scalar_type() == scales.scalar_type(), op, ": zeros must have the scales' dtype ",
               scales.scalar_type(), ", got ", zeros.scalar_type());
   TORCH_CHECK(qweight.dim() == 2 && scales.dim() == 2, op, ": qweight and scales must be 2-D, got shapes ",

@@ -65,6 +65,8 @@ TORCH_LIBRARY(blockops, m) {
   // {2, 3, 4}); scales and zeros [in / g, out] (fp16/bf16/fp32, same dtype); W_hat[n, k] =
   // (q[k, n] - zeros[k / g, n]) * scales[k / g, n]; in = scales.size(0) * group_size.
   // y [..., out] = x [..., in] @ W_hat^T (+ bias [out]); x fp16/bf16/fp32, y has x's dtype.
+  // fp64 (x, scales/zeros, bias, t; CPU only) runs a portable fp64 path throughout the family, for gradcheck; the same
+  // holds for the vq and ptq161 families and apply_residual. CUDA refuses fp64 ("float64 is CPU-only").
   define(m, "lowbit",
          "quant_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size, "
          "Tensor? bias=None) -> Tensor");
@@ -163,7 +165,7 @@ TORCH_LIBRARY(blockops, m) {
          "ptq161_linear(Tensor x, Tensor perm, Tensor qsalient, Tensor salient_scale, Tensor salient_zero, "
          "Tensor signs, Tensor zero_signs, Tensor alpha, Tensor mu, Tensor r1, Tensor r2, int num_salient, "
          "Tensor? bias=None) -> Tensor");
-  // W_hat [out, in] fp32, original channel order.
+  // W_hat [out, in] fp32 (fp64 when a factor is fp64: the CPU fp64 path), original channel order.
   define(m, "ptq161",
          "ptq161_dequantize(Tensor perm, Tensor qsalient, Tensor salient_scale, Tensor salient_zero, Tensor signs, "
          "Tensor zero_signs, Tensor alpha, Tensor mu, Tensor r1, Tensor r2, int num_salient) -> Tensor");

@@ -71,10 +71,12 @@ BLOCKOPS_HD int sign_bit(const int32_t* signs, const Geometry& g, int64_t j, int
 
 BLOCKOPS_HD float sign_value(int bit) { return bit ? 1.f : -1.f; }
 
-// W_high entry from the row's scale and zero.
-BLOCKOPS_HD float high_weight(int code, float scale, float zero) { return scale * (static_cast<float>(code) - zero); }
+// W_high entry from the row's scale and zero, in the compute type T (fp32; fp64 on the CPU's fp64 path).
+template <typename T>
+BLOCKOPS_HD T high_weight(int code, T scale, T zero) { return scale * (static_cast<T>(code) - zero); }
 
-// W_low entry without its column factor r2: r1 (alpha b + mu), b in {-1, 0, +1}.
-BLOCKOPS_HD float low_weight_unscaled(float b, float alpha, float mu, float r1) { return r1 * (alpha * b + mu); }
+// W_low entry without its column factor r2: r1 (alpha b + mu), b in {-1, 0, +1}, in T as above.
+template <typename T>
+BLOCKOPS_HD T low_weight_unscaled(T b, T alpha, T mu, T r1) { return r1 * (alpha * b + mu); }
 
 }  // namespace blockops::ptq161

@@ -23,12 +23,18 @@
 // U for more rows, and the transposed product signs x G' of the backward: +-1 blocks of the sign matrix decoded
 // into fp32 and multiplied by ATen's GEMM (at::mm), one block at a time.
 // sign(0) = 0 entries (zero_signs) are corrected after the kernels (U) or zeroed in the decoded blocks.
+//
+// fp64 (CPU only, for gradcheck): when x, grad_out, the factors or the bias are fp64, W_hat is dequantized in fp64
+// (dequant_into<double>, the same loop as ptq161_dequantize) and the product and the gradients are dense fp64 ATen
+// products of it (linear_fp64, backward_fp64): a portable path, O(out * in) memory, not a fast one.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
+#include <ATen/ops/mv.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -42,6 +48,7 @@
 #include "introspection.h"
 #include "macros.h"
 #include "ptq161_op.h"
+#include "static_switch.h"
 
 #if BLOCKOPS_X86_DISPATCH
 #include <immintrin.h>
@@ -354,6 +361,65 @@ at::Tensor sign_dot_transposed(const at::Tensor& gy, const at::Tensor& signs, co
   return out;
 }
 
+// W_hat [out, in] in T (fp32; fp64 on the fp64 path) in the original channel order into out, from the factors in T:
+// tasks take tiles of 16 rows (one line of each packed row), so the codes and signs are read once and each row's
+// entries are scattered through perm within that row.
+template <typename T>
+void dequant_into(const at::Tensor& perm, const at::Tensor& qsalient, const at::Tensor& signs,
+                  const at::Tensor& zero_signs, const Geometry& g, const T* sc, const T* ze, const T* al, const T* mp,
+                  const T* rp, const T* r2p, T* out) {
+  const int32_t* p = perm.const_data_ptr<int32_t>();
+  const int32_t* q = qsalient.const_data_ptr<int32_t>();
+  const int32_t* s = signs.const_data_ptr<int32_t>();
+  const int64_t tiles = (g.out + kTileRows - 1) / kTileRows;
+  at::parallel_for(0, tiles, grain(kTileRows * g.in), [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t i1 = std::min(g.out, (tile + 1) * kTileRows);
+      for (int64_t k = 0; k < g.salient; ++k) {
+        for (int64_t i = tile * kTileRows; i < i1; ++i) {
+          out[i * g.in + p[k]] = high_weight<T>(salient_code(q, g, k, i), sc[i], ze[i]);
+        }
+      }
+      for (int64_t j = 0; j < g.plain(); ++j) {
+        const int32_t c = p[g.salient + j];
+        for (int64_t i = tile * kTileRows; i < i1; ++i) {
+          out[i * g.in + c] =
+              r2p[c] * low_weight_unscaled<T>(static_cast<T>(sign_value(sign_bit(s, g, j, i))), al[i], mp[i], rp[i]);
+        }
+      }
+    }
+  });
+  const int64_t* z = zero_signs.const_data_ptr<int64_t>();
+  for (int64_t e = 0; e < zero_signs.numel(); ++e) {
+    const int64_t j = z[e] / g.out, i = z[e] % g.out;
+    const int32_t c = p[g.salient + j];
+    out[i * g.in + c] = r2p[c] * low_weight_unscaled<T>(T(0), al[i], mp[i], rp[i]);
+  }
+}
+
+// ---- The fp64 path ----------------------------------------------------------------------------------------------
+
+bool fp64_factors(const at::Tensor& salient_scale, const at::Tensor& salient_zero, const at::Tensor& alpha,
+                  const at::Tensor& mu, const at::Tensor& r1, const at::Tensor& r2) {
+  return any_fp64({&salient_scale, &salient_zero, &alpha, &mu, &r1, &r2});
+}
+
+// W_hat [out, in] fp64 from the given factors (any float dtypes; converted to fp64).
+at::Tensor dequant_fp64(const at::Tensor& perm, const at::Tensor& qsalient, const at::Tensor& signs,
+                        const at::Tensor& zero_signs, const Geometry& g, const at::Tensor& scale,
+                        const at::Tensor& zero, const at::Tensor& alpha, const at::Tensor& mu, const at::Tensor& r1,
+                        const at::Tensor& r2) {
+  at::Tensor w = at::empty({g.out, g.in}, perm.options().dtype(at::kDouble));
+  if (w.numel() == 0) return w;
+  const at::Tensor sc = contiguous_as<double>(scale), ze = contiguous_as<double>(zero);
+  const at::Tensor al = contiguous_as<double>(alpha), mp = contiguous_as<double>(mu);
+  const at::Tensor rp = contiguous_as<double>(r1), r2p = contiguous_as<double>(r2);
+  dequant_into<double>(perm, qsalient, signs, zero_signs, g, sc.const_data_ptr<double>(), ze.const_data_ptr<double>(),
+                       al.const_data_ptr<double>(), mp.const_data_ptr<double>(), rp.const_data_ptr<double>(),
+                       r2p.const_data_ptr<double>(), w.mutable_data_ptr<double>());
+  return w;
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Ops
 // ---------------------------------------------------------------------------------------------------------
@@ -367,6 +433,15 @@ at::Tensor ptq161_linear_cpu(const at::Tensor& x, const at::Tensor& perm, const 
                                  mu, r1, r2, num_salient, bias);
   if (ln.done()) return linear_without_products(ln.out_sizes, bias, x.options());
   linear_counter.hit();
+  if (any_fp64({&x}) || fp64_factors(salient_scale, salient_zero, alpha, mu, r1, r2) ||
+      (bias.has_value() && bias->scalar_type() == at::kDouble)) {
+    // The fp64 path: y = x W_hat^T (+ bias) with W_hat dequantized in fp64.
+    const at::Tensor w = dequant_fp64(perm, qsalient, signs, zero_signs, ln.g, salient_scale, salient_zero, alpha, mu,
+                                      r1, r2);
+    at::Tensor y = at::mm(x.reshape({ln.rows, ln.g.in}).to(at::kDouble), w.t());
+    if (bias.has_value()) y.add_(contiguous_as<double>(*bias));
+    return y.to(x.scalar_type()).view(ln.out_sizes);
+  }
   const Factors& f = ln.f;
   const Geometry& g = ln.g;
   const int64_t rows = ln.rows;
@@ -395,8 +470,6 @@ at::Tensor ptq161_linear_cpu(const at::Tensor& x, const at::Tensor& perm, const 
   return y.to(x.scalar_type()).view(ln.out_sizes);
 }
 
-// W_hat [out, in] fp32 in the original channel order: tasks take tiles of 16 rows (one line of each packed row), so
-// the codes and signs are read once and each row's entries are scattered through perm within that row.
 at::Tensor ptq161_dequantize_cpu(const at::Tensor& perm, const at::Tensor& qsalient, const at::Tensor& salient_scale,
                                  const at::Tensor& salient_zero, const at::Tensor& signs, const at::Tensor& zero_signs,
                                  const at::Tensor& alpha, const at::Tensor& mu, const at::Tensor& r1,
@@ -405,39 +478,18 @@ at::Tensor ptq161_dequantize_cpu(const at::Tensor& perm, const at::Tensor& qsali
   const Geometry g = check_weight(kDequant, perm, qsalient, salient_scale, salient_zero, signs, zero_signs, alpha, mu,
                                   r1, r2, num_salient, &f);
   dequant_counter.hit();
-  at::Tensor w = at::empty({g.out, g.in}, alpha.options().dtype(at::kFloat));
-  if (w.numel() == 0) return w;
-  const int32_t* p = perm.const_data_ptr<int32_t>();
-  const int32_t* q = qsalient.const_data_ptr<int32_t>();
-  const int32_t* s = signs.const_data_ptr<int32_t>();
-  const float *sc = f.scale.const_data_ptr<float>(), *ze = f.zero.const_data_ptr<float>();
-  const float *al = f.alpha.const_data_ptr<float>(), *mp = f.mu.const_data_ptr<float>();
-  const float *rp = f.r1.const_data_ptr<float>(), *r2p = f.r2.const_data_ptr<float>();
-  float* out = w.mutable_data_ptr<float>();
-  const int64_t tiles = (g.out + kTileRows - 1) / kTileRows;
-  at::parallel_for(0, tiles, grain(kTileRows * g.in), [&](int64_t begin, int64_t end) {
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t i1 = std::min(g.out, (tile + 1) * kTileRows);
-      for (int64_t k = 0; k < g.salient; ++k) {
-        for (int64_t i = tile * kTileRows; i < i1; ++i) {
-          out[i * g.in + p[k]] = high_weight(salient_code(q, g, k, i), sc[i], ze[i]);
-        }
-      }
-      for (int64_t j = 0; j < g.plain(); ++j) {
-        const int32_t c = p[g.salient + j];
-        for (int64_t i = tile * kTileRows; i < i1; ++i) {
-          out[i * g.in + c] = r2p[c] * low_weight_unscaled(sign_value(sign_bit(s, g, j, i)), al[i], mp[i], rp[i]);
-        }
-      }
-    }
+  // fp32, or fp64 when any factor is (the fp64 path).
+  return BLOCKOPS_FLOAT_SWITCH(any_fp64({&salient_scale, &salient_zero, &alpha, &mu, &r1, &r2}), T, [&] {
+    at::Tensor w = at::empty({g.out, g.in}, alpha.options().dtype(c10::CppTypeToScalarType<T>::value));
+    if (w.numel() == 0) return w;
+    const at::Tensor sc = contiguous_as<T>(salient_scale), ze = contiguous_as<T>(salient_zero);
+    const at::Tensor al = contiguous_as<T>(alpha), mp = contiguous_as<T>(mu);
+    const at::Tensor rp = contiguous_as<T>(r1), r2p = contiguous_as<T>(r2);
+    dequant_into<T>(perm, qsalient, signs, zero_signs, g, sc.const_data_ptr<T>(), ze.const_data_ptr<T>(),
+                    al.const_data_ptr<T>(), mp.const_data_ptr<T>(), rp.const_data_ptr<T>(), r2p.const_data_ptr<T>(),
+                    w.mutable_data_ptr<T>());
+    return w;
   });
-  const int64_t* z = zero_signs.const_data_ptr<int64_t>();
-  for (int64_t e = 0; e < zero_signs.numel(); ++e) {
-    const int64_t j = z[e] / g.out, i = z[e] % g.out;
-    const int32_t c = p[g.salient + j];
-    out[i * g.in + c] = r2p[c] * low_weight_unscaled(0.f, al[i], mp[i], rp[i]);
-  }
-  return w;
 }
 
 // Gradients (G = grad_out [rows, out], x' = r2 x over the non-salient channels, U and V as in the forward):
@@ -453,6 +505,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ptq161_linear_backwar
                                alpha, mu, r1, r2, num_salient, need_input, need_factors);
   backward_counter.hit();
   if (bw.done()) return bw.outputs();
+  if (any_fp64({&grad_out, &x}) || fp64_factors(salient_scale, salient_zero, alpha, mu, r1, r2)) {
+    // The fp64 path, dense: with T = G^T x [out, in], L = alpha b + mu over the non-salient columns (0 on the
+    // salient ones; W_low = r1 r2 L) and B = b alone (two more dequantizations with substituted factors):
+    //   x = G W_hat;  alpha_i = r1_i sum_c T[i, c] r2_c B[i, c];  r1_i = sum_c T[i, c] r2_c L[i, c];
+    //   r2_c = sum_i T[i, c] r1_i L[i, c]   (the formulas above, without the decomposition).
+    const Geometry& g = bw.g;
+    const at::Tensor gy = grad_out.reshape({bw.rows, g.out}).to(at::kDouble);
+    const at::Tensor x64 = x.reshape({bw.rows, g.in}).to(at::kDouble);
+    at::Tensor gx;
+    if (need_input) {
+      gx = at::mm(gy, dequant_fp64(perm, qsalient, signs, zero_signs, g, salient_scale, salient_zero, alpha, mu, r1,
+                                   r2));
+    }
+    if (need_factors) {
+      const at::Tensor zeros_out = at::zeros({g.out}, gy.options()), ones_out = at::ones({g.out}, gy.options());
+      const at::Tensor ones_in = at::ones({g.in}, gy.options());
+      // W_hat with s = z = 0, r1 = r2 = 1: L (alpha, mu as given) and B (alpha = 1, mu = 0).
+      const at::Tensor l = dequant_fp64(perm, qsalient, signs, zero_signs, g, zeros_out, zeros_out, alpha, mu,
+                                        ones_out, ones_in);
+      const at::Tensor b = dequant_fp64(perm, qsalient, signs, zero_signs, g, zeros_out, zeros_out, ones_out,
+                                        zeros_out, ones_out, ones_in);
+      const at::Tensor t = at::mm(gy.t(), x64);
+      const at::Tensor r1_64 = r1.to(at::kDouble), r2_64 = r2.to(at::kDouble);
+      const at::Tensor tl = t * l;
+      bw.grad_alpha.copy_(r1_64 * at::mv(t * b, r2_64));
+      bw.grad_r1.copy_(at::mv(tl, r2_64));
+      bw.grad_r2.copy_(at::mv(tl.t(), r1_64));
+    }
+    return bw.outputs(gx);
+  }
   const Factors& f = bw.f;
   const Geometry& g = bw.g;
   const int64_t rows = bw.rows;

@@ -24,7 +24,7 @@ namespace blockops::ptq161 {
 // ---------------------------------------------------------------------------------------------------------
 
 void check_factor(const char* op, const char* arg, const at::Tensor& t, int64_t size, const at::Tensor& ref) {
-  check_dtype(t, {at::kHalf, at::kBFloat16, at::kFloat}, op, arg);
+  check_float_dtype(t, op, arg);  // fp64 on the CPU only
   check_same_device(t, ref, op, arg, "perm");
   TORCH_CHECK(t.dim() == 1 && t.size(0) == size, op, ": ", arg, " must have shape [", size, "], got ", t.sizes());
   check_contiguous(t, op, arg);

@@ -69,3 +69,16 @@
       default: ON_OTHER;                                                \
     }                                                                   \
   }()
+
+// ---- The compute type of a CPU kernel with a portable fp64 path (GEMM families, for gradcheck): `using NAME =
+// double` when IS_F64, else `using NAME = float` (the fp32 kernels, unchanged). CPU-only: checks.h's
+// check_float_dtype refuses fp64 on CUDA.
+#define BLOCKOPS_FLOAT_SWITCH(IS_F64, NAME, ...) \
+  [&] {                                          \
+    if (IS_F64) {                                \
+      using NAME = double;                       \
+      return __VA_ARGS__();                      \
+    }                                            \
+    using NAME = float;                          \
+    return __VA_ARGS__();                        \
+  }()

@@ -65,22 +65,23 @@ inline bool use_lookup_table(const Geometry& g, int64_t rows) {
   return lut < direct;
 }
 
-// One row of W_hat in fp32: dst[j*d + t] = scale * sum_K cb[K][code][t], cb the fp32 codebooks [K, k, d] and
-// codes the row's G * K codes (uint8_t, or uint16_t for int16 codes). D and the code type are template
-// parameters so that the copy and sum of one codeword compile to a few vector moves without branches.
-template <int D, typename CodeT>
-inline void dequant_row(const CodeT* codes, const float* cb, const Geometry& g, float scale, float* dst) {
+// One row of W_hat in T (fp32; fp64 on the CPU's fp64 path): dst[j*d + t] = scale * sum_K cb[K][code][t], cb the
+// codebooks [K, k, d] in T and codes the row's G * K codes (uint8_t, or uint16_t for int16 codes). D and the code
+// type are template parameters so that the copy and sum of one codeword compile to a few vector moves without
+// branches.
+template <int D, typename CodeT, typename T>
+inline void dequant_row(const CodeT* codes, const T* cb, const Geometry& g, T scale, T* dst) {
   if (g.K == 1) {
     for (int64_t j = 0; j < g.groups; ++j) {
-      const float* c0 = cb + static_cast<int64_t>(codes[j]) * D;
+      const T* c0 = cb + static_cast<int64_t>(codes[j]) * D;
       for (int t = 0; t < D; ++t) dst[j * D + t] = scale * c0[t];
     }
     return;
   }
-  const float* cb1 = cb + g.k * D;  // K = 2: the second codebook
+  const T* cb1 = cb + g.k * D;  // K = 2: the second codebook
   for (int64_t j = 0; j < g.groups; ++j) {
-    const float* c0 = cb + static_cast<int64_t>(codes[2 * j]) * D;
-    const float* c1 = cb1 + static_cast<int64_t>(codes[2 * j + 1]) * D;
+    const T* c0 = cb + static_cast<int64_t>(codes[2 * j]) * D;
+    const T* c1 = cb1 + static_cast<int64_t>(codes[2 * j + 1]) * D;
     for (int t = 0; t < D; ++t) dst[j * D + t] = scale * (c0[t] + c1[t]);
   }
 }

@@ -22,6 +22,8 @@
 // vq_grad_codebooks -- deterministic scatter-add: each task owns a range of codewords and scans all codes in
 // order, so every codeword's gradient is summed in the same order whatever the thread count.
 // vq_grad_scales -- unscaled rows of W_hat dotted with the rows of t = grad_out^T x.
+// fp64 (CPU only, for gradcheck): fp64 x / codebooks / scales / t take the blocked GEMM and the plain loops above in
+// fp64 (W_hat rows through dequant_row<T = double>); the table and direct kernels stay fp32-only.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -38,6 +40,7 @@
 #include "glue.h"
 #include "introspection.h"
 #include "macros.h"
+#include "static_switch.h"
 #include "vq_cpu.h"
 #include "vq_op.h"
 
@@ -65,12 +68,13 @@ constexpr int64_t kBlockBytes = 64 << 20;  // fp32 W_hat dequantized at once on 
                                            // on 512-row blocks ran 1.6x slower than one GEMM on the whole
                                            // 4608 x 1152 DiT weight (21 MB), so blocks are as large as this allows
 
-// The scales in fp32, or ones.
-std::vector<float> scale_vector(const c10::optional<at::Tensor>& scales, int64_t out) {
-  std::vector<float> s(out, 1.0f);
+// The scales in T (fp32, or fp64 on the fp64 path), or ones.
+template <typename T = float>
+std::vector<T> scale_vector(const c10::optional<at::Tensor>& scales, int64_t out) {
+  std::vector<T> s(out, T(1));
   if (scales.has_value()) {
-    const at::Tensor s32 = contiguous_fp32(*scales);
-    std::copy_n(s32.const_data_ptr<float>(), out, s.begin());
+    const at::Tensor s32 = contiguous_as<T>(*scales);
+    std::copy_n(s32.const_data_ptr<T>(), out, s.begin());
   }
   return s;
 }
@@ -80,15 +84,15 @@ std::vector<float> scale_vector(const c10::optional<at::Tensor>& scales, int64_t
 // ---------------------------------------------------------------------------------------------------------
 
 // Rows [r0, r1) of W_hat into dst (row r at dst + (r - r0) * in), dispatching on d and the code type once.
-template <int D, typename CodeT>
-void dequant_rows_t(const CodeT* codes, const float* cb, const Geometry& g, const float* scales, int64_t r0, int64_t r1,
-                    float* dst) {
+template <int D, typename CodeT, typename T>
+void dequant_rows_t(const CodeT* codes, const T* cb, const Geometry& g, const T* scales, int64_t r0, int64_t r1,
+                    T* dst) {
   for (int64_t r = r0; r < r1; ++r) dequant_row<D>(codes + r * g.positions(), cb, g, scales[r], dst + (r - r0) * g.in());
 }
 
-template <typename CodeT>
-void dequant_rows_d(const CodeT* codes, const float* cb, const Geometry& g, const float* scales, int64_t r0, int64_t r1,
-                    float* dst) {
+template <typename CodeT, typename T>
+void dequant_rows_d(const CodeT* codes, const T* cb, const Geometry& g, const T* scales, int64_t r0, int64_t r1,
+                    T* dst) {
   switch (g.d) {
     case 2: dequant_rows_t<2>(codes, cb, g, scales, r0, r1, dst); break;
     case 4: dequant_rows_t<4>(codes, cb, g, scales, r0, r1, dst); break;
@@ -96,8 +100,9 @@ void dequant_rows_d(const CodeT* codes, const float* cb, const Geometry& g, cons
   }
 }
 
-void dequant_rows(const void* codes, CodeType type, const float* cb, const Geometry& g, const float* scales,
-                  int64_t r0, int64_t r1, float* dst) {
+template <typename T>
+void dequant_rows(const void* codes, CodeType type, const T* cb, const Geometry& g, const T* scales, int64_t r0,
+                  int64_t r1, T* dst) {
   if (type == CodeType::kU8) {
     dequant_rows_d(static_cast<const uint8_t*>(codes), cb, g, scales, r0, r1, dst);
   } else {
@@ -106,8 +111,9 @@ void dequant_rows(const void* codes, CodeType type, const float* cb, const Geome
 }
 
 // Same, spread over threads.
-void dequant_rows_parallel(const void* codes, CodeType type, const float* cb, const Geometry& g, const float* scales,
-                           int64_t r0, int64_t r1, float* dst) {
+template <typename T>
+void dequant_rows_parallel(const void* codes, CodeType type, const T* cb, const Geometry& g, const T* scales,
+                           int64_t r0, int64_t r1, T* dst) {
   at::parallel_for(r0, r1, 16, [&](int64_t b, int64_t e) { dequant_rows(codes, type, cb, g, scales, b, e, dst + (b - r0) * g.in()); });
 }
 
@@ -161,16 +167,16 @@ void direct_gemv(bool avx2, const float* x, const void* codes, CodeType type, co
   });
 }
 
-// Blocks of W_hat [nb, in] fp32 (at most kBlockBytes, at least 64 rows) in turn, handed to fn(n0, nb, block).
-template <typename Fn>
-void for_each_block(const void* codes, CodeType type, const float* cb, const float* scales, const Geometry& g,
-                    Fn&& fn) {
-  const int64_t row_bytes = static_cast<int64_t>(sizeof(float)) * std::max<int64_t>(1, g.in());
+// Blocks of W_hat [nb, in] in T (fp32, or fp64 on the fp64 path; at most kBlockBytes, at least 64 rows) in turn,
+// handed to fn(n0, nb, block).
+template <typename T, typename Fn>
+void for_each_block(const void* codes, CodeType type, const T* cb, const T* scales, const Geometry& g, Fn&& fn) {
+  const int64_t row_bytes = static_cast<int64_t>(sizeof(T)) * std::max<int64_t>(1, g.in());
   const int64_t block_rows = std::min(g.out, std::max<int64_t>(64, kBlockBytes / row_bytes));
-  at::Tensor block = at::empty({block_rows, g.in()}, at::TensorOptions().dtype(at::kFloat));
+  at::Tensor block = at::empty({block_rows, g.in()}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
   for (int64_t n0 = 0; n0 < g.out; n0 += block_rows) {
     const int64_t nb = std::min(block_rows, g.out - n0);
-    dequant_rows_parallel(codes, type, cb, g, scales, n0, n0 + nb, block.mutable_data_ptr<float>());
+    dequant_rows_parallel(codes, type, cb, g, scales, n0, n0 + nb, block.mutable_data_ptr<T>());
     fn(n0, nb, block.narrow(0, 0, nb));
   }
 }
@@ -188,10 +194,23 @@ at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
   std::vector<int64_t> out_sizes = x.sizes().vec();
   out_sizes.back() = g.out;
   const int64_t rows = rows_of(x);
-  const bool planes = rows > 0 && g.out > 0 && g.in() > 0 && use_byte_planes(g, w.type, x.scalar_type() == at::kFloat, rows);
+  const bool f64 = any_fp64({&x, &codebooks}) || (scales.has_value() && scales->scalar_type() == at::kDouble);
+  const bool planes = !f64 && rows > 0 && g.out > 0 && g.in() > 0 &&
+                      use_byte_planes(g, w.type, x.scalar_type() == at::kFloat, rows);
   if (!planes) check_code_range(kLinear, codes, w);  // the byte-plane kernel checks on its own pass over the codes
   linear_counter.hit();
   if (rows == 0 || g.out == 0 || g.in() == 0) return linear_without_products(out_sizes, bias, x.options());
+  if (f64) {
+    // The fp64 path: blocks of W_hat and the GEMM in fp64, y in x's dtype.
+    const at::Tensor x64 = x.reshape({rows, g.in()}).to(at::kDouble).contiguous();
+    const at::Tensor cb64 = contiguous_as<double>(codebooks);
+    const std::vector<double> s64 = scale_vector<double>(scales, g.out);
+    at::Tensor y64 = at::empty({rows, g.out}, x64.options());
+    for_each_block(codes.const_data_ptr(), w.type, cb64.const_data_ptr<double>(), s64.data(), g,
+                   [&](int64_t n0, int64_t nb, const at::Tensor& blk) { y64.narrow(1, n0, nb).copy_(at::mm(x64, blk.t())); });
+    if (bias.has_value()) y64.add_(contiguous_as<double>(*bias));
+    return y64.to(x.scalar_type()).view(out_sizes);
+  }
   const bool avx2 = cpu_has_avx2_fma();
   const at::Tensor x32 = contiguous_fp32(x).reshape({rows, g.in()});
   const at::Tensor cb32 = contiguous_fp32(codebooks);
@@ -235,13 +254,15 @@ at::Tensor vq_dequantize_cpu(const at::Tensor& codes, const at::Tensor& codebook
   const Weights w = check_weights(kDequant, codes, codebooks, scales);
   check_code_range(kDequant, codes, w);
   dequant_counter.hit();
-  at::Tensor out = at::empty({w.g.out, w.g.in()}, codebooks.options().dtype(at::kFloat));
-  if (out.numel() == 0) return out.to(codebooks.scalar_type());
-  const at::Tensor cb32 = contiguous_fp32(codebooks);
-  const std::vector<float> s = scale_vector(scales, w.g.out);
-  dequant_rows_parallel(codes.const_data_ptr(), w.type, cb32.const_data_ptr<float>(), w.g, s.data(), 0, w.g.out,
-                        out.mutable_data_ptr<float>());
-  return out.to(codebooks.scalar_type());
+  return BLOCKOPS_FLOAT_SWITCH(codebooks.scalar_type() == at::kDouble, T, [&] {
+    at::Tensor out = at::empty({w.g.out, w.g.in()}, codebooks.options().dtype(c10::CppTypeToScalarType<T>::value));
+    if (out.numel() == 0) return out.to(codebooks.scalar_type());
+    const at::Tensor cb32 = contiguous_as<T>(codebooks);
+    const std::vector<T> s = scale_vector<T>(scales, w.g.out);
+    dequant_rows_parallel(codes.const_data_ptr(), w.type, cb32.const_data_ptr<T>(), w.g, s.data(), 0, w.g.out,
+                          out.mutable_data_ptr<T>());
+    return out.to(codebooks.scalar_type());
+  });
 }
 
 at::Tensor vq_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& codes, const at::Tensor& codebooks,
@@ -255,13 +276,16 @@ at::Tensor vq_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor
   const int64_t rows = g.out > 0 ? grad_out.numel() / g.out : 0;
   grad_input_counter.hit();
   if (rows == 0 || g.in() == 0) return at::zeros(out_sizes, grad_out.options());
-  const at::Tensor gy = contiguous_fp32(grad_out).reshape({rows, g.out});
-  const at::Tensor cb32 = contiguous_fp32(codebooks);
-  const std::vector<float> s = scale_vector(scales, g.out);
-  at::Tensor gx = at::zeros({rows, g.in()}, gy.options());
-  for_each_block(codes.const_data_ptr(), w.type, cb32.const_data_ptr<float>(), s.data(), g,
-                 [&](int64_t n0, int64_t nb, const at::Tensor& blk) { gx.addmm_(gy.narrow(1, n0, nb), blk); });
-  return gx.to(grad_out.scalar_type()).view(out_sizes);
+  const bool f64 = any_fp64({&grad_out, &codebooks}) || (scales.has_value() && scales->scalar_type() == at::kDouble);
+  return BLOCKOPS_FLOAT_SWITCH(f64, T, [&] {
+    const at::Tensor gy = contiguous_as<T>(grad_out).reshape({rows, g.out});
+    const at::Tensor cb32 = contiguous_as<T>(codebooks);
+    const std::vector<T> s = scale_vector<T>(scales, g.out);
+    at::Tensor gx = at::zeros({rows, g.in()}, gy.options());
+    for_each_block(codes.const_data_ptr(), w.type, cb32.const_data_ptr<T>(), s.data(), g,
+                   [&](int64_t n0, int64_t nb, const at::Tensor& blk) { gx.addmm_(gy.narrow(1, n0, nb), blk); });
+    return gx.to(grad_out.scalar_type()).view(out_sizes);
+  });
 }
 
 at::Tensor vq_grad_codebooks_cpu(const at::Tensor& t, const at::Tensor& codes, const at::Tensor& codebooks,
@@ -271,28 +295,31 @@ at::Tensor vq_grad_codebooks_cpu(const at::Tensor& t, const at::Tensor& codes, c
   check_t(kGradCodebooks, t, g, codes);
   check_code_range(kGradCodebooks, codes, w);
   grad_codebooks_counter.hit();
-  at::Tensor grad = at::zeros({g.K, g.k, g.d}, t.options());
-  if (g.out == 0 || g.groups == 0) return grad;
-  const std::vector<float> s = scale_vector(scales, g.out);
-  const float* tp = t.const_data_ptr<float>();
-  float* gp = grad.mutable_data_ptr<float>();
-  const void* cp = codes.const_data_ptr();
-  const int64_t P = g.positions();
-  // Each task owns codewords [c0, c1) of every codebook and walks all codes in (n, j) order.
-  at::parallel_for(0, g.k, std::max<int64_t>(16, g.k / (4 * at::get_num_threads())), [&](int64_t c0, int64_t c1) {
-    for (int64_t n = 0; n < g.out; ++n) {
-      const float sn = s[n];
-      const float* trow = tp + n * g.in();
-      for (int64_t p = 0; p < P; ++p) {
-        const int64_t c = read_code(cp, w.type, n * P + p);
-        if (c < c0 || c >= c1) continue;
-        float* dst = gp + ((p % g.K) * g.k + c) * g.d;
-        const float* src = trow + (p / g.K) * g.d;
-        for (int64_t i = 0; i < g.d; ++i) dst[i] += sn * src[i];
+  // In t's dtype: fp32, or fp64 on the fp64 path (check_t allows fp64 t on the CPU only).
+  return BLOCKOPS_FLOAT_SWITCH(t.scalar_type() == at::kDouble, T, [&] {
+    at::Tensor grad = at::zeros({g.K, g.k, g.d}, t.options());
+    if (g.out == 0 || g.groups == 0) return grad;
+    const std::vector<T> s = scale_vector<T>(scales, g.out);
+    const T* tp = t.const_data_ptr<T>();
+    T* gp = grad.mutable_data_ptr<T>();
+    const void* cp = codes.const_data_ptr();
+    const int64_t P = g.positions();
+    // Each task owns codewords [c0, c1) of every codebook and walks all codes in (n, j) order.
+    at::parallel_for(0, g.k, std::max<int64_t>(16, g.k / (4 * at::get_num_threads())), [&](int64_t c0, int64_t c1) {
+      for (int64_t n = 0; n < g.out; ++n) {
+        const T sn = s[n];
+        const T* trow = tp + n * g.in();
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t c = read_code(cp, w.type, n * P + p);
+          if (c < c0 || c >= c1) continue;
+          T* dst = gp + ((p % g.K) * g.k + c) * g.d;
+          const T* src = trow + (p / g.K) * g.d;
+          for (int64_t i = 0; i < g.d; ++i) dst[i] += sn * src[i];
+        }
       }
-    }
+    });
+    return grad;
   });
-  return grad;
 }
 
 at::Tensor vq_grad_scales_cpu(const at::Tensor& t, const at::Tensor& codes, const at::Tensor& codebooks) {
@@ -303,6 +330,24 @@ at::Tensor vq_grad_scales_cpu(const at::Tensor& t, const at::Tensor& codes, cons
   grad_scales_counter.hit();
   at::Tensor grad = at::empty({g.out}, t.options());
   if (g.out == 0) return grad;
+  if (t.scalar_type() == at::kDouble) {
+    // The fp64 path (t fp64 on the CPU): unscaled W_hat rows in fp64, plain dot products.
+    const at::Tensor cb64 = contiguous_as<double>(codebooks);
+    const std::vector<double> ones(g.out, 1.0);
+    const double* tp = t.const_data_ptr<double>();
+    double* gp = grad.mutable_data_ptr<double>();
+    at::parallel_for(0, g.out, 16, [&](int64_t b, int64_t e) {
+      std::vector<double> row(g.in());
+      for (int64_t n = b; n < e; ++n) {
+        dequant_rows(codes.const_data_ptr(), w.type, cb64.const_data_ptr<double>(), g, ones.data(), n, n + 1,
+                     row.data());
+        double acc = 0.0;
+        for (int64_t i = 0; i < g.in(); ++i) acc += row[i] * tp[n * g.in() + i];
+        gp[n] = acc;
+      }
+    });
+    return grad;
+  }
   const bool avx2 = cpu_has_avx2_fma();
   const at::Tensor cb32 = contiguous_fp32(codebooks);
   const std::vector<float> ones(g.out, 1.0f);

@@ -10,7 +10,7 @@ namespace blockops::vq {
 Weights check_weights(const char* op, const at::Tensor& codes, const at::Tensor& codebooks,
                       const c10::optional<at::Tensor>& scales) {
   check_dtype(codes, {at::kByte, at::kShort}, op, "codes");
-  check_dtype(codebooks, {at::kHalf, at::kBFloat16, at::kFloat}, op, "codebooks");
+  check_float_dtype(codebooks, op, "codebooks");  // fp64 on the CPU only
   TORCH_CHECK(codebooks.dim() == 3, op, ": codebooks must be [K, k, d], got shape ", codebooks.sizes());
   const int64_t K = codebooks.size(0), k = codebooks.size(1), d = codebooks.size(2);
   TORCH_CHECK(K == 1 || K == 2, op, ": codebooks.size(0) (additive codebooks K) must be 1 or 2, got ", K,
@@ -25,7 +25,7 @@ Weights check_weights(const char* op, const at::Tensor& codes, const at::Tensor&
   check_contiguous(codebooks, op, "codebooks");
   const Geometry g{codes.size(0), codes.size(1), K, k, d};
   if (scales.has_value()) {
-    check_dtype(*scales, {at::kHalf, at::kBFloat16, at::kFloat}, op, "scales");
+    check_float_dtype(*scales, op, "scales");
     check_same_device(*scales, codes, op, "scales", "codes");
     TORCH_CHECK(scales->dim() == 1 && scales->size(0) == g.out, op, ": scales must have shape [", g.out,
                 "] (one per output row), got ", scales->sizes());

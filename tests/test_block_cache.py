@@ -179,6 +179,29 @@ def test_opcheck():
         opcheck(_ops.cache_update, (torch.zeros_like(a), b))
 
 
+@pytest.mark.filterwarnings("ignore:Input #")
+def test_apply_residual_fp64_gradcheck_and_opcheck():
+    """apply_residual is the family's one op with a backward: fp64 on the CPU so that gradcheck and gradgradcheck
+    (its backward passes the gradient through, itself differentiable) run at fp64 tolerances."""
+    x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    with kernel_ran("apply_residual", "cpu"):
+        assert torch.equal(bc.apply_residual(x, r), x + r)
+    assert torch.autograd.gradcheck(bc.apply_residual, (x, r))
+    assert torch.autograd.gradgradcheck(bc.apply_residual, (x, r))
+    opcheck(_ops.apply_residual, (x, r))
+    cache = torch.zeros(2, 5, 3, dtype=torch.float64)
+    bc.cache_update(cache, x.detach())  # shares the layout check: a byte copy, fp64 too
+    assert torch.equal(cache, x.detach())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fp64_is_cpu_only_on_cuda():
+    a = torch.randn(2, 5, 3, dtype=torch.float64, device="cuda")
+    with pytest.raises(RuntimeError, match="input is float64 on cuda.*float64 is CPU-only"):
+        bc.apply_residual(a, a)
+
+
 def test_ops_compile_without_graph_break():
     """A whole skip decision built from the ops stays in one graph: indicator, threshold, gated update, blend."""
     def step(out, x, cached_out, residual, cache):

@@ -71,6 +71,25 @@ def test_fraction_of_h200_limits():
     assert gpu_check.fraction_of_limits({"ours_ms": float("nan"), "flops": 1.0}, limits)["fraction_spec"] is None
 
 
+def test_emit_falls_back_to_stdout(monkeypatch, capsys):
+    """A child whose record descriptor does not work (closed by a launcher in between) sends its records on stdout
+    behind a prefix, which the parent's output reader takes as records."""
+    read, write = os.pipe()
+    os.close(read)
+    os.close(write)         # a descriptor number that is not open
+    monkeypatch.setenv("GPU_CHECK_FD", str(write))
+    monkeypatch.setattr(gpu_check, "_emit_fd", [])
+    gpu_check.emit(kind="start", item="a")
+    out = capsys.readouterr().out
+    assert out.startswith(gpu_check.RECORD_PREFIX) and json.loads(out[len(gpu_check.RECORD_PREFIX):]) == \
+        {"kind": "start", "item": "a"}
+    ctx = _Ctx()
+    job = gpu_check.Job(ctx, "bench", "bench", None, {}, None, 10)
+    state = {"in_flight": None, "tail": []}
+    job._record(out[len(gpu_check.RECORD_PREFIX):].strip().encode(), state)
+    assert state["in_flight"] == "a"
+
+
 class _Results(list):
     def write(self, kind, **fields):
         self.append({"kind": kind, **fields})

@@ -105,6 +105,67 @@ def test_gradcheck_small():
     torch.autograd.gradcheck(f, (x, s, z), eps=1e-2, atol=1e-2, rtol=1e-2, fast_mode=True)
 
 
+# ---- fp64 (CPU): the portable fp64 path, so that gradcheck runs on the kernels themselves ----------------------
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("rows", [1, 70])  # a decode-sized and a GEMM-sized batch (fp64 takes the blocked path)
+def test_fp64_matches_fp64_reference(bits, rows):
+    qweight, scales, zeros = random_weight(192, 40, bits, 32, torch.float64, "cpu", fractional_zeros=True)
+    x, bias = torch.randn(rows, 192, dtype=torch.float64), torch.randn(40, dtype=torch.float64)
+    with kernel_ran("quant_linear", "cpu"):
+        y = lowbit.quant_linear(x, qweight, scales, zeros, bits, 32, bias)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, ref_quant_linear_f64(x, qweight, scales, zeros, bits, 32, bias), rtol=1e-12,
+                               atol=1e-12)
+    w = lowbit.quant_dequantize(qweight, scales, zeros, bits, 32)
+    assert w.dtype == torch.float64
+    torch.testing.assert_close(w, ref_quant_linear_f64(torch.eye(192, dtype=torch.float64), qweight, scales, zeros,
+                                                       bits, 32, 0).t(), rtol=0, atol=1e-15)
+    # fp32 activations with fp64 scales also compute in fp64 and return x's dtype.
+    y32 = lowbit.quant_linear(x.float(), qweight, scales, zeros, bits, 32, bias)
+    assert y32.dtype == torch.float32
+
+
+@pytest.mark.filterwarnings("ignore:Input #")
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gradcheck_fp64(bits):
+    """gradcheck at fp64 tolerances on the kernels (quant_linear, quant_linear_grad_input, quant_grad_scales) for
+    x, scales, zeros and bias; x 3-D. No gradgradcheck: the backward ops (quant_linear_grad_input,
+    quant_grad_scales) have no autograd of their own, so quant_linear is once differentiable (as documented)."""
+    qweight, scales, zeros = random_weight(64, 24, bits, 32, torch.float64, "cpu", fractional_zeros=True)
+    x = torch.randn(2, 3, 64, dtype=torch.float64, requires_grad=True)
+    s, z = scales.clone().requires_grad_(), zeros.clone().requires_grad_()
+    bias = torch.randn(24, dtype=torch.float64, requires_grad=True)
+    with kernel_ran("quant_linear_grad_input", "cpu"), kernel_ran("quant_grad_scales", "cpu"):
+        assert torch.autograd.gradcheck(lambda x, s, z, b: lowbit.quant_linear(x, qweight, s, z, bits, 32, b),
+                                        (x, s, z, bias))
+
+
+def test_opcheck_fp64():
+    qweight, scales, zeros = random_weight(64, 24, 3, 32, torch.float64, "cpu")
+    x, bias = torch.randn(3, 64, dtype=torch.float64), torch.randn(24, dtype=torch.float64)
+    opcheck(torch.ops.blockops.quant_linear.default, (x, qweight, scales, zeros, 3, 32, bias))
+    opcheck(torch.ops.blockops.quant_linear.default,
+            (x.requires_grad_(), qweight, scales.clone().requires_grad_(), zeros.clone().requires_grad_(), 3, 32,
+             bias.requires_grad_()))
+    opcheck(torch.ops.blockops.quant_dequantize.default, (qweight, scales, zeros, 3, 32))
+    opcheck(torch.ops.blockops.quant_linear_grad_input.default,
+            (torch.randn(3, 24, dtype=torch.float64), qweight, scales, zeros, 3, 32))
+    opcheck(torch.ops.blockops.quant_grad_scales.default,
+            (torch.randn(24, 64, dtype=torch.float64), qweight, zeros, 3, 32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fp64_is_cpu_only_on_cuda():
+    qweight, scales, zeros = random_weight(128, 16, 2, 64, torch.float16, "cuda")
+    with pytest.raises(RuntimeError, match="x is float64 on cuda.*float64 is CPU-only"):
+        torch.ops.blockops.quant_linear(torch.randn(2, 128, dtype=torch.float64, device="cuda"), qweight, scales,
+                                        zeros, 2, 64, None)
+    with pytest.raises(RuntimeError, match="scales is float64 on cuda.*float64 is CPU-only"):
+        torch.ops.blockops.quant_dequantize(qweight, scales.double(), zeros.double(), 2, 64)
+
+
 # ---- QuantLinear and checkpoints --------------------------------------------------------------------------
 
 
@@ -268,7 +329,7 @@ def test_op_errors_name_the_problem(device):
     with pytest.raises(RuntimeError, match="must have 128 features"):
         lowbit.quant_linear(torch.randn(2, 127, device=device), qweight, scales, zeros, 2, 64)
     with pytest.raises(RuntimeError, match="x must have dtype in"):
-        lowbit.quant_linear(x.double(), qweight, scales, zeros, 2, 64)
+        lowbit.quant_linear(x.int(), qweight, scales, zeros, 2, 64)
     with pytest.raises(RuntimeError, match="qweight must have dtype in"):
         lowbit.quant_linear(x, qweight.long(), scales, zeros, 2, 64)
     with pytest.raises(RuntimeError, match="zeros must have the scales' dtype"):

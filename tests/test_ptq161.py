@@ -232,6 +232,81 @@ def test_gradcheck_small():
     torch.autograd.gradcheck(f, (x, alpha, r1, r2), eps=1e-2, atol=2e-2, rtol=2e-2, fast_mode=True)
 
 
+# ---- fp64 (CPU): the portable fp64 path, so that gradcheck runs at fp64 tolerances ----------------------------
+
+
+def _fp64(tensors):
+    return {k: v.double() if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+@pytest.mark.parametrize("rows", [1, 20])
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 1.0])
+def test_fp64_matches_fp64_reference(rows, ratio):
+    tensors, s, w, mask = make_weights(24, 80, ratio, zero_rows=(3,))
+    t64 = _fp64(tensors)
+    x, bias = torch.randn(rows, 80, dtype=torch.float64), torch.randn(24, dtype=torch.float64)
+    w_hat = ref_ptq161_dequantize(*args_of(t64), s).double()  # the reference works in fp32
+    with kernel_ran("ptq161_dequantize", "cpu"):
+        w64 = ptq161.ptq161_dequantize(*args_of(t64), s)
+    assert w64.dtype == torch.float64
+    torch.testing.assert_close(w64, w_hat, rtol=1e-6, atol=1e-6)
+    with kernel_ran("ptq161_linear", "cpu"):
+        y = ptq161.ptq161_linear(x, *args_of(t64), s, bias)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, x @ w64.t() + bias, rtol=1e-12, atol=1e-12)
+    assert ptq161.ptq161_linear(x.float(), *args_of(t64), s).dtype == torch.float32  # fp64 factors, fp32 x
+
+
+@pytest.mark.filterwarnings("ignore:Input #")
+@pytest.mark.parametrize("ratio", [0.25, 0.0])
+def test_gradcheck_fp64(ratio):
+    """gradcheck at fp64 tolerances on the kernels (ptq161_linear, ptq161_linear_backward) for x, alpha, r1, r2 and
+    bias, with a sign(0) row. No gradgradcheck: ptq161_linear_backward has no autograd of its own, so
+    ptq161_linear is once differentiable (as documented)."""
+    tensors, s, _, _ = make_weights(12, 40, ratio, zero_rows=(3,))
+    t64 = _fp64(tensors)
+    x = torch.randn(2, 2, 40, dtype=torch.float64, requires_grad=True)
+    alpha, r1, r2 = (t64[k].clone().requires_grad_() for k in ("alpha", "r1", "r2"))
+    bias = torch.randn(12, dtype=torch.float64, requires_grad=True)
+
+    def f(x, alpha, r1, r2, bias):
+        return ptq161.ptq161_linear(x, *args_of({**t64, "alpha": alpha, "r1": r1, "r2": r2}), s, bias)
+
+    with kernel_ran("ptq161_linear_backward", "cpu"):
+        assert torch.autograd.gradcheck(f, (x, alpha, r1, r2, bias))
+
+
+def test_fp64_backward_only_x_or_only_factors():
+    tensors, s, _, _ = make_weights(12, 40, 0.25)
+    t64 = _fp64(tensors)
+    x, gy = torch.randn(3, 40, dtype=torch.float64), torch.randn(3, 12, dtype=torch.float64)
+    full = _ops.ptq161_linear_backward(gy, x, *args_of(t64), s, True, True)
+    only_x = _ops.ptq161_linear_backward(gy, x, *args_of(t64), s, True, False)
+    only_f = _ops.ptq161_linear_backward(gy, x, *args_of(t64), s, False, True)
+    assert torch.equal(only_x[0], full[0]) and all(t.numel() == 0 for t in only_x[1:])
+    assert only_f[0].numel() == 0 and all(torch.equal(a, b) for a, b in zip(only_f[1:], full[1:]))
+
+
+def test_opcheck_fp64():
+    tensors, s, _, _ = make_weights(24, 40, 0.25)
+    t64 = _fp64(tensors)
+    x = torch.randn(3, 40, dtype=torch.float64)
+    opcheck(_ops.ptq161_linear.default, (x, *args_of(t64), s, torch.randn(24, dtype=torch.float64)))
+    leaves = {**t64, **{k: t64[k].clone().requires_grad_() for k in ("alpha", "r1", "r2")}}
+    opcheck(_ops.ptq161_linear.default, (x.clone().requires_grad_(), *args_of(leaves), s))
+    opcheck(_ops.ptq161_dequantize.default, (*args_of(t64), s))
+    opcheck(_ops.ptq161_linear_backward.default,
+            (torch.randn(3, 24, dtype=torch.float64), x, *args_of(t64), s, True, True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fp64_is_cpu_only_on_cuda():
+    tensors, s, _, _ = make_weights(24, 40, 0.25)
+    cuda = {k: v.cuda() for k, v in tensors.items()}
+    with pytest.raises(RuntimeError, match="x is float64 on cuda.*float64 is CPU-only"):
+        ptq161.ptq161_linear(torch.randn(2, 40, dtype=torch.float64, device="cuda"), *args_of(cuda), s)
+
+
 # ---- module and quantization pipeline ---------------------------------------------------------------------
 
 
@@ -388,14 +463,14 @@ def test_op_errors_name_the_problem():
 
     cases = [
         (dict(x=torch.randn(2, 39)), "x must have 40 features"),
-        (dict(x=x.double()), "x must have dtype in"),
+        (dict(x=x.int()), "x must have dtype in"),
         (dict(x=torch.randn(40, 2).t()), "x must be contiguous"),
         (dict(num_salient=41), r"num_salient must be in \[0, in = 40\]"),
         (dict(num_salient=s + 16), "qsalient must have shape"),
         (dict(signs=tensors["signs"][:, :23].contiguous()), "signs must have shape"),
         (dict(perm=tensors["perm"].long()), "perm must have dtype in"),
         (dict(zero_signs=tensors["zero_signs"].int()), "zero_signs must have dtype in"),
-        (dict(alpha=tensors["alpha"].double()), "alpha must have dtype in"),
+        (dict(alpha=tensors["alpha"].int()), "alpha must have dtype in"),
         (dict(r1=torch.ones(23)), r"r1 must have shape \[24\]"),
         (dict(r2=torch.ones(24)), r"r2 must have shape \[40\]"),
         (dict(perm=torch.arange(1, 41, dtype=torch.int32)), r"perm\[39\] = 40 is out of range \[0, 40\)"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from blockops.ops._common import _FLOAT_DTYPES
+from blockops.ops._common import _FLOAT_DTYPES, _is_float
 
 _ops = torch.ops.blockops
 
@@ -93,7 +93,7 @@ def _relative_l1_residual_fake(output, input, reference, residual, stride=1, per
 
 
 def _check_same_layout(op, a_name, a, b_name, b):
-    torch._check(a.dtype in _FLOAT_DTYPES, lambda: f"{op}: {a_name} must be fp16/bf16/fp32, got {a.dtype}")
+    torch._check(_is_float(a), lambda: f"{op}: {a_name} must be fp16/bf16/fp32 (or fp64 on the CPU), got {a.dtype}")
     torch._check(a.dtype == b.dtype and a.shape == b.shape,
                  lambda: f"{op}: {b_name} ({b.dtype} {tuple(b.shape)}) must match {a_name} ({a.dtype} {tuple(a.shape)})")
 

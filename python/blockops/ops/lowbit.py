@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from blockops.ops._common import _FLOAT_DTYPES, _check_features, _rows_2d
+from blockops.ops._common import _check_features, _check_float, _compute_dtype, _rows_2d
 from blockops.ops.bitpack import packed_length
 
 _ops = torch.ops.blockops
@@ -28,7 +28,9 @@ def quant_linear(x, qweight, scales, zeros, bits: int, group_size: int, bias=Non
         bits: 2, 3 or 4.  group_size: a multiple of 16; ``in = scales.shape[0] * group_size``.
         bias: optional ``[out]``, any float dtype.
 
-    Returns ``[..., out]`` in x's dtype. Differentiable w.r.t. x, scales, zeros and bias (qweight is integer).
+    fp64 x / scales / zeros / bias are accepted on the CPU (a portable fp64 path, for ``gradcheck``; CUDA refuses
+    fp64). Returns ``[..., out]`` in x's dtype. Differentiable w.r.t. x, scales, zeros and bias (qweight is integer),
+    once: the backward ops have no autograd of their own.
     Kernels: CPU, a fused decode kernel up to 64 rows, dequantized blocks + GEMM above; CUDA, a fused GEMV up to 8
     rows, a tensor-core kernel (weights dequantized in registers) for 9..64 rows of fp16/bf16 x, dequantize +
     cuBLAS above.
@@ -47,7 +49,7 @@ def _check_lowbit_weight(op, qweight, scales, zeros, bits, group_size):
                  lambda: f"{op}: group_size must be a positive multiple of 16, got {group_size}")
     torch._check(group_size <= 2**31 - 1, lambda: f"{op}: group_size must be in [16, 2147483647], got {group_size}")
     torch._check(qweight.dtype == torch.int32, lambda: f"{op}: qweight must be int32, got {qweight.dtype}")
-    torch._check(scales.dtype in _FLOAT_DTYPES, lambda: f"{op}: scales must be fp16/bf16/fp32, got {scales.dtype}")
+    _check_float(op, "scales", scales)
     torch._check(zeros.dtype == scales.dtype, lambda: f"{op}: zeros must have the scales' dtype")
     torch._check(qweight.dim() == 2 and scales.dim() == 2 and zeros.shape == scales.shape,
                  lambda: f"{op}: bad weight shapes {tuple(qweight.shape)}, {tuple(scales.shape)}, {tuple(zeros.shape)}")
@@ -83,8 +85,10 @@ def _quant_linear_grad_input_fake(grad_out, qweight, scales, zeros, bits, group_
 def _quant_grad_scales_fake(t, qweight, zeros, bits, group_size):
     op = "blockops.quant_grad_scales"
     in_features, out_features = _check_lowbit_weight(op, qweight, zeros, zeros, bits, group_size)
-    torch._check(t.dtype == torch.float32 and tuple(t.shape) == (out_features, in_features),
-                 lambda: f"{op}: t must be fp32 [{out_features}, {in_features}], got {t.dtype} {tuple(t.shape)}")
+    torch._check((t.dtype == torch.float32 or (t.dtype == torch.float64 and t.device.type == "cpu"))
+                 and tuple(t.shape) == (out_features, in_features),
+                 lambda: f"{op}: t must be fp32 (or fp64 on the CPU) [{out_features}, {in_features}], "
+                         f"got {t.dtype} {tuple(t.shape)}")
     return t.new_empty((zeros.shape[0], out_features))
 
 
@@ -103,23 +107,26 @@ def _quant_linear_backward(ctx, grad_out):
     x:      grad_out @ W_hat                                   (quant_linear_grad_input)
     scales: per group, sum_k (q - z) * (grad_out^T x)[n, k]     (quant_grad_scales; E2E-QP)
     zeros:  -scales * (per-group sums of x)^T @ grad_out
-    bias:   grad_out summed over rows."""
+    bias:   grad_out summed over rows.
+    In fp32, or fp64 when x, scales or grad_out is (the CPU's fp64 path, for gradcheck). The backward ops have no
+    autograd of their own, so there is no double backward (gradgradcheck does not apply)."""
     x, qweight, scales, zeros = ctx.saved_tensors
     bits, group_size = ctx.bits, ctx.group_size
     need_x, _, need_scales, need_zeros, _, _, need_bias = (*ctx.needs_input_grad, False)[:7]
     grad_out = grad_out.contiguous()
     gy2 = _rows_2d(grad_out)
     grad_x = grad_scales = grad_zeros = grad_bias = None
+    ct = _compute_dtype(x, scales, grad_out)
     if need_x:
         grad_x = _ops.quant_linear_grad_input(grad_out, qweight, scales, zeros, bits, group_size)
     if need_scales:
-        t = gy2.float().t() @ _rows_2d(x).float()
+        t = gy2.to(ct).t() @ _rows_2d(x).to(ct)
         grad_scales = _ops.quant_grad_scales(t.contiguous(), qweight, zeros, bits, group_size).to(scales.dtype)
     if need_zeros:
-        xsum = _rows_2d(x, scales.shape[0], group_size).float().sum(-1)
-        grad_zeros = (-(xsum.t() @ gy2.float()) * scales.float()).to(zeros.dtype)
+        xsum = _rows_2d(x, scales.shape[0], group_size).to(ct).sum(-1)
+        grad_zeros = (-(xsum.t() @ gy2.to(ct)) * scales.to(ct)).to(zeros.dtype)
     if need_bias:
-        grad_bias = gy2.float().sum(0).to(ctx.bias_dtype)
+        grad_bias = gy2.to(ct).sum(0).to(ctx.bias_dtype)
     return (grad_x, None, grad_scales, grad_zeros, None, None, grad_bias)[: ctx.num_inputs]
 
 

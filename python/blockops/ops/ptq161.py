@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from blockops.ops._common import _FLOAT_DTYPES, _check_features, _rows_2d
+from blockops.ops._common import _check_features, _compute_dtype, _is_float, _rows_2d
 
 _ops = torch.ops.blockops
 
@@ -50,7 +50,9 @@ def ptq161_linear(x, perm, qsalient, salient_scale, salient_zero, signs, zero_si
 
     Returns ``[..., out]`` in x's dtype, accumulated in fp32, computed as the 4-bit part on the salient channels
     plus ``r1 (alpha U + mu V)`` with ``U`` the +-1 product on ``r2 * x``. Differentiable w.r.t. x, alpha, r1, r2
-    and bias (mu and the salient scale and zero are fixed, as in PTQ1.61).
+    and bias (mu and the salient scale and zero are fixed, as in PTQ1.61), once (the backward op has no autograd of
+    its own). fp64 x / factors / bias are accepted on the CPU: a portable fp64 path (W_hat dequantized in fp64, dense
+    products), for ``gradcheck``; CUDA refuses fp64.
     """
     return _ops.ptq161_linear(x, perm, qsalient, salient_scale, salient_zero, signs, zero_signs, alpha, mu, r1, r2,
                               num_salient, bias)
@@ -58,7 +60,8 @@ def ptq161_linear(x, perm, qsalient, salient_scale, salient_zero, signs, zero_si
 
 def ptq161_dequantize(perm, qsalient, salient_scale, salient_zero, signs, zero_signs, alpha, mu, r1, r2,
                       num_salient: int) -> torch.Tensor:
-    """``W_hat [out, in]`` fp32 in the original channel order (arguments as in :func:`ptq161_linear`)."""
+    """``W_hat [out, in]`` fp32 (fp64 when a factor is fp64, CPU only) in the original channel order (arguments as
+    in :func:`ptq161_linear`)."""
     return _ops.ptq161_dequantize(perm, qsalient, salient_scale, salient_zero, signs, zero_signs, alpha, mu, r1, r2,
                                   num_salient)
 
@@ -91,7 +94,7 @@ def _check_weight(op, perm, qsalient, salient_scale, salient_zero, signs, zero_s
     for name, t, size in (("salient_scale", salient_scale, out_features), ("salient_zero", salient_zero, out_features),
                           ("alpha", alpha, out_features), ("mu", mu, out_features), ("r1", r1, out_features),
                           ("r2", r2, in_features)):
-        torch._check(t.dtype in _FLOAT_DTYPES and tuple(t.shape) == (size,),
+        torch._check(_is_float(t) and tuple(t.shape) == (size,),
                      lambda: f"{op}: {name} must be a float [{size}], got {t.dtype} {tuple(t.shape)}")
     return in_features, out_features
 
@@ -111,7 +114,9 @@ def _ptq161_dequantize_fake(perm, qsalient, salient_scale, salient_zero, signs, 
                             num_salient):
     in_features, out_features = _check_weight("blockops.ptq161_dequantize", perm, qsalient, salient_scale,
                                               salient_zero, signs, zero_signs, alpha, mu, r1, r2, num_salient)
-    return alpha.new_empty((out_features, in_features), dtype=torch.float32)
+    # fp32, or fp64 when a factor is (the CPU's fp64 path).
+    dtype = _compute_dtype(salient_scale, salient_zero, alpha, mu, r1, r2)
+    return alpha.new_empty((out_features, in_features), dtype=dtype)
 
 
 @torch.library.register_fake("blockops::ptq161_linear_backward")
@@ -140,7 +145,9 @@ def _ptq161_linear_setup_context(ctx, inputs, output):
 
 
 def _ptq161_linear_backward(ctx, grad_out):
-    """x, alpha, r1, r2 from the backward kernel (one call); bias: grad_out summed over rows."""
+    """x, alpha, r1, r2 from the backward kernel (one call); bias: grad_out summed over rows. fp64 inputs take the
+    CPU's fp64 path (for gradcheck). ptq161_linear_backward has no autograd of its own, so there is no double
+    backward (gradgradcheck does not apply)."""
     x, *weights = ctx.saved_tensors
     needs = (*ctx.needs_input_grad, False)
     need_input, need_factors = needs[_X], needs[_ALPHA] or needs[_R1] or needs[_R2]
@@ -152,7 +159,8 @@ def _ptq161_linear_backward(ctx, grad_out):
         if need_factors:
             grads[_ALPHA], grads[_R1], grads[_R2] = ga, gr1, gr2
     if needs[_BIAS] and ctx.bias_dtype is not None:
-        grads[_BIAS] = _rows_2d(grad_out).float().sum(0).to(ctx.bias_dtype)
+        ct = _compute_dtype(grad_out, x)
+        grads[_BIAS] = _rows_2d(grad_out).to(ct).sum(0).to(ctx.bias_dtype)
     return tuple(grads)
 
 

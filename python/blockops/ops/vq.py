@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from blockops.ops._common import _FLOAT_DTYPES, _check_features, _rows_2d
+from blockops.ops._common import _check_features, _check_float, _compute_dtype, _is_float, _rows_2d
 
 _ops = torch.ops.blockops
 _CODE_DTYPES = (torch.uint8, torch.int16)
@@ -37,7 +37,8 @@ def vq_linear(x, codes, codebooks, scales=None, bias=None) -> torch.Tensor:
         bias: optional fp16/bf16/fp32 ``[out]``.
 
     Returns ``[..., out]`` in x's dtype, accumulated in fp32. Differentiable w.r.t. x, codebooks, scales and
-    bias. CPU kernels: up to 8 rows a lookup-table GEMV or a direct dequantize-dot kernel (chosen per call,
+    bias, once (the backward ops have no autograd of their own). fp64 x / codebooks / scales / bias are accepted on
+    the CPU: a portable fp64 path (blocked GEMM in fp64), for ``gradcheck``; CUDA refuses fp64. CPU kernels: up to 8 rows a lookup-table GEMV or a direct dequantize-dot kernel (chosen per call,
     csrc/vq.h ``use_lookup_table``), dequantized blocks + GEMM above (in bf16 for bf16 x). With uint8 codes on an
     AVX-512 VBMI CPU the table kernel looks tables up 64 output rows per byte permute ("byte planes"): exact fp32
     tables for fp32 x (up to 8 rows); for fp16 / bf16 x (up to 8 rows, up to 32 for layers of >= 256 outputs)
@@ -66,8 +67,7 @@ def bits_per_weight(out_features: int, in_features: int, codebook_size: int, vec
 
 def _check_weights(op, codes, codebooks, scales):
     torch._check(codes.dtype in _CODE_DTYPES, lambda: f"{op}: codes must be uint8 or int16, got {codes.dtype}")
-    torch._check(codebooks.dtype in _FLOAT_DTYPES,
-                 lambda: f"{op}: codebooks must be fp16/bf16/fp32, got {codebooks.dtype}")
+    _check_float(op, "codebooks", codebooks)
     torch._check(codebooks.dim() == 3, lambda: f"{op}: codebooks must be [K, k, d], got {tuple(codebooks.shape)}")
     K, k, d = codebooks.shape
     torch._check(K in (1, 2), lambda: f"{op}: codebooks.size(0) (K) must be 1 or 2, got {K}")
@@ -77,14 +77,16 @@ def _check_weights(op, codes, codebooks, scales):
                  lambda: f"{op}: codes must be [out, in/d, {K}], got {tuple(codes.shape)}")
     out = codes.shape[0]
     if scales is not None:
-        torch._check(scales.dtype in _FLOAT_DTYPES and scales.dim() == 1 and scales.shape[0] == out,
+        torch._check(_is_float(scales) and scales.dim() == 1 and scales.shape[0] == out,
                      lambda: f"{op}: scales must be a float [{out}], got {scales.dtype} {tuple(scales.shape)}")
     return codes.shape[1] * d, out
 
 
 def _check_t(op, t, in_features, out_features):
-    torch._check(t.dtype == torch.float32 and tuple(t.shape) == (out_features, in_features),
-                 lambda: f"{op}: t must be fp32 [{out_features}, {in_features}], got {t.dtype} {tuple(t.shape)}")
+    torch._check((t.dtype == torch.float32 or (t.dtype == torch.float64 and t.device.type == "cpu"))
+                 and tuple(t.shape) == (out_features, in_features),
+                 lambda: f"{op}: t must be fp32 (or fp64 on the CPU) [{out_features}, {in_features}], "
+                         f"got {t.dtype} {tuple(t.shape)}")
 
 
 @torch.library.register_fake("blockops::vq_linear")
@@ -134,22 +136,25 @@ def _vq_linear_setup_context(ctx, inputs, output):
 def _vq_linear_backward(ctx, grad_out):
     """x: grad_out @ W_hat (blocked kernel); codebooks and scales from t = grad_out^T x [out, in] (fp32):
     codebooks by a deterministic scatter-add of scales[n] * t[n, group] per code, scales by
-    sum_i W_unscaled[n, i] t[n, i]; bias: grad_out summed over rows."""
+    sum_i W_unscaled[n, i] t[n, i]; bias: grad_out summed over rows. In fp32, or fp64 when x, the codebooks, the
+    scales or grad_out is (the CPU's fp64 path, for gradcheck). The backward ops have no autograd of their own, so
+    there is no double backward (gradgradcheck does not apply)."""
     x, codes, codebooks, scales = ctx.saved_tensors
     need_x, _, need_codebooks, need_scales, need_bias = (*ctx.needs_input_grad, False, False)[:5]
     grad_out = grad_out.contiguous()
     gy2 = _rows_2d(grad_out)
     grad_x = grad_codebooks = grad_scales = grad_bias = None
+    ct = _compute_dtype(x, codebooks, scales, grad_out)
     if need_x:
         grad_x = _ops.vq_linear_grad_input(grad_out, codes, codebooks, scales)
     if need_codebooks or need_scales:
-        t = (gy2.float().t() @ _rows_2d(x).float()).contiguous()
+        t = (gy2.to(ct).t() @ _rows_2d(x).to(ct)).contiguous()
         if need_codebooks:
             grad_codebooks = _ops.vq_grad_codebooks(t, codes, codebooks, scales).to(codebooks.dtype)
         if need_scales:
             grad_scales = _ops.vq_grad_scales(t, codes, codebooks).to(scales.dtype)
     if need_bias:
-        grad_bias = gy2.float().sum(0).to(ctx.bias_dtype)
+        grad_bias = gy2.to(ct).sum(0).to(ctx.bias_dtype)
     return (grad_x, None, grad_codebooks, grad_scales, grad_bias)[: ctx.num_inputs]
 
 
