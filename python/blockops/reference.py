@@ -30,7 +30,7 @@ def ref_unpack_bits(packed: torch.Tensor, bits: int, size: int, dim: int = -1) -
     p = packed.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF
     shifts = torch.arange(per, device=p.device, dtype=torch.int64) * bits
     v = (p.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    v = v.reshape(*v.shape[:-2], -1)[..., :size]
+    v = v.reshape(*v.shape[:-2], v.shape[-2] * per)[..., :size]   # not -1: ambiguous for 0 elements
     return v.to(torch.uint8).movedim(-1, dim).contiguous()
 
 
@@ -285,8 +285,8 @@ def ref_relative_l1(current, reference, stride: int = 1, per_sample: bool = Fals
     over the tokens (dim 1) ``t % stride == 0``, per sample or over the batch; 0 when both sums are 0."""
     # A stride >= T takes token 0 only, as T does; slicing with a huge step would overflow torch's own strides.
     step = min(stride, max(current.shape[1], 1))
-    x = current.double()[:, ::step].reshape(current.shape[0], -1)
-    r = reference.double()[:, ::step].reshape(current.shape[0], -1)
+    x = current.double()[:, ::step].flatten(1)   # not reshape(B, -1): ambiguous when B = 0
+    r = reference.double()[:, ::step].flatten(1)
     num, den = (x - r).abs().sum(1), r.abs().sum(1)
     if not per_sample:
         num, den = num.sum(), den.sum()
