@@ -44,7 +44,6 @@ class Probe:
 
 PROBES: dict[str, Probe] = {}
 
-ITEM6 = "issue 17 item 6 (BlockMask edited after first use), fixed on branch rel-nan"
 
 
 def probe(family: str, kind: str = "error", match: str | None = None, xfail: str | None = None):
@@ -445,7 +444,7 @@ def p_mask_tile_id_out_of_range():
     _bsa(q, k, v, _edited_mask("kv_tile_ids", 1000, (0, 0, 2, 2)))
 
 
-@probe("attention", match="full_kv_indices", xfail=ITEM6)
+@probe("attention", match="full_kv_indices")
 def p_mask_edited_in_place_after_use():
     """Issue 17 item 6: a duplicated full-block index written into a mask that was already used once."""
     from blockops.attention import BlockMask
