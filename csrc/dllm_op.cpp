@@ -19,7 +19,8 @@ UnmaskCall prepare_unmask(const at::Tensor& logits, const at::Tensor& masked, co
   TORCH_CHECK(logits.dim() == 3, op, ": logits must be [B, L, V], got shape ", logits.sizes());
   const int64_t B = logits.size(0), L = logits.size(1), V = logits.size(2);
   TORCH_CHECK(V >= 1, op, ": logits must have a non-empty vocabulary dim, got shape ", logits.sizes());
-  TORCH_CHECK(logits.stride(2) == 1, op, ": logits must be contiguous in the vocabulary dim (got strides ",
+  // A size-1 vocabulary dim is read at index 0 only: its stride does not matter (e.g. torch.randn(0, 0, 1) * 4).
+  TORCH_CHECK(V == 1 || logits.stride(2) == 1, op, ": logits must be contiguous in the vocabulary dim (got strides ",
               logits.strides(), "); other dims may be strided, e.g. a slice logits[:, a:b]");
   check_dtype(masked, {at::kBool}, op, "masked");
   TORCH_CHECK(masked.dim() == 2 && masked.size(0) == B && masked.size(1) == L, op, ": masked must be [", B, ", ",

@@ -1015,9 +1015,7 @@ def p_empty_batch_and_length():
         assert r.tokens.shape == (B, L)
 
 
-@probe("dllm", kind="valid", xfail="found by tests/test_fuzz.py: a vocabulary dim of size 1 with a stride other than 1 "
-       "(e.g. from torch.randn(0, 0, 1) * 4) is refused as non-contiguous (csrc/dllm_op.cpp checks logits.stride(2) "
-       "== 1 even where V == 1); not fixed on any branch yet")
+@probe("dllm", kind="valid")  # found by this suite: a size-1 vocabulary dim with stride 0 was refused
 def p_size_one_vocab_any_stride():
     logits = torch.randn(2, 3, 4)[..., :1]                    # strides (12, 4, 1): fine
     logits = torch.randn(2, 3, 1).as_strided((2, 3, 1), (3, 1, 0))
