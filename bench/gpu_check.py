@@ -402,9 +402,7 @@ class Job:
                     if not chunk:
                         break
                     buf += chunk
-                    while b"\n" in buf:
-                        line, buf = buf.split(b"\n", 1)
-                        self._record(line, state)
+                    buf = self._records_of(buf, state)
                 elif proc.poll() is not None:
                     # Exited (a grandchild may still hold the pipe open): read what is left, then stop.
                     while select.select([rfd], [], [], 0)[0]:
@@ -412,9 +410,7 @@ class Job:
                         if not chunk:
                             break
                         buf += chunk
-                    while b"\n" in buf:
-                        line, buf = buf.split(b"\n", 1)
-                        self._record(line, state)
+                    buf = self._records_of(buf, state)
                     break
             rc = proc.wait()
             _reap(proc)
@@ -441,6 +437,13 @@ class Job:
                 self.write_item(item, "crashed", seconds=seconds, log_tail=tail,
                                 message=f"the process died during this item (exit status {rc})")
         return reason or "exit", rc
+
+    def _records_of(self, buf: bytes, state) -> bytes:
+        """Records every complete line of buf; returns the incomplete rest."""
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            self._record(line, state)
+        return buf
 
     def _record(self, line: bytes, state) -> None:
         try:
