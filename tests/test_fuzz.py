@@ -37,6 +37,7 @@ from blockops.reference import (ref_apply_residual, ref_cache_update, ref_dllm_c
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fuzz_probes  # noqa: E402
+from test_path_attention import make_inputs as make_path_inputs  # noqa: E402
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
 _EXAMPLES = int(os.environ.get("BLOCKOPS_FUZZ_EXAMPLES", "0"))
@@ -264,12 +265,7 @@ def test_path_attention_matches_reference(b, t, h, rep, d, dv, gate, dtype, aux3
     g = _gen(seed)
     hq = h * rep
     aux = torch.float32 if aux32 else dtype
-    q = torch.randn(b, t, hq, d, generator=g).to(dtype)
-    k = torch.randn(b, t, h, d, generator=g).to(dtype)
-    v = torch.randn(b, t, h, dv, generator=g).to(dtype)
-    w = F.normalize(torch.randn(b, t, h, d, generator=g), dim=-1).to(aux)
-    beta = (2 * torch.sigmoid(2 * torch.randn(b, t, h, generator=g))).to(aux)
-    gg = F.logsigmoid(torch.randn(b, t, hq, generator=g) + 2).to(aux) if gate else None
+    q, k, v, w, beta, gg = make_path_inputs(b, t, hq, h, d, dv, gate, dtype, aux, seed=seed)
     cu = None
     if packed:
         q, k, v, w, beta = (x.reshape(1, b * t, *x.shape[2:]) for x in (q, k, v, w, beta))
