@@ -7,6 +7,7 @@
 //   per l in C_b, one pass over the vocabulary (online max / sum-exp, no softmax tensor):
 //       tokens[b, l] = argmax_v logits[b, l, v]       (first index among equal maxima, as torch.argmax)
 //       conf[b, l]   = softmax(logits[b, l])[tokens] = 1 / sum_v exp(logits[b, l, v] - max)
+//       (a row with a NaN logit: tokens = its first NaN, conf = NaN, as torch.argmax and softmax give)
 //   rank every candidate by (conf descending, position ascending) -- NaN confidence ranks as -inf -- then
 //   accept the candidate of rank r (0-based, so it is the n-th most confident with n = r + 1) iff
 //       r < k_b                                         (k_b = max(1, min_tokens[b]): "at least one", or a schedule)
@@ -40,18 +41,33 @@ BLOCKOPS_HD RowStats empty_stats() { return RowStats{-INFINITY, 0, 0.f}; }
 // exp(from - to) for to >= from, with exp(-inf - (-inf)) read as 0 (a part with no finite logit adds nothing).
 BLOCKOPS_HD float rescale(float from, float to) { return from == -INFINITY ? 0.f : expf(from - to); }
 
+// A NaN logit decides its row as torch.argmax / softmax do: the first NaN is the argmax and the confidence is NaN.
+BLOCKOPS_HD RowStats nan_stats(int64_t v) { return RowStats{NAN, v, NAN}; }
+
+// True when a state whose maximum mx sits at index ix beats one with (my, iy): NaN above every number
+// (torch.argmax), then the larger maximum; equal maxima (and two NaNs) keep the lower index.
+BLOCKOPS_HD bool beats(float mx, int64_t ix, float my, int64_t iy) {
+  const bool x_nan = mx != mx, y_nan = my != my;
+  if (x_nan || y_nan) return x_nan && (!y_nan || ix < iy);
+  return mx > my || (mx == my && ix < iy);
+}
+
 // Two states over disjoint index ranges -> the state over their union. Equal maxima keep the lower index,
-// so the merged argmax is the first one whatever order the parts are merged in.
+// so the merged argmax is the first one whatever order the parts are merged in (a NaN max gives a NaN sum).
 BLOCKOPS_HD RowStats merge(const RowStats& a, const RowStats& b) {
-  const bool b_wins = b.max > a.max || (b.max == a.max && b.argmax < a.argmax);
+  const bool b_wins = beats(b.max, b.argmax, a.max, a.argmax);
   const float m = b_wins ? b.max : a.max;
+  if (m != m) return b_wins ? b : a;
   const float sum = a.sum * rescale(a.max, m) + b.sum * rescale(b.max, m);
   return RowStats{m, b_wins ? b.argmax : a.argmax, sum};
 }
 
 // Adds one logit x at index v, visited in increasing index order (so ties keep the earlier index).
 BLOCKOPS_HD void push(RowStats& s, float x, int64_t v) {
-  if (x > s.max) {
+  if (s.max != s.max) return;          // an earlier NaN decided the row
+  if (x != x) {
+    s = nan_stats(v);
+  } else if (x > s.max) {
     s.sum = s.sum * rescale(s.max, x) + 1.f;
     s.max = x;
     s.argmax = v;
@@ -60,7 +76,8 @@ BLOCKOPS_HD void push(RowStats& s, float x, int64_t v) {
   }
 }
 
-// Softmax probability of the argmax: exp(max - max) / sum. NaN when the row has no finite logit (as softmax).
+// Softmax probability of the argmax: exp(max - max) / sum. NaN when the row has no finite logit or a NaN one (as
+// softmax).
 BLOCKOPS_HD float confidence(const RowStats& s) { return s.max == -INFINITY ? NAN : 1.f / s.sum; }
 
 enum class Rule : int { kThreshold = 0, kFactor = 1 };

@@ -126,6 +126,13 @@ const float* chunk_as_float(const T* src, int64_t n, float* buf, bool avx2) {
   }
 }
 
+// Index of the first NaN of x[0, n), or -1.
+int64_t first_nan(const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (x[i] != x[i]) return i;
+  return -1;
+}
+
 // Online softmax statistics of one vocabulary row (dllm.h's RowStats, chunk by chunk).
 template <typename T>
 RowStats row_stats(const T* row, int64_t V, float* buf, const ChunkOps& ops, bool avx2) {
@@ -133,7 +140,7 @@ RowStats row_stats(const T* row, int64_t V, float* buf, const ChunkOps& ops, boo
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
     const int64_t n = std::min(kChunk, V - c0);
     const float* x = chunk_as_float(row + c0, n, buf, avx2);
-    const float cm = ops.max(x, n);
+    const float cm = ops.max(x, n);   // the max instructions may drop a NaN: the sum below does not
     if (cm > s.max) {  // a new maximum: its first index in this chunk (earlier chunks only had smaller values)
       int64_t i = 0;
       while (i + 1 < n && !(x[i] == cm)) ++i;
@@ -141,7 +148,14 @@ RowStats row_stats(const T* row, int64_t V, float* buf, const ChunkOps& ops, boo
       s.max = cm;
       s.argmax = c0 + i;
     }
-    if (s.max != -INFINITY) s.sum += ops.sum_exp(x, n, s.max);
+    const float add = s.max != -INFINITY ? ops.sum_exp(x, n, s.max) : 0.f;
+    // A NaN sum (a NaN logit, or inf - inf under a +inf max), a NaN max or a chunk with no finite maximum yet:
+    // look for a NaN, which decides the row (dllm.h nan_stats). Rare, and the chunk is still in L1.
+    if (add != add || cm != cm || s.max == -INFINITY) {
+      const int64_t i = first_nan(x, n);
+      if (i >= 0) return nan_stats(c0 + i);
+    }
+    s.sum += add;
   }
   return s;
 }

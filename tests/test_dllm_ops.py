@@ -105,6 +105,45 @@ def test_minus_inf_logits():
     assert r.unmask.tolist() == [[True, False, False]]
 
 
+def check_nan_logits_like_argmax_and_softmax(device="cpu"):
+    """A NaN logit decides its row as torch.argmax / softmax do: tokens = the first NaN, confidence NaN (ranked
+    last); +inf gives its first index and a NaN confidence (inf - inf). Positions chosen to fall in the first and
+    later chunks of the CPU kernel (2048 logits), behind -inf chunks, and in every dtype."""
+    V = 6000
+    for dtype in DTYPES:
+        x = (torch.randn(1, 8, V, generator=torch.Generator().manual_seed(3)) * 4).to(dtype)
+        x[0, 0, 3000] = float("nan")                       # after the finite maximum's chunk
+        x[0, 1, 7] = float("nan")                          # first chunk
+        x[0, 1, 5000] = float("nan")                       # a second NaN: the first one wins
+        x[0, 2, :] = float("nan")                          # only NaN
+        x[0, 3, 100] = float("inf")
+        x[0, 4, :4500] = float("-inf")
+        x[0, 4, 4400] = float("nan")                       # NaN in a chunk with no finite logit
+        x[0, 5, 2047] = float("nan")                       # last of a chunk, with +inf later
+        x[0, 5, 4000] = float("inf")
+        x[0, 6, 5999] = float("nan")                       # the very last logit (scalar tail)
+        masked = torch.ones(1, 8, dtype=torch.bool)
+        bounds = torch.tensor([[0, 8]])
+        r = unmask(x.to(device), masked.to(device), bounds.to(device), min_tokens=torch.tensor([8], device=device))
+        tok, _, conf = ref_dllm_unmask(x, masked, bounds, min_tokens=torch.tensor([8]))
+        assert r.tokens.cpu().tolist() == tok.tolist(), dtype
+        assert r.tokens[0, :7].cpu().tolist() == [3000, 7, 0, 100, 4400, 2047, 5999]
+        torch.testing.assert_close(r.confidence.cpu(), conf, rtol=1e-5, atol=0, equal_nan=True)   # fp32 sums
+        assert torch.isnan(r.confidence[0, :7]).all() and not torch.isnan(r.confidence[0, 7])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_logits_like_argmax_and_softmax(device):
+    with kernel_ran("dllm_unmask", device):
+        check_nan_logits_like_argmax_and_softmax(device)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ISA switch by environment")
+def test_nan_logits_on_the_portable_path():
+    run_with_cpu_isa("portable", "import sys; sys.path.insert(0, 'tests'); import test_dllm_ops as t; "
+                     "t.check_nan_logits_like_argmax_and_softmax()")
+
+
 def test_strided_logits_slice():
     logits, masked, bounds = make_case(3, 40, 257, seed=5)
     window = logits[:, 8:24]                          # strided in B, contiguous in V

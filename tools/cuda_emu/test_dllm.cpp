@@ -28,6 +28,7 @@ struct Case {
   int ties;      // > 0: plant this many equal maxima per row at random indices
   float scale;   // logit spread
   bool same_rows = false;   // every position of a batch row gets the same logits: confidences tie, rank by position
+  int nans = 0;             // > 0: plant this many NaN logits in about a third of the rows (the first one is the argmax)
 };
 
 template <typename T>
@@ -40,6 +41,8 @@ static void test_unmask(const Case& c, int64_t pad) {
     float* row = &vals[(b * L + l) * V];
     for (int64_t v = 0; v < V; ++v) row[v] = back(cvt<T>(urand(-c.scale, c.scale)));
     for (int t = 0; t < c.ties; ++t) row[rng() % V] = back(cvt<T>(c.scale * 1.5f));
+    if (rng() % 3 == 0)
+      for (int t = 0; t < c.nans; ++t) row[rng() % V] = NAN;
     for (int64_t v = 0; v < V; ++v) logits[b * stride_b + l * stride_l + v] = cvt<T>(row[v]);
   }
   // identical positions 0 and 1 of batch row 0 (or all positions): equal confidences rank by position
@@ -97,13 +100,20 @@ static void test_unmask(const Case& c, int64_t pad) {
       const float* row = &vals[i * V];
       int64_t arg = 0;
       for (int64_t v = 1; v < V; ++v) if (row[v] > row[arg]) arg = v;   // first index of the maximum
+      const int64_t first_nan = std::find_if(row, row + V, [](float x) { return x != x; }) - row;
+      if (first_nan < V) {   // torch.argmax / softmax: the first NaN, a NaN confidence
+        if (tokens[i] != first_nan) return fail("argmax (NaN row)", cfg);
+        if (!std::isnan(conf[i])) return fail("confidence (NaN row)", cfg);
+        continue;
+      }
       double sum = 0;
       for (int64_t v = 0; v < V; ++v) sum += std::exp(double(row[v]) - row[arg]);
       if (tokens[i] != arg) return fail("argmax", cfg);
       if (!(std::abs(conf[i] - 1.0 / sum) <= 2e-6 / sum + 1e-7)) return fail("confidence", cfg);
     }
     // selection from the kernel's own confidences: sort descending, ties by position, then the rule's text
-    std::stable_sort(cand.begin(), cand.end(), [&](int64_t x, int64_t y) { return conf[b * L + x] > conf[b * L + y]; });
+    auto key = [&](int64_t l) { return std::isnan(conf[b * L + l]) ? -INFINITY : conf[b * L + l]; };   // NaN last
+    std::stable_sort(cand.begin(), cand.end(), [&](int64_t x, int64_t y) { return key(x) > key(y); });
     const int64_t k = c.with_min_tokens ? std::max<int64_t>(1, min_tokens[b]) : 1;
     std::vector<uint8_t> want(L, 0);
     for (size_t r = 0; r < cand.size(); ++r) {
@@ -179,6 +189,8 @@ int main(int argc, char** argv) {
         {2, 12, 2100, false, 2.f, 0, true, 4, 5},         // threshold above one: only the top k
         {3, 21, 300, false, 2.f, 0, true, 0, 5, true},    // all confidences tie: the top k are the first k
         {2, 16, 130, true, 0, 0.5f, true, 0, 5, true},
+        {3, 19, 1000, false, 0.2f, 0, true, 2, 5, false, 1},   // NaN logits: one per NaN row
+        {2, 23, 700, true, 0, 0.8f, true, 0, 5, false, 3},     // several NaNs per row, across threads' strides
     };
     int n = 0;
     for (const Case& c : grid) {
