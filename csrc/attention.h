@@ -25,10 +25,10 @@
 // key's v makes those output columns NaN; a row whose visible scores are all -inf is empty (out 0, lse -inf).
 // Hidden keys never reach the forward output, NaN or not: their scores become -inf before the softmax, unlisted
 // blocks are never read, and a hidden key's v is not multiplied in (CPU: a per-pair path for partial blocks whose
-// V is not finite; CUDA-core: hidden keys are skipped). Known limits: the CUDA tensor-core forward multiplies P = 0
-// by V in a listed partial block, so a NaN / Inf v of a key hidden there reaches that block's rows (0 * NaN, as in
-// SDPA with a boolean mask); in the backward, a hidden NaN inside a listed partial block may reach the gradients
-// through 0 * NaN in the products (as in SDPA's backward, which spreads it to every row). The rule every backend follows: exp2 propagates NaN, so a NaN score makes
+// V is not finite; CUDA-core: hidden keys are skipped; tensor cores: a partial block whose V chunk holds a NaN / Inf
+// adds P V over its visible pairs only, attention_mma.cuh pv_visible_pairs). Known limit: in the backward, a hidden
+// NaN inside a listed partial block may reach the gradients through 0 * NaN in the products (as in SDPA's backward,
+// which spreads it to every row). The rule every backend follows: exp2 propagates NaN, so a NaN score makes
 // the row sum l NaN and l stays NaN (l = l * alpha + sum); the running maximum need not keep the NaN (SIMD max
 // drops it); at the end a row is empty exactly when l == 0 (l >= 1 once any finite score was seen), never by
 // `l > 0`, which is false for a NaN row too (that reported NaN rows as empty: out 0, lse -inf).

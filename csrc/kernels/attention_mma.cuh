@@ -225,6 +225,56 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[kNTiles][4], const FragA&
   }
 }
 
+// ---- non-finite values in a partial block (csrc/attention.h "NaN / Inf") -----------------------------------
+
+// This thread's share of the test "does a chunk in smem (rows [0, rows), columns [0, dim)) hold a NaN or Inf?";
+// the block ORs the shares with __syncthreads_or.
+template <typename T, int kHead>
+__device__ __forceinline__ bool chunk_share_nonfinite(const T* chunk, int rows, int dim) {
+  const int per_row = dim / 8;   // dim % 8 == 0: 16-byte pieces, as load_rows copies them
+  bool found = false;
+  for (int i = threadIdx.x; i < rows * per_row; i += blockDim.x) {
+    const T* e = chunk + (i / per_row) * stride_of(kHead) + 8 * (i % per_row);
+#pragma unroll
+    for (int x = 0; x < 8; ++x) found |= !(fabsf(to_float(e[x])) <= 3.402823466e38f);   // NaN fails too
+  }
+  return found;
+}
+
+// O += P V over the visible (query, key) pairs of a chunk only: the path of a partial block whose V chunk holds a
+// NaN / Inf, where the mma would add P = 0 times it (0 * NaN = NaN) into rows that cannot see the key. For each
+// key c the quad lane holding P[row][c] (fragment map above) shares it, rounded to T as the mma's A fragment is,
+// and each lane adds it times V[c] into the output elements it owns, skipping hidden pairs (bit of `bits`, key
+// past `keys_left`). A visible pair multiplies as the mma would (P = 0 times NaN is NaN there, as in softmax).
+// Scalar and slow; only a non-finite V in a partial block takes it.
+template <typename T, int kNTiles>
+__device__ __forceinline__ void pv_visible_pairs(float (&o)[kNTiles][4], const float (&s)[4][4], const T* v_chunk,
+                                                 int stride, const uint32_t (&bits)[2], int64_t keys_left,
+                                                 HeadAxis dv, int w, int lane) {
+  const int tig = lane % 4;
+  for (int c = 0; c < w; ++c) {
+    const int src = (lane & ~3) | ((c % 8) / 2);   // the quad lane of column c: c = 8 j + 2 tig + e
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      float mine = 0.0f;   // s[c / 8][2 hr + c % 2] without indexing the registers by a runtime value
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float even = s[j][2 * hr], odd = s[j][2 * hr + 1];   // values: a select of addresses puts s on the stack
+        if (j == c / 8) mine = c % 2 ? odd : even;
+      }
+      const float pr = to_float(from_float<T>(__shfl_sync(0xffffffffu, mine, src)));
+      if (c >= keys_left || !((bits[hr] >> c) & 1u)) continue;   // after the shuffle: every lane takes part
+      const T* v_row = v_chunk + c * stride + 2 * tig;
+#pragma unroll
+      for (int j = 0; j < kNTiles; ++j) {
+        if (j >= dv.tiles) break;
+        o[j][2 * hr] += pr * to_float(v_row[8 * j]);
+        o[j][2 * hr + 1] += pr * to_float(v_row[8 * j + 1]);
+      }
+    }
+  }
+}
+
 // ---- launch ------------------------------------------------------------------------------------------------
 
 // kHead of the kernels for p: round16(max(D, Dv)) rounded up to 64, 128 or 256.

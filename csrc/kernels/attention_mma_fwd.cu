@@ -12,7 +12,8 @@
 //     S = Q K^T                    [16 x w] per warp: ldmatrix.x4 of K (B operand, 2 n-tiles), 4 regs of Q per k-step
 //     S = S * scale * log2(e); -inf where the bit tile (partial blocks) or key >= Tk hides a key
 //     m' = max(m, rowmax S); P = exp2(S - m'); l = l exp2(m - m') + rowsum P; O = O exp2(m - m') + P V
-//     (P goes from the S accumulators straight into A fragments; V's B fragments come from ldmatrix.x4.trans)
+//     (P goes from the S accumulators straight into A fragments; V's B fragments come from ldmatrix.x4.trans;
+//     a partial block whose V chunk holds a NaN / Inf adds P V over its visible pairs only: pv_visible_pairs)
 //   out = O / l, lse = (m + log2 l) / log2(e); a row with no visible key: out = 0, lse = -inf
 #include "attention_mma.cuh"
 
@@ -98,6 +99,11 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 1) fwd_mma_kernel(const FwdPar
     cp_async_commit();
     cp_async_wait<1>();  // this thread's copies of the current chunk have landed ...
     __syncthreads();     // ... and everyone's
+    // A partial block whose V chunk holds a NaN / Inf (rare) takes the visible-pairs P V below; `tile` is the same
+    // for the whole block, so either every thread reaches the barrier-or or none does.
+    const T* const v_chunk = v_s + stage * kChunk * kStride;
+    const bool v_nonfinite =
+        tile >= 0 && __syncthreads_or(chunk_share_nonfinite<T, kHead>(v_chunk, w, p.v_dim));
 
     // S = Q K^T for this warp's 16 rows and the chunk's w keys.
     const T* const k_lane = k_s + stage * kChunk * kStride + b_off;
@@ -150,8 +156,11 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 1) fwd_mma_kernel(const FwdPar
     }
 
     // O += P V: P's accumulators are the A fragments (AccFragA), V's B fragments come transposed from smem.
-    const T* const v_lane = v_s + stage * kChunk * kStride + a_off;
-    warp_gemm<kStride, kChunk / 16, true>(o, acc_frags<T>(s), v_lane, dvh, w);
+    if (!v_nonfinite) {
+      warp_gemm<kStride, kChunk / 16, true>(o, acc_frags<T>(s), v_chunk + a_off, dvh, w);
+    } else {
+      pv_visible_pairs<T>(o, s, v_chunk, kStride, bits, p.kv_len - key0, dvh, w, lane);
+    }
     __syncthreads();  // everyone is done with this stage before the next iteration refills it
 
     e = next_e;

@@ -38,7 +38,8 @@ struct Case {
   double qscale;      // input magnitude (larger: more online-softmax rescaling)
   bool garbage = false;  // counts beyond the list width or negative: only "no out-of-bounds access" is checked
   bool glse = false;     // a gradient arriving at lse too
-  int poison = 0;        // forward only: 1 a NaN in q (b 0, h 0, row Tq / 2), 2 a NaN in k (b 0, key head 0, key Tk / 3)
+  int poison = 0;        // forward only: 1 a NaN in q (b 0, h 0, row Tq / 2), 2 a NaN in k (b 0, key head 0, key Tk / 3),
+                         // 3 a NaN in v (the same key, column 2: NaN in that output column of the rows that see it)
 };
 
 static double worst_ratio = 0;  // max over checks of error / bound: how close the passing cases come
@@ -182,6 +183,7 @@ static bool run_case(const Case& c) {
   const int poison_row = c.Tq / 2, poison_key = c.Tk / 3;
   if (c.poison == 1) put(c.dt, qb_.p, poison_row * p.q_stride_t, NAN);
   if (c.poison == 2) put(c.dt, kb_.p, poison_key * p.k_stride_t + 1, NAN);
+  if (c.poison == 3) put(c.dt, vb_.p, poison_key * p.v_stride_t + 2, NAN);
   p.q = qb_.p; p.k = kb_.p; p.v = vb_.p;
   p.scale = float(1.0 / std::sqrt(double(c.D)));
   p.mask = MaskDims{Bm, Hm, QB, KB, c.bq, c.bkv, num_tiles};
@@ -243,6 +245,10 @@ static bool run_case(const Case& c) {
       const bool hit = b == 0 && (c.poison == 1 ? h == 0 && i == poison_row && rl[row] != -INFINITY
                                                 : h / G == 0 && dense[(size_t(mrow) * c.Tq + i) * c.Tk + poison_key]);
       if (!hit) continue;
+      if (c.poison == 3) {   // a NaN value: that column only; the softmax (lse) does not see values
+        ro[row * c.Dv + 2] = NAN;
+        continue;
+      }
       rl[row] = NAN;
       for (int d = 0; d < c.Dv; ++d) ro[row * c.Dv + d] = NAN;
     }
@@ -372,8 +378,9 @@ int main(int argc, char** argv) {
     cs.push_back({1, 2, 2, 48, 64, 64, 64, 16, 64, DType::kF16, kRandom, false, true, false, false, true, true, 8.0});
   }
   if (section("nan")) {
-    // NaN in q or in a key, CUDA-core and tensor-core forward: NaN rows exactly where softmax has them.
-    for (const int poison : {1, 2})
+    // NaN in q, in a key or in a value, CUDA-core and tensor-core forward: NaN rows (columns) exactly where softmax
+    // has them; a NaN value of a key hidden inside a listed partial block never reaches the rows that cannot see it.
+    for (const int poison : {1, 2, 3})
       for (const bool mma : {false, true})
         for (const MaskKind kind : {kCausal, kRandom, kEmptyRows}) {
           const DType dt = mma ? (kind == kRandom ? DType::kBF16 : DType::kF16) : DType::kF32;

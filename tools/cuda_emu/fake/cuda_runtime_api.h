@@ -64,6 +64,19 @@ inline std::map<const void*, int> emu_func_max_dyn_smem;  // cudaFuncSetAttribut
 inline thread_local uint32_t emu_epoch = 0;
 inline std::vector<std::atomic<uint64_t>>* emu_smem_reads = nullptr;  // per 16 B chunk: epoch << 32 | reader warp + 1
 inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); ++emu_epoch; }
+// __syncthreads_or: call n of the block (every thread counts its calls) ORs into flag n % 3; after the barrier thread
+// 0 clears flag (n + 2) % 3, the previous call's, whose readers are all past it and whose next writers (call n + 2)
+// wait for thread 0 at the barrier of call n + 1. emu_launch clears the flags and the count for each block.
+inline std::atomic<int> emu_sync_or_flags[3];
+inline thread_local long emu_sync_or_calls = 0;
+inline int __syncthreads_or(int pred) {
+  const long n = emu_sync_or_calls++;
+  if (pred) emu_sync_or_flags[n % 3].store(1);
+  __syncthreads();
+  const int any = emu_sync_or_flags[n % 3].load();
+  if (threadIdx.x == 0) emu_sync_or_flags[(n + 2) % 3].store(0);
+  return any;
+}
 inline void emu_note_smem_read(const void* p) {
   const size_t chunk = (static_cast<const uint8_t*>(p) - emu_dyn_smem) / 16;
   const uint64_t mine = (uint64_t(emu_epoch) << 32) | (threadIdx.x / 32 + 1);
@@ -204,10 +217,12 @@ void emu_launch(EmuCfg cfg, F kernel, A... args) {
             if (t == 0) {
               memset(smem, 0xFF, smem_bytes);
               for (auto& r : reads) r.store(~uint64_t{0}, std::memory_order_relaxed);
+              for (auto& f : emu_sync_or_flags) f.store(0);
             }
             bar.arrive_and_wait();
             blockIdx.x = bx; blockIdx.y = by; blockIdx.z = bz; emu_epoch = 0;
             emu_warp_seq = 0;
+            emu_sync_or_calls = 0;
             emu_cp = EmuCpAsync{};
             kernel(args...);
             emu_cp_left_at_exit += long(emu_cp.pending.size());
