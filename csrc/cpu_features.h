@@ -16,6 +16,12 @@ bool cpu_has_avx512_vnni();
 // AVX512-VBMI (byte permutes) and AVX512DQ.
 bool cpu_has_avx512_vbmi();
 
+// True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16), so ATen's bf16 GEMM beats its fp32 one;
+// without it (every AVX2-only CPU) the bf16 GEMM is emulated and several times slower than converting to fp32.
+// The batched quantized paths multiply bf16 activations in bf16 only then. BLOCKOPS_CPU_ISA=avx2 / =portable
+// say no, as such a CPU would.
+bool cpu_has_bf16_gemm();
+
 // "avx2+fma" or "portable": the ISA the CPU kernels use in this process.
 const char* cpu_isa_name();
 

@@ -550,10 +550,10 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
       default: gemv<4>(a, rows); break;
     }
   } else {
-    // bf16 activations: the block is rounded to bf16 too and multiplied by ATen's bf16 GEMM (what
-    // F.linear in bf16 does, with its accuracy), which is 2-3x faster than the fp32 one on CPUs with
-    // bf16 dot products; every other dtype multiplies in fp32.
-    const bool bf16 = x.scalar_type() == at::kBFloat16;
+    // bf16 activations on a CPU with bf16 dot products (cpu_has_bf16_gemm): the block is rounded to bf16 too
+    // and multiplied by ATen's bf16 GEMM (what F.linear in bf16 does, with its accuracy), 2-3x faster than the
+    // fp32 one there; elsewhere (AVX2) that GEMM is emulated and up to 20x slower, so every dtype multiplies in fp32.
+    const bool bf16 = x.scalar_type() == at::kBFloat16 && cpu_has_bf16_gemm();
     const at::Tensor xb = bf16 ? x2 : contiguous_fp32(x2);
     for_each_dequantized_block(qweight, contiguous_fp32(scales), contiguous_fp32(zeros), g,
                                [&](int64_t n0, int64_t nb, const at::Tensor& w) {

@@ -102,6 +102,20 @@ bool cpu_has_avx512_vbmi() {
 #endif
 }
 
+bool cpu_has_bf16_gemm() {
+#if BLOCKOPS_X86_DISPATCH
+  static const bool has = [] {
+    const char* forced = std::getenv("BLOCKOPS_CPU_ISA");
+    if (forced != nullptr && (std::strcmp(forced, "avx2") == 0 || std::strcmp(forced, "portable") == 0)) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
+  }();
+  return has;
+#else
+  return false;   // other architectures: fp32 GEMM for bf16 activations (the safe default)
+#endif
+}
+
 const char* cpu_isa_name() { return cpu_has_avx2_fma() ? "avx2+fma" : "portable"; }
 
 const char* cpu_isa_path() {
@@ -187,6 +201,7 @@ std::string build_info_json() {
   json += "\"cpu_isa\": " + quoted(cpu_isa_name()) + ", ";
   json += "\"cpu_isa_path\": " + quoted(cpu_isa_path()) + ", ";
   json += "\"cpu_isa_forced\": " + quoted(forced) + ", ";
+  json += std::string("\"cpu_bf16_gemm\": ") + (cpu_has_bf16_gemm() ? "true" : "false") + ", ";
   json += "\"cpu_parallel\": " + quoted(parallel) + ", ";
   json += "\"cpu_families\": " + object(cpu_families, quoted) + ", ";
   json += std::string("\"cuda_compiled\": ") + (BLOCKOPS_CUDA_BUILT ? "true" : "false") + ", ";

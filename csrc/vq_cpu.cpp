@@ -232,8 +232,9 @@ at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
                 s.data(), g, rows, y32.mutable_data_ptr<float>());
   } else {
     // bf16 activations multiply in bf16 (W_hat rounded to bf16, fp32 accumulation inside the GEMM), as
-    // F.linear does with bf16 weights: the CPU's bf16 GEMM runs about twice as fast as the fp32 one.
-    const bool bf16_gemm = x.scalar_type() == at::kBFloat16;
+    // F.linear does with bf16 weights, where the CPU has bf16 dot products (cpu_has_bf16_gemm): that GEMM runs
+    // about twice as fast as the fp32 one there, and several times slower on AVX2-only CPUs (emulated).
+    const bool bf16_gemm = x.scalar_type() == at::kBFloat16 && cpu_has_bf16_gemm();
     const at::Tensor xg = bf16_gemm ? x.reshape({rows, g.in()}).contiguous() : x32;
     for_each_block(codes.const_data_ptr(), w.type, cb32.const_data_ptr<float>(), s.data(), g,
                    [&](int64_t n0, int64_t nb, const at::Tensor& blk) {

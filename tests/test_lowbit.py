@@ -458,3 +458,20 @@ def test_every_cpu_code_path_matches(isa):
         "        assert ((y - ref).abs().mean() / ref.abs().mean()) < 2e-4, (bits, rows)\n"
     )
     run_with_cpu_isa(isa, code)
+
+
+def test_batched_bf16_multiplies_in_fp32_without_bf16_dot_products():
+    """On a CPU without native bf16 dot products (BLOCKOPS_CPU_ISA=avx2 says so, as an AVX2-only CPU would) the
+    batched path multiplies bf16 activations in fp32, since ATen's bf16 GEMM is emulated there and up to 20x
+    slower: the result is exactly the fp32 path's, rounded to bf16 once."""
+    code = (
+        "import torch, blockops\n"
+        "from blockops.ops import bitpack, lowbit\n"
+        "assert blockops.build_info()['cpu_bf16_gemm'] is False\n"
+        "qw = bitpack.pack_bits(torch.randint(0, 4, (256, 96), dtype=torch.int32), 2, 0)\n"
+        "s = torch.rand(4, 96) * 0.1; z = torch.rand(4, 96) * 3\n"
+        "x = torch.randn(80, 256).bfloat16()\n"           # 80 rows: above the decode kernel's 64
+        "y = lowbit.quant_linear(x, qw, s, z, 2, 64)\n"
+        "assert torch.equal(y, lowbit.quant_linear(x.float(), qw, s, z, 2, 64).bfloat16())\n"
+    )
+    run_with_cpu_isa("avx2", code)

@@ -674,3 +674,19 @@ def test_cuda_opcheck_and_compile():
     opcheck(_ops.vq_grad_codebooks, (t, codes, codebooks, scales))
     opcheck(_ops.vq_grad_scales, (t, codes, codebooks))
     assert_compiles(lambda a: vq.vq_linear(a, codes, codebooks, scales, bias), x)
+
+
+def test_batched_bf16_multiplies_in_fp32_without_bf16_dot_products():
+    """As tests/test_lowbit.py's: without native bf16 dot products (BLOCKOPS_CPU_ISA=avx2) the batched path
+    multiplies bf16 activations in fp32; the result is exactly the fp32 path's, rounded to bf16 once."""
+    code = (
+        "import torch, blockops\n"
+        "from blockops.ops import vq\n"
+        "assert blockops.build_info()['cpu_bf16_gemm'] is False\n"
+        "codes = torch.randint(0, 256, (96, 64, 1), dtype=torch.int32).to(torch.uint8)\n"
+        "cb = torch.randn(1, 256, 4) * 0.1\n"
+        "x = torch.randn(300, 256).bfloat16()\n"          # above the decode kernels' row limit
+        "y = vq.vq_linear(x, codes, cb)\n"
+        "assert torch.equal(y, vq.vq_linear(x.float(), codes, cb).bfloat16())\n"
+    )
+    run_with_cpu_isa("avx2", code)
