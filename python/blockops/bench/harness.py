@@ -176,18 +176,23 @@ def smoke_timing(enabled: bool = True):
 
 
 def time_ms(fn: Callable[[], object], device: str, warmup: int = 2, min_repeats: int = 5,
-            min_seconds: float = 0.2, max_repeats: int = 200) -> float:
+            min_seconds: float = 0.2, max_repeats: int = 200, between: Callable[[], object] | None = None) -> float:
     """Median wall time of fn() in milliseconds: `warmup` untimed calls, then at least `min_repeats` timed
-    calls and at least `min_seconds` in total (capped at `max_repeats`). In smoke mode: one timed call, no
-    warm-up."""
+    calls and at least `min_seconds` in total (capped at `max_repeats`). With `between`, an untimed call of it
+    precedes every call of fn (time_ms_in_model). In smoke mode: one timed call, no warm-up."""
     if _smoke:
         warmup, min_repeats, min_seconds, max_repeats = 0, 1, 0.0, 1
     for _ in range(warmup):
+        if between is not None:
+            between()
         fn()
     synchronize(device)
     times = []
     start_all = time.perf_counter()
     while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() - start_all < min_seconds):
+        if between is not None:
+            between()
+            synchronize(device)
         if torch.device(device).type == "cuda":
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
@@ -200,6 +205,24 @@ def time_ms(fn: Callable[[], object], device: str, warmup: int = 2, min_repeats:
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def model_rows(family: str, op: str, shape: str, device: str, ours_fn: Callable[[], object], x: torch.Tensor,
+               in_features: int, out_features: int, **row) -> list[Result]:
+    """The "as a model runs" figure of a CPU GEMV row (issue 18): blockops and fp32 F.linear of the same shape, each
+    call right after an untimed fp32 F.linear of another layer [out, in] (other weights, so the thread pool has just
+    finished other work and the kernel's data may have left the caches), as the layers of a model alternate. A
+    tight loop of one op alone flatters per-call set-up and thread hand-over; this row shows them. `row`: the
+    Result fields of the tight-loop row (bytes_moved, max_error, tolerance, ...)."""
+    g = torch.Generator().manual_seed(7)
+    other_w = torch.randn(out_features, in_features, generator=g)
+    own_w = torch.randn(out_features, in_features, generator=g)
+    x32 = x.float()
+    other = (lambda: torch.nn.functional.linear(x32, other_w))
+    ours = time_ms(ours_fn, device, between=other)
+    base = time_ms(lambda: torch.nn.functional.linear(x32, own_w), device, between=other)
+    note = "each call after an fp32 F.linear of another layer (both sides)"
+    return [Result(family, f"{op} in a model", shape, device, ours, "F.linear float32", base, note=note, **row)]
 
 
 def time_ms_and_result(fn: Callable[[], object], device: str, **timing) -> tuple[float, object]:

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from blockops import ops
-from blockops.bench.harness import (Result, SharedReferences, linear_training_step, max_rel_error, time_ms,
-                                     unit_roundoff)
+from blockops.bench.harness import (Result, SharedReferences, linear_training_step, max_rel_error, model_rows,
+                                     time_ms, unit_roundoff)
 from blockops.reference import ref_quant_dequantize, ref_quant_linear
 
 # The torch.ops.blockops ops this family's rows run (backward kernels included).
@@ -167,6 +167,11 @@ def _gemm_rows(configs: list[Config], device: str, refs: SharedReferences) -> li
             except (RuntimeError, AttributeError) as e:  # older torch without the op: say so, don't hide it
                 results.append(Result("lowbit", op, shape, device, ours, "torch int4 CPU", float("nan"),
                                       max_error=err, tolerance=tol, note=f"baseline unavailable: {e}"[:80]))
+        if not cuda and c.rows == 1:
+            results += model_rows("lowbit", op, shape, device,
+                                  lambda: ops.quant_linear(x, qweight, scales, zeros, c.bits, c.group_size), x,
+                                  c.in_features, c.out_features, bytes_moved=weight_bytes, flops=flops,
+                                  max_error=err, tolerance=tol)
     return results
 
 

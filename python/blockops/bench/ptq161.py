@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from blockops import ops, ptq161
-from blockops.bench.harness import (Result, SharedReferences, linear_training_step, max_rel_error, time_ms,
-                                     unit_roundoff)
+from blockops.bench.harness import (Result, SharedReferences, linear_training_step, max_rel_error, model_rows,
+                                     time_ms, unit_roundoff)
 from blockops.bench.lowbit import _LLAMA
 from blockops.bench.lowbit import Config as LowbitConfig
 from blockops.bench.lowbit import _weights as lowbit_weights
@@ -153,6 +153,10 @@ def _gemm_rows(configs: list[Config], device: str, refs: SharedReferences) -> li
                                                 torch.float16)
         row("blockops quant_linear w2g64",
             time_ms(lambda: ops.quant_linear(x, qweight, scales, zeros, 2, 64), device))
+        if not cuda and c.rows == 1:
+            results += model_rows("ptq161", op, shape, device, lambda: ptq161.ptq161_linear(x, *args, s), x,
+                                  c.in_features, c.out_features, bytes_moved=weight_bytes, flops=flops,
+                                  max_error=err, tolerance=tol)
     return results
 
 

@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from blockops import vq
-from blockops.bench.harness import (Result, SharedReferences, linear_training_step, max_rel_error, time_ms,
-                                     unit_roundoff)
+from blockops.bench.harness import (Result, SharedReferences, linear_training_step, max_rel_error, model_rows,
+                                     time_ms, unit_roundoff)
 from blockops.reference import ref_vq_dequantize, ref_vq_linear
 
 # The torch.ops.blockops ops this family's rows run (backward kernels included).
@@ -226,6 +226,10 @@ def _run_cpu(device: str, configs: list[Config], refs: SharedReferences) -> list
             if x_dtype == torch.float32:
                 results.append(Result("vq", op, shape, device, ours, "decode-then-linear (reference)", reference_ms,
                                       bytes_moved=weight_bytes, flops=flops, max_error=err, tolerance=tol))
+            if c.rows == 1:
+                results += model_rows("vq", op, shape, device, lambda: vq.vq_linear(x, codes, codebooks, scales), x,
+                                      c.in_features, c.out_features, bytes_moved=weight_bytes, flops=flops,
+                                      max_error=err, tolerance=tol)
     return results
 
 
