@@ -3,11 +3,12 @@
 // quant_linear, M <= kCpuGemvMaxRows rows (decode and small batches) -- fused kernels that read every packed
 // weight once per pass of up to kRowsPerPass activation rows and never materialise W_hat:
 //
-//      qweight [words, out] int32        2/4-bit (fixed-point kernel): a task owns a band of kBandTiles
+//      qweight [words, out] int32        AVX2 (fixed-point kernel, 2/3/4-bit): a task owns a band of kBandTiles
 //      +------ band 0 ------+-- band 1 --    tiles (256 columns, 1 KiB of each packed row) and walks down
 //      | t0 | t1 | ... | t15| t0 | ...       the rows; the rows kPrefetchRows ahead are prefetched, since
 //      |16c |16c |     |16c |                the hardware prefetchers do not follow a stride of out * 4
-//      v    v    v     v    v                bytes across pages. 3-bit and portable kernels: one task per
+//      v    v    v     v    v                bytes across pages. fp32 kernel (groups above
+//                                           kCpuFixedPointMaxGroup) and portable kernel: one task per
 //                                           16-column tile, same walk.
 //   per tile and pass:  for each group:  acc[m] = sum_{k in grp} x[m, k] * q[k, :]   (codes unpacked in
 //                                        y[m, :] += s[grp, :] * (acc[m] - z[grp, :] * xsum[m, grp])   registers)
@@ -76,9 +77,11 @@ constexpr int64_t kBlockRows = 512;    // output features (rows of W_hat) dequan
 struct GemvArgs {
   const float* x;
   const float* xsum;
-  // Only for the 16-bit fixed-point path (below): per row, packed row r and step j, the int16 activations
-  // of inputs r*p + j (low half) and r*p + p/2 + j (high half); and the per-(row, group) fixed-point step.
+  // Only for the 16-bit fixed-point path (below): per row, group and packed row r touching the group (a slot),
+  // step j, the int16 activations of inputs r*p + j (low half) and r*p + p/2 + j (high half), 0 outside the
+  // group; the group's first slot (group_slot [groups + 1]); and the per-(row, group) fixed-point step.
   const int32_t* xpairs;
+  const int64_t* group_slot;
   const float* xstep;
   const int32_t* qweight;
   const float* scales;       // fp32 copies: float and portable kernels (null on the fixed-point path)
@@ -239,10 +242,18 @@ BLOCKOPS_TARGET_AVX2 __attribute__((always_inline)) inline __m256 load8_as_float
   }
 }
 
-// The 2- and 4-bit decode kernel on 16-bit fixed-point activations. An int32 lane (one column) of a packed
-// word holds codes k in its low half and k + p/2 in its high half, so one shift and one mask leave two
-// codes per lane as int16 pairs; _mm256_madd_epi16 multiplies them by the matching pair of int16
-// activations and adds the two products: 16 weights cost 4 instructions instead of the float path's 8.
+// A 3-bit packed word (10 codes at bits 3t, bits 30-31 unused) with codes 5..9 moved up one bit, from bits
+// 15.. to 16..: then code t sits at bit 3t of the low half and code t + 5 at bit 3t of the high half, the 2/4-bit
+// words' layout, so the kernel below decodes it alike (4 instructions per word, shared by its 5 steps).
+BLOCKOPS_TARGET_AVX2 __attribute__((always_inline)) inline __m256i spread_3bit_avx2(__m256i w) {
+  return _mm256_or_si256(_mm256_and_si256(w, _mm256_set1_epi32(0x7FFF)),
+                         _mm256_slli_epi32(_mm256_and_si256(w, _mm256_set1_epi32(0x3FFF8000)), 1));
+}
+
+// The 2-, 3- and 4-bit decode kernel on 16-bit fixed-point activations. An int32 lane (one column) of a packed
+// word holds codes k in its low half and k + p/2 in its high half (3-bit: after spread_3bit_avx2), so one shift
+// and one mask leave two codes per lane as int16 pairs; _mm256_madd_epi16 multiplies them by the matching pair of
+// int16 activations and adds the two products: 16 weights cost 4 instructions instead of the float path's 8.
 // Activations are rounded per (row, group) to 16-bit fixed point, step = max|x| / 32767 (relative error
 // <= 1.5e-5 of the group's largest activation: finer than fp16 or bf16 inputs). Group sums stay in int32:
 // |code * x16| * group_size <= 15 * 32767 * 1024 < 2^31 (kCpuFixedPointMaxGroup, lowbit.h).
@@ -261,8 +272,7 @@ TARGET void NAME(const GemvArgs& a, int64_t n0, int tiles, int64_t m0) {        
   constexpr int kBandCols = kBandTiles * kTileCols;                                                                \
   const Geometry& g = a.g;                                                                                         \
   const __m256i mask = _mm256_set1_epi32(kField | (kField << 16));                                                 \
-  const int64_t rows_per_group = g.group_size / kPer;                                                              \
-  const int64_t pair_stride = g.words() * kHalf;                                                                   \
+  const int64_t pair_stride = a.group_slot[g.groups()] * kHalf;                                                    \
   const int cols = tiles * kTileCols;                                                                              \
   alignas(32) int32_t acc[kRows][kBandCols];                                                                       \
   alignas(32) float y[kRows][kBandCols];                                                                           \
@@ -271,14 +281,20 @@ TARGET void NAME(const GemvArgs& a, int64_t n0, int tiles, int64_t m0) {        
   for (int64_t grp = 0; grp < g.groups(); ++grp) {                                                                 \
     for (int m = 0; m < kRows; ++m)                                                                                \
       for (int c = 0; c < cols; ++c) acc[m][c] = 0;                                                                \
-    for (int64_t r = grp * rows_per_group; r < (grp + 1) * rows_per_group; ++r) {                                  \
+    /* the packed rows touching the group (3-bit: a row can straddle two groups; slots zero the other's inputs) */ \
+    const int64_t r0 = grp * g.group_size / kPer, r1 = ((grp + 1) * g.group_size + kPer - 1) / kPer;               \
+    for (int64_t r = r0; r < r1; ++r) {                                                                            \
       const int32_t* row = a.qweight + r * g.out + n0;                                                             \
       const char* ahead = reinterpret_cast<const char*>(row + kPrefetchRows * g.out);                              \
       for (int line = 0; line < tiles; ++line) _mm_prefetch(ahead + line * 64, _MM_HINT_T0);                       \
-      const int32_t* xp = a.xpairs + m0 * pair_stride + r * kHalf;                                                 \
+      const int32_t* xp = a.xpairs + m0 * pair_stride + (a.group_slot[grp] + r - r0) * kHalf;                      \
       for (int tile = 0; tile < tiles; ++tile) {                                                                   \
         __m256i w_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + tile * kTileCols));               \
         __m256i w_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + tile * kTileCols + 8));           \
+        if constexpr (kBits == 3) { /* codes 5..9 from bit 15 to bit 16: code j and j + 5 then sit 16 bits apart */ \
+          w_lo = spread_3bit_avx2(w_lo);                                                                           \
+          w_hi = spread_3bit_avx2(w_hi);                                                                           \
+        }                                                                                                          \
         __m256i s_lo[kRows], s_hi[kRows];                                                                          \
         for (int m = 0; m < kRows; ++m) s_lo[m] = s_hi[m] = _mm256_setzero_si256();                                \
 _Pragma("GCC unroll 8")                                                                                            \
@@ -351,29 +367,27 @@ void gemv(const GemvArgs& a, int64_t rows) {
   const int64_t tiles = (g.out + kTileCols - 1) / kTileCols;
 #if BLOCKOPS_X86_DISPATCH
   const bool avx2 = cpu_has_avx2_fma();
-  if constexpr (kBits != 3) {
-    if (a.xpairs != nullptr) {
-      // Fixed-point path: threads take bands of full tiles; the partial tile at the end (out % 16 columns)
-      // goes to the portable kernel.
-      const int64_t full = g.out / kTileCols;
-      const int64_t bands = (full + kBandTiles - 1) / kBandTiles;
-      at::parallel_for(0, bands, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t band = begin; band < end; ++band) {
-          const int band_tiles = static_cast<int>(std::min<int64_t>(kBandTiles, full - band * kBandTiles));
-          for (int64_t m0 = 0; m0 < rows; m0 += kRowsPerPass) {
-            gemv_band_fixed<kBits>(a, band * kBandTiles * kTileCols, band_tiles, m0,
-                                   static_cast<int>(std::min<int64_t>(kRowsPerPass, rows - m0)));
-          }
-        }
-      });
-      if (full < tiles) {
+  if (a.xpairs != nullptr) {
+    // Fixed-point path: threads take bands of full tiles; the partial tile at the end (out % 16 columns)
+    // goes to the portable kernel.
+    const int64_t full = g.out / kTileCols;
+    const int64_t bands = (full + kBandTiles - 1) / kBandTiles;
+    at::parallel_for(0, bands, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t band = begin; band < end; ++band) {
+        const int band_tiles = static_cast<int>(std::min<int64_t>(kBandTiles, full - band * kBandTiles));
         for (int64_t m0 = 0; m0 < rows; m0 += kRowsPerPass) {
-          gemv_tile_portable<kBits>(a, full * kTileCols, static_cast<int>(g.out - full * kTileCols), m0,
-                                    static_cast<int>(std::min<int64_t>(kRowsPerPass, rows - m0)));
+          gemv_band_fixed<kBits>(a, band * kBandTiles * kTileCols, band_tiles, m0,
+                                 static_cast<int>(std::min<int64_t>(kRowsPerPass, rows - m0)));
         }
       }
-      return;
+    });
+    if (full < tiles) {
+      for (int64_t m0 = 0; m0 < rows; m0 += kRowsPerPass) {
+        gemv_tile_portable<kBits>(a, full * kTileCols, static_cast<int>(g.out - full * kTileCols), m0,
+                                  static_cast<int>(std::min<int64_t>(kRowsPerPass, rows - m0)));
+      }
     }
+    return;
   }
 #endif
   // One task per tile at least 16 tiles' worth of work: tiles are small, but the threads must not share
@@ -397,11 +411,20 @@ void gemv(const GemvArgs& a, int64_t rows) {
 }
 
 // Inputs of the fixed-point decode kernel: int16 activations paired as gemv_band_fixed_{avx2,vnni} read them
-// (xpairs [rows, words, p/2] int32) and the fixed-point step per (row, group) (xstep [rows, groups]).
-void prepare_fixed_point(const at::Tensor& x32, const Geometry& g, at::Tensor& xpairs, at::Tensor& xstep) {
-  const int64_t rows = x32.size(0);
+// (xpairs [rows, slots, p/2] int32), each group's first slot (group_slot [groups + 1] int64) and the fixed-point
+// step per (row, group) (xstep [rows, groups]). The slots of group grp are the packed rows touching it,
+// grp * g / p .. ceil((grp + 1) * g / p); inputs of another group in them are 0. With 2/4 bits p divides g, so a
+// group's slots are exactly its rows and the layout is [rows, words, p/2]; 3-bit rows (10 inputs) can straddle
+// two groups and then sit in both, with complementary halves zeroed.
+void prepare_fixed_point(const at::Tensor& x32, const Geometry& g, at::Tensor& xpairs, at::Tensor& group_slot,
+                         at::Tensor& xstep) {
+  const int64_t rows = x32.size(0), gs = g.group_size;
   const int per = g.per_word(), half = per / 2;
-  xpairs = at::empty({rows, g.words(), half}, x32.options().dtype(at::kInt));
+  group_slot = at::empty({g.groups() + 1}, x32.options().dtype(at::kLong));
+  int64_t* slot = group_slot.mutable_data_ptr<int64_t>();
+  slot[0] = 0;
+  for (int64_t grp = 0; grp < g.groups(); ++grp) slot[grp + 1] = slot[grp] + ((grp + 1) * gs + per - 1) / per - grp * gs / per;
+  xpairs = at::empty({rows, slot[g.groups()], half}, x32.options().dtype(at::kInt));
   xstep = at::empty({rows, g.groups()}, x32.options());
   const float* x = x32.const_data_ptr<float>();
   int32_t* pairs = xpairs.mutable_data_ptr<int32_t>();
@@ -411,18 +434,24 @@ void prepare_fixed_point(const at::Tensor& x32, const Geometry& g, at::Tensor& x
     const float* xm = x + m * g.in;
     for (int64_t grp = 0; grp < g.groups(); ++grp) {
       float peak = 0.f;
-      for (int64_t k = grp * g.group_size; k < (grp + 1) * g.group_size; ++k) peak = std::max(peak, std::abs(xm[k]));
+      for (int64_t k = grp * gs; k < (grp + 1) * gs; ++k) peak = std::max(peak, std::abs(xm[k]));
       const float step = peak > 0.f ? peak / 32767.f : 1.f;
       steps[m * g.groups() + grp] = step;
-      for (int64_t k = grp * g.group_size; k < (grp + 1) * g.group_size; ++k) {
+      for (int64_t k = grp * gs; k < (grp + 1) * gs; ++k) {
         fixed[k] = static_cast<int16_t>(std::nearbyint(xm[k] / step));
       }
     }
-    for (int64_t r = 0; r < g.words(); ++r) {
-      for (int j = 0; j < half; ++j) {
-        const uint32_t lo = static_cast<uint16_t>(fixed[r * per + j]);
-        const uint32_t hi = static_cast<uint16_t>(fixed[r * per + half + j]);
-        pairs[(m * g.words() + r) * half + j] = static_cast<int32_t>(lo | (hi << 16));
+    for (int64_t grp = 0; grp < g.groups(); ++grp) {
+      const int64_t r0 = grp * gs / per;
+      auto in_group = [&](int64_t k) -> uint32_t {   // input k's int16 bits, 0 outside the group
+        return k >= grp * gs && k < (grp + 1) * gs ? static_cast<uint16_t>(fixed[k]) : 0u;
+      };
+      for (int64_t s = slot[grp]; s < slot[grp + 1]; ++s) {
+        const int64_t r = r0 + s - slot[grp];
+        for (int j = 0; j < half; ++j) {
+          pairs[(m * slot[g.groups()] + s) * half + j] =
+              static_cast<int32_t>(in_group(r * per + j) | (in_group(r * per + half + j) << 16));
+        }
       }
     }
   }
@@ -524,9 +553,9 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
   if (rows <= kCpuGemvMaxRows) {
     const at::Tensor x32 = contiguous_fp32(x2);
     const at::Tensor xsum = x32.view({rows, g.groups(), g.group_size}).sum(-1).contiguous();
-    at::Tensor xpairs, xstep;
-    const bool fixed_point = cpu_has_avx2_fma() && g.bits != 3 && g.group_size <= kCpuFixedPointMaxGroup;
-    if (fixed_point) prepare_fixed_point(x32, g, xpairs, xstep);
+    at::Tensor xpairs, group_slot, xstep;
+    const bool fixed_point = cpu_has_avx2_fma() && g.group_size <= kCpuFixedPointMaxGroup;
+    if (fixed_point) prepare_fixed_point(x32, g, xpairs, group_slot, xstep);
     // fp32 copies of scales and zeros only where a float or portable kernel reads them (the fixed-point
     // kernel converts as it goes; the portable one takes the partial tile of columns at the end).
     const bool need_f32 = !fixed_point || g.out % kTileCols != 0;
@@ -535,6 +564,7 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
     const GemvArgs a{x32.const_data_ptr<float>(),
                      xsum.const_data_ptr<float>(),
                      fixed_point ? xpairs.const_data_ptr<int32_t>() : nullptr,
+                     fixed_point ? group_slot.const_data_ptr<int64_t>() : nullptr,
                      fixed_point ? xstep.const_data_ptr<float>() : nullptr,
                      qweight.const_data_ptr<int32_t>(),
                      need_f32 ? s32.const_data_ptr<float>() : nullptr,

@@ -440,8 +440,8 @@ def test_e2e_qp_style_training_updates_only_scales():
 @pytest.mark.parametrize("isa", ["portable", "avx2"])
 def test_every_cpu_code_path_matches(isa):
     """BLOCKOPS_CPU_ISA forces the portable kernels, or stops at AVX2 (no AVX512-VNNI): each path on its own
-    must match the reference, for the float (3-bit) and fixed-point (2/4-bit) decode kernels and a partial
-    last tile of columns."""
+    must match the reference, for the fixed-point decode kernel (groups up to 1024; 3-bit packed rows of 10
+    inputs straddling groups of 32), the fp32 one (groups of 2048) and a partial last tile of columns."""
 
     code = (
         "import torch, blockops\n"
@@ -456,6 +456,13 @@ def test_every_cpu_code_path_matches(isa):
         "        y = lowbit.quant_linear(x, qw, s, z, bits, 32)\n"
         "        ref = ref_quant_linear(x, qw, s, z, bits, 32)\n"
         "        assert ((y - ref).abs().mean() / ref.abs().mean()) < 2e-4, (bits, rows)\n"
+        "    q = torch.randint(0, 2**bits, (4096, 40), dtype=torch.int32)\n"
+        "    qw = bitpack.pack_bits(q, bits, 0); s = torch.rand(2, 40); z = torch.rand(2, 40) * 3\n"
+        "    for rows in (1, 6):\n"
+        "        x = torch.randn(rows, 4096)\n"
+        "        y = lowbit.quant_linear(x, qw, s, z, bits, 2048)\n"
+        "        ref = ref_quant_linear(x, qw, s, z, bits, 2048)\n"
+        "        assert ((y - ref).abs().max() / ref.abs().max()) < 1e-5, (bits, rows, 'fp32 kernel')\n"
     )
     run_with_cpu_isa(isa, code)
 
