@@ -109,9 +109,11 @@ TORCH_LIBRARY(blockops, m) {
   // q [B, T, HQ, D], k and w [B, T, H, D], v [B, T, H, Dv], beta [B, T, H], g [B, T, HQ] or None (forget-gate
   // log values, G = cumsum(g) per sequence), cu_seqlens int32/int64 [N + 1] (packed sequences, B = 1) or None;
   // HQ a multiple of H; D, Dv multiples of 8 up to 256; q, k, v one of fp16/bf16/fp32, w/beta/g fp32 or q's
-  // dtype; all contiguous. Logit of query i, key j <= i: q_i^T H_i ... H_{j+1} k_j with H_t = I - beta_t w_t w_t^T;
+  // dtype, or everything fp64 (CPU only: computed in fp64 throughout, for gradcheck); all contiguous. Logit of
+  // query i, key j <= i: q_i^T H_i ... H_{j+1} k_j with H_t = I - beta_t w_t w_t^T;
   // s_ij = scale * (logit_ij + G_i - G_j); causal softmax. Returns o [B, T, HQ, Dv] in q's dtype and
-  // lse [B, HQ, T] fp32 (natural log). Argument layout of flash-linear-attention's parallel_path_attn.
+  // lse [B, HQ, T] fp32, fp64 for fp64 inputs (natural log). Argument layout of flash-linear-attention's
+  // parallel_path_attn.
   define(m, "path_attention",
          "path_attention(Tensor q, Tensor k, Tensor v, Tensor w, Tensor beta, Tensor? g, Tensor? cu_seqlens, "
          "float scale) -> (Tensor o, Tensor lse)");
@@ -119,8 +121,9 @@ TORCH_LIBRARY(blockops, m) {
   // [B, T, H, D] in k's dtype (arguments as in path_attention).
   define(m, "path_attention", "path_key_cache(Tensor k, Tensor w, Tensor beta, Tensor? cu_seqlens) -> Tensor");
   // Gradients of path_attention from grad_o [B, T, HQ, Dv] (q's dtype), the forward's arguments, its o and lse,
-  // and grad_lse [B, HQ, T] fp32 (optional, the gradient arriving at lse). Each gradient has its input's shape and
-  // dtype; grad_g is [B, T, HQ], fp32 when g is None (the gradient with respect to a zero gate). Deterministic.
+  // and grad_lse [B, HQ, T] in lse's dtype (optional, the gradient arriving at lse). Each gradient has its input's
+  // shape and dtype; grad_g is [B, T, HQ], in lse's dtype when g is None (the gradient with respect to a zero
+  // gate). Deterministic.
   define(m, "path_attention",
          "path_attention_backward(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor w, Tensor beta, Tensor? g, "
          "Tensor? cu_seqlens, Tensor o, Tensor lse, Tensor? grad_lse, float scale) -> (Tensor grad_q, Tensor grad_k, "
@@ -128,8 +131,9 @@ TORCH_LIBRARY(blockops, m) {
   // One decoding step for every row of a batched cache (csrc/path_attention.h, DecodeParams): the rank-1 update
   // k_j <- k_j - beta_t (k_j . w_t) w_t of the cached keys j < lengths[b], append k_t / v_t (and G_last += g_t into
   // gates) at lengths[b], attend. q_t [B, HQ, D], k_t and w_t [B, H, D], v_t [B, H, Dv], beta_t [B, H], g_t [B, HQ]
-  // or None; the fp32 cache keys [B, H, L, D], values [B, H, L, Dv], gates [B, HQ, L], g_last [B, HQ] is updated in
-  // place (lengths int64 [B], each < L, read only). Returns o_t [B, HQ, Dv] in q_t's dtype.
+  // or None; the fp32 (fp64 for fp64 inputs, CPU only) cache keys [B, H, L, D], values [B, H, L, Dv],
+  // gates [B, HQ, L], g_last [B, HQ] is updated in place (lengths int64 [B], each < L, read only). Returns
+  // o_t [B, HQ, Dv] in q_t's dtype.
   define(m, "path_attention",
          "path_decode_step(Tensor q_t, Tensor k_t, Tensor v_t, Tensor w_t, Tensor beta_t, Tensor? g_t, "
          "Tensor(a!) keys, Tensor(b!) values, Tensor lengths, Tensor(c!)? gates, Tensor(d!)? g_last, float scale) "

@@ -3,12 +3,13 @@
 // path_attention_cpu_decode.cpp; what the pieces share is path_attention_cpu.h, the argument checks
 // path_attention_op.cpp). The math and the chunked algorithm are in path_attention.h. The matrix products
 // (64 x 64 x D tiles) and the exponentials run on AVX2/FMA micro-kernels where the CPU has them, else on portable
-// loops.
+// loops. Every kernel is a template on the compute type S: float, or double for fp64 inputs (gradcheck; the
+// portable loops, fp64 throughout).
 //
 // Work partition (forward):
 //
 //   pass 0  G = cumsum(g) per (sequence, query head), fp64 running sum      (only with the forget gate)
-//   pass 1  one task per (key head, chunk): the chunk's UT transform, into a per-chunk fp32 block
+//   pass 1  one task per (key head, chunk): the chunk's UT transform, into a per-chunk block (in S)
 //             WT [D, C] | TDW [C, D] | KT [D, C] | KbarT [D, C] | U [C, C] | V [C, Dv]
 //           (transposed where the kernel multiplies by them from the right, so every inner loop is unit-stride)
 //   pass 2  one task per (sequence, query head, query chunk), heaviest (latest) chunks first, taken from a
@@ -48,7 +49,8 @@ FamilyRegistration family(kFamily, cpu_isa_name);
 // Pass 1 (each chunk's UT transform into its block) and the gate prefix
 // ---------------------------------------------------------------------------------------------------------
 
-void ChunkMath::compute(const Params& p, int64_t b, int64_t t0, int n, int64_t hk) {
+template <typename S>
+void ChunkMath<S>::compute(const ParamsT<S>& p, int64_t b, int64_t t0, int n, int64_t hk) {
   const int d = p.head_dim;
   for (auto* m : {&W, &K, &TDW, &Kbar}) m->resize(static_cast<size_t>(n) * d);
   for (auto* m : {&gram, &wk, &T, &U}) m->resize(static_cast<size_t>(n) * n);
@@ -57,12 +59,12 @@ void ChunkMath::compute(const Params& p, int64_t b, int64_t t0, int n, int64_t h
     const int64_t tok = (b * p.seq_len + t0 + a) * p.kv_heads + hk;
     load_row(p.w, p.w_dtype, tok * d, d, W.data() + a * d);
     load_row(p.k, p.dtype, tok * d, d, K.data() + a * d);
-    beta[a] = load_one(p.beta, p.beta_dtype, tok);
+    beta[a] = load_one<S>(p.beta, p.beta_dtype, tok);
   }
   for (int a = 0; a < n; ++a) {
     for (int c = 0; c < n; ++c) {
-      gram[a * n + c] = c < a ? dot(W.data() + a * d, W.data() + c * d, d) : 0.f;
-      wk[a * n + c] = c < a ? dot(W.data() + a * d, K.data() + c * d, d) : 0.f;
+      gram[a * n + c] = c < a ? dot(W.data() + a * d, W.data() + c * d, d) : S(0);
+      wk[a * n + c] = c < a ? dot(W.data() + a * d, K.data() + c * d, d) : S(0);
     }
   }
   ut_inverse(n, gram.data(), beta.data(), T.data());
@@ -71,17 +73,22 @@ void ChunkMath::compute(const Params& p, int64_t b, int64_t t0, int n, int64_t h
   ut_carry_keys(n, d, U.data(), W.data(), K.data(), Kbar.data());
 }
 
+template struct ChunkMath<float>;
+template struct ChunkMath<double>;
+
 namespace {
 
-void transpose_into(int n, int d, const float* src, float* dst_t) {   // src [n, d] -> dst_t [d, kChunk]
+template <typename S>
+void transpose_into(int n, int d, const S* src, S* dst_t) {   // src [n, d] -> dst_t [d, kChunk]
   for (int a = 0; a < n; ++a)
     for (int x = 0; x < d; ++x) dst_t[static_cast<int64_t>(x) * kChunk + a] = src[a * d + x];
 }
 
 // Fills `block` (zeroed by the caller: padded rows/columns of a short last chunk must read as 0) for the n
 // tokens starting at (b, t0) of key head hk.
-void prepare_chunk(const Params& p, int64_t b, int64_t t0, int n, int64_t hk, const ChunkLayout& lay,
-                   float* block, ChunkMath& cm) {
+template <typename S>
+void prepare_chunk(const ParamsT<S>& p, int64_t b, int64_t t0, int n, int64_t hk, const ChunkLayout& lay, S* block,
+                   ChunkMath<S>& cm) {
   const int d = p.head_dim, dv = p.v_dim;
   cm.compute(p, b, t0, n, hk);
   for (int a = 0; a < n; ++a)
@@ -103,12 +110,13 @@ void prepare_chunk(const Params& p, int64_t b, int64_t t0, int n, int64_t hk, co
 
 }  // namespace
 
-at::Tensor prepare_all_chunks(const Params& p, const Chunking& ch, const ChunkLayout& lay) {
+template <typename S>
+at::Tensor prepare_all_chunks(const ParamsT<S>& p, const Chunking& ch, const ChunkLayout& lay) {
   const int64_t total = ch.first_chunk.back();
-  at::Tensor blocks = at::zeros({p.kv_heads, total, lay.size()}, at::kFloat);
-  float* base = blocks.data_ptr<float>();
+  at::Tensor blocks = at::zeros({p.kv_heads, total, lay.size()}, kComputeDtype<S>);
+  S* base = blocks.data_ptr<S>();
   at::parallel_for(0, p.kv_heads * total, 1, [&](int64_t begin, int64_t end) {
-    ChunkMath cm;
+    ChunkMath<S> cm;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t hk = task / total, gc = task % total;
       const int64_t s = std::upper_bound(ch.first_chunk.begin(), ch.first_chunk.end(), gc) - ch.first_chunk.begin() - 1;
@@ -121,9 +129,10 @@ at::Tensor prepare_all_chunks(const Params& p, const Chunking& ch, const ChunkLa
   return blocks;
 }
 
-at::Tensor gate_prefix(const Params& p, const Chunking& ch) {
-  at::Tensor G = at::zeros({p.batch, p.heads, p.seq_len}, at::kFloat);
-  float* out = G.data_ptr<float>();
+template <typename S>
+at::Tensor gate_prefix(const ParamsT<S>& p, const Chunking& ch) {
+  at::Tensor G = at::zeros({p.batch, p.heads, p.seq_len}, kComputeDtype<S>);
+  S* out = G.data_ptr<S>();
   const int64_t n_spans = static_cast<int64_t>(ch.spans.size());
   at::parallel_for(0, n_spans * p.heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
@@ -131,13 +140,18 @@ at::Tensor gate_prefix(const Params& p, const Chunking& ch) {
       const int64_t hq = task % p.heads;
       double run = 0.0;
       for (int64_t t = sp.start; t < sp.start + sp.len; ++t) {
-        run += load_one(p.g, p.g_dtype, (sp.b * p.seq_len + t) * p.heads + hq);
-        out[(sp.b * p.heads + hq) * p.seq_len + t] = static_cast<float>(run);
+        run += load_one<S>(p.g, p.g_dtype, (sp.b * p.seq_len + t) * p.heads + hq);
+        out[(sp.b * p.heads + hq) * p.seq_len + t] = static_cast<S>(run);
       }
     }
   });
   return G;
 }
+
+template at::Tensor prepare_all_chunks<float>(const ParamsT<float>&, const Chunking&, const ChunkLayout&);
+template at::Tensor prepare_all_chunks<double>(const ParamsT<double>&, const Chunking&, const ChunkLayout&);
+template at::Tensor gate_prefix<float>(const ParamsT<float>&, const Chunking&);
+template at::Tensor gate_prefix<double>(const ParamsT<double>&, const Chunking&);
 
 // ---------------------------------------------------------------------------------------------------------
 // Forward (pass 2)
@@ -146,37 +160,40 @@ at::Tensor gate_prefix(const Params& p, const Chunking& ch) {
 namespace {
 
 // Running softmax state of up to kChunk query rows.
+template <typename S>
 struct RowsState {
-  std::vector<float> m, l, acc;   // [n], [n], [n, dv]
+  std::vector<S> m, l, acc;   // [n], [n], [n, dv]
 };
 
 // Online-softmax update of rows [0, n) with scores S [n, kChunk] over nk keys (entries -inf where hidden) and
 // values V [nk, dv]. S is overwritten with the probabilities.
-void softmax_block(int n, int nk, int dv, float* S, const float* V, RowsState& st) {
+template <typename S>
+void softmax_block(int n, int nk, int dv, S* Sc, const S* V, RowsState<S>& st) {
   for (int a = 0; a < n; ++a) {
-    float* s = S + a * kChunk;
-    float bmax = kNegInf;
+    S* s = Sc + a * kChunk;
+    S bmax = kNegInf<S>;
     for (int b = 0; b < nk; ++b) bmax = nan_max(bmax, s[b]);
-    if (bmax == kNegInf) continue;   // no visible key in this block (a NaN score is not skipped: nan_max)
-    const float f = softmax_rescale(st.m[a], bmax);
-    float* acc = st.acc.data() + static_cast<int64_t>(a) * dv;
-    if (f != 1.f) {
+    if (bmax == kNegInf<S>) continue;   // no visible key in this block (a NaN score is not skipped: nan_max)
+    const S f = softmax_rescale(st.m[a], bmax);
+    S* acc = st.acc.data() + static_cast<int64_t>(a) * dv;
+    if (f != S(1)) {
       st.l[a] *= f;
       for (int x = 0; x < dv; ++x) acc[x] *= f;
     }
-    exp_row(s, s, nk, 1.f, st.m[a]);
-    float sum = 0.f;
+    exp_row(s, s, nk, 1, st.m[a]);
+    S sum = 0;
     for (int b = 0; b < nk; ++b) sum += s[b];
     st.l[a] += sum;
   }
-  matmul_acc(n, dv, nk, 1.f, S, kChunk, V, dv, st.acc.data(), dv);
+  matmul_acc(n, dv, nk, 1, Sc, kChunk, V, dv, st.acc.data(), dv);
 }
 
 // Out of line on purpose: this file is small enough that GCC would inline it into the parallel_for body below,
 // and the forward then ran 12% slower (B=1 T=1024 H=4 D=64, one thread) than as a function of its own.
-[[gnu::noinline]] void forward_task(const Params& p, const Chunking& ch, const ChunkLayout& lay,
-                                    const float* blocks, const float* G, int64_t s, int64_t hq, int64_t cq,
-                                    std::vector<float>& scratch, RowsState& st) {
+template <typename S>
+[[gnu::noinline]] void forward_task(const ParamsT<S>& p, const Chunking& ch, const ChunkLayout& lay, const S* blocks,
+                                    const S* G, int64_t s, int64_t hq, int64_t cq, std::vector<S>& scratch,
+                                    RowsState<S>& st) {
   const int d = p.head_dim, dv = p.v_dim;
   const Span& sp = ch.spans[s];
   const int64_t hk = p.kv_head_of(hq);
@@ -184,58 +201,58 @@ void softmax_block(int n, int nk, int dv, float* S, const float* V, RowsState& s
   const int n = static_cast<int>(std::min<int64_t>(kChunk, sp.start + sp.len - t0));
   const int64_t total = ch.first_chunk.back();
   auto chunk = [&](int64_t c) { return blocks + (hk * total + ch.first_chunk[s] + c) * lay.size(); };
-  const float* Grow = G == nullptr ? nullptr : G + (sp.b * p.heads + hq) * p.seq_len;
+  const S* Grow = G == nullptr ? nullptr : G + (sp.b * p.heads + hq) * p.seq_len;
 
-  scratch.assign(static_cast<size_t>(2 * kChunk * d + 2 * kChunk * kChunk), 0.f);
-  float* Q = scratch.data();         // [n, d]
-  float* Q0 = Q + kChunk * d;        // [n, d]
-  float* QW = Q0 + kChunk * d;       // [n, kChunk]
-  float* S = QW + kChunk * kChunk;   // [n, kChunk]
+  scratch.assign(static_cast<size_t>(2 * kChunk * d + 2 * kChunk * kChunk), S(0));
+  S* Q = scratch.data();              // [n, d]
+  S* Q0 = Q + kChunk * d;             // [n, d]
+  S* QW = Q0 + kChunk * d;            // [n, kChunk]
+  S* Sc = QW + kChunk * kChunk;       // scores [n, kChunk]
   for (int a = 0; a < n; ++a) load_row(p.q, p.dtype, ((sp.b * p.seq_len + t0 + a) * p.heads + hq) * d, d, Q + a * d);
-  st.m.assign(n, kNegInf);
-  st.l.assign(n, 0.f);
-  st.acc.assign(static_cast<size_t>(n) * dv, 0.f);
+  st.m.assign(n, kNegInf<S>);
+  st.l.assign(n, S(0));
+  st.acc.assign(static_cast<size_t>(n) * dv, S(0));
 
   // Scores from logits: scale * (logit + G_i - G_j), keys of the block starting at token tk.
   auto finish_scores = [&](int64_t tk, int nk, bool causal) {
     for (int a = 0; a < n; ++a) {
-      float* srow = S + a * kChunk;
-      const float gi = Grow == nullptr ? 0.f : Grow[t0 + a];
+      S* srow = Sc + a * kChunk;
+      const S gi = Grow == nullptr ? S(0) : Grow[t0 + a];
       for (int b = 0; b < nk; ++b) {
-        const float gate = Grow == nullptr ? 0.f : gi - Grow[tk + b];
-        srow[b] = (causal && b > a) ? kNegInf : p.scale * (srow[b] + gate);
+        const S gate = Grow == nullptr ? S(0) : gi - Grow[tk + b];
+        srow[b] = (causal && b > a) ? kNegInf<S> : p.scale * (srow[b] + gate);
       }
     }
   };
 
   // Intra-chunk: M = Q K^T - tril(Q W^T) U;  Q0 = Q - tril(Q W^T) TDW.
-  const float* blk = chunk(cq);
-  matmul_acc(n, kChunk, d, 1.f, Q, d, blk + lay.wt(), kChunk, QW, kChunk);
-  for (int a = 0; a < n; ++a) std::fill(QW + a * kChunk + a + 1, QW + (a + 1) * kChunk, 0.f);   // tril
-  matmul_acc(n, kChunk, d, 1.f, Q, d, blk + lay.kt(), kChunk, S, kChunk);
-  matmul_acc(n, kChunk, kChunk, -1.f, QW, kChunk, blk + lay.u(), kChunk, S, kChunk);
+  const S* blk = chunk(cq);
+  matmul_acc(n, kChunk, d, 1, Q, d, blk + lay.wt(), kChunk, QW, kChunk);
+  for (int a = 0; a < n; ++a) std::fill(QW + a * kChunk + a + 1, QW + (a + 1) * kChunk, S(0));   // tril
+  matmul_acc(n, kChunk, d, 1, Q, d, blk + lay.kt(), kChunk, Sc, kChunk);
+  matmul_acc(n, kChunk, kChunk, -1, QW, kChunk, blk + lay.u(), kChunk, Sc, kChunk);
   std::copy_n(Q, n * d, Q0);
-  matmul_acc(n, d, kChunk, -1.f, QW, kChunk, blk + lay.tdw(), d, Q0, d);
+  matmul_acc(n, d, kChunk, -1, QW, kChunk, blk + lay.tdw(), d, Q0, d);
   finish_scores(t0, n, /*causal=*/true);
-  softmax_block(n, n, dv, S, blk + lay.v(), st);
+  softmax_block(n, n, dv, Sc, blk + lay.v(), st);
 
   // Earlier chunks, right to left (all of them full chunks).
   for (int64_t ck = cq - 1; ck >= 0; --ck) {
-    const float* kb = chunk(ck);
-    std::fill_n(S, n * kChunk, 0.f);
-    matmul_acc(n, kChunk, d, 1.f, Q0, d, kb + lay.kbart(), kChunk, S, kChunk);
+    const S* kb = chunk(ck);
+    std::fill_n(Sc, n * kChunk, S(0));
+    matmul_acc(n, kChunk, d, 1, Q0, d, kb + lay.kbart(), kChunk, Sc, kChunk);
     finish_scores(sp.start + ck * kChunk, kChunk, /*causal=*/false);
-    softmax_block(n, kChunk, dv, S, kb + lay.v(), st);
+    softmax_block(n, kChunk, dv, Sc, kb + lay.v(), st);
     if (ck > 0) {   // carry the queries across chunk ck: Q0 <- Q0 - (Q0 W^T) TDW
-      std::fill_n(QW, n * kChunk, 0.f);
-      matmul_acc(n, kChunk, d, 1.f, Q0, d, kb + lay.wt(), kChunk, QW, kChunk);
-      matmul_acc(n, d, kChunk, -1.f, QW, kChunk, kb + lay.tdw(), d, Q0, d);
+      std::fill_n(QW, n * kChunk, S(0));
+      matmul_acc(n, kChunk, d, 1, Q0, d, kb + lay.wt(), kChunk, QW, kChunk);
+      matmul_acc(n, d, kChunk, -1, QW, kChunk, kb + lay.tdw(), d, Q0, d);
     }
   }
 
   for (int a = 0; a < n; ++a) {
-    float* acc = st.acc.data() + static_cast<int64_t>(a) * dv;
-    const float inv = 1.f / st.l[a];
+    S* acc = st.acc.data() + static_cast<int64_t>(a) * dv;
+    const S inv = S(1) / st.l[a];
     for (int x = 0; x < dv; ++x) acc[x] *= inv;
     const int64_t t = t0 + a;
     store_row(p.o, p.dtype, ((sp.b * p.seq_len + t) * p.heads + hq) * dv, dv, acc);
@@ -243,21 +260,20 @@ void softmax_block(int n, int nk, int dv, float* S, const float* V, RowsState& s
   }
 }
 
-}  // namespace
-
 // ---------------------------------------------------------------------------------------------------------
-// Glue: forward and key cache
+// Glue: forward and key cache (S from q's / k's dtype: double for fp64, else float)
 // ---------------------------------------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor> path_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                      const at::Tensor& w, const at::Tensor& beta,
-                                                      const c10::optional<at::Tensor>& g,
-                                                      const c10::optional<at::Tensor>& cu_seqlens, double scale) {
-  Params p = describe_forward(kForward, q, k, v, w, beta, g, cu_seqlens, scale);
+template <typename S>
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const at::Tensor& w, const at::Tensor& beta,
+                                           const c10::optional<at::Tensor>& g,
+                                           const c10::optional<at::Tensor>& cu_seqlens, double scale) {
+  ParamsT<S> p = describe_forward<S>(kForward, q, k, v, w, beta, g, cu_seqlens, scale);
   at::Tensor o = at::empty({p.batch, p.seq_len, p.heads, p.v_dim}, q.options());
-  at::Tensor lse = at::empty({p.batch, p.heads, p.seq_len}, q.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({p.batch, p.heads, p.seq_len}, q.options().dtype(kComputeDtype<S>));
   p.o = o.data_ptr();
-  p.lse = lse.data_ptr<float>();
+  p.lse = lse.data_ptr<S>();
 
   const Chunking ch = make_chunking(kForward, p.batch, p.seq_len, cu_seqlens);
   forward_counter.hit();
@@ -277,11 +293,11 @@ std::tuple<at::Tensor, at::Tensor> path_attention_cpu(const at::Tensor& q, const
   std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cq > b.cq; });
   std::atomic<int64_t> next{0};
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
-  const float* blocks_ptr = blocks.data_ptr<float>();
-  const float* G_ptr = G.defined() ? G.data_ptr<float>() : nullptr;
+  const S* blocks_ptr = blocks.data_ptr<S>();
+  const S* G_ptr = G.defined() ? G.data_ptr<S>() : nullptr;
   at::parallel_for(0, std::min<int64_t>(n_tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    std::vector<float> scratch;
-    RowsState st;
+    std::vector<S> scratch;
+    RowsState<S> st;
     for (int64_t i = next.fetch_add(1); i < n_tasks; i = next.fetch_add(1)) {
       const Task& t = tasks[i];
       forward_task(p, ch, lay, blocks_ptr, G_ptr, t.s, t.hq, t.cq, scratch, st);
@@ -290,10 +306,11 @@ std::tuple<at::Tensor, at::Tensor> path_attention_cpu(const at::Tensor& q, const
   return {o, lse};
 }
 
-at::Tensor path_key_cache_cpu(const at::Tensor& k, const at::Tensor& w, const at::Tensor& beta,
-                              const c10::optional<at::Tensor>& cu_seqlens) {
+template <typename S>
+at::Tensor key_cache(const at::Tensor& k, const at::Tensor& w, const at::Tensor& beta,
+                     const c10::optional<at::Tensor>& cu_seqlens) {
   const char* op = kKeyCache;
-  Params p = describe_keys(op, k, w, beta, cu_seqlens);
+  ParamsT<S> p = describe_keys<S>(op, k, w, beta, cu_seqlens);
   // prepare_chunk reads v; the cache needs none, so v is a zero-width view of k.
   p.v = p.k;
   p.v_dim = 0;
@@ -304,35 +321,50 @@ at::Tensor path_key_cache_cpu(const at::Tensor& k, const at::Tensor& w, const at
   const ChunkLayout lay{d, 0};
   const int64_t n_tasks = static_cast<int64_t>(ch.spans.size()) * p.kv_heads;
   at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
-    ChunkMath cm;
-    std::vector<float> block(lay.size());
-    std::vector<float> A(static_cast<size_t>(d) * d), AW(static_cast<size_t>(d) * kChunk), KC(AW.size()),
-        row(d);
+    ChunkMath<S> cm;
+    std::vector<S> block(lay.size());
+    std::vector<S> A(static_cast<size_t>(d) * d), AW(static_cast<size_t>(d) * kChunk), KC(AW.size()), row(d);
     for (int64_t task = begin; task < end; ++task) {
       const Span& sp = ch.spans[task / p.kv_heads];
       const int64_t hk = task % p.kv_heads;
-      std::fill(A.begin(), A.end(), 0.f);
-      for (int x = 0; x < d; ++x) A[x * d + x] = 1.f;   // A = P_last ... P_{c+1}, identity for the last chunk
+      std::fill(A.begin(), A.end(), S(0));
+      for (int x = 0; x < d; ++x) A[x * d + x] = 1;   // A = P_last ... P_{c+1}, identity for the last chunk
       for (int64_t c = chunks_of(sp.len) - 1; c >= 0; --c) {
         const int64_t t0 = sp.start + c * kChunk;
         const int n = static_cast<int>(std::min<int64_t>(kChunk, sp.start + sp.len - t0));
-        std::fill(block.begin(), block.end(), 0.f);
+        std::fill(block.begin(), block.end(), S(0));
         prepare_chunk(p, sp.b, t0, n, hk, lay, block.data(), cm);
-        std::fill(KC.begin(), KC.end(), 0.f);   // KC [d, kChunk] = A Kbar^T
-        matmul_acc(d, kChunk, d, 1.f, A.data(), d, block.data() + lay.kbart(), kChunk, KC.data(), kChunk);
+        std::fill(KC.begin(), KC.end(), S(0));   // KC [d, kChunk] = A Kbar^T
+        matmul_acc(d, kChunk, d, 1, A.data(), d, block.data() + lay.kbart(), kChunk, KC.data(), kChunk);
         for (int a = 0; a < n; ++a) {
           for (int x = 0; x < d; ++x) row[x] = KC[x * kChunk + a];
           store_row(out.data_ptr(), p.dtype, ((sp.b * p.seq_len + t0 + a) * p.kv_heads + hk) * d, d, row.data());
         }
         if (c > 0) {   // A <- A P_c = A - (A W^T) TDW
-          std::fill(AW.begin(), AW.end(), 0.f);
-          matmul_acc(d, kChunk, d, 1.f, A.data(), d, block.data() + lay.wt(), kChunk, AW.data(), kChunk);
-          matmul_acc(d, d, kChunk, -1.f, AW.data(), kChunk, block.data() + lay.tdw(), d, A.data(), d);
+          std::fill(AW.begin(), AW.end(), S(0));
+          matmul_acc(d, kChunk, d, 1, A.data(), d, block.data() + lay.wt(), kChunk, AW.data(), kChunk);
+          matmul_acc(d, d, kChunk, -1, AW.data(), kChunk, block.data() + lay.tdw(), d, A.data(), d);
         }
       }
     }
   });
   return out;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> path_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const at::Tensor& w, const at::Tensor& beta,
+                                                      const c10::optional<at::Tensor>& g,
+                                                      const c10::optional<at::Tensor>& cu_seqlens, double scale) {
+  return q.scalar_type() == at::kDouble ? forward<double>(q, k, v, w, beta, g, cu_seqlens, scale)
+                                        : forward<float>(q, k, v, w, beta, g, cu_seqlens, scale);
+}
+
+at::Tensor path_key_cache_cpu(const at::Tensor& k, const at::Tensor& w, const at::Tensor& beta,
+                              const c10::optional<at::Tensor>& cu_seqlens) {
+  return k.scalar_type() == at::kDouble ? key_cache<double>(k, w, beta, cu_seqlens)
+                                        : key_cache<float>(k, w, beta, cu_seqlens);
 }
 
 }  // namespace blockops::path_attention

@@ -1,7 +1,8 @@
-// What the pieces of the PaTH attention CPU kernels share (internal to path_attention_cpu*.cpp): fp16/bf16/fp32 row
-// conversions, the matrix products and softmax exponentials on AVX2/FMA micro-kernels where the CPU has them (else
-// portable loops), pass 1 (each chunk's UT transform into its fp32 block, path_attention.h ChunkLayout) and the gate
-// prefix. The kernels themselves:
+// What the pieces of the PaTH attention CPU kernels share (internal to path_attention_cpu*.cpp): fp16/bf16/fp32/fp64
+// row conversions, the matrix products and softmax exponentials on AVX2/FMA micro-kernels where the CPU has them
+// (fp32; else, and for fp64, portable loops), pass 1 (each chunk's UT transform into its block, path_attention.h
+// ChunkLayout) and the gate prefix; all templates on the compute type S (float, or double for fp64 inputs). The
+// kernels themselves:
 //   path_attention_cpu.cpp           forward, key cache, pass 1, the CPU glue registration
 //   path_attention_cpu_backward.cpp  backward
 //   path_attention_cpu_decode.cpp    decode step
@@ -15,6 +16,7 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_common.h"
@@ -25,50 +27,62 @@
 
 namespace blockops::path_attention {
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// The kernels are templates on the compute type S (path_attention.h): float for fp16/bf16/fp32 inputs, double for
+// fp64 ones. The double instantiation runs the portable loops (the AVX2/FMA micro-kernels are fp32 only); fp64 is
+// for gradcheck at tiny sizes, not for speed.
+template <typename S>
+constexpr S kNegInf = -std::numeric_limits<S>::infinity();
 
 // ---------------------------------------------------------------------------------------------------------
-// Rows of the inputs and outputs (each tensor in its own dtype, path_attention.h Params)
+// Rows of the inputs and outputs (each tensor in its own dtype, path_attention.h ParamsT)
 // ---------------------------------------------------------------------------------------------------------
 
-// n elements of a fp16/bf16/fp32 tensor from element offset `off`, widened to fp32.
-inline void load_row(const void* base, DType dt, int64_t off, int n, float* dst) {
-  switch (dt) {
-    case DType::kF32: std::copy_n(static_cast<const float*>(base) + off, n, dst); break;
-    case DType::kF16: {
-      const c10::Half* src = static_cast<const c10::Half*>(base) + off;
-      for (int x = 0; x < n; ++x) dst[x] = static_cast<float>(src[x]);
-      break;
-    }
-    case DType::kBF16: {
-      const c10::BFloat16* src = static_cast<const c10::BFloat16*>(base) + off;
-      for (int x = 0; x < n; ++x) dst[x] = static_cast<float>(src[x]);
-      break;
-    }
-    case DType::kF64: TORCH_INTERNAL_ASSERT(false, "path_attention: fp64 is not a PaTH dtype (its checks refuse it)");
+// n elements converted from src to dst (a plain copy when the types agree).
+template <typename From, typename To>
+inline void convert_n(const From* src, int n, To* dst) {
+  if constexpr (std::is_same_v<From, To>) {
+    std::copy_n(src, n, dst);
+  } else {
+    for (int x = 0; x < n; ++x) dst[x] = static_cast<To>(src[x]);
   }
 }
 
-inline float load_one(const void* base, DType dt, int64_t off) {
-  float x;
+// n elements of a tensor from element offset `off`, converted to S: fp16/bf16/fp32 for the float kernels, fp64
+// for the double ones (the checks let fp64 through only with every floating input fp64: path_attention_op.h).
+template <typename S>
+inline void load_row(const void* base, DType dt, int64_t off, int n, S* dst) {
+  if constexpr (std::is_same_v<S, double>) {
+    TORCH_INTERNAL_ASSERT(dt == DType::kF64, "path_attention: a non-fp64 tensor reached the fp64 kernels");
+    convert_n(static_cast<const double*>(base) + off, n, dst);
+  } else {
+    switch (dt) {
+      case DType::kF32: return convert_n(static_cast<const float*>(base) + off, n, dst);
+      case DType::kF16: return convert_n(static_cast<const c10::Half*>(base) + off, n, dst);
+      case DType::kBF16: return convert_n(static_cast<const c10::BFloat16*>(base) + off, n, dst);
+      case DType::kF64: TORCH_INTERNAL_ASSERT(false, "path_attention: an fp64 tensor reached the fp32 kernels");
+    }
+  }
+}
+
+template <typename S>
+inline S load_one(const void* base, DType dt, int64_t off) {
+  S x;
   load_row(base, dt, off, 1, &x);
   return x;
 }
 
-inline void store_row(void* base, DType dt, int64_t off, int n, const float* src) {
-  switch (dt) {
-    case DType::kF32: std::copy_n(src, n, static_cast<float*>(base) + off); break;
-    case DType::kF16: {
-      c10::Half* dst = static_cast<c10::Half*>(base) + off;
-      for (int x = 0; x < n; ++x) dst[x] = static_cast<c10::Half>(src[x]);
-      break;
+template <typename S>
+inline void store_row(void* base, DType dt, int64_t off, int n, const S* src) {
+  if constexpr (std::is_same_v<S, double>) {
+    TORCH_INTERNAL_ASSERT(dt == DType::kF64, "path_attention: the fp64 kernels write fp64 outputs only");
+    convert_n(src, n, static_cast<double*>(base) + off);
+  } else {
+    switch (dt) {
+      case DType::kF32: return convert_n(src, n, static_cast<float*>(base) + off);
+      case DType::kF16: return convert_n(src, n, static_cast<c10::Half*>(base) + off);
+      case DType::kBF16: return convert_n(src, n, static_cast<c10::BFloat16*>(base) + off);
+      case DType::kF64: TORCH_INTERNAL_ASSERT(false, "path_attention: the fp32 kernels write no fp64 output");
     }
-    case DType::kBF16: {
-      c10::BFloat16* dst = static_cast<c10::BFloat16*>(base) + off;
-      for (int x = 0; x < n; ++x) dst[x] = static_cast<c10::BFloat16>(src[x]);
-      break;
-    }
-    case DType::kF64: TORCH_INTERNAL_ASSERT(false, "path_attention: fp64 is not a PaTH dtype (its checks refuse it)");
   }
 }
 
@@ -76,25 +90,25 @@ inline void store_row(void* base, DType dt, int64_t off, int n, const float* src
 // Matrix products and exponentials
 // ---------------------------------------------------------------------------------------------------------
 
-// ---- portable primitives: the innermost loop runs along a row of B and C, unit-stride, so the compiler
+// ---- portable primitives (any S): the innermost loop runs along a row of B and C, unit-stride, so the compiler
 // vectorizes it without reassociating any sum.
 
 // C [m, n] += alpha * op(A) B with op(A) = A [m, k] row-major, or with kTransA, A stored [k, m] (op(A) = A^T).
-template <bool kTransA>
-void gemm_portable(int m, int n, int k, float alpha, const float* A, int lda, const float* B, int ldb, float* C,
-                   int ldc) {
+template <bool kTransA, typename S>
+void gemm_portable(int m, int n, int k, S alpha, const S* A, int lda, const S* B, int ldb, S* C, int ldc) {
   for (int i = 0; i < m; ++i) {
-    float* c = C + static_cast<int64_t>(i) * ldc;
+    S* c = C + static_cast<int64_t>(i) * ldc;
     for (int kk = 0; kk < k; ++kk) {
-      const float a = alpha * (kTransA ? A[static_cast<int64_t>(kk) * lda + i] : A[static_cast<int64_t>(i) * lda + kk]);
-      const float* b = B + static_cast<int64_t>(kk) * ldb;
+      const S a = alpha * (kTransA ? A[static_cast<int64_t>(kk) * lda + i] : A[static_cast<int64_t>(i) * lda + kk]);
+      const S* b = B + static_cast<int64_t>(kk) * ldb;
       for (int j = 0; j < n; ++j) c[j] += a * b[j];
     }
   }
 }
 
 // y[i] = exp(x[i] * mul - sub), exactly 0 where the argument is below kExpFloor (path_attention.h exp_or_zero).
-inline void exp_portable(const float* x, float* y, int n, float mul, float sub) {
+template <typename S>
+inline void exp_portable(const S* x, S* y, int n, S mul, S sub) {
   for (int i = 0; i < n; ++i) y[i] = exp_or_zero(x[i] * mul - sub);
 }
 
@@ -160,39 +174,48 @@ BLOCKOPS_TARGET_AVX2 inline void exp_avx2(const float* x, float* y, int n, float
 }
 #endif
 
-// ---- dispatch (cpu_features.h: AVX2/FMA unless the CPU lacks it or BLOCKOPS_CPU_ISA=portable)
+// ---- dispatch (cpu_features.h: AVX2/FMA unless the CPU lacks it or BLOCKOPS_CPU_ISA=portable; fp32 only)
 
-// C [m, n] += alpha * op(A) B as gemm_portable (n a multiple of 8), on the AVX2/FMA kernel where the CPU has it.
-template <bool kTransA>
-inline void gemm(int m, int n, int k, float alpha, const float* A, int lda, const float* B, int ldb, float* C,
+// C [m, n] += alpha * op(A) B as gemm_portable (n a multiple of 8), on the AVX2/FMA kernel for fp32 where the CPU
+// has it. alpha is not deduced (a literal such as -1 serves both instantiations).
+template <bool kTransA, typename S>
+inline void gemm(int m, int n, int k, std::type_identity_t<S> alpha, const S* A, int lda, const S* B, int ldb, S* C,
                  int ldc) {
 #if BLOCKOPS_X86_DISPATCH
-  if (cpu_has_avx2_fma()) return gemm_avx2<kTransA>(m, n, k, alpha, A, lda, B, ldb, C, ldc);
+  if constexpr (std::is_same_v<S, float>) {
+    if (cpu_has_avx2_fma()) return gemm_avx2<kTransA>(m, n, k, alpha, A, lda, B, ldb, C, ldc);
+  }
 #endif
   gemm_portable<kTransA>(m, n, k, alpha, A, lda, B, ldb, C, ldc);
 }
 
 // C [m, n] += alpha * A [m, k] B [k, n] (row-major, leading dims given; n a multiple of 8).
-inline void matmul_acc(int m, int n, int k, float alpha, const float* A, int lda, const float* B, int ldb, float* C,
-                       int ldc) {
-  gemm<false>(m, n, k, alpha, A, lda, B, ldb, C, ldc);
+template <typename S>
+inline void matmul_acc(int m, int n, int k, std::type_identity_t<S> alpha, const S* A, int lda, const S* B, int ldb,
+                       S* C, int ldc) {
+  gemm<false, S>(m, n, k, alpha, A, lda, B, ldb, C, ldc);
 }
 
 // C [m, n] += alpha * A^T B with A [k, m], B [k, n] row-major: the gradient products summed over query rows.
-inline void matmul_tn_acc(int m, int n, int k, float alpha, const float* A, int lda, const float* B, int ldb,
-                          float* C, int ldc) {
-  gemm<true>(m, n, k, alpha, A, lda, B, ldb, C, ldc);
+template <typename S>
+inline void matmul_tn_acc(int m, int n, int k, std::type_identity_t<S> alpha, const S* A, int lda, const S* B,
+                          int ldb, S* C, int ldc) {
+  gemm<true, S>(m, n, k, alpha, A, lda, B, ldb, C, ldc);
 }
 
-inline void exp_row(const float* x, float* y, int n, float mul, float sub) {
+template <typename S>
+inline void exp_row(const S* x, S* y, int n, std::type_identity_t<S> mul, std::type_identity_t<S> sub) {
 #if BLOCKOPS_X86_DISPATCH
-  if (cpu_has_avx2_fma()) return exp_avx2(x, y, n, mul, sub);
+  if constexpr (std::is_same_v<S, float>) {
+    if (cpu_has_avx2_fma()) return exp_avx2(x, y, n, mul, sub);
+  }
 #endif
   exp_portable(x, y, n, mul, sub);
 }
 
-inline float dot(const float* a, const float* b, int n) {
-  float s = 0.f;
+template <typename S>
+inline S dot(const S* a, const S* b, int n) {
+  S s = 0;
   for (int x = 0; x < n; ++x) s += a[x] * b[x];
   return s;
 }
@@ -201,19 +224,25 @@ inline float dot(const float* a, const float* b, int n) {
 // Pass 1 and the gate prefix (path_attention_cpu.cpp), shared by the forward, key cache and backward
 // ---------------------------------------------------------------------------------------------------------
 
-// One chunk's inputs in fp32 and its UT quantities (path_attention.h), row-major [n, *] / [n, n].
+// One chunk's inputs in S and its UT quantities (path_attention.h), row-major [n, *] / [n, n].
+// (The templates of this section are instantiated for float and double in path_attention_cpu.cpp.)
+template <typename S>
 struct ChunkMath {
-  std::vector<float> W, K, beta, gram, wk, T, U, TDW, Kbar;
+  std::vector<S> W, K, beta, gram, wk, T, U, TDW, Kbar;
 
   // The n tokens starting at (b, t0) of key head hk.
-  void compute(const Params& p, int64_t b, int64_t t0, int n, int64_t hk);
+  void compute(const ParamsT<S>& p, int64_t b, int64_t t0, int n, int64_t hk);
 };
 
-// Pass 1 for every (key head, chunk) into blocks [H, total chunks, lay.size()].
-at::Tensor prepare_all_chunks(const Params& p, const Chunking& ch, const ChunkLayout& lay);
+// Pass 1 for every (key head, chunk) into blocks [H, total chunks, lay.size()] (dtype kComputeDtype<S>,
+// path_attention_op.h).
+template <typename S>
+at::Tensor prepare_all_chunks(const ParamsT<S>& p, const Chunking& ch, const ChunkLayout& lay);
 
-// G [B, HQ, T] = cumsum(g) within each sequence, summed in fp64 so long sequences keep G_i - G_j accurate.
-at::Tensor gate_prefix(const Params& p, const Chunking& ch);
+// G [B, HQ, T] = cumsum(g) within each sequence, summed in fp64 so long sequences keep G_i - G_j accurate
+// (dtype kComputeDtype<S>).
+template <typename S>
+at::Tensor gate_prefix(const ParamsT<S>& p, const Chunking& ch);
 
 // ---------------------------------------------------------------------------------------------------------
 // The CPU entry points (registered in path_attention_cpu.cpp; schemas in ops.cpp)

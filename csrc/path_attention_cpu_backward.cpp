@@ -4,7 +4,7 @@
 // Pass 1 as in the forward (plus the other orientation of each operand: ChunkLayout::backward), then one
 // task per (sequence, key head), which owns that head's dk, dv, dw, dbeta and the dq and dG of its query heads
 // (deterministic, no atomics). Per query chunk cq of each query head of the group:
-//   recompute QW, M and the carried queries Q0^(c) for c = cq-1 .. 0 (kept: cq x C x D floats)
+//   recompute QW, M and the carried queries Q0^(c) for c = cq-1 .. 0 (kept: cq x C x D elements)
 //   P = exp(scale * (logit + gate) - lse), dL = scale * P * (dO V^T - Delta)     per key chunk, as in FA-2
 //   left to right over c = 0 .. cq-1 with R = d loss / d Q0^(c):
 //     back through Q0^(c-1) = Q0^(c) - (Q0^(c) W_c^T) TDW_c  ->  dTDW_c, dW_c, R
@@ -26,92 +26,96 @@ namespace {
 
 KernelCounter backward_counter(kFamily, "path_attention_backward.cpu");
 
+// The gradient buffers are in S (fp32, or fp64 for fp64 inputs); the glue converts them to the inputs' dtypes.
+template <typename S>
 struct BwdBuffers {
   const void* grad_o;          // [B, T, HQ, Dv], q's dtype
   const void* o;               // [B, T, HQ, Dv], q's dtype
-  const float* lse;            // [B, HQ, T]
-  const float* grad_lse;       // [B, HQ, T] or null
-  const float* G;              // [B, HQ, T] or null (no gate)
-  float* dq;                   // [B, T, HQ, D] fp32
-  float* dk;                   // [B, T, H, D] fp32
-  float* dv;                   // [B, T, H, Dv] fp32
-  float* dw;                   // [B, T, H, D] fp32
-  float* dbeta;                // [B, T, H] fp32
-  float* dG;                   // [B, HQ, T] fp32 (gradient at G = cumsum(g))
+  const S* lse;                // [B, HQ, T]
+  const S* grad_lse;           // [B, HQ, T] or null
+  const S* G;                  // [B, HQ, T] or null (no gate)
+  S* dq;                       // [B, T, HQ, D]
+  S* dk;                       // [B, T, H, D]
+  S* dv;                       // [B, T, H, Dv]
+  S* dw;                       // [B, T, H, D]
+  S* dbeta;                    // [B, T, H]
+  S* dG;                       // [B, HQ, T] (gradient at G = cumsum(g))
 };
 
 // Gradient accumulators of one (sequence, key head): per chunk of the sequence, rows kChunk apart.
+template <typename S>
 struct KeyGrads {
-  std::vector<float> dKbar, dTDW, dU, dW, dK, dV;   // [nc * C, D] except dU [nc, C, C], dV [nc * C, Dv]
+  std::vector<S> dKbar, dTDW, dU, dW, dK, dV;   // [nc * C, D] except dU [nc, C, C], dV [nc * C, Dv]
 };
 
 // One query chunk cq of query head hq (the sequence's chunk blocks prepared with lay.backward): recomputes the
 // carried queries Q0^(c), the probabilities from lse, and sends the gradients to dq (written), the key chunks'
 // accumulators g and dG (row of this head).
-void backward_query_chunk(const Params& p, const BwdBuffers& bb, const Span& sp, const ChunkLayout& lay,
-                          const float* blocks, int64_t hq, int64_t cq, KeyGrads& g, std::vector<float>& buf) {
+template <typename S>
+void backward_query_chunk(const ParamsT<S>& p, const BwdBuffers<S>& bb, const Span& sp, const ChunkLayout& lay,
+                          const S* blocks, int64_t hq, int64_t cq, KeyGrads<S>& g, std::vector<S>& buf) {
   const int d = p.head_dim, dv = p.v_dim, C = kChunk;
   const int64_t t0 = sp.start + cq * C;
   const int n = static_cast<int>(std::min<int64_t>(C, sp.start + sp.len - t0));
   const int64_t row = (sp.b * p.heads + hq) * p.seq_len;
   auto chunk = [&](int64_t c) { return blocks + c * lay.size(); };
-  buf.assign(static_cast<size_t>(query_chunk_scratch_floats(cq, d, dv)), 0.f);
-  const auto [states, Q, R, dQ, Y, QW, S, dL, dM, dQW, dO, Ob, delta, lse, Gq] =
+  buf.assign(static_cast<size_t>(query_chunk_scratch_floats(cq, d, dv)), S(0));
+  const auto [states, Q, R, dQ, Y, QW, Sc, dL, dM, dQW, dO, Ob, delta, lse, Gq] =
       query_chunk_scratch(buf.data(), cq, d, dv);
   for (int a = 0; a < n; ++a) {
     const int64_t tok = (sp.b * p.seq_len + t0 + a) * p.heads + hq;
     load_row(p.q, p.dtype, tok * d, d, Q + a * d);
     load_row(bb.grad_o, p.dtype, tok * dv, dv, dO + a * dv);
     load_row(bb.o, p.dtype, tok * dv, dv, Ob + a * dv);
-    delta[a] = dot(dO + a * dv, Ob + a * dv, dv) - (bb.grad_lse ? bb.grad_lse[row + t0 + a] : 0.f);
+    delta[a] = dot(dO + a * dv, Ob + a * dv, dv) - (bb.grad_lse ? bb.grad_lse[row + t0 + a] : S(0));
     lse[a] = bb.lse[row + t0 + a];
-    Gq[a] = bb.G ? bb.G[row + t0 + a] : 0.f;
+    Gq[a] = bb.G ? bb.G[row + t0 + a] : S(0);
   }
 
-  // Probabilities of the logits in S (keys from token tk; causal within the diagonal chunk, whose n keys may be
+  // Probabilities of the logits in Sc (keys from token tk; causal within the diagonal chunk, whose n keys may be
   // fewer than C), then dL, dV, dG. Entries of hidden keys are 0.
-  auto probs_and_grads = [&](const float* kb, int64_t tk, bool causal, int64_t c) {
+  auto probs_and_grads = [&](const S* kb, int64_t tk, bool causal, int64_t c) {
     const int nk = causal ? n : C;
     for (int a = 0; a < n; ++a) {
-      float* srow = S + a * C;
+      S* srow = Sc + a * C;
       const int visible = causal ? a + 1 : nk;
       if (bb.G)
         for (int b = 0; b < visible; ++b) srow[b] += Gq[a] - bb.G[row + tk + b];
       exp_row(srow, srow, visible, p.scale, lse[a]);
-      std::fill(srow + visible, srow + C, 0.f);
+      std::fill(srow + visible, srow + C, S(0));
     }
-    std::fill_n(dL, n * C, 0.f);   // dP = dO V^T
-    matmul_acc(n, C, dv, 1.f, dO, dv, kb + lay.vt(), C, dL, C);
+    std::fill_n(dL, n * C, S(0));   // dP = dO V^T
+    matmul_acc(n, C, dv, 1, dO, dv, kb + lay.vt(), C, dL, C);
     for (int a = 0; a < n; ++a) {
-      float rowsum = 0.f;
+      S rowsum = 0;
       for (int b = 0; b < C; ++b) {
-        dL[a * C + b] = p.scale * S[a * C + b] * (dL[a * C + b] - delta[a]);
+        dL[a * C + b] = p.scale * Sc[a * C + b] * (dL[a * C + b] - delta[a]);
         rowsum += dL[a * C + b];
       }
       bb.dG[row + t0 + a] += rowsum;
       for (int b = 0; b < nk; ++b) bb.dG[row + tk + b] -= dL[a * C + b];
     }
-    matmul_tn_acc(C, dv, n, 1.f, S, C, dO, dv, g.dV.data() + c * C * dv, dv);
+    matmul_tn_acc(C, dv, n, 1, Sc, C, dO, dv, g.dV.data() + c * C * dv, dv);
   };
 
-  // Recompute: QW = tril(Q W^T), M = Q K^T - QW U (in S), Q0^(cq-1) = Q - QW TDW, then Q0^(c-1) from Q0^(c).
-  const float* blk = chunk(cq);
-  matmul_acc(n, C, d, 1.f, Q, d, blk + lay.wt(), C, QW, C);
-  for (int a = 0; a < n; ++a) std::fill(QW + a * C + a + 1, QW + (a + 1) * C, 0.f);
-  matmul_acc(n, C, d, 1.f, Q, d, blk + lay.kt(), C, S, C);
-  matmul_acc(n, C, C, -1.f, QW, C, blk + lay.u(), C, S, C);
+  // Recompute: QW = tril(Q W^T), M = Q K^T - QW U (in Sc), Q0^(cq-1) = Q - QW TDW, then Q0^(c-1) from Q0^(c).
+  const S* blk = chunk(cq);
+  matmul_acc(n, C, d, 1, Q, d, blk + lay.wt(), C, QW, C);
+  for (int a = 0; a < n; ++a) std::fill(QW + a * C + a + 1, QW + (a + 1) * C, S(0));
+  matmul_acc(n, C, d, 1, Q, d, blk + lay.kt(), C, Sc, C);
+  matmul_acc(n, C, C, -1, QW, C, blk + lay.u(), C, Sc, C);
   if (cq > 0) {
-    float* q0 = states + (cq - 1) * C * d;
+    S* q0 = states + (cq - 1) * C * d;
     std::copy_n(Q, n * d, q0);
-    matmul_acc(n, d, C, -1.f, QW, C, blk + lay.tdw(), d, q0, d);
+    matmul_acc(n, d, C, -1, QW, C, blk + lay.tdw(), d, q0, d);
     for (int64_t c = cq - 1; c > 0; --c) {
-      const float* kb = chunk(c);
-      float* prev = states + c * C * d;
-      float* next = states + (c - 1) * C * d;
-      std::fill_n(Y, n * C, 0.f);
-      matmul_acc(n, C, d, 1.f, prev, d, kb + lay.wt(), C, Y, C);
+      const S* kb = chunk(c);
+      S* prev = states + c * C * d;
+      S* next = states + (c - 1) * C * d;
+      std::fill_n(Y, n * C, S(0));
+      matmul_acc(n, C, d, 1, prev, d, kb + lay.wt(), C, Y, C);
       std::copy_n(prev, n * d, next);
-      matmul_acc(n, d, C, -1.f, Y, C, kb + lay.tdw(), d, next, d);
+      matmul_acc(n, d, C, -1, Y, C, kb + lay.tdw(), d, next, d);
     }
   }
   probs_and_grads(blk, t0, /*causal=*/true, cq);
@@ -119,66 +123,67 @@ void backward_query_chunk(const Params& p, const BwdBuffers& bb, const Span& sp,
 
   // Earlier chunks, left to right: R arrives as d loss / d Q0^(c-1).
   for (int64_t c = 0; c < cq; ++c) {
-    const float* kb = chunk(c);
-    const float* q0 = states + c * C * d;
-    float* Yc = Y;   // [n, C]
+    const S* kb = chunk(c);
+    const S* q0 = states + c * C * d;
+    S* Yc = Y;   // [n, C]
     if (c > 0) {     // back through Q0^(c-1) = Q0^(c) - Yc TDW_c, Yc = Q0^(c) W_c^T
-      std::fill_n(Yc, n * C, 0.f);
-      matmul_acc(n, C, d, 1.f, q0, d, kb + lay.wt(), C, Yc, C);
-      matmul_tn_acc(C, d, n, -1.f, Yc, C, R, d, g.dTDW.data() + c * C * d, d);
-      std::fill_n(dQW, n * C, 0.f);   // dYc = -R TDW_c^T
-      matmul_acc(n, C, d, -1.f, R, d, kb + lay.tdwt(), C, dQW, C);
-      matmul_tn_acc(C, d, n, 1.f, dQW, C, q0, d, g.dW.data() + c * C * d, d);
-      matmul_acc(n, d, C, 1.f, dQW, C, kb + lay.w(), d, R, d);
+      std::fill_n(Yc, n * C, S(0));
+      matmul_acc(n, C, d, 1, q0, d, kb + lay.wt(), C, Yc, C);
+      matmul_tn_acc(C, d, n, -1, Yc, C, R, d, g.dTDW.data() + c * C * d, d);
+      std::fill_n(dQW, n * C, S(0));   // dYc = -R TDW_c^T
+      matmul_acc(n, C, d, -1, R, d, kb + lay.tdwt(), C, dQW, C);
+      matmul_tn_acc(C, d, n, 1, dQW, C, q0, d, g.dW.data() + c * C * d, d);
+      matmul_acc(n, d, C, 1, dQW, C, kb + lay.w(), d, R, d);
     }
-    std::fill_n(S, n * C, 0.f);
-    matmul_acc(n, C, d, 1.f, q0, d, kb + lay.kbart(), C, S, C);
+    std::fill_n(Sc, n * C, S(0));
+    matmul_acc(n, C, d, 1, q0, d, kb + lay.kbart(), C, Sc, C);
     probs_and_grads(kb, sp.start + c * C, /*causal=*/false, c);
-    matmul_tn_acc(C, d, n, 1.f, dL, C, q0, d, g.dKbar.data() + c * C * d, d);
-    matmul_acc(n, d, C, 1.f, dL, C, kb + lay.kbar(), d, R, d);
+    matmul_tn_acc(C, d, n, 1, dL, C, q0, d, g.dKbar.data() + c * C * d, d);
+    matmul_acc(n, d, C, 1, dL, C, kb + lay.kbar(), d, R, d);
   }
 
   // Diagonal chunk: M = Q K^T - QW U and Q0^(cq-1) = Q - QW TDW (R is its gradient; zero when cq = 0).
-  float* dUc = g.dU.data() + cq * C * C;
+  S* dUc = g.dU.data() + cq * C * C;
   std::copy_n(R, n * d, dQ);
-  matmul_acc(n, d, C, 1.f, dM, C, blk + lay.k(), d, dQ, d);
-  std::fill_n(dQW, n * C, 0.f);
-  matmul_acc(n, C, C, -1.f, dM, C, blk + lay.ut(), C, dQW, C);
-  matmul_acc(n, C, d, -1.f, R, d, blk + lay.tdwt(), C, dQW, C);
-  for (int a = 0; a < n; ++a) std::fill(dQW + a * C + a + 1, dQW + (a + 1) * C, 0.f);
-  matmul_acc(n, d, C, 1.f, dQW, C, blk + lay.w(), d, dQ, d);
-  matmul_tn_acc(C, d, n, 1.f, dM, C, Q, d, g.dK.data() + cq * C * d, d);
-  matmul_tn_acc(C, C, n, -1.f, QW, C, dM, C, dUc, C);
-  matmul_tn_acc(C, d, n, -1.f, QW, C, R, d, g.dTDW.data() + cq * C * d, d);
-  matmul_tn_acc(C, d, n, 1.f, dQW, C, Q, d, g.dW.data() + cq * C * d, d);
+  matmul_acc(n, d, C, 1, dM, C, blk + lay.k(), d, dQ, d);
+  std::fill_n(dQW, n * C, S(0));
+  matmul_acc(n, C, C, -1, dM, C, blk + lay.ut(), C, dQW, C);
+  matmul_acc(n, C, d, -1, R, d, blk + lay.tdwt(), C, dQW, C);
+  for (int a = 0; a < n; ++a) std::fill(dQW + a * C + a + 1, dQW + (a + 1) * C, S(0));
+  matmul_acc(n, d, C, 1, dQW, C, blk + lay.w(), d, dQ, d);
+  matmul_tn_acc(C, d, n, 1, dM, C, Q, d, g.dK.data() + cq * C * d, d);
+  matmul_tn_acc(C, C, n, -1, QW, C, dM, C, dUc, C);
+  matmul_tn_acc(C, d, n, -1, QW, C, R, d, g.dTDW.data() + cq * C * d, d);
+  matmul_tn_acc(C, d, n, 1, dQW, C, Q, d, g.dW.data() + cq * C * d, d);
   for (int a = 0; a < n; ++a) std::copy_n(dQ + a * d, d, bb.dq + ((sp.b * p.seq_len + t0 + a) * p.heads + hq) * d);
 }
 
 // One (sequence, key head): every query chunk of every query head of the group, then each key chunk's UT
 // backward. The task owns all the gradient rows it writes.
-void backward_task(const Params& p, const BwdBuffers& bb, const Span& sp, int64_t hk, const ChunkLayout& lay,
-                   const float* blocks) {
+template <typename S>
+void backward_task(const ParamsT<S>& p, const BwdBuffers<S>& bb, const Span& sp, int64_t hk, const ChunkLayout& lay,
+                   const S* blocks) {
   const int d = p.head_dim, dv = p.v_dim, C = kChunk;
   const int64_t nc = chunks_of(sp.len), group = p.heads / p.kv_heads;
-  KeyGrads g;
-  for (auto* m : {&g.dKbar, &g.dTDW, &g.dW, &g.dK}) m->assign(static_cast<size_t>(nc * C * d), 0.f);
-  g.dU.assign(static_cast<size_t>(nc * C * C), 0.f);
-  g.dV.assign(static_cast<size_t>(nc * C * dv), 0.f);
-  std::vector<float> buf;
+  KeyGrads<S> g;
+  for (auto* m : {&g.dKbar, &g.dTDW, &g.dW, &g.dK}) m->assign(static_cast<size_t>(nc * C * d), S(0));
+  g.dU.assign(static_cast<size_t>(nc * C * C), S(0));
+  g.dV.assign(static_cast<size_t>(nc * C * dv), S(0));
+  std::vector<S> buf;
   for (int64_t hq = hk * group; hq < (hk + 1) * group; ++hq)
     for (int64_t cq = 0; cq < nc; ++cq) backward_query_chunk(p, bb, sp, lay, blocks, hq, cq, g, buf);
 
-  ChunkMath cm;
-  std::vector<float> dU(C * C), dT(C * C), dZ(C * C), tmp(C * C), dA(C * C), dY(C * d), dbeta(C);
+  ChunkMath<S> cm;
+  std::vector<S> dU(C * C), dT(C * C), dZ(C * C), tmp(C * C), dA(C * C), dY(C * d), dbeta(C);
   for (int64_t c = 0; c < nc; ++c) {
     const int64_t t0 = sp.start + c * C;
     const int n = static_cast<int>(std::min<int64_t>(C, sp.start + sp.len - t0));
     cm.compute(p, sp.b, t0, n, hk);
     for (int a = 0; a < n; ++a) std::copy_n(g.dU.data() + (c * C + a) * C, n, dU.data() + a * n);   // [n, n]
-    float* dW = g.dW.data() + c * C * d;
-    float* dK = g.dK.data() + c * C * d;
-    std::fill(dbeta.begin(), dbeta.end(), 0.f);
-    const UtGrad ug{n, d, cm.W.data(), cm.K.data(), cm.beta.data(), cm.gram.data(), cm.wk.data(), cm.T.data(),
+    S* dW = g.dW.data() + c * C * d;
+    S* dK = g.dK.data() + c * C * d;
+    std::fill(dbeta.begin(), dbeta.end(), S(0));
+    const UtGradT<S> ug{n, d, cm.W.data(), cm.K.data(), cm.beta.data(), cm.gram.data(), cm.wk.data(), cm.T.data(),
                     cm.U.data(), g.dKbar.data() + c * C * d, g.dTDW.data() + c * C * d, dU.data(), dT.data(),
                     dZ.data(), tmp.data(), dA.data(), dY.data()};
     ut_backward(ug, dW, dK, dbeta.data());
@@ -192,26 +197,27 @@ void backward_task(const Params& p, const BwdBuffers& bb, const Span& sp, int64_
   }
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> path_attention_backward_cpu(
+// S from q's dtype: double for fp64, else float. The gradients come back in their inputs' dtypes (dg without a
+// gate, which autograd drops, in S).
+template <typename S>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_o, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w,
     const at::Tensor& beta, const c10::optional<at::Tensor>& g, const c10::optional<at::Tensor>& cu_seqlens,
     const at::Tensor& o, const at::Tensor& lse, const c10::optional<at::Tensor>& grad_lse, double scale) {
   const char* op = kBackward;
-  Params p = describe_forward(op, q, k, v, w, beta, g, cu_seqlens, scale);
+  ParamsT<S> p = describe_forward<S>(op, q, k, v, w, beta, g, cu_seqlens, scale);
   check_backward_inputs(op, p, q, grad_o, o, lse, grad_lse);
   backward_counter.hit();
-  const at::TensorOptions f32 = q.options().dtype(at::kFloat);
-  at::Tensor dq = at::zeros(q.sizes(), f32), dk = at::zeros(k.sizes(), f32), dv = at::zeros(v.sizes(), f32);
-  at::Tensor dw = at::zeros(k.sizes(), f32), dbeta = at::zeros(beta.sizes(), f32);
-  at::Tensor dG = at::zeros({p.batch, p.heads, p.seq_len}, f32);
+  const at::TensorOptions fs = q.options().dtype(kComputeDtype<S>);
+  at::Tensor dq = at::zeros(q.sizes(), fs), dk = at::zeros(k.sizes(), fs), dv = at::zeros(v.sizes(), fs);
+  at::Tensor dw = at::zeros(k.sizes(), fs), dbeta = at::zeros(beta.sizes(), fs);
+  at::Tensor dG = at::zeros({p.batch, p.heads, p.seq_len}, fs);
   const Chunking ch = make_chunking(op, p.batch, p.seq_len, cu_seqlens);
   const at::Tensor G = g.has_value() ? gate_prefix(p, ch) : at::Tensor();
-  BwdBuffers bb{grad_o.data_ptr(), o.data_ptr(), lse.data_ptr<float>(),
-                grad_lse.has_value() ? grad_lse->data_ptr<float>() : nullptr,
-                G.defined() ? G.data_ptr<float>() : nullptr, dq.data_ptr<float>(), dk.data_ptr<float>(),
-                dv.data_ptr<float>(), dw.data_ptr<float>(), dbeta.data_ptr<float>(), dG.data_ptr<float>()};
+  BwdBuffers<S> bb{grad_o.data_ptr(), o.data_ptr(), lse.data_ptr<S>(),
+                   grad_lse.has_value() ? grad_lse->data_ptr<S>() : nullptr,
+                   G.defined() ? G.data_ptr<S>() : nullptr, dq.data_ptr<S>(), dk.data_ptr<S>(),
+                   dv.data_ptr<S>(), dw.data_ptr<S>(), dbeta.data_ptr<S>(), dG.data_ptr<S>()};
   if (!ch.spans.empty()) {
     ChunkLayout lay{p.head_dim, p.v_dim};
     lay.backward = true;
@@ -221,21 +227,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t s = task / p.kv_heads, hk = task % p.kv_heads;
-        backward_task(p, bb, ch.spans[s], hk, lay, blocks.data_ptr<float>() + (hk * total + ch.first_chunk[s]) * lay.size());
+        backward_task(p, bb, ch.spans[s], hk, lay, blocks.data_ptr<S>() + (hk * total + ch.first_chunk[s]) * lay.size());
       }
     });
   }
   // dg_t = sum_{u >= t} dG_u within each sequence (G = cumsum(g)), then [B, HQ, T] -> [B, T, HQ].
-  float* dGp = dG.data_ptr<float>();
+  S* dGp = dG.data_ptr<S>();
   for (const Span& sp : ch.spans) {
     for (int64_t hq = 0; hq < p.heads; ++hq) {
-      float* row = dGp + (sp.b * p.heads + hq) * p.seq_len;
+      S* row = dGp + (sp.b * p.heads + hq) * p.seq_len;
       for (int64_t t = sp.start + sp.len - 2; t >= sp.start; --t) row[t] += row[t + 1];
     }
   }
   at::Tensor dg = dG.transpose(1, 2).contiguous();
   auto as = [](const at::Tensor& t, const at::Tensor& like) { return t.to(like.scalar_type()); };
   return {as(dq, q), as(dk, k), as(dv, v), as(dw, w), as(dbeta, beta), g.has_value() ? as(dg, *g) : dg};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> path_attention_backward_cpu(
+    const at::Tensor& grad_o, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w,
+    const at::Tensor& beta, const c10::optional<at::Tensor>& g, const c10::optional<at::Tensor>& cu_seqlens,
+    const at::Tensor& o, const at::Tensor& lse, const c10::optional<at::Tensor>& grad_lse, double scale) {
+  return q.scalar_type() == at::kDouble
+             ? backward<double>(grad_o, q, k, v, w, beta, g, cu_seqlens, o, lse, grad_lse, scale)
+             : backward<float>(grad_o, q, k, v, w, beta, g, cu_seqlens, o, lse, grad_lse, scale);
 }
 
 }  // namespace blockops::path_attention

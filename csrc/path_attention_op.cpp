@@ -22,32 +22,44 @@ void check_head_dim(const char* op, const char* arg, int64_t d) {
               kMaxHeadDim, "], got ", d);
 }
 
-// t must have `shape`, be contiguous, on q's device, with q's dtype (or fp32 where fp32_allowed).
-void check_tensor(const char* op, const char* arg, const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& q,
-                  bool fp32_allowed) {
-  if (fp32_allowed) {
-    check_dtype(t, {at::kFloat, q.scalar_type()}, op, arg);
+// t must have `shape`, be contiguous, on ref's device (ref: q, or k for the key cache), with ref's dtype, or fp32
+// where fp32_allowed (w, beta, g) unless ref is fp64: the fp64 path computes in fp64 throughout.
+void check_tensor(const char* op, const char* arg, const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& ref,
+                  const char* ref_arg, bool fp32_allowed) {
+  const at::ScalarType want = ref.scalar_type();
+  if (fp32_allowed && want != at::kDouble) {
+    check_dtype(t, {at::kFloat, want}, op, arg);
   } else {
-    TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", arg, " has dtype ", t.scalar_type(), " but q has ",
-                q.scalar_type(), "; q, k and v must share one dtype");
+    TORCH_CHECK(t.scalar_type() == want, op, ": ", arg, " has dtype ", t.scalar_type(), " but ", ref_arg, " has ",
+                want, fp32_allowed ? "; with float64 inputs every floating argument must be float64"
+                                   : "; q, k and v must share one dtype");
   }
-  check_same_device(t, q, op, arg, "q");
+  check_same_device(t, ref, op, arg, ref_arg);
   TORCH_CHECK(t.sizes() == shape, op, ": ", arg, " must have shape ", shape, ", got ", t.sizes());
   check_contiguous(t, op, arg);
+}
+
+// The glue picked S from the dtype of `t` (q, or k): after the checks above (every tensor on t's device, fp64
+// only on the CPU), only a library bug could make them disagree.
+template <typename S>
+void assert_compute_type(const at::Tensor& t) {
+  TORCH_INTERNAL_ASSERT((t.scalar_type() == at::kDouble) == (std::is_same_v<S, double>),
+                        "path_attention: compute type does not match the inputs' dtype ", t.scalar_type());
 }
 
 }  // namespace
 
 // Checks k, w, beta (and the optional cu_seqlens) shared by both ops; fills the key-side fields of p.
-Params describe_keys(const char* op, const at::Tensor& k, const at::Tensor& w, const at::Tensor& beta,
-                     const c10::optional<at::Tensor>& cu_seqlens) {
-  check_dtype(k, {at::kHalf, at::kBFloat16, at::kFloat}, op, "k");
+template <typename S>
+ParamsT<S> describe_keys(const char* op, const at::Tensor& k, const at::Tensor& w, const at::Tensor& beta,
+                         const c10::optional<at::Tensor>& cu_seqlens) {
+  check_float_dtype(k, op, "k");
   TORCH_CHECK(k.dim() == 4, op, ": k must be [B, T, H, D], got shape ", k.sizes());
   check_contiguous(k, op, "k");
   check_head_dim(op, "k", k.size(3));
   TORCH_CHECK(k.size(2) >= 1, op, ": k needs at least one head, got shape ", k.sizes());
-  check_tensor(op, "w", w, k.sizes(), k, true);
-  check_tensor(op, "beta", beta, k.sizes().slice(0, 3), k, true);
+  check_tensor(op, "w", w, k.sizes(), k, "k", true);
+  check_tensor(op, "beta", beta, k.sizes().slice(0, 3), k, "k", true);
   if (cu_seqlens.has_value()) {
     const at::Tensor& c = *cu_seqlens;
     check_dtype(c, {at::kInt, at::kLong}, op, "cu_seqlens");
@@ -55,7 +67,8 @@ Params describe_keys(const char* op, const at::Tensor& k, const at::Tensor& w, c
     TORCH_CHECK(c.dim() == 1 && c.numel() >= 2, op, ": cu_seqlens must be [N + 1] with N >= 1, got shape ", c.sizes());
     TORCH_CHECK(k.size(0) == 1, op, ": cu_seqlens needs batch size 1 (packed sequences), got B = ", k.size(0));
   }
-  Params p{};
+  assert_compute_type<S>(k);
+  ParamsT<S> p{};
   p.k = k.data_ptr();
   p.w = w.data_ptr();
   p.beta = beta.data_ptr();
@@ -70,10 +83,11 @@ Params describe_keys(const char* op, const at::Tensor& k, const at::Tensor& w, c
 }
 
 // Checks every forward argument; fills p except the outputs.
-Params describe_forward(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                        const at::Tensor& w, const at::Tensor& beta, const c10::optional<at::Tensor>& g,
-                        const c10::optional<at::Tensor>& cu_seqlens, double scale) {
-  check_dtype(q, {at::kHalf, at::kBFloat16, at::kFloat}, op, "q");
+template <typename S>
+ParamsT<S> describe_forward(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& w, const at::Tensor& beta, const c10::optional<at::Tensor>& g,
+                            const c10::optional<at::Tensor>& cu_seqlens, double scale) {
+  check_float_dtype(q, op, "q");
   TORCH_CHECK(q.dim() == 4, op, ": q must be [B, T, HQ, D], got shape ", q.sizes());
   TORCH_CHECK(k.dim() == 4 && v.dim() == 4, op, ": k and v must be [B, T, H, D] and [B, T, H, Dv], got ", k.sizes(),
               " and ", v.sizes());
@@ -86,11 +100,11 @@ Params describe_forward(const char* op, const at::Tensor& q, const at::Tensor& k
               ": k must be [B, T, H, D] with q's B, T and D, got q ", q.sizes(), " and k ", k.sizes());
   TORCH_CHECK(k.size(2) >= 1 && q.size(2) % k.size(2) == 0, op, ": q's heads (", q.size(2),
               ") must be a multiple of k's heads (", k.size(2), ") for grouped-query attention");
-  Params p = describe_keys(op, k, w, beta, cu_seqlens);
+  ParamsT<S> p = describe_keys<S>(op, k, w, beta, cu_seqlens);
   check_head_dim(op, "v", v.size(3));
-  check_tensor(op, "v", v, {k.size(0), k.size(1), k.size(2), v.size(3)}, q, false);
-  if (g.has_value()) check_tensor(op, "g", *g, q.sizes().slice(0, 3), q, true);
-  checked_finite_float(scale, op, "scale");  // the kernels take it as a float
+  check_tensor(op, "v", v, {k.size(0), k.size(1), k.size(2), v.size(3)}, q, "q", false);
+  if (g.has_value()) check_tensor(op, "g", *g, q.sizes().slice(0, 3), q, "q", true);
+  checked_finite_float(scale, op, "scale");  // the float kernels take it as a float (one rule for every dtype)
 
   p.q = q.data_ptr();
   p.v = v.data_ptr();
@@ -98,9 +112,22 @@ Params describe_forward(const char* op, const at::Tensor& q, const at::Tensor& k
   p.g_dtype = g.has_value() ? dtype_of(g->scalar_type()) : DType::kF32;
   p.heads = q.size(2);
   p.v_dim = static_cast<int>(v.size(3));
-  p.scale = static_cast<float>(scale);
+  p.scale = static_cast<S>(scale);
   return p;
 }
+
+template ParamsT<float> describe_keys<float>(const char*, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                             const c10::optional<at::Tensor>&);
+template ParamsT<double> describe_keys<double>(const char*, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const c10::optional<at::Tensor>&);
+template ParamsT<float> describe_forward<float>(const char*, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                const at::Tensor&, const at::Tensor&,
+                                                const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+                                                double);
+template ParamsT<double> describe_forward<double>(const char*, const at::Tensor&, const at::Tensor&,
+                                                  const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                  const c10::optional<at::Tensor>&,
+                                                  const c10::optional<at::Tensor>&, double);
 
 Chunking make_chunking(const char* op, int64_t batch, int64_t seq_len, const c10::optional<at::Tensor>& cu) {
   Chunking ch;
@@ -139,15 +166,16 @@ int64_t Chunking::max_chunks_per_span() const {
   return m;
 }
 
-void check_backward_inputs(const char* op, const Params& p, const at::Tensor& q, const at::Tensor& grad_o,
+template <typename S>
+void check_backward_inputs(const char* op, const ParamsT<S>& p, const at::Tensor& q, const at::Tensor& grad_o,
                            const at::Tensor& o, const at::Tensor& lse, const c10::optional<at::Tensor>& grad_lse) {
   const std::array<int64_t, 4> o_dims{p.batch, p.seq_len, p.heads, p.v_dim};
-  check_tensor(op, "grad_o", grad_o, o_dims, q, false);
-  check_tensor(op, "o", o, o_dims, q, false);
+  check_tensor(op, "grad_o", grad_o, o_dims, q, "q", false);
+  check_tensor(op, "o", o, o_dims, q, "q", false);
   const std::array<int64_t, 3> lse_dims{p.batch, p.heads, p.seq_len};
   for (auto [arg, t] : {std::pair<const char*, const at::Tensor*>{"lse", &lse}, {"grad_lse", grad_lse ? &*grad_lse : nullptr}}) {
     if (t == nullptr) continue;
-    check_dtype(*t, {at::kFloat}, op, arg);
+    check_dtype(*t, {kComputeDtype<S>}, op, arg);
     check_same_device(*t, q, op, arg, "q");
     TORCH_CHECK(t->sizes() == at::IntArrayRef(lse_dims), op, ": ", arg, " must have shape ", at::IntArrayRef(lse_dims),
                 ", got ", t->sizes());
@@ -155,12 +183,18 @@ void check_backward_inputs(const char* op, const Params& p, const at::Tensor& q,
   }
 }
 
-DecodeParams describe_decode(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                             const at::Tensor& w, const at::Tensor& beta, const c10::optional<at::Tensor>& g,
-                             const at::Tensor& keys, const at::Tensor& values, const at::Tensor& lengths,
-                             const c10::optional<at::Tensor>& gates, const c10::optional<at::Tensor>& g_last,
-                             double scale, at::Tensor& lengths_host) {
-  check_dtype(q, {at::kHalf, at::kBFloat16, at::kFloat}, op, "q_t");
+template void check_backward_inputs<float>(const char*, const ParamsT<float>&, const at::Tensor&, const at::Tensor&,
+                                           const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&);
+template void check_backward_inputs<double>(const char*, const ParamsT<double>&, const at::Tensor&, const at::Tensor&,
+                                            const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&);
+
+template <typename S>
+DecodeParamsT<S> describe_decode(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& w, const at::Tensor& beta, const c10::optional<at::Tensor>& g,
+                                 const at::Tensor& keys, const at::Tensor& values, const at::Tensor& lengths,
+                                 const c10::optional<at::Tensor>& gates, const c10::optional<at::Tensor>& g_last,
+                                 double scale, at::Tensor& lengths_host) {
+  check_float_dtype(q, op, "q_t");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, op, ": q_t, k_t and v_t must be [B, HQ, D], [B, H, D] and ",
               "[B, H, Dv], got ", q.sizes(), ", ", k.sizes(), " and ", v.sizes());
   check_contiguous(q, op, "q_t");
@@ -169,14 +203,14 @@ DecodeParams describe_decode(const char* op, const at::Tensor& q, const at::Tens
   check_head_dim(op, "v_t", Dv);
   TORCH_CHECK(H >= 1 && HQ % H == 0 && HQ / H <= kMaxDecodeGroup, op, ": q_t's heads (", HQ,
               ") must be a multiple of k_t's heads (", H, "), at most ", kMaxDecodeGroup, " per key head");
-  check_tensor(op, "k_t", k, {B, H, D}, q, false);
-  check_tensor(op, "v_t", v, {B, H, Dv}, q, false);
-  check_tensor(op, "w_t", w, {B, H, D}, q, true);
-  check_tensor(op, "beta_t", beta, {B, H}, q, true);
+  check_tensor(op, "k_t", k, {B, H, D}, q, "q_t", false);
+  check_tensor(op, "v_t", v, {B, H, Dv}, q, "q_t", false);
+  check_tensor(op, "w_t", w, {B, H, D}, q, "q_t", true);
+  check_tensor(op, "beta_t", beta, {B, H}, q, "q_t", true);
   TORCH_CHECK(keys.dim() == 4, op, ": keys must be [B, H, L, D], got shape ", keys.sizes());
   const int64_t L = keys.size(2);
   auto check_cache = [&](const char* arg, const at::Tensor& t, at::IntArrayRef shape) {
-    check_dtype(t, {at::kFloat}, op, arg);
+    check_dtype(t, {kComputeDtype<S>}, op, arg);   // fp32, fp64 for fp64 inputs
     check_same_device(t, q, op, arg, "q_t");
     TORCH_CHECK(t.sizes() == shape, op, ": ", arg, " must have shape ", shape, ", got ", t.sizes());
     check_contiguous(t, op, arg);
@@ -186,7 +220,7 @@ DecodeParams describe_decode(const char* op, const at::Tensor& q, const at::Tens
   TORCH_CHECK(g.has_value() == gates.has_value() && gates.has_value() == g_last.has_value(), op,
               ": pass g_t, gates and g_last together (a cache built with a forget gate) or none of them");
   if (g.has_value()) {
-    check_tensor(op, "g_t", *g, {B, HQ}, q, true);
+    check_tensor(op, "g_t", *g, {B, HQ}, q, "q_t", true);
     check_cache("gates", *gates, {B, HQ, L});
     check_cache("g_last", *g_last, {B, HQ});
   }
@@ -194,28 +228,38 @@ DecodeParams describe_decode(const char* op, const at::Tensor& q, const at::Tens
   check_same_device(lengths, q, op, "lengths", "q_t");
   TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == B, op, ": lengths must be [B] = [", B, "], got ", lengths.sizes());
   check_contiguous(lengths, op, "lengths");
-  checked_finite_float(scale, op, "scale");  // the kernels take it as a float
+  checked_finite_float(scale, op, "scale");  // the float kernels take it as a float (one rule for every dtype)
   lengths_host = lengths.to(at::kCPU).contiguous();
   const int64_t* len = lengths_host.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(len[b] >= 0 && len[b] < L, op, ": lengths[", b, "] = ", len[b], " leaves no room in a cache of capacity ",
                 L, " (grow keys/values/gates first; PathCache does)");
-  DecodeParams p{};
+  assert_compute_type<S>(q);
+  DecodeParamsT<S> p{};
   p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr(); p.w = w.data_ptr(); p.beta = beta.data_ptr();
   p.g = g.has_value() ? g->data_ptr() : nullptr;
   p.dtype = dtype_of(q.scalar_type());
   p.w_dtype = dtype_of(w.scalar_type());
   p.beta_dtype = dtype_of(beta.scalar_type());
   p.g_dtype = g.has_value() ? dtype_of(g->scalar_type()) : DType::kF32;
-  p.keys = keys.data_ptr<float>();
-  p.values = values.data_ptr<float>();
+  p.keys = keys.data_ptr<S>();
+  p.values = values.data_ptr<S>();
   p.lengths = lengths.device().is_cpu() ? len : lengths.data_ptr<int64_t>();
-  p.gates = gates.has_value() ? gates->data_ptr<float>() : nullptr;
-  p.g_last = g_last.has_value() ? g_last->data_ptr<float>() : nullptr;
+  p.gates = gates.has_value() ? gates->data_ptr<S>() : nullptr;
+  p.g_last = g_last.has_value() ? g_last->data_ptr<S>() : nullptr;
   p.batch = B; p.heads = HQ; p.kv_heads = H; p.capacity = L;
   p.head_dim = static_cast<int>(D); p.v_dim = static_cast<int>(Dv);
-  p.scale = static_cast<float>(scale);
+  p.scale = static_cast<S>(scale);
   return p;
 }
+
+template DecodeParamsT<float> describe_decode<float>(
+    const char*, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, double, at::Tensor&);
+template DecodeParamsT<double> describe_decode<double>(
+    const char*, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, double, at::Tensor&);
 
 }  // namespace blockops::path_attention

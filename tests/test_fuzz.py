@@ -655,11 +655,7 @@ def test_linear_non_finite_activation_stays_in_its_row(family, rows, value, dtyp
 
 
 # ====================================================================================== float64 on the CPU
-_PATH_FP64 = pytest.param("path_attention", marks=pytest.mark.xfail(
-    strict=True, reason="issue 17: path_attention's CPU kernels are fp32 only; float64 is not implemented yet"))
-
-
-@pytest.mark.parametrize("family", ["lowbit", "vq", "ptq161", "apply_residual", "attention", _PATH_FP64])
+@pytest.mark.parametrize("family", ["lowbit", "vq", "ptq161", "apply_residual", "attention", "path_attention"])
 @fuzz(4, shrink=False)
 @given(seed=seeds)
 def test_float64_matches_reference_and_gradcheck(family, seed):

@@ -1,5 +1,6 @@
 """PaTH attention: the reference against explicit Householder products, the CPU kernel (forward, key cache)
-against the reference, decoding, opcheck, torch.compile and the error paths."""
+against the reference, decoding, float64 (reference to 1e-10, gradcheck), opcheck, torch.compile and the error
+paths."""
 from __future__ import annotations
 
 
@@ -486,6 +487,155 @@ def test_errors(case, match):
     with pytest.raises(RuntimeError, match=match):
         torch.ops.blockops.path_attention(q.contiguous(), k.contiguous(), v.contiguous(), w.contiguous(), beta, g,
                                           cu, 0.25)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# float64 on the CPU (issue 17): the compiled kernels in fp64 throughout, so gradcheck runs as for PyTorch's ops
+# ---------------------------------------------------------------------------------------------------------
+
+def fp64_op(cu=None, scale=0.3):
+    """The forward op on fp64 inputs as a function of (q, k, v, w, beta[, g]) -> (o, lse [B, T, HQ])."""
+    def fn(q, k, v, w, beta, g=None):
+        o, lse = torch.ops.blockops.path_attention(q, k, v, w, beta, g, cu, scale)
+        return o, lse.transpose(1, 2)
+    return fn
+
+
+def fp64_ref(cu=None, scale=0.3):
+    def fn(q, k, v, w, beta, g=None):
+        return ref_path_attention(q, k, v, w, beta, g, scale=scale, cu_seqlens=cu, return_lse=True)
+    return fn
+
+
+# (B, T, HQ, H, gate, cu_seqlens): T = 70 crosses the 64-token chunk (carried queries, two key chunks), GQA 2/1 and
+# 4/2, packed sequences (the second one crossing the boundary). scale 0.3 is not an fp32 number: the fp64 path must
+# use the caller's value, not the fp32 one the float kernels take.
+FP64_CASES = [
+    (2, 70, 2, 2, False, None),
+    (1, 70, 2, 1, True, None),
+    (1, 79, 4, 2, True, [0, 9, 79]),
+]
+
+
+@pytest.mark.parametrize("B,T,HQ,H,gate,cu", FP64_CASES)
+def test_float64_forward_matches_reference(B, T, HQ, H, gate, cu):
+    """o and lse come back fp64 and equal the fp64 reference to 1e-10: one fp32 step anywhere (pass 1, the gate
+    prefix, the online softmax, the scale) would leave errors near 1e-7."""
+    inputs = fp64(*make_inputs(B, T, HQ, H, 16, 8, gate))
+    cu = None if cu is None else torch.tensor(cu)
+    with kernel_ran("path_attention", "cpu"):
+        o, lse = fp64_op(cu)(*inputs)
+    assert o.dtype == lse.dtype == torch.float64
+    ref, ref_lse = fp64_ref(cu)(*inputs)
+    torch.testing.assert_close(o, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("B,T,HQ,H,gate,cu", FP64_CASES)
+def test_float64_backward_matches_reference(B, T, HQ, H, gate, cu):
+    """Every gradient (through o and lse) in fp64, equal to autograd through the fp64 reference to 1e-10."""
+    inputs = fp64(*make_inputs(B, T, HQ, H, 16, 8, gate))
+    cu = None if cu is None else torch.tensor(cu)
+    gen = torch.Generator().manual_seed(8)
+    grad_o, grad_lse = torch.randn(B, T, HQ, 8, generator=gen).double(), torch.randn(B, T, HQ, generator=gen).double()
+    with kernel_ran("path_attention_backward", "cpu"):
+        ours = grads(fp64_op(cu), inputs, grad_o, grad_lse)
+    ref = grads(fp64_ref(cu), inputs, grad_o, grad_lse)
+    assert set(ours) == set(ref) == set(NAMES[:6 if gate else 5])
+    for name, r in ref.items():
+        assert ours[name].dtype == torch.float64, name
+        torch.testing.assert_close(ours[name], r, rtol=1e-10, atol=1e-10, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("T,HQ,H,gate,cu", [(66, 1, 1, True, None), (20, 2, 1, False, [0, 7, 20])])
+def test_float64_gradcheck(T, HQ, H, gate, cu):
+    """torch.autograd.gradcheck of (o, lse) w.r.t. q, k, v, w, beta and g: finite differences of the forward kernel
+    against the backward kernel. T = 66 crosses the chunk boundary (the carried queries' and the UT transform's
+    backward of a full chunk and a 2-token one); the second case packs two sequences, GQA 2/1. Sizes keep each
+    case to a few seconds (the cost grows with the inputs x outputs; the 1e-10 comparisons above cover the larger
+    GQA and gated shapes). (No gradgradcheck: the backward op has no derivative of its own.)"""
+    inputs = [t.requires_grad_() for t in fp64(*make_inputs(1, T, HQ, H, 8, 8, gate)) if t is not None]
+    cu = None if cu is None else torch.tensor(cu)
+    assert torch.autograd.gradcheck(fp64_op(cu), inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_float64_key_cache_and_decode(gate):
+    """fp64 key cache (1e-10 from the reference), an fp64 PathCache, and fp64 decode steps equal to the last row of
+    the full fp64 reference over all tokens so far (1e-10)."""
+    T0, steps = 70, 3
+    q, k, v, w, beta, g = fp64(*make_inputs(2, T0 + steps, 4, 2, 16, 8, gate))
+    pre = [None if t is None else t[:, :T0] for t in (q, k, v, w, beta, g)]
+    with kernel_ran("path_key_cache", "cpu"):
+        _, k_cache = path_attention(*pre, use_cache=True)
+    assert k_cache.dtype == torch.float64
+    torch.testing.assert_close(k_cache, ref_path_key_cache(*pre[1:2], *pre[3:5]), rtol=1e-10, atol=1e-10)
+    cache = PathCache.from_prefill(k_cache, pre[2], pre[5])
+    assert all(t is None or t.dtype == torch.float64 for t in (cache.keys, cache.values, cache.gates, cache.g_last))
+    full = ref_path_attention(q, k, v, w, beta, g)
+    for t in range(T0, T0 + steps):
+        with kernel_ran("path_decode_step", "cpu"):
+            o_t = path_decode_step(q[:, t], k[:, t], v[:, t], w[:, t], beta[:, t], None if g is None else g[:, t],
+                                   cache)
+        assert o_t.dtype == torch.float64
+        torch.testing.assert_close(o_t, full[:, t], rtol=1e-10, atol=1e-10, msg=lambda m: f"step {t}: {m}")
+
+
+@pytest.mark.parametrize("arg,other", [("k", "q"), ("v", "q"), ("w", "k"), ("beta", "k"), ("g", "q")])
+def test_float64_mixed_dtypes_refused(arg, other):
+    """fp64 inputs compute in fp64 throughout: an fp32 argument next to fp64 q is refused, naming it (w, beta and g
+    may be fp32 next to fp16/bf16/fp32 q, not next to fp64)."""
+    inputs = dict(zip(NAMES, fp64(*make_inputs(1, 10, 2, 1, 16, 16, True))))
+    inputs[arg] = inputs[arg].float()
+    with pytest.raises(RuntimeError, match=f"path_attention: {arg} has dtype Float but {other} has Double"):
+        torch.ops.blockops.path_attention(*inputs.values(), None, 0.25)
+    if arg in ("w", "beta"):
+        with pytest.raises(RuntimeError, match=f"path_key_cache: {arg} has dtype Float but k has Double"):
+            torch.ops.blockops.path_key_cache(inputs["k"], inputs["w"], inputs["beta"], None)
+    # and the other way round: fp64 next to fp32 q
+    inputs = dict(zip(NAMES, make_inputs(1, 10, 2, 1, 16, 16, True)))
+    inputs[arg] = inputs[arg].double()
+    with pytest.raises(RuntimeError, match=f"path_attention: {arg} (has dtype Double but {other} has Float|must have "
+                                           "dtype in .*, got Double)"):
+        torch.ops.blockops.path_attention(*inputs.values(), None, 0.25)
+
+
+def test_float64_backward_and_decode_dtype_errors():
+    """The backward wants lse (and grad_lse) in fp64 for fp64 inputs; the decode step an fp64 cache."""
+    q, k, v, w, beta, g = fp64(*make_inputs(1, 10, 2, 1, 16, 16, True))
+    o, lse = torch.ops.blockops.path_attention(q, k, v, w, beta, g, None, 0.25)
+    with pytest.raises(RuntimeError, match=r"lse must have dtype in \{Double\}, got Float"):
+        torch.ops.blockops.path_attention_backward(o, q, k, v, w, beta, g, None, o, lse.float(), None, 0.25)
+    with pytest.raises(RuntimeError, match=r"grad_lse must have dtype in \{Double\}, got Float"):
+        torch.ops.blockops.path_attention_backward(o, q, k, v, w, beta, g, None, o, lse, lse.float(), 0.25)
+    B, HQ, H, D, Dv, L = 2, 2, 1, 16, 16, 8
+    q, k, v, w, beta, g = (t[:, 0] for t in fp64(*make_inputs(B, 1, HQ, H, D, Dv, True)))
+    keys, values, lens, gates, g_last = random_cache(B, HQ, H, D, Dv, L, [3, 7], True)
+    with pytest.raises(RuntimeError, match=r"keys must have dtype in \{Double\}, got Float"):
+        torch.ops.blockops.path_decode_step(q, k, v, w, beta, g, keys, values, lens, gates, g_last, 0.25)
+    with pytest.raises(RuntimeError, match="w_t has dtype Float but q_t has Double"):
+        torch.ops.blockops.path_decode_step(q, k, v, w.float(), beta, g, keys.double(), values.double(), lens,
+                                            gates.double(), g_last.double(), 0.25)
+
+
+def test_float64_opcheck():
+    """The fake implementations agree with the kernels on fp64 (lse and the decode cache in fp64)."""
+    q, k, v, w, beta, g = fp64(*make_inputs(1, 70, 2, 1, 8, 8, True))
+    cu = torch.tensor([0, 20, 70], dtype=torch.int32)
+    op = torch.ops.blockops.path_attention.default
+    opcheck(op, (q, k, v, w, beta, None, None, 0.25))
+    opcheck(op, tuple(t.clone().requires_grad_() for t in (q, k, v, w, beta, g)) + (cu, 0.25))
+    opcheck(torch.ops.blockops.path_key_cache.default, (k, w, beta, cu))
+    o, lse = op(q, k, v, w, beta, g, cu, 0.25)
+    opcheck(torch.ops.blockops.path_attention_backward.default,
+            (torch.randn_like(o), q, k, v, w, beta, g, cu, o, lse, torch.randn_like(lse), 0.25))
+    opcheck(torch.ops.blockops.path_attention_backward.default,
+            (torch.randn_like(o), q, k, v, w, beta, None, None, o, op(q, k, v, w, beta, None, None, 0.25)[1], None,
+             0.25))
+    B, HQ, H, D, Dv, L = 2, 2, 1, 16, 8, 8
+    step = [t[:, 0] for t in fp64(*make_inputs(B, 1, HQ, H, D, Dv, True))]
+    cache = [t.double() if t.is_floating_point() else t for t in random_cache(B, HQ, H, D, Dv, L, [2, 5], True)]
+    opcheck(torch.ops.blockops.path_decode_step.default, (*step, *cache, 0.25))
 
 
 # ---------------------------------------------------------------------------------------------------------

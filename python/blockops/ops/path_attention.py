@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from blockops.ops._common import _FLOAT_DTYPES, _default_scale
+from blockops.ops._common import _compute_dtype, _default_scale, _is_float
 
 _ops = torch.ops.blockops
 
@@ -39,7 +39,8 @@ def path_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.T
     """PaTH attention forward (``fla.ops.path_attn.parallel_path_attn`` conventions).
 
     Args:
-        q: ``[B, T, HQ, D]``, fp16/bf16/fp32.
+        q: ``[B, T, HQ, D]``, fp16/bf16/fp32, or fp64 on the CPU (then k, v, w, beta and g fp64 too; computed in fp64
+            throughout, for ``torch.autograd.gradcheck``).
         k: ``[B, T, H, D]``, q's dtype; ``HQ`` a multiple of ``H`` (query head h reads key head ``h // (HQ // H)``).
         v: ``[B, T, H, Dv]``, q's dtype. ``D`` and ``Dv`` are multiples of 8 up to 256 (they may differ).
         w: ``[B, T, H, D]``, fp32 or q's dtype; meant to be L2-normalised per token (not enforced: the formula is
@@ -51,9 +52,9 @@ def path_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.T
         use_cache: also return the keys carried to the last position of their sequence, for decoding.
 
     Returns:
-        ``(o, k_cache)``: ``o [B, T, HQ, Dv]`` in q's dtype (fp32 accumulation), differentiable in q, k, v, w, beta
-        and g; ``k_cache [B, T, H, D]`` in k's dtype (``k_cache[j] = H_last ... H_{j+1} k_j``, not differentiable:
-        it is for decoding) when ``use_cache``, else None.
+        ``(o, k_cache)``: ``o [B, T, HQ, Dv]`` in q's dtype (fp32 accumulation; fp64 for fp64), differentiable in
+        q, k, v, w, beta and g; ``k_cache [B, T, H, D]`` in k's dtype (``k_cache[j] = H_last ... H_{j+1} k_j``, not
+        differentiable: it is for decoding) when ``use_cache``, else None.
 
     Raises:
         RuntimeError naming the argument and sizes for bad shapes, dtypes or head dims.
@@ -80,9 +81,16 @@ def path_key_cache(k, w, beta, cu_seqlens=None) -> torch.Tensor:
 # Fake implementations (shapes only; the C++ kernels check the values, e.g. of cu_seqlens)
 # ---------------------------------------------------------------------------------------------------------
 
+def _aux_dtypes(ref):
+    """The dtypes w, beta and g may have (path_attention_op.cpp check_tensor): fp32 or ref's dtype, only fp64 when
+    ref is fp64 (the fp64 path computes in fp64 throughout)."""
+    return (ref.dtype,) if ref.dtype == torch.float64 else (torch.float32, ref.dtype)
+
+
 def _check_keys(op, k, w, beta, cu_seqlens):
     torch._check(k.dim() == 4, lambda: f"{op}: k must be [B, T, H, D], got shape {tuple(k.shape)}")
-    torch._check(k.dtype in _FLOAT_DTYPES, lambda: f"{op}: k must be fp16/bf16/fp32, got {k.dtype}")
+    torch._check(_is_float(k), lambda: f"{op}: k must be fp16/bf16/fp32 (or fp64 on the CPU), got {k.dtype} on "
+                                       f"{k.device}")
     d = k.shape[3]
     torch._check(d % 8 == 0 and 8 <= d <= 256,
                  lambda: f"{op}: k head dim must be a multiple of 8 in [8, 256], got {d}")
@@ -90,7 +98,8 @@ def _check_keys(op, k, w, beta, cu_seqlens):
     torch._check(beta.shape == k.shape[:3],
                  lambda: f"{op}: beta must have shape {tuple(k.shape[:3])}, got {tuple(beta.shape)}")
     for arg, t in (("w", w), ("beta", beta)):
-        torch._check(t.dtype in (torch.float32, k.dtype), lambda: f"{op}: {arg} must be fp32 or {k.dtype}, got {t.dtype}")
+        torch._check(t.dtype in _aux_dtypes(k), lambda: f"{op}: {arg} must be {' or '.join(map(str, _aux_dtypes(k)))}, "
+                                                        f"got {t.dtype}")
     if cu_seqlens is not None:
         torch._check(cu_seqlens.dim() == 1 and cu_seqlens.dtype in (torch.int32, torch.int64),
                      lambda: f"{op}: cu_seqlens must be a 1-d int32/int64 tensor, got {cu_seqlens.dtype} "
@@ -111,9 +120,10 @@ def _path_attention_fake(q, k, v, w, beta, g, cu_seqlens, scale):
     torch._check(v.shape[:3] == k.shape[:3] and v.shape[3] % 8 == 0 and 8 <= v.shape[3] <= 256,
                  lambda: f"{op}: v must be [B, T, H, Dv] with Dv a multiple of 8 up to 256, got {tuple(v.shape)}")
     if g is not None:
-        torch._check(g.shape == q.shape[:3] and g.dtype in (torch.float32, q.dtype),
-                     lambda: f"{op}: g must be [B, T, HQ] fp32 or q's dtype, got {g.dtype} {tuple(g.shape)}")
-    return q.new_empty((B, T, HQ, v.shape[3])), q.new_empty((B, HQ, T), dtype=torch.float32)
+        torch._check(g.shape == q.shape[:3] and g.dtype in _aux_dtypes(q),
+                     lambda: f"{op}: g must be [B, T, HQ] in {_aux_dtypes(q)}, got {g.dtype} {tuple(g.shape)}")
+    # lse in the compute dtype (path_attention_op.h kComputeDtype): fp32, fp64 for fp64 inputs
+    return q.new_empty((B, T, HQ, v.shape[3])), q.new_empty((B, HQ, T), dtype=_compute_dtype(q))
 
 
 @torch.library.register_fake("blockops::path_key_cache")
@@ -130,10 +140,11 @@ def _path_attention_backward_fake(grad_o, q, k, v, w, beta, g, cu_seqlens, o, ls
         torch._check(t.shape == (*q.shape[:3], v.shape[3]) and t.dtype == q.dtype,
                      lambda: f"{op}: {arg} must be [B, T, HQ, Dv] in q's dtype, got {t.dtype} {tuple(t.shape)}")
     lse_shape = (q.shape[0], q.shape[2], q.shape[1])
+    stat = _compute_dtype(q)
     for arg, t in (("lse", lse), ("grad_lse", grad_lse)):
-        torch._check(t is None or (t.shape == lse_shape and t.dtype == torch.float32),
-                     lambda: f"{op}: {arg} must be fp32 {lse_shape}, got {t.dtype} {tuple(t.shape)}")
-    dg = q.new_empty(q.shape[:3], dtype=torch.float32 if g is None else g.dtype)
+        torch._check(t is None or (t.shape == lse_shape and t.dtype == stat),
+                     lambda: f"{op}: {arg} must be {stat} {lse_shape}, got {t.dtype} {tuple(t.shape)}")
+    dg = q.new_empty(q.shape[:3], dtype=stat if g is None else g.dtype)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), w.new_empty(w.shape),
             beta.new_empty(beta.shape), dg)
 
@@ -166,10 +177,11 @@ def _path_decode_step_fake(q_t, k_t, v_t, w_t, beta_t, g_t, keys, values, length
     op = "blockops.path_decode_step"
     torch._check(q_t.dim() == 3 and k_t.dim() == 3 and v_t.dim() == 3,
                  lambda: f"{op}: q_t, k_t, v_t must be 3-d, got {tuple(q_t.shape)}, {tuple(k_t.shape)}, {tuple(v_t.shape)}")
-    torch._check(keys.dim() == 4 and keys.dtype == torch.float32 and values.dtype == torch.float32,
-                 lambda: f"{op}: keys [B, H, L, D] and values [B, H, L, Dv] must be fp32")
-    torch._check(q_t.dtype in _FLOAT_DTYPES and k_t.dtype == q_t.dtype and v_t.dtype == q_t.dtype,
-                 lambda: f"{op}: q_t, k_t and v_t must share one of fp16/bf16/fp32")
+    torch._check(_is_float(q_t) and k_t.dtype == q_t.dtype and v_t.dtype == q_t.dtype,
+                 lambda: f"{op}: q_t, k_t and v_t must share one of fp16/bf16/fp32 (or fp64 on the CPU)")
+    cache = _compute_dtype(q_t)
+    torch._check(keys.dim() == 4 and keys.dtype == cache and values.dtype == cache,
+                 lambda: f"{op}: keys [B, H, L, D] and values [B, H, L, Dv] must be {cache} (for {q_t.dtype} inputs)")
     return q_t.new_empty((q_t.shape[0], q_t.shape[1], v_t.shape[2]))
 
 
@@ -181,12 +193,12 @@ def _path_decode_step_fake(q_t, k_t, v_t, w_t, beta_t, g_t, keys, values, length
 class PathCache:
     """Decoding state of PaTH attention for a batch of rows, each with its own length.
 
-    Attributes:
-        keys: ``[B, H, L, D]`` fp32; row b's first ``lengths[b]`` keys, carried to the row's newest position.
-        values: ``[B, H, L, Dv]`` fp32.
+    Attributes (fp32, or fp64 for a cache of fp64 inputs, decoded by the fp64 CPU path):
+        keys: ``[B, H, L, D]``; row b's first ``lengths[b]`` keys, carried to the row's newest position.
+        values: ``[B, H, L, Dv]``.
         lengths: ``[B]`` int64.
-        gates: ``[B, HQ, L]`` fp32 ``G_j`` of every cached key (forget gate), or None without a gate.
-        g_last: ``[B, HQ]`` fp32 ``G`` at each row's newest position, or None.
+        gates: ``[B, HQ, L]`` ``G_j`` of every cached key (forget gate), or None without a gate.
+        g_last: ``[B, HQ]`` ``G`` at each row's newest position, or None.
     ``L`` is the capacity; it doubles when a row fills it. Entries beyond a row's length are zero and ignored.
     """
 
@@ -211,18 +223,19 @@ class PathCache:
             rows = [(0, s, e) for s, e in zip(bounds[:-1], bounds[1:])]
         B, L = len(rows), max([e - s for _, s, e in rows] + [1])
         H, D, Dv = k_cache.shape[2], k_cache.shape[3], v.shape[3]
-        keys = k_cache.new_zeros((B, H, L, D), dtype=torch.float32)
-        values = v.new_zeros((B, H, L, Dv), dtype=torch.float32)
+        dt = _compute_dtype(k_cache)   # fp32, fp64 for fp64 inputs (the decode step's cache dtype)
+        keys = k_cache.new_zeros((B, H, L, D), dtype=dt)
+        values = v.new_zeros((B, H, L, Dv), dtype=dt)
         lengths = torch.tensor([e - s for _, s, e in rows], dtype=torch.int64, device=k_cache.device)
         gates = g_last = None
         if g is not None:
-            gates = g.new_zeros((B, g.shape[2], L), dtype=torch.float32)
-            g_last = g.new_zeros((B, g.shape[2]), dtype=torch.float32)
+            gates = g.new_zeros((B, g.shape[2], L), dtype=dt)
+            g_last = g.new_zeros((B, g.shape[2]), dtype=dt)
         for r, (b, s, e) in enumerate(rows):
-            keys[r, :, :e - s] = k_cache[b, s:e].transpose(0, 1).float()
-            values[r, :, :e - s] = v[b, s:e].transpose(0, 1).float()
+            keys[r, :, :e - s] = k_cache[b, s:e].transpose(0, 1).to(dt)
+            values[r, :, :e - s] = v[b, s:e].transpose(0, 1).to(dt)
             if g is not None and e > s:
-                G = g[b, s:e].double().cumsum(0).float().transpose(0, 1)   # [HQ, len]
+                G = g[b, s:e].double().cumsum(0).to(dt).transpose(0, 1)   # [HQ, len]
                 gates[r, :, :e - s] = G
                 g_last[r] = G[:, -1]
         return cls(keys, values, lengths, gates, g_last)
@@ -244,12 +257,13 @@ def path_decode_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, w_
     """One decoding step of PaTH attention for every row of `cache` (``torch.ops.blockops.path_decode_step``).
 
     Applies the new token's transform to every cached key (``k <- k - beta (k . w) w``), appends the token's
-    own key and value, then attends over each row's keys; one fused kernel (CPU or CUDA), fp32 cache.
+    own key and value, then attends over each row's keys; one fused kernel (CPU or CUDA), fp32 cache (fp64 for
+    fp64 inputs, CPU only).
 
     Args:
         q_t: ``[B, HQ, D]``; k_t, w_t: ``[B, H, D]``; v_t: ``[B, H, Dv]``; beta_t: ``[B, H]``; g_t: ``[B, HQ]`` or
             None (must match whether the cache was built with a forget gate). q_t, k_t, v_t share one dtype;
-            w_t, beta_t, g_t are fp32 or that dtype.
+            w_t, beta_t, g_t are fp32 or that dtype (fp64 when it is fp64).
         cache: a :class:`PathCache`, updated in place (grown first when a row is full).
         scale: default ``D ** -0.5``.
 
