@@ -266,12 +266,39 @@ def check_errors(rank, world, group):
     assert torch.equal(unshard(ql, group, "zigzag", 2), q)
 
 
+def check_module(rank, world, group):
+    """BlockSparseAttention(group=...) on shards equals the single-device module on the whole sequence, outputs and
+    (summed over ranks) weight gradients."""
+    import torch.distributed as dist
+    from blockops.nn import BlockSparseAttention
+    t = _length(world)
+    builder = lambda q, kv, dev: masks.sliding_window(q, 40, block_q=BLOCK, block_kv=BLOCK, device=dev)  # noqa: E731
+    torch.manual_seed(0)
+    single = BlockSparseAttention(32, 2, num_kv_heads=1, mask=builder, dtype=torch.float64)
+    cp = BlockSparseAttention(32, 2, num_kv_heads=1, mask=builder, dtype=torch.float64,
+                              group=dist.group.WORLD if group is None else group, layout="striped")
+    cp.load_state_dict(single.state_dict())
+    x = torch.randn(2, t, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = single(x)
+    y.square().sum().backward()
+    y_local = cp(shard(x, group, "striped", 1))
+    y_local.square().sum().backward()
+    grads = [p.grad.clone() for p in cp.parameters()]
+    for g in grads:
+        dist.all_reduce(g, group=group)
+    y_cp = unshard(y_local.detach(), group, "striped", 1)
+    torch.testing.assert_close(y_cp, y.detach(), atol=1e-10, rtol=1e-10)
+    for g, p in zip(grads, single.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-10, rtol=1e-10)
+    assert "context parallel" in repr(cp)
+
+
 CHECKS = {f.__name__: f for f in (check_causal_layouts, check_fp32, check_builders, check_topk_random_gqa,
-                                  check_determinism, check_bytes_and_balance, check_errors)}
+                                  check_determinism, check_bytes_and_balance, check_errors, check_module)}
 # Which checks run at which world size: everything at 2 and 3; the core set at 4 (the slowest, with 4 processes on
 # a 2-core machine), keeping the file fast.
 SUITES = {2: tuple(CHECKS), 3: tuple(CHECKS), 4: ("check_causal_layouts", "check_builders", "check_topk_random_gqa",
-                                                  "check_bytes_and_balance", "check_errors")}
+                                                  "check_bytes_and_balance", "check_errors", "check_module")}
 
 
 def _suite(rank, world, suites):
