@@ -417,3 +417,19 @@ def test_causal_mask_matches_builder():
         assert torch.equal(causal_mask(t, block).to_dense(), masks.causal(t, block_q=block, block_kv=block).to_dense())
     with pytest.raises(ValueError, match="multiple of block"):
         causal_mask(100, 16)
+
+
+@pytest.mark.timeout(60)
+def test_world_size_one_in_process(tmp_path):
+    """One rank (what a single GPU runs): the plain kernels, no message, same result as block_sparse_attention."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        mask = masks.sliding_window(64, 20, block_q=BLOCK, block_kv=BLOCK)
+        q, k, v, go, gl = _inputs(64, torch.float64)
+        got = _ring(None, q, k, v, go, gl, mask, "zigzag")
+        stats = last_call_stats()
+    finally:
+        dist.destroy_process_group()
+    _compare(got, _single(q, k, v, go, gl, mask), 1e-12, 1e-12, "world 1")
+    assert stats.bytes_sent == stats.bytes_received == stats.dense_ring_bytes_sent == 0

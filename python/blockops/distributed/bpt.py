@@ -35,9 +35,8 @@ def blockwise_feed_forward(ffn: Callable[[torch.Tensor], torch.Tensor], x: torch
     if x.dim() == 0:
         raise ValueError("blockwise_feed_forward: x must have a sequence dimension")
     pieces = x.split(chunk_size, dim=dim)
-    need_grad = torch.is_grad_enabled() and (x.requires_grad or any(
-        p.requires_grad for p in getattr(ffn, "parameters", lambda: [])()))
-    if need_grad:
+    # Checkpoint whenever autograd records: ffn may hold trainable tensors even when x needs no gradient.
+    if torch.is_grad_enabled():
         outs = [checkpoint(ffn, p, use_reentrant=False) for p in pieces]
     else:
         outs = [ffn(p) for p in pieces]

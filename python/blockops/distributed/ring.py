@@ -355,6 +355,7 @@ class _RingAttention(torch.autograd.Function):
         return out, acc_lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable      # the backward is kernels and messages: no double backward
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
         plan, group, scale = ctx.plan, ctx.group, ctx.scale
