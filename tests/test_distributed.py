@@ -443,3 +443,28 @@ def test_world_size_one_in_process(tmp_path):
         dist.destroy_process_group()
     _compare(got, _single(q, k, v, go, gl, mask), 1e-12, 1e-12, "world 1")
     assert stats.bytes_sent == stats.bytes_received == stats.dense_ring_bytes_sent == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_plan_balance_and_blocks(world):
+    """Without processes: zigzag balances causal tiles exactly, and the key blocks a plan moves are those the dense
+    sink + window mask needs (block level), fewer than the dense ring's."""
+    t = 2 * world * BLOCK * 4
+    tiles = [s["tiles"] for s in plan_stats(causal_mask(t, BLOCK), world, "zigzag")]
+    assert max(tiles) / (sum(tiles) / world) <= 1.05
+    mask = masks.sink_window_strided(t, 16, 40, 5, block_q=BLOCK, block_kv=BLOCK)
+    dense = mask.to_dense()[0, 0]
+    for layout in ("contiguous", "zigzag"):
+        stats = plan_stats(mask, world, layout)
+        for r, s in enumerate(stats):
+            mine = positions(t, world, r, layout)
+            want = 0
+            for src in range(world):
+                if src != r:
+                    theirs = positions(t, world, src, layout)
+                    want += int(dense[mine][:, theirs].any(0).view(-1, BLOCK).any(1).sum())
+            assert s["blocks_received"] == want, (layout, r)
+        assert sum(s["blocks_received"] for s in stats) < sum(s["blocks_received_dense"] for s in stats)
+    with pytest.raises(ValueError, match="2 \\* world \\* block"):
+        plan_stats(causal_mask(t + BLOCK, BLOCK), world, "zigzag")
