@@ -3,8 +3,9 @@ PaTH attention, cached-block skipping), as `torch.ops.blockops.*` ops, nn.Module
 
 Layers: ``blockops.ops`` (one op-layer module per kernel family: typed wrappers, fake implementations, autograd),
 ``blockops.nn`` (modules), ``blockops.quant`` (quantization algorithms and pipelines); the user-facing namespaces
-``blockops.attention``, ``blockops.vq``, ``blockops.ptq161``, ``blockops.dllm``, ``blockops.block_cache`` (former
-name ``blockops.cache``) and this package's own names are built on them."""
+``blockops.attention``, ``blockops.distributed`` (context parallelism), ``blockops.vq``, ``blockops.ptq161``,
+``blockops.dllm``, ``blockops.block_cache`` (former name ``blockops.cache``) and this package's own names are built
+on them."""
 from __future__ import annotations
 
 import copy
@@ -18,6 +19,7 @@ from blockops.ops.bitpack import pack_bits, unpack_bits  # noqa: E402
 from blockops import attention, nn  # noqa: E402
 from blockops import quant, vq  # noqa: E402
 from blockops import block_cache, cache, dllm, ptq161  # noqa: E402
+from blockops import distributed  # noqa: E402
 from blockops.quant.gptq import load_gptq_checkpoint  # noqa: E402
 from blockops.quant.rtn import QuantConfig, quantize_  # noqa: E402
 
@@ -41,5 +43,6 @@ def kernel_call_counts() -> dict[str, int]:
     return dict(_C.kernel_call_counts())
 
 
-__all__ = ["QuantConfig", "attention", "block_cache", "build_info", "cache", "dllm", "kernel_call_counts",
-           "load_gptq_checkpoint", "nn", "ops", "pack_bits", "ptq161", "quant", "quantize_", "unpack_bits", "vq"]
+__all__ = ["QuantConfig", "attention", "block_cache", "build_info", "cache", "distributed", "dllm",
+           "kernel_call_counts", "load_gptq_checkpoint", "nn", "ops", "pack_bits", "ptq161", "quant", "quantize_",
+           "unpack_bits", "vq"]

@@ -61,6 +61,8 @@ def main(argv=None) -> int:
             parser.error(str(e))
         return isa_compare.main(isas, families, full=args.full, json_path=args.json, smoke=args.smoke)
     results = bench_suite.run_suite(device, families, quick=not args.full, smoke=args.smoke)
+    if _nonzero_rank():         # under torchrun, rank 0 reports the rows of a distributed family
+        return 0
     with bench_suite.smoke_timing(args.smoke):
         bandwidth = bench_suite.read_bandwidth_gbps(device)
     title = bench_suite.title(device, bandwidth, smoke=args.smoke)
@@ -71,6 +73,12 @@ def main(argv=None) -> int:
     print(title)
     print(bench_suite.format_table(results))
     return 1 if bench_suite.report_failures(results) else 0
+
+
+def _nonzero_rank() -> bool:
+    """True in a torchrun-launched rank other than 0 (bench families that run across ranks report on rank 0)."""
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
 
 
 def _add_quant_commands(sub) -> None:

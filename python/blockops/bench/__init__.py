@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import sys
 
-from blockops.bench import attention, bitpack, block_cache, dllm, lowbit, path_attention, ptq161, vq
+from blockops.bench import (attention, bitpack, block_cache, context_parallel, dllm, lowbit, path_attention, ptq161,
+                            vq)
 from blockops.bench.harness import (Result, device_isa, failures, format_table, machine_description, plot,
                                     read_bandwidth_gbps, report_failures, smoke_timing, title, write_json)
 
@@ -25,6 +26,7 @@ FAMILIES = {
     "ptq161": ptq161.run,
     "dllm": dllm.run,
     "block_cache": block_cache.run,
+    "context_parallel": context_parallel.run,
 }
 # Family -> the torch.ops.blockops ops its rows run (each module's OPS; blockops.build_info()["ops"] maps every op
 # to its family).
@@ -37,6 +39,7 @@ FAMILY_OPS = {
     "ptq161": ptq161.OPS,
     "dllm": dllm.OPS,
     "block_cache": block_cache.OPS,
+    "context_parallel": context_parallel.OPS,
 }
 # Deprecated family names -> the current ones.
 ALIASES = {"path": "path_attention"}

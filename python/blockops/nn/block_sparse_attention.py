@@ -9,6 +9,10 @@ builder* ``(q_len, kv_len, device) -> BlockMask`` for inputs of varying length, 
     attn = BlockSparseAttention(1024, 16, num_kv_heads=4,
                                 mask=lambda q, kv, dev: masks.causal(q, kv, device=dev))
     y = attn(x)                                   # x [B, T, 1024]; the causal mask for T is built once, then cached
+
+Context parallel: with ``group=`` (a ``torch.distributed`` process group) the module takes this rank's shard of the
+sequence (``blockops.distributed.shard``, by ``layout``) and runs :func:`blockops.distributed.ring_attention`; the
+mask (or builder) is for the GLOBAL sequence, ``world * T_local`` positions.
 """
 from __future__ import annotations
 
@@ -63,6 +67,12 @@ class BlockSparseAttention(nn.Module):
             cached per ``(q_len, kv_len, device)``); may be None if every call passes one.
         batch_first: inputs ``[B, T, E]`` (True) or ``[T, B, E]`` (False).
         device, dtype: of the projection weights.
+        group: a ``torch.distributed`` process group to run context parallel over (self-attention only): inputs
+            are this rank's shards of a sequence laid out by ``layout``, the mask covers the global sequence
+            (a builder is called with ``(world * T_local, world * T_local, device)``). ``None`` (default): one
+            device. Use ``torch.distributed.group.WORLD`` for all ranks.
+        layout: ``"zigzag"`` (default), ``"contiguous"`` or ``"striped"``: how the shards were cut
+            (:mod:`blockops.distributed.layout`); only used with ``group``.
 
     Projections: ``q_proj [E, E]``, ``k_proj`` / ``v_proj [num_kv_heads * head_dim, E]``, ``out_proj [E, E]``,
     initialised as ``nn.MultiheadAttention`` does (Xavier-uniform q/k/v weights, zero biases). The mask is a plain
@@ -71,8 +81,13 @@ class BlockSparseAttention(nn.Module):
     """
 
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None, bias: bool = True,
-                 mask: MaskLike | None = None, batch_first: bool = True, device=None, dtype=None):
+                 mask: MaskLike | None = None, batch_first: bool = True, device=None, dtype=None, *,
+                 group=None, layout: str = "zigzag"):
         super().__init__()
+        from blockops.distributed.layout import LAYOUTS
+        if layout not in LAYOUTS:
+            raise ValueError(f"BlockSparseAttention: layout must be one of {LAYOUTS}, got {layout!r}")
+        self.group, self.layout = group, layout
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         for name, v in (("embed_dim", embed_dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -149,7 +164,7 @@ class BlockSparseAttention(nn.Module):
         """Attention of ``query`` over ``key`` / ``value`` (default: ``key = query``, ``value = key``).
 
         Args:
-            query: ``[B, Tq, E]`` (``[Tq, B, E]`` when ``batch_first=False``).
+            query: ``[B, Tq, E]`` (``[Tq, B, E]`` when ``batch_first=False``); with ``group``, this rank's shard.
             key, value: ``[B, Tk, E]`` (``[Tk, B, E]``), same length; cross-attention when they differ from query.
             mask: this call's BlockMask (for ``q_len = Tq``, ``kv_len = Tk``) or builder; default the module's.
 
@@ -168,19 +183,32 @@ class BlockSparseAttention(nn.Module):
             raise ValueError(f"{name}: key {tuple(key.shape)} and value {tuple(value.shape)} must match each other "
                              f"in batch and length, and query {tuple(query.shape)} in batch (batch_first layout)")
         b, tq, tk = query.shape[0], query.shape[1], key.shape[1]
-        block_mask = self._resolve_mask(mask, tq, tk, query.device)
+        if self.group is not None:
+            if tq != tk:
+                raise ValueError(f"{name}: context parallel (group=...) is self-attention only: query and key "
+                                 f"shards must have the same length, got {tq} and {tk}")
+            import torch.distributed as dist
+            total = dist.get_world_size(self.group) * tq
+            block_mask = self._resolve_mask(mask, total, total, query.device)
+        else:
+            block_mask = self._resolve_mask(mask, tq, tk, query.device)
         # [B, T, heads * D] -> [B, heads, T, D]: a view with a contiguous last dim, as the kernels take.
         q = self.q_proj(query).view(b, tq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(key).view(b, tk, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(value).view(b, tk, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        out = block_sparse_attention(q, k, v, block_mask)
+        if self.group is not None:
+            from blockops.distributed.ring import ring_attention
+            out = ring_attention(q, k, v, block_mask, group=self.group, layout=self.layout)
+        else:
+            out = block_sparse_attention(q, k, v, block_mask)
         out = self.out_proj(out.transpose(1, 2).reshape(b, tq, self.embed_dim))
         return out if self.batch_first else out.transpose(0, 1)
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
                 f"head_dim={self.head_dim}, bias={self.q_proj.bias is not None}, batch_first={self.batch_first}, "
-                f"mask={_describe(self._mask)}")
+                f"mask={_describe(self._mask)}" + (f", layout={self.layout!r}, context parallel" if self.group
+                                                   is not None else ""))
 
     # ---- conversion ---------------------------------------------------------------------------------------------
 
