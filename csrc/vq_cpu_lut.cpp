@@ -26,9 +26,11 @@ constexpr int64_t kTilesPerThread = 4;     // table-kernel tiles per thread, for
 // Tables: lut[p][c][m] = x[m, j*d:(j+1)*d] . codebooks[p % K][c] for position p = j*K + (p % K), codeword c and
 // activation row m < RP, the rows padded with zeros to RP in {1, 2, 4, 8}. The RP sums of one codeword sit side by
 // side, so one vector load fetches what one code contributes to every activation row: a gather costs about the
-// same at batch 8 as at batch 1. In memory the W positions covered by one 64-bit word of codes (W = 8 uint8 or 4
-// int16 codes) are interleaved per codeword, [P / W][k][W][RP], so that a code rotated into place is its entry's
-// byte offset (no multiply, no per-position base pointer). Positions are padded with zero tables to whole words.
+// same at batch 8 as at batch 1. In memory, [padded][k][RP]: position-major, so that with k a compile-time
+// constant (64 or 256, uint8 codes) code i of a word of 8 positions is looked up as one load of the code and one
+// add from base + i * k * RP * 4 (a constant displacement) + code * RP * 4: 2 instructions per code for RP <= 2
+// (the scale of x86 addressing stops at 8 bytes; RP = 4 and 8 add a shift). Positions are padded with zero tables
+// to whole words of 8.
 //
 // Gathers, per tile of output rows (staged codes within kTileBytes; the threads take tiles in turn, lut_gemv):
 //
@@ -135,14 +137,12 @@ __attribute__((always_inline)) inline void build_position(const float* x, const 
   }
 }
 
-// The tables of words [w0, w1): positions w * W .. w * W + W - 1, W codes per 64-bit word.
+// The tables of words [w0, w1): positions w * W .. w * W + W - 1, W per word of codes.
 template <int D, int RP>
 __attribute__((always_inline)) inline void build_words(const float* x, const float* cb, const float* cbt,
                                                        const Geometry& g, int64_t rows, int64_t per_word, int64_t w0,
                                                        int64_t w1, float* lut) {
-  for (int64_t w = w0; w < w1; ++w)
-    for (int64_t i = 0; i < per_word; ++i)
-      build_position<D, RP>(x, cb, cbt, g, rows, w * per_word + i, per_word * RP, lut + (w * g.k * per_word + i) * RP);
+  for (int64_t p = w0 * per_word; p < w1 * per_word; ++p) build_position<D, RP>(x, cb, cbt, g, rows, p, RP, lut + p * g.k * RP);
 }
 
 template <int D, int RP>
@@ -178,8 +178,7 @@ BuildFn pick_build(bool avx2, int64_t d, int64_t rp) {
   }
 }
 
-// All tables, [padded / W][k][W][rp] (W codes per 64-bit word): the W positions that one word of codes covers
-// sit side by side for each codeword, so that a code shifted into place is the byte offset of its entry.
+// All tables, [padded][k][rp] (position-major, see above); tasks take whole words of W positions.
 void build_tables(bool avx2, const float* x, const float* cb32, const Geometry& g, int64_t rows, const TablePlan& t,
                   int64_t per_word, float* lut) {
   std::vector<float> cbt;  // [K][d][k], for the single-row tables
@@ -199,11 +198,8 @@ void build_tables(bool avx2, const float* x, const float* cb32, const Geometry& 
   });
 }
 
-// w rotated right by n in [0, 64): one instruction (ror / rorx), and it leaves w intact for the next code.
-inline uint64_t rotate_right(uint64_t w, int n) { return (w >> n) | (w << ((64 - n) & 63)); }
-
 struct GatherArgs {
-  const float* lut;     // [padded / W][k][W][rp], see build_tables
+  const float* lut;     // [padded][k][rp], see build_tables
   const void* codes;    // [out, P]
   const float* scales;  // [out] fp32
   float* y;             // [rows, out] fp32
@@ -214,29 +210,24 @@ struct GatherArgs {
 
 // acc[r][0:RP] += sum over the chunk's positions i of table(i, codes[r][i]) for R rows at once (the staged codes of
 // row r at codes + r * len). R rows of kSums sums each are independent chains, so that the adds pipeline; the
-// per-row overhead (zeroing, reducing the sums, updating acc) is paid once per chunk.
-template <typename CodeT, int RP, int R>
-__attribute__((always_inline)) inline void gather_rows(const CodeT* codes, int64_t len, const float* lut, int64_t table,
-                                                       float* acc) {
+// per-row overhead (zeroing, reducing the sums, updating acc) is paid once per chunk. kK: k when it is a
+// compile-time constant (64, 256), else 0 and `table` (k * RP floats per position) is read at run time.
+template <typename CodeT, int RP, int R, int kK>
+__attribute__((always_inline)) inline void gather_rows(const CodeT* codes, int64_t len, const float* lut,
+                                                       int64_t table_runtime, float* acc) {
   using V = typename Lanes<RP>::type;
-  constexpr int kPerWord = 8 / sizeof(CodeT);        // codes per 64-bit word
-  constexpr int kBits = 8 * sizeof(CodeT);
-  constexpr uint64_t kMask = (uint64_t{1} << kBits) - 1;
+  constexpr int kPerWord = 8;                        // positions per step: padded is a multiple of 8
   constexpr int kSums = R == 1 ? 8 : 2;              // sums per row: 8 chains in flight either way
-  constexpr int kEntryShift = std::countr_zero(static_cast<unsigned>(kPerWord * RP * sizeof(float)));  // log2 of a
-                                                     // codeword's bytes in a word's tables
+  const int64_t table = kK > 0 ? int64_t{kK} * RP : table_runtime;
   V s[R][kSums] = {};
   for (int64_t i0 = 0; i0 < len; i0 += kPerWord) {
-    const char* word_tables = reinterpret_cast<const char*>(lut + i0 * table);
+    const float* tables = lut + i0 * table;
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
-      uint64_t w;
-      std::memcpy(&w, codes + r * len + i0, sizeof w);
+      const CodeT* c = codes + r * len + i0;
 #pragma GCC unroll 8
       for (int i = 0; i < kPerWord; ++i) {
-        // Byte offset of code i's entry: the code rotated into bits [kEntryShift, kEntryShift + kBits).
-        const uint64_t offset = rotate_right(w, (i * kBits - kEntryShift) & 63) & (kMask << kEntryShift);
-        s[r][i % kSums] += load_lanes<RP>(reinterpret_cast<const float*>(word_tables + offset) + i * RP);
+        s[r][i % kSums] += load_lanes<RP>(tables + i * table + static_cast<int64_t>(c[i]) * RP);
       }
     }
   }
@@ -249,10 +240,10 @@ __attribute__((always_inline)) inline void gather_rows(const CodeT* codes, int64
 
 // One tile of output rows [n0, n1) of a task ending at n_end: stage its codes, gather every chunk's tables into
 // acc [row][RP], then write y = scale * acc.
-template <typename CodeT, int RP>
+template <typename CodeT, int RP, int kK>
 __attribute__((always_inline)) inline void gather_tile(const GatherArgs& a, int64_t n0, int64_t n1, int64_t n_end,
                                                        CodeT* staged, float* acc) {
-  constexpr int kPerWord = 8 / sizeof(CodeT);        // codes per 64-bit word
+  constexpr int kPerWord = 8 / sizeof(CodeT);        // codes per 64-bit word (the staging copies)
   constexpr int kRowsAtOnce = 4;                     // output rows gathered together
   const int64_t P = a.g.positions(), k = a.g.k, rows = n1 - n0;
   const int64_t chunk = a.t.chunk, padded = a.t.padded, table = k * RP;
@@ -287,9 +278,9 @@ __attribute__((always_inline)) inline void gather_tile(const GatherArgs& a, int6
       // staging it finds them there instead of waiting on DRAM.
       const int64_t ahead = (q0 * rows + r * len) * static_cast<int64_t>(sizeof(CodeT));
       if (ahead < next_bytes) __builtin_prefetch(next + ahead);
-      gather_rows<CodeT, RP, kRowsAtOnce>(code_rows + r * len, len, lut, table, acc + r * RP);
+      gather_rows<CodeT, RP, kRowsAtOnce, kK>(code_rows + r * len, len, lut, table, acc + r * RP);
     }
-    for (; r < rows; ++r) gather_rows<CodeT, RP, 1>(code_rows + r * len, len, lut, table, acc + r * RP);
+    for (; r < rows; ++r) gather_rows<CodeT, RP, 1, kK>(code_rows + r * len, len, lut, table, acc + r * RP);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t n = n0 + r;
@@ -297,36 +288,45 @@ __attribute__((always_inline)) inline void gather_tile(const GatherArgs& a, int6
   }
 }
 
-template <typename CodeT, int RP>
+template <typename CodeT, int RP, int kK>
 void gather_portable(const GatherArgs& a, int64_t n0, int64_t n1, int64_t n_end, void* staged, float* acc) {
-  gather_tile<CodeT, RP>(a, n0, n1, n_end, static_cast<CodeT*>(staged), acc);
+  gather_tile<CodeT, RP, kK>(a, n0, n1, n_end, static_cast<CodeT*>(staged), acc);
 }
 #if BLOCKOPS_X86_DISPATCH
-template <typename CodeT, int RP>
+template <typename CodeT, int RP, int kK>
 BLOCKOPS_TARGET_AVX2 void gather_avx2(const GatherArgs& a, int64_t n0, int64_t n1, int64_t n_end, void* staged,
                                       float* acc) {
-  gather_tile<CodeT, RP>(a, n0, n1, n_end, static_cast<CodeT*>(staged), acc);
+  gather_tile<CodeT, RP, kK>(a, n0, n1, n_end, static_cast<CodeT*>(staged), acc);
 }
 #endif
 
 using GatherFn = void (*)(const GatherArgs&, int64_t, int64_t, int64_t, void*, float*);
 
-template <typename CodeT, int RP>
+template <typename CodeT, int RP, int kK>
 GatherFn pick_gather_isa(bool avx2) {
 #if BLOCKOPS_X86_DISPATCH
-  if (avx2) return &gather_avx2<CodeT, RP>;
+  if (avx2) return &gather_avx2<CodeT, RP, kK>;
 #endif
-  return &gather_portable<CodeT, RP>;
+  return &gather_portable<CodeT, RP, kK>;
 }
 
-template <typename CodeT>
+template <typename CodeT, int kK>
 GatherFn pick_gather_rp(bool avx2, int64_t rp) {
   switch (rp) {
-    case 1: return pick_gather_isa<CodeT, 1>(avx2);
-    case 2: return pick_gather_isa<CodeT, 2>(avx2);
-    case 4: return pick_gather_isa<CodeT, 4>(avx2);
-    default: return pick_gather_isa<CodeT, 8>(avx2);
+    case 1: return pick_gather_isa<CodeT, 1, kK>(avx2);
+    case 2: return pick_gather_isa<CodeT, 2, kK>(avx2);
+    case 4: return pick_gather_isa<CodeT, 4, kK>(avx2);
+    default: return pick_gather_isa<CodeT, 8, kK>(avx2);
   }
+}
+
+// The gather for the code type and k: the common codebook sizes of uint8 codes (AQLM / VQ4DiT 256, 3-bit VQ 64)
+// get the constant-k loops, the rest read k at run time.
+GatherFn pick_gather(bool avx2, CodeType type, int64_t k, int64_t rp) {
+  if (type != CodeType::kU8) return pick_gather_rp<uint16_t, 0>(avx2, rp);
+  if (k == 256) return pick_gather_rp<uint8_t, 256>(avx2, rp);
+  if (k == 64) return pick_gather_rp<uint8_t, 64>(avx2, rp);
+  return pick_gather_rp<uint8_t, 0>(avx2, rp);
 }
 
 }  // namespace
@@ -338,8 +338,7 @@ void lut_gemv(bool avx2, const float* x, const void* codes, CodeType type, const
   at::Tensor lut = at::empty({t.padded, g.k, t.rp}, at::TensorOptions().dtype(at::kFloat));  // interleaved, see build_tables
   build_tables(avx2, x, cb32, g, rows, t, 8 / code_bytes, lut.mutable_data_ptr<float>());
   const GatherArgs a{lut.const_data_ptr<float>(), codes, scales, y, g, t, rows};
-  const GatherFn gather = type == CodeType::kU8 ? pick_gather_rp<uint8_t>(avx2, t.rp)
-                                                : pick_gather_rp<uint16_t>(avx2, t.rp);
+  const GatherFn gather = pick_gather(avx2, type, g.k, t.rp);
   // Tiles handed out in order from a shared counter rather than one fixed range per thread: on a shared CPU a
   // descheduled thread leaves its tiles to the others instead of making them wait at the end. kTilesPerThread
   // tiles per thread at least, so that there is something to hand over; each tile reads the whole table.
