@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blockops import checkpoint
+from blockops.quant import formats
 from blockops.nn.ptq161_linear import PTQ161Linear
 from blockops.nn.quant_linear import QuantLinear
 from blockops.nn.vq_linear import VQLinear
@@ -156,36 +157,21 @@ def block_linear_names(model: nn.Module) -> set[str]:
             for name, m in block.named_modules() if isinstance(m, (nn.Linear, *QUANTIZED_LAYERS))}
 
 
-# blockops' own formats: the class of each layer and how to rebuild an empty one of the same shape from the JSON
-# config (its tensors then load by state-dict name).
-QUANTIZED_LAYERS = (QuantLinear, PTQ161Linear, VQLinear)
-_DTYPES = {str(d): d for d in (torch.float16, torch.bfloat16, torch.float32)}
-
-
-def _layer_spec(layer: nn.Module) -> dict:
-    if isinstance(layer, PTQ161Linear):
-        return {"type": "PTQ161Linear", "in_features": layer.in_features, "out_features": layer.out_features,
-                "num_salient": layer.num_salient, "bias": layer.bias is not None,
-                "factor_dtype": str(layer.alpha.dtype)}
-    return {"type": "VQLinear", "in_features": layer.in_features, "out_features": layer.out_features,
-            "codebook_size": layer.codebook_size, "vector_dim": layer.vector_dim,
-            "num_codebooks": layer.num_codebooks, "bias": layer.bias is not None,
-            "scales": layer.scales is not None, "dtype": str(layer.codebooks.dtype)}
+# blockops' own format (`blockops.quant.formats`): the class of each layer and how to rebuild an empty one of the
+# same shape from the JSON config (its tensors then load by state-dict name).
+QUANTIZED_LAYERS = formats.QUANTIZED_LAYERS
 
 
 def _empty_layer(spec: dict) -> nn.Module:
-    spec = dict(spec)
-    kind = spec.pop("type")
-    if kind == "PTQ161Linear":
-        return PTQ161Linear(factor_dtype=_DTYPES[spec.pop("factor_dtype")], **spec)
-    if kind == "VQLinear":
-        return VQLinear(dtype=_DTYPES[spec.pop("dtype")], **spec)
-    raise ValueError(f"load_quantized: unknown layer type {kind!r} in {QUANTIZE_CONFIG}")
+    return formats.empty_layer(spec, who=f"load_quantized ({QUANTIZE_CONFIG})")
 
 
 def save_quantized(model: nn.Module, tokenizer, out_dir: str, config: dict) -> None:
     """Write ``model.safetensors`` (GPTQ-v2 tensors for each `QuantLinear`), ``quantize_config.json``
-    (``config`` plus the format keys GPTQ readers expect), the model config and the tokenizer."""
+    (``config`` plus the format keys GPTQ readers expect), the model config and the tokenizer. The model config
+    carries a ``quantization_config`` (blockops' transformers quantizer, ``checkpoint_format`` ``"gptq_v2"`` or
+    ``"blockops"``) when ``config["method"]`` is one it knows, so ``AutoModel.from_pretrained(out_dir)`` loads
+    the folder as `load_quantized` does."""
     from safetensors.torch import save_file
 
     os.makedirs(out_dir, exist_ok=True)
@@ -200,7 +186,7 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str, config: dict) -> N
             tensors[key] = value
     # safetensors refuses shared storage: store independent contiguous copies.
     save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, os.path.join(out_dir, WEIGHTS))
-    own = {name: _layer_spec(m) for name, m in model.named_modules() if isinstance(m, (PTQ161Linear, VQLinear))}
+    own = formats.layer_specs(model, (PTQ161Linear, VQLinear))
     if own:
         full = {"checkpoint_format": "blockops", **config, "layers": own}
     else:
@@ -208,9 +194,23 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str, config: dict) -> N
                 "w_bit": config["bits"], **config}
     with open(os.path.join(out_dir, QUANTIZE_CONFIG), "w") as f:
         json.dump(full, f, indent=2)
+    if config.get("method") in _hf_methods():
+        # config.json's quantization_config: AutoModel.from_pretrained(out_dir) loads the folder too.
+        from blockops.integrations.transformers import attach_quantizer
+
+        attach_quantizer(model, config["method"], config.get("bits"), config.get("group_size"),
+                         config.get("settings"), "blockops" if own else CHECKPOINT_FORMAT)
     model.config.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+
+
+def _hf_methods() -> tuple:
+    try:
+        from blockops.integrations.transformers import METHODS
+    except ImportError:   # no (compatible) transformers: the folder loads through load_quantized only
+        return ()
+    return METHODS
 
 
 def load_quantized(quantized_dir: str):
@@ -458,6 +458,10 @@ def quantize_model(model_dir: str | None, method: str, out_dir: str | None, sett
               "base_model": os.path.abspath(resolve_model_dir(model_dir)),
               "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "progress"},
               "summary": summary}
+    from blockops.integrations.transformers import attach_quantizer
+
+    # save_pretrained / AutoModel.from_pretrained round-trip the quantized model (blockops' transformers quantizer)
+    attach_quantizer(model, method, settings.bits, settings.group_size, config["settings"])
     if out_dir:
         save_quantized(model, tokenizer, out_dir, config)
     return model, tokenizer, config
