@@ -426,7 +426,7 @@ def quantize_vq(model: nn.Module, tokenizer, settings: Settings) -> dict:
     again: it is deterministic)."""
     blocks = efficientqat.find_blocks(model)
     students = vq4dit.quantize_blocks(blocks, bits=settings.bits, vector_dim=settings.vector_dim,
-                                      iters=settings.kmeans_iters, seed=settings.seed)
+                                      iters=settings.kmeans_iters, seed=settings.seed, progress=settings.progress)
     mse = []
     if settings.calib_steps:
         _, hidden, extras = _calibration_block_inputs(model, tokenizer, settings)
@@ -468,25 +468,52 @@ def quantize_model(model_dir: str | None, method: str, out_dir: str | None, sett
 
 
 def evaluate_model(model_dir: str | None, quantized: nn.Module, num_eval: int = 400, batch_size: int = 32,
-                   max_length: int = 64, speed: bool = True) -> dict:
+                   max_length: int = 64, speed: bool = True, progress: bool = False) -> dict:
     """Quality of ``quantized`` against the full-precision model on the evaluation split (see
-    `blockops.quant.evaluate`), and, with ``speed``, its quantized layers and encoding time against dense."""
+    `blockops.quant.evaluate`), and, with ``speed``, its quantized layers and encoding time against dense.
+    ``progress``: a progress bar over the stages (the speed measurements take a minute on a CPU)."""
+    from tqdm import tqdm
+
     from blockops.quant import evaluate
 
-    reference, tokenizer = load_model(model_dir)
-    batches = data.tokenize_batches(tokenizer, data.splits(num_eval)["eval"], batch_size, max_length)
-    result = evaluate.quality(evaluate.embed(reference, batches), evaluate.embed(quantized, batches))
-    if speed:
-        result["layers"] = evaluate.layer_speed(quantized)
-        dense_s, quant_s = evaluate.encode_seconds(reference, batches), evaluate.encode_seconds(quantized, batches)
-        result["encode_eval_split"] = {"dense_s": dense_s, "quantized_s": quant_s, "speedup": dense_s / quant_s}
+    with tqdm(total=5 if speed else 2, desc="eval", disable=not progress, leave=False) as bar:
+        def stage(name, fn, *args):
+            bar.set_postfix_str(name)
+            out = fn(*args)
+            bar.update()
+            return out
+
+        reference, tokenizer = load_model(model_dir)
+        batches = data.tokenize_batches(tokenizer, data.splits(num_eval)["eval"], batch_size, max_length)
+        result = evaluate.quality(stage("embedding (full precision)", evaluate.embed, reference, batches),
+                                  stage("embedding (quantized)", evaluate.embed, quantized, batches))
+        if speed:
+            result["layers"] = stage("layer timings", evaluate.layer_speed, quantized)
+            dense_s = stage("encoding time (full precision)", evaluate.encode_seconds, reference, batches)
+            quant_s = stage("encoding time (quantized)", evaluate.encode_seconds, quantized, batches)
+            result["encode_eval_split"] = {"dense_s": dense_s, "quantized_s": quant_s, "speedup": dense_s / quant_s}
     return result
+
+
+def method_label(config: dict) -> str:
+    """How a run is named in the CLI's output: ``rtn w2g64`` for uniform methods (bits, group size), ``vq 2-bit
+    d4`` for VQ (code bits per weight, sub-vector length), ``ptq161 (20% salient)`` for PTQ1.61 (neither bits nor
+    a group size apply)."""
+    method = config.get("method", "?")
+    settings = config.get("settings") or {}
+    if method == "vq":
+        dim = settings.get("vector_dim")
+        return f"vq {config.get('bits', '?')}-bit codes" + (f" d{dim}" if dim else "")
+    if method == "ptq161":
+        ratio = settings.get("salient_ratio")
+        return "ptq161" + (f" ({ratio:.0%} salient channels at 4 bits)" if ratio is not None else "")
+    return f"{method} w{config.get('bits', '?')}g{config.get('group_size', '?')}"
 
 
 def format_evaluation(result: dict) -> str:
     """The CLI's text report of `evaluate_model`'s result."""
     config = result.get("config", {})
-    lines = [f"{config.get('method', '?')} w{config.get('bits', '?')}g{config.get('group_size', '?')} "
+    lines = [f"{method_label(config)} "
              f"({config.get('bits_per_weight', float('nan')):.3f} bits/weight) vs full precision on "
              f"{result['num_sentences']} sentences:",
              f"  cosine mean {result['cosine_mean']:.4f} (min {result['cosine_min']:.4f}), "
