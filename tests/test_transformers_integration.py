@@ -192,14 +192,37 @@ def test_backend_kwarg_mask_with_padding_matches_dense_sdpa():
     inputs = _padded()
     mask = masks.sliding_window(150, 33, causal=False, block_q=32, block_kv=32)
     model = _bert("blockops")
+    calls = blockops.kernel_call_counts().get("block_sparse_attention.cpu", 0)
     with torch.no_grad():
         out = model(**inputs, blockops_mask=mask).last_hidden_state
+    assert blockops.kernel_call_counts()["block_sparse_attention.cpu"] == calls + 2   # the kernel ran, per layer
     ref = _reference(mask, inputs)
     torch.testing.assert_close(_real(out, inputs), _real(ref, inputs), atol=2e-5, rtol=2e-5)
     # the padding changes the result: without it the padded row 2 would attend its padded keys
     with torch.no_grad():
         unpadded = model(input_ids=inputs["input_ids"], blockops_mask=mask).last_hidden_state
     assert (unpadded[2, :40] - out[2, :40]).abs().max() > 1e-3
+
+
+def test_backend_in_a_gqa_decoder_with_left_padding():
+    """Llama (grouped-query heads 4/2): a causal sliding-window BlockMask with left padding equals SDPA with the
+    dense token mask on the real tokens."""
+    inputs = _inputs(2, 70, seed=4)
+    keep = torch.ones(2, 70, dtype=torch.long)
+    keep[1, :25] = 0                                    # left padding, as for generation
+    mask = masks.sliding_window(70, 16, block_q=32, block_kv=32)
+    torch.manual_seed(0)
+    model = _llama()
+    model.set_attn_implementation("blockops")
+    calls = blockops.kernel_call_counts().get("block_sparse_attention.cpu", 0)
+    with torch.no_grad():
+        out = model(input_ids=inputs["input_ids"], attention_mask=keep, blockops_mask=mask).last_hidden_state
+        assert blockops.kernel_call_counts()["block_sparse_attention.cpu"] == calls + 2   # one per layer
+        model.set_attn_implementation("sdpa")
+        dense = mask.to_dense() & keep.bool()[:, None, None, :]
+        ref = model(input_ids=inputs["input_ids"], attention_mask=dense).last_hidden_state
+    real = keep.bool()
+    torch.testing.assert_close(out[real], ref[real], atol=2e-5, rtol=2e-5)
 
 
 def test_backend_config_blockbert_spec_with_padding():

@@ -36,11 +36,12 @@ the graph. Build it outside and pass it in::
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 
 import torch
 from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, prepare_padding_mask, sdpa_mask
 from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
                                           register_quantization_config, register_quantizer)
 from transformers.quantizers.base import HfQuantizer
@@ -210,7 +211,10 @@ class BlockopsMaskInputs:
         return self._combined[key][1]
 
 
-_PATTERNS: dict = {}   # (spec, q_len, kv_len, heads, device) -> BlockMask: config patterns built once
+# (spec, q_len, kv_len, heads, device) -> BlockMask: config patterns built once per length, the most recent
+# _PATTERNS_KEPT kept (inference with varying lengths would otherwise keep one mask per length forever).
+_PATTERNS: OrderedDict = OrderedDict()
+_PATTERNS_KEPT = 32
 
 
 def mask_from_spec(spec: dict, q_len: int, kv_len: int, heads: int, device) -> BlockMask:
@@ -234,6 +238,9 @@ def mask_from_spec(spec: dict, q_len: int, kv_len: int, heads: int, device) -> B
     key = (repr(sorted(spec.items())), q_len, kv_len, heads, str(device))
     if key not in _PATTERNS:
         _PATTERNS[key] = builder(q_len, **args, device=device)
+        while len(_PATTERNS) > _PATTERNS_KEPT:
+            _PATTERNS.popitem(last=False)
+    _PATTERNS.move_to_end(key)
     return _PATTERNS[key]
 
 
@@ -246,7 +253,8 @@ def blockops_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int 
     else:
         padding = attention_mask
         if padding is not None:
-            padding = padding[:, :kv_length + kv_offset][:, kv_offset:] if padding.shape[-1] > kv_length else padding
+            # The keys of this call, as transformers' own mask functions read them (padded when a cache is longer).
+            padding = prepare_padding_mask(padding, kv_length, kv_offset)[:, kv_offset:kv_offset + kv_length]
             if not torch.compiler.is_compiling() and bool(padding.all()):
                 padding = None   # nothing padded: no combination needed
     spec = getattr(config, "blockops_attention", None) if config is not None else None
