@@ -17,7 +17,6 @@ from blockops.attention import BlockMask, masks  # noqa: E402
 from blockops.integrations.transformers import attach_quantizer  # noqa: E402
 from blockops.nn import PTQ161Linear, QuantLinear, VQLinear  # noqa: E402
 from blockops.quant import formats  # noqa: E402
-from blockops.quant.ptq161 import collect_act_scales  # noqa: E402,F401  (PTQ1.61's own scale collection exists)
 
 from transformers import AutoModel  # noqa: E402
 
