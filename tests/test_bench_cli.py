@@ -141,3 +141,56 @@ def test_smoke_suite_runs_every_op():
                                           for r in bench.failures(rows)]
         assert sorted(bench.FAMILY_OPS[family]) == sorted(op for op in ran if op_family[op] == family), family
     assert sorted(set(op_family) - ran_somewhere) == []
+
+
+def test_cli_unknown_family_version_and_help(capsys):
+    """`bench --family nope` is a usage error listing the families (no traceback); --version; every quantize
+    option has a help string."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--family", "nope"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown benchmark family 'nope'" in err and "bitpack" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("blockops ")
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option, words in (("--bits", "bits per weight"), ("--group-size", "input channels sharing"),
+                          ("--seed", "seed of")):
+        assert f"{option} " in text and words in text, option
+    from blockops.quant import report
+
+    with pytest.raises(SystemExit):
+        report.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "quantization methods to run" in text and "bit widths" in text and "group sizes" in text
+
+
+def test_bench_plot_uses_a_log_axis():
+    rows = [_row(0.0, 0.0, "slow"), Result("bitpack", "fast", "2x3", "cpu", 0.01, "nothing", 2.0)]
+    fig = harness.figure(rows, "title")
+    assert fig.axes[0].get_yscale() == "log"
+
+
+def test_cli_labels_name_each_method():
+    from blockops.quant.pipeline import method_label
+
+    assert method_label({"method": "rtn", "bits": 2, "group_size": 64}) == "rtn w2g64"
+    assert method_label({"method": "vq", "bits": 2, "group_size": 64, "settings": {"vector_dim": 4}}) == \
+        "vq 2-bit codes d4"
+    label = method_label({"method": "ptq161", "bits": 2, "group_size": 64, "settings": {"salient_ratio": 0.2}})
+    assert label == "ptq161 (20% salient channels at 4 bits)" and "w2" not in label
+
+
+def test_vq_kmeans_shows_progress(capsys):
+    import torch
+
+    from blockops.quant.vq4dit import quantize_blocks
+
+    blocks = [torch.nn.Sequential(torch.nn.Linear(16, 16)) for _ in range(2)]
+    quantize_blocks(blocks, bits=2, vector_dim=4, iters=1, progress=True)
+    assert "VQ k-means" in capsys.readouterr().err
+    quantize_blocks(blocks, bits=2, vector_dim=4, iters=1)
+    assert "VQ k-means" not in capsys.readouterr().err

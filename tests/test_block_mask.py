@@ -552,3 +552,30 @@ def test_ref_masked_attention_vs_sdpa():
     out, _ = ref_masked_attention(qq, kk, vv, m.to_dense())
     sdpa = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, attn_mask=m.to_dense())
     torch.testing.assert_close(out, sdpa)
+
+
+def test_flex_block_mask_where_a_blockops_one_is_expected_names_the_conversion():
+    """torch's FlexAttention BlockMask shares the class name: the error says which one it got and how to convert."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from blockops.attention import block_sparse_attention
+    from blockops.nn import BlockSparseAttention
+
+    flex = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, 64, 64, device="cpu")
+    q = torch.randn(1, 2, 64, 16)
+    with pytest.raises(TypeError, match=r"torch's FlexAttention BlockMask .*BlockMask\.from_flex\(mask\)"):
+        block_sparse_attention(q, q, q, flex)
+    with pytest.raises(TypeError, match=r"FlexAttention BlockMask .*from_flex"):
+        BlockSparseAttention(32, 2, mask=flex)
+    with pytest.raises(TypeError, match=r"must be a blockops.attention.BlockMask; got builtins.str"):
+        block_sparse_attention(q, q, q, "causal")
+
+
+def test_block_mask_is_not_a_dense_tensor():
+    m = BlockMask.from_dense(torch.ones(32, 32, dtype=torch.bool), 16, 16)
+    assert m.ndim == 4 and len(m.shape) == 4
+    with pytest.raises(TypeError, match="not a dense mask tensor.*to_dense"):
+        m[0]
+    with pytest.raises(AttributeError, match="no attribute 'all'.*not a dense mask tensor"):
+        m.all()
+    assert not hasattr(m, "_private_probe")

@@ -158,3 +158,95 @@ def test_errors_and_repr():
         make_layer(True, conv_size=4)(inputs(2, 1, HIDDEN), cache=cache)
     with pytest.raises(ValueError, match="forget gate"):      # a gated cache given to a layer without a gate
         make_layer(False)(inputs(2, 1, HIDDEN), cache=cache)
+
+
+# ---- fla's layer: constructor, state dict, forward convention ----------------------------------------------------
+
+def _fla_state_dict_shapes(hidden, heads, kv_heads, gate, qk_norm, low_rank, shortconv, conv_size, conv_bias):
+    """The state dict of fla.layers.path_attn.PaTHAttention (fla-org/flash-linear-attention) for these arguments,
+    as its constructor builds it: nn.Linear projections, w_proj an nn.Sequential(hidden->32, 32->kv_dim) when
+    use_low_rank_w, ShortConvolution (an nn.Conv1d, weight [kv_dim, 1, conv_size]) with bias iff conv_bias, RMSNorm
+    weights (maybe_q_norm [hidden], maybe_k_norm [kv_dim]) iff use_qk_norm. fla needs triton, so the test reads the
+    names from here rather than from an fla layer."""
+    d = hidden // heads
+    kv = kv_heads * d
+    shapes = {"q_proj.weight": (hidden, hidden), "k_proj.weight": (kv, hidden), "v_proj.weight": (kv, hidden),
+              "bt_proj.weight": (kv_heads, hidden), "bt_proj.bias": (kv_heads,), "o_proj.weight": (hidden, hidden)}
+    shapes.update({"w_proj.0.weight": (32, hidden), "w_proj.1.weight": (kv, 32)} if low_rank
+                  else {"w_proj.weight": (kv, hidden)})
+    if qk_norm:
+        shapes.update({"maybe_q_norm.weight": (hidden,), "maybe_k_norm.weight": (kv,)})
+    if shortconv:
+        shapes["w_conv1d.weight"] = (kv, 1, conv_size)
+        if conv_bias:
+            shapes["w_conv1d.bias"] = (kv,)
+    if gate:
+        shapes.update({"g_proj.weight": (heads, hidden), "g_proj.bias": (heads,)})
+    return shapes
+
+
+@pytest.mark.parametrize("gate, qk_norm, low_rank, shortconv, conv_bias", [
+    (False, False, True, True, False),      # fla's defaults
+    (True, True, False, True, True),
+    (True, False, True, False, False),
+])
+def test_fla_constructor_and_state_dict(gate, qk_norm, low_rank, shortconv, conv_bias):
+    fla_args = dict(hidden_size=64, num_heads=4, num_kv_heads=2, use_forget_gate=gate, use_qk_norm=qk_norm,
+                    layer_idx=5, use_low_rank_w=low_rank, use_w_shortconv=shortconv, conv_size=4, conv_bias=conv_bias)
+    torch.manual_seed(0)
+    fla_style = PaTHAttention(**fla_args).eval()
+    assert fla_style.layer_idx == 5 and fla_style.w_rank == (32 if low_rank else None)
+    expected = _fla_state_dict_shapes(64, 4, 2, gate, qk_norm, low_rank, shortconv, 4, conv_bias)
+    assert {k: tuple(v.shape) for k, v in fla_style.state_dict().items()} == expected
+    # The same layer built with blockops' own arguments (w_rank instead of use_low_rank_w) loads the state dict
+    # strictly and computes the same output.
+    blockops_style = PaTHAttention(64, 4, 2, use_forget_gate=gate, w_rank=32 if low_rank else None, conv_size=4,
+                                   use_qk_norm=qk_norm, use_w_shortconv=shortconv, conv_bias=conv_bias).eval()
+    with torch.no_grad():
+        for p in fla_style.parameters():
+            p.uniform_(-0.3, 0.3)
+    blockops_style.load_state_dict(fla_style.state_dict(), strict=True)
+    x = inputs(2, 11, 64)
+    with torch.no_grad():
+        assert torch.equal(fla_style(x)[0], blockops_style(x)[0])
+
+
+@pytest.mark.parametrize("shortconv", [True, False])
+def test_fla_forward_convention_padding_and_cache(shortconv):
+    layer = PaTHAttention(64, 4, 2, use_forget_gate=True, use_qk_norm=True, layer_idx=0,
+                          use_w_shortconv=shortconv).eval()
+    x = inputs(2, 9, 64)
+    with torch.no_grad():
+        y, _ = layer(x)
+        o, attn, past = layer(hidden_states=x)
+        assert torch.equal(o, y) and attn is None and past is None
+        # padding: the padded row equals the unpadded sequence alone; padded positions are zeros
+        mask = torch.ones(2, 9, dtype=torch.long)
+        mask[1, 6:] = 0
+        o, _, _ = layer(hidden_states=x, attention_mask=mask, output_attentions=False)
+        torch.testing.assert_close(o[1, :6], layer(x[1:, :6])[0][0], atol=1e-6, rtol=1e-6)
+        assert not o[1, 6:].any()
+        # prefill into a dict keyed by layer_idx, then a decoding step from it
+        cache = {}
+        o, _, cache = layer(hidden_states=x[:, :5], attention_mask=torch.ones(2, 5), past_key_values=cache,
+                            use_cache=True)
+        assert isinstance(cache[0], PaTHAttentionCache)
+        step, _, cache = layer(hidden_states=x[:, 5:6], past_key_values=cache, use_cache=True)
+        torch.testing.assert_close(step[:, 0], y[:, 5], atol=1e-6, rtol=1e-6)
+
+
+def test_fla_convention_errors():
+    layer = PaTHAttention(64, 4, layer_idx=None).eval()
+    x = inputs(1, 4, 64)
+    with pytest.raises(ValueError, match="use_cache=True needs past_key_values"):
+        layer(hidden_states=x, use_cache=True)
+    with pytest.raises(ValueError, match="needs the layer's layer_idx"):
+        layer(hidden_states=x, past_key_values={}, use_cache=True)
+    with pytest.raises(ValueError, match="padding mask"):
+        layer(hidden_states=x, attention_mask=torch.ones(1, 4, 4))
+    with pytest.raises(TypeError, match="fla's Cache is not supported"):
+        layer(hidden_states=x, past_key_values=object())
+    with pytest.raises(ValueError, match="contradicts w_rank"):
+        PaTHAttention(64, 4, w_rank=None, use_low_rank_w=True)
+    with pytest.raises(TypeError, match="unexpected arguments"):
+        layer(x, foo=1)

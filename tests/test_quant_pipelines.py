@@ -366,7 +366,7 @@ def test_cli_round_trip_in_blockops_formats(tiny_bert, tmp_path, capsys, method,
     capsys.readouterr()
     assert main(["eval", "--model", tiny_bert, "--quantized", out, "--num-eval", "40", "--no-speed"]) == 0
     printed = capsys.readouterr().out
-    assert f"{method} w2" in printed and "cosine mean" in printed
+    assert pipeline.method_label(config) in printed and "cosine mean" in printed and "w2g" not in printed
 
 
 @pytest.mark.parametrize("method", ["ptq161", "vq"])

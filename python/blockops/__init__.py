@@ -22,6 +22,9 @@ from blockops import block_cache, cache, dllm, ptq161  # noqa: E402
 from blockops import distributed  # noqa: E402
 from blockops.quant.gptq import load_gptq_checkpoint  # noqa: E402
 from blockops.quant.rtn import QuantConfig, quantize_  # noqa: E402
+from blockops import integrations  # noqa: E402
+
+integrations.register()   # transformers' quantizer "blockops" and attn_implementation "blockops", if installed
 
 __version__ = _BUILD_INFO["version"]
 
@@ -43,6 +46,6 @@ def kernel_call_counts() -> dict[str, int]:
     return dict(_C.kernel_call_counts())
 
 
-__all__ = ["QuantConfig", "attention", "block_cache", "build_info", "cache", "distributed", "dllm",
+__all__ = ["QuantConfig", "attention", "block_cache", "build_info", "cache", "distributed", "dllm", "integrations",
            "kernel_call_counts", "load_gptq_checkpoint", "nn", "ops", "pack_bits", "ptq161", "quant", "quantize_",
            "unpack_bits", "vq"]

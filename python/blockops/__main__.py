@@ -1,4 +1,4 @@
-"""Command line: `python -m blockops bench [--device cpu|cuda] [--family NAME]... [--full | --smoke] [--json PATH]
+"""Command line: `python -m blockops --version`, `python -m blockops bench [--device cpu|cuda] [--family NAME]... [--full | --smoke] [--json PATH]
 [--plot PATH] [--cpu-isa LIST]` (exit status 1 when a row's error exceeds its tolerance),
 `python -m blockops info`, `python -m blockops quantize ...`, `python -m blockops eval ...` (see
 blockops/quant/pipeline.py)."""
@@ -11,6 +11,7 @@ import sys
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m blockops")
+    parser.add_argument("--version", action="version", version=f"blockops {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="benchmark every kernel family against its PyTorch baseline")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present, else cpu)")
@@ -81,6 +82,18 @@ def _nonzero_rank() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
 
 
+def _version() -> str:
+    # The installed distribution's version: `--version` answers without loading torch and the compiled library.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("blockops")
+    except PackageNotFoundError:
+        import blockops
+
+        return blockops.__version__
+
+
 def _add_quant_commands(sub) -> None:
     from blockops.quant import pipeline   # no transformers import until a model is loaded
 
@@ -89,9 +102,13 @@ def _add_quant_commands(sub) -> None:
     quantize.add_argument("--model", default="minilm", help=model_help)
     quantize.add_argument("--method", default="rtn",
                           help="rtn, efficientqat, ptq161 or vq (blockops.quant.pipeline.DRIVERS)")
-    quantize.add_argument("--bits", type=int, default=2, choices=(2, 3, 4))
-    quantize.add_argument("--group-size", type=int, default=64)
-    quantize.add_argument("--seed", type=int, default=0)
+    quantize.add_argument("--bits", type=int, default=2, choices=(2, 3, 4),
+                          help="bits per weight: uniform code width (rtn, efficientqat) or VQ code bits per weight "
+                               "(k = 2 ** (bits * vector-dim)); PTQ1.61 ignores it (2)")
+    quantize.add_argument("--group-size", type=int, default=64,
+                          help="input channels sharing one scale and zero point (rtn, efficientqat; 64)")
+    quantize.add_argument("--seed", type=int, default=0,
+                          help="seed of the calibration order, k-means and initialisations (0)")
     pipeline.add_settings_arguments(quantize)
     quantize.add_argument("--out", required=True, help="output folder")
     evaluate = sub.add_parser("eval", help="compare a quantized model with its full-precision original")
@@ -110,12 +127,12 @@ def _run_quant_command(args) -> int:
         settings = pipeline.Settings(bits=args.bits, group_size=args.group_size, seed=args.seed,
                                      **pipeline.settings_overrides(args))
         _, _, config = pipeline.quantize_model(args.model, args.method, args.out, settings)
-        print(f"{config['method']} w{config['bits']}g{config['group_size']}: {config['bits_per_weight']:.3f} bits per "
+        print(f"{pipeline.method_label(config)}: {config['bits_per_weight']:.3f} bits per "
               f"weight, {config['quantization_seconds']:.1f} s -> {args.out}")
         return 0
     quantized, _, config = pipeline.load_quantized(args.quantized)
-    result = pipeline.evaluate_model(args.model, quantized, args.num_eval, speed=not args.no_speed)
-    result["config"] = {k: config.get(k) for k in ("method", "bits", "group_size", "bits_per_weight")}
+    result = pipeline.evaluate_model(args.model, quantized, args.num_eval, speed=not args.no_speed, progress=True)
+    result["config"] = {k: config.get(k) for k in ("method", "bits", "group_size", "bits_per_weight", "settings")}
     print(pipeline.format_evaluation(result))
     if args.json:
         with open(args.json, "w") as f:

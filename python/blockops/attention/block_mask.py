@@ -38,13 +38,24 @@ import torch
 
 from blockops.ops.bitpack import pack_bits, unpack_bits
 
-__all__ = ["BLOCK_SIZES", "BlockMask", "Density"]
+__all__ = ["BLOCK_SIZES", "BlockMask", "Density", "expected_block_mask"]
 
 BLOCK_SIZES = (16, 32, 64, 128)
 
 # Query rows evaluated per chunk by from_dense / from_mask_fn: bounds the temporary [B', H', rows, KB * block_kv]
 # bool tile view to about 64 M elements.
 _CHUNK_ELEMENTS = 1 << 26
+
+
+def expected_block_mask(value, what: str, extra: str = "") -> TypeError:
+    """The TypeError for ``value`` given where a blockops `BlockMask` is expected (``what``: the function and
+    argument; ``extra``: other accepted kinds). torch's FlexAttention BlockMask shares the class name, so it is
+    named in full, with the conversion."""
+    kind = type(value)
+    if kind.__name__ == "BlockMask" and kind.__module__.startswith("torch.nn.attention"):
+        return TypeError(f"{what} must be a blockops.attention.BlockMask{extra}; got torch's FlexAttention BlockMask "
+                         f"({kind.__module__}.BlockMask): convert it with blockops.attention.BlockMask.from_flex(mask)")
+    return TypeError(f"{what} must be a blockops.attention.BlockMask{extra}; got {kind.__module__}.{kind.__qualname__}")
 
 
 class Density(NamedTuple):
@@ -211,6 +222,27 @@ class BlockMask:
     def shape(self) -> tuple[int, int, int, int]:
         """``(B', H', q_len, kv_len)``: the shape of :meth:`to_dense`."""
         return (self.kv_num_blocks.shape[0], self.kv_num_blocks.shape[1], self.q_len, self.kv_len)
+
+    @property
+    def ndim(self) -> int:
+        """4, the rank of :attr:`shape` (code written for dense 4-D masks, e.g. transformers' mask preparation,
+        reads it)."""
+        return 4
+
+    _NOT_DENSE = ("a blockops BlockMask is not a dense mask tensor: use .to_dense() for F.scaled_dot_product_attention, "
+                  ".to_flex() for flex_attention, and in a transformers model attn_implementation=\"blockops\" "
+                  "(blockops.integrations.transformers)")
+
+    def __getitem__(self, index):
+        # Code written for dense masks (transformers' mask preparation) gets a message saying what to use instead.
+        raise TypeError(f"BlockMask cannot be indexed: {self._NOT_DENSE}")
+
+    def __getattr__(self, name: str):
+        # Only reached for attributes a BlockMask lacks (tensor methods such as .all() called by code written for
+        # dense masks); private and dunder lookups (copy, pickle, hasattr probes of protocols) fail as usual.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        raise AttributeError(f"'BlockMask' object has no attribute {name!r}: {self._NOT_DENSE}")
 
     @property
     def device(self) -> torch.device:

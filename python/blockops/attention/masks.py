@@ -19,8 +19,8 @@ import torch
 
 from blockops.attention.block_mask import BlockMask, _cdiv, _check_block_size
 
-__all__ = ["and_masks", "block_diffusion", "blockrank", "causal", "documents", "from_dense", "or_masks", "per_head",
-           "sink_window_strided", "sliding_window", "topk_block_selection", "topk_blocks"]
+__all__ = ["and_masks", "block_diffusion", "blockbert", "blockrank", "causal", "documents", "from_dense",
+           "key_padding", "or_masks", "per_head", "sink_window_strided", "sliding_window", "topk_block_selection", "topk_blocks"]
 
 
 def _build(fn, q_len, kv_len, block_q, block_kv, batch, heads, device) -> BlockMask:
@@ -131,6 +131,41 @@ def documents(seqlens, *, causal: bool = False, block_q: int = 64, block_kv: int
         raise ValueError(f"documents: batch={batch} but seqlens has {len(rows)} rows")
     batch = max(batch, len(rows))
     return mask if batch == len(rows) and heads == 1 else mask.expand(batch, heads)
+
+
+def blockbert(seq_len: int, num_blocks: int, heads: int, *, shifts: Sequence[int] | None = None,
+              block_q: int = 64, block_kv: int = 64, device=None) -> BlockMask:
+    """BlockBERT (Qiu et al. 2020): the sequence is cut into ``num_blocks`` equal token chunks
+    (``ceil(seq_len / num_blocks)`` long, the last one shorter) and each head attends through a permutation of
+    them: query chunk ``i`` of head ``h`` sees key chunk ``(i + shifts[h]) % num_blocks`` only. ``shifts`` (one
+    per head) defaults to the paper's even split of the heads over the cyclic permutations: head ``h`` gets shift
+    ``h * num_blocks // heads`` (n = 2: half the heads block-diagonal, half the swapped blocks). ``H' = heads``;
+    the density is ``1 / num_blocks``."""
+    _positive("blockbert: seq_len", seq_len), _positive("blockbert: num_blocks", num_blocks)
+    _positive("blockbert: heads", heads)
+    shifts = [h * num_blocks // heads for h in range(heads)] if shifts is None else [int(s) for s in shifts]
+    if len(shifts) != heads:
+        raise ValueError(f"blockbert: shifts has {len(shifts)} entries, need one per head ({heads})")
+    chunk = _cdiv(seq_len, num_blocks)
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    shift = torch.tensor(shifts, device=dev).view(1, -1, 1, 1)
+    return BlockMask.from_mask_fn(lambda b, h, q, kv: kv // chunk == (q // chunk + shift) % num_blocks,
+                                  seq_len, seq_len, block_q, block_kv, heads=heads, device=dev)
+
+
+def key_padding(mask: BlockMask, keep: torch.Tensor) -> BlockMask:
+    """``mask`` with the keys where ``keep [B, kv_len]`` is False hidden for every query (a padding mask, True =
+    real token, as transformers' 2-D ``attention_mask``): ``B' = B``. Token-exact; goes through the dense mask
+    (``B * H' * q_len * kv_len`` bools, host syncs: build it outside a compiled region). A query whose visible
+    keys are all padding gets a zero output (see `block_sparse_attention`)."""
+    if not isinstance(keep, torch.Tensor) or keep.dim() != 2 or keep.shape[1] != mask.kv_len:
+        got = tuple(keep.shape) if isinstance(keep, torch.Tensor) else type(keep).__name__
+        raise ValueError(f"key_padding: keep must be a [B, kv_len={mask.kv_len}] tensor, got {got}")
+    b = mask.kv_num_blocks.shape[0]
+    if b not in (1, keep.shape[0]):
+        raise ValueError(f"key_padding: the mask has batch dim {b}, keep has {keep.shape[0]} rows")
+    dense = mask.to_dense() & keep.to(device=mask.device, dtype=torch.bool)[:, None, None, :]
+    return BlockMask.from_dense(dense, mask.block_q, mask.block_kv)
 
 
 def block_diffusion(block_size: int, n: int, training: bool = False, *, block_q: int = 64, block_kv: int = 64,

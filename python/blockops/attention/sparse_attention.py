@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from blockops.attention.block_mask import BlockMask
+from blockops.attention.block_mask import BlockMask, expected_block_mask
 from blockops.ops._common import _default_scale
 from blockops.ops.attention import MASK_FIELDS, block_sparse_attention_op
 
@@ -51,8 +51,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         and v (and through lse).
     """
     if not isinstance(block_mask, BlockMask):
-        raise TypeError(f"block_sparse_attention: block_mask must be a blockops.attention.BlockMask, "
-                        f"got {type(block_mask).__name__}")
+        raise expected_block_mask(block_mask, "block_sparse_attention: block_mask")
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"block_sparse_attention: q and k must be [B, H, T, D], got {tuple(q.shape)} and "
                          f"{tuple(k.shape)}")

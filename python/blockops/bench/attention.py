@@ -179,9 +179,100 @@ def _flex_forward(c: Config, q, k, v, mask: BlockMask):
         return None, f"flex failed: {type(e).__name__}: {e}"[:200]
 
 
+# ---- BlockBERT in a transformers model (attn_implementation="blockops") -------------------------------------------
+
+# The BlockBERT paper's block counts (n = 2, 3), at 512 tokens (all-MiniLM-L6-v2's length: quality and speed) up
+# to 4096 (speed; the position embeddings are tiled past 512).
+BLOCKBERT_LENGTHS = (512, 1024, 2048, 4096)
+BLOCKBERT_BLOCKS = (2, 3)
+_BLOCKBERT_DOCS = 4          # documents per length for the embedding cosine (batch of the quality check)
+
+
+def _minilm_at(length: int, attn: str):
+    """all-MiniLM-L6-v2 (the packaged weights) with ``length`` positions (its 512 tiled) and ``attn``."""
+    import transformers
+
+    from blockops.quant.pipeline import minilm_dir
+
+    path = minilm_dir()
+    config = transformers.AutoConfig.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path, attn_implementation=attn, dtype=torch.float32).eval()
+    if length > config.max_position_embeddings:
+        old = model.embeddings.position_embeddings.weight.data
+        reps = -(-length // old.shape[0])
+        new = torch.nn.Embedding(length, old.shape[1])
+        new.weight.data.copy_(old.repeat(reps, 1)[:length])
+        model.embeddings.position_embeddings = new
+        model.embeddings.register_buffer("position_ids", torch.arange(length)[None], persistent=False)
+        model.embeddings.register_buffer("token_type_ids", torch.zeros(1, length, dtype=torch.long),
+                                         persistent=False)
+        model.config.max_position_embeddings = length
+    return model
+
+
+def _pooled(hidden: torch.Tensor) -> torch.Tensor:
+    return F.normalize(hidden.mean(1).float(), dim=-1)
+
+
+def blockbert_rows(device: str = "cpu", lengths=BLOCKBERT_LENGTHS, blocks=BLOCKBERT_BLOCKS,
+                   block: int = 64) -> list[Result]:
+    """BlockBERT masks (`masks.blockbert`, n blocks, heads split evenly over the n cyclic block permutations) in
+    all-MiniLM-L6-v2 (6 layers, 12 heads of D = 32) through ``attn_implementation="blockops"``, against the same
+    model with transformers' SDPA attention (dense), batch 1: the whole model's forward time. At each length the
+    quality is the cosine between the mean-pooled, normalised embeddings of the BlockBERT and the dense model on
+    real text (the evaluation sentences concatenated, repeated past ~10k tokens; meaningful up to 512 tokens, the
+    model's trained length).
+    The row's error (tolerance 1e-4, fp32 through 6 layers) is against the same model on SDPA with the dense token
+    mask, i.e. the backend computes exactly the masked model (checked up to 1024 tokens, where the dense mask stays
+    small). Skipped (no rows) when the MiniLM package is missing."""
+    import importlib.util
+
+    from blockops.quant import data
+    from blockops.quant.pipeline import MINILM_PACKAGE, minilm_dir
+
+    if importlib.util.find_spec(MINILM_PACKAGE) is None:
+        return []
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    text = " ".join(data.splits()["eval"])
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    need = _BLOCKBERT_DOCS * max(lengths)
+    ids = (ids * -(-need // len(ids)))[:need]     # the text repeated when the lengths ask for more tokens
+    results = []
+    for length in lengths:
+        dense = _minilm_at(length, "sdpa").to(device)
+        sparse = _minilm_at(length, "blockops").to(device)
+        docs = torch.tensor([ids[i * length:(i + 1) * length] for i in range(_BLOCKBERT_DOCS)], device=device)
+        one = docs[:1]
+        heavy = length >= 2048
+        timing = {"warmup": 1, "min_repeats": 3, "min_seconds": 0.0} if heavy else {}
+        with torch.no_grad():
+            dense_emb = _pooled(dense(input_ids=docs).last_hidden_state)
+            dense_ms = time_ms(lambda: dense(input_ids=one), device, **timing)
+            for n in blocks:
+                mask = masks.blockbert(length, n, dense.config.num_attention_heads, block_q=block, block_kv=block,
+                                       device=device)
+                out = sparse(input_ids=docs, blockops_mask=mask).last_hidden_state
+                cosine = (_pooled(out) * dense_emb).sum(-1)
+                err, tol = None, None
+                if length <= 1024:
+                    ref = dense(input_ids=docs, attention_mask=mask.to_dense()).last_hidden_state
+                    err, tol = max_rel_error(out, ref), 1e-4
+                ours = time_ms(lambda: sparse(input_ids=one, blockops_mask=mask), device, **timing)
+                note = (f"embedding cosine vs dense: mean {cosine.mean().item():.4f}, min {cosine.min().item():.4f} "
+                        f"({_BLOCKBERT_DOCS} docs{'; positions tiled past 512' if length > 512 else ''})")
+                density = mask.density()
+                results.append(Result(
+                    "attention", f"BlockBERT n={n} in MiniLM", f"B=1 T={length} L=6 H=12 D=32 fp32 blk={block} "
+                    f"tiles={density.tiles:.1%}", device, ours, "MiniLM SDPA (dense)", dense_ms, max_error=err,
+                    tolerance=tol, note=note))
+    return results
+
+
 def run(device: str, quick: bool = True, configs: list[Config] | None = None) -> list[Result]:
     """Rows per config: forward vs dense SDPA, forward vs compiled flex, forward+backward vs dense SDPA (and vs
-    flex on GPU). Quick: the CPU goal's shape (LongGen ~15% and causal, T=4096, H=16, D=64, fp32) or, on GPU, the
+    flex on GPU); the full CPU run adds `blockbert_rows` (BlockBERT in all-MiniLM-L6-v2 vs the dense model). Quick: the CPU goal's shape (LongGen ~15% and causal, T=4096, H=16, D=64, fp32) or, on GPU, the
     TFLOP/s goal's shape (T=16384, D=128, bf16). `configs` overrides the grid (e.g. `DOC_CPU`)."""
     cuda = torch.device(device).type == "cuda"
     if configs is None:
@@ -196,6 +287,8 @@ def run(device: str, quick: bool = True, configs: list[Config] | None = None) ->
             torch._dynamo.reset()
             last_shape = _shape(c)
         results.extend(_run_config(c, device, cuda, sdpa_ms))
+    if not quick and configs is None and not cuda:
+        results.extend(blockbert_rows(device))
     return results
 
 

@@ -22,7 +22,7 @@ from typing import Callable, Union
 import torch
 from torch import nn
 
-from blockops.attention.block_mask import BlockMask
+from blockops.attention.block_mask import BlockMask, expected_block_mask
 from blockops.attention.sparse_attention import block_sparse_attention
 
 __all__ = ["BlockSparseAttention", "BlockSparseMultiheadAttention", "MaskBuilder", "swap_attention"]
@@ -37,8 +37,7 @@ _MASK_CACHE_SIZE = 16
 
 def _check_mask_like(mask, what: str) -> None:
     if mask is not None and not isinstance(mask, BlockMask) and not callable(mask):
-        raise TypeError(f"{what}: mask must be a blockops.attention.BlockMask, a builder "
-                        f"(q_len, kv_len, device) -> BlockMask, or None; got {type(mask).__name__}")
+        raise expected_block_mask(mask, f"{what}: mask", ", a builder (q_len, kv_len, device) -> BlockMask, or None")
 
 
 def _describe(mask) -> str:
@@ -316,7 +315,8 @@ class BlockSparseMultiheadAttention(BlockSparseAttention):
 def swap_attention(model: nn.Module, mask: MaskLike,
                    filter_fn: Callable[[nn.MultiheadAttention, str], bool] | None = None) -> int:
     """Replace, in place, every ``nn.MultiheadAttention`` of ``model`` (for which ``filter_fn(module, name)`` is
-    true, if given) by ``BlockSparseAttention.from_mha(module, mask)``. Returns the number replaced.
+    true, if given) by ``BlockSparseAttention.from_mha(module, mask)``. Returns the number replaced. A transformers
+    model (which has no ``nn.MultiheadAttention``) is refused with a pointer to ``attn_implementation="blockops"``.
 
     ``mask``: one BlockMask for every layer, or a builder ``(q_len, kv_len, device) -> BlockMask`` (needed when
     the lengths vary, or for cross-attention where ``q_len != kv_len``). Every selected module is checked before
@@ -331,6 +331,11 @@ def swap_attention(model: nn.Module, mask: MaskLike,
         raise ValueError("swap_attention: model is itself a MultiheadAttention; use BlockSparseAttention.from_mha")
     selected = [(name, m) for name, m in model.named_modules()
                 if isinstance(m, nn.MultiheadAttention) and (filter_fn is None or filter_fn(m, name))]
+    if not selected and hasattr(getattr(model, "config", None), "_attn_implementation"):
+        # transformers' attention modules are their own classes, not nn.MultiheadAttention.
+        raise ValueError("swap_attention replaces nn.MultiheadAttention modules and this transformers model has none; "
+                         "load it with attn_implementation=\"blockops\" and pass the mask as model(..., "
+                         "blockops_mask=mask) or in config.blockops_attention (blockops.integrations.transformers)")
     replacements = [(name, BlockSparseAttention.from_mha(m, mask)) for name, m in selected]
     for name, module in replacements:
         parent_name, _, child = name.rpartition(".")

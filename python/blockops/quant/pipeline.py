@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blockops import checkpoint
+from blockops.quant import formats
 from blockops.nn.ptq161_linear import PTQ161Linear
 from blockops.nn.quant_linear import QuantLinear
 from blockops.nn.vq_linear import VQLinear
@@ -156,36 +157,21 @@ def block_linear_names(model: nn.Module) -> set[str]:
             for name, m in block.named_modules() if isinstance(m, (nn.Linear, *QUANTIZED_LAYERS))}
 
 
-# blockops' own formats: the class of each layer and how to rebuild an empty one of the same shape from the JSON
-# config (its tensors then load by state-dict name).
-QUANTIZED_LAYERS = (QuantLinear, PTQ161Linear, VQLinear)
-_DTYPES = {str(d): d for d in (torch.float16, torch.bfloat16, torch.float32)}
-
-
-def _layer_spec(layer: nn.Module) -> dict:
-    if isinstance(layer, PTQ161Linear):
-        return {"type": "PTQ161Linear", "in_features": layer.in_features, "out_features": layer.out_features,
-                "num_salient": layer.num_salient, "bias": layer.bias is not None,
-                "factor_dtype": str(layer.alpha.dtype)}
-    return {"type": "VQLinear", "in_features": layer.in_features, "out_features": layer.out_features,
-            "codebook_size": layer.codebook_size, "vector_dim": layer.vector_dim,
-            "num_codebooks": layer.num_codebooks, "bias": layer.bias is not None,
-            "scales": layer.scales is not None, "dtype": str(layer.codebooks.dtype)}
+# blockops' own format (`blockops.quant.formats`): the class of each layer and how to rebuild an empty one of the
+# same shape from the JSON config (its tensors then load by state-dict name).
+QUANTIZED_LAYERS = formats.QUANTIZED_LAYERS
 
 
 def _empty_layer(spec: dict) -> nn.Module:
-    spec = dict(spec)
-    kind = spec.pop("type")
-    if kind == "PTQ161Linear":
-        return PTQ161Linear(factor_dtype=_DTYPES[spec.pop("factor_dtype")], **spec)
-    if kind == "VQLinear":
-        return VQLinear(dtype=_DTYPES[spec.pop("dtype")], **spec)
-    raise ValueError(f"load_quantized: unknown layer type {kind!r} in {QUANTIZE_CONFIG}")
+    return formats.empty_layer(spec, who=f"load_quantized ({QUANTIZE_CONFIG})")
 
 
 def save_quantized(model: nn.Module, tokenizer, out_dir: str, config: dict) -> None:
     """Write ``model.safetensors`` (GPTQ-v2 tensors for each `QuantLinear`), ``quantize_config.json``
-    (``config`` plus the format keys GPTQ readers expect), the model config and the tokenizer."""
+    (``config`` plus the format keys GPTQ readers expect), the model config and the tokenizer. The model config
+    carries a ``quantization_config`` (blockops' transformers quantizer, ``checkpoint_format`` ``"gptq_v2"`` or
+    ``"blockops"``) when ``config["method"]`` is one it knows, so ``AutoModel.from_pretrained(out_dir)`` loads
+    the folder as `load_quantized` does."""
     from safetensors.torch import save_file
 
     os.makedirs(out_dir, exist_ok=True)
@@ -200,7 +186,7 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str, config: dict) -> N
             tensors[key] = value
     # safetensors refuses shared storage: store independent contiguous copies.
     save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, os.path.join(out_dir, WEIGHTS))
-    own = {name: _layer_spec(m) for name, m in model.named_modules() if isinstance(m, (PTQ161Linear, VQLinear))}
+    own = formats.layer_specs(model, (PTQ161Linear, VQLinear))
     if own:
         full = {"checkpoint_format": "blockops", **config, "layers": own}
     else:
@@ -208,9 +194,23 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str, config: dict) -> N
                 "w_bit": config["bits"], **config}
     with open(os.path.join(out_dir, QUANTIZE_CONFIG), "w") as f:
         json.dump(full, f, indent=2)
+    if config.get("method") in _hf_methods():
+        # config.json's quantization_config: AutoModel.from_pretrained(out_dir) loads the folder too.
+        from blockops.integrations.transformers import attach_quantizer
+
+        attach_quantizer(model, config["method"], config.get("bits"), config.get("group_size"),
+                         config.get("settings"), "blockops" if own else CHECKPOINT_FORMAT)
     model.config.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+
+
+def _hf_methods() -> tuple:
+    try:
+        from blockops.integrations.transformers import METHODS
+    except ImportError:   # no (compatible) transformers: the folder loads through load_quantized only
+        return ()
+    return METHODS
 
 
 def load_quantized(quantized_dir: str):
@@ -426,7 +426,7 @@ def quantize_vq(model: nn.Module, tokenizer, settings: Settings) -> dict:
     again: it is deterministic)."""
     blocks = efficientqat.find_blocks(model)
     students = vq4dit.quantize_blocks(blocks, bits=settings.bits, vector_dim=settings.vector_dim,
-                                      iters=settings.kmeans_iters, seed=settings.seed)
+                                      iters=settings.kmeans_iters, seed=settings.seed, progress=settings.progress)
     mse = []
     if settings.calib_steps:
         _, hidden, extras = _calibration_block_inputs(model, tokenizer, settings)
@@ -458,31 +458,62 @@ def quantize_model(model_dir: str | None, method: str, out_dir: str | None, sett
               "base_model": os.path.abspath(resolve_model_dir(model_dir)),
               "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "progress"},
               "summary": summary}
+    from blockops.integrations.transformers import attach_quantizer
+
+    # save_pretrained / AutoModel.from_pretrained round-trip the quantized model (blockops' transformers quantizer)
+    attach_quantizer(model, method, settings.bits, settings.group_size, config["settings"])
     if out_dir:
         save_quantized(model, tokenizer, out_dir, config)
     return model, tokenizer, config
 
 
 def evaluate_model(model_dir: str | None, quantized: nn.Module, num_eval: int = 400, batch_size: int = 32,
-                   max_length: int = 64, speed: bool = True) -> dict:
+                   max_length: int = 64, speed: bool = True, progress: bool = False) -> dict:
     """Quality of ``quantized`` against the full-precision model on the evaluation split (see
-    `blockops.quant.evaluate`), and, with ``speed``, its quantized layers and encoding time against dense."""
+    `blockops.quant.evaluate`), and, with ``speed``, its quantized layers and encoding time against dense.
+    ``progress``: a progress bar over the stages (the speed measurements take a minute on a CPU)."""
+    from tqdm import tqdm
+
     from blockops.quant import evaluate
 
-    reference, tokenizer = load_model(model_dir)
-    batches = data.tokenize_batches(tokenizer, data.splits(num_eval)["eval"], batch_size, max_length)
-    result = evaluate.quality(evaluate.embed(reference, batches), evaluate.embed(quantized, batches))
-    if speed:
-        result["layers"] = evaluate.layer_speed(quantized)
-        dense_s, quant_s = evaluate.encode_seconds(reference, batches), evaluate.encode_seconds(quantized, batches)
-        result["encode_eval_split"] = {"dense_s": dense_s, "quantized_s": quant_s, "speedup": dense_s / quant_s}
+    with tqdm(total=5 if speed else 2, desc="eval", disable=not progress, leave=False) as bar:
+        def stage(name, fn, *args):
+            bar.set_postfix_str(name)
+            out = fn(*args)
+            bar.update()
+            return out
+
+        reference, tokenizer = load_model(model_dir)
+        batches = data.tokenize_batches(tokenizer, data.splits(num_eval)["eval"], batch_size, max_length)
+        result = evaluate.quality(stage("embedding (full precision)", evaluate.embed, reference, batches),
+                                  stage("embedding (quantized)", evaluate.embed, quantized, batches))
+        if speed:
+            result["layers"] = stage("layer timings", evaluate.layer_speed, quantized)
+            dense_s = stage("encoding time (full precision)", evaluate.encode_seconds, reference, batches)
+            quant_s = stage("encoding time (quantized)", evaluate.encode_seconds, quantized, batches)
+            result["encode_eval_split"] = {"dense_s": dense_s, "quantized_s": quant_s, "speedup": dense_s / quant_s}
     return result
+
+
+def method_label(config: dict) -> str:
+    """How a run is named in the CLI's output: ``rtn w2g64`` for uniform methods (bits, group size), ``vq 2-bit
+    d4`` for VQ (code bits per weight, sub-vector length), ``ptq161 (20% salient)`` for PTQ1.61 (neither bits nor
+    a group size apply)."""
+    method = config.get("method", "?")
+    settings = config.get("settings") or {}
+    if method == "vq":
+        dim = settings.get("vector_dim")
+        return f"vq {config.get('bits', '?')}-bit codes" + (f" d{dim}" if dim else "")
+    if method == "ptq161":
+        ratio = settings.get("salient_ratio")
+        return "ptq161" + (f" ({ratio:.0%} salient channels at 4 bits)" if ratio is not None else "")
+    return f"{method} w{config.get('bits', '?')}g{config.get('group_size', '?')}"
 
 
 def format_evaluation(result: dict) -> str:
     """The CLI's text report of `evaluate_model`'s result."""
     config = result.get("config", {})
-    lines = [f"{config.get('method', '?')} w{config.get('bits', '?')}g{config.get('group_size', '?')} "
+    lines = [f"{method_label(config)} "
              f"({config.get('bits_per_weight', float('nan')):.3f} bits/weight) vs full precision on "
              f"{result['num_sentences']} sentences:",
              f"  cosine mean {result['cosine_mean']:.4f} (min {result['cosine_min']:.4f}), "

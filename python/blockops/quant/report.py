@@ -237,9 +237,12 @@ def plot(result: dict, path: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m blockops.quant.report", description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
-    parser.add_argument("--group-size", nargs="+", type=int, default=[64])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS),
+                        help=f"quantization methods to run (default: all of {' '.join(METHODS)})")
+    parser.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4],
+                        help="bit widths to run for each method (default: 2 3 4)")
+    parser.add_argument("--group-size", nargs="+", type=int, default=[64],
+                        help="group sizes of the uniform methods (default: 64)")
     parser.add_argument("--num-eval", type=int, default=400)
     parser.add_argument("--out-dir", default="docs")
     parser.add_argument("--from-json", nargs="+", metavar="JSON",

@@ -4,6 +4,7 @@ QuantLinear (`quantize_`, `QuantConfig`). Loading EfficientQAT / GPTQ checkpoint
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Callable
 
 import torch
@@ -31,7 +32,9 @@ def quantize_(model: nn.Module, config: QuantConfig = QuantConfig(),
               filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` of ``model`` (for which ``filter_fn(module, name)`` is true, if
     given) by ``QuantLinear.from_linear(linear, config.bits, config.group_size)``. Raises if a selected layer's
-    in_features is not divisible by the group size (exclude it with ``filter_fn``). Returns ``model``."""
+    in_features is not divisible by the group size (exclude it with ``filter_fn``). A transformers model is also
+    marked as blockops-quantized (`blockops.integrations.transformers.attach_quantizer`, method ``"rtn"``), so
+    ``save_pretrained`` / ``from_pretrained`` round-trip it. Returns ``model``."""
     selected = [(name, m) for name, m in model.named_modules()
                 if isinstance(m, nn.Linear) and (filter_fn is None or filter_fn(m, name))]
     for name, linear in selected:
@@ -40,6 +43,10 @@ def quantize_(model: nn.Module, config: QuantConfig = QuantConfig(),
                              f"group_size={config.group_size}; exclude it with filter_fn")
     for name, linear in selected:
         _set_submodule(model, name, QuantLinear.from_linear(linear, config.bits, config.group_size, config.dtype))
+    if "transformers" in sys.modules:   # a transformers model: record the quantization for save_pretrained
+        from blockops.integrations.transformers import attach_quantizer
+
+        attach_quantizer(model, "rtn", config.bits, config.group_size)
     return model
 
 

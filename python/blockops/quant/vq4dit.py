@@ -499,24 +499,30 @@ def _calibrate_block(teacher, student, index, layers, inputs, steps, finetune_fr
 def quantize_blocks(blocks: Sequence[nn.Module], *, bits: float | None = None, codebook_size: int | None = None,
                     vector_dim: int = 4, iters: int = 25, seed: int = 0, scales: bool = True,
                     dtype: torch.dtype | None = None,
-                    filter_fn: Callable[[nn.Linear, str], bool] | None = None) -> nn.ModuleList:
+                    filter_fn: Callable[[nn.Linear, str], bool] | None = None, progress: bool = False) -> nn.ModuleList:
     """Student blocks for :func:`calibrate_blockwise`: deep copies of ``blocks`` with every ``nn.Linear`` (for
     which ``filter_fn(linear, name)`` holds) replaced by ``VQLinear.from_linear(...)`` (k-means; arguments as
     there; 2 bits when neither ``bits`` nor ``codebook_size`` is given). Linear layers whose in_features is not a
-    multiple of ``vector_dim`` stay dense. The k-means seed differs per layer (``seed`` + a running index)."""
+    multiple of ``vector_dim`` stay dense. The k-means seed differs per layer (``seed`` + a running index).
+    ``progress``: a progress bar over the layers (k-means of a whole model takes minutes on a CPU)."""
+    from tqdm import tqdm
+
     if bits is None and codebook_size is None:
         bits = 2
     students = nn.ModuleList(copy.deepcopy(b) for b in blocks)
+    selected = [(student, [(name, m) for name, m in student.named_modules()
+                           if type(m) is nn.Linear and m.in_features % vector_dim == 0
+                           and (filter_fn is None or filter_fn(m, name))]) for student in students]
     layer_seed = seed
-    for student in students:
-        selected = [(name, m) for name, m in student.named_modules()
-                    if type(m) is nn.Linear and m.in_features % vector_dim == 0
-                    and (filter_fn is None or filter_fn(m, name))]
-        for name, linear in selected:
-            student.set_submodule(name, VQLinear.from_linear(
-                linear, bits=bits, codebook_size=codebook_size, vector_dim=vector_dim, iters=iters, seed=layer_seed,
-                scales=scales, dtype=dtype))
-            layer_seed += 1
+    with tqdm(total=sum(len(layers) for _, layers in selected), desc="VQ k-means (layers)", disable=not progress,
+              leave=False) as bar:
+        for student, layers in selected:
+            for name, linear in layers:
+                student.set_submodule(name, VQLinear.from_linear(
+                    linear, bits=bits, codebook_size=codebook_size, vector_dim=vector_dim, iters=iters,
+                    seed=layer_seed, scales=scales, dtype=dtype))
+                layer_seed += 1
+                bar.update()
     return students
 
 
