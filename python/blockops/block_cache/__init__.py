@@ -15,10 +15,11 @@ from blockops.block_cache.api import (BlockCache, cache_context, disable_block_c
 from blockops.block_cache.bac import (BACSchedule, bubbling_union, caching_error, optimal_update_steps,  # noqa: F401
                                       schedule_value)
 from blockops.block_cache.policies import (Always, BWCache, FirstBlockCache, Never, Policy, RecordFeatures,  # noqa: F401
-                                           TeaCache, TeaCacheCalibration, fit_teacache_coefficients)
+                                           TaylorSeer, TeaCache, TeaCacheCalibration, fit_teacache_coefficients)
 from blockops.ops.block_cache import apply_residual, cache_update, relative_l1, relative_l1_residual  # noqa: F401
 
 __all__ = ["Always", "BACSchedule", "BWCache", "BlockCache", "FirstBlockCache", "Never", "Policy", "RecordFeatures",
-           "TeaCache", "TeaCacheCalibration", "apply_residual", "bubbling_union", "cache_context", "cache_update",
-           "caching_error", "disable_block_cache", "enable_block_cache", "fit_teacache_coefficients",
-           "get_block_cache", "optimal_update_steps", "relative_l1", "relative_l1_residual", "schedule_value"]
+           "TaylorSeer", "TeaCache", "TeaCacheCalibration", "apply_residual", "bubbling_union", "cache_context",
+           "cache_update", "caching_error", "disable_block_cache", "enable_block_cache",
+           "fit_teacache_coefficients", "get_block_cache", "optimal_update_steps", "relative_l1",
+           "relative_l1_residual", "schedule_value"]

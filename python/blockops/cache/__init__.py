@@ -2,13 +2,15 @@
 It re-exports that package's public names, so ``import blockops.cache as bc`` works as before; new code should
 import ``blockops.block_cache``. Its modules (``api``, ``bac``, ``policies``) live under ``blockops.block_cache`` and
 the op wrappers under ``blockops.ops.block_cache``."""
-from blockops.block_cache import (Always, BACSchedule, BlockCache, BWCache, FirstBlockCache, Never, Policy,  # noqa: F401
-                                  RecordFeatures, TeaCache, TeaCacheCalibration, apply_residual, bubbling_union,
-                                  cache_context, cache_update, caching_error, disable_block_cache, enable_block_cache,
-                                  fit_teacache_coefficients, get_block_cache, optimal_update_steps, relative_l1,
-                                  relative_l1_residual, schedule_value)
+from blockops.block_cache import (Always, BACSchedule, BWCache, BlockCache, FirstBlockCache, Never, Policy,  # noqa: F401
+                                  RecordFeatures, TaylorSeer, TeaCache, TeaCacheCalibration, apply_residual,
+                                  bubbling_union, cache_context, cache_update, caching_error,
+                                  disable_block_cache, enable_block_cache, fit_teacache_coefficients,
+                                  get_block_cache, optimal_update_steps, relative_l1, relative_l1_residual,
+                                  schedule_value)
 
 __all__ = ["Always", "BACSchedule", "BWCache", "BlockCache", "FirstBlockCache", "Never", "Policy", "RecordFeatures",
-           "TeaCache", "TeaCacheCalibration", "apply_residual", "bubbling_union", "cache_context", "cache_update",
-           "caching_error", "disable_block_cache", "enable_block_cache", "fit_teacache_coefficients",
-           "get_block_cache", "optimal_update_steps", "relative_l1", "relative_l1_residual", "schedule_value"]
+           "TaylorSeer", "TeaCache", "TeaCacheCalibration", "apply_residual", "bubbling_union", "cache_context",
+           "cache_update", "caching_error", "disable_block_cache", "enable_block_cache",
+           "fit_teacache_coefficients", "get_block_cache", "optimal_update_steps", "relative_l1",
+           "relative_l1_residual", "schedule_value"]
