@@ -48,6 +48,10 @@ def _flux():
     model = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
                                              attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
                                              pooled_projection_dim=10, axes_dims_rope=[2, 2, 4])
+    return model, _flux_call(model), torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def _flux_call(model):
     g = torch.Generator().manual_seed(2)
     text, pooled = torch.randn(1, 5, 12, generator=g), torch.randn(1, 10, generator=g)
     img_ids, txt_ids = torch.zeros(16, 3), torch.zeros(5, 3)
@@ -57,7 +61,7 @@ def _flux():
         return model(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled,
                      timestep=torch.full((1,), t), img_ids=img_ids, txt_ids=txt_ids).sample
 
-    return model, call, torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(1))
+    return call
 
 
 def _sd3():
@@ -195,3 +199,40 @@ def test_enable_errors():
     bcache.disable(model)
     with pytest.raises(RuntimeError, match="no block cache is enabled"):
         bcache.disable(model)
+
+
+@pytest.mark.parametrize("peer", ["diffusers", "cache-dit"])
+def test_first_block_cache_matches_peer_libraries(peer):
+    """The same rule as diffusers' FirstBlockCache and cache-dit's DBCache F1B0 (skip blocks 1..N-1 when block 0's
+    residual changed less than the threshold, relative L1 against the last computed step): on the same Flux
+    model the same steps are skipped and the final latents agree."""
+    import copy
+
+    model, call, x0 = _flux()
+    model.eval()
+    threshold = 0.3
+    peer_model = copy.deepcopy(model)
+    if peer == "diffusers":
+        peer_model.enable_cache(diffusers.FirstBlockCacheConfig(threshold=threshold))
+    else:
+        cache_dit = pytest.importorskip("cache_dit")
+        cache_dit.enable_cache(peer_model, cache_config=cache_dit.DBCacheConfig(
+            Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold, max_warmup_steps=1,
+            num_inference_steps=8))
+    peer_calls = []
+    peer_model.single_transformer_blocks[-1].proj_out.register_forward_pre_hook(lambda *a: peer_calls.append(1))
+
+    def loop(m, fn):
+        x = x0
+        with torch.no_grad():
+            for i in range(8):
+                with m.cache_context("cond"):
+                    x = x - fn(x, 1.0 - i / 8) / 8
+        m._reset_stateful_cache()
+        return x
+
+    cache = bcache.enable(model, bcache.FirstBlockCache(threshold, warmup_steps=1))
+    ours = loop(model, call)
+    theirs = loop(peer_model, _flux_call(peer_model))
+    assert cache.cached_steps("cond") and len(peer_calls) == 8 - len(cache.cached_steps("cond"))
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
