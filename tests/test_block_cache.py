@@ -760,6 +760,31 @@ def test_dual_stream_first_block_cache_and_never():
     assert cache.counters()["skipped"] == [0, 2, 2, 2]
 
 
+def test_dual_stream_compiles_without_graph_breaks():
+    """fullgraph=True on dual-stream blocks: torch.cond over both streams (returned in another order than they
+    are passed) gives the eager decisions and outputs."""
+    model = DualModel()
+
+    def run(fn):
+        cache = bc.enable_block_cache(model, bc.FirstBlockCache(0.3))
+        outs = []
+        with bc.cache_context(model, num_steps=5), torch.no_grad():
+            x = X.clone()
+            for i in range(5):
+                outs.append(fn(x, torch.full((2, 16), 1 - i / 5)))
+                x = x - 0.1 * outs[-1]
+        counts = cache.counters()
+        bc.disable_block_cache(model)
+        return outs, counts
+
+    eager, eager_counts = run(model)
+    torch._dynamo.reset()
+    compiled, compiled_counts = run(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    assert compiled_counts == eager_counts and sum(eager_counts["skipped"]) > 0
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
+
+
 def test_dual_stream_none_output_stays_none():
     """SD3's last block drops the text stream (returns (None, hidden)): skipped, it still returns None there."""
 

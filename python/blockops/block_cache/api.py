@@ -271,9 +271,10 @@ class BlockCache:
         names = list(xs)
 
         def as_dict(fn):
-            # torch.cond's branches may not return their inputs: the pass-through copies (cheap next to a block).
-            return lambda *t: tuple(fn(dict(zip(names, t))).values())
+            # Both branches return the streams in the inputs' order (a block may return them in another order).
+            return lambda *t: tuple(fn(dict(zip(names, t)))[n] for n in names)
 
+        # torch.cond's branches may not return their inputs: the pass-through copies (cheap next to a block).
         skip_fn = as_dict((lambda h: {n: v.clone() for n, v in h.items()}) if skipped is None else skipped)
         return dict(zip(names, torch.cond(skip, skip_fn, as_dict(call), tuple(xs.values()))))
 
