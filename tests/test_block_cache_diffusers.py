@@ -205,7 +205,7 @@ def test_enable_errors():
 def test_first_block_cache_matches_peer_libraries(peer):
     """The same rule as diffusers' FirstBlockCache and cache-dit's DBCache F1B0 (skip blocks 1..N-1 when block 0's
     residual changed less than the threshold, relative L1 against the last computed step): on the same Flux
-    model the same steps are skipped and the final latents agree."""
+    model the same steps are skipped, with the same indicators, and the final latents are bit-identical."""
     import copy
 
     model, call, x0 = _flux()
@@ -235,4 +235,11 @@ def test_first_block_cache_matches_peer_libraries(peer):
     ours = loop(model, call)
     theirs = loop(peer_model, _flux_call(peer_model))
     assert cache.cached_steps("cond") and len(peer_calls) == 8 - len(cache.cached_steps("cond"))
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert torch.equal(ours, theirs)   # the same skips, the same residual additions: bit-identical
+    if peer == "cache-dit":   # cache-dit reports its decisions: the same steps, the same indicators
+        report = cache_dit.summary(peer_model, logging=False)[0]
+        assert report.cached_steps == cache.cached_steps("cond")
+        ours_ind = {str(r["step"]): r["indicator"] for r in cache.stats() if r["indicator"] is not None}
+        assert ours_ind.keys() == report.residual_diffs.keys()
+        for k, v in report.residual_diffs.items():
+            assert ours_ind[k] == pytest.approx(v, rel=1e-6)
