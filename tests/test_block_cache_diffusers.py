@@ -1,6 +1,7 @@
 """Cached-block skipping on real diffusers models (tiny, randomly initialised: no weights are downloadable here):
-``blockops.cache.enable`` on single-stream (DiT, PixArt) and dual-stream (Flux, SD3) transformers called step by
-step as their pipelines do, and on a full ``DiTPipeline`` call. Skipped without diffusers."""
+``blockops.cache.enable`` on single-stream (DiT, PixArt, Wan) and dual-stream (Flux, SD3, HunyuanVideo)
+transformers called step by step as their pipelines do, and on a full ``DiTPipeline`` call; agreement with
+diffusers' FirstBlockCache and cache-dit's DBCache. Skipped without diffusers (cache-dit's test without cache-dit)."""
 from __future__ import annotations
 
 import contextlib
@@ -79,7 +80,40 @@ def _sd3():
     return model, call, torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
 
 
-MODELS = {"DiT": _dit, "PixArt": _pixart, "Flux": _flux, "SD3": _sd3}
+def _wan():
+    torch.manual_seed(0)
+    model = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                            in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
+                                            num_layers=3, cross_attn_norm=True, rope_max_seq_len=32)
+    text = torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(2))
+
+    def call(x, t):
+        return model(hidden_states=x, timestep=torch.full((1,), t * 1000), encoder_hidden_states=text).sample
+
+    return model, call, torch.randn(1, 4, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def _hunyuan_video():
+    torch.manual_seed(0)
+    model = diffusers.HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                                     attention_head_dim=8, num_layers=2, num_single_layers=2,
+                                                     num_refiner_layers=1, patch_size=1, patch_size_t=1,
+                                                     text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 2, 4))
+    g = torch.Generator().manual_seed(2)
+    text, pooled = torch.randn(1, 5, 16, generator=g), torch.randn(1, 8, generator=g)
+    mask = torch.ones(1, 5, dtype=torch.bool)
+
+    def call(x, t):
+        return model(hidden_states=x, timestep=torch.full((1,), t * 1000), encoder_hidden_states=text,
+                     encoder_attention_mask=mask, pooled_projections=pooled, guidance=torch.full((1,), 3000.0)).sample
+
+    return model, call, torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+
+
+# Single-stream blocks: DiT, PixArt, Wan; dual-stream: Flux (two lists), SD3, HunyuanVideo (two lists).
+MODELS = {"DiT": _dit, "PixArt": _pixart, "Wan": _wan, "Flux": _flux, "SD3": _sd3, "HunyuanVideo": _hunyuan_video}
+DUAL = {"Flux": ("encoder_hidden_states", "hidden_states"), "SD3": ("encoder_hidden_states", "hidden_states"),
+        "HunyuanVideo": ("hidden_states", "encoder_hidden_states")}
 
 
 def _denoise(model, call, x, steps=STEPS):
@@ -113,14 +147,15 @@ def test_enable_on_diffusers_transformer(name):
 
     # A threshold no step can miss: the limits alone decide (2 warm-up steps, at most 2 cached in a row).
     cache = bcache.enable(model, bcache.FirstBlockCache(1e9, warmup_steps=2, max_consecutive=2))
-    dual = name in ("Flux", "SD3")
     assert all((lay is None) for lay in cache.layouts)
     got = _denoise(model, call, x0)
     assert cache.cached_steps() == [2, 3, 5]
     n = cache.num_blocks
     assert cache.counters() == {"computed": [STEPS] + [STEPS - 3] * (n - 1), "skipped": [0] + [3] * (n - 1)}
-    if dual:   # every block carried the two streams
-        assert all(lay.outputs == ("encoder_hidden_states", "hidden_states") for lay in cache.layouts)
+    if name in DUAL:   # every block carried the two streams
+        assert all(lay.outputs == DUAL[name] for lay in cache.layouts)
+    else:
+        assert all(lay.single for lay in cache.layouts)
     err = ((got - want).norm() / want.norm()).item()
     assert 0 < err < 1, err   # skipping changes the result, but not into garbage
     print(f"{name}: {n} blocks, cached steps {cache.cached_steps()}, rel. L2 error vs uncached {err:.3e}")

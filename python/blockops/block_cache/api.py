@@ -43,6 +43,8 @@ KNOWN_OUTPUTS = {
     "JointTransformerBlock": ("encoder_hidden_states", "hidden_states"),          # SD3 (the last: None, hidden)
     "HunyuanVideoTransformerBlock": ("hidden_states", "encoder_hidden_states"),
     "HunyuanVideoSingleTransformerBlock": ("hidden_states", "encoder_hidden_states"),
+    "HunyuanVideoTokenReplaceTransformerBlock": ("hidden_states", "encoder_hidden_states"),
+    "HunyuanVideoTokenReplaceSingleTransformerBlock": ("hidden_states", "encoder_hidden_states"),
 }
 
 
