@@ -5,6 +5,13 @@ How a block is wrapped: its ``forward`` is replaced by an instance attribute (th
 ``out - in``; a skipped block returns ``in + cached residual`` (``apply_residual``); a skipped run of blocks
 passes its input through and its last block adds the run's cached residual.
 
+Streams: a block that returns a tuple (dual-stream Flux / SD3 / HunyuanVideo blocks update the image and the text
+tokens) is seen as a dict stream name -> tensor (``BlockLayout`` / ``BlockCall``); every residual above is kept
+per stream, the skip indicators read the hidden-states stream, and the wrapper hands the block's own tuple back.
+
+Statistics: in eager mode every (branch, step) is recorded with its skipped blocks and the policy's indicator
+(``BlockCache.stats()``, ``cached_steps()``), until the next generation starts (``cache_context`` / ``reset``).
+
 Where decisions are taken (see ``BlockCache.run``): every policy computes its skip decision as a device tensor.
 In eager mode the decision is read once per decision point (one host synchronisation per step for the dynamic
 policies, none for the static BAC schedule, whose host copy is used). Under ``torch.compile`` nothing is read
