@@ -4,6 +4,7 @@ force, the Bubbling Union, CFG branches, the reset context and compiled skip dec
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -654,12 +655,320 @@ def test_api_errors():
 
     lst = nn.ModuleList([TupleBlock(), TupleBlock()])
     bc.enable_block_cache(lst, bc.Never())
-    with pytest.raises(TypeError, match="block 0 returned tuple; a cached block must return one tensor"):
+    with pytest.raises(TypeError, match=r"block 0's outputs all match \['x', 'x'\] by shape; pass outputs="):
         lst[0](torch.ones(2, 3))
     bc.disable_block_cache(lst)
+
+    class StrBlock(nn.Module):
+        def forward(self, x):
+            return "x"
+
+    lst = nn.ModuleList([StrBlock(), StrBlock()])
+    bc.enable_block_cache(lst, bc.Never())
+    with pytest.raises(TypeError, match="block 0 returned str; a cached block must return a tensor or a tuple"):
+        lst[0](torch.ones(2, 3))
+    bc.disable_block_cache(lst)
+    for bad in (dict(warmup_steps=-1), dict(max_consecutive=-2), dict(forecast_order=3)):
+        with pytest.raises(ValueError, match="must be"):
+            bc.FirstBlockCache(0.1, **bad)
+    with pytest.raises(ValueError, match="interval must be >= 1"):
+        bc.TaylorSeer(interval=0)
 
     model = Model()
     bc.enable_block_cache(model, bc.BACSchedule(torch.ones(4, 2, dtype=torch.bool)))
     with pytest.raises(ValueError, match="past the schedule's 2 steps"):
         for _ in range(3):
             model(X, 1.0)
+
+
+# ---- several streams, per-step statistics, warm-up and caps, forecasting ----------------------------------------------
+
+class DualBlock(nn.Module):
+    """A dual-stream block (Flux / SD3 style): joint over [text; image], returns (encoder_hidden_states,
+    hidden_states)."""
+
+    def __init__(self, d, seed):
+        super().__init__()
+        self.inner = Block(d, seed)
+
+    def forward(self, hidden_states, encoder_hidden_states, temb):
+        n = encoder_hidden_states.shape[1]
+        joint = self.inner(torch.cat([encoder_hidden_states, hidden_states], 1), temb)
+        return joint[:, :n], joint[:, n:]
+
+
+class DualModel(nn.Module):
+    def __init__(self, d=16, depth=4, positional=False):
+        super().__init__()
+        self.blocks = nn.ModuleList(DualBlock(d, s) for s in range(depth))
+        self.positional = positional
+
+    def forward(self, x, t):
+        enc, hid = x[:, :5], x[:, 5:]
+        for b in self.blocks:
+            if self.positional:   # as diffusers' gradient-checkpointing path calls them
+                enc, hid = b(hid, enc, t)
+            else:
+                enc, hid = b(hidden_states=hid, encoder_hidden_states=enc, temb=t)
+        return torch.cat([enc, hid], 1)
+
+
+@pytest.mark.parametrize("positional", [False, True])
+def test_dual_stream_blocks_cache_each_stream(positional):
+    """Always(warmup 1): from step 1 on every dual-stream block returns each stream plus that stream's own
+    residual from step 0 (learnt layout: the tuple's elements matched to the inputs by shape)."""
+    model = DualModel(positional=positional)
+    cache = bc.enable_block_cache(model, bc.Always(warmup_steps=1))
+    history, _, outs = _skipped_per_step(model, X, 3)
+    assert history == [[], [0, 1, 2, 3], [0, 1, 2, 3]]
+    assert cache.layouts[0].outputs == ("encoder_hidden_states", "hidden_states")
+    bc.disable_block_cache(model)
+    with torch.no_grad():
+        t0 = torch.full((2, 16), 1.0)
+        enc, hid = X[:, :5], X[:, 5:]
+        res = []
+        for b in model.blocks:
+            e2, h2 = b(hid, enc, t0)
+            res.append((e2 - enc, h2 - hid))
+            enc, hid = e2, h2
+        x1 = X - 0.1 * outs[0]
+        enc, hid = x1[:, :5].contiguous(), x1[:, 5:].contiguous()
+        for re, rh in res:
+            enc, hid = bc.apply_residual(enc, re), bc.apply_residual(hid, rh)
+        assert torch.equal(outs[1], torch.cat([enc, hid], 1))
+
+
+def test_dual_stream_first_block_cache_and_never():
+    model = DualModel()
+    want, _ = _sample(model, X, 5)
+    bc.enable_block_cache(model, bc.Never())
+    _, got, _ = _skipped_per_step(model, X, 5)
+    assert torch.equal(got, want)
+    bc.disable_block_cache(model)
+    cache = bc.enable_block_cache(model, bc.FirstBlockCache(1e9), outputs=("encoder_hidden_states", "hidden_states"))
+    history, _, outs = _skipped_per_step(model, X, 3)
+    assert history == [[], [1, 2, 3], [1, 2, 3]]
+    bc.disable_block_cache(model)
+    with torch.no_grad():   # step 1: block 0 runs, then each stream gets its run residual of step 0
+        t0, t1 = torch.full((2, 16), 1.0), torch.full((2, 16), 1 - 1 / 3)
+        e0, h0 = model.blocks[0](X[:, 5:], X[:, :5], t0)
+        run_e, run_h = outs[0][:, :5] - e0, outs[0][:, 5:] - h0
+        x1 = X - 0.1 * outs[0]
+        e1, h1 = model.blocks[0](x1[:, 5:], x1[:, :5], t1)
+        e1, h1 = e1.contiguous(), h1.contiguous()
+        assert torch.equal(outs[1], torch.cat([bc.apply_residual(e1, run_e), bc.apply_residual(h1, run_h)], 1))
+    assert cache.counters()["skipped"] == [0, 2, 2, 2]
+
+
+def test_dual_stream_compiles_without_graph_breaks():
+    """fullgraph=True on dual-stream blocks: torch.cond over both streams (returned in another order than they
+    are passed) gives the eager decisions and outputs."""
+    model = DualModel()
+
+    def run(fn):
+        cache = bc.enable_block_cache(model, bc.FirstBlockCache(0.3))
+        outs = []
+        with bc.cache_context(model, num_steps=5), torch.no_grad():
+            x = X.clone()
+            for i in range(5):
+                outs.append(fn(x, torch.full((2, 16), 1 - i / 5)))
+                x = x - 0.1 * outs[-1]
+        counts = cache.counters()
+        bc.disable_block_cache(model)
+        return outs, counts
+
+    eager, eager_counts = run(model)
+    torch._dynamo.reset()
+    compiled, compiled_counts = run(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    assert compiled_counts == eager_counts and sum(eager_counts["skipped"]) > 0
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
+
+
+def test_dual_stream_none_output_stays_none():
+    """SD3's last block drops the text stream (returns (None, hidden)): skipped, it still returns None there."""
+
+    class Last(DualBlock):
+        def forward(self, hidden_states, encoder_hidden_states, temb):
+            _, h = super().forward(hidden_states, encoder_hidden_states, temb)
+            return None, h
+
+    blocks = nn.ModuleList([DualBlock(16, 0), Last(16, 1)])
+    bc.enable_block_cache(blocks, bc.Always(), outputs=("encoder_hidden_states", "hidden_states"))
+    with bc.cache_context(blocks), torch.no_grad():
+        for _ in range(2):
+            enc, hid = blocks[0](X[:, 5:], X[:, :5], torch.ones(2, 16))
+            enc2, hid2 = blocks[1](hid, enc, torch.ones(2, 16))
+            assert enc2 is None and hid2.shape == (2, 7, 16)
+    assert bc.get_block_cache(blocks).counters()["skipped"] == [1, 1]
+
+
+def test_ambiguous_tuple_needs_outputs():
+    blocks = nn.ModuleList([DualBlock(16, 0), DualBlock(16, 1)])
+    bc.enable_block_cache(blocks, bc.Never())
+    with pytest.raises(TypeError, match="matches 2 of its tensor inputs .* pass|name what each element continues"):
+        blocks[0](X[:, :6], X[:, 6:], torch.ones(2, 16))   # 6 tokens each: shapes do not tell the streams apart
+    bc.disable_block_cache(blocks)
+
+
+def _block0_residual_changes(model, steps):
+    """The relative L1 change of block 0's residual between consecutive steps of an uncached run."""
+    changes, prev = [], None
+    with torch.no_grad():
+        x = X.clone()
+        for i in range(steps):
+            t = torch.full((2, 16), 1 - i / steps)
+            r0 = model.blocks[0](x, t) - x
+            changes.append(None if prev is None else float(bc.relative_l1(r0, prev)))
+            prev = r0
+            x = x - 0.1 * model(x, t)
+    return changes
+
+
+def test_step_stats_record_decisions_and_indicators():
+    """Never skips, so FirstBlockCache(0.0) compares each step's block-0 residual with the previous step's: the
+    recorded indicators are exactly the uncached run's changes; a threshold between them decides as recorded."""
+    model = Model()
+    changes = _block0_residual_changes(model, 6)
+    cache = bc.enable_block_cache(model, bc.FirstBlockCache(0.0))
+    _skipped_per_step(model, X, 6)
+    stats = cache.stats()
+    assert [r["step"] for r in stats] == list(range(6)) and not any(r["cached"] for r in stats)
+    assert stats[0]["indicator"] is None
+    assert [r["indicator"] for r in stats[1:]] == changes[1:]
+    bc.disable_block_cache(model)
+    threshold = sorted(changes[1:])[2]
+    cache = bc.enable_block_cache(model, bc.FirstBlockCache(threshold))
+    history, _, _ = _skipped_per_step(model, X, 6)
+    stats = cache.stats()
+    assert [r["skipped_blocks"] for r in stats] == history
+    for r in stats[1:]:
+        assert r["cached"] == (r["indicator"] < threshold)
+    assert cache.cached_steps() == [r["step"] for r in stats if r["cached"]]
+    assert f"cached steps: {cache.cached_steps()}" in cache.summary()
+
+
+@pytest.mark.parametrize("limits, want", [
+    (dict(), [1, 2, 3, 4, 5, 6, 7, 8]),
+    (dict(warmup_steps=2), [2, 3, 4, 5, 6, 7, 8]),
+    (dict(warmup_steps=2, max_consecutive=2), [2, 3, 5, 6, 8]),
+    (dict(max_consecutive=1), [1, 3, 5, 7]),
+    (dict(warmup_steps=2, max_consecutive=2, max_cached=3), [2, 3, 5]),
+    (dict(max_consecutive=0), []),
+])
+def test_warmup_and_caps(limits, want):
+    model = Model()
+    cache = bc.enable_block_cache(model, bc.FirstBlockCache(1e9, **limits))
+    _skipped_per_step(model, X, 9)
+    assert cache.cached_steps() == want
+    bc.disable_block_cache(model)
+    cache = bc.enable_block_cache(model, bc.TeaCache(1e9, **limits))
+    _skipped_per_step(model, X, 10, num_steps=100)   # last step far away: only the limits decide
+    assert cache.cached_steps()[:len(want)] == want
+
+
+def test_limits_compile_with_device_counters():
+    """The limit counters are device tensors: compiled (fullgraph) decisions equal eager ones."""
+    model = Model()
+    policy = bc.FirstBlockCache(1e9, warmup_steps=1, max_consecutive=2)
+
+    def run(fn):
+        cache = bc.enable_block_cache(model, policy)
+        with bc.cache_context(model, num_steps=6), torch.no_grad():
+            x = X.clone()
+            for i in range(6):
+                x = x - 0.1 * fn(x, torch.full((2, 16), 1 - i / 6))
+        counts = cache.counters()
+        bc.disable_block_cache(model)
+        return x, counts
+
+    eager, eager_counts = run(model)
+    torch._dynamo.reset()
+    compiled, compiled_counts = run(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    assert compiled_counts == eager_counts == {"computed": [6, 2, 2, 2], "skipped": [0, 4, 4, 4]}   # 1, 2, 4, 5
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+class LinearBlock(nn.Module):
+    """Residual independent of x: ``w * c`` (c = the timestep row), so the stack residual is a known function of t."""
+
+    def __init__(self, d, seed):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d, generator=torch.Generator().manual_seed(seed)))
+
+    def forward(self, x, c):
+        return x + self.w * c[:, None] ** self.power
+
+    power = 1
+
+
+def _stack_residual(model, t):
+    return sum(b.w * t ** b.power for b in model.blocks)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_taylorseer_forecast_is_the_divided_difference_formula(order):
+    """Computed steps 0, 1, 4, 7 (warm-up 2, interval 3); at a skipped step t the stack residual is
+    sum_k f_k (t - c)^k / k! with f_0 = R_c, f_{j+1} = (f_j(c) - f_j(c')) / (c - c'), computed here in fp64 from
+    the true residuals of the computed steps. A quadratic residual makes the second-order term matter."""
+    model = Model()
+    model.blocks = nn.ModuleList(LinearBlock(16, s) for s in range(4))
+    for b in model.blocks:
+        b.power = 2
+    steps = 9
+    cache = bc.enable_block_cache(model, bc.TaylorSeer(interval=3, order=order, warmup_steps=2))
+    _, _, outs = _skipped_per_step(model, X, steps)
+    stats = cache.stats()
+    assert [r["step"] for r in stats if not r["cached"]] == [0, 1, 4, 7]
+    assert all(r["forecast"] == r["cached"] for r in stats)
+    tval = [1 - i / steps for i in range(steps)]
+    true = {i: _stack_residual(model, torch.tensor(tval[i], dtype=torch.float64)).detach().double() for i in range(steps)}
+    factors, last = None, None
+    x = X.double()
+    for i in range(steps):
+        if not stats[i]["cached"]:
+            new = [true[i]]
+            if factors is not None:
+                for j in range(min(order, len(factors))):
+                    new.append((new[j] - factors[j]) / (i - last))
+            factors, last = new, i
+            want = x + true[i]
+        else:
+            d = i - last
+            want = x + sum(f * d ** k / math.factorial(k) for k, f in enumerate(factors))
+        torch.testing.assert_close(outs[i].double(), want, rtol=0, atol=2e-5)
+        x = x - 0.1 * outs[i].double()
+
+
+def test_taylorseer_order1_exact_on_a_linear_residual():
+    """A stack residual linear in the step (whatever the spacing of the computed steps): once two steps are
+    computed the first-order forecast is the true residual, so the cached generation equals the uncached one up
+    to rounding; plain reuse (Always) is far off."""
+    model = Model()
+    model.blocks = nn.ModuleList(LinearBlock(16, s) for s in range(4))
+    want, _ = _sample(model, X, 10)
+    cache = bc.enable_block_cache(model, bc.TaylorSeer(interval=3, order=1, warmup_steps=2))
+    _, got, _ = _skipped_per_step(model, X, 10)
+    assert cache.cached_steps() == [2, 3, 5, 6, 8, 9]   # computed 0, 1, 4, 7
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    bc.disable_block_cache(model)
+    bc.enable_block_cache(model, bc.Always())
+    _, reused, _ = _skipped_per_step(model, X, 10)
+    assert (reused - want).abs().max() > 100 * (got - want).abs().max()
+
+
+def test_first_block_cache_forecast_order():
+    """FirstBlockCache(forecast_order=1) forecasts the run residual on skipped steps (eager only)."""
+    model = Model()
+    cache = bc.enable_block_cache(model, bc.FirstBlockCache(1e9, forecast_order=1, max_consecutive=1))
+    _skipped_per_step(model, X, 6)
+    stats = cache.stats()
+    assert [r["forecast"] for r in stats] == [False, False, False, True, False, True]   # two computed steps first
+    bc.disable_block_cache(model)
+    bc.enable_block_cache(model, bc.FirstBlockCache(1e9, forecast_order=1))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch._dynamo.reset()
+    with bc.cache_context(model, num_steps=3), torch.no_grad():
+        model(X, torch.ones(2, 16))
+        with pytest.raises(Exception, match="forecast_order > 0 runs in eager mode only"):
+            compiled(X, torch.ones(2, 16))

@@ -9,7 +9,14 @@
    compare policies with each other here, not with the papers.
 2. The fused indicators (``relative_l1_residual``, ``relative_l1``) against the eager PyTorch expressions on the
    same large tensors (target >= 2x).
-3. Caching overhead at DiT-XL sizes (hidden 1152, 256 tokens; 64 in the quick run): what BWCache adds to a
+3. On a tiny randomly initialised diffusers Flux transformer (dual-stream + single-stream blocks, the same
+   weights for every method, called step by step as FluxPipeline calls it), in one run: blockops' policies against
+   diffusers' own FirstBlockCache (``transformer.enable_cache(FirstBlockCacheConfig)``) and cache-dit's DBCache
+   (F1B0, ``cache_dit.enable_cache``) where those packages are installed: cached steps, relative L2 error of the
+   final latent against the uncached transformer, wall time, and each library's overhead per step (the same
+   method at threshold 0, which never skips, minus the uncached step). Rows are left out when diffusers is
+   missing; cache-dit's when cache-dit is.
+4. Caching overhead at DiT-XL sizes (hidden 1152, 256 tokens; 64 in the quick run): what BWCache adds to a
    computed block (fused indicator + residual, output cache copy, the Python wrapper) against the block's own time
    (target < 10%).
 
@@ -310,8 +317,182 @@ def overhead_rows(device: str, quick: bool) -> list[Result]:
                    tolerance=INDICATOR_TOL, note=note)]
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Against diffusers' FirstBlockCache and cache-dit's DBCache on a diffusers Flux transformer
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class FluxConfig:
+    dual: int       # FluxTransformerBlock (dual-stream) count
+    single: int     # FluxSingleTransformerBlock count
+    heads: int
+    head_dim: int
+    side: int       # latent tokens = side * side (patch 1, 16 channels)
+    text: int       # text tokens
+    steps: int
+
+
+QUICK_FLUX = FluxConfig(dual=2, single=4, heads=2, head_dim=16, side=8, text=8, steps=8)
+FULL_FLUX = FluxConfig(dual=4, single=8, heads=4, head_dim=32, side=16, text=32, steps=20)
+
+
+def _flux_model(c: FluxConfig, device):
+    import diffusers
+
+    torch.manual_seed(0)
+    model = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=c.dual, num_single_layers=c.single,
+                                             attention_head_dim=c.head_dim, num_attention_heads=c.heads,
+                                             joint_attention_dim=32, pooled_projection_dim=32,
+                                             axes_dims_rope=[c.head_dim // 4, c.head_dim // 4, c.head_dim // 2])
+    return model.to(device).eval()
+
+
+def _flux_inputs(c: FluxConfig, device):
+    g = torch.Generator().manual_seed(1)
+    n = c.side * c.side
+    img_ids = torch.zeros(n, 3)
+    img_ids[:, 1], img_ids[:, 2] = torch.arange(n) // c.side, torch.arange(n) % c.side
+    return dict(x=torch.randn(1, n, 16, generator=g), text=torch.randn(1, c.text, 32, generator=g),
+                pooled=torch.randn(1, 32, generator=g), img_ids=img_ids, txt_ids=torch.zeros(c.text, 3))
+
+
+def _flux_generation(model, inp, steps, device):
+    """FluxPipeline's loop, reduced: one transformer call per step inside ``cache_context("cond")`` (which
+    diffusers' cache hooks require), Euler flow matching from t = 1 to 0, then the end-of-call reset that
+    ``maybe_free_model_hooks`` does."""
+    x = inp["x"].to(device)
+    with torch.inference_mode():
+        for i in range(steps):
+            t = torch.full((1,), 1.0 - i / steps, device=device)
+            with model.cache_context("cond"):
+                v = model(hidden_states=x, encoder_hidden_states=inp["text"].to(device),
+                          pooled_projections=inp["pooled"].to(device), timestep=t, img_ids=inp["img_ids"].to(device),
+                          txt_ids=inp["txt_ids"].to(device)).sample
+            x = x - v / steps
+    model._reset_stateful_cache()
+    return x
+
+
+class _CallCounter:
+    """Computed calls of the last block: calls of its output projection, which a skipped block never reaches
+    (every library here skips inside the block's forward, so the block's own __call__ runs either way)."""
+
+    def __init__(self, block):
+        self.calls = 0
+        self.handle = block.proj_out.register_forward_pre_hook(lambda *a: setattr(self, "calls", self.calls + 1))
+
+
+def _flux_methods(quick: bool, steps: int):
+    """(library, name, threshold-0 twin for the overhead, how to enable): blockops' policies, diffusers'
+    FirstBlockCache, cache-dit's DBCache F1B0 (skip blocks 1..N-1 when block 0's residual changed less than
+    the threshold: the same rule as blockops' and diffusers' first-block cache)."""
+    import blockops.cache as bcache
+
+    def blockops(policy):
+        return lambda m: bcache.enable(m, policy)
+
+    def diffusers_fbc(threshold):
+        def enable(m):
+            from diffusers import FirstBlockCacheConfig
+            m.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+        return enable
+
+    def cache_dit_db(threshold):
+        def enable(m):
+            import cache_dit
+            cache_dit.enable_cache(m, cache_config=cache_dit.DBCacheConfig(
+                Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold, max_warmup_steps=1,
+                num_inference_steps=steps))
+        return enable
+
+    thresholds = [0.1, 0.3] if quick else [0.1, 0.3, 0.5]
+    out = []
+    for t in thresholds:
+        out.append(("blockops", f"FirstBlockCache({t})", blockops(bc.FirstBlockCache(t, warmup_steps=1))))
+        out.append(("diffusers", f"diffusers FirstBlockCache({t})", diffusers_fbc(t)))
+        out.append(("cache-dit", f"cache-dit DBCache F1B0({t})", cache_dit_db(t)))
+    t = thresholds[-1]
+    out.append(("blockops", f"FirstBlockCache({t}) + forecast 1", blockops(bc.FirstBlockCache(t, warmup_steps=1,
+                                                                                             forecast_order=1))))
+    out.append(("blockops", f"FirstBlockCache({t}) max 2 in a row", blockops(bc.FirstBlockCache(t, warmup_steps=1,
+                                                                                                max_consecutive=2))))
+    out.append(("blockops", "TeaCache(0.3)", blockops(bc.TeaCache(0.3, warmup_steps=1))))
+    for order in (1, 2):
+        out.append(("blockops", f"TaylorSeer(interval 3, order {order})", blockops(bc.TaylorSeer(3, order))))
+    overhead = {"blockops": blockops(bc.FirstBlockCache(0.0)), "diffusers": diffusers_fbc(0.0),
+                "cache-dit": cache_dit_db(0.0)}
+    return out, overhead
+
+
+def peer_rows(device: str, c: FluxConfig, quick: bool) -> list[Result]:
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        return []
+    try:
+        import cache_dit  # noqa: F401
+        have_cache_dit = True
+    except ImportError:
+        have_cache_dit = False
+    import copy
+
+    threads = torch.get_num_threads()
+    if device == "cpu":   # a tiny model: more threads only add contention on a shared machine
+        torch.set_num_threads(1)
+    try:
+        return _peer_rows(device, c, quick, have_cache_dit, copy)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _peer_rows(device, c, quick, have_cache_dit, copy):
+    base = _flux_model(c, device)
+    inp = _flux_inputs(c, device)
+    reps = dict(warmup=1, min_repeats=2, min_seconds=0.0) if quick else dict(warmup=1, min_repeats=3, min_seconds=1.0)
+    reference = _flux_generation(base, inp, c.steps, device)
+    base_ms = time_ms(lambda: _flux_generation(base, inp, c.steps, device), device, **reps)
+    methods, overhead_methods = _flux_methods(quick, c.steps)
+    shape = (f"diffusers Flux {c.dual}+{c.single} blocks h{c.heads * c.head_dim} {c.side * c.side}+{c.text} tok "
+             f"{c.steps} steps" + (" (1 thread)" if device == "cpu" else ""))
+
+    def measure(enable):
+        model = copy.deepcopy(base)   # the same weights, no hooks from another library
+        enable(model)
+        counter = _CallCounter(model.single_transformer_blocks[-1])
+        out = _flux_generation(model, inp, c.steps, device)
+        computed = counter.calls
+        cache = getattr(model, "_blockops_block_cache", None)
+        cached = cache.cached_steps("cond") if cache is not None else None
+        ms = time_ms(lambda: _flux_generation(model, inp, c.steps, device), device, **reps)
+        counter.handle.remove()
+        return out, ms, computed, cached
+
+    per_step = {}
+    for lib, enable in overhead_methods.items():
+        if lib == "cache-dit" and not have_cache_dit:
+            continue
+        _, ms, computed, _ = measure(enable)
+        # Against an uncached generation timed right after (the machine's load drifts between rows).
+        again_ms = time_ms(lambda: _flux_generation(base, inp, c.steps, device), device, **reps)
+        per_step[lib] = (ms - again_ms) / c.steps if computed == c.steps else float("nan")
+    rows = []
+    for lib, name, enable in methods:
+        if lib == "cache-dit" and not have_cache_dit:
+            continue
+        out, ms, computed, cached = measure(enable)
+        err = ((out.double() - reference.double()).norm() / reference.double().norm()).item()
+        ov = per_step.get(lib, float("nan"))
+        steps_note = f" {cached}" if cached is not None else ""
+        note = (f"{lib}: {c.steps - computed}/{c.steps} steps cached{steps_note}; overhead per step "
+                f"{ov:.3f} ms ({ov / (base_ms / c.steps):.1%} of an uncached step)")
+        rows.append(Result("block_cache", f"Flux sampling {name}", shape, device, ms, "uncached transformer", base_ms,
+                           max_error=err, note=note))   # a quality figure, no tolerance
+    return rows
+
+
 def run(device: str, quick: bool = True) -> list[Result]:
     rows = indicator_rows(device, quick)
     rows += overhead_rows(device, quick)
     rows += dit_rows(device, QUICK_DIT if quick else FULL_DIT, quick)
+    rows += peer_rows(device, QUICK_FLUX if quick else FULL_FLUX, quick)
     return rows

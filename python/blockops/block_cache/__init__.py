@@ -9,16 +9,25 @@ BAC. The op wrappers (``relative_l1``, ``relative_l1_residual``, ``apply_residua
         latent = sample(dit, noise)
     print(cache.summary())
     bc.disable_block_cache(dit)
+
+On a diffusers pipeline or transformer (dual-stream Flux / SD3 blocks included), one call:
+
+    cache = blockops.cache.enable(pipe, bc.FirstBlockCache(0.08, warmup_steps=2, max_consecutive=3))
+    image = pipe(prompt, num_inference_steps=28).images[0]
+    print(cache.cached_steps(), cache.stats()[:3])
+    blockops.cache.disable(pipe)
 """
 from blockops.block_cache.api import (BlockCache, cache_context, disable_block_cache, enable_block_cache,  # noqa: F401
                                       get_block_cache)
+from blockops.block_cache.diffusers_hooks import disable, enable  # noqa: F401
 from blockops.block_cache.bac import (BACSchedule, bubbling_union, caching_error, optimal_update_steps,  # noqa: F401
                                       schedule_value)
 from blockops.block_cache.policies import (Always, BWCache, FirstBlockCache, Never, Policy, RecordFeatures,  # noqa: F401
-                                           TeaCache, TeaCacheCalibration, fit_teacache_coefficients)
+                                           TaylorSeer, TeaCache, TeaCacheCalibration, fit_teacache_coefficients)
 from blockops.ops.block_cache import apply_residual, cache_update, relative_l1, relative_l1_residual  # noqa: F401
 
 __all__ = ["Always", "BACSchedule", "BWCache", "BlockCache", "FirstBlockCache", "Never", "Policy", "RecordFeatures",
-           "TeaCache", "TeaCacheCalibration", "apply_residual", "bubbling_union", "cache_context", "cache_update",
-           "caching_error", "disable_block_cache", "enable_block_cache", "fit_teacache_coefficients",
-           "get_block_cache", "optimal_update_steps", "relative_l1", "relative_l1_residual", "schedule_value"]
+           "TaylorSeer", "TeaCache", "TeaCacheCalibration", "apply_residual", "bubbling_union", "cache_context",
+           "cache_update", "caching_error", "disable", "disable_block_cache", "enable", "enable_block_cache",
+           "fit_teacache_coefficients", "get_block_cache", "optimal_update_steps", "relative_l1",
+           "relative_l1_residual", "schedule_value"]

@@ -5,6 +5,13 @@ How a block is wrapped: its ``forward`` is replaced by an instance attribute (th
 ``out - in``; a skipped block returns ``in + cached residual`` (``apply_residual``); a skipped run of blocks
 passes its input through and its last block adds the run's cached residual.
 
+Streams: a block that returns a tuple (dual-stream Flux / SD3 / HunyuanVideo blocks update the image and the text
+tokens) is seen as a dict stream name -> tensor (``BlockLayout`` / ``BlockCall``); every residual above is kept
+per stream, the skip indicators read the hidden-states stream, and the wrapper hands the block's own tuple back.
+
+Statistics: in eager mode every (branch, step) is recorded with its skipped blocks and the policy's indicator
+(``BlockCache.stats()``, ``cached_steps()``), until the next generation starts (``cache_context`` / ``reset``).
+
 Where decisions are taken (see ``BlockCache.run``): every policy computes its skip decision as a device tensor.
 In eager mode the decision is read once per decision point (one host synchronisation per step for the dynamic
 policies, none for the static BAC schedule, whose host copy is used). Under ``torch.compile`` nothing is read
@@ -21,6 +28,7 @@ indicators), so a batch skips only when every branch would.
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 from torch import nn
@@ -34,35 +42,154 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-class BlockCall:
-    """One call of a wrapped block: the module, its arguments with the hidden states taken out, and ``__call__(x)``
-    running the original forward on new hidden states ``x`` (the first positional argument, or the keyword
-    ``hidden_states`` / ``x``)."""
+# Output layouts of the diffusers blocks that return several streams: the input each returned tensor continues
+# (checked against the installed diffusers 0.42 sources; a block of another class is learnt from its first call).
+KNOWN_OUTPUTS = {
+    "FluxTransformerBlock": ("encoder_hidden_states", "hidden_states"),
+    "FluxSingleTransformerBlock": ("encoder_hidden_states", "hidden_states"),
+    "JointTransformerBlock": ("encoder_hidden_states", "hidden_states"),          # SD3 (the last: None, hidden)
+    "HunyuanVideoTransformerBlock": ("hidden_states", "encoder_hidden_states"),
+    "HunyuanVideoSingleTransformerBlock": ("hidden_states", "encoder_hidden_states"),
+    "HunyuanVideoTokenReplaceTransformerBlock": ("hidden_states", "encoder_hidden_states"),
+    "HunyuanVideoTokenReplaceSingleTransformerBlock": ("hidden_states", "encoder_hidden_states"),
+}
 
-    def __init__(self, index, module, forward, args, kwargs):
+
+class BlockLayout:
+    """How one block is called and what it returns: ``params`` (its forward's positional parameter names, to find
+    a stream passed positionally), ``outputs`` (None until known: the stream name each returned tensor continues,
+    in return order; ``single`` when the block returns one tensor)."""
+
+    def __init__(self, forward, outputs=None):
+        try:
+            sig = inspect.signature(forward)
+            self.params = [p.name for p in sig.parameters.values()
+                           if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        except (TypeError, ValueError):
+            self.params = []
+        self.outputs = tuple(outputs) if outputs is not None else None
+        self.single = False
+
+    def learn(self, index, out, streams: dict):
+        """The first computed call: a tensor continues the primary stream; a tuple's tensors are matched to the
+        tensor arguments by shape (an error when that is ambiguous: name them with ``outputs=``)."""
+        if isinstance(out, torch.Tensor):
+            self.single, self.outputs = True, None
+            return
+        if not isinstance(out, (tuple, list)):
+            raise TypeError(f"blockops.block_cache: block {index} returned {type(out).__name__}; a cached block must "
+                            "return a tensor or a tuple of tensors")
+        names = []
+        for j, o in enumerate(out):
+            match = [n for n, x in streams.items() if isinstance(o, torch.Tensor) and x.shape == o.shape]
+            if len(match) != 1:
+                raise TypeError(f"blockops.block_cache: block {index} returned a tuple whose element {j} "
+                                f"({'None' if o is None else tuple(o.shape)}) matches {len(match)} of its tensor inputs "
+                                f"{ {n: tuple(x.shape) for n, x in streams.items()} } by shape; name what each element "
+                                "continues with outputs=(...), e.g. ('encoder_hidden_states', 'hidden_states')")
+            names.append(match[0])
+        if len(set(names)) != len(names):
+            raise TypeError(f"blockops.block_cache: block {index}'s outputs all match {names} by shape; pass outputs=")
+        self.outputs = tuple(names)
+
+
+class BlockCall:
+    """One call of a wrapped block: the module, its arguments, its streams ``xs`` (name -> tensor: the hidden states,
+    plus every other input the block returns an update of, e.g. ``encoder_hidden_states`` for dual-stream blocks)
+    and ``__call__(xs)`` running the original forward on new streams, returning ``{name: tensor or None}``.
+    ``x`` is the primary stream (the first positional argument, or ``hidden_states=`` / ``x=``): the one the
+    policies' indicators measure."""
+
+    def __init__(self, index, module, forward, args, kwargs, layout: BlockLayout):
         self.index, self.module, self.forward, self.args, self.kwargs = index, module, forward, args, kwargs
+        self.layout = layout
         if args:
-            self.x, self.key = args[0], None
+            self.key = None
+            self.primary = layout.params[0] if layout.params else "hidden_states"
+            x = args[0]
         else:
             self.key = next((k for k in ("hidden_states", "x") if k in kwargs), None)
             if self.key is None:
                 raise TypeError(f"blockops.block_cache: block {index} was called without hidden states (a first positional "
                                 "argument, or hidden_states= / x=)")
-            self.x = kwargs[self.key]
-        if not isinstance(self.x, torch.Tensor):
-            raise TypeError(f"blockops.block_cache: block {index}'s hidden states must be a tensor, got {type(self.x).__name__}")
-        self.x = self.x.contiguous()  # the kernels read [B, T, C] row-major (a no-op for the usual layout)
+            self.primary = self.key
+            x = kwargs[self.key]
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"blockops.block_cache: block {index}'s hidden states must be a tensor, got {type(x).__name__}")
+        names = layout.outputs if layout.outputs is not None else (self.primary,)
+        if self.primary not in names:
+            raise TypeError(f"blockops.block_cache: block {index} returns {names}, not its hidden states {self.primary!r}")
+        self.xs = {self.primary: x.contiguous()}  # the kernels read [B, T, C] row-major (a no-op for the usual layout)
+        for n in names:
+            if n != self.primary:
+                v = self._get(n)
+                if not isinstance(v, torch.Tensor):
+                    raise TypeError(f"blockops.block_cache: block {index} returns a {n!r} stream but was called with "
+                                    f"{n}={type(v).__name__}")
+                self.xs[n] = v.contiguous()
+        self.x = self.xs[self.primary]
 
-    def __call__(self, x):
+    def _get(self, name):
+        if name == self.primary:
+            return self.args[0] if self.key is None else self.kwargs[self.key]
+        if name in self.kwargs:
+            return self.kwargs[name]
+        if name in self.layout.params and self.layout.params.index(name) < len(self.args):
+            return self.args[self.layout.params.index(name)]
+        return None
+
+    def _tensor_inputs(self):
+        """Every tensor argument by name (what a tuple's elements are matched against on the first call)."""
+        found = {}
+        for j, a in enumerate(self.args):
+            if isinstance(a, torch.Tensor) and j < len(self.layout.params):
+                found[self.layout.params[j]] = a
+        found.update({k: v for k, v in self.kwargs.items() if isinstance(v, torch.Tensor)})
         if self.key is None:
-            out = self.forward(x, *self.args[1:], **self.kwargs)
-        else:
-            out = self.forward(**{**self.kwargs, self.key: x})
-        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-            got = type(out).__name__ if not isinstance(out, torch.Tensor) else f"shape {tuple(out.shape)}"
-            raise TypeError(f"blockops.block_cache: block {self.index} returned {got}; a cached block must return one tensor "
-                            f"shaped like its hidden states {tuple(x.shape)}")
-        return out.contiguous()
+            found[self.primary] = self.args[0]
+        return found
+
+    def __call__(self, xs: dict) -> dict:
+        args, kwargs = list(self.args), dict(self.kwargs)
+        for n, v in xs.items():
+            if n == self.primary and self.key is None:
+                args[0] = v
+            elif n in kwargs or n == self.key:
+                kwargs[n] = v
+            elif n in self.layout.params and self.layout.params.index(n) < len(args):
+                args[self.layout.params.index(n)] = v
+            else:
+                kwargs[n] = v
+        out = self.forward(*args, **kwargs)
+        lay = self.layout
+        if lay.outputs is None and not lay.single:
+            lay.learn(self.index, out, {**self._tensor_inputs(), **xs})
+            for n in lay.outputs or ():   # the first call knew only the primary stream: add the others' inputs
+                if n not in xs and isinstance(self._get(n), torch.Tensor):
+                    xs[n] = self._get(n).contiguous()
+        if lay.single:
+            if not isinstance(out, torch.Tensor) or out.shape != xs[self.primary].shape:
+                got = type(out).__name__ if not isinstance(out, torch.Tensor) else f"shape {tuple(out.shape)}"
+                raise TypeError(f"blockops.block_cache: block {self.index} returned {got}; it returned one tensor shaped "
+                                f"like its hidden states {tuple(xs[self.primary].shape)} before")
+            return {self.primary: out.contiguous()}
+        if not isinstance(out, (tuple, list)) or len(out) != len(lay.outputs):
+            raise TypeError(f"blockops.block_cache: block {self.index} returned {type(out).__name__}; expected a tuple "
+                            f"of {len(lay.outputs)} continuing {lay.outputs}")
+        res = {}
+        for n, o in zip(lay.outputs, out):
+            if o is not None and (not isinstance(o, torch.Tensor) or (n in xs and o.shape != xs[n].shape)):
+                got = type(o).__name__ if not isinstance(o, torch.Tensor) else f"shape {tuple(o.shape)}"
+                raise TypeError(f"blockops.block_cache: block {self.index}'s output {n!r} is {got}, its input "
+                                f"{tuple(xs[n].shape) if n in xs else '-'}")
+            res[n] = None if o is None else o.contiguous()
+        return res
+
+    def pack(self, outs: dict):
+        """The block's own return value from the streams."""
+        if self.layout.single or self.layout.outputs is None:
+            return outs[self.primary]
+        return tuple(outs.get(n) for n in self.layout.outputs)
 
 
 class BranchState:
@@ -78,6 +205,11 @@ class BranchState:
         self.tensors: dict[str, torch.Tensor] = {}   # the policy's caches
         self.run_skip = False         # the decision of the current skipped run (bool, or a tensor when compiling)
         self.run_input = None         # the hidden states the run's residual is measured from
+        self.indicator = None         # what the policy measured this step (a 0-dim device tensor), for stats()
+        self.forecast = False         # this step's skipped run used a forecast residual
+        self.consecutive_host = 0     # cached steps in a row (eager mirror of the device counter)
+        self.cached_host = 0          # cached steps in this generation (eager)
+        self.step_skipped: list[int] = []   # blocks skipped in the current step (eager)
 
     def begin_step(self):
         self.step.add_(1)
@@ -88,9 +220,12 @@ class BranchState:
 class BlockCache:
     """The cache attached to one block list by :func:`enable_block_cache`: policy, per-branch state, counters."""
 
-    def __init__(self, blocks: nn.ModuleList, policy, blocks_name: str):
-        self.blocks, self.policy, self.blocks_name = blocks, policy, blocks_name
-        self.num_blocks = len(blocks)
+    def __init__(self, blocks, policy, blocks_name: str, outputs=None):
+        self.blocks, self.policy, self.blocks_name = list(blocks), policy, blocks_name
+        self.num_blocks = len(self.blocks)
+        self.outputs = outputs
+        self.layouts: list[BlockLayout | None] = [None] * self.num_blocks
+        self.steps: list[dict] = []   # one record per (branch, step), eager mode: see stats()
         self.num_steps: int | None = getattr(policy, "num_steps", None)
         self._branch = None
         self._states: dict = {}
@@ -107,6 +242,7 @@ class BlockCache:
         """Forget every cache and counter (a new generation); ``num_steps`` is the sampler's step count, which
         BWCache, TeaCache (last step) and BAC schedules need."""
         self._states.clear()
+        self.steps = []
         if num_steps is not None:
             self.num_steps = int(num_steps)
 
@@ -133,16 +269,23 @@ class BlockCache:
             return pred
         return bool(pred) if host is None else host
 
-    def run(self, skip, call: BlockCall, x: torch.Tensor, skipped=None) -> torch.Tensor:
-        """The block's output: ``skipped(x)`` where ``skip`` holds (``None``: the input passed through), else the
-        block. ``skip`` is a Python bool, or a 0-dim bool tensor (compiling: ``torch.cond``)."""
+    def run(self, skip, call: BlockCall, xs: dict, skipped=None) -> dict:
+        """The block's output streams: ``skipped(xs)`` where ``skip`` holds (``None``: the inputs passed through),
+        else the block. ``skip`` is a Python bool, or a 0-dim bool tensor (compiling: ``torch.cond`` over the
+        streams, which must then all be tensors)."""
         if isinstance(skip, bool):
             if not skip:
-                return call(x)
-            return x if skipped is None else skipped(x)
+                return call(xs)
+            return dict(xs) if skipped is None else skipped(xs)
+        names = list(xs)
+
+        def as_dict(fn):
+            # Both branches return the streams in the inputs' order (a block may return them in another order).
+            return lambda *t: tuple(fn(dict(zip(names, t)))[n] for n in names)
+
         # torch.cond's branches may not return their inputs: the pass-through copies (cheap next to a block).
-        skip_fn = (lambda h: h.clone()) if skipped is None else skipped
-        return torch.cond(skip, skip_fn, call, (x,))
+        skip_fn = as_dict((lambda h: {n: v.clone() for n, v in h.items()}) if skipped is None else skipped)
+        return dict(zip(names, torch.cond(skip, skip_fn, as_dict(call), tuple(xs.values()))))
 
     def count(self, st: BranchState, i: int, skip) -> None:
         if isinstance(skip, bool):
@@ -150,36 +293,42 @@ class BlockCache:
                 (st.skipped if skip else st.computed)[i] += 1
             elif skip:
                 st.skipped_host[i] += 1
+                st.step_skipped.append(i)
             else:
                 st.computed_host[i] += 1
             return
         st.skipped[i] += skip.long()
         st.computed[i] += (~skip).long()
 
-    def save_residual(self, st: BranchState, name: str, out, x, skip, reference=None, stride: int = 1,
-                      per_sample: bool = False, compare_residual: bool = False):
-        """Cache ``out - x`` as ``st.tensors[name]`` unless the block was skipped; with a ``reference``, returns the
-        relative L1 indicator of the fused pass (``relative_l1_residual``), reduced to one value per batch
-        (the max over samples when per_sample). Skipped (bool): nothing is written, returns None."""
-        buf = st.tensors.get(name)
+    def save_residual(self, st: BranchState, name: str, outs: dict, xs: dict, skip, reference=None, stride: int = 1,
+                      per_sample: bool = False, compare_residual: bool = False, primary=None):
+        """Cache every stream's ``out - x`` as ``st.tensors[name]`` (a dict stream -> tensor, None where the block
+        returned None for that stream) unless the block was skipped; with a ``reference``, returns the relative L1
+        indicator of the fused pass (``relative_l1_residual``) on the ``primary`` stream, reduced to one value per
+        batch (the max over samples when per_sample). Skipped (bool): nothing is written, returns None."""
         if isinstance(skip, bool) and skip:
             return None
-        out, x = out.detach(), x.detach()  # caches hold values, not graphs (skipping is an inference method)
-        if buf is None or isinstance(skip, bool):
-            if buf is None:
-                buf = st.tensors[name] = torch.empty_like(out, memory_format=torch.contiguous_format)
-            if reference is None:
-                torch.sub(out, x, out=buf)
-                return None
-            ind = relative_l1_residual(out, x, reference, buf, stride, per_sample, compare_residual)
-        else:  # compiling, decision on device: compute into a fresh tensor, copy where the block ran
-            fresh = torch.empty_like(buf)
-            if reference is None:
-                torch.sub(out, x, out=fresh)
-                ind = None
+        bufs = st.tensors.get(name)
+        if bufs is None:
+            bufs = st.tensors[name] = {n: None if o is None else torch.empty_like(o, memory_format=torch.contiguous_format)
+                                       for n, o in outs.items()}
+        ind = None
+        for n, out in outs.items():
+            if out is None:
+                continue
+            x, buf = xs[n], bufs[n]
+            if x.shape != out.shape:
+                raise RuntimeError(f"blockops.block_cache: stream {n!r} changed shape from {tuple(x.shape)} to "
+                                   f"{tuple(out.shape)} across a cached run; a skipped run needs the same shapes")
+            out, x = out.detach(), x.detach()  # caches hold values, not graphs (skipping is an inference method)
+            ref = reference if n == primary else None
+            target = buf if isinstance(skip, bool) else torch.empty_like(buf)
+            if ref is None:
+                torch.sub(out, x, out=target)
             else:
-                ind = relative_l1_residual(out, x, reference, fresh, stride, per_sample, compare_residual)
-            cache_update(buf, fresh, ~skip)
+                ind = relative_l1_residual(out, x, ref, target, stride, per_sample, compare_residual)
+            if not isinstance(skip, bool):  # compiling, decision on device: copy where the block ran
+                cache_update(buf, target, ~skip)
         if ind is not None and per_sample:
             ind = ind.max()
         return ind
@@ -198,11 +347,41 @@ class BlockCache:
 
     # ---- the wrapped forward ----------------------------------------------------------------------------------
     def _forward(self, index, module, original, *args, **kwargs):
-        call = BlockCall(index, module, original, args, kwargs)
+        layout = self.layouts[index]
+        if layout is None:
+            outputs = self.outputs if self.outputs is not None else KNOWN_OUTPUTS.get(type(module).__name__)
+            layout = self.layouts[index] = BlockLayout(original, outputs)
+        call = BlockCall(index, module, original, args, kwargs, layout)
         st = self.state(call.x.device)
         if index == 0:
             st.begin_step()
-        return self.policy.block_forward(self, st, index, call)
+            st.indicator, st.forecast, st.step_skipped = None, False, []
+        outs = self.policy.block_forward(self, st, index, call)
+        if index == self.num_blocks - 1 and not _compiling():
+            self._record_step(st)
+        return call.pack(outs)
+
+    def _record_step(self, st: BranchState) -> None:
+        cached = bool(st.step_skipped)
+        st.consecutive_host = st.consecutive_host + 1 if cached else 0
+        st.cached_host += cached
+        ind = st.indicator
+        self.steps.append({"branch": self._branch, "step": st.step_host, "skipped_blocks": list(st.step_skipped),
+                           "cached": cached, "forecast": st.forecast,
+                           "indicator": ind.detach().clone() if isinstance(ind, torch.Tensor) else ind})
+
+    def stats(self) -> list[dict]:
+        """One record per (branch, step) of this generation, in call order (eager mode; compiled calls record
+        nothing): ``branch``, ``step``, ``skipped_blocks`` (indices), ``cached`` (any block skipped), ``forecast``
+        (the skipped run's residual was extrapolated), ``indicator`` (float or None: what the policy measured at
+        that step: first-block cache the relative L1 change of block 0's residual, TeaCache the accumulated
+        rescaled change, BWCache the mean change of the measured blocks' outputs)."""
+        return [{**r, "indicator": float(r["indicator"]) if isinstance(r["indicator"], torch.Tensor) else r["indicator"]}
+                for r in self.steps]
+
+    def cached_steps(self, branch=None) -> list[int]:
+        """The steps of ``branch`` (default: the default branch) where any block was skipped."""
+        return [r["step"] for r in self.steps if r["branch"] == branch and r["cached"]]
 
     # ---- counters -----------------------------------------------------------------------------------------------
     def counters(self) -> dict:
@@ -224,6 +403,8 @@ class BlockCache:
                  f"(skip ratio {ratio:.1%})",
                  "  block  computed  skipped"]
         lines += [f"  {i:5d}  {c['computed'][i]:8d}  {c['skipped'][i]:7d}" for i in range(self.num_blocks)]
+        for key in dict.fromkeys(r["branch"] for r in self.steps):
+            lines.append(f"  cached steps{'' if key is None else f' ({key})'}: {self.cached_steps(key)}")
         return "\n".join(lines)
 
     def __repr__(self):
@@ -244,36 +425,50 @@ def _candidate_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     return found
 
 
-def _find_blocks(model: nn.Module, blocks_attr: str | None) -> tuple[str, nn.ModuleList]:
+def _find_blocks(model: nn.Module, blocks_attr) -> tuple[str, list]:
+    """(name, blocks): the list itself, the list(s) at ``blocks_attr`` (a dotted path, or several run one after
+    the other, e.g. Flux's ``["transformer_blocks", "single_transformer_blocks"]``), or the one candidate list."""
     if isinstance(model, nn.ModuleList) and blocks_attr is None:
-        return "ModuleList", model
+        return "ModuleList", list(model)
     if blocks_attr is not None:
-        obj = model
-        for part in blocks_attr.split("."):
-            if not hasattr(obj, part):
-                raise ValueError(f"blockops.block_cache: {type(model).__name__} has no attribute path {blocks_attr!r}")
-            obj = getattr(obj, part)
-        if not isinstance(obj, nn.ModuleList) or len(obj) == 0:
-            raise ValueError(f"blockops.block_cache: {blocks_attr!r} is a {type(obj).__name__}, not a non-empty nn.ModuleList "
-                             "of blocks")
-        return blocks_attr, obj
+        names = [blocks_attr] if isinstance(blocks_attr, str) else list(blocks_attr)
+        if not names:
+            raise ValueError("blockops.block_cache: blocks_attr names no block list")
+        blocks = []
+        for path in names:
+            obj = model
+            for part in path.split("."):
+                if not hasattr(obj, part):
+                    raise ValueError(f"blockops.block_cache: {type(model).__name__} has no attribute path {path!r}")
+                obj = getattr(obj, part)
+            if not isinstance(obj, nn.ModuleList) or len(obj) == 0:
+                raise ValueError(f"blockops.block_cache: {path!r} is a {type(obj).__name__}, not a non-empty "
+                                 "nn.ModuleList of blocks")
+            blocks += list(obj)
+        return "+".join(names), blocks
     found = _candidate_lists(model)
     if not found:
         raise ValueError(f"blockops.block_cache: {type(model).__name__} has no nn.ModuleList of blocks (at least two modules "
                          "of one class); pass the list itself or blocks_attr='name.of.list'")
     if len(found) > 1:
         raise ValueError(f"blockops.block_cache: {type(model).__name__} has several block lists "
-                         f"{[n for n, _ in found]}; name one with blocks_attr=")
-    return found[0]
+                         f"{[n for n, _ in found]}; name one (or several, in call order) with blocks_attr=")
+    return found[0][0], list(found[0][1])
 
 
-def enable_block_cache(blocks_or_model: nn.Module, policy, blocks_attr: str | None = None) -> BlockCache:
+def enable_block_cache(blocks_or_model: nn.Module, policy, blocks_attr=None, outputs=None) -> BlockCache:
     """Wrap the blocks of ``blocks_or_model`` (an ``nn.ModuleList``, or a model holding exactly one list of
-    same-class blocks, or the list at ``blocks_attr``, a dotted attribute path) so that ``policy`` decides, step
-    by step, which blocks run. Returns the :class:`BlockCache` (also reachable as ``get_block_cache(model)``).
+    same-class blocks, or the list(s) at ``blocks_attr``: a dotted attribute path, or a sequence of them whose
+    blocks run one list after the other) so that ``policy`` decides, step by step, which blocks run. Returns the
+    :class:`BlockCache` (also reachable as ``get_block_cache(model)``).
 
-    Blocks must be called in list order once per sampler step, with the hidden states as first positional
-    argument (or ``hidden_states=`` / ``x=``), and return one tensor of the same shape.
+    Blocks must be called in order once per sampler step, with the hidden states as first positional argument
+    (or ``hidden_states=`` / ``x=``). A block returns one tensor shaped like them, or a tuple of several streams
+    (dual-stream blocks: Flux, SD3, HunyuanVideo), each an updated input of the block; each stream gets its own
+    cached residual. ``outputs`` names the input each returned element continues, in return order (e.g.
+    ``("encoder_hidden_states", "hidden_states")``); by default it is known for the diffusers block classes in
+    ``KNOWN_OUTPUTS`` and otherwise learnt on the first call by matching shapes. A ``None`` element (SD3's last
+    block drops the text stream) stays ``None`` when the block is skipped.
     """
     from blockops.block_cache.policies import Policy
 
@@ -284,7 +479,7 @@ def enable_block_cache(blocks_or_model: nn.Module, policy, blocks_attr: str | No
     name, blocks = _find_blocks(blocks_or_model, blocks_attr)
     if any("forward" in vars(b) for b in blocks):
         raise RuntimeError(f"blockops.block_cache: the blocks of {name} already have a patched forward (another cache?)")
-    cache = BlockCache(blocks, policy, name)
+    cache = BlockCache(blocks, policy, name, outputs)
     for i, block in enumerate(blocks):
         original = block.forward
 
