@@ -46,13 +46,19 @@ void check_code_range(const char* op, const at::Tensor& codes, const Weights& w)
   const int64_t n = codes.numel();
   const void* p = codes.const_data_ptr();
   const uint32_t k = static_cast<uint32_t>(w.g.k);
+  // The maximum in the codes' own width, so that the compiler vectorises it (16 bytes per pmaxub with SSE2 alone;
+  // a uint32_t maximum of widened bytes stayed scalar: 2.9 instructions per code under callgrind).
   uint32_t mx = 0;
   if (w.type == CodeType::kU8) {
     const uint8_t* c = static_cast<const uint8_t*>(p);
-    for (int64_t i = 0; i < n; ++i) mx = std::max<uint32_t>(mx, c[i]);  // vectorised by the compiler
+    uint8_t m8 = 0;
+    for (int64_t i = 0; i < n; ++i) m8 = std::max(m8, c[i]);
+    mx = m8;
   } else {
     const uint16_t* c = static_cast<const uint16_t*>(p);
-    for (int64_t i = 0; i < n; ++i) mx = std::max<uint32_t>(mx, c[i]);
+    uint16_t m16 = 0;
+    for (int64_t i = 0; i < n; ++i) m16 = std::max(m16, c[i]);
+    mx = m16;
   }
   if (mx < k) return;
   for (int64_t i = 0; i < n; ++i) {
