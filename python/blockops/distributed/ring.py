@@ -302,6 +302,18 @@ class _KVExchange:
             return None, None
         return _unpack(recv, *self.shapes(st.recv_blocks.numel(), bkv))
 
+    def steps(self, world: int, bkv: int):
+        """Yields (j, plan step, visiting k, visiting v) for j = 0 .. world - 1 (my own k, v at j = 0), posting step
+        j + 1's exchange as soon as step j's has landed, before the caller computes step j."""
+        posted = self.post(1, bkv) if world > 1 else None
+        for j in range(world):
+            if j == 0:
+                kj, vj = self.k, self.v
+            else:
+                kj, vj = self.take(j, posted, bkv)
+                posted = self.post(j + 1, bkv) if j + 1 < world else None   # next exchange before compute
+            yield j, self.plan.steps[j], kj, vj
+
 
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -333,14 +345,7 @@ class _RingAttention(torch.autograd.Function):
         b, h, tl, _ = q.shape
         acc_out = torch.zeros(b, h, tl, v.shape[3], dtype=acc, device=q.device)
         acc_lse = torch.full((b, h, tl), float("-inf"), dtype=acc, device=q.device)
-        posted = kvx.post(1, block_kv) if world > 1 else None
-        for j in range(world):
-            st = plan.steps[j]
-            if j == 0:
-                kj, vj = k, v
-            else:
-                kj, vj = kvx.take(j, posted, block_kv)
-                posted = kvx.post(j + 1, block_kv) if j + 1 < world else None   # next exchange before compute
+        for j, st, kj, vj in kvx.steps(world, block_kv):
             if st.mask is None:
                 continue
             o, l = _ops.block_sparse_attention(q, kj, vj, *st.mask_tensors, block_q, block_kv, scale)
@@ -376,7 +381,6 @@ class _RingAttention(torch.autograd.Function):
         b, hk, _, d = k.shape
         dv_dim = v.shape[3]
         pending_grads = []          # (j, works, recv buffer) of posted dK/dV exchanges, added in step order
-        posted = kvx.post(1, block_kv) if world > 1 else None
 
         def add_grads(j, works, recv):
             _wait(works)
@@ -389,13 +393,7 @@ class _RingAttention(torch.autograd.Function):
             dk.index_add_(2, st.send_tokens, gk)
             dv.index_add_(2, st.send_tokens, gv)
 
-        for j in range(world):
-            st = plan.steps[j]
-            if j == 0:
-                kj, vj = k, v
-            else:
-                kj, vj = kvx.take(j, posted, block_kv)
-                posted = kvx.post(j + 1, block_kv) if j + 1 < world else None
+        for j, st, kj, vj in kvx.steps(world, block_kv):
             gk = gv = None
             if st.mask is not None:
                 gq, gk, gv = _ops.block_sparse_attention_backward(grad_out, q, kj, vj, out, lse, grad_lse,
