@@ -445,6 +445,22 @@ def test_world_size_one_in_process(tmp_path):
     assert stats.bytes_sent == stats.bytes_received == stats.dense_ring_bytes_sent == 0
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the NCCL path; bench/gpu_check.sh runs it)")
+def test_world_size_one_nccl_cuda(tmp_path):
+    """The CUDA path of ring_attention on one GPU: NCCL with CUDA tensors, the CUDA kernels, the same result as
+    block_sparse_attention (what bench/gpu_check.sh can run on a single-GPU machine)."""
+    import torch.distributed as dist
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        mask = masks.sliding_window(64, 20, block_q=BLOCK, block_kv=BLOCK, device="cuda")
+        q, k, v, go, gl = (t.cuda() for t in _inputs(64, torch.float32))
+        got = _ring(None, q, k, v, go, gl, mask, "zigzag")
+    finally:
+        dist.destroy_process_group()
+    _compare(got, _single(q, k, v, go, gl, mask), 1e-5, 1e-5, "world 1, NCCL")
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("world", [2, 3, 4, 8])
 def test_plan_balance_and_blocks(world):
