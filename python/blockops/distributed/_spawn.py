@@ -11,6 +11,9 @@ import time
 import traceback
 
 
+_FAILURE_GRACE_S = 5.0   # after a rank fails, how long the others get to exit (and write their tracebacks)
+
+
 class SpawnError(RuntimeError):
     """A rank failed or the run passed its deadline; the message holds the failing rank's traceback."""
 
@@ -43,7 +46,9 @@ def spawn(fn, world: int, *args, timeout: float = 120.0, threads: int = 1, dist_
 
     ``fn`` must be importable (a module-level function). Each rank runs with ``threads`` torch threads and a
     ``dist_timeout`` on every collective; the whole run must finish within ``timeout`` seconds. Raises
-    :class:`SpawnError` with the traceback of the first rank that raised, or on the deadline.
+    :class:`SpawnError` with the tracebacks of the ranks that failed (after a short grace for the others to exit,
+    since the rank that raised first is not always the first to exit: its peers' collectives fail as soon as its
+    process group closes), or on the deadline.
     """
     import torch.multiprocessing as mp
 
@@ -60,8 +65,12 @@ def spawn(fn, world: int, *args, timeout: float = 120.0, threads: int = 1, dist_
                 codes = [p.exitcode for p in procs]
                 failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
                 if failed:
-                    r = failed[0]
-                    raise SpawnError(f"rank {r} of {world} failed (exit code {codes[r]}):\n{_read(tmp, r)}")
+                    grace = time.monotonic() + _FAILURE_GRACE_S
+                    while any(p.exitcode is None for p in procs) and time.monotonic() < grace:
+                        time.sleep(0.05)
+                    codes = [p.exitcode for p in procs]
+                    raise SpawnError("\n".join(f"rank {r} of {world} failed (exit code {c}):\n{_read(tmp, r)}"
+                                                for r, c in enumerate(codes) if c not in (None, 0)))
                 if all(c == 0 for c in codes):
                     break
                 if time.monotonic() > deadline:
