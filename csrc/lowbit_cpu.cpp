@@ -250,20 +250,99 @@ BLOCKOPS_TARGET_AVX2 __attribute__((always_inline)) inline __m256i spread_3bit_a
                          _mm256_slli_epi32(_mm256_and_si256(w, _mm256_set1_epi32(0x3FFF8000)), 1));
 }
 
-// The 2-, 3- and 4-bit decode kernel on 16-bit fixed-point activations. An int32 lane (one column) of a packed
+// The 2-, 3- and 4-bit decode kernels on 16-bit fixed-point activations. An int32 lane (one column) of a packed
 // word holds codes k in its low half and k + p/2 in its high half (3-bit: after spread_3bit_avx2), so one shift
 // and one mask leave two codes per lane as int16 pairs; _mm256_madd_epi16 multiplies them by the matching pair of
 // int16 activations and adds the two products: 16 weights cost 4 instructions instead of the float path's 8.
 // Activations are rounded per (row, group) to 16-bit fixed point, step = max|x| / 32767 (relative error
 // <= 1.5e-5 of the group's largest activation: finer than fp16 or bf16 inputs). Group sums stay in int32:
 // |code * x16| * group_size <= 15 * 32767 * 1024 < 2^31 (kCpuFixedPointMaxGroup, lowbit.h).
-// The fixed-point band kernel, stamped out once per ISA by the macro below: GCC cannot inline an
-// intrinsic of a wider ISA into a shared template body, so the body is a macro and only the dot-product
-// step DOT(acc, codes, x) differs: AVX2 multiplies int16 pairs and adds (madd + add), AVX512-VNNI does
-// both in one instruction (vpdpwssd on 256-bit registers, via AVX512VL).
-// Per-group integer sums (acc) and the band's fp32 outputs (y) live in L1, not registers: a band is wider
-// than the register file, and they are touched once per packed row and once per group respectively.
-#define BLOCKOPS_DEFINE_FIXED_BAND(NAME, TARGET, DOT) \
+// Both kernels are stamped out once per ISA by the macros below: GCC cannot inline an intrinsic of a wider ISA
+// into a shared template body, so the bodies are macros and only the dot-product step DOT(acc, codes, x)
+// differs: AVX2 multiplies int16 pairs and adds (madd + add), AVX512-VNNI does both in one instruction
+// (vpdpwssd on 256-bit registers, via AVX512VL).
+
+// The steps of one packed row of a tile (16 columns: w_lo, w_hi) for kRows activation rows, whose int16 pairs
+// for step j are XPAIR(m, j); sums into s_lo[m], s_hi[m]. With several rows, the asm statement keeps each sum one
+// register chain: unrolled, GCC otherwise reassociates the int adds into a tree over every step's products and
+// spills them (measured: 4 rows, 2-bit, 1.3x slower).
+#define BLOCKOPS_FIXED_ROW_STEPS(DOT, XPAIR)                                                                        \
+  if constexpr (kBits == 3) { /* codes 5..9 from bit 15 to bit 16: code j and j + 5 then sit 16 bits apart */     \
+    w_lo = spread_3bit_avx2(w_lo);                                                                                 \
+    w_hi = spread_3bit_avx2(w_hi);                                                                                 \
+  }                                                                                                                \
+  _Pragma("GCC unroll 8")                                                                                          \
+  for (int j = 0; j < kHalf; ++j) {                                                                                \
+    const __m256i c_lo = _mm256_and_si256(w_lo, mask);                                                             \
+    const __m256i c_hi = _mm256_and_si256(w_hi, mask);                                                             \
+    w_lo = _mm256_srli_epi32(w_lo, kBits);                                                                         \
+    w_hi = _mm256_srli_epi32(w_hi, kBits);                                                                         \
+    for (int m = 0; m < kRows; ++m) {                                                                              \
+      const __m256i xv = _mm256_set1_epi32(XPAIR(m, j));                                                           \
+      s_lo[m] = DOT(s_lo[m], c_lo, xv);                                                                            \
+      s_hi[m] = DOT(s_hi[m], c_hi, xv);                                                                            \
+      if constexpr (kRows > 1) asm("" : "+x"(s_lo[m]), "+x"(s_hi[m]));                                             \
+    }                                                                                                              \
+  }
+
+// One activation row (decode): a task owns a band of tiles and walks down the packed rows, all tiles of a row
+// before the next (the order the prefetches follow); the per-group integer sums (acc) and the band's fp32
+// outputs (y) live in L1, touched once per packed row and once per group.
+#define BLOCKOPS_DEFINE_FIXED_BAND(NAME, TARGET, DOT)                                                              \
+template <int kBits>                                                                                               \
+TARGET void NAME(const GemvArgs& a, int64_t n0, int tiles) {                                                       \
+  constexpr int kRows = 1;                                                                                         \
+  constexpr int kPer = 32 / kBits;                                                                                 \
+  constexpr int kHalf = kPer / 2;                                                                                  \
+  constexpr int kField = (1 << kBits) - 1;                                                                         \
+  constexpr int kBandCols = kBandTiles * kTileCols;                                                                \
+  const Geometry& g = a.g;                                                                                         \
+  const __m256i mask = _mm256_set1_epi32(kField | (kField << 16));                                                 \
+  const int cols = tiles * kTileCols;                                                                              \
+  alignas(32) int32_t acc[kBandCols];                                                                              \
+  alignas(32) float y[kBandCols];                                                                                  \
+  for (int c = 0; c < cols; ++c) y[c] = 0.f;                                                                       \
+  for (int64_t grp = 0; grp < g.groups(); ++grp) {                                                                 \
+    for (int c = 0; c < cols; ++c) acc[c] = 0;                                                                     \
+    /* the packed rows touching the group (3-bit: a row can straddle two groups; slots zero the other's inputs) */ \
+    const int64_t r0 = grp * g.group_size / kPer, r1 = ((grp + 1) * g.group_size + kPer - 1) / kPer;               \
+    for (int64_t r = r0; r < r1; ++r) {                                                                            \
+      const int32_t* row = a.qweight + r * g.out + n0;                                                             \
+      const char* ahead = reinterpret_cast<const char*>(row + kPrefetchRows * g.out);                              \
+      for (int line = 0; line < tiles; ++line) _mm_prefetch(ahead + line * 64, _MM_HINT_T0);                       \
+      const int32_t* xp = a.xpairs + (a.group_slot[grp] + r - r0) * kHalf;                                         \
+      for (int tile = 0; tile < tiles; ++tile) {                                                                   \
+        __m256i w_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + tile * kTileCols));               \
+        __m256i w_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + tile * kTileCols + 8));           \
+        __m256i s_lo[1] = {_mm256_setzero_si256()}, s_hi[1] = {_mm256_setzero_si256()};                           \
+        BLOCKOPS_FIXED_ROW_STEPS(DOT, BLOCKOPS_XPAIR_ONE)                                                          \
+        __m256i* dst = reinterpret_cast<__m256i*>(&acc[tile * kTileCols]);                                         \
+        _mm256_store_si256(dst, _mm256_add_epi32(_mm256_load_si256(dst), s_lo[0]));                                \
+        _mm256_store_si256(dst + 1, _mm256_add_epi32(_mm256_load_si256(dst + 1), s_hi[0]));                        \
+      }                                                                                                            \
+    }                                                                                                              \
+    const int64_t param_row = grp * g.out + n0;                                                                    \
+    const __m256 step = _mm256_broadcast_ss(a.xstep + grp);                                                        \
+    const __m256 xs = _mm256_broadcast_ss(a.xsum + grp);                                                           \
+    for (int c = 0; c < cols; c += 8) {                                                                            \
+      const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_load_si256(                                       \
+                                           reinterpret_cast<const __m256i*>(&acc[c]))), step);                     \
+      const __m256 zero = load8_as_float(a.zeros_native, param_row + c, a.param_type);                              \
+      const __m256 scale = load8_as_float(a.scales_native, param_row + c, a.param_type);                            \
+      _mm256_store_ps(&y[c], _mm256_fmadd_ps(scale, _mm256_fnmadd_ps(zero, xs, dot), _mm256_load_ps(&y[c])));      \
+    }                                                                                                              \
+  }                                                                                                                \
+  for (int c = 0; c < cols; c += 8) _mm256_storeu_ps(a.y + n0 + c, _mm256_load_ps(&y[c]));                        \
+}
+#define BLOCKOPS_XPAIR_ONE(m, j) xp[j]
+
+// Several activation rows (2 .. kCpuGemvMaxRows, in passes of up to kRowsPerPass): the packed weights are no
+// longer the cost, the decode and the multiply-adds are, so per tile the 2 x kRows int32 sums stay in registers
+// across the group's packed rows and the group's scale and zero (converted once per tile, shared by the rows) are
+// applied straight from them; the pass's activation pairs are interleaved ([slot][j][row]), so every broadcast
+// is a load at a constant offset from one pointer. A band's packed rows come from memory on the first pass and
+// from L2 on the later ones (a band at in = 4096, 2-bit, is 256 KiB).
+#define BLOCKOPS_DEFINE_FIXED_BATCH(NAME, TARGET, DOT)                                                             \
 template <int kBits, int kRows>                                                                                    \
 TARGET void NAME(const GemvArgs& a, int64_t n0, int tiles, int64_t m0) {                                           \
   constexpr int kPer = 32 / kBits;                                                                                 \
@@ -272,81 +351,69 @@ TARGET void NAME(const GemvArgs& a, int64_t n0, int tiles, int64_t m0) {        
   constexpr int kBandCols = kBandTiles * kTileCols;                                                                \
   const Geometry& g = a.g;                                                                                         \
   const __m256i mask = _mm256_set1_epi32(kField | (kField << 16));                                                 \
-  const int64_t pair_stride = a.group_slot[g.groups()] * kHalf;                                                    \
   const int cols = tiles * kTileCols;                                                                              \
-  alignas(32) int32_t acc[kRows][kBandCols];                                                                       \
+  const int32_t* xpass = a.xpairs + m0 * a.group_slot[g.groups()] * kHalf;                                         \
   alignas(32) float y[kRows][kBandCols];                                                                           \
   for (int m = 0; m < kRows; ++m)                                                                                  \
     for (int c = 0; c < cols; ++c) y[m][c] = 0.f;                                                                  \
   for (int64_t grp = 0; grp < g.groups(); ++grp) {                                                                 \
-    for (int m = 0; m < kRows; ++m)                                                                                \
-      for (int c = 0; c < cols; ++c) acc[m][c] = 0;                                                                \
-    /* the packed rows touching the group (3-bit: a row can straddle two groups; slots zero the other's inputs) */ \
     const int64_t r0 = grp * g.group_size / kPer, r1 = ((grp + 1) * g.group_size + kPer - 1) / kPer;               \
     for (int64_t r = r0; r < r1; ++r) {                                                                            \
-      const int32_t* row = a.qweight + r * g.out + n0;                                                             \
-      const char* ahead = reinterpret_cast<const char*>(row + kPrefetchRows * g.out);                              \
+      const char* ahead = reinterpret_cast<const char*>(a.qweight + (r + kPrefetchRows) * g.out + n0);             \
       for (int line = 0; line < tiles; ++line) _mm_prefetch(ahead + line * 64, _MM_HINT_T0);                       \
-      const int32_t* xp = a.xpairs + m0 * pair_stride + (a.group_slot[grp] + r - r0) * kHalf;                      \
-      for (int tile = 0; tile < tiles; ++tile) {                                                                   \
-        __m256i w_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + tile * kTileCols));               \
-        __m256i w_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + tile * kTileCols + 8));           \
-        if constexpr (kBits == 3) { /* codes 5..9 from bit 15 to bit 16: code j and j + 5 then sit 16 bits apart */ \
-          w_lo = spread_3bit_avx2(w_lo);                                                                           \
-          w_hi = spread_3bit_avx2(w_hi);                                                                           \
-        }                                                                                                          \
-        __m256i s_lo[kRows], s_hi[kRows];                                                                          \
-        for (int m = 0; m < kRows; ++m) s_lo[m] = s_hi[m] = _mm256_setzero_si256();                                \
-_Pragma("GCC unroll 8")                                                                                            \
-        for (int j = 0; j < kHalf; ++j) {                                                                          \
-          const __m256i c_lo = _mm256_and_si256(w_lo, mask);                                                       \
-          const __m256i c_hi = _mm256_and_si256(w_hi, mask);                                                       \
-          w_lo = _mm256_srli_epi32(w_lo, kBits);                                                                   \
-          w_hi = _mm256_srli_epi32(w_hi, kBits);                                                                   \
-          for (int m = 0; m < kRows; ++m) {                                                                        \
-            const __m256i xv = _mm256_set1_epi32(xp[m * pair_stride + j]);                                         \
-            s_lo[m] = DOT(s_lo[m], c_lo, xv);                                                                      \
-            s_hi[m] = DOT(s_hi[m], c_hi, xv);                                                                      \
-          }                                                                                                        \
-        }                                                                                                          \
-        for (int m = 0; m < kRows; ++m) {                                                                          \
-          __m256i* dst = reinterpret_cast<__m256i*>(&acc[m][tile * kTileCols]);                                    \
-          _mm256_store_si256(dst, _mm256_add_epi32(_mm256_load_si256(dst), s_lo[m]));                              \
-          _mm256_store_si256(dst + 1, _mm256_add_epi32(_mm256_load_si256(dst + 1), s_hi[m]));                      \
-        }                                                                                                          \
-      }                                                                                                            \
     }                                                                                                              \
+    const int32_t* xgroup = xpass + a.group_slot[grp] * kHalf * kRows;                                             \
     const int64_t param_row = grp * g.out + n0;                                                                    \
-    for (int m = 0; m < kRows; ++m) {                                                                              \
-      const __m256 step = _mm256_broadcast_ss(a.xstep + (m0 + m) * g.groups() + grp);                              \
-      const __m256 xs = _mm256_broadcast_ss(a.xsum + (m0 + m) * g.groups() + grp);                                 \
-      for (int c = 0; c < cols; c += 8) {                                                                          \
-        const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_load_si256(                                     \
-                                             reinterpret_cast<const __m256i*>(&acc[m][c]))), step);                \
-        const __m256 zero = load8_as_float(a.zeros_native, param_row + c, a.param_type);                            \
-        const __m256 scale = load8_as_float(a.scales_native, param_row + c, a.param_type);                          \
-        const __m256 corrected = _mm256_fnmadd_ps(zero, xs, dot);                                                   \
-        _mm256_store_ps(&y[m][c], _mm256_fmadd_ps(scale, corrected, _mm256_load_ps(&y[m][c])));                    \
+    for (int tile = 0; tile < tiles; ++tile) {                                                                     \
+      __m256i s_lo[kRows], s_hi[kRows];                                                                            \
+      for (int m = 0; m < kRows; ++m) s_lo[m] = s_hi[m] = _mm256_setzero_si256();                                  \
+      const int32_t* w = a.qweight + r0 * g.out + n0 + tile * kTileCols;                                           \
+      const int32_t* xp = xgroup;                                                                                  \
+      for (int64_t r = r0; r < r1; ++r, w += g.out, xp += kHalf * kRows) {                                         \
+        __m256i w_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));                                    \
+        __m256i w_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 8));                                \
+        BLOCKOPS_FIXED_ROW_STEPS(DOT, BLOCKOPS_XPAIR_PASS)                                                         \
+      }                                                                                                            \
+      const int64_t p = param_row + tile * kTileCols;                                                              \
+      const __m256 zero_lo = load8_as_float(a.zeros_native, p, a.param_type);                                      \
+      const __m256 zero_hi = load8_as_float(a.zeros_native, p + 8, a.param_type);                                  \
+      const __m256 scale_lo = load8_as_float(a.scales_native, p, a.param_type);                                    \
+      const __m256 scale_hi = load8_as_float(a.scales_native, p + 8, a.param_type);                                \
+      for (int m = 0; m < kRows; ++m) {                                                                            \
+        const __m256 step = _mm256_broadcast_ss(a.xstep + (m0 + m) * g.groups() + grp);                            \
+        const __m256 xs = _mm256_broadcast_ss(a.xsum + (m0 + m) * g.groups() + grp);                               \
+        float* ym = &y[m][tile * kTileCols];                                                                       \
+        const __m256 dot_lo = _mm256_fnmadd_ps(zero_lo, xs, _mm256_mul_ps(_mm256_cvtepi32_ps(s_lo[m]), step));     \
+        const __m256 dot_hi = _mm256_fnmadd_ps(zero_hi, xs, _mm256_mul_ps(_mm256_cvtepi32_ps(s_hi[m]), step));     \
+        _mm256_store_ps(ym, _mm256_fmadd_ps(scale_lo, dot_lo, _mm256_load_ps(ym)));                                \
+        _mm256_store_ps(ym + 8, _mm256_fmadd_ps(scale_hi, dot_hi, _mm256_load_ps(ym + 8)));                        \
       }                                                                                                            \
     }                                                                                                              \
   }                                                                                                                \
   for (int m = 0; m < kRows; ++m)                                                                                  \
     for (int c = 0; c < cols; c += 8) _mm256_storeu_ps(a.y + (m0 + m) * g.out + n0 + c, _mm256_load_ps(&y[m][c])); \
 }
+#define BLOCKOPS_XPAIR_PASS(m, j) xp[(j) * kRows + (m)]
 
 #define BLOCKOPS_DOT_AVX2(acc, codes, x) _mm256_add_epi32(acc, _mm256_madd_epi16(codes, x))
 #define BLOCKOPS_DOT_VNNI(acc, codes, x) _mm256_dpwssd_epi32(acc, codes, x)
 BLOCKOPS_DEFINE_FIXED_BAND(gemv_band_fixed_avx2, BLOCKOPS_TARGET_AVX2, BLOCKOPS_DOT_AVX2)
 BLOCKOPS_DEFINE_FIXED_BAND(gemv_band_fixed_vnni, BLOCKOPS_TARGET_AVX512_VNNI, BLOCKOPS_DOT_VNNI)
+BLOCKOPS_DEFINE_FIXED_BATCH(gemm_band_fixed_avx2, BLOCKOPS_TARGET_AVX2, BLOCKOPS_DOT_AVX2)
+BLOCKOPS_DEFINE_FIXED_BATCH(gemm_band_fixed_vnni, BLOCKOPS_TARGET_AVX512_VNNI, BLOCKOPS_DOT_VNNI)
 
+// One band of the fixed-point path: the decode kernel for one row, passes of the batched one otherwise.
 template <int kBits>
-void gemv_band_fixed(const GemvArgs& a, int64_t n0, int tiles, int64_t m0, int rows) {
+void band_fixed(const GemvArgs& a, int64_t n0, int tiles, int64_t rows) {
   const bool vnni = cpu_has_avx512_vnni();
-  switch (rows) {
-    case 1: return vnni ? gemv_band_fixed_vnni<kBits, 1>(a, n0, tiles, m0) : gemv_band_fixed_avx2<kBits, 1>(a, n0, tiles, m0);
-    case 2: return vnni ? gemv_band_fixed_vnni<kBits, 2>(a, n0, tiles, m0) : gemv_band_fixed_avx2<kBits, 2>(a, n0, tiles, m0);
-    case 3: return vnni ? gemv_band_fixed_vnni<kBits, 3>(a, n0, tiles, m0) : gemv_band_fixed_avx2<kBits, 3>(a, n0, tiles, m0);
-    default: return vnni ? gemv_band_fixed_vnni<kBits, 4>(a, n0, tiles, m0) : gemv_band_fixed_avx2<kBits, 4>(a, n0, tiles, m0);
+  if (rows == 1) return vnni ? gemv_band_fixed_vnni<kBits>(a, n0, tiles) : gemv_band_fixed_avx2<kBits>(a, n0, tiles);
+  for (int64_t m0 = 0; m0 < rows; m0 += kRowsPerPass) {
+    switch (std::min<int64_t>(kRowsPerPass, rows - m0)) {
+      case 1: vnni ? gemm_band_fixed_vnni<kBits, 1>(a, n0, tiles, m0) : gemm_band_fixed_avx2<kBits, 1>(a, n0, tiles, m0); break;
+      case 2: vnni ? gemm_band_fixed_vnni<kBits, 2>(a, n0, tiles, m0) : gemm_band_fixed_avx2<kBits, 2>(a, n0, tiles, m0); break;
+      case 3: vnni ? gemm_band_fixed_vnni<kBits, 3>(a, n0, tiles, m0) : gemm_band_fixed_avx2<kBits, 3>(a, n0, tiles, m0); break;
+      default: vnni ? gemm_band_fixed_vnni<kBits, 4>(a, n0, tiles, m0) : gemm_band_fixed_avx2<kBits, 4>(a, n0, tiles, m0); break;
+    }
   }
 }
 
@@ -374,11 +441,8 @@ void gemv(const GemvArgs& a, int64_t rows) {
     const int64_t bands = (full + kBandTiles - 1) / kBandTiles;
     at::parallel_for(0, bands, 1, [&](int64_t begin, int64_t end) {
       for (int64_t band = begin; band < end; ++band) {
-        const int band_tiles = static_cast<int>(std::min<int64_t>(kBandTiles, full - band * kBandTiles));
-        for (int64_t m0 = 0; m0 < rows; m0 += kRowsPerPass) {
-          gemv_band_fixed<kBits>(a, band * kBandTiles * kTileCols, band_tiles, m0,
-                                 static_cast<int>(std::min<int64_t>(kRowsPerPass, rows - m0)));
-        }
+        band_fixed<kBits>(a, band * kBandTiles * kTileCols,
+                          static_cast<int>(std::min<int64_t>(kBandTiles, full - band * kBandTiles)), rows);
       }
     });
     if (full < tiles) {
@@ -410,12 +474,13 @@ void gemv(const GemvArgs& a, int64_t rows) {
   });
 }
 
-// Inputs of the fixed-point decode kernel: int16 activations paired as gemv_band_fixed_{avx2,vnni} read them
-// (xpairs [rows, slots, p/2] int32), each group's first slot (group_slot [groups + 1] int64) and the fixed-point
-// step per (row, group) (xstep [rows, groups]). The slots of group grp are the packed rows touching it,
+// Inputs of the fixed-point kernels: int16 activations paired as they read them (xpairs int32: per pass of up to
+// kRowsPerPass rows, [slots, p/2, rows of the pass], the rows interleaved so a step's broadcasts sit side by side;
+// one row: [slots, p/2]), each group's first slot (group_slot [groups + 1] int64) and the fixed-point step per
+// (row, group) (xstep [rows, groups]). The slots of group grp are the packed rows touching it,
 // grp * g / p .. ceil((grp + 1) * g / p); inputs of another group in them are 0. With 2/4 bits p divides g, so a
-// group's slots are exactly its rows and the layout is [rows, words, p/2]; 3-bit rows (10 inputs) can straddle
-// two groups and then sit in both, with complementary halves zeroed.
+// group's slots are exactly its rows; 3-bit rows (10 inputs) can straddle two groups and then sit in both, with
+// complementary halves zeroed.
 void prepare_fixed_point(const at::Tensor& x32, const Geometry& g, at::Tensor& xpairs, at::Tensor& group_slot,
                          at::Tensor& xstep) {
   const int64_t rows = x32.size(0), gs = g.group_size;
@@ -429,32 +494,37 @@ void prepare_fixed_point(const at::Tensor& x32, const Geometry& g, at::Tensor& x
   const float* x = x32.const_data_ptr<float>();
   int32_t* pairs = xpairs.mutable_data_ptr<int32_t>();
   float* steps = xstep.mutable_data_ptr<float>();
-  std::vector<int16_t> fixed(g.in);
-  for (int64_t m = 0; m < rows; ++m) {
-    const float* xm = x + m * g.in;
-    for (int64_t grp = 0; grp < g.groups(); ++grp) {
-      float peak = 0.f;
-      for (int64_t k = grp * gs; k < (grp + 1) * gs; ++k) peak = std::max(peak, std::abs(xm[k]));
-      const float step = peak > 0.f ? peak / 32767.f : 1.f;
-      steps[m * g.groups() + grp] = step;
-      for (int64_t k = grp * gs; k < (grp + 1) * gs; ++k) {
-        fixed[k] = static_cast<int16_t>(std::nearbyint(xm[k] / step));
+  // Rows are independent: one task per row (a decode call's single row stays on the calling thread).
+  at::parallel_for(0, rows, 1, [&](int64_t row_begin, int64_t row_end) {
+    std::vector<int16_t> fixed(g.in);
+    for (int64_t m = row_begin; m < row_end; ++m) {
+      const int64_t pass_m0 = m - m % kRowsPerPass, pass_rows = std::min<int64_t>(kRowsPerPass, rows - pass_m0);
+      const int64_t pass_base = pass_m0 * slot[g.groups()] * half;
+      const float* xm = x + m * g.in;
+      for (int64_t grp = 0; grp < g.groups(); ++grp) {
+        float peak = 0.f;
+        for (int64_t k = grp * gs; k < (grp + 1) * gs; ++k) peak = std::max(peak, std::abs(xm[k]));
+        const float step = peak > 0.f ? peak / 32767.f : 1.f;
+        steps[m * g.groups() + grp] = step;
+        for (int64_t k = grp * gs; k < (grp + 1) * gs; ++k) {
+          fixed[k] = static_cast<int16_t>(std::nearbyint(xm[k] / step));
+        }
       }
-    }
-    for (int64_t grp = 0; grp < g.groups(); ++grp) {
-      const int64_t r0 = grp * gs / per;
-      auto in_group = [&](int64_t k) -> uint32_t {   // input k's int16 bits, 0 outside the group
-        return k >= grp * gs && k < (grp + 1) * gs ? static_cast<uint16_t>(fixed[k]) : 0u;
-      };
-      for (int64_t s = slot[grp]; s < slot[grp + 1]; ++s) {
-        const int64_t r = r0 + s - slot[grp];
-        for (int j = 0; j < half; ++j) {
-          pairs[(m * slot[g.groups()] + s) * half + j] =
-              static_cast<int32_t>(in_group(r * per + j) | (in_group(r * per + half + j) << 16));
+      for (int64_t grp = 0; grp < g.groups(); ++grp) {
+        const int64_t r0 = grp * gs / per;
+        auto in_group = [&](int64_t k) -> uint32_t {   // input k's int16 bits, 0 outside the group
+          return k >= grp * gs && k < (grp + 1) * gs ? static_cast<uint16_t>(fixed[k]) : 0u;
+        };
+        for (int64_t s = slot[grp]; s < slot[grp + 1]; ++s) {
+          const int64_t r = r0 + s - slot[grp];
+          for (int j = 0; j < half; ++j) {
+            pairs[pass_base + ((s * half) + j) * pass_rows + m - pass_m0] =
+                static_cast<int32_t>(in_group(r * per + j) | (in_group(r * per + half + j) << 16));
+          }
         }
       }
     }
-  }
+  });
 }
 
 // Dequantizes output columns [n0, n0 + nb) of W_hat^T into out ([in, nb] fp32, row-major): the packed
