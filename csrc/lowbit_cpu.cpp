@@ -42,6 +42,7 @@
 #include "cpu_features.h"
 #include "glue.h"
 #include "introspection.h"
+#include "lowbit_cpu.h"
 #include "lowbit_op.h"
 #include "macros.h"
 #include "static_switch.h"
@@ -58,19 +59,22 @@ KernelCounter linear_counter(kFamily, "quant_linear.cpu");
 KernelCounter dequant_counter(kFamily, "quant_dequantize.cpu");
 KernelCounter grad_input_counter(kFamily, "quant_linear_grad_input.cpu");
 KernelCounter grad_scales_counter(kFamily, "quant_grad_scales.cpu");
+KernelCounter sign_matmul_counter(kFamily, "sign_matmul_fixed_point.cpu");  // ptq161's batched binary part
 // The fixed-point decode kernel uses AVX512-VNNI where the CPU has it; the rest of the family AVX2/FMA.
 const char* lowbit_cpu_isa() { return cpu_has_avx512_vnni() ? "avx2+fma, avx512-vnni (decode)" : cpu_isa_name(); }
 FamilyRegistration family(kFamily, lowbit_cpu_isa);
 
-constexpr int64_t kCpuGemvMaxRows = 64;  // measured: up to here the decode kernel (passes of 4 rows) beats
-                                         // dequantized blocks + fp32 GEMM on 2 AVX-512 cores (CUDA:
-                                         // kCudaGemvMaxRows in kernels/lowbit_launch.h)
 constexpr int kTileCols = 16;          // one 64-byte cache line of a packed row; two AVX2 vectors
 constexpr int kRowsPerPass = 4;        // activation rows kept in registers per pass over a tile
 constexpr int kPrefetchRows = 32;      // packed rows fetched ahead (~ memory latency / time per row)
 constexpr int kBandTiles = 16;         // fixed-point path: 256 columns (1 KiB of each packed row) per task
 constexpr int64_t kBlockRows = 512;    // output features (rows of W_hat) dequantized at once on the GEMM
                                        // paths: <= 512 * in fp32, e.g. 8 MB at in = 4096
+
+// 1-bit codes are signs (ptq161's binary part, sign_matmul_fixed_point): weight 2 b - 1, i.e. every group's scale
+// is 2 and its zero 1/2, constants instead of [groups, out] tensors.
+constexpr float kSignScale = 2.f;
+constexpr float kSignZero = 0.5f;
 
 // What one GEMV pass needs: fp32 activations [M, in], their per-group sums [M, groups], fp32 scales and
 // zeros [groups, out], the fp32 output [M, out].
@@ -143,9 +147,13 @@ void gemv_tile_portable(const GemvArgs& a, int64_t n0, int ncols, int64_t m0, in
         left -= n;
       }
       const float xs = a.xsum[(m0 + m) * g.groups() + grp];
-      const float* sc = a.scales + grp * g.out + n0;
-      const float* ze = a.zeros + grp * g.out + n0;
-      for (int c = 0; c < ncols; ++c) y[c] += sc[c] * (acc[c] - ze[c] * xs);
+      for (int c = 0; c < ncols; ++c) {
+        if constexpr (kBits == 1) {
+          y[c] += kSignScale * (acc[c] - kSignZero * xs);
+        } else {
+          y[c] += a.scales[grp * g.out + n0 + c] * (acc[c] - a.zeros[grp * g.out + n0 + c] * xs);
+        }
+      }
     }
     for (int c = 0; c < ncols; ++c) a.y[(m0 + m) * g.out + n0 + c] = y[c];
   }
@@ -242,6 +250,19 @@ BLOCKOPS_TARGET_AVX2 __attribute__((always_inline)) inline __m256 load8_as_float
   }
 }
 
+// Eight columns' scale and zero from index i of [groups, out] as fp32 (sign codes: the constants above).
+template <int kBits>
+BLOCKOPS_TARGET_AVX2 __attribute__((always_inline)) inline void load_scale_zero8(const GemvArgs& a, int64_t i,
+                                                                                 __m256& scale, __m256& zero) {
+  if constexpr (kBits == 1) {
+    scale = _mm256_set1_ps(kSignScale);
+    zero = _mm256_set1_ps(kSignZero);
+  } else {
+    scale = load8_as_float(a.scales_native, i, a.param_type);
+    zero = load8_as_float(a.zeros_native, i, a.param_type);
+  }
+}
+
 // A 3-bit packed word (10 codes at bits 3t, bits 30-31 unused) with codes 5..9 moved up one bit, from bits
 // 15.. to 16..: then code t sits at bit 3t of the low half and code t + 5 at bit 3t of the high half, the 2/4-bit
 // words' layout, so the kernel below decodes it alike (4 instructions per word, shared by its 5 steps).
@@ -327,8 +348,8 @@ TARGET void NAME(const GemvArgs& a, int64_t n0, int tiles) {                    
     for (int c = 0; c < cols; c += 8) {                                                                            \
       const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_load_si256(                                       \
                                            reinterpret_cast<const __m256i*>(&acc[c]))), step);                     \
-      const __m256 zero = load8_as_float(a.zeros_native, param_row + c, a.param_type);                              \
-      const __m256 scale = load8_as_float(a.scales_native, param_row + c, a.param_type);                            \
+      __m256 scale, zero;                                                                                          \
+      load_scale_zero8<kBits>(a, param_row + c, scale, zero);                                                      \
       _mm256_store_ps(&y[c], _mm256_fmadd_ps(scale, _mm256_fnmadd_ps(zero, xs, dot), _mm256_load_ps(&y[c])));      \
     }                                                                                                              \
   }                                                                                                                \
@@ -375,10 +396,9 @@ TARGET void NAME(const GemvArgs& a, int64_t n0, int tiles, int64_t m0) {        
         BLOCKOPS_FIXED_ROW_STEPS(DOT, BLOCKOPS_XPAIR_PASS)                                                         \
       }                                                                                                            \
       const int64_t p = param_row + tile * kTileCols;                                                              \
-      const __m256 zero_lo = load8_as_float(a.zeros_native, p, a.param_type);                                      \
-      const __m256 zero_hi = load8_as_float(a.zeros_native, p + 8, a.param_type);                                  \
-      const __m256 scale_lo = load8_as_float(a.scales_native, p, a.param_type);                                    \
-      const __m256 scale_hi = load8_as_float(a.scales_native, p + 8, a.param_type);                                \
+      __m256 scale_lo, zero_lo, scale_hi, zero_hi;                                                                 \
+      load_scale_zero8<kBits>(a, p, scale_lo, zero_lo);                                                            \
+      load_scale_zero8<kBits>(a, p + 8, scale_hi, zero_hi);                                                        \
       for (int m = 0; m < kRows; ++m) {                                                                            \
         const __m256 step = _mm256_broadcast_ss(a.xstep + (m0 + m) * g.groups() + grp);                            \
         const __m256 xs = _mm256_broadcast_ss(a.xsum + (m0 + m) * g.groups() + grp);                               \
@@ -428,31 +448,36 @@ BLOCKOPS_TARGET_AVX2 void gemv_rows_avx2(const GemvArgs& a, int64_t n0, int64_t 
 }
 #endif
 
+#if BLOCKOPS_X86_DISPATCH
+// The fixed-point path (a.xpairs set): threads take bands of full tiles; the partial tile at the end (out % 16
+// columns) goes to the portable kernel.
+template <int kBits>
+void gemv_fixed_point(const GemvArgs& a, int64_t rows) {
+  const Geometry& g = a.g;
+  const int64_t full = g.out / kTileCols;
+  const int64_t bands = (full + kBandTiles - 1) / kBandTiles;
+  at::parallel_for(0, bands, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t band = begin; band < end; ++band) {
+      band_fixed<kBits>(a, band * kBandTiles * kTileCols,
+                        static_cast<int>(std::min<int64_t>(kBandTiles, full - band * kBandTiles)), rows);
+    }
+  });
+  if (full * kTileCols < g.out) {
+    for (int64_t m0 = 0; m0 < rows; m0 += kRowsPerPass) {
+      gemv_tile_portable<kBits>(a, full * kTileCols, static_cast<int>(g.out - full * kTileCols), m0,
+                                static_cast<int>(std::min<int64_t>(kRowsPerPass, rows - m0)));
+    }
+  }
+}
+#endif
+
 template <int kBits>
 void gemv(const GemvArgs& a, int64_t rows) {
   const Geometry& g = a.g;
   const int64_t tiles = (g.out + kTileCols - 1) / kTileCols;
 #if BLOCKOPS_X86_DISPATCH
   const bool avx2 = cpu_has_avx2_fma();
-  if (a.xpairs != nullptr) {
-    // Fixed-point path: threads take bands of full tiles; the partial tile at the end (out % 16 columns)
-    // goes to the portable kernel.
-    const int64_t full = g.out / kTileCols;
-    const int64_t bands = (full + kBandTiles - 1) / kBandTiles;
-    at::parallel_for(0, bands, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t band = begin; band < end; ++band) {
-        band_fixed<kBits>(a, band * kBandTiles * kTileCols,
-                          static_cast<int>(std::min<int64_t>(kBandTiles, full - band * kBandTiles)), rows);
-      }
-    });
-    if (full < tiles) {
-      for (int64_t m0 = 0; m0 < rows; m0 += kRowsPerPass) {
-        gemv_tile_portable<kBits>(a, full * kTileCols, static_cast<int>(g.out - full * kTileCols), m0,
-                                  static_cast<int>(std::min<int64_t>(kRowsPerPass, rows - m0)));
-      }
-    }
-    return;
-  }
+  if (a.xpairs != nullptr) return gemv_fixed_point<kBits>(a, rows);
 #endif
   // One task per tile at least 16 tiles' worth of work: tiles are small, but the threads must not share
   // cache lines of y (a tile's outputs are 64 bytes, one line).
@@ -755,6 +780,33 @@ at::Tensor quant_grad_scales_cpu(const at::Tensor& t, const at::Tensor& qweight,
 }
 
 }  // namespace
+
+at::Tensor sign_matmul_fixed_point(const at::Tensor& x, const at::Tensor& signs) {
+  const int64_t rows = x.size(0);
+#if BLOCKOPS_X86_DISPATCH
+  if (!cpu_has_avx2_fma() || rows < 2 || rows > kCpuGemvMaxRows) return {};
+  TORCH_INTERNAL_ASSERT(x.scalar_type() == at::kFloat && x.is_contiguous() && signs.scalar_type() == at::kInt &&
+                        x.size(1) == signs.size(0) * 32);
+  // The largest power-of-two group up to 256 dividing the padded inputs (a multiple of 32): the rounding error
+  // is relative to each group's largest activation.
+  int group = 256;
+  while (x.size(1) % group != 0) group /= 2;
+  const Geometry g{x.size(1), signs.size(1), 1, group};
+  sign_matmul_counter.hit();
+  const at::Tensor x32 = x.contiguous();
+  const at::Tensor xsum = x32.view({rows, g.groups(), g.group_size}).sum(-1).contiguous();
+  at::Tensor xpairs, group_slot, xstep;
+  prepare_fixed_point(x32, g, xpairs, group_slot, xstep);
+  at::Tensor u = at::empty({rows, g.out}, x.options());
+  const GemvArgs a{x32.const_data_ptr<float>(), xsum.const_data_ptr<float>(), xpairs.const_data_ptr<int32_t>(),
+                   group_slot.const_data_ptr<int64_t>(), xstep.const_data_ptr<float>(), signs.const_data_ptr<int32_t>(),
+                   nullptr, nullptr, nullptr, nullptr, DType::kF32, u.mutable_data_ptr<float>(), g};
+  gemv_fixed_point<1>(a, rows);
+  return u;
+#else
+  return {};
+#endif
+}
 
 TORCH_LIBRARY_IMPL(blockops, CPU, m) {
   m.impl("quant_linear", &quant_linear_cpu);

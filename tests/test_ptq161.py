@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+import blockops
+
 from blockops.nn import PTQ161Linear
 from blockops.ops import bitpack, ptq161
 from blockops.quant import ptq161 as qptq
@@ -145,6 +147,25 @@ def test_linear_matches_reference(x_dtype, ratio):
             assert err <= TOL[x_dtype], f"{out}x{inn} rows={rows}: error {err:.3g}"
 
 
+@pytest.mark.skipif(blockops.build_info()["cpu_families"]["ptq161"] == "portable", reason="needs AVX2")
+def test_batched_binary_part_runs_on_the_fixed_point_kernel():
+    """17 .. 64 rows (2 .. 64 without AVX-512, as the AVX2 child of test_every_cpu_code_path_matches runs): U =
+    signs^T x' through lowbit's fixed-point kernel with sign codes (activations rounded per group to 16 bits),
+    corrected for sign(0) entries afterwards; 65 rows take the decoded blocks."""
+    tensors, s, w, mask = make_weights(300, 1000, 0.2, seed=5, zero_rows=(3, 299))
+    dense = dense_of(tensors, w, mask)
+    for rows in (17, 63, 64):
+        x = torch.randn(rows, 1000)
+        with kernel_ran("sign_matmul_fixed_point", "cpu"):
+            y = ptq161.ptq161_linear(x, *args_of(tensors), s)
+        ref = x.double() @ dense.double().t()
+        assert scaled_error(y, ref, x, dense) < 5e-5, rows
+        assert ((y - ref).abs().max() / ref.abs().max()).item() < 1e-4, rows
+    before = blockops.kernel_call_counts()["sign_matmul_fixed_point.cpu"]
+    ptq161.ptq161_linear(torch.randn(65, 1000), *args_of(tensors), s)
+    assert blockops.kernel_call_counts()["sign_matmul_fixed_point.cpu"] == before
+
+
 def test_linear_several_sign_blocks_and_shapes():
     """out = 4100: the batched path decodes the signs in blocks of 15 words (2 blocks here); 3-D input; 0 rows."""
     tensors, s, w, mask = make_weights(4100, 700, 0.2, seed=3, zero_rows=(5, 4099))
@@ -173,13 +194,16 @@ def test_every_cpu_code_path_matches(isa):
         "import torch, sys\n"
         f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
         "from test_ptq161 import make_weights, args_of, dense_of, scaled_error\n"
+        "import blockops\n"
         "from blockops.ops import ptq161\n"
         "tensors, s, w, mask = make_weights(300, 333, 0.2, zero_rows=(0,))\n"
         "dense = dense_of(tensors, w, mask)\n"
-        "for rows in (1, 6):\n"
+        "for rows in (1, 6, 7, 64):\n"  # the table GEMV; lowbit's fixed-point kernel (passes of 4 rows) on AVX2
         "    x = torch.randn(rows, 333)\n"
         "    err = scaled_error(ptq161.ptq161_linear(x, *args_of(tensors), s), x.double() @ dense.double().t(), x, dense)\n"
         "    assert err < 5e-5, (rows, err)\n"
+        "if blockops.build_info()['cpu_families']['ptq161'] == 'avx2+fma':\n"
+        "    assert blockops.kernel_call_counts()['sign_matmul_fixed_point.cpu'] == 3\n"
     )
     run_with_cpu_isa(isa, code)
 
