@@ -39,11 +39,15 @@ BLOCKOPS_HD uint32_t read_code(const void* codes, CodeType type, int64_t flat) {
 // Largest code a dtype can hold plus one: codes of a dtype need a range check only when k is below this.
 BLOCKOPS_HD int64_t code_capacity(CodeType type) { return type == CodeType::kU8 ? 256 : 65536; }
 
-// The CPU's small-batch kernels take up to this many rows: the tables hold up to 8 rows' sums side by side (one AVX2
-// vector per gather). Measured at 4096 x 11008, one thread (CPU time): the table kernel ties fp32 F.linear at 8 rows
-// (2-bit, 3-bit), while 16 side by side (16 MB of tables for k = 256) ran 4x slower. (The CUDA GEMV's limit:
-// kCudaGemvMaxRows in kernels/vq_launch.h.)
+// The CPU's small-batch kernels take up to this many rows at once: the tables hold up to 8 rows' sums side by side
+// (one AVX2 vector per gather); 16 side by side (16 MB of tables for k = 256) ran 4x slower. (The CUDA GEMV's
+// limit: kCudaGemvMaxRows in kernels/vq_launch.h.)
 constexpr int64_t kCpuSmallBatchRows = 8;
+// Up to this many rows the table kernel runs in passes of up to kCpuSmallBatchRows rows (each pass builds its
+// tables and reads every code again). Measured at 4096 x 11008, AVX2 path, one thread (CPU time), 2-bit k256 d4:
+// 8 rows 11.4 ms in one pass, where dequantized blocks + fp32 GEMM took 72 ms at 16 rows (fp32 F.linear: 32 ms at
+// 8 rows, 38 ms at 16).
+constexpr int64_t kCpuLutMaxRows = 32;
 
 // Small batches (rows <= kCpuSmallBatchRows): lookup table or direct dequantize-dot, chosen per call by an
 // operation count. The table costs rows * P * k * d multiply-adds to build (P = G * K) and P * out gathers to

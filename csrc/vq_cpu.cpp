@@ -2,7 +2,9 @@
 // kernels; the two table kernels are in vq_cpu_lut.cpp and vq_cpu_byte_planes.cpp (vq_cpu.h), the argument checks
 // in vq_op.cpp.
 //
-// vq_linear, rows <= kCpuSmallBatchRows (decode), one of two kernels per call (rule: vq::use_lookup_table):
+// vq_linear, rows <= kCpuSmallBatchRows (decode), one of two kernels per call (rule: vq::use_lookup_table); up to
+// kCpuLutMaxRows rows, the lookup table in passes of up to kCpuSmallBatchRows rows where it is the choice for a
+// full pass:
 //
 //   lookup table:  lut[p][c][m] = x[m, j*d:(j+1)*d] . codebooks[K][c]      p = j*K + K-index, c < k, m < rows
 //                  y[m, n] = scales[n] * sum_p lut[p][codes[n, p]][m]       (one vector gather serves every m)
@@ -227,6 +229,15 @@ at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
   } else if (rows <= kCpuSmallBatchRows && use_lookup_table(g, rows)) {
     lut_gemv(avx2, x32.const_data_ptr<float>(), codes.const_data_ptr(), w.type, cb32.const_data_ptr<float>(), s.data(),
              g, rows, y32.mutable_data_ptr<float>());
+  } else if (rows <= kCpuLutMaxRows && use_lookup_table(g, kCpuSmallBatchRows)) {
+    // Passes of balanced size, at most kCpuSmallBatchRows rows each.
+    const int64_t passes = (rows + kCpuSmallBatchRows - 1) / kCpuSmallBatchRows;
+    const int64_t per_pass = (rows + passes - 1) / passes;
+    for (int64_t m0 = 0; m0 < rows; m0 += per_pass) {
+      lut_gemv(avx2, x32.const_data_ptr<float>() + m0 * g.in(), codes.const_data_ptr(), w.type,
+               cb32.const_data_ptr<float>(), s.data(), g, std::min(per_pass, rows - m0),
+               y32.mutable_data_ptr<float>() + m0 * g.out);
+    }
   } else if (rows <= kCpuSmallBatchRows) {
     direct_gemv(avx2, x32.const_data_ptr<float>(), codes.const_data_ptr(), w.type, cb32.const_data_ptr<float>(),
                 s.data(), g, rows, y32.mutable_data_ptr<float>());

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,7 +34,10 @@ def make_weights(out, groups, K, k, d, code_dtype=None, cb_dtype=torch.float32, 
 
 
 def uses_lookup_table(out, groups, K, k, d, rows):
-    """Mirror of csrc/vq.h use_lookup_table, to say which small-batch kernel a case exercises."""
+    """Mirror of csrc/vq.h use_lookup_table (and, above 8 rows, of its use for passes of 8 rows up to
+    kCpuLutMaxRows = 32 in vq_linear_cpu), to say which CPU kernel a case exercises."""
+    if rows > 8:
+        return rows <= 32 and uses_lookup_table(out, groups, K, k, d, 8)
     p = groups * K
     if rows * p * k * 4 > 64 << 20:
         return False
@@ -104,15 +109,16 @@ LUT_CASES = [(1100, 4095, 2, 64, 4, torch.uint8), (700, 1023, 1, 256, 4, torch.u
 
 @pytest.mark.parametrize("case", LUT_CASES, ids=lambda c: "x".join(map(str, c[:5])) + "-" + str(c[5]).split(".")[-1])
 def test_lookup_table_every_row_count(case):
-    """Every activation-row count the table kernel serves (1..8: rows padded to 1, 2, 4 or 8 lanes) and the first
-    batched count (9), with scales and bias, against the fp64 decode-then-linear reference."""
+    """Every activation-row count the table kernel serves in one pass (1..8: rows padded to 1, 2, 4 or 8 lanes),
+    passes of balanced size (9 = 5 + 4, 17 = 6 + 6 + 5, 32 = 4 x 8) and the first blocked count (33), with scales
+    and bias, against the fp64 decode-then-linear reference."""
     out, groups, K, k, d, code_dtype = case
     codes, codebooks, scales = make_weights(out, groups, K, k, d, code_dtype=code_dtype, seed=out)
     bias = torch.randn(out)
     w = ref_vq_dequantize(codes, codebooks, scales).double()
     gen = torch.Generator().manual_seed(7)
-    for rows in range(1, 10):
-        assert rows == 9 or uses_lookup_table(out, groups, K, k, d, rows), "case no longer takes the table kernel"
+    for rows in list(range(1, 10)) + [17, 32, 33]:
+        assert (rows == 33) != uses_lookup_table(out, groups, K, k, d, rows), "case no longer takes the table kernel"
         x = torch.randn(rows, groups * d, generator=gen)
         with kernel_ran("vq_linear", "cpu"):
             y = vq.vq_linear(x, codes, codebooks, scales, bias)
@@ -358,6 +364,31 @@ def test_grad_codebooks_deterministic_across_threads():
     assert torch.equal(one, many)
 
 
+def test_avx2_table_kernel():
+    """BLOCKOPS_CPU_ISA=avx2 (what an AVX2-only CPU runs; on an AVX-512 VBMI machine the uint8 cases would take
+    the byte planes): the AVX2 table kernel for uint8 and int16 codes, one pass (1, 3, 8 rows) and passes of
+    balanced size (9, 17, 32), against the fp64 reference."""
+    code = (
+        "import sys, torch, blockops\n"
+        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+        "from test_vq import LUT_CASES, make_weights, uses_lookup_table\n"
+        "from blockops.reference import ref_vq_dequantize\n"
+        "assert blockops.build_info()['cpu_families']['vq'] == 'avx2+fma'\n"
+        "gen = torch.Generator().manual_seed(3)\n"
+        "for out, groups, K, k, d, dt in LUT_CASES[1:5]:\n"
+        "    codes, cb, scales = make_weights(out, groups, K, k, d, code_dtype=dt, seed=out)\n"
+        "    w = ref_vq_dequantize(codes, cb, scales).double()\n"
+        "    for rows in (1, 3, 8, 9, 17, 32):\n"
+        "        assert uses_lookup_table(out, groups, K, k, d, rows)\n"
+        "        x = torch.randn(rows, groups * d, generator=gen)\n"
+        "        y = blockops.ops.vq.vq_linear(x, codes, cb, scales)\n"
+        "        ref = x.double() @ w.t()\n"
+        "        err = ((y.double() - ref).abs().max() / (x.double().abs() @ w.abs().t()).max()).item()\n"
+        "        assert err < 1e-6, (out, groups, rows, err)\n"
+    )
+    run_with_cpu_isa("avx2", code)
+
+
 def test_portable_kernels():
     """BLOCKOPS_CPU_ISA=portable: both small-batch kernels and the dequantize without AVX2."""
     code = (
@@ -369,11 +400,11 @@ def test_portable_kernels():
         "         (700, 37, 1, 256, 4, torch.uint8), (300, 21, 2, 64, 2, torch.uint8)]\n"
         "for out, g, K, k, d, dt in cases:\n"
         "    codes = torch.randint(0, k, (out, g, K), dtype=torch.int32).to(dt)\n"
-        "    for rows in (1, 3, 8):\n"
+        "    for rows in (1, 3, 8, 19):\n"
         "        cb, x = torch.randn(K, k, d), torch.randn(rows, g * d)\n"
         "        torch.testing.assert_close(blockops.ops.vq.vq_linear(x, codes, cb), ref_vq_linear(x, codes, cb),\n"
         "                                   rtol=1e-5, atol=1e-4)\n"
-        "assert blockops.kernel_call_counts()['vq_linear.cpu'] == 15\n"
+        "assert blockops.kernel_call_counts()['vq_linear.cpu'] == 20\n"
     )
     run_with_cpu_isa("portable", code)
 
