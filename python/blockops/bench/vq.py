@@ -74,6 +74,7 @@ class Config:
 
 _DIT = [(1152, 1152), (1152, 3456), (1152, 4608), (4608, 1152)]
 QUICK_CPU = [Config(4096, 11008, 1, "2-bit"), Config(4096, 11008, 1, "3-bit"), Config(4096, 11008, 1, "aqlm2x8"),
+             Config(4096, 11008, 16, "2-bit"),
              Config(1152, 4608, 1024, "2-bit")]
 FULL_CPU = ([Config(4096, 11008, m, f) for f in FORMATS for m in (1, 2, 4, 8, 16)]
             + [Config(11008, 4096, m, "2-bit") for m in (1, 4)]   # the MLP's down projection
