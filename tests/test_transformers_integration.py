@@ -309,3 +309,24 @@ def test_blockbert_bench_rows_on_minilm():
     rows = blockbert_rows("cpu", lengths=(128,), blocks=(2,), block=32)
     assert len(rows) == 1 and rows[0].ok and rows[0].max_error is not None
     assert "embedding cosine vs dense" in rows[0].note and rows[0].ours_ms > 0 and rows[0].baseline_ms > 0
+
+
+@pytest.mark.parametrize("order", ["blockops first", "transformers first"])
+def test_registration_waits_for_transformers_import(order):
+    """`import blockops` does not import transformers (about 1.7 s); the quantizer and the attention backend
+    register as soon as transformers is imported, in either order."""
+    import subprocess
+    import sys
+
+    first, second = ("blockops", "transformers") if order == "blockops first" else ("transformers", "blockops")
+    code = (
+        "import sys\n"
+        f"import {first}\n"
+        "assert ('transformers' in sys.modules) == (" + repr(first == "transformers") + "), 'transformers imported'\n"
+        f"import {second}\n"
+        "from transformers import AttentionInterface\n"
+        "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING\n"
+        "assert 'blockops' in AUTO_QUANTIZER_MAPPING and 'blockops' in AttentionInterface._global_mapping\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
