@@ -127,6 +127,36 @@ def test_sink_window_strided(q_len, sink, window, stride, block_q, block_kv):
     check_mask(m, ref[None, None])
 
 
+@pytest.mark.parametrize("chunk", [3, 4096])
+def test_banded_builders_equal_from_mask_fn(monkeypatch, chunk):
+    """causal, causal sliding_window and sink_window_strided classify tiles away from the diagonal without
+    evaluating the predicate (masks._causal_band: O(T^2 / block) instead of O(T^2)); the result must be the very
+    BlockMask from_mask_fn builds from the same predicate, field by field, near-diagonal tiles in chunks of 3 too."""
+    monkeypatch.setattr(masks, "_BAND_CHUNK_BLOCKS", chunk)
+    fields = ["kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks", "q_indices",
+              "full_q_num_blocks", "full_q_indices"]
+
+    def same(m, fn, q_len, kv_len, bq, bk):
+        ref = BlockMask.from_mask_fn(fn, q_len, kv_len, bq, bk)
+        for f in fields:
+            assert torch.equal(getattr(m, f), getattr(ref, f)), f
+        assert torch.equal(m.to_dense(), ref.to_dense()) and m.num_tiles == ref.num_tiles
+
+    for q_len, kv_len, bq, bk in [(1, 1, 16, 16), (37, 66, 16, 32), (333, 333, 64, 64), (515, 544, 16, 128)]:
+        for br in (False, True):
+            shift = kv_len - q_len if br else 0
+            same(masks.causal(q_len, kv_len, bottom_right=br, block_q=bq, block_kv=bk),
+                 lambda b, h, q, kv: kv <= q + shift, q_len, kv_len, bq, bk)
+        for w in (1, 5, 64, 300):
+            same(masks.sliding_window(q_len, w, kv_len=kv_len, block_q=bq, block_kv=bk),
+                 lambda b, h, q, kv: (kv <= q) & (q - kv < w), q_len, kv_len, bq, bk)
+        for sink, w, stride, sb in [(0, 1, 1, None), (4, 17, 3, None), (70, 64, 2, 16), (1, 200, 5, 48)]:
+            step = bk if sb is None else sb
+            same(masks.sink_window_strided(q_len, sink, w, stride, stride_block=sb, block_q=bq, block_kv=bk),
+                 lambda b, h, q, kv: (kv <= q) & ((kv < sink) | (q - kv < w) | ((kv // step) % stride == 0)),
+                 q_len, q_len, bq, bk)
+
+
 @pytest.mark.parametrize("block_q,block_kv", [(16, 16), (32, 64), (128, 16)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_documents(causal, block_q, block_kv):

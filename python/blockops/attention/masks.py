@@ -2,7 +2,9 @@
 
 Every builder returns a :class:`~blockops.attention.BlockMask` built from its exact token-level predicate
 (``BlockMask.from_mask_fn``, i.e. ``from_dense`` evaluated a few query blocks at a time), so ``to_dense()`` is the
-predicate written in each docstring. Common keyword arguments:
+predicate written in each docstring. ``causal``, causal ``sliding_window`` and ``sink_window_strided`` evaluate it
+only on the tiles the diagonal or the window's edge crosses and classify the rest by block (the same BlockMask,
+built in seconds at T = 64k instead of minutes). Common keyword arguments:
 
 * ``block_q``, ``block_kv``: tile sizes in {16, 32, 64, 128} (default 64);
 * ``batch``, ``heads``: the ``B'`` / ``H'`` of the result (default 1 = broadcast over the real batch / heads);
@@ -17,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from blockops.attention.block_mask import BlockMask, _cdiv, _check_block_size
+from blockops.attention.block_mask import BlockMask, _cdiv, _check_block_size, _pack_rows
 
 __all__ = ["and_masks", "block_diffusion", "blockbert", "blockrank", "causal", "documents", "from_dense",
            "key_padding", "or_masks", "per_head", "sink_window_strided", "sliding_window", "topk_block_selection", "topk_blocks"]
@@ -28,6 +30,80 @@ def _build(fn, q_len, kv_len, block_q, block_kv, batch, heads, device) -> BlockM
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     mask = BlockMask.from_mask_fn(fn, q_len, kv_len, block_q, block_kv, device=device)
+    return mask if batch == heads == 1 else mask.expand(batch, heads)
+
+
+_BAND_CHUNK_BLOCKS = 4096   # near-diagonal tiles evaluated at once (4096 x 64 x 64 bools = 16 MB)
+
+
+def _causal_band(fn, q_len: int, kv_len: int, shift: int, window: int | None, always, block_q: int, block_kv: int,
+                 batch: int, heads: int, device) -> BlockMask:
+    """The exact mask ``fn`` (= ``kv <= q + shift`` and (``q + shift - kv < window`` or ``always[kv]``)) built in
+    O(T^2 / block + T * band) instead of from_mask_fn's O(T^2): a tile wholly above the diagonal is empty; a tile
+    wholly below it and out of the window (``window`` None: nowhere) has every row equal to ``always`` over its keys
+    (``always`` None: all True), so it is full, empty, or partial with that row repeated; only the tiles the diagonal
+    or the window's edge crosses evaluate ``fn`` element by element. Same BlockMask as from_mask_fn (tests check)."""
+    _check_block_size("block_q", block_q)
+    _check_block_size("block_kv", block_kv)
+    for name, v in (("batch", batch), ("heads", heads)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    qb_n, kb_n = _cdiv(q_len, block_q), _cdiv(kv_len, block_kv)
+    q_first = torch.arange(qb_n, device=dev).view(-1, 1) * block_q
+    q_last = torch.clamp(q_first + block_q, max=q_len) - 1
+    k_first = torch.arange(kb_n, device=dev).view(1, -1) * block_kv
+    k_last = torch.clamp(k_first + block_kv, max=kv_len) - 1
+    empty = k_first > q_last + shift
+    far = k_last <= q_first + shift
+    if window is not None:
+        far &= q_first + shift - k_last >= window
+    near = ~empty & ~far
+    # Far tiles: the key pattern `always` on every row (padding columns past kv_len count as visible for "full").
+    kv_pad = kb_n * block_kv
+    key_ok = torch.ones(kv_pad, dtype=torch.bool, device=dev) if always is None else \
+        torch.nn.functional.pad(always.to(device=dev, dtype=torch.bool), (0, kv_pad - kv_len))
+    col_oob = torch.arange(kv_pad, device=dev) >= kv_len
+    key_any = (key_ok & ~col_oob).view(kb_n, block_kv).any(-1)
+    key_all = (key_ok | col_oob).view(kb_n, block_kv).all(-1)
+    full = far & key_all & key_any
+    partial = far & key_any & ~key_all
+    row_in = torch.arange(block_q, device=dev).view(1, -1, 1)
+    pq, pk = partial.nonzero(as_tuple=True)
+    far_bits = (key_ok & ~col_oob).view(kb_n, block_kv)[pk].unsqueeze(1) & \
+        (q_first.view(-1)[pq].view(-1, 1, 1) + row_in < q_len)
+    # Near tiles: fn element by element, a chunk of tiles at a time.
+    nq, nk = near.nonzero(as_tuple=True)
+    zero = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=dev)
+    near_bits, near_full, near_partial = [], [], []
+    for c0 in range(0, nq.numel(), _BAND_CHUNK_BLOCKS):
+        cq, ck = nq[c0:c0 + _BAND_CHUNK_BLOCKS], nk[c0:c0 + _BAND_CHUNK_BLOCKS]
+        q = (cq * block_q).view(-1, 1, 1) + row_in                                    # [N, bq, 1]
+        kv = (ck * block_kv).view(-1, 1, 1) + torch.arange(block_kv, device=dev).view(1, 1, -1)
+        oob = (q >= q_len) | (kv >= kv_len)
+        bits = torch.as_tensor(fn(zero, zero, q, kv), device=dev).to(torch.bool) & ~oob
+        any_ = bits.flatten(1).any(-1)
+        all_ = (bits | oob).flatten(1).all(-1)
+        near_full.append(any_ & all_)
+        near_partial.append(any_ & ~all_)
+        near_bits.append(bits[any_ & ~all_])
+    if near_full:
+        nf, np_ = torch.cat(near_full), torch.cat(near_partial)
+        full[nq[nf], nk[nf]] = True
+        partial[nq[np_], nk[np_]] = True
+    # Tiles, deduplicated, in the order of the partial blocks (row-major) as tile ids.
+    tob = torch.full((qb_n, kb_n), -1, dtype=torch.int64, device=dev)
+    all_bits = torch.cat([far_bits] + near_bits, 0) if near_bits else far_bits
+    tob[pq, pk] = torch.arange(pq.numel(), device=dev)
+    if near_bits:
+        tob[nq[np_], nk[np_]] = torch.arange(pq.numel(), all_bits.shape[0], device=dev)
+    tiles = _pack_rows(all_bits)
+    if tiles.shape[0] > 0:
+        uniq, inverse = torch.unique(tiles.view(tiles.shape[0], -1), dim=0, return_inverse=True)
+        tiles = uniq.view(-1, block_q, tiles.shape[2])
+        tob = torch.where(tob >= 0, inverse[tob.clamp_min(0)], -1)
+    mask = BlockMask._assemble(partial[None, None], full[None, None], tob.clamp_min(0)[None, None], tiles, q_len,
+                               kv_len, block_q, block_kv)
     return mask if batch == heads == 1 else mask.expand(batch, heads)
 
 
@@ -52,7 +128,8 @@ def causal(q_len: int, kv_len: int | None = None, *, bottom_right: bool = False,
     kv_len = q_len if kv_len is None else kv_len
     _positive("q_len", q_len), _positive("kv_len", kv_len)
     shift = kv_len - q_len if bottom_right else 0
-    return _build(lambda b, h, q, kv: kv <= q + shift, q_len, kv_len, block_q, block_kv, batch, heads, device)
+    return _causal_band(lambda b, h, q, kv: kv <= q + shift, q_len, kv_len, shift, None, None, block_q, block_kv,
+                        batch, heads, device)
 
 
 def sliding_window(q_len: int, window: int, causal: bool = True, *, kv_len: int | None = None,
@@ -66,6 +143,8 @@ def sliding_window(q_len: int, window: int, causal: bool = True, *, kv_len: int 
     _positive("q_len", q_len), _positive("kv_len", kv_len), _positive("window", window)
     if causal:
         fn = lambda b, h, q, kv: (kv <= q) & (q - kv < window)  # noqa: E731
+        return _causal_band(fn, q_len, kv_len, 0, window, torch.zeros(kv_len, dtype=torch.bool), block_q, block_kv,
+                            batch, heads, device)
     else:
         fn = lambda b, h, q, kv: (q - kv).abs() < window  # noqa: E731
     return _build(fn, q_len, kv_len, block_q, block_kv, batch, heads, device)
@@ -87,7 +166,9 @@ def sink_window_strided(q_len: int, sink: int, window: int, stride: int, *, stri
     def fn(b, h, q, kv):
         return (kv <= q) & ((kv < sink) | (q - kv < window) | ((kv // sb) % stride == 0))
 
-    return _build(fn, q_len, q_len, block_q, block_kv, batch, heads, device)
+    kv = torch.arange(q_len)
+    return _causal_band(fn, q_len, q_len, 0, window, (kv < sink) | ((kv // sb) % stride == 0), block_q, block_kv,
+                        batch, heads, device)
 
 
 def documents(seqlens, *, causal: bool = False, block_q: int = 64, block_kv: int = 64, batch: int = 1,
