@@ -199,7 +199,11 @@ at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
   const bool f64 = any_fp64({&x, &codebooks}) || (scales.has_value() && scales->scalar_type() == at::kDouble);
   const bool planes = !f64 && rows > 0 && g.out > 0 && g.in() > 0 &&
                       use_byte_planes(g, w.type, x.scalar_type() == at::kFloat, rows);
-  if (!planes) check_code_range(kLinear, codes, w);  // the byte-plane kernel checks on its own pass over the codes
+  // The table kernel with uint8 codes (rows up to kCpuLutMaxRows where the rule picks it) checks the codes as it
+  // stages them, and so does the byte-plane kernel: a pass over the codes saved (they can be 20 MB).
+  const bool table = !planes && !f64 && rows > 0 && rows <= kCpuLutMaxRows &&
+                     use_lookup_table(g, std::min(rows, kCpuSmallBatchRows));
+  if (!planes && !(table && w.type == CodeType::kU8)) check_code_range(kLinear, codes, w);
   linear_counter.hit();
   if (rows == 0 || g.out == 0 || g.in() == 0) return linear_without_products(out_sizes, bias, x.options());
   if (f64) {
@@ -226,18 +230,17 @@ at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
                                        y32.mutable_data_ptr<float>());
     if (largest >= g.k) check_code_range(kLinear, codes, w);  // raises, naming the first code out of range
 #endif
-  } else if (rows <= kCpuSmallBatchRows && use_lookup_table(g, rows)) {
-    lut_gemv(avx2, x32.const_data_ptr<float>(), codes.const_data_ptr(), w.type, cb32.const_data_ptr<float>(), s.data(),
-             g, rows, y32.mutable_data_ptr<float>());
-  } else if (rows <= kCpuLutMaxRows && use_lookup_table(g, kCpuSmallBatchRows)) {
+  } else if (table) {
     // Passes of balanced size, at most kCpuSmallBatchRows rows each.
     const int64_t passes = (rows + kCpuSmallBatchRows - 1) / kCpuSmallBatchRows;
     const int64_t per_pass = (rows + passes - 1) / passes;
+    uint32_t seen = 0;
     for (int64_t m0 = 0; m0 < rows; m0 += per_pass) {
-      lut_gemv(avx2, x32.const_data_ptr<float>() + m0 * g.in(), codes.const_data_ptr(), w.type,
-               cb32.const_data_ptr<float>(), s.data(), g, std::min(per_pass, rows - m0),
-               y32.mutable_data_ptr<float>() + m0 * g.out);
+      seen |= lut_gemv(avx2, x32.const_data_ptr<float>() + m0 * g.in(), codes.const_data_ptr(), w.type,
+                       cb32.const_data_ptr<float>(), s.data(), g, std::min(per_pass, rows - m0),
+                       y32.mutable_data_ptr<float>() + m0 * g.out);
     }
+    if (w.type == CodeType::kU8 && seen >= g.k) check_code_range(kLinear, codes, w);  // raises if one is >= k
   } else if (rows <= kCpuSmallBatchRows) {
     direct_gemv(avx2, x32.const_data_ptr<float>(), codes.const_data_ptr(), w.type, cb32.const_data_ptr<float>(),
                 s.data(), g, rows, y32.mutable_data_ptr<float>());

@@ -15,8 +15,12 @@ constexpr int64_t kBuildGrain = 1 << 22;  // table multiply-adds per task of eit
 
 // y [rows, out] fp32 = x [rows, in] fp32 @ W_hat^T through lookup tables, rows <= kCpuSmallBatchRows. cb32: the
 // codebooks in fp32 [K, k, d]; scales [out] fp32; avx2: run the AVX2 copies of the loops (cpu_has_avx2_fma()).
-void lut_gemv(bool avx2, const float* x, const void* codes, CodeType type, const float* cb32, const float* scales,
-              const Geometry& g, int64_t rows, float* y);
+// uint8 codes are not range-checked beforehand: the tables are padded so that every code a byte can hold reads
+// inside them, and the kernel returns the OR of every code it read (>= the largest, so a result < k proves them
+// all in range; otherwise the caller runs check_code_range, which names the first code out of range). Other code
+// types must be checked before the call (the result is then meaningless).
+uint32_t lut_gemv(bool avx2, const float* x, const void* codes, CodeType type, const float* cb32, const float* scales,
+                  const Geometry& g, int64_t rows, float* y);
 
 // Whether vq_linear takes the byte-plane kernel for these weights and rows (fp32_x: fp32 activations, which need
 // exact tables). Always false without BLOCKOPS_X86_DISPATCH or an AVX-512 VBMI CPU.

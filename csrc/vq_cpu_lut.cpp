@@ -241,8 +241,8 @@ __attribute__((always_inline)) inline void gather_rows(const CodeT* codes, int64
 // One tile of output rows [n0, n1) of a task ending at n_end: stage its codes, gather every chunk's tables into
 // acc [row][RP], then write y = scale * acc.
 template <typename CodeT, int RP, int kK>
-__attribute__((always_inline)) inline void gather_tile(const GatherArgs& a, int64_t n0, int64_t n1, int64_t n_end,
-                                                       CodeT* staged, float* acc) {
+__attribute__((always_inline)) inline uint64_t gather_tile(const GatherArgs& a, int64_t n0, int64_t n1, int64_t n_end,
+                                                           CodeT* staged, float* acc) {
   constexpr int kPerWord = 8 / sizeof(CodeT);        // codes per 64-bit word (the staging copies)
   constexpr int kRowsAtOnce = 4;                     // output rows gathered together
   const int64_t P = a.g.positions(), k = a.g.k, rows = n1 - n0;
@@ -250,18 +250,24 @@ __attribute__((always_inline)) inline void gather_tile(const GatherArgs& a, int6
   const CodeT* codes = static_cast<const CodeT*>(a.codes);
   // Stage the tile: staged[q * chunk * rows + r * len_q + i] = codes[n0 + r, q * chunk + i] for chunk q of len_q
   // positions, zero past P. The tile's codes are read in order (one sequential stream) and each chunk's codes
-  // come out contiguous.
+  // come out contiguous; `seen` ORs every staged word (lut_gemv's deferred code-range check).
+  uint64_t seen = 0;
   for (int64_t r = 0; r < rows; ++r) {
     const CodeT* src = codes + (n0 + r) * P;
     for (int64_t q0 = 0; q0 < padded; q0 += chunk) {
       const int64_t len = std::min(chunk, padded - q0);
       CodeT* dst = staged + q0 * rows + r * len;
       for (int64_t i0 = 0; i0 < len; i0 += kPerWord) {
+        uint64_t word = 0;
         if (q0 + i0 + kPerWord <= P) {
-          std::memcpy(dst + i0, src + q0 + i0, sizeof(uint64_t));
+          std::memcpy(&word, src + q0 + i0, sizeof word);
         } else {
-          for (int i = 0; i < kPerWord; ++i) dst[i0 + i] = q0 + i0 + i < P ? src[q0 + i0 + i] : CodeT{0};
+          CodeT part[kPerWord] = {};
+          for (int i = 0; q0 + i0 + i < P; ++i) part[i] = src[q0 + i0 + i];
+          std::memcpy(&word, part, sizeof word);
         }
+        std::memcpy(dst + i0, &word, sizeof word);
+        seen |= word;
       }
     }
   }
@@ -286,21 +292,22 @@ __attribute__((always_inline)) inline void gather_tile(const GatherArgs& a, int6
     const int64_t n = n0 + r;
     for (int64_t m = 0; m < a.rows; ++m) a.y[m * a.g.out + n] = a.scales[n] * acc[r * RP + m];
   }
+  return seen;
 }
 
 template <typename CodeT, int RP, int kK>
-void gather_portable(const GatherArgs& a, int64_t n0, int64_t n1, int64_t n_end, void* staged, float* acc) {
-  gather_tile<CodeT, RP, kK>(a, n0, n1, n_end, static_cast<CodeT*>(staged), acc);
+uint64_t gather_portable(const GatherArgs& a, int64_t n0, int64_t n1, int64_t n_end, void* staged, float* acc) {
+  return gather_tile<CodeT, RP, kK>(a, n0, n1, n_end, static_cast<CodeT*>(staged), acc);
 }
 #if BLOCKOPS_X86_DISPATCH
 template <typename CodeT, int RP, int kK>
-BLOCKOPS_TARGET_AVX2 void gather_avx2(const GatherArgs& a, int64_t n0, int64_t n1, int64_t n_end, void* staged,
-                                      float* acc) {
-  gather_tile<CodeT, RP, kK>(a, n0, n1, n_end, static_cast<CodeT*>(staged), acc);
+BLOCKOPS_TARGET_AVX2 uint64_t gather_avx2(const GatherArgs& a, int64_t n0, int64_t n1, int64_t n_end, void* staged,
+                                          float* acc) {
+  return gather_tile<CodeT, RP, kK>(a, n0, n1, n_end, static_cast<CodeT*>(staged), acc);
 }
 #endif
 
-using GatherFn = void (*)(const GatherArgs&, int64_t, int64_t, int64_t, void*, float*);
+using GatherFn = uint64_t (*)(const GatherArgs&, int64_t, int64_t, int64_t, void*, float*);
 
 template <typename CodeT, int RP, int kK>
 GatherFn pick_gather_isa(bool avx2) {
@@ -331,11 +338,16 @@ GatherFn pick_gather(bool avx2, CodeType type, int64_t k, int64_t rp) {
 
 }  // namespace
 
-void lut_gemv(bool avx2, const float* x, const void* codes, CodeType type, const float* cb32, const float* scales,
-              const Geometry& g, int64_t rows, float* y) {
+uint32_t lut_gemv(bool avx2, const float* x, const void* codes, CodeType type, const float* cb32, const float* scales,
+                  const Geometry& g, int64_t rows, float* y) {
   const int64_t code_bytes = type == CodeType::kU8 ? 1 : 2;
   const TablePlan t = plan_tables(g, rows, code_bytes);
-  at::Tensor lut = at::empty({t.padded, g.k, t.rp}, at::TensorOptions().dtype(at::kFloat));  // interleaved, see build_tables
+  // [padded][k][rp] (see build_tables), then, for uint8 codes, zeros up to where code 255 of the last position
+  // would read: codes are range-checked after the gathers (lut_gemv's contract in vq_cpu.h).
+  const int64_t tables = t.padded * g.k * t.rp;
+  const int64_t guard = type == CodeType::kU8 ? std::max<int64_t>(0, 256 - g.k) * t.rp : 0;
+  at::Tensor lut = at::empty({tables + guard}, at::TensorOptions().dtype(at::kFloat));
+  std::fill(lut.mutable_data_ptr<float>() + tables, lut.mutable_data_ptr<float>() + tables + guard, 0.f);
   build_tables(avx2, x, cb32, g, rows, t, 8 / code_bytes, lut.mutable_data_ptr<float>());
   const GatherArgs a{lut.const_data_ptr<float>(), codes, scales, y, g, t, rows};
   const GatherFn gather = pick_gather(avx2, type, g.k, t.rp);
@@ -346,14 +358,21 @@ void lut_gemv(bool avx2, const float* x, const void* codes, CodeType type, const
   const int64_t tile = std::min(t.tile, std::max<int64_t>(64, (g.out + kTilesPerThread * threads - 1) /
                                                                   (kTilesPerThread * threads)));
   std::atomic<int64_t> next_tile{0};
+  std::atomic<uint64_t> seen{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     // Not zero-filled: staging writes every byte before it is read.
     const auto staged = std::make_unique_for_overwrite<uint8_t[]>(static_cast<size_t>(tile * t.padded * code_bytes));
     std::vector<float> acc(static_cast<size_t>(tile * t.rp));
+    uint64_t mine = 0;
     for (int64_t n0 = next_tile.fetch_add(tile); n0 < g.out; n0 = next_tile.fetch_add(tile)) {
-      gather(a, n0, std::min(g.out, n0 + tile), g.out, staged.get(), acc.data());
+      mine |= gather(a, n0, std::min(g.out, n0 + tile), g.out, staged.get(), acc.data());
     }
+    seen.fetch_or(mine);
   });
+  // Fold the OR of 64-bit words down to one code's width.
+  uint64_t folded = seen.load();
+  for (int64_t bits = 32; bits >= 8 * code_bytes; bits /= 2) folded |= folded >> bits;
+  return static_cast<uint32_t>(folded & (code_bytes == 1 ? 0xFFu : 0xFFFFu));
 }
 
 #pragma GCC diagnostic pop

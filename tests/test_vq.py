@@ -529,6 +529,41 @@ def test_opcheck():
 
 # ---- error paths ------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+def test_table_kernel_checks_uint8_codes_as_it_stages_them(isa):
+    """The table kernel with uint8 codes has no pass over the codes beforehand: its tables are padded so any byte
+    reads inside them, it ORs the codes it stages, and an OR >= k sends vq_linear to the full check, which names
+    the code. Out of range at the very last code (the read furthest past the tables), with 1 and 9 rows (9: fp32
+    activations take the table kernel even with byte planes); codes whose OR is >= k = 200 although each is
+    in range (199 | 56 = 255) must give the right result."""
+    code = (
+        "import sys, torch, blockops\n"
+        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+        "from test_vq import make_weights, uses_lookup_table\n"
+        "from blockops.reference import ref_vq_linear\n"
+        "from blockops.ops import vq\n"
+        "codes, cb, s = make_weights(700, 1023, 1, 64, 2)\n"
+        "rows = (9,) if blockops.build_info()['cpu_families']['vq'] != 'avx2+fma' else (1, 9)\n"
+        "for r in rows:\n"
+        "    assert uses_lookup_table(700, 1023, 1, 64, 2, r)\n"
+        "    bad = codes.clone(); bad[699, 1022, 0] = 255\n"
+        "    try:\n"
+        "        vq.vq_linear(torch.randn(r, 2046), bad, cb, s)\n"
+        "        raise SystemExit('no error')\n"
+        "    except RuntimeError as e:\n"
+        "        assert 'code 255 at codes[699, 1022, 0] is out of range for a codebook of k = 64' in str(e), e\n"
+        "codes, cb, s = make_weights(700, 1023, 1, 200, 2)\n"
+        "codes[5, 3, 0], codes[6, 4, 0] = 199, 56\n"
+        "for r in rows:\n"
+        "    x = torch.randn(r, 2046)\n"
+        "    torch.testing.assert_close(vq.vq_linear(x, codes, cb, s), ref_vq_linear(x, codes, cb, s), rtol=1e-4, atol=1e-3)\n"
+    )
+    if isa == "native":
+        exec(code, {})
+    else:
+        run_with_cpu_isa("avx2", code)
+
+
 def test_code_out_of_range():
     codes, codebooks, _ = make_weights(4, 3, 1, 100, 4)
     codes[2, 1, 0] = 100
