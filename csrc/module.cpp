@@ -61,13 +61,26 @@ std::vector<std::pair<std::string, uint64_t>> kernel_call_counts() {
   return out;
 }
 
+#if BLOCKOPS_X86_DISPATCH
+namespace {
+// How far BLOCKOPS_CPU_ISA lets the detectors below go: 0 "portable" (no SIMD path), 1 "avx2" (what an AVX2-only
+// CPU runs: no AVX-512, no bf16 dot products), 2 anything else (what the CPU has). Read once.
+int isa_cap() {
+  static const int cap = [] {
+    const char* forced = std::getenv("BLOCKOPS_CPU_ISA");
+    if (forced == nullptr) return 2;
+    return std::strcmp(forced, "portable") == 0 ? 0 : std::strcmp(forced, "avx2") == 0 ? 1 : 2;
+  }();
+  return cap;
+}
+}  // namespace
+#endif
+
 bool cpu_has_avx2_fma() {
 #if BLOCKOPS_X86_DISPATCH
   static const bool has = [] {
-    const char* forced = std::getenv("BLOCKOPS_CPU_ISA");
-    if (forced != nullptr && std::strcmp(forced, "portable") == 0) return false;
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return isa_cap() >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   }();
   return has;
 #else
@@ -78,11 +91,9 @@ bool cpu_has_avx2_fma() {
 bool cpu_has_avx512_vnni() {
 #if BLOCKOPS_X86_DISPATCH
   static const bool has = [] {
-    const char* forced = std::getenv("BLOCKOPS_CPU_ISA");
-    if (forced != nullptr && (std::strcmp(forced, "avx2") == 0 || std::strcmp(forced, "portable") == 0)) return false;
     __builtin_cpu_init();
-    return cpu_has_avx2_fma() && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vnni");
+    return isa_cap() >= 2 && cpu_has_avx2_fma() && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
   }();
   return has;
 #else
@@ -105,10 +116,8 @@ bool cpu_has_avx512_vbmi() {
 bool cpu_has_bf16_gemm() {
 #if BLOCKOPS_X86_DISPATCH
   static const bool has = [] {
-    const char* forced = std::getenv("BLOCKOPS_CPU_ISA");
-    if (forced != nullptr && (std::strcmp(forced, "avx2") == 0 || std::strcmp(forced, "portable") == 0)) return false;
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
+    return isa_cap() >= 2 && (__builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16"));
   }();
   return has;
 #else
