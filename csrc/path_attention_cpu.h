@@ -229,6 +229,8 @@ inline S dot(const S* a, const S* b, int n) {
 template <typename S>
 struct ChunkMath {
   std::vector<S> W, K, beta, gram, wk, T, U, TDW, Kbar;
+  std::vector<S> WT, KT;        // W^T, K^T [d, kChunk], zero beyond column n
+  std::vector<S> full, Z, BW;   // scratch: [n, kChunk] products, Dg strictLower(wk) [n, kChunk], Dg W [n, d]
 
   // The n tokens starting at (b, t0) of key head hk.
   void compute(const ParamsT<S>& p, int64_t b, int64_t t0, int n, int64_t hk);
