@@ -210,8 +210,7 @@ template <typename S>
 void softmax_block(int n, int nk, int dv, S* Sc, const S* V, RowsState<S>& st) {
   for (int a = 0; a < n; ++a) {
     S* s = Sc + a * kChunk;
-    S bmax = kNegInf<S>;
-    for (int b = 0; b < nk; ++b) bmax = nan_max(bmax, s[b]);
+    const S bmax = row_max(s, nk);
     if (bmax == kNegInf<S>) continue;   // no visible key in this block (a NaN score is not skipped: nan_max)
     const S f = softmax_rescale(st.m[a], bmax);
     S* acc = st.acc.data() + static_cast<int64_t>(a) * dv;
@@ -220,9 +219,7 @@ void softmax_block(int n, int nk, int dv, S* Sc, const S* V, RowsState<S>& st) {
       for (int x = 0; x < dv; ++x) acc[x] *= f;
     }
     exp_row(s, s, nk, 1, st.m[a]);
-    S sum = 0;
-    for (int b = 0; b < nk; ++b) sum += s[b];
-    st.l[a] += sum;
+    st.l[a] += row_sum(s, nk);
   }
   matmul_acc(n, dv, nk, 1, Sc, kChunk, V, dv, st.acc.data(), dv);
 }
@@ -253,14 +250,19 @@ template <typename S>
   st.acc.assign(static_cast<size_t>(n) * dv, S(0));
 
   // Scores from logits: scale * (logit + G_i - G_j), keys of the block starting at token tk.
+  // (Branch-free inner loops, so the compiler vectorizes them.)
   auto finish_scores = [&](int64_t tk, int nk, bool causal) {
     for (int a = 0; a < n; ++a) {
       S* srow = Sc + a * kChunk;
-      const S gi = Grow == nullptr ? S(0) : Grow[t0 + a];
-      for (int b = 0; b < nk; ++b) {
-        const S gate = Grow == nullptr ? S(0) : gi - Grow[tk + b];
-        srow[b] = (causal && b > a) ? kNegInf<S> : p.scale * (srow[b] + gate);
+      const int visible = causal ? std::min(a + 1, nk) : nk;
+      if (Grow != nullptr) {
+        const S gi = Grow[t0 + a];
+        const S* gk = Grow + tk;
+        for (int b = 0; b < visible; ++b) srow[b] = p.scale * (srow[b] + (gi - gk[b]));
+      } else {
+        for (int b = 0; b < visible; ++b) srow[b] = p.scale * srow[b];
       }
+      std::fill(srow + visible, srow + nk, kNegInf<S>);
     }
   };
 

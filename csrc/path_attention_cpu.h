@@ -172,6 +172,32 @@ BLOCKOPS_TARGET_AVX2 inline void exp_avx2(const float* x, float* y, int n, float
   }
   for (; i < n; ++i) y[i] = exp_or_zero(x[i] * mul - sub);
 }
+
+// The largest of x[0, n), NaN when any is NaN (nan_max's fold; maxps alone would drop a NaN): max in 8 lanes,
+// unordered lanes remembered apart.
+BLOCKOPS_TARGET_AVX2 inline float row_max_avx2(const float* x, int n) {
+  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), nan = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    m = _mm256_max_ps(m, v);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  if (_mm256_movemask_ps(nan) != 0) return std::numeric_limits<float>::quiet_NaN();
+  float r = hmax_avx2(m);
+  for (; i < n; ++i) r = nan_max(r, x[i]);
+  return r;
+}
+
+// Sum of x[0, n) in 8 lanes.
+BLOCKOPS_TARGET_AVX2 inline float row_sum_avx2(const float* x, int n) {
+  __m256 acc = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(x + i));
+  float r = hsum_avx2(acc);
+  for (; i < n; ++i) r += x[i];
+  return r;
+}
 #endif
 
 // ---- dispatch (cpu_features.h: AVX2/FMA unless the CPU lacks it or BLOCKOPS_CPU_ISA=portable; fp32 only)
@@ -211,6 +237,32 @@ inline void exp_row(const S* x, S* y, int n, std::type_identity_t<S> mul, std::t
   }
 #endif
   exp_portable(x, y, n, mul, sub);
+}
+
+// The largest of x[0, n), NaN when any is NaN (path_attention.h nan_max), -inf when n = 0 or all are -inf.
+template <typename S>
+inline S row_max(const S* x, int n) {
+#if BLOCKOPS_X86_DISPATCH
+  if constexpr (std::is_same_v<S, float>) {
+    if (cpu_has_avx2_fma()) return row_max_avx2(x, n);
+  }
+#endif
+  S m = kNegInf<S>;
+  for (int i = 0; i < n; ++i) m = nan_max(m, x[i]);
+  return m;
+}
+
+// Sum of x[0, n) (8 partial sums on the AVX2 path).
+template <typename S>
+inline S row_sum(const S* x, int n) {
+#if BLOCKOPS_X86_DISPATCH
+  if constexpr (std::is_same_v<S, float>) {
+    if (cpu_has_avx2_fma()) return row_sum_avx2(x, n);
+  }
+#endif
+  S s = 0;
+  for (int i = 0; i < n; ++i) s += x[i];
+  return s;
 }
 
 template <typename S>
