@@ -169,6 +169,27 @@ at::Tensor prepare_all_chunks(const ParamsT<S>& p, const Chunking& ch, const Chu
 }
 
 template <typename S>
+at::Tensor carry_matrices(const at::Tensor& blocks, const ChunkLayout& lay, bool transposed) {
+  const int d = lay.d;
+  const int64_t per = (transposed ? 2 : 1) * static_cast<int64_t>(d) * d;
+  at::Tensor out = at::zeros({blocks.size(0), blocks.size(1), per}, blocks.options());
+  const S* base = blocks.data_ptr<S>();
+  S* P0 = out.data_ptr<S>();
+  at::parallel_for(0, blocks.size(0) * blocks.size(1), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const S* blk = base + i * lay.size();
+      S* P = P0 + i * per;
+      for (int x = 0; x < d; ++x) P[x * d + x] = 1;
+      matmul_acc(d, d, kChunk, -1, blk + lay.wt(), kChunk, blk + lay.tdw(), d, P, d);   // rows of TDW past n are 0
+      if (transposed)
+        for (int x = 0; x < d; ++x)
+          for (int y = 0; y < d; ++y) P[d * d + y * d + x] = P[x * d + y];
+    }
+  });
+  return out;
+}
+
+template <typename S>
 at::Tensor gate_prefix(const ParamsT<S>& p, const Chunking& ch) {
   at::Tensor G = at::zeros({p.batch, p.heads, p.seq_len}, kComputeDtype<S>);
   S* out = G.data_ptr<S>();
@@ -189,6 +210,8 @@ at::Tensor gate_prefix(const ParamsT<S>& p, const Chunking& ch) {
 
 template at::Tensor prepare_all_chunks<float>(const ParamsT<float>&, const Chunking&, const ChunkLayout&);
 template at::Tensor prepare_all_chunks<double>(const ParamsT<double>&, const Chunking&, const ChunkLayout&);
+template at::Tensor carry_matrices<float>(const at::Tensor&, const ChunkLayout&, bool);
+template at::Tensor carry_matrices<double>(const at::Tensor&, const ChunkLayout&, bool);
 template at::Tensor gate_prefix<float>(const ParamsT<float>&, const Chunking&);
 template at::Tensor gate_prefix<double>(const ParamsT<double>&, const Chunking&);
 
@@ -228,8 +251,8 @@ void softmax_block(int n, int nk, int dv, S* Sc, const S* V, RowsState<S>& st) {
 // and the forward then ran 12% slower (B=1 T=1024 H=4 D=64, one thread) than as a function of its own.
 template <typename S>
 [[gnu::noinline]] void forward_task(const ParamsT<S>& p, const Chunking& ch, const ChunkLayout& lay, const S* blocks,
-                                    const S* G, int64_t s, int64_t hq, int64_t cq, std::vector<S>& scratch,
-                                    RowsState<S>& st) {
+                                    const S* carry, const S* G, int64_t s, int64_t hq, int64_t cq,
+                                    std::vector<S>& scratch, RowsState<S>& st) {
   const int d = p.head_dim, dv = p.v_dim;
   const Span& sp = ch.spans[s];
   const int64_t hk = p.kv_head_of(hq);
@@ -277,17 +300,24 @@ template <typename S>
   finish_scores(t0, n, /*causal=*/true);
   softmax_block(n, n, dv, Sc, blk + lay.v(), st);
 
-  // Earlier chunks, right to left (all of them full chunks).
+  // Earlier chunks, right to left (all of them full chunks). Q (no longer needed) and Q0 take turns holding the
+  // carried queries on the P_c path.
+  S* q0 = Q0;
+  S* spare = Q;
   for (int64_t ck = cq - 1; ck >= 0; --ck) {
     const S* kb = chunk(ck);
     std::fill_n(Sc, n * kChunk, S(0));
-    matmul_acc(n, kChunk, d, 1, Q0, d, kb + lay.kbart(), kChunk, Sc, kChunk);
+    matmul_acc(n, kChunk, d, 1, q0, d, kb + lay.kbart(), kChunk, Sc, kChunk);
     finish_scores(sp.start + ck * kChunk, kChunk, /*causal=*/false);
     softmax_block(n, kChunk, dv, Sc, kb + lay.v(), st);
-    if (ck > 0) {   // carry the queries across chunk ck: Q0 <- Q0 - (Q0 W^T) TDW
+    if (ck > 0 && carry != nullptr) {   // carry the queries across chunk ck: Q0 <- Q0 P_ck
+      std::fill_n(spare, n * d, S(0));
+      matmul_acc(n, d, d, 1, q0, d, carry + (hk * total + ch.first_chunk[s] + ck) * d * d, d, spare, d);
+      std::swap(q0, spare);
+    } else if (ck > 0) {   // the same as two rank-C products: Q0 <- Q0 - (Q0 W^T) TDW
       std::fill_n(QW, n * kChunk, S(0));
-      matmul_acc(n, kChunk, d, 1, Q0, d, kb + lay.wt(), kChunk, QW, kChunk);
-      matmul_acc(n, d, kChunk, -1, QW, kChunk, kb + lay.tdw(), d, Q0, d);
+      matmul_acc(n, kChunk, d, 1, q0, d, kb + lay.wt(), kChunk, QW, kChunk);
+      matmul_acc(n, d, kChunk, -1, QW, kChunk, kb + lay.tdw(), d, q0, d);
     }
   }
 
@@ -322,6 +352,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
   const ChunkLayout lay{p.head_dim, p.v_dim};
   const at::Tensor blocks = prepare_all_chunks(p, ch, lay);
   const at::Tensor G = g.has_value() ? gate_prefix(p, ch) : at::Tensor();
+  const at::Tensor carry = carry_by_matrix(p.head_dim) ? carry_matrices<S>(blocks, lay, false) : at::Tensor();
 
   // Tasks (span, query head, query chunk), the latest query chunks (most key chunks to walk) first.
   struct Task {
@@ -336,12 +367,13 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
   const S* blocks_ptr = blocks.data_ptr<S>();
   const S* G_ptr = G.defined() ? G.data_ptr<S>() : nullptr;
+  const S* carry_ptr = carry.defined() ? carry.data_ptr<S>() : nullptr;
   at::parallel_for(0, std::min<int64_t>(n_tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     std::vector<S> scratch;
     RowsState<S> st;
     for (int64_t i = next.fetch_add(1); i < n_tasks; i = next.fetch_add(1)) {
       const Task& t = tasks[i];
-      forward_task(p, ch, lay, blocks_ptr, G_ptr, t.s, t.hq, t.cq, scratch, st);
+      forward_task(p, ch, lay, blocks_ptr, carry_ptr, G_ptr, t.s, t.hq, t.cq, scratch, st);
     }
   });
   return {o, lse};

@@ -293,6 +293,17 @@ struct ChunkMath {
 template <typename S>
 at::Tensor prepare_all_chunks(const ParamsT<S>& p, const Chunking& ch, const ChunkLayout& lay);
 
+// Carrying a query block of n rows across chunk c, Q0 <- Q0 - (Q0 W_c^T) TDW_c, costs 2 n C d FMAs as two rank-C
+// products, or n d^2 as one product with P_c = I - W_c^T TDW_c [d, d], built once per (key head, chunk) for all
+// the query chunks and heads that cross it: fewer for d < 2C (at d = 64 the forward does 3 instead of 4 products
+// per pair of chunks, the backward 8 instead of 11). The kernels take the P_c path when this is true.
+inline bool carry_by_matrix(int d) { return d < 2 * kChunk; }
+
+// P_c for every (key head, chunk) of `blocks` (prepare_all_chunks): [H, total chunks, d * d] (with `transposed`,
+// [H, total, 2 * d * d]: P_c, then P_c^T), dtype kComputeDtype<S>.
+template <typename S>
+at::Tensor carry_matrices(const at::Tensor& blocks, const ChunkLayout& lay, bool transposed);
+
 // G [B, HQ, T] = cumsum(g) within each sequence, summed in fp64 so long sequences keep G_i - G_j accurate
 // (dtype kComputeDtype<S>).
 template <typename S>

@@ -47,6 +47,7 @@ struct BwdBuffers {
 template <typename S>
 struct KeyGrads {
   std::vector<S> dKbar, dTDW, dU, dW, dK, dV;   // [nc * C, D] except dU [nc, C, C], dV [nc * C, Dv]
+  std::vector<S> dP;                            // [nc, D, D]: gradient at P_c (carry_by_matrix path)
 };
 
 // One query chunk cq of query head hq (the sequence's chunk blocks prepared with lay.backward): recomputes the
@@ -54,8 +55,8 @@ struct KeyGrads {
 // accumulators g and dG (row of this head).
 template <typename S>
 void backward_query_chunk(const ParamsT<S>& p, const BwdBuffers<S>& bb, const Span& sp, const ChunkLayout& lay,
-                          const S* blocks, int64_t hq, int64_t cq, KeyGrads<S>& g, std::vector<S>& buf,
-                          std::vector<S>& ybuf) {
+                          const S* blocks, const S* carry, int64_t hq, int64_t cq, KeyGrads<S>& g,
+                          std::vector<S>& buf, std::vector<S>& ybuf) {
   const int d = p.head_dim, dv = p.v_dim, C = kChunk;
   const int64_t t0 = sp.start + cq * C;
   const int n = static_cast<int>(std::min<int64_t>(C, sp.start + sp.len - t0));
@@ -64,8 +65,10 @@ void backward_query_chunk(const ParamsT<S>& p, const BwdBuffers<S>& bb, const Sp
   buf.assign(static_cast<size_t>(query_chunk_scratch_floats(cq, d, dv)), S(0));
   // Y_c = Q0^(c) W_c^T [C, C] for c = 1 .. cq-1, kept from the recompute for the way back (one product per pair
   // of chunks fewer than recomputing it there).
-  ybuf.assign(static_cast<size_t>(cq * C * C), S(0));
-  const auto [states, Q, R, dQ, Y, QW, Sc, dL, dM, dQW, dO, Ob, delta, lse, Gq] =
+  // (With carry, P_c then P_c^T for each chunk c, [2, d, d]: Q0^(c-1) = Q0^(c) P_c, no Y_c.)
+  if (carry == nullptr) ybuf.assign(static_cast<size_t>(cq * C * C), S(0));
+  auto P = [&](int64_t c) { return carry + c * 2 * d * d; };
+  const auto [states, Q, R0, dQ, Y, QW, Sc, dL, dM, dQW, dO, Ob, delta, lse, Gq] =
       query_chunk_scratch(buf.data(), cq, d, dv);
   for (int a = 0; a < n; ++a) {
     const int64_t tok = (sp.b * p.seq_len + t0 + a) * p.heads + hq;
@@ -116,7 +119,11 @@ void backward_query_chunk(const ParamsT<S>& p, const BwdBuffers<S>& bb, const Sp
     for (int64_t c = cq - 1; c > 0; --c) {
       const S* kb = chunk(c);
       S* prev = states + c * C * d;
-      S* next = states + (c - 1) * C * d;
+      S* next = states + (c - 1) * C * d;   // zero from buf.assign
+      if (carry != nullptr) {
+        matmul_acc(n, d, d, 1, prev, d, P(c), d, next, d);
+        continue;
+      }
       S* Yc = ybuf.data() + c * C * C;
       matmul_acc(n, C, d, 1, prev, d, kb + lay.wt(), C, Yc, C);
       std::copy_n(prev, n * d, next);
@@ -126,11 +133,19 @@ void backward_query_chunk(const ParamsT<S>& p, const BwdBuffers<S>& bb, const Sp
   probs_and_grads(blk, t0, /*causal=*/true, cq);
   std::copy_n(dL, n * C, dM);
 
-  // Earlier chunks, left to right: R arrives as d loss / d Q0^(c-1).
+  // Earlier chunks, left to right: R arrives as d loss / d Q0^(c-1). On the P_c path R and dQ (free until the
+  // diagonal chunk) take turns holding it.
+  S* R = R0;
+  S* spare = dQ;
   for (int64_t c = 0; c < cq; ++c) {
     const S* kb = chunk(c);
     const S* q0 = states + c * C * d;
-    if (c > 0) {     // back through Q0^(c-1) = Q0^(c) - Yc TDW_c, Yc = Q0^(c) W_c^T
+    if (c > 0 && carry != nullptr) {   // back through Q0^(c-1) = Q0^(c) P_c: dP_c += Q0^(c)^T R, R <- R P_c^T
+      matmul_tn_acc(d, d, n, 1, q0, d, R, d, g.dP.data() + c * d * d, d);
+      std::fill_n(spare, n * d, S(0));
+      matmul_acc(n, d, d, 1, R, d, P(c) + d * d, d, spare, d);
+      std::swap(R, spare);
+    } else if (c > 0) {     // back through Q0^(c-1) = Q0^(c) - Yc TDW_c, Yc = Q0^(c) W_c^T
       const S* Yc = ybuf.data() + c * C * C;   // [n, C]
       matmul_tn_acc(C, d, n, -1, Yc, C, R, d, g.dTDW.data() + c * C * d, d);
       std::fill_n(dQW, n * C, S(0));   // dYc = -R TDW_c^T
@@ -146,6 +161,10 @@ void backward_query_chunk(const ParamsT<S>& p, const BwdBuffers<S>& bb, const Sp
   }
 
   // Diagonal chunk: M = Q K^T - QW U and Q0^(cq-1) = Q - QW TDW (R is its gradient; zero when cq = 0).
+  if (R == dQ) {
+    std::copy_n(dQ, n * d, R0);
+    R = R0;
+  }
   S* dUc = g.dU.data() + cq * C * C;
   std::copy_n(R, n * d, dQ);
   matmul_acc(n, d, C, 1, dM, C, blk + lay.k(), d, dQ, d);
@@ -241,26 +260,35 @@ void ut_backward_cpu(const ChunkMath<S>& cm, int n, int d, const S* dKbar, const
 // backward. The task owns all the gradient rows it writes.
 template <typename S>
 void backward_task(const ParamsT<S>& p, const BwdBuffers<S>& bb, const Span& sp, int64_t hk, const ChunkLayout& lay,
-                   const S* blocks) {
+                   const S* blocks, const S* carry) {
   const int d = p.head_dim, dv = p.v_dim, C = kChunk;
   const int64_t nc = chunks_of(sp.len), group = p.heads / p.kv_heads;
   KeyGrads<S> g;
   for (auto* m : {&g.dKbar, &g.dTDW, &g.dW, &g.dK}) m->assign(static_cast<size_t>(nc * C * d), S(0));
   g.dU.assign(static_cast<size_t>(nc * C * C), S(0));
   g.dV.assign(static_cast<size_t>(nc * C * dv), S(0));
+  if (carry != nullptr) g.dP.assign(static_cast<size_t>(nc * d * d), S(0));
   std::vector<S> buf, ybuf;
   for (int64_t hq = hk * group; hq < (hk + 1) * group; ++hq)
-    for (int64_t cq = 0; cq < nc; ++cq) backward_query_chunk(p, bb, sp, lay, blocks, hq, cq, g, buf, ybuf);
+    for (int64_t cq = 0; cq < nc; ++cq) backward_query_chunk(p, bb, sp, lay, blocks, carry, hq, cq, g, buf, ybuf);
 
   ChunkMath<S> cm;
   UtScratch<S> ws;
-  std::vector<S> dbeta(C);
+  std::vector<S> dbeta(C), dPT(carry != nullptr ? static_cast<size_t>(d) * d : 0);
   for (int64_t c = 0; c < nc; ++c) {
     const int64_t t0 = sp.start + c * C;
     const int n = static_cast<int>(std::min<int64_t>(C, sp.start + sp.len - t0));
     cm.compute(p, sp.b, t0, n, hk);
     S* dW = g.dW.data() + c * C * d;
     S* dK = g.dK.data() + c * C * d;
+    if (carry != nullptr && c > 0) {   // P_c = I - W_c^T TDW_c: dTDW_c -= W_c dP_c, dW_c -= TDW_c dP_c^T
+      const S* dP = g.dP.data() + c * d * d;
+      const S* blk = blocks + c * lay.size();
+      for (int x = 0; x < d; ++x)
+        for (int y = 0; y < d; ++y) dPT[y * d + x] = dP[x * d + y];
+      matmul_acc(n, d, d, -1, blk + lay.w(), d, dP, d, g.dTDW.data() + c * C * d, d);
+      matmul_acc(n, d, d, -1, blk + lay.tdw(), d, dPT.data(), d, dW, d);
+    }
     std::fill(dbeta.begin(), dbeta.end(), S(0));
     ut_backward_cpu(cm, n, d, g.dKbar.data() + c * C * d, g.dTDW.data() + c * C * d, g.dU.data() + c * C * C, dW, dK,
                     dbeta.data(), ws);
@@ -299,12 +327,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     ChunkLayout lay{p.head_dim, p.v_dim};
     lay.backward = true;
     const at::Tensor blocks = prepare_all_chunks(p, ch, lay);
+    const at::Tensor carry = carry_by_matrix(p.head_dim) ? carry_matrices<S>(blocks, lay, true) : at::Tensor();
     const int64_t total = ch.first_chunk.back();
     const int64_t n_tasks = static_cast<int64_t>(ch.spans.size()) * p.kv_heads;
     at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t s = task / p.kv_heads, hk = task % p.kv_heads;
-        backward_task(p, bb, ch.spans[s], hk, lay, blocks.data_ptr<S>() + (hk * total + ch.first_chunk[s]) * lay.size());
+        const int64_t first = hk * total + ch.first_chunk[s];
+        backward_task(p, bb, ch.spans[s], hk, lay, blocks.data_ptr<S>() + first * lay.size(),
+                      carry.defined() ? carry.data_ptr<S>() + first * 2 * p.head_dim * p.head_dim : nullptr);
       }
     });
   }
