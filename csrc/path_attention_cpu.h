@@ -115,7 +115,8 @@ inline void exp_portable(const S* x, S* y, int n, S mul, S sub) {
 #if BLOCKOPS_X86_DISPATCH
 // ---- AVX2/FMA primitives
 
-// An MB x (8 NV) block of C += alpha * op(A) B, accumulated over k in MB x NV registers (4 x 2: 8 of the 16 ymm),
+// An MB x (8 NV) block of C += alpha * op(A) B, accumulated over k in MB x NV registers (6 x 2: 12 of the 16 ymm,
+// enough independent FMAs to cover their latency on two FMA pipes; 4 x 2 for the rest),
 // so each row of B is loaded once per MB rows of A.
 template <int MB, int NV, bool kTransA>
 BLOCKOPS_TARGET_AVX2 inline void gemm_block_avx2(int k, float alpha, const float* A, int lda, const float* B, int ldb,
@@ -153,6 +154,7 @@ BLOCKOPS_TARGET_AVX2 void gemm_avx2(int m, int n, int k, float alpha, const floa
                                     float* C, int ldc) {
   auto rows = [&](int i) { return kTransA ? A + i : A + static_cast<int64_t>(i) * lda; };
   int i = 0;
+  for (; i + 6 <= m; i += 6) gemm_rows_avx2<6, kTransA>(n, k, alpha, rows(i), lda, B, ldb, C + static_cast<int64_t>(i) * ldc, ldc);
   for (; i + 4 <= m; i += 4) gemm_rows_avx2<4, kTransA>(n, k, alpha, rows(i), lda, B, ldb, C + static_cast<int64_t>(i) * ldc, ldc);
   for (; i < m; ++i) gemm_rows_avx2<1, kTransA>(n, k, alpha, rows(i), lda, B, ldb, C + static_cast<int64_t>(i) * ldc, ldc);
 }

@@ -17,6 +17,7 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "introspection.h"
@@ -330,8 +331,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor carry = carry_by_matrix(p.head_dim) ? carry_matrices<S>(blocks, lay, true) : at::Tensor();
     const int64_t total = ch.first_chunk.back();
     const int64_t n_tasks = static_cast<int64_t>(ch.spans.size()) * p.kv_heads;
-    at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
+    // Tasks taken from a shared counter, not split in fixed halves: with few (sequence, key head) tasks per
+    // thread, a thread slowed by another process would otherwise hold up the call by a whole share.
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min<int64_t>(n_tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+      for (int64_t task = next.fetch_add(1); task < n_tasks; task = next.fetch_add(1)) {
         const int64_t s = task / p.kv_heads, hk = task % p.kv_heads;
         const int64_t first = hk * total + ch.first_chunk[s];
         backward_task(p, bb, ch.spans[s], hk, lay, blocks.data_ptr<S>() + first * lay.size(),
