@@ -11,12 +11,13 @@
 //   pass 0  G = cumsum(g) per (sequence, query head), fp64 running sum      (only with the forget gate)
 //   pass 1  one task per (key head, chunk): the chunk's UT transform, into a per-chunk block (in S)
 //             WT [D, C] | TDW [C, D] | KT [D, C] | KbarT [D, C] | U [C, C] | V [C, Dv]
-//           (transposed where the kernel multiplies by them from the right, so every inner loop is unit-stride)
+//           (transposed where the kernel multiplies by them from the right, so every inner loop is unit-stride);
+//           then, for D < 2C (carry_by_matrix), P_c = I - W_c^T TDW_c [D, D] per (key head, chunk)
 //   pass 2  one task per (sequence, query head, query chunk), heaviest (latest) chunks first, taken from a
 //           shared counter:
 //             QW = Q W^T, M = Q K^T - tril(QW) U, Q0 = Q - tril(QW) TDW       intra-chunk logits, carried queries
 //             online softmax over M (causal), then for key chunks c = cq-1 .. 0:
-//               S = Q0 Kbar_c^T -> online softmax with V_c;  Q0 -= (Q0 W_c^T) TDW_c
+//               S = Q0 Kbar_c^T -> online softmax with V_c;  Q0 <- Q0 P_c (D >= 2C: Q0 -= (Q0 W_c^T) TDW_c)
 //             o = acc / l, lse = m + log l
 //
 // Key cache (path_key_cache): one task per (sequence, key head), chunks right to left, carrying the running
@@ -152,7 +153,9 @@ void prepare_chunk(const ParamsT<S>& p, int64_t b, int64_t t0, int n, int64_t hk
 template <typename S>
 at::Tensor prepare_all_chunks(const ParamsT<S>& p, const Chunking& ch, const ChunkLayout& lay) {
   const int64_t total = ch.first_chunk.back();
-  at::Tensor blocks = at::zeros({p.kv_heads, total, lay.size()}, kComputeDtype<S>);
+  // Zeroed block by block by the task that fills it (prepare_chunk needs the padding zero): one pass over this
+  // large buffer (about 230 KB per chunk in the backward) instead of at::zeros' and then the task's.
+  at::Tensor blocks = at::empty({p.kv_heads, total, lay.size()}, kComputeDtype<S>);
   S* base = blocks.data_ptr<S>();
   at::parallel_for(0, p.kv_heads * total, 1, [&](int64_t begin, int64_t end) {
     ChunkMath<S> cm;
@@ -162,6 +165,7 @@ at::Tensor prepare_all_chunks(const ParamsT<S>& p, const Chunking& ch, const Chu
       const Span& sp = ch.spans[s];
       const int64_t t0 = sp.start + (gc - ch.first_chunk[s]) * kChunk;
       const int n = static_cast<int>(std::min<int64_t>(kChunk, sp.start + sp.len - t0));
+      std::fill_n(base + task * lay.size(), lay.size(), S(0));
       prepare_chunk(p, sp.b, t0, n, hk, lay, base + task * lay.size(), cm);
     }
   });

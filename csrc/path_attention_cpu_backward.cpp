@@ -4,10 +4,12 @@
 // Pass 1 as in the forward (plus the other orientation of each operand: ChunkLayout::backward), then one
 // task per (sequence, key head), which owns that head's dk, dv, dw, dbeta and the dq and dG of its query heads
 // (deterministic, no atomics). Per query chunk cq of each query head of the group:
-//   recompute QW, M and the carried queries Q0^(c) for c = cq-1 .. 0 (kept: cq x C x D elements)
+//   recompute QW, M and the carried queries Q0^(c) for c = cq-1 .. 0 (kept: cq x C x D elements; by P_c for
+//   D < 2C, path_attention_cpu.h carry_by_matrix, else by two rank-C products whose Y_c = Q0^(c) W_c^T is kept)
 //   P = exp(scale * (logit + gate) - lse), dL = scale * P * (dO V^T - Delta)     per key chunk, as in FA-2
 //   left to right over c = 0 .. cq-1 with R = d loss / d Q0^(c):
 //     back through Q0^(c-1) = Q0^(c) - (Q0^(c) W_c^T) TDW_c  ->  dTDW_c, dW_c, R
+//       (P_c path: R <- R P_c^T, dP_c += Q0^(c)^T R; each dP_c goes to dTDW_c and dW_c once, before the UT backward)
 //     dV_c += P^T dO,  dKbar_c += dL^T Q0^(c),  R += dL Kbar_c
 //   diagonal chunk: dQ = dM K + R + dQW W, and dK, dU, dTDW, dW of the chunk
 // then each key chunk's accumulated dKbar, dTDW, dU go through the UT backward (ut_backward_cpu: the phases of
@@ -261,10 +263,9 @@ void ut_backward_cpu(const ChunkMath<S>& cm, int n, int d, const S* dKbar, const
 // backward. The task owns all the gradient rows it writes.
 template <typename S>
 void backward_task(const ParamsT<S>& p, const BwdBuffers<S>& bb, const Span& sp, int64_t hk, const ChunkLayout& lay,
-                   const S* blocks, const S* carry) {
+                   const S* blocks, const S* carry, KeyGrads<S>& g) {
   const int d = p.head_dim, dv = p.v_dim, C = kChunk;
   const int64_t nc = chunks_of(sp.len), group = p.heads / p.kv_heads;
-  KeyGrads<S> g;
   for (auto* m : {&g.dKbar, &g.dTDW, &g.dW, &g.dK}) m->assign(static_cast<size_t>(nc * C * d), S(0));
   g.dU.assign(static_cast<size_t>(nc * C * C), S(0));
   g.dV.assign(static_cast<size_t>(nc * C * dv), S(0));
@@ -335,11 +336,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     // thread, a thread slowed by another process would otherwise hold up the call by a whole share.
     std::atomic<int64_t> next{0};
     at::parallel_for(0, std::min<int64_t>(n_tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+      KeyGrads<S> g;   // one per thread, re-zeroed per task: MBs a task, not paged in afresh each time
       for (int64_t task = next.fetch_add(1); task < n_tasks; task = next.fetch_add(1)) {
         const int64_t s = task / p.kv_heads, hk = task % p.kv_heads;
         const int64_t first = hk * total + ch.first_chunk[s];
         backward_task(p, bb, ch.spans[s], hk, lay, blocks.data_ptr<S>() + first * lay.size(),
-                      carry.defined() ? carry.data_ptr<S>() + first * 2 * p.head_dim * p.head_dim : nullptr);
+                      carry.defined() ? carry.data_ptr<S>() + first * 2 * p.head_dim * p.head_dim : nullptr, g);
       }
     });
   }
