@@ -270,7 +270,10 @@ void backward_task(const ParamsT<S>& p, const BwdBuffers<S>& bb, const Span& sp,
   g.dU.assign(static_cast<size_t>(nc * C * C), S(0));
   g.dV.assign(static_cast<size_t>(nc * C * dv), S(0));
   if (carry != nullptr) g.dP.assign(static_cast<size_t>(nc * d * d), S(0));
+  // Scratch sized once for the largest query chunk (it grows with cq): not re-allocated query chunk by chunk.
   std::vector<S> buf, ybuf;
+  buf.reserve(static_cast<size_t>(query_chunk_scratch_floats(nc - 1, d, dv)));
+  if (carry == nullptr) ybuf.reserve(static_cast<size_t>(nc * C * C));
   for (int64_t hq = hk * group; hq < (hk + 1) * group; ++hq)
     for (int64_t cq = 0; cq < nc; ++cq) backward_query_chunk(p, bb, sp, lay, blocks, carry, hq, cq, g, buf, ybuf);
 
