@@ -11,12 +11,13 @@
 //   pass 0  G = cumsum(g) per (sequence, query head), fp64 running sum      (only with the forget gate)
 //   pass 1  one task per (key head, chunk): the chunk's UT transform, into a per-chunk block (in S)
 //             WT [D, C] | TDW [C, D] | KT [D, C] | KbarT [D, C] | U [C, C] | V [C, Dv]
-//           (transposed where the kernel multiplies by them from the right, so every inner loop is unit-stride)
+//           (transposed where the kernel multiplies by them from the right, so every inner loop is unit-stride);
+//           then, for D < 2C (carry_by_matrix), P_c = I - W_c^T TDW_c [D, D] per (key head, chunk)
 //   pass 2  one task per (sequence, query head, query chunk), heaviest (latest) chunks first, taken from a
 //           shared counter:
 //             QW = Q W^T, M = Q K^T - tril(QW) U, Q0 = Q - tril(QW) TDW       intra-chunk logits, carried queries
 //             online softmax over M (causal), then for key chunks c = cq-1 .. 0:
-//               S = Q0 Kbar_c^T -> online softmax with V_c;  Q0 -= (Q0 W_c^T) TDW_c
+//               S = Q0 Kbar_c^T -> online softmax with V_c;  Q0 <- Q0 P_c (D >= 2C: Q0 -= (Q0 W_c^T) TDW_c)
 //             o = acc / l, lse = m + log l
 //
 // Key cache (path_key_cache): one task per (sequence, key head), chunks right to left, carrying the running
@@ -54,6 +55,9 @@ void ChunkMath<S>::compute(const ParamsT<S>& p, int64_t b, int64_t t0, int n, in
   const int d = p.head_dim;
   for (auto* m : {&W, &K, &TDW, &Kbar}) m->resize(static_cast<size_t>(n) * d);
   for (auto* m : {&gram, &wk, &T, &U}) m->resize(static_cast<size_t>(n) * n);
+  for (auto* m : {&WT, &KT}) m->resize(static_cast<size_t>(d) * kChunk);
+  for (auto* m : {&full, &Z}) m->resize(static_cast<size_t>(n) * kChunk);
+  BW.resize(static_cast<size_t>(n) * d);
   beta.resize(n);
   for (int a = 0; a < n; ++a) {
     const int64_t tok = (b * p.seq_len + t0 + a) * p.kv_heads + hk;
@@ -61,16 +65,52 @@ void ChunkMath<S>::compute(const ParamsT<S>& p, int64_t b, int64_t t0, int n, in
     load_row(p.k, p.dtype, tok * d, d, K.data() + a * d);
     beta[a] = load_one<S>(p.beta, p.beta_dtype, tok);
   }
+  // The products run on the gemm micro-kernels (AVX2/FMA for fp32) rather than path_attention.h's one-entry
+  // helpers (which the CUDA kernels spread over threads): as scalar dot products and strided sums, pass 1 was 18%
+  // of the forward and 16% of the backward at B=1 H=8 T=4096 D=64. The same quantities, other summation orders.
+  // Full [n, kChunk] products whose unused triangle is then dropped cost at most twice the triangle's FMAs, at the
+  // micro-kernel's speed; the dropped entries are never read (a NaN there goes nowhere).
+  std::fill(WT.begin(), WT.end(), S(0));
+  std::fill(KT.begin(), KT.end(), S(0));
+  for (int a = 0; a < n; ++a)
+    for (int x = 0; x < d; ++x) {
+      WT[x * kChunk + a] = W[a * d + x];
+      KT[x * kChunk + a] = K[a * d + x];
+    }
+  // gram = W W^T and wk = W K^T, strictly lower parts.
+  std::fill(full.begin(), full.end(), S(0));
+  matmul_acc(n, kChunk, d, 1, W.data(), d, WT.data(), kChunk, full.data(), kChunk);
+  for (int a = 0; a < n; ++a)
+    for (int c = 0; c < n; ++c) gram[a * n + c] = c < a ? full[a * kChunk + c] : S(0);
+  std::fill(full.begin(), full.end(), S(0));
+  matmul_acc(n, kChunk, d, 1, W.data(), d, KT.data(), kChunk, full.data(), kChunk);
+  for (int a = 0; a < n; ++a)
+    for (int c = 0; c < n; ++c) wk[a * n + c] = c < a ? full[a * kChunk + c] : S(0);
+  // T = (I + Dg strictLower(gram))^{-1}: ut_inverse's sums (c ascending), as row updates along b <= c.
   for (int a = 0; a < n; ++a) {
-    for (int c = 0; c < n; ++c) {
-      gram[a * n + c] = c < a ? dot(W.data() + a * d, W.data() + c * d, d) : S(0);
-      wk[a * n + c] = c < a ? dot(W.data() + a * d, K.data() + c * d, d) : S(0);
+    S* Ta = T.data() + a * n;
+    std::fill(Ta, Ta + n, S(0));
+    Ta[a] = 1;
+    for (int c = 0; c < a; ++c) {
+      const S coef = beta[a] * gram[a * n + c];
+      const S* Tc = T.data() + c * n;
+      for (int bb = 0; bb <= c; ++bb) Ta[bb] -= coef * Tc[bb];
     }
   }
-  ut_inverse(n, gram.data(), beta.data(), T.data());
-  ut_tdw(n, d, T.data(), beta.data(), W.data(), TDW.data());
-  ut_key_coefficients(n, T.data(), beta.data(), wk.data(), U.data());
-  ut_carry_keys(n, d, U.data(), W.data(), K.data(), Kbar.data());
+  // TDW = T (Dg W); U = T Z with Z = Dg strictLower(wk) (T, Z zero outside their triangles); Kbar = K - U^T W.
+  for (int a = 0; a < n; ++a)
+    for (int x = 0; x < d; ++x) BW[a * d + x] = beta[a] * W[a * d + x];
+  std::fill(TDW.begin(), TDW.end(), S(0));
+  matmul_acc(n, d, n, 1, T.data(), n, BW.data(), d, TDW.data(), d);
+  std::fill(Z.begin(), Z.end(), S(0));
+  for (int e = 0; e < n; ++e)
+    for (int c = 0; c < e; ++c) Z[e * kChunk + c] = beta[e] * wk[e * n + c];
+  std::fill(full.begin(), full.end(), S(0));
+  matmul_acc(n, kChunk, n, 1, T.data(), n, Z.data(), kChunk, full.data(), kChunk);
+  for (int a = 0; a < n; ++a)
+    for (int c = 0; c < n; ++c) U[a * n + c] = c < a ? full[a * kChunk + c] : S(0);
+  std::copy(K.begin(), K.end(), Kbar.begin());
+  matmul_tn_acc(n, d, n, -1, U.data(), n, W.data(), d, Kbar.data(), d);
 }
 
 template struct ChunkMath<float>;
@@ -95,8 +135,8 @@ void prepare_chunk(const ParamsT<S>& p, int64_t b, int64_t t0, int n, int64_t hk
     load_row(p.v, p.dtype, ((b * p.seq_len + t0 + a) * p.kv_heads + hk) * dv, dv, block + lay.v() + a * dv);
   std::copy_n(cm.TDW.data(), n * d, block + lay.tdw());
   for (int a = 0; a < n; ++a) std::copy_n(cm.U.data() + a * n, n, block + lay.u() + a * kChunk);
-  transpose_into(n, d, cm.W.data(), block + lay.wt());
-  transpose_into(n, d, cm.K.data(), block + lay.kt());
+  std::copy(cm.WT.begin(), cm.WT.end(), block + lay.wt());   // [d, kChunk], zero-padded like the block
+  std::copy(cm.KT.begin(), cm.KT.end(), block + lay.kt());
   transpose_into(n, d, cm.Kbar.data(), block + lay.kbart());
   if (lay.backward) {
     std::copy_n(cm.W.data(), n * d, block + lay.w());
@@ -113,7 +153,9 @@ void prepare_chunk(const ParamsT<S>& p, int64_t b, int64_t t0, int n, int64_t hk
 template <typename S>
 at::Tensor prepare_all_chunks(const ParamsT<S>& p, const Chunking& ch, const ChunkLayout& lay) {
   const int64_t total = ch.first_chunk.back();
-  at::Tensor blocks = at::zeros({p.kv_heads, total, lay.size()}, kComputeDtype<S>);
+  // Zeroed block by block by the task that fills it (prepare_chunk needs the padding zero): one pass over this
+  // large buffer (about 230 KB per chunk in the backward) instead of at::zeros' and then the task's.
+  at::Tensor blocks = at::empty({p.kv_heads, total, lay.size()}, kComputeDtype<S>);
   S* base = blocks.data_ptr<S>();
   at::parallel_for(0, p.kv_heads * total, 1, [&](int64_t begin, int64_t end) {
     ChunkMath<S> cm;
@@ -123,10 +165,32 @@ at::Tensor prepare_all_chunks(const ParamsT<S>& p, const Chunking& ch, const Chu
       const Span& sp = ch.spans[s];
       const int64_t t0 = sp.start + (gc - ch.first_chunk[s]) * kChunk;
       const int n = static_cast<int>(std::min<int64_t>(kChunk, sp.start + sp.len - t0));
+      std::fill_n(base + task * lay.size(), lay.size(), S(0));
       prepare_chunk(p, sp.b, t0, n, hk, lay, base + task * lay.size(), cm);
     }
   });
   return blocks;
+}
+
+template <typename S>
+at::Tensor carry_matrices(const at::Tensor& blocks, const ChunkLayout& lay, bool transposed) {
+  const int d = lay.d;
+  const int64_t per = (transposed ? 2 : 1) * static_cast<int64_t>(d) * d;
+  at::Tensor out = at::zeros({blocks.size(0), blocks.size(1), per}, blocks.options());
+  const S* base = blocks.data_ptr<S>();
+  S* P0 = out.data_ptr<S>();
+  at::parallel_for(0, blocks.size(0) * blocks.size(1), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const S* blk = base + i * lay.size();
+      S* P = P0 + i * per;
+      for (int x = 0; x < d; ++x) P[x * d + x] = 1;
+      matmul_acc(d, d, kChunk, -1, blk + lay.wt(), kChunk, blk + lay.tdw(), d, P, d);   // rows of TDW past n are 0
+      if (transposed)
+        for (int x = 0; x < d; ++x)
+          for (int y = 0; y < d; ++y) P[d * d + y * d + x] = P[x * d + y];
+    }
+  });
+  return out;
 }
 
 template <typename S>
@@ -150,6 +214,8 @@ at::Tensor gate_prefix(const ParamsT<S>& p, const Chunking& ch) {
 
 template at::Tensor prepare_all_chunks<float>(const ParamsT<float>&, const Chunking&, const ChunkLayout&);
 template at::Tensor prepare_all_chunks<double>(const ParamsT<double>&, const Chunking&, const ChunkLayout&);
+template at::Tensor carry_matrices<float>(const at::Tensor&, const ChunkLayout&, bool);
+template at::Tensor carry_matrices<double>(const at::Tensor&, const ChunkLayout&, bool);
 template at::Tensor gate_prefix<float>(const ParamsT<float>&, const Chunking&);
 template at::Tensor gate_prefix<double>(const ParamsT<double>&, const Chunking&);
 
@@ -171,8 +237,7 @@ template <typename S>
 void softmax_block(int n, int nk, int dv, S* Sc, const S* V, RowsState<S>& st) {
   for (int a = 0; a < n; ++a) {
     S* s = Sc + a * kChunk;
-    S bmax = kNegInf<S>;
-    for (int b = 0; b < nk; ++b) bmax = nan_max(bmax, s[b]);
+    const S bmax = row_max(s, nk);
     if (bmax == kNegInf<S>) continue;   // no visible key in this block (a NaN score is not skipped: nan_max)
     const S f = softmax_rescale(st.m[a], bmax);
     S* acc = st.acc.data() + static_cast<int64_t>(a) * dv;
@@ -181,9 +246,7 @@ void softmax_block(int n, int nk, int dv, S* Sc, const S* V, RowsState<S>& st) {
       for (int x = 0; x < dv; ++x) acc[x] *= f;
     }
     exp_row(s, s, nk, 1, st.m[a]);
-    S sum = 0;
-    for (int b = 0; b < nk; ++b) sum += s[b];
-    st.l[a] += sum;
+    st.l[a] += row_sum(s, nk);
   }
   matmul_acc(n, dv, nk, 1, Sc, kChunk, V, dv, st.acc.data(), dv);
 }
@@ -192,8 +255,8 @@ void softmax_block(int n, int nk, int dv, S* Sc, const S* V, RowsState<S>& st) {
 // and the forward then ran 12% slower (B=1 T=1024 H=4 D=64, one thread) than as a function of its own.
 template <typename S>
 [[gnu::noinline]] void forward_task(const ParamsT<S>& p, const Chunking& ch, const ChunkLayout& lay, const S* blocks,
-                                    const S* G, int64_t s, int64_t hq, int64_t cq, std::vector<S>& scratch,
-                                    RowsState<S>& st) {
+                                    const S* carry, const S* G, int64_t s, int64_t hq, int64_t cq,
+                                    std::vector<S>& scratch, RowsState<S>& st) {
   const int d = p.head_dim, dv = p.v_dim;
   const Span& sp = ch.spans[s];
   const int64_t hk = p.kv_head_of(hq);
@@ -214,14 +277,19 @@ template <typename S>
   st.acc.assign(static_cast<size_t>(n) * dv, S(0));
 
   // Scores from logits: scale * (logit + G_i - G_j), keys of the block starting at token tk.
+  // (Branch-free inner loops, so the compiler vectorizes them.)
   auto finish_scores = [&](int64_t tk, int nk, bool causal) {
     for (int a = 0; a < n; ++a) {
       S* srow = Sc + a * kChunk;
-      const S gi = Grow == nullptr ? S(0) : Grow[t0 + a];
-      for (int b = 0; b < nk; ++b) {
-        const S gate = Grow == nullptr ? S(0) : gi - Grow[tk + b];
-        srow[b] = (causal && b > a) ? kNegInf<S> : p.scale * (srow[b] + gate);
+      const int visible = causal ? std::min(a + 1, nk) : nk;
+      if (Grow != nullptr) {
+        const S gi = Grow[t0 + a];
+        const S* gk = Grow + tk;
+        for (int b = 0; b < visible; ++b) srow[b] = p.scale * (srow[b] + (gi - gk[b]));
+      } else {
+        for (int b = 0; b < visible; ++b) srow[b] = p.scale * srow[b];
       }
+      std::fill(srow + visible, srow + nk, kNegInf<S>);
     }
   };
 
@@ -236,17 +304,24 @@ template <typename S>
   finish_scores(t0, n, /*causal=*/true);
   softmax_block(n, n, dv, Sc, blk + lay.v(), st);
 
-  // Earlier chunks, right to left (all of them full chunks).
+  // Earlier chunks, right to left (all of them full chunks). Q (no longer needed) and Q0 take turns holding the
+  // carried queries on the P_c path.
+  S* q0 = Q0;
+  S* spare = Q;
   for (int64_t ck = cq - 1; ck >= 0; --ck) {
     const S* kb = chunk(ck);
     std::fill_n(Sc, n * kChunk, S(0));
-    matmul_acc(n, kChunk, d, 1, Q0, d, kb + lay.kbart(), kChunk, Sc, kChunk);
+    matmul_acc(n, kChunk, d, 1, q0, d, kb + lay.kbart(), kChunk, Sc, kChunk);
     finish_scores(sp.start + ck * kChunk, kChunk, /*causal=*/false);
     softmax_block(n, kChunk, dv, Sc, kb + lay.v(), st);
-    if (ck > 0) {   // carry the queries across chunk ck: Q0 <- Q0 - (Q0 W^T) TDW
+    if (ck > 0 && carry != nullptr) {   // carry the queries across chunk ck: Q0 <- Q0 P_ck
+      std::fill_n(spare, n * d, S(0));
+      matmul_acc(n, d, d, 1, q0, d, carry + (hk * total + ch.first_chunk[s] + ck) * d * d, d, spare, d);
+      std::swap(q0, spare);
+    } else if (ck > 0) {   // the same as two rank-C products: Q0 <- Q0 - (Q0 W^T) TDW
       std::fill_n(QW, n * kChunk, S(0));
-      matmul_acc(n, kChunk, d, 1, Q0, d, kb + lay.wt(), kChunk, QW, kChunk);
-      matmul_acc(n, d, kChunk, -1, QW, kChunk, kb + lay.tdw(), d, Q0, d);
+      matmul_acc(n, kChunk, d, 1, q0, d, kb + lay.wt(), kChunk, QW, kChunk);
+      matmul_acc(n, d, kChunk, -1, QW, kChunk, kb + lay.tdw(), d, q0, d);
     }
   }
 
@@ -281,6 +356,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
   const ChunkLayout lay{p.head_dim, p.v_dim};
   const at::Tensor blocks = prepare_all_chunks(p, ch, lay);
   const at::Tensor G = g.has_value() ? gate_prefix(p, ch) : at::Tensor();
+  const at::Tensor carry = carry_by_matrix(p.head_dim) ? carry_matrices<S>(blocks, lay, false) : at::Tensor();
 
   // Tasks (span, query head, query chunk), the latest query chunks (most key chunks to walk) first.
   struct Task {
@@ -295,12 +371,13 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
   const S* blocks_ptr = blocks.data_ptr<S>();
   const S* G_ptr = G.defined() ? G.data_ptr<S>() : nullptr;
+  const S* carry_ptr = carry.defined() ? carry.data_ptr<S>() : nullptr;
   at::parallel_for(0, std::min<int64_t>(n_tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     std::vector<S> scratch;
     RowsState<S> st;
     for (int64_t i = next.fetch_add(1); i < n_tasks; i = next.fetch_add(1)) {
       const Task& t = tasks[i];
-      forward_task(p, ch, lay, blocks_ptr, G_ptr, t.s, t.hq, t.cq, scratch, st);
+      forward_task(p, ch, lay, blocks_ptr, carry_ptr, G_ptr, t.s, t.hq, t.cq, scratch, st);
     }
   });
   return {o, lse};

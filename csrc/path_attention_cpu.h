@@ -115,7 +115,8 @@ inline void exp_portable(const S* x, S* y, int n, S mul, S sub) {
 #if BLOCKOPS_X86_DISPATCH
 // ---- AVX2/FMA primitives
 
-// An MB x (8 NV) block of C += alpha * op(A) B, accumulated over k in MB x NV registers (4 x 2: 8 of the 16 ymm),
+// An MB x (8 NV) block of C += alpha * op(A) B, accumulated over k in MB x NV registers (6 x 2: 12 of the 16 ymm,
+// enough independent FMAs to cover their latency on two FMA pipes; 4 x 2 for the rest),
 // so each row of B is loaded once per MB rows of A.
 template <int MB, int NV, bool kTransA>
 BLOCKOPS_TARGET_AVX2 inline void gemm_block_avx2(int k, float alpha, const float* A, int lda, const float* B, int ldb,
@@ -153,6 +154,7 @@ BLOCKOPS_TARGET_AVX2 void gemm_avx2(int m, int n, int k, float alpha, const floa
                                     float* C, int ldc) {
   auto rows = [&](int i) { return kTransA ? A + i : A + static_cast<int64_t>(i) * lda; };
   int i = 0;
+  for (; i + 6 <= m; i += 6) gemm_rows_avx2<6, kTransA>(n, k, alpha, rows(i), lda, B, ldb, C + static_cast<int64_t>(i) * ldc, ldc);
   for (; i + 4 <= m; i += 4) gemm_rows_avx2<4, kTransA>(n, k, alpha, rows(i), lda, B, ldb, C + static_cast<int64_t>(i) * ldc, ldc);
   for (; i < m; ++i) gemm_rows_avx2<1, kTransA>(n, k, alpha, rows(i), lda, B, ldb, C + static_cast<int64_t>(i) * ldc, ldc);
 }
@@ -171,6 +173,32 @@ BLOCKOPS_TARGET_AVX2 inline void exp_avx2(const float* x, float* y, int n, float
     _mm256_storeu_ps(y + i, _mm256_and_ps(exp2_avx2(_mm256_mul_ps(v, log2e)), keep));
   }
   for (; i < n; ++i) y[i] = exp_or_zero(x[i] * mul - sub);
+}
+
+// The largest of x[0, n), NaN when any is NaN (nan_max's fold; maxps alone would drop a NaN): max in 8 lanes,
+// unordered lanes remembered apart.
+BLOCKOPS_TARGET_AVX2 inline float row_max_avx2(const float* x, int n) {
+  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), nan = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    m = _mm256_max_ps(m, v);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  if (_mm256_movemask_ps(nan) != 0) return std::numeric_limits<float>::quiet_NaN();
+  float r = hmax_avx2(m);
+  for (; i < n; ++i) r = nan_max(r, x[i]);
+  return r;
+}
+
+// Sum of x[0, n) in 8 lanes.
+BLOCKOPS_TARGET_AVX2 inline float row_sum_avx2(const float* x, int n) {
+  __m256 acc = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(x + i));
+  float r = hsum_avx2(acc);
+  for (; i < n; ++i) r += x[i];
+  return r;
 }
 #endif
 
@@ -213,6 +241,32 @@ inline void exp_row(const S* x, S* y, int n, std::type_identity_t<S> mul, std::t
   exp_portable(x, y, n, mul, sub);
 }
 
+// The largest of x[0, n), NaN when any is NaN (path_attention.h nan_max), -inf when n = 0 or all are -inf.
+template <typename S>
+inline S row_max(const S* x, int n) {
+#if BLOCKOPS_X86_DISPATCH
+  if constexpr (std::is_same_v<S, float>) {
+    if (cpu_has_avx2_fma()) return row_max_avx2(x, n);
+  }
+#endif
+  S m = kNegInf<S>;
+  for (int i = 0; i < n; ++i) m = nan_max(m, x[i]);
+  return m;
+}
+
+// Sum of x[0, n) (8 partial sums on the AVX2 path).
+template <typename S>
+inline S row_sum(const S* x, int n) {
+#if BLOCKOPS_X86_DISPATCH
+  if constexpr (std::is_same_v<S, float>) {
+    if (cpu_has_avx2_fma()) return row_sum_avx2(x, n);
+  }
+#endif
+  S s = 0;
+  for (int i = 0; i < n; ++i) s += x[i];
+  return s;
+}
+
 template <typename S>
 inline S dot(const S* a, const S* b, int n) {
   S s = 0;
@@ -229,6 +283,8 @@ inline S dot(const S* a, const S* b, int n) {
 template <typename S>
 struct ChunkMath {
   std::vector<S> W, K, beta, gram, wk, T, U, TDW, Kbar;
+  std::vector<S> WT, KT;        // W^T, K^T [d, kChunk], zero beyond column n
+  std::vector<S> full, Z, BW;   // scratch: [n, kChunk] products, Dg strictLower(wk) [n, kChunk], Dg W [n, d]
 
   // The n tokens starting at (b, t0) of key head hk.
   void compute(const ParamsT<S>& p, int64_t b, int64_t t0, int n, int64_t hk);
@@ -238,6 +294,17 @@ struct ChunkMath {
 // path_attention_op.h).
 template <typename S>
 at::Tensor prepare_all_chunks(const ParamsT<S>& p, const Chunking& ch, const ChunkLayout& lay);
+
+// Carrying a query block of n rows across chunk c, Q0 <- Q0 - (Q0 W_c^T) TDW_c, costs 2 n C d FMAs as two rank-C
+// products, or n d^2 as one product with P_c = I - W_c^T TDW_c [d, d], built once per (key head, chunk) for all
+// the query chunks and heads that cross it: fewer for d < 2C (at d = 64 the forward does 3 instead of 4 products
+// per pair of chunks, the backward 8 instead of 11). The kernels take the P_c path when this is true.
+inline bool carry_by_matrix(int d) { return d < 2 * kChunk; }
+
+// P_c for every (key head, chunk) of `blocks` (prepare_all_chunks): [H, total chunks, d * d] (with `transposed`,
+// [H, total, 2 * d * d]: P_c, then P_c^T), dtype kComputeDtype<S>.
+template <typename S>
+at::Tensor carry_matrices(const at::Tensor& blocks, const ChunkLayout& lay, bool transposed);
 
 // G [B, HQ, T] = cumsum(g) within each sequence, summed in fp64 so long sequences keep G_i - G_j accurate
 // (dtype kComputeDtype<S>).

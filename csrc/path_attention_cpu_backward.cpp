@@ -4,18 +4,22 @@
 // Pass 1 as in the forward (plus the other orientation of each operand: ChunkLayout::backward), then one
 // task per (sequence, key head), which owns that head's dk, dv, dw, dbeta and the dq and dG of its query heads
 // (deterministic, no atomics). Per query chunk cq of each query head of the group:
-//   recompute QW, M and the carried queries Q0^(c) for c = cq-1 .. 0 (kept: cq x C x D elements)
+//   recompute QW, M and the carried queries Q0^(c) for c = cq-1 .. 0 (kept: cq x C x D elements; by P_c for
+//   D < 2C, path_attention_cpu.h carry_by_matrix, else by two rank-C products whose Y_c = Q0^(c) W_c^T is kept)
 //   P = exp(scale * (logit + gate) - lse), dL = scale * P * (dO V^T - Delta)     per key chunk, as in FA-2
 //   left to right over c = 0 .. cq-1 with R = d loss / d Q0^(c):
 //     back through Q0^(c-1) = Q0^(c) - (Q0^(c) W_c^T) TDW_c  ->  dTDW_c, dW_c, R
+//       (P_c path: R <- R P_c^T, dP_c += Q0^(c)^T R; each dP_c goes to dTDW_c and dW_c once, before the UT backward)
 //     dV_c += P^T dO,  dKbar_c += dL^T Q0^(c),  R += dL Kbar_c
 //   diagonal chunk: dQ = dM K + R + dQW W, and dK, dU, dTDW, dW of the chunk
-// then each key chunk's accumulated dKbar, dTDW, dU go through the UT backward (path_attention.h, ut_backward).
+// then each key chunk's accumulated dKbar, dTDW, dU go through the UT backward (ut_backward_cpu: the phases of
+// path_attention.h's UtGradT as whole products).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "introspection.h"
@@ -46,6 +50,7 @@ struct BwdBuffers {
 template <typename S>
 struct KeyGrads {
   std::vector<S> dKbar, dTDW, dU, dW, dK, dV;   // [nc * C, D] except dU [nc, C, C], dV [nc * C, Dv]
+  std::vector<S> dP;                            // [nc, D, D]: gradient at P_c (carry_by_matrix path)
 };
 
 // One query chunk cq of query head hq (the sequence's chunk blocks prepared with lay.backward): recomputes the
@@ -53,14 +58,20 @@ struct KeyGrads {
 // accumulators g and dG (row of this head).
 template <typename S>
 void backward_query_chunk(const ParamsT<S>& p, const BwdBuffers<S>& bb, const Span& sp, const ChunkLayout& lay,
-                          const S* blocks, int64_t hq, int64_t cq, KeyGrads<S>& g, std::vector<S>& buf) {
+                          const S* blocks, const S* carry, int64_t hq, int64_t cq, KeyGrads<S>& g,
+                          std::vector<S>& buf, std::vector<S>& ybuf) {
   const int d = p.head_dim, dv = p.v_dim, C = kChunk;
   const int64_t t0 = sp.start + cq * C;
   const int n = static_cast<int>(std::min<int64_t>(C, sp.start + sp.len - t0));
   const int64_t row = (sp.b * p.heads + hq) * p.seq_len;
   auto chunk = [&](int64_t c) { return blocks + c * lay.size(); };
   buf.assign(static_cast<size_t>(query_chunk_scratch_floats(cq, d, dv)), S(0));
-  const auto [states, Q, R, dQ, Y, QW, Sc, dL, dM, dQW, dO, Ob, delta, lse, Gq] =
+  // Y_c = Q0^(c) W_c^T [C, C] for c = 1 .. cq-1, kept from the recompute for the way back (one product per pair
+  // of chunks fewer than recomputing it there).
+  // (With carry, P_c then P_c^T for each chunk c, [2, d, d]: Q0^(c-1) = Q0^(c) P_c, no Y_c.)
+  if (carry == nullptr) ybuf.assign(static_cast<size_t>(cq * C * C), S(0));
+  auto P = [&](int64_t c) { return carry + c * 2 * d * d; };
+  const auto [states, Q, R0, dQ, Y, QW, Sc, dL, dM, dQW, dO, Ob, delta, lse, Gq] =
       query_chunk_scratch(buf.data(), cq, d, dv);
   for (int a = 0; a < n; ++a) {
     const int64_t tok = (sp.b * p.seq_len + t0 + a) * p.heads + hq;
@@ -87,13 +98,13 @@ void backward_query_chunk(const ParamsT<S>& p, const BwdBuffers<S>& bb, const Sp
     std::fill_n(dL, n * C, S(0));   // dP = dO V^T
     matmul_acc(n, C, dv, 1, dO, dv, kb + lay.vt(), C, dL, C);
     for (int a = 0; a < n; ++a) {
-      S rowsum = 0;
-      for (int b = 0; b < C; ++b) {
-        dL[a * C + b] = p.scale * Sc[a * C + b] * (dL[a * C + b] - delta[a]);
-        rowsum += dL[a * C + b];
-      }
-      bb.dG[row + t0 + a] += rowsum;
-      for (int b = 0; b < nk; ++b) bb.dG[row + tk + b] -= dL[a * C + b];
+      S* dl = dL + a * C;
+      const S* pr = Sc + a * C;
+      const S da = delta[a];
+      for (int b = 0; b < C; ++b) dl[b] = p.scale * pr[b] * (dl[b] - da);
+      bb.dG[row + t0 + a] += row_sum(dl, C);
+      S* dgk = bb.dG + row + tk;
+      for (int b = 0; b < nk; ++b) dgk[b] -= dl[b];
     }
     matmul_tn_acc(C, dv, n, 1, Sc, C, dO, dv, g.dV.data() + c * C * dv, dv);
   };
@@ -111,24 +122,34 @@ void backward_query_chunk(const ParamsT<S>& p, const BwdBuffers<S>& bb, const Sp
     for (int64_t c = cq - 1; c > 0; --c) {
       const S* kb = chunk(c);
       S* prev = states + c * C * d;
-      S* next = states + (c - 1) * C * d;
-      std::fill_n(Y, n * C, S(0));
-      matmul_acc(n, C, d, 1, prev, d, kb + lay.wt(), C, Y, C);
+      S* next = states + (c - 1) * C * d;   // zero from buf.assign
+      if (carry != nullptr) {
+        matmul_acc(n, d, d, 1, prev, d, P(c), d, next, d);
+        continue;
+      }
+      S* Yc = ybuf.data() + c * C * C;
+      matmul_acc(n, C, d, 1, prev, d, kb + lay.wt(), C, Yc, C);
       std::copy_n(prev, n * d, next);
-      matmul_acc(n, d, C, -1, Y, C, kb + lay.tdw(), d, next, d);
+      matmul_acc(n, d, C, -1, Yc, C, kb + lay.tdw(), d, next, d);
     }
   }
   probs_and_grads(blk, t0, /*causal=*/true, cq);
   std::copy_n(dL, n * C, dM);
 
-  // Earlier chunks, left to right: R arrives as d loss / d Q0^(c-1).
+  // Earlier chunks, left to right: R arrives as d loss / d Q0^(c-1). On the P_c path R and dQ (free until the
+  // diagonal chunk) take turns holding it.
+  S* R = R0;
+  S* spare = dQ;
   for (int64_t c = 0; c < cq; ++c) {
     const S* kb = chunk(c);
     const S* q0 = states + c * C * d;
-    S* Yc = Y;   // [n, C]
-    if (c > 0) {     // back through Q0^(c-1) = Q0^(c) - Yc TDW_c, Yc = Q0^(c) W_c^T
-      std::fill_n(Yc, n * C, S(0));
-      matmul_acc(n, C, d, 1, q0, d, kb + lay.wt(), C, Yc, C);
+    if (c > 0 && carry != nullptr) {   // back through Q0^(c-1) = Q0^(c) P_c: dP_c += Q0^(c)^T R, R <- R P_c^T
+      matmul_tn_acc(d, d, n, 1, q0, d, R, d, g.dP.data() + c * d * d, d);
+      std::fill_n(spare, n * d, S(0));
+      matmul_acc(n, d, d, 1, R, d, P(c) + d * d, d, spare, d);
+      std::swap(R, spare);
+    } else if (c > 0) {     // back through Q0^(c-1) = Q0^(c) - Yc TDW_c, Yc = Q0^(c) W_c^T
+      const S* Yc = ybuf.data() + c * C * C;   // [n, C]
       matmul_tn_acc(C, d, n, -1, Yc, C, R, d, g.dTDW.data() + c * C * d, d);
       std::fill_n(dQW, n * C, S(0));   // dYc = -R TDW_c^T
       matmul_acc(n, C, d, -1, R, d, kb + lay.tdwt(), C, dQW, C);
@@ -143,6 +164,10 @@ void backward_query_chunk(const ParamsT<S>& p, const BwdBuffers<S>& bb, const Sp
   }
 
   // Diagonal chunk: M = Q K^T - QW U and Q0^(cq-1) = Q - QW TDW (R is its gradient; zero when cq = 0).
+  if (R == dQ) {
+    std::copy_n(dQ, n * d, R0);
+    R = R0;
+  }
   S* dUc = g.dU.data() + cq * C * C;
   std::copy_n(R, n * d, dQ);
   matmul_acc(n, d, C, 1, dM, C, blk + lay.k(), d, dQ, d);
@@ -158,35 +183,120 @@ void backward_query_chunk(const ParamsT<S>& p, const BwdBuffers<S>& bb, const Sp
   for (int a = 0; a < n; ++a) std::copy_n(dQ + a * d, d, bb.dq + ((sp.b * p.seq_len + t0 + a) * p.heads + hq) * d);
 }
 
+// Scratch of ut_backward_cpu: [C, C] matrices (rows of C, zero beyond the chunk's n), [d, C] and [n, d] ones.
+template <typename S>
+struct UtScratch {
+  std::vector<S> dU, full, dT, dZ, tmp, dA, wkT, TT, BdZ, BdA, dKbarT, dY, M;
+  void reset(int d) {
+    const size_t cc = static_cast<size_t>(kChunk) * kChunk, cd = static_cast<size_t>(kChunk) * d;
+    for (auto* m : {&dU, &full, &dT, &dZ, &tmp, &dA, &wkT, &TT, &BdZ, &BdA}) m->assign(cc, S(0));
+    for (auto* m : {&dKbarT, &dY, &M}) m->assign(cd, S(0));
+  }
+};
+
+// One chunk's UT backward (path_attention.h, UtGradT: the same five phases and quantities), each phase as whole
+// products on the gemm micro-kernels instead of the one-entry helpers the CUDA kernel spreads over its threads
+// (the helpers' strided scalar sums were 15% of the backward at B=1 H=8 T=4096 D=64). dKbar, dTDW [n, d] (rows d
+// apart), dU_in [n, C] (rows C apart, only the strictly lower n x n part read); dW, dK [n, d] and dbeta [n]
+// accumulated. [n, C] products are computed whole, then masked to their triangle.
+template <typename S>
+void ut_backward_cpu(const ChunkMath<S>& cm, int n, int d, const S* dKbar, const S* dTDW, const S* dU_in, S* dW,
+                     S* dK, S* dbeta, UtScratch<S>& ws) {
+  constexpr int C = kChunk;
+  const S *W = cm.W.data(), *K = cm.K.data(), *beta = cm.beta.data(), *gram = cm.gram.data(), *wk = cm.wk.data(),
+          *T = cm.T.data(), *U = cm.U.data();
+  ws.reset(d);
+  S *dU = ws.dU.data(), *full = ws.full.data(), *dT = ws.dT.data(), *dZ = ws.dZ.data(), *tmp = ws.tmp.data(),
+    *dA = ws.dA.data(), *wkT = ws.wkT.data(), *TT = ws.TT.data(), *BdZ = ws.BdZ.data(), *BdA = ws.BdA.data(),
+    *dKbarT = ws.dKbarT.data(), *dY = ws.dY.data(), *M = ws.M.data();
+  for (int b = 0; b < n; ++b)
+    for (int x = 0; x < d; ++x) dKbarT[x * C + b] = dKbar[b * d + x];
+  for (int r = 0; r < n; ++r)
+    for (int c = 0; c < n; ++c) {
+      wkT[c * C + r] = wk[r * n + c];
+      TT[c * C + r] = T[r * n + c];
+    }
+  // Phase 1: dU = dU_in - strictLower(W dKbar^T).
+  matmul_acc(n, C, d, 1, W, d, dKbarT, C, full, C);
+  for (int e = 0; e < n; ++e)
+    for (int b = 0; b < e; ++b) dU[e * C + b] = dU_in[e * C + b] - full[e * C + b];
+  // Phase 2: dT = lower((dU Z'^T + dTDW W^T) Dg) with Z' = strictLower(wk); dZ = strictLower(T^T dU);
+  // dY = T^T dTDW.
+  std::fill_n(full, n * C, S(0));
+  matmul_acc(n, C, n, 1, dU, C, wkT, C, full, C);
+  matmul_acc(n, C, d, 1, dTDW, d, cm.WT.data(), C, full, C);
+  for (int r = 0; r < n; ++r)
+    for (int c = 0; c <= r; ++c) dT[r * C + c] = full[r * C + c] * beta[c];
+  std::fill_n(full, n * C, S(0));
+  matmul_tn_acc(n, C, n, 1, T, n, dU, C, full, C);
+  for (int r = 0; r < n; ++r)
+    for (int c = 0; c < r; ++c) dZ[r * C + c] = full[r * C + c];
+  matmul_tn_acc(n, d, n, 1, T, n, dTDW, d, dY, d);
+  // Phase 3: tmp = dT T^T.  Phase 4: dA = strictLower(-T^T tmp).
+  matmul_acc(n, C, n, 1, dT, C, TT, C, tmp, C);
+  std::fill_n(full, n * C, S(0));
+  matmul_tn_acc(n, C, n, -1, T, n, tmp, C, full, C);
+  for (int a = 0; a < n; ++a)
+    for (int c = 0; c < a; ++c) dA[a * C + c] = full[a * C + c];
+  // Phase 5: dbeta_r += sum_b (dZ wk + dA gram)_rb + dY_r . W_r;  dK += dKbar + (Dg dZ)^T W;
+  // dW += Dg (dY + dZ K + dA W) - U dKbar + (Dg dA)^T W.
+  for (int r = 0; r < n; ++r) {
+    S acc = 0;
+    for (int b = 0; b < r; ++b) acc += dZ[r * C + b] * wk[r * n + b] + dA[r * C + b] * gram[r * n + b];
+    dbeta[r] += acc + dot(dY + r * d, W + r * d, d);
+    for (int b = 0; b < r; ++b) {
+      BdZ[r * C + b] = beta[r] * dZ[r * C + b];
+      BdA[r * C + b] = beta[r] * dA[r * C + b];
+    }
+  }
+  for (int i = 0; i < n * d; ++i) dK[i] += dKbar[i];
+  matmul_tn_acc(n, d, n, 1, BdZ, C, W, d, dK, d);
+  matmul_acc(n, d, n, 1, dZ, C, K, d, M, d);
+  matmul_acc(n, d, n, 1, dA, C, W, d, M, d);
+  for (int r = 0; r < n; ++r)
+    for (int x = 0; x < d; ++x) dW[r * d + x] += beta[r] * (dY[r * d + x] + M[r * d + x]);
+  matmul_acc(n, d, n, -1, U, n, dKbar, d, dW, d);
+  matmul_tn_acc(n, d, n, 1, BdA, C, W, d, dW, d);
+}
+
 // One (sequence, key head): every query chunk of every query head of the group, then each key chunk's UT
 // backward. The task owns all the gradient rows it writes.
 template <typename S>
 void backward_task(const ParamsT<S>& p, const BwdBuffers<S>& bb, const Span& sp, int64_t hk, const ChunkLayout& lay,
-                   const S* blocks) {
+                   const S* blocks, const S* carry, KeyGrads<S>& g) {
   const int d = p.head_dim, dv = p.v_dim, C = kChunk;
   const int64_t nc = chunks_of(sp.len), group = p.heads / p.kv_heads;
-  KeyGrads<S> g;
   for (auto* m : {&g.dKbar, &g.dTDW, &g.dW, &g.dK}) m->assign(static_cast<size_t>(nc * C * d), S(0));
   g.dU.assign(static_cast<size_t>(nc * C * C), S(0));
   g.dV.assign(static_cast<size_t>(nc * C * dv), S(0));
-  std::vector<S> buf;
+  if (carry != nullptr) g.dP.assign(static_cast<size_t>(nc * d * d), S(0));
+  // Scratch sized once for the largest query chunk (it grows with cq): not re-allocated query chunk by chunk.
+  std::vector<S> buf, ybuf;
+  buf.reserve(static_cast<size_t>(query_chunk_scratch_floats(nc - 1, d, dv)));
+  if (carry == nullptr) ybuf.reserve(static_cast<size_t>(nc * C * C));
   for (int64_t hq = hk * group; hq < (hk + 1) * group; ++hq)
-    for (int64_t cq = 0; cq < nc; ++cq) backward_query_chunk(p, bb, sp, lay, blocks, hq, cq, g, buf);
+    for (int64_t cq = 0; cq < nc; ++cq) backward_query_chunk(p, bb, sp, lay, blocks, carry, hq, cq, g, buf, ybuf);
 
   ChunkMath<S> cm;
-  std::vector<S> dU(C * C), dT(C * C), dZ(C * C), tmp(C * C), dA(C * C), dY(C * d), dbeta(C);
+  UtScratch<S> ws;
+  std::vector<S> dbeta(C), dPT(carry != nullptr ? static_cast<size_t>(d) * d : 0);
   for (int64_t c = 0; c < nc; ++c) {
     const int64_t t0 = sp.start + c * C;
     const int n = static_cast<int>(std::min<int64_t>(C, sp.start + sp.len - t0));
     cm.compute(p, sp.b, t0, n, hk);
-    for (int a = 0; a < n; ++a) std::copy_n(g.dU.data() + (c * C + a) * C, n, dU.data() + a * n);   // [n, n]
     S* dW = g.dW.data() + c * C * d;
     S* dK = g.dK.data() + c * C * d;
+    if (carry != nullptr && c > 0) {   // P_c = I - W_c^T TDW_c: dTDW_c -= W_c dP_c, dW_c -= TDW_c dP_c^T
+      const S* dP = g.dP.data() + c * d * d;
+      const S* blk = blocks + c * lay.size();
+      for (int x = 0; x < d; ++x)
+        for (int y = 0; y < d; ++y) dPT[y * d + x] = dP[x * d + y];
+      matmul_acc(n, d, d, -1, blk + lay.w(), d, dP, d, g.dTDW.data() + c * C * d, d);
+      matmul_acc(n, d, d, -1, blk + lay.tdw(), d, dPT.data(), d, dW, d);
+    }
     std::fill(dbeta.begin(), dbeta.end(), S(0));
-    const UtGradT<S> ug{n, d, cm.W.data(), cm.K.data(), cm.beta.data(), cm.gram.data(), cm.wk.data(), cm.T.data(),
-                    cm.U.data(), g.dKbar.data() + c * C * d, g.dTDW.data() + c * C * d, dU.data(), dT.data(),
-                    dZ.data(), tmp.data(), dA.data(), dY.data()};
-    ut_backward(ug, dW, dK, dbeta.data());
+    ut_backward_cpu(cm, n, d, g.dKbar.data() + c * C * d, g.dTDW.data() + c * C * d, g.dU.data() + c * C * C, dW, dK,
+                    dbeta.data(), ws);
     for (int a = 0; a < n; ++a) {
       const int64_t tok = (sp.b * p.seq_len + t0 + a) * p.kv_heads + hk;
       std::copy_n(dW + a * d, d, bb.dw + tok * d);
@@ -222,12 +332,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     ChunkLayout lay{p.head_dim, p.v_dim};
     lay.backward = true;
     const at::Tensor blocks = prepare_all_chunks(p, ch, lay);
+    const at::Tensor carry = carry_by_matrix(p.head_dim) ? carry_matrices<S>(blocks, lay, true) : at::Tensor();
     const int64_t total = ch.first_chunk.back();
     const int64_t n_tasks = static_cast<int64_t>(ch.spans.size()) * p.kv_heads;
-    at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
+    // Tasks taken from a shared counter, not split in fixed halves: with few (sequence, key head) tasks per
+    // thread, a thread slowed by another process would otherwise hold up the call by a whole share.
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min<int64_t>(n_tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+      KeyGrads<S> g;   // one per thread, re-zeroed per task: MBs a task, not paged in afresh each time
+      for (int64_t task = next.fetch_add(1); task < n_tasks; task = next.fetch_add(1)) {
         const int64_t s = task / p.kv_heads, hk = task % p.kv_heads;
-        backward_task(p, bb, ch.spans[s], hk, lay, blocks.data_ptr<S>() + (hk * total + ch.first_chunk[s]) * lay.size());
+        const int64_t first = hk * total + ch.first_chunk[s];
+        backward_task(p, bb, ch.spans[s], hk, lay, blocks.data_ptr<S>() + first * lay.size(),
+                      carry.defined() ? carry.data_ptr<S>() + first * 2 * p.head_dim * p.head_dim : nullptr, g);
       }
     });
   }

@@ -85,6 +85,9 @@ FORWARD_CASES = [
     (1, 130, 2, 1, 72, 64, True),
     (2, 130, 2, 2, 16, 16, False),
     (1, 65, 1, 1, 256, 8, True),
+    # Either side of carry_by_matrix's bound (d < 2 * 64): queries carried by P_c [d, d] or by two rank-64 products.
+    (1, 130, 2, 1, 120, 24, True),
+    (1, 130, 2, 1, 128, 16, False),
 ]
 
 
@@ -209,7 +212,9 @@ BACKWARD_CASES = [
     (1, 17, 2, 1, 16, 24, True, None),
     (2, 70, 4, 2, 40, 32, True, None),
     (1, 130, 2, 2, 72, 64, False, None),
-    (1, 109, 4, 2, 64, 16, True, [0, 30, 100, 109]),
+    # d >= 128: the carried queries' two rank-64 products instead of P_c (path_attention_cpu.h carry_by_matrix).
+    (1, 140, 2, 1, 128, 16, True, [0, 3, 140]),
+    (1, 109, 4, 2, 64, 16, True, [0, 30, 100, 109]),   # last: test_cpu_isa_paths runs it on every ISA path
 ]
 
 

@@ -23,8 +23,9 @@ about 6e-7 measured on every CPU path); fp16/bf16 q, k, v (the output and dq, dk
 forward's products on tensor cores with fp32 accumulation) flash-linear-attention's 0.005 forward and 0.02 with the
 gradients (its loosest, for dbeta and dg; dq, dk, dv have 0.008, dw 0.015).
 
-Targets of the issue, on a 2-core CPU at B=1, H=8, T=4096, D=64 (fp32): forward at most 4x the time of causal SDPA,
-backward (forward+backward minus forward) at most 4x our forward; the rows of that shape say whether they were met.
+Targets on a 2-core CPU at B=1, H=8, T=4096, D=64 (fp32), issue 18 (was 4x and 4x): forward at most 2.5x the time
+of causal SDPA, backward (forward+backward minus forward) at most 2.5x our forward, on AVX2-only CPUs too (run with
+``--cpu-isa avx2,native``); the rows of that shape say whether they were met.
 On a CUDA device it runs the first CUDA kernels (csrc/kernels/path_attention.cu, checked in the CPU emulator, not
 tuned: the fp16/bf16 forward's products on tensor cores without a load pipeline, everything else on CUDA cores; the
 backward runs one CTA per (sequence, key head), so its figures are a floor to improve on, not the issue's GPU
@@ -73,8 +74,10 @@ class Config:
     gate: bool = False      # PaTH-FoX forget gate
 
 
-# The shape of the issue's CPU targets.
+# The shape of the issue's CPU targets, and the targets: forward / causal SDPA, backward / forward (issue 18).
 TARGET_CPU = Config(1, 4096, 8, 8, 64, torch.float32)
+TARGET_FWD_VS_SDPA = 2.5
+TARGET_BWD_VS_FWD = 2.5
 # CPU quick: ~20-30 s on 2 cores.
 QUICK_CPU = [TARGET_CPU]
 # The issue's grid on the CPU (long: up to minutes per shape at B=8, T=4096): B 1 and 8, T 512/2048/4096, H=16 with
@@ -213,7 +216,8 @@ def _run_config(c: Config, device: str) -> list[Result]:
     notes = []
     if is_target:
         ratio = fwd / sdpa_fwd
-        notes.append(f"CPU target fwd <= 4x SDPA: {'met' if ratio <= 4 else 'missed'} ({ratio:.2f}x)")
+        notes.append(f"CPU target fwd <= {TARGET_FWD_VS_SDPA}x SDPA: "
+                     f"{'met' if ratio <= TARGET_FWD_VS_SDPA else 'missed'} ({ratio:.2f}x)")
     if not ref_fwd_ok:
         notes.append(f"naive reference not timed: T={c.seq_len} too large for it on CPU (T <= {_REF_FWD_MAX_T}, "
                      f"B*H*T^2 <= 2^26)")
@@ -233,7 +237,8 @@ def _run_config(c: Config, device: str) -> list[Result]:
     notes = []
     if is_target:
         bwd = both - fwd
-        notes.append(f"CPU target bwd <= 4x fwd: {'met' if bwd <= 4 * fwd else 'missed'} "
+        met = bwd <= TARGET_BWD_VS_FWD * fwd
+        notes.append(f"CPU target bwd <= {TARGET_BWD_VS_FWD}x fwd: {'met' if met else 'missed'} "
                      f"(bwd {bwd:.4g} ms = {bwd / fwd:.2f}x fwd)")
     if not ref_bwd_ok:
         notes.append("naive reference fwd+bwd not timed: its autograd graph is O(T^2 D) per head")
