@@ -24,7 +24,8 @@
 //   dV += P^T dO;  dL = scale * P * (dO V^T - Delta) (gradient at the logits);  dG_i += sum_j dL_ij and
 //   dG_j -= sum_i dL_ij, dg = reverse cumsum of dG per sequence. dL flows back through the chunked forward in
 //   reverse (the carried queries, Kbar, the intra-chunk logits) and then through each chunk's UT transform
-//   (ut_backward below) to W, K and beta.
+//   (the ut_grad_phase* entries below, run by the CUDA kernels; the CPU runs the same five phases as whole matrix
+//   products, ut_backward_cpu in path_attention_cpu_backward.cpp) to W, K and beta.
 //
 // Tensors (contiguous, element strides implied by the shapes):
 //   q [B, T, HQ, D], k and w [B, T, H, D], v [B, T, H, Dv], beta [B, T, H], g [B, T, HQ] (optional);
@@ -259,31 +260,6 @@ BLOCKOPS_HD void ut_grad_phase5(const UtGradT<S>& g, int r, int x, S* dW, S* dK,
   for (int a = r + 1; a < n; ++a) dw += g.beta[a] * g.dA[a * n + r] * g.W[a * d + x];
   dK[r * d + x] += dk;
   dW[r * d + x] += dw;
-}
-
-// The five phases in order on one thread (the CPU kernel); dW, dK [n, d] and dbeta [n] accumulated.
-template <typename S>
-void ut_backward(const UtGradT<S>& g, S* dW, S* dK, S* dbeta) {
-  const int n = g.n, d = g.d;
-  for (int e = 0; e < n; ++e)
-    for (int b = 0; b < e; ++b) ut_grad_phase1(g, e, b);
-  for (int r = 0; r < n; ++r) {
-    for (int c = 0; c < n; ++c) {
-      if (c <= r) ut_grad_phase2(g, 0, r, c); else g.dT[r * n + c] = 0;
-      if (c < r) ut_grad_phase2(g, 1, r, c); else g.dZ[r * n + c] = 0;
-    }
-    for (int x = 0; x < d; ++x) ut_grad_phase2(g, 2, r, x);
-  }
-  for (int r = 0; r < n; ++r)
-    for (int c = 0; c < n; ++c) ut_grad_phase3(g, r, c);
-  for (int a = 0; a < n; ++a)
-    for (int c = 0; c < n; ++c) {
-      if (c < a) ut_grad_phase4(g, a, c); else g.dA[a * n + c] = 0;
-    }
-  for (int r = 0; r < n; ++r) {
-    for (int x = 0; x < d; ++x) ut_grad_phase5(g, r, x, dW, dK, dbeta);
-    ut_grad_phase5(g, r, -1, dW, dK, dbeta);
-  }
 }
 
 // Scratch of one query chunk's backward (backward_query_chunk of both kernels) with `chunks_before` earlier chunks
