@@ -306,6 +306,17 @@ BLOCKOPS_TARGET_AVX2 __attribute__((always_inline)) inline __m256i spread_3bit_a
     }                                                                                                              \
   }
 
+// What both band kernels below derive from kBits and the band: codes per word, steps, the code mask (a code in each
+// int16 half of a lane), the band's width.
+#define BLOCKOPS_FIXED_BAND_CONSTANTS                                                                              \
+  constexpr int kPer = 32 / kBits;                                                                                 \
+  constexpr int kHalf = kPer / 2;                                                                                  \
+  constexpr int kField = (1 << kBits) - 1;                                                                         \
+  constexpr int kBandCols = kBandTiles * kTileCols;                                                                \
+  const Geometry& g = a.g;                                                                                         \
+  const __m256i mask = _mm256_set1_epi32(kField | (kField << 16));                                                 \
+  const int cols = tiles * kTileCols;
+
 // One activation row (decode): a task owns a band of tiles and walks down the packed rows, all tiles of a row
 // before the next (the order the prefetches follow); the per-group integer sums (acc) and the band's fp32
 // outputs (y) live in L1, touched once per packed row and once per group.
@@ -313,13 +324,7 @@ BLOCKOPS_TARGET_AVX2 __attribute__((always_inline)) inline __m256i spread_3bit_a
 template <int kBits>                                                                                               \
 TARGET void NAME(const GemvArgs& a, int64_t n0, int tiles) {                                                       \
   constexpr int kRows = 1;                                                                                         \
-  constexpr int kPer = 32 / kBits;                                                                                 \
-  constexpr int kHalf = kPer / 2;                                                                                  \
-  constexpr int kField = (1 << kBits) - 1;                                                                         \
-  constexpr int kBandCols = kBandTiles * kTileCols;                                                                \
-  const Geometry& g = a.g;                                                                                         \
-  const __m256i mask = _mm256_set1_epi32(kField | (kField << 16));                                                 \
-  const int cols = tiles * kTileCols;                                                                              \
+  BLOCKOPS_FIXED_BAND_CONSTANTS                                                                                    \
   alignas(32) int32_t acc[kBandCols];                                                                              \
   alignas(32) float y[kBandCols];                                                                                  \
   for (int c = 0; c < cols; ++c) y[c] = 0.f;                                                                       \
@@ -366,13 +371,7 @@ TARGET void NAME(const GemvArgs& a, int64_t n0, int tiles) {                    
 #define BLOCKOPS_DEFINE_FIXED_BATCH(NAME, TARGET, DOT)                                                             \
 template <int kBits, int kRows>                                                                                    \
 TARGET void NAME(const GemvArgs& a, int64_t n0, int tiles, int64_t m0) {                                           \
-  constexpr int kPer = 32 / kBits;                                                                                 \
-  constexpr int kHalf = kPer / 2;                                                                                  \
-  constexpr int kField = (1 << kBits) - 1;                                                                         \
-  constexpr int kBandCols = kBandTiles * kTileCols;                                                                \
-  const Geometry& g = a.g;                                                                                         \
-  const __m256i mask = _mm256_set1_epi32(kField | (kField << 16));                                                 \
-  const int cols = tiles * kTileCols;                                                                              \
+  BLOCKOPS_FIXED_BAND_CONSTANTS                                                                                    \
   const int32_t* xpass = a.xpairs + m0 * a.group_slot[g.groups()] * kHalf;                                         \
   alignas(32) float y[kRows][kBandCols];                                                                           \
   for (int m = 0; m < kRows; ++m)                                                                                  \
