@@ -20,10 +20,10 @@
 //                                          defeats the hardware prefetchers). Several activation rows share
 //                                          each line of sign words (partial sums in an L1 buffer).
 //
-// U for 2 .. 64 rows where the table GEMV has no AVX-512 (or above its 16 rows): lowbit's fixed-point kernel with
-// 1-bit sign codes (lowbit_cpu.h, sign_matmul_fixed_point). U for more rows, and the transposed product signs x G'
-// of the backward: +-1 blocks of the sign matrix decoded into fp32 and multiplied by ATen's GEMM (at::mm), one
-// block at a time.
+// U for 2 or more rows where the table GEMV has no AVX-512 (or above its 16 rows): lowbit's fixed-point kernel with
+// 1-bit sign codes (lowbit_cpu.h, sign_matmul_fixed_point). Without AVX2 above 16 rows, and the transposed product
+// signs x G' of the backward: +-1 blocks of the sign matrix decoded into fp32 and multiplied by ATen's GEMM
+// (at::mm), one block at a time.
 // sign(0) = 0 entries (zero_signs) are corrected after the kernels (U) or zeroed in the decoded blocks.
 //
 // fp64 (CPU only, for gradcheck): when x, grad_out, the factors or the bias are fp64, W_hat is dequantized in fp64
@@ -329,11 +329,11 @@ void for_each_sign_block(const at::Tensor& signs, const at::Tensor& zero_signs, 
 }
 
 // U [rows, out] = sum_j b[j, i] plain[m, j] with b = 0 for the sign(0) entries. One row, or up to kCpuGemvMaxRows
-// with AVX-512 (vpermps looks up 16 outputs at once): the lookup-table GEMV. Otherwise 2 .. lowbit::kCpuGemvMaxRows
-// rows take lowbit's fixed-point kernel with sign codes (each line of signs decoded once for up to 4 activation
-// rows, 16 products per int16 multiply-add; measured on the AVX2 path, 4096 x 4096: as fast as the table GEMV at 4
-// and 16 rows, 1.6x faster than the decoded blocks at 64). The rest (more rows, or neither kernel): decoded +-1
-// blocks and ATen's GEMM.
+// with AVX-512 (vpermps looks up 16 outputs at once): the lookup-table GEMV. Otherwise, with AVX2, lowbit's
+// fixed-point kernel with sign codes (each line of signs decoded once for up to 4 activation rows, 16 products per
+// int16 multiply-add; measured on the AVX2 path, 4096 x 4096: as fast as the table GEMV at 4 and 16 rows, 1.6x
+// faster than the decoded blocks at 64). Without AVX2: the table GEMV up to kCpuGemvMaxRows, decoded +-1 blocks
+// and ATen's GEMM above.
 at::Tensor sign_dot(const at::Tensor& plain, const at::Tensor& signs, const at::Tensor& zero_signs, const Geometry& g) {
   const int64_t rows = plain.size(0);
   if (g.plain() == 0) return at::zeros({rows, g.out}, plain.options());

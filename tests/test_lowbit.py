@@ -109,7 +109,7 @@ def test_gradcheck_small():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("rows", [1, 70])  # a decode-sized and a GEMM-sized batch (fp64 takes the blocked path)
+@pytest.mark.parametrize("rows", [1, 70])  # fp64 takes the blocked path at any batch
 def test_fp64_matches_fp64_reference(bits, rows):
     qweight, scales, zeros = random_weight(192, 40, bits, 32, torch.float64, "cpu", fractional_zeros=True)
     x, bias = torch.randn(rows, 192, dtype=torch.float64), torch.randn(40, dtype=torch.float64)
@@ -451,7 +451,7 @@ def test_every_cpu_code_path_matches(isa):
         "for bits in (2, 3, 4):\n"
         "    q = torch.randint(0, 2**bits, (320, 300), dtype=torch.int32)\n"
         "    qw = bitpack.pack_bits(q, bits, 0); s = torch.rand(10, 300); z = torch.rand(10, 300) * 3\n"
-        "    for rows in (1, 6, 7, 64):\n"  # the decode kernel; passes of the batched one: 4 + 2, 4 + 3, 16 x 4
+        "    for rows in (1, 6, 7, 64, 130):\n"  # the decode kernel; passes of the batched one: 4 + 2, 4 + 3, 16 x 4, ...
         "        x = torch.randn(rows, 320)\n"
         "        y = lowbit.quant_linear(x, qw, s, z, bits, 32)\n"
         "        ref = ref_quant_linear(x, qw, s, z, bits, 32)\n"
@@ -478,7 +478,7 @@ def test_batched_bf16_multiplies_in_fp32_without_bf16_dot_products():
         "assert blockops.build_info()['cpu_bf16_gemm'] is False\n"
         "qw = bitpack.pack_bits(torch.randint(0, 4, (256, 96), dtype=torch.int32), 2, 0)\n"
         "s = torch.rand(4, 96) * 0.1; z = torch.rand(4, 96) * 3\n"
-        "x = torch.randn(80, 256).bfloat16()\n"           # 80 rows: above the decode kernel's 64
+        "x = torch.randn(80, 256).bfloat16()\n"           # 80 rows: where a bf16-GEMM CPU takes the bf16 blocks
         "y = lowbit.quant_linear(x, qw, s, z, 2, 64)\n"
         "assert torch.equal(y, lowbit.quant_linear(x.float(), qw, s, z, 2, 64).bfloat16())\n"
     )
