@@ -6,7 +6,7 @@ Usage: PYTHONPATH=python python tools/instructions_per_weight.py [FORMAT ...] [-
 
 Each format runs in a child process under valgrind's callgrind, which cannot execute AVX-512 and so takes the AVX2
 path as an AVX2-only CPU would. Instructions are collected only inside the op's CPU entry point (the C++ function
-matching *_linear_cpu*, everything it calls included: set-up, threads' work, epilogue), one thread, over CALLS calls
+named in ENTRY (e.g. quant_linear_cpu), everything it calls included: set-up, threads' work, epilogue), one thread, over CALLS calls
 after one uncounted warm-up; printed per call and per weight (in x out). Slow: a few minutes per format (the torch
 import runs under valgrind too). The weights are the bench's (blockops.bench.lowbit / ptq161 / vq)."""
 from __future__ import annotations
@@ -21,7 +21,7 @@ import tempfile
 CALLS = 4
 FORMATS = ["lowbit-w2g64", "lowbit-w3g64", "lowbit-w4g128", "ptq161", "vq-2bit", "vq-3bit", "vq-aqlm2x8"]
 
-# The child: builds one layer of FORMAT and calls it `calls` times (callgrind collects inside *_linear_cpu* only).
+# The child: builds one layer of FORMAT and calls it `calls` times (callgrind collects inside the op's entry point only).
 CHILD = r"""
 import sys, torch
 torch.set_num_threads(1)
@@ -50,13 +50,20 @@ for _ in range(calls):
 """
 
 
+# The op's CPU entry point per format. One name each, not a pattern matching several: callgrind's --toggle-collect
+# toggles on every entry and exit of a matching function, so a nested match (ptq161_linear_cpu calls
+# quant_linear_cpu through the dispatcher for its salient part) would switch collection off inside the outer one
+# (it undercounted ptq161 by 28-34%).
+ENTRY = {"lowbit": "*quant_linear_cpu*", "ptq161": "*ptq161_linear_cpu*", "vq": "*vq_linear_cpu*"}
+
+
 def count(fmt: str, inn: int, out: int, rows: int, calls: int) -> int:
-    """Instructions collected inside *_linear_cpu* over `calls` calls of one layer of `fmt`."""
+    """Instructions collected inside the format's entry point (ENTRY) over `calls` calls of one layer of `fmt`."""
     with tempfile.TemporaryDirectory() as tmp:
         script = os.path.join(tmp, "child.py")
         with open(script, "w") as fh:
             fh.write(CHILD)
-        res = subprocess.run(["valgrind", "--tool=callgrind", "--collect-atstart=no", "--toggle-collect=*_linear_cpu*",
+        res = subprocess.run(["valgrind", "--tool=callgrind", "--collect-atstart=no", f"--toggle-collect={ENTRY[fmt.split('-')[0]]}",
                               f"--callgrind-out-file={tmp}/cg.out", sys.executable, script, fmt, str(inn), str(out),
                               str(rows), str(calls)], capture_output=True, text=True)
         m = re.search(r"Collected : (\d+)", res.stderr)
