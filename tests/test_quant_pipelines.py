@@ -114,7 +114,10 @@ def test_packing_reproduces_the_fake_quantized_weight_exactly(bits, scales_dtype
     x = torch.randn(70, 96)
     with kernel_ran("quant_linear", "cpu"):
         bias = linear.bias.detach().to(scales_dtype).float()   # the bias is stored in the scales' dtype too
-        torch.testing.assert_close(packed(x), F.linear(x, w_hat, bias), rtol=1e-5, atol=1e-5)
+        # The CPU kernel rounds activations to 16-bit fixed point per group (<= 1.5e-5 of the group's largest):
+        # its error is measured against the summed magnitudes |x| @ |W_hat|^T.
+        y, ref = packed(x), F.linear(x, w_hat, bias)
+        assert ((y - ref).abs() / (x.abs() @ w_hat.abs().t() + 1e-6)).max() < 1e-4
 
 
 def test_fake_quant_straight_through_gradients():
