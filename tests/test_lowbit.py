@@ -457,6 +457,13 @@ def test_every_cpu_code_path_matches(isa):
         "        ref = ref_quant_linear(x, qw, s, z, bits, 32)\n"
         "        assert ((y - ref).abs().mean() / ref.abs().mean()) < 2e-4, (bits, rows)\n"
         "        assert ((y - ref).abs().max() / ref.abs().max()) < 1e-4, (bits, rows)\n"
+        "    q = torch.randint(0, 2**bits, (1024, 300), dtype=torch.int32)\n"  # long groups: split-K row blocks
+        "    qw = bitpack.pack_bits(q, bits, 0); s = torch.rand(2, 300); z = torch.rand(2, 300) * 3\n"
+        "    for rows in (1, 5):\n"
+        "        x = torch.randn(rows, 1024)\n"
+        "        y = lowbit.quant_linear(x, qw, s, z, bits, 512)\n"
+        "        ref = ref_quant_linear(x, qw, s, z, bits, 512)\n"
+        "        assert ((y - ref).abs().max() / ref.abs().max()) < 1e-4, (bits, rows, 'groups of 512')\n"
         "    q = torch.randint(0, 2**bits, (4096, 40), dtype=torch.int32)\n"
         "    qw = bitpack.pack_bits(q, bits, 0); s = torch.rand(2, 40); z = torch.rand(2, 40) * 3\n"
         "    for rows in (1, 6):\n"
