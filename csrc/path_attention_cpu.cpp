@@ -174,13 +174,20 @@ at::Tensor prepare_all_chunks(const ParamsT<S>& p, const Chunking& ch, const Chu
 
 template <typename S>
 void prepare_span_chunks(const ParamsT<S>& p, const Span& sp, int64_t hk, const ChunkLayout& lay, S* blocks,
-                         ChunkMath<S>& cm) {
+                         ChunkMath<S>& cm, S* extra) {
   for (int64_t c = 0; c < chunks_of(sp.len); ++c) {
     const int64_t t0 = sp.start + c * kChunk;
     const int n = static_cast<int>(std::min<int64_t>(kChunk, sp.start + sp.len - t0));
     S* block = blocks + c * lay.size();
     std::fill_n(block, lay.size(), S(0));
     prepare_chunk(p, sp.b, t0, n, hk, lay, block, cm);
+    if (extra != nullptr) {
+      const UtExtra<S> e = ut_extra(extra + c * kUtExtraFloats);
+      std::copy_n(cm.beta.data(), n, e.beta);
+      std::copy_n(cm.gram.data(), n * n, e.gram);
+      std::copy_n(cm.wk.data(), n * n, e.wk);
+      std::copy_n(cm.T.data(), n * n, e.T);
+    }
   }
 }
 
@@ -229,9 +236,9 @@ at::Tensor gate_prefix(const ParamsT<S>& p, const Chunking& ch) {
 template at::Tensor prepare_all_chunks<float>(const ParamsT<float>&, const Chunking&, const ChunkLayout&);
 template at::Tensor prepare_all_chunks<double>(const ParamsT<double>&, const Chunking&, const ChunkLayout&);
 template void prepare_span_chunks<float>(const ParamsT<float>&, const Span&, int64_t, const ChunkLayout&, float*,
-                                         ChunkMath<float>&);
+                                         ChunkMath<float>&, float*);
 template void prepare_span_chunks<double>(const ParamsT<double>&, const Span&, int64_t, const ChunkLayout&, double*,
-                                          ChunkMath<double>&);
+                                          ChunkMath<double>&, double*);
 template void carry_matrix<float>(const float*, const ChunkLayout&, bool, float*);
 template void carry_matrix<double>(const double*, const ChunkLayout&, bool, double*);
 template at::Tensor carry_matrices<float>(const at::Tensor&, const ChunkLayout&, bool);
