@@ -124,6 +124,8 @@ void transpose_into(int n, int d, const S* src, S* dst_t) {   // src [n, d] -> d
     for (int x = 0; x < d; ++x) dst_t[static_cast<int64_t>(x) * kChunk + a] = src[a * d + x];
 }
 
+}  // namespace
+
 // Fills `block` (zeroed by the caller: padded rows/columns of a short last chunk must read as 0) for the n
 // tokens starting at (b, t0) of key head hk.
 template <typename S>
@@ -148,8 +150,6 @@ void prepare_chunk(const ParamsT<S>& p, int64_t b, int64_t t0, int n, int64_t hk
   }
 }
 
-}  // namespace
-
 template <typename S>
 at::Tensor prepare_all_chunks(const ParamsT<S>& p, const Chunking& ch, const ChunkLayout& lay) {
   const int64_t total = ch.first_chunk.back();
@@ -173,22 +173,43 @@ at::Tensor prepare_all_chunks(const ParamsT<S>& p, const Chunking& ch, const Chu
 }
 
 template <typename S>
-at::Tensor carry_matrices(const at::Tensor& blocks, const ChunkLayout& lay, bool transposed) {
+void prepare_span_chunks(const ParamsT<S>& p, const Span& sp, int64_t hk, const ChunkLayout& lay, S* blocks,
+                         ChunkMath<S>& cm, S* extra) {
+  for (int64_t c = 0; c < chunks_of(sp.len); ++c) {
+    const int64_t t0 = sp.start + c * kChunk;
+    const int n = static_cast<int>(std::min<int64_t>(kChunk, sp.start + sp.len - t0));
+    S* block = blocks + c * lay.size();
+    std::fill_n(block, lay.size(), S(0));
+    prepare_chunk(p, sp.b, t0, n, hk, lay, block, cm);
+    if (extra != nullptr) {
+      const UtExtra<S> e = ut_extra(extra + c * kUtExtraFloats);
+      std::copy_n(cm.beta.data(), n, e.beta);
+      std::copy_n(cm.gram.data(), n * n, e.gram);
+      std::copy_n(cm.wk.data(), n * n, e.wk);
+      std::copy_n(cm.T.data(), n * n, e.T);
+    }
+  }
+}
+
+template <typename S>
+void carry_matrix(const S* blk, const ChunkLayout& lay, bool transposed, S* P) {
   const int d = lay.d;
-  const int64_t per = (transposed ? 2 : 1) * static_cast<int64_t>(d) * d;
-  at::Tensor out = at::zeros({blocks.size(0), blocks.size(1), per}, blocks.options());
+  std::fill_n(P, (transposed ? 2 : 1) * d * d, S(0));
+  for (int x = 0; x < d; ++x) P[x * d + x] = 1;
+  matmul_acc(d, d, kChunk, -1, blk + lay.wt(), kChunk, blk + lay.tdw(), d, P, d);   // rows of TDW past n are 0
+  if (transposed)
+    for (int x = 0; x < d; ++x)
+      for (int y = 0; y < d; ++y) P[d * d + y * d + x] = P[x * d + y];
+}
+
+template <typename S>
+at::Tensor carry_matrices(const at::Tensor& blocks, const ChunkLayout& lay, bool transposed) {
+  const int64_t per = (transposed ? 2 : 1) * static_cast<int64_t>(lay.d) * lay.d;
+  at::Tensor out = at::empty({blocks.size(0), blocks.size(1), per}, blocks.options());
   const S* base = blocks.data_ptr<S>();
   S* P0 = out.data_ptr<S>();
   at::parallel_for(0, blocks.size(0) * blocks.size(1), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const S* blk = base + i * lay.size();
-      S* P = P0 + i * per;
-      for (int x = 0; x < d; ++x) P[x * d + x] = 1;
-      matmul_acc(d, d, kChunk, -1, blk + lay.wt(), kChunk, blk + lay.tdw(), d, P, d);   // rows of TDW past n are 0
-      if (transposed)
-        for (int x = 0; x < d; ++x)
-          for (int y = 0; y < d; ++y) P[d * d + y * d + x] = P[x * d + y];
-    }
+    for (int64_t i = begin; i < end; ++i) carry_matrix(base + i * lay.size(), lay, transposed, P0 + i * per);
   });
   return out;
 }
@@ -214,6 +235,12 @@ at::Tensor gate_prefix(const ParamsT<S>& p, const Chunking& ch) {
 
 template at::Tensor prepare_all_chunks<float>(const ParamsT<float>&, const Chunking&, const ChunkLayout&);
 template at::Tensor prepare_all_chunks<double>(const ParamsT<double>&, const Chunking&, const ChunkLayout&);
+template void prepare_span_chunks<float>(const ParamsT<float>&, const Span&, int64_t, const ChunkLayout&, float*,
+                                         ChunkMath<float>&, float*);
+template void prepare_span_chunks<double>(const ParamsT<double>&, const Span&, int64_t, const ChunkLayout&, double*,
+                                          ChunkMath<double>&, double*);
+template void carry_matrix<float>(const float*, const ChunkLayout&, bool, float*);
+template void carry_matrix<double>(const double*, const ChunkLayout&, bool, double*);
 template at::Tensor carry_matrices<float>(const at::Tensor&, const ChunkLayout&, bool);
 template at::Tensor carry_matrices<double>(const at::Tensor&, const ChunkLayout&, bool);
 template at::Tensor gate_prefix<float>(const ParamsT<float>&, const Chunking&);

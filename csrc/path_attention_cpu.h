@@ -295,6 +295,30 @@ struct ChunkMath {
 template <typename S>
 at::Tensor prepare_all_chunks(const ParamsT<S>& p, const Chunking& ch, const ChunkLayout& lay);
 
+// What the UT backward reads of a chunk's pass 1 beyond its block: beta [C], then gram, wk, T [n, n] (ChunkMath's
+// layout), in kUtExtraFloats elements per chunk.
+constexpr int64_t kUtExtraFloats = 3 * static_cast<int64_t>(kChunk) * kChunk + kChunk;
+
+template <typename S>   // S or const S
+struct UtExtra {
+  S *beta, *gram, *wk, *T;
+};
+
+template <typename S>
+inline UtExtra<S> ut_extra(S* e) {
+  constexpr int64_t C = kChunk;
+  return {e, e + C, e + C + C * C, e + C + 2 * C * C};
+}
+
+// Pass 1 for the chunks of one (sequence, key head), one after the other, into blocks [chunks_of(sp.len),
+// lay.size()] (zeroed here block by block): what prepare_all_chunks computes for them, bit for bit. For callers
+// whose tasks are (sequence, key head) (the backward): a per-thread buffer reused task after task, instead of one
+// buffer for all heads paged in afresh every call. With `extra` (kUtExtraFloats per chunk), each chunk's beta,
+// gram, wk and T too, so the backward's UT step need not run pass 1 again.
+template <typename S>
+void prepare_span_chunks(const ParamsT<S>& p, const Span& sp, int64_t hk, const ChunkLayout& lay, S* blocks,
+                         ChunkMath<S>& cm, S* extra = nullptr);
+
 // Carrying a query block of n rows across chunk c, Q0 <- Q0 - (Q0 W_c^T) TDW_c, costs 2 n C d FMAs as two rank-C
 // products, or n d^2 as one product with P_c = I - W_c^T TDW_c [d, d], built once per (key head, chunk) for all
 // the query chunks and heads that cross it: fewer for d < 2C (at d = 64 the forward does 3 instead of 4 products
@@ -305,6 +329,10 @@ inline bool carry_by_matrix(int d) { return d < 2 * kChunk; }
 // [H, total, 2 * d * d]: P_c, then P_c^T), dtype kComputeDtype<S>.
 template <typename S>
 at::Tensor carry_matrices(const at::Tensor& blocks, const ChunkLayout& lay, bool transposed);
+
+// One chunk's P_c (then P_c^T with `transposed`) from its block, into P [(transposed ? 2 : 1) * d * d].
+template <typename S>
+void carry_matrix(const S* blk, const ChunkLayout& lay, bool transposed, S* P);
 
 // G [B, HQ, T] = cumsum(g) within each sequence, summed in fp64 so long sequences keep G_i - G_j accurate
 // (dtype kComputeDtype<S>).

@@ -1,7 +1,8 @@
 // PaTH attention's backward on the CPU (path_attention_backward; the forward, pass 1 and the glue registration are
 // path_attention_cpu.cpp, the shared primitives path_attention_cpu.h, the math path_attention.h).
 //
-// Pass 1 as in the forward (plus the other orientation of each operand: ChunkLayout::backward), then one
+// Pass 1 as in the forward (plus the other orientation of each operand: ChunkLayout::backward; in the task that
+// reads it when every thread has a task, into a per-thread buffer reused task after task), then one
 // task per (sequence, key head), which owns that head's dk, dv, dw, dbeta and the dq and dG of its query heads
 // (deterministic, no atomics). Per query chunk cq of each query head of the group:
 //   recompute QW, M and the carried queries Q0^(c) for c = cq-1 .. 0 (kept: cq x C x D elements; by P_c for
@@ -199,12 +200,20 @@ struct UtScratch {
 // (the helpers' strided scalar sums were 15% of the backward at B=1 H=8 T=4096 D=64). dKbar, dTDW [n, d] (rows d
 // apart), dU_in [n, C] (rows C apart, only the strictly lower n x n part read); dW, dK [n, d] and dbeta [n]
 // accumulated. [n, C] products are computed whole, then masked to their triangle.
+// The chunk's pass-1 quantities, from a ChunkMath or from its block and UtExtra (no second pass 1):
+// W, K [n, d]; WT [d, C]; U [n, n] rows ldu apart; beta [n], gram, wk, T [n, n].
 template <typename S>
-void ut_backward_cpu(const ChunkMath<S>& cm, int n, int d, const S* dKbar, const S* dTDW, const S* dU_in, S* dW,
+struct UtIn {
+  const S *W, *K, *WT, *U;
+  int ldu;
+  UtExtra<const S> x;
+};
+
+template <typename S>
+void ut_backward_cpu(const UtIn<S>& in, int n, int d, const S* dKbar, const S* dTDW, const S* dU_in, S* dW,
                      S* dK, S* dbeta, UtScratch<S>& ws) {
   constexpr int C = kChunk;
-  const S *W = cm.W.data(), *K = cm.K.data(), *beta = cm.beta.data(), *gram = cm.gram.data(), *wk = cm.wk.data(),
-          *T = cm.T.data(), *U = cm.U.data();
+  const S *W = in.W, *K = in.K, *beta = in.x.beta, *gram = in.x.gram, *wk = in.x.wk, *T = in.x.T, *U = in.U;
   ws.reset(d);
   S *dU = ws.dU.data(), *full = ws.full.data(), *dT = ws.dT.data(), *dZ = ws.dZ.data(), *tmp = ws.tmp.data(),
     *dA = ws.dA.data(), *wkT = ws.wkT.data(), *TT = ws.TT.data(), *BdZ = ws.BdZ.data(), *BdA = ws.BdA.data(),
@@ -224,7 +233,7 @@ void ut_backward_cpu(const ChunkMath<S>& cm, int n, int d, const S* dKbar, const
   // dY = T^T dTDW.
   std::fill_n(full, n * C, S(0));
   matmul_acc(n, C, n, 1, dU, C, wkT, C, full, C);
-  matmul_acc(n, C, d, 1, dTDW, d, cm.WT.data(), C, full, C);
+  matmul_acc(n, C, d, 1, dTDW, d, in.WT, C, full, C);
   for (int r = 0; r < n; ++r)
     for (int c = 0; c <= r; ++c) dT[r * C + c] = full[r * C + c] * beta[c];
   std::fill_n(full, n * C, S(0));
@@ -255,7 +264,7 @@ void ut_backward_cpu(const ChunkMath<S>& cm, int n, int d, const S* dKbar, const
   matmul_acc(n, d, n, 1, dA, C, W, d, M, d);
   for (int r = 0; r < n; ++r)
     for (int x = 0; x < d; ++x) dW[r * d + x] += beta[r] * (dY[r * d + x] + M[r * d + x]);
-  matmul_acc(n, d, n, -1, U, n, dKbar, d, dW, d);
+  matmul_acc(n, d, n, -1, U, in.ldu, dKbar, d, dW, d);
   matmul_tn_acc(n, d, n, 1, BdA, C, W, d, dW, d);
 }
 
@@ -263,7 +272,7 @@ void ut_backward_cpu(const ChunkMath<S>& cm, int n, int d, const S* dKbar, const
 // backward. The task owns all the gradient rows it writes.
 template <typename S>
 void backward_task(const ParamsT<S>& p, const BwdBuffers<S>& bb, const Span& sp, int64_t hk, const ChunkLayout& lay,
-                   const S* blocks, const S* carry, KeyGrads<S>& g) {
+                   const S* blocks, const S* carry, const S* extra, KeyGrads<S>& g) {
   const int d = p.head_dim, dv = p.v_dim, C = kChunk;
   const int64_t nc = chunks_of(sp.len), group = p.heads / p.kv_heads;
   for (auto* m : {&g.dKbar, &g.dTDW, &g.dW, &g.dK}) m->assign(static_cast<size_t>(nc * C * d), S(0));
@@ -283,7 +292,15 @@ void backward_task(const ParamsT<S>& p, const BwdBuffers<S>& bb, const Span& sp,
   for (int64_t c = 0; c < nc; ++c) {
     const int64_t t0 = sp.start + c * C;
     const int n = static_cast<int>(std::min<int64_t>(C, sp.start + sp.len - t0));
-    cm.compute(p, sp.b, t0, n, hk);
+    UtIn<S> in;
+    if (extra != nullptr) {   // pass 1 kept by the task (prepare_span_chunks)
+      const S* blk = blocks + c * lay.size();
+      in = {blk + lay.w(), blk + lay.k(), blk + lay.wt(), blk + lay.u(), C, ut_extra(extra + c * kUtExtraFloats)};
+    } else {
+      cm.compute(p, sp.b, t0, n, hk);
+      in = {cm.W.data(), cm.K.data(), cm.WT.data(), cm.U.data(), n,
+            {cm.beta.data(), cm.gram.data(), cm.wk.data(), cm.T.data()}};
+    }
     S* dW = g.dW.data() + c * C * d;
     S* dK = g.dK.data() + c * C * d;
     if (carry != nullptr && c > 0) {   // P_c = I - W_c^T TDW_c: dTDW_c -= W_c dP_c, dW_c -= TDW_c dP_c^T
@@ -295,7 +312,7 @@ void backward_task(const ParamsT<S>& p, const BwdBuffers<S>& bb, const Span& sp,
       matmul_acc(n, d, d, -1, blk + lay.tdw(), d, dPT.data(), d, dW, d);
     }
     std::fill(dbeta.begin(), dbeta.end(), S(0));
-    ut_backward_cpu(cm, n, d, g.dKbar.data() + c * C * d, g.dTDW.data() + c * C * d, g.dU.data() + c * C * C, dW, dK,
+    ut_backward_cpu(in, n, d, g.dKbar.data() + c * C * d, g.dTDW.data() + c * C * d, g.dU.data() + c * C * C, dW, dK,
                     dbeta.data(), ws);
     for (int a = 0; a < n; ++a) {
       const int64_t tok = (sp.b * p.seq_len + t0 + a) * p.kv_heads + hk;
@@ -331,20 +348,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (!ch.spans.empty()) {
     ChunkLayout lay{p.head_dim, p.v_dim};
     lay.backward = true;
-    const at::Tensor blocks = prepare_all_chunks(p, ch, lay);
-    const at::Tensor carry = carry_by_matrix(p.head_dim) ? carry_matrices<S>(blocks, lay, true) : at::Tensor();
-    const int64_t total = ch.first_chunk.back();
+    const bool by_matrix = carry_by_matrix(p.head_dim);
+    const int64_t total = ch.first_chunk.back(), dd2 = 2 * static_cast<int64_t>(p.head_dim) * p.head_dim;
     const int64_t n_tasks = static_cast<int64_t>(ch.spans.size()) * p.kv_heads;
+    const int64_t n_workers = std::min<int64_t>(n_tasks, at::get_num_threads());
+    // Pass 1 in the task that reads it when every thread has a task: each thread's blocks (about 230 KB a chunk
+    // at D = 64) live in one buffer reused task after task, so a call pages in one (sequence, key head)'s worth
+    // per thread instead of every head's (117 MB at B=1 H=8 T=4096 D=64: 5-7% of the backward in page faults).
+    // With fewer tasks than threads, pass 1 stays a parallel step of its own (its chunks spread over all
+    // threads). The blocks' bits are the same either way.
+    const bool pass1_in_task = n_workers == at::get_num_threads();
+    at::Tensor blocks, carry;
+    if (!pass1_in_task) {
+      blocks = prepare_all_chunks(p, ch, lay);
+      if (by_matrix) carry = carry_matrices<S>(blocks, lay, true);
+    }
     // Tasks taken from a shared counter, not split in fixed halves: with few (sequence, key head) tasks per
     // thread, a thread slowed by another process would otherwise hold up the call by a whole share.
     std::atomic<int64_t> next{0};
-    at::parallel_for(0, std::min<int64_t>(n_tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    at::parallel_for(0, n_workers, 1, [&](int64_t, int64_t) {
       KeyGrads<S> g;   // one per thread, re-zeroed per task: MBs a task, not paged in afresh each time
+      std::vector<S> own_blocks, own_carry, own_extra;
+      ChunkMath<S> cm;
       for (int64_t task = next.fetch_add(1); task < n_tasks; task = next.fetch_add(1)) {
         const int64_t s = task / p.kv_heads, hk = task % p.kv_heads;
-        const int64_t first = hk * total + ch.first_chunk[s];
-        backward_task(p, bb, ch.spans[s], hk, lay, blocks.data_ptr<S>() + first * lay.size(),
-                      carry.defined() ? carry.data_ptr<S>() + first * 2 * p.head_dim * p.head_dim : nullptr, g);
+        const Span& sp = ch.spans[s];
+        const S* blk = nullptr;
+        const S* car = nullptr;
+        const S* ext = nullptr;   // with pass 1 in the task, what the UT backward reads beyond the blocks
+        if (pass1_in_task) {
+          const int64_t nc = chunks_of(sp.len);
+          own_blocks.resize(static_cast<size_t>(nc * lay.size()));   // grows to the longest span; never shrinks
+          own_extra.resize(static_cast<size_t>(nc * kUtExtraFloats));
+          prepare_span_chunks(p, sp, hk, lay, own_blocks.data(), cm, own_extra.data());
+          ext = own_extra.data();
+          blk = own_blocks.data();
+          if (by_matrix) {
+            own_carry.resize(static_cast<size_t>(nc * dd2));
+            for (int64_t c = 0; c < nc; ++c)
+              carry_matrix(blk + c * lay.size(), lay, true, own_carry.data() + c * dd2);
+            car = own_carry.data();
+          }
+        } else {
+          const int64_t first = hk * total + ch.first_chunk[s];
+          blk = blocks.data_ptr<S>() + first * lay.size();
+          car = carry.defined() ? carry.data_ptr<S>() + first * dd2 : nullptr;
+        }
+        backward_task(p, bb, sp, hk, lay, blk, car, ext, g);
       }
     });
   }
