@@ -334,11 +334,14 @@ void for_each_sign_block(const at::Tensor& signs, const at::Tensor& zero_signs, 
 // int16 multiply-add; measured on the AVX2 path, 4096 x 4096: as fast as the table GEMV at 4 and 16 rows, 1.6x
 // faster than the decoded blocks at 64). Without AVX2: the table GEMV up to kCpuGemvMaxRows, decoded +-1 blocks
 // and ATen's GEMM above.
-at::Tensor sign_dot(const at::Tensor& plain, const at::Tensor& signs, const at::Tensor& zero_signs, const Geometry& g) {
+// fp32_sums: the factors' gradients (backward) keep fp32 sums, as their contract says (the table GEMV or the
+// blocks), instead of the fixed-point kernel's 16-bit activations.
+at::Tensor sign_dot(const at::Tensor& plain, const at::Tensor& signs, const at::Tensor& zero_signs, const Geometry& g,
+                    bool fp32_sums = false) {
   const int64_t rows = plain.size(0);
   if (g.plain() == 0) return at::zeros({rows, g.out}, plain.options());
-  const bool table_gemv = rows == 1 || (rows <= kCpuGemvMaxRows && cpu_has_avx512_vnni());
-  at::Tensor u = table_gemv ? at::Tensor() : lowbit::sign_matmul_fixed_point(plain, signs);
+  const bool table_gemv = rows == 1 || (rows <= kCpuGemvMaxRows && (cpu_has_avx512_vnni() || fp32_sums));
+  at::Tensor u = table_gemv || fp32_sums ? at::Tensor() : lowbit::sign_matmul_fixed_point(plain, signs);
   if (!u.defined() && rows <= kCpuGemvMaxRows) {
     u = at::empty({rows, g.out}, plain.options());
     sign_gemv(build_tables(plain, g), signs.const_data_ptr<int32_t>(), g, u.mutable_data_ptr<float>());
@@ -561,7 +564,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ptq161_linear_backwar
   }
   const int32_t* p = perm.const_data_ptr<int32_t>();
   if (need_factors) {
-    bw.factor_grads(sign_dot(xg.plain, signs, zero_signs, g), xg.plain.sum(1, /*keepdim=*/true));
+    bw.factor_grads(sign_dot(xg.plain, signs, zero_signs, g, /*fp32_sums=*/true), xg.plain.sum(1, /*keepdim=*/true));
     if (g.plain() > 0) {
       const at::Tensor per_j = (xg.plain_raw * zn).sum(0);
       at::Tensor gr2_32 = at::zeros({g.in}, bw.x32.options());

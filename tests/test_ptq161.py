@@ -201,6 +201,12 @@ def test_every_cpu_code_path_matches(isa):
         "    assert err < 5e-5, (rows, err)\n"
         "if blockops.build_info()['cpu_families']['ptq161'] == 'avx2+fma':\n"
         "    assert blockops.kernel_call_counts()['sign_matmul_fixed_point.cpu'] == 3\n"
+        "from blockops.reference import ref_ptq161_linear\n"   # the factors' gradients keep fp32 sums (1e-5)
+        "alpha = tensors['alpha'].clone().requires_grad_()\n"
+        "x, gy = torch.randn(6, 333), torch.randn(6, 300)\n"
+        "ga, = torch.autograd.grad(ptq161.ptq161_linear(x, *args_of({**tensors, 'alpha': alpha}), s), alpha, gy)\n"
+        "gr, = torch.autograd.grad(ref_ptq161_linear(x, *args_of({**tensors, 'alpha': alpha}), s), alpha, gy)\n"
+        "assert ((ga - gr).abs().max() / gr.abs().max()) < 1e-5\n"
     )
     run_with_cpu_isa(isa, code)
 
