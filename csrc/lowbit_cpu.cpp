@@ -75,6 +75,9 @@ FamilyRegistration family(kFamily, lowbit_cpu_isa);
 constexpr int kTileCols = 16;          // one 64-byte cache line of a packed row; two AVX2 vectors
 constexpr int kRowsPerPass = 4;        // activation rows kept in registers per pass over a tile
 constexpr int kPrefetchRows = 32;      // packed rows fetched ahead (~ memory latency / time per row)
+// 16-bit fixed point: |x16| <= kFixedMax = 127.5 * 256 - 1, so that x16 = 256 * hi + lo splits into two int8
+// (hi = (x16 + 128) >> 8, lo = x16 - 256 * hi), as the 2-bit byte kernel needs.
+constexpr float kFixedMax = 32639.f;
 constexpr int64_t kSplitPieces = 8;   // fixed-point decode (one row): pieces of consecutive groups (split-K)
 constexpr int64_t kSplitRows = 8;     // and packed rows walked together across the tiles (streams prefetched)
 constexpr int kBandTiles = 16;         // fixed-point path: 256 columns (1 KiB of each packed row) per task
@@ -97,6 +100,9 @@ struct GemvArgs {
   const int32_t* xpairs;
   const int64_t* group_slot;
   const float* xstep;
+  // Only for the 2-bit byte kernel (one row, AVX2 without VNNI, groups up to 128): per packed row r and step j < 4,
+  // the int8 high and low parts of x16 at inputs 16 r + 4 b + j, b < 4, as two int32 (null elsewhere).
+  const int32_t* xbytes;
   const int32_t* qweight;
   const float* scales;       // fp32 copies: float and portable kernels (null on the fixed-point path)
   const float* zeros;
@@ -285,7 +291,7 @@ BLOCKOPS_TARGET_AVX2 __attribute__((always_inline)) inline __m256i spread_3bit_a
 // word holds codes k in its low half and k + p/2 in its high half (3-bit: after spread_3bit_avx2), so one shift
 // and one mask leave two codes per lane as int16 pairs; _mm256_madd_epi16 multiplies them by the matching pair of
 // int16 activations and adds the two products: 16 weights cost 4 instructions instead of the float path's 8.
-// Activations are rounded per (row, group) to 16-bit fixed point, step = max|x| / 32767 (relative error
+// Activations are rounded per (row, group) to 16-bit fixed point, step = max|x| / kFixedMax (relative error
 // <= 1.5e-5 of the group's largest activation: finer than fp16 or bf16 inputs). Group sums stay in int32:
 // |code * x16| * group_size <= 15 * 32767 * 1024 < 2^31 (kCpuFixedPointMaxGroup, lowbit.h).
 // Both kernels are stamped out once per ISA by the macros below: GCC cannot inline an intrinsic of a wider ISA
@@ -434,6 +440,60 @@ TARGET void NAME(const GemvArgs& a, int64_t grp0, int64_t grp1, int tiles, int32
   }                                                                                                                \
 }
 
+// The 2-bit split-K decode on AVX2 without VNNI (one row, groups of up to 128 inputs): bytes instead of int16 pairs.
+// A packed 2-bit lane shifted right by 2 j and masked with 0x03 per byte holds codes 4 b + j in its bytes b, and
+// _mm256_maddubs_epi16 multiplies those unsigned bytes by signed int8 activations, adding pairs into int16: with x16
+// = 256 hi + lo split into two int8, two of them give what the int16 kernel's four steps give, for half the shifts
+// and masks (4 steps of a word instead of 8). The int16 sums stay exact within a group: |code * int8| * 2 <= 768
+// per product pair, 4 steps x 8 packed rows of them <= 24576; widened to int32 (x 256 for hi) once per group, they
+// are the int16 kernel's sums exactly.
+BLOCKOPS_TARGET_AVX2 void gemv_splitk_bytes_avx2(const GemvArgs& a, int64_t grp0, int64_t grp1, int tiles, float* y) {
+  constexpr int kBits = 2;
+  constexpr int kPer = 16;
+  const Geometry& g = a.g;
+  const __m256i mask = _mm256_set1_epi32(0x03030303);
+  const __m256i times256 = _mm256_set1_epi16(256), ones = _mm256_set1_epi16(1);
+  for (int c = 0; c < tiles * kTileCols; ++c) y[c] = 0.f;
+  for (int64_t grp = grp0; grp < grp1; ++grp) {
+    const int64_t r0 = grp * g.group_size / kPer, r1 = (grp + 1) * g.group_size / kPer;
+    const __m256 step = _mm256_broadcast_ss(a.xstep + grp);
+    const __m256 xs = _mm256_broadcast_ss(a.xsum + grp);
+    for (int tile = 0; tile < tiles; ++tile) {
+      __m256i hi_lo = _mm256_setzero_si256(), lo_lo = _mm256_setzero_si256();   // [high/low part][column half]
+      __m256i hi_hi = _mm256_setzero_si256(), lo_hi = _mm256_setzero_si256();
+      const int32_t* w = a.qweight + r0 * g.out + tile * kTileCols;
+      const int32_t* xb = a.xbytes + r0 * 8;
+      for (int64_t r = r0; r < r1; ++r, w += g.out, xb += 8) {
+        __m256i w_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+        __m256i w_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 8));
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          const __m256i c_lo = _mm256_and_si256(w_lo, mask), c_hi = _mm256_and_si256(w_hi, mask);
+          w_lo = _mm256_srli_epi32(w_lo, kBits);
+          w_hi = _mm256_srli_epi32(w_hi, kBits);
+          const __m256i xh = _mm256_set1_epi32(xb[2 * j]), xl = _mm256_set1_epi32(xb[2 * j + 1]);
+          hi_lo = _mm256_add_epi16(hi_lo, _mm256_maddubs_epi16(c_lo, xh));
+          lo_lo = _mm256_add_epi16(lo_lo, _mm256_maddubs_epi16(c_lo, xl));
+          hi_hi = _mm256_add_epi16(hi_hi, _mm256_maddubs_epi16(c_hi, xh));
+          lo_hi = _mm256_add_epi16(lo_hi, _mm256_maddubs_epi16(c_hi, xl));
+          asm("" : "+x"(hi_lo), "+x"(lo_lo), "+x"(hi_hi), "+x"(lo_hi));   // one register chain each
+        }
+      }
+      const __m256i s_lo = _mm256_add_epi32(_mm256_madd_epi16(hi_lo, times256), _mm256_madd_epi16(lo_lo, ones));
+      const __m256i s_hi = _mm256_add_epi32(_mm256_madd_epi16(hi_hi, times256), _mm256_madd_epi16(lo_hi, ones));
+      const int64_t p = grp * g.out + tile * kTileCols;
+      __m256 scale_lo, zero_lo, scale_hi, zero_hi;
+      load_scale_zero8<kBits>(a, p, scale_lo, zero_lo);
+      load_scale_zero8<kBits>(a, p + 8, scale_hi, zero_hi);
+      float* yt = y + tile * kTileCols;
+      const __m256 dot_lo = _mm256_fnmadd_ps(zero_lo, xs, _mm256_mul_ps(_mm256_cvtepi32_ps(s_lo), step));
+      const __m256 dot_hi = _mm256_fnmadd_ps(zero_hi, xs, _mm256_mul_ps(_mm256_cvtepi32_ps(s_hi), step));
+      _mm256_storeu_ps(yt, _mm256_fmadd_ps(scale_lo, dot_lo, _mm256_loadu_ps(yt)));
+      _mm256_storeu_ps(yt + 8, _mm256_fmadd_ps(scale_hi, dot_hi, _mm256_loadu_ps(yt + 8)));
+    }
+  }
+}
+
 #define BLOCKOPS_DOT_AVX2(acc, codes, x) _mm256_add_epi32(acc, _mm256_madd_epi16(codes, x))
 #define BLOCKOPS_DOT_VNNI(acc, codes, x) _mm256_dpwssd_epi32(acc, codes, x)
 BLOCKOPS_DEFINE_FIXED_BATCH(gemm_band_fixed_avx2, BLOCKOPS_TARGET_AVX2, BLOCKOPS_DOT_AVX2)
@@ -490,8 +550,12 @@ void gemv_fixed_point(const GemvArgs& a, int64_t rows) {
       for (int64_t piece = begin; piece < end; ++piece) {
         const int64_t grp0 = piece * per_piece, grp1 = std::min(g.groups(), grp0 + per_piece);
         float* yp = partial.get() + piece * width;
-        vnni ? gemv_splitk_fixed_vnni<kBits>(a, grp0, grp1, static_cast<int>(full), acc.get(), yp)
-             : gemv_splitk_fixed_avx2<kBits>(a, grp0, grp1, static_cast<int>(full), acc.get(), yp);
+        if (kBits == 2 && a.xbytes != nullptr) {
+          gemv_splitk_bytes_avx2(a, grp0, grp1, static_cast<int>(full), yp);
+        } else {
+          vnni ? gemv_splitk_fixed_vnni<kBits>(a, grp0, grp1, static_cast<int>(full), acc.get(), yp)
+               : gemv_splitk_fixed_avx2<kBits>(a, grp0, grp1, static_cast<int>(full), acc.get(), yp);
+        }
       }
     });
     at::parallel_for(0, width, 4096, [&](int64_t c0, int64_t c1) {
@@ -555,7 +619,7 @@ void gemv(const GemvArgs& a, int64_t rows) {
 // group's slots are exactly its rows; 3-bit rows (10 inputs) can straddle two groups and then sit in both, with
 // complementary halves zeroed.
 void prepare_fixed_point(const at::Tensor& x32, const Geometry& g, at::Tensor& xpairs, at::Tensor& group_slot,
-                         at::Tensor& xstep) {
+                         at::Tensor& xstep, at::Tensor* xbytes = nullptr) {
   const int64_t rows = x32.size(0), gs = g.group_size;
   const int per = g.per_word(), half = per / 2;
   group_slot = at::empty({g.groups() + 1}, x32.options().dtype(at::kLong));
@@ -567,6 +631,11 @@ void prepare_fixed_point(const at::Tensor& x32, const Geometry& g, at::Tensor& x
   const float* x = x32.const_data_ptr<float>();
   int32_t* pairs = xpairs.mutable_data_ptr<int32_t>();
   float* steps = xstep.mutable_data_ptr<float>();
+  int32_t* bytes = nullptr;
+  if (xbytes != nullptr) {   // one row, 2-bit: [words][4 steps][high, low]
+    *xbytes = at::empty({g.words(), 4, 2}, x32.options().dtype(at::kInt));
+    bytes = xbytes->mutable_data_ptr<int32_t>();
+  }
   // Rows are independent: one task per row (a decode call's single row stays on the calling thread).
   at::parallel_for(0, rows, 1, [&](int64_t row_begin, int64_t row_end) {
     std::vector<int16_t> fixed(g.in);
@@ -577,7 +646,7 @@ void prepare_fixed_point(const at::Tensor& x32, const Geometry& g, at::Tensor& x
       for (int64_t grp = 0; grp < g.groups(); ++grp) {
         float peak = 0.f;
         for (int64_t k = grp * gs; k < (grp + 1) * gs; ++k) peak = std::max(peak, std::abs(xm[k]));
-        const float step = peak > 0.f ? peak / 32767.f : 1.f;
+        const float step = peak > 0.f ? peak / kFixedMax : 1.f;
         steps[m * g.groups() + grp] = step;
         for (int64_t k = grp * gs; k < (grp + 1) * gs; ++k) {
           fixed[k] = static_cast<int16_t>(std::nearbyint(xm[k] / step));
@@ -593,6 +662,21 @@ void prepare_fixed_point(const at::Tensor& x32, const Geometry& g, at::Tensor& x
           for (int j = 0; j < half; ++j) {
             pairs[pass_base + ((s * half) + j) * pass_rows + m - pass_m0] =
                 static_cast<int32_t>(in_group(r * per + j) | (in_group(r * per + half + j) << 16));
+          }
+        }
+      }
+      if (bytes != nullptr) {
+        for (int64_t r = 0; r < g.words(); ++r) {
+          for (int j = 0; j < 4; ++j) {
+            uint32_t high = 0, low = 0;
+            for (int b = 0; b < 4; ++b) {
+              const int32_t v = fixed[r * 16 + 4 * b + j];
+              const int32_t h = (v + 128) >> 8;   // |v| <= kFixedMax: h and v - 256 h fit in int8
+              high |= static_cast<uint32_t>(static_cast<uint8_t>(h)) << (8 * b);
+              low |= static_cast<uint32_t>(static_cast<uint8_t>(v - 256 * h)) << (8 * b);
+            }
+            bytes[(r * 4 + j) * 2] = static_cast<int32_t>(high);
+            bytes[(r * 4 + j) * 2 + 1] = static_cast<int32_t>(low);
           }
         }
       }
@@ -704,8 +788,11 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
   if (rows <= kCpuGemvMaxRows || (fixed_point && !bf16_gemm)) {
     const at::Tensor x32 = contiguous_fp32(x2);
     const at::Tensor xsum = x32.view({rows, g.groups(), g.group_size}).sum(-1).contiguous();
-    at::Tensor xpairs, group_slot, xstep;
-    if (fixed_point) prepare_fixed_point(x32, g, xpairs, group_slot, xstep);
+    at::Tensor xpairs, group_slot, xstep, xbytes;
+    // The 2-bit byte kernel: one row, AVX2 without VNNI (vpdpwssd does the int16 steps in one instruction each),
+    // groups of up to 128 inputs (its int16 sums' bound).
+    const bool byte_kernel = fixed_point && rows == 1 && g.bits == 2 && g.group_size <= 128 && !cpu_has_avx512_vnni();
+    if (fixed_point) prepare_fixed_point(x32, g, xpairs, group_slot, xstep, byte_kernel ? &xbytes : nullptr);
     // fp32 copies of scales and zeros only where a float or portable kernel reads them (the fixed-point
     // kernel converts as it goes; the portable one takes the partial tile of columns at the end).
     const bool need_f32 = !fixed_point || g.out % kTileCols != 0;
@@ -716,6 +803,7 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
                      fixed_point ? xpairs.const_data_ptr<int32_t>() : nullptr,
                      fixed_point ? group_slot.const_data_ptr<int64_t>() : nullptr,
                      fixed_point ? xstep.const_data_ptr<float>() : nullptr,
+                     byte_kernel ? xbytes.const_data_ptr<int32_t>() : nullptr,
                      qweight.const_data_ptr<int32_t>(),
                      need_f32 ? s32.const_data_ptr<float>() : nullptr,
                      need_f32 ? z32.const_data_ptr<float>() : nullptr,
@@ -850,7 +938,8 @@ at::Tensor sign_matmul_fixed_point(const at::Tensor& x, const at::Tensor& signs)
   prepare_fixed_point(x32, g, xpairs, group_slot, xstep);
   at::Tensor u = at::empty({rows, g.out}, x.options());
   const GemvArgs a{x32.const_data_ptr<float>(), xsum.const_data_ptr<float>(), xpairs.const_data_ptr<int32_t>(),
-                   group_slot.const_data_ptr<int64_t>(), xstep.const_data_ptr<float>(), signs.const_data_ptr<int32_t>(),
+                   group_slot.const_data_ptr<int64_t>(), xstep.const_data_ptr<float>(), nullptr,
+                   signs.const_data_ptr<int32_t>(),
                    nullptr, nullptr, nullptr, nullptr, DType::kF32, u.mutable_data_ptr<float>(), g};
   gemv_fixed_point<1>(a, rows);
   return u;

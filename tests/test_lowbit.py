@@ -1,5 +1,6 @@
 """2/3/4-bit group-wise GEMM: kernels vs the dequantize-then-matmul reference, gradients, GPTQ round trips,
 QuantLinear, quantize_, checkpoint loading, opcheck, torch.compile and error paths."""
+import os
 import re
 
 import pytest
@@ -435,6 +436,29 @@ def test_e2e_qp_style_training_updates_only_scales():
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     assert torch.equal(layer.qweight, qweight_before) and torch.equal(layer.zeros, zeros_before)
+
+
+@pytest.mark.skipif("vnni" not in blockops.build_info()["cpu_families"]["lowbit"], reason="needs AVX512-VNNI")
+def test_two_bit_byte_kernel_equals_the_int16_kernel(tmp_path):
+    """One row, 2-bit, groups up to 128 on AVX2 without VNNI: the byte kernel (maddubs on codes and the int8 halves of
+    x16) must give exactly the int16 kernel's sums, so the output is bitwise what the VNNI path computes."""
+    code = (
+        "import sys, torch, blockops\n"
+        "from blockops.ops import bitpack, lowbit\n"
+        "torch.manual_seed(0)\n"
+        "outs = []\n"
+        "for i, o, gs in [(4096, 300, 64), (1024, 48, 128), (512, 33, 32), (2048, 16, 16)]:\n"
+        "    qw = bitpack.pack_bits(torch.randint(0, 4, (i, o), dtype=torch.int32), 2, 0)\n"
+        "    s, z = torch.rand(i // gs, o).half(), (torch.rand(i // gs, o) * 3).half()\n"
+        "    x = torch.randn(1, i) * 10\n"
+        "    x[0, 5] = 1e4\n"                                   # one group's step set by an outlier
+        "    outs.append(lowbit.quant_linear(x, qw, s, z, 2, gs))\n"
+        "torch.save(outs, sys.argv[1])\n"
+    )
+    run_with_cpu_isa("avx2", code, str(tmp_path / "avx2.pt"))
+    run_with_cpu_isa("native", code, str(tmp_path / "native.pt"))   # "native": any other value caps nothing
+    for a, b in zip(torch.load(tmp_path / "avx2.pt"), torch.load(tmp_path / "native.pt")):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("isa", ["portable", "avx2"])
