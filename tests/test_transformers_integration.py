@@ -311,19 +311,21 @@ def test_blockbert_bench_rows_on_minilm():
     assert "embedding cosine vs dense" in rows[0].note and rows[0].ours_ms > 0 and rows[0].baseline_ms > 0
 
 
-@pytest.mark.parametrize("order", ["blockops first", "transformers first"])
+@pytest.mark.parametrize("order", ["blockops first", "transformers first", "probed first"])
 def test_registration_waits_for_transformers_import(order):
     """`import blockops` does not import transformers (about 1.7 s); the quantizer and the attention backend
-    register as soon as transformers is imported, in either order."""
+    register as soon as transformers is imported, in either order, also after a library probed for it with
+    importlib.util.find_spec (as diffusers does) before importing it."""
     import subprocess
     import sys
 
-    first, second = ("blockops", "transformers") if order == "blockops first" else ("transformers", "blockops")
+    first, second = ("transformers", "blockops") if order == "transformers first" else ("blockops", "transformers")
     code = (
-        "import sys\n"
+        "import sys, importlib.util\n"
         f"import {first}\n"
         "assert ('transformers' in sys.modules) == (" + repr(first == "transformers") + "), 'transformers imported'\n"
-        f"import {second}\n"
+        + ("assert importlib.util.find_spec('transformers') is not None\n" if order == "probed first" else "")
+        + f"import {second}\n"
         "from transformers import AttentionInterface\n"
         "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING\n"
         "assert 'blockops' in AUTO_QUANTIZER_MAPPING and 'blockops' in AttentionInterface._global_mapping\n"

@@ -37,20 +37,31 @@ def _register_transformers() -> bool:
 
 
 class _AfterTransformersImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: when ``transformers`` is about to be imported, it wraps that module's loader so the
-    integration registers right after transformers' own ``__init__`` has run, then removes itself."""
+    """Finds nothing itself: when ``transformers`` is looked up, it hands back the regular spec with the loader
+    wrapped, so that the integration registers right after transformers' own ``__init__`` has run (and the finder
+    then leaves ``sys.meta_path``). It stays in place until then: ``importlib.util.find_spec("transformers")``
+    (libraries probing whether transformers is installed) looks it up without importing it."""
+
+    def __init__(self):
+        self._looking = False   # guards the lookup below, which goes through sys.meta_path again
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != "transformers":
+        if fullname != "transformers" or self._looking:
             return None
-        sys.meta_path.remove(self)   # the lookup below must not come back here
-        spec = importlib.util.find_spec(fullname)
+        self._looking = True
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._looking = False
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         loader_exec = spec.loader.exec_module
+        finder = self
 
         def exec_module(module):
             loader_exec(module)
+            if finder in sys.meta_path:
+                sys.meta_path.remove(finder)
             _register_transformers()
 
         spec.loader.exec_module = exec_module
