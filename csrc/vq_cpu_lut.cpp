@@ -220,8 +220,10 @@ __attribute__((always_inline)) inline void gather_rows(const CodeT* codes, int64
   constexpr int kSums = R == 1 ? 8 : 2;              // sums per row: 8 chains in flight either way
   const int64_t table = kK > 0 ? int64_t{kK} * RP : table_runtime;
   V s[R][kSums] = {};
-  for (int64_t i0 = 0; i0 < len; i0 += kPerWord) {
-    const float* tables = lut + i0 * table;
+  // `tables` advances as a pointer of its own, so that each lookup's address is one register plus the code times
+  // RP * 4 plus a constant displacement: folded into the add's memory operand.
+  const float* tables = lut;
+  for (int64_t i0 = 0; i0 < len; i0 += kPerWord, tables += kPerWord * table) {
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const CodeT* c = codes + r * len + i0;
