@@ -279,6 +279,15 @@ BLOCKOPS_TARGET_AVX2 __attribute__((always_inline)) inline void load_scale_zero8
   }
 }
 
+// A finished group's contribution to 8 columns of y: y += scale * (step * sums - zero * xsum), the group's int32
+// sums of codes times fixed-point activations brought back to fp32 (step: the activations' fixed-point step,
+// xsum: their sum over the group, which the asymmetric zero point multiplies).
+BLOCKOPS_TARGET_AVX2 __attribute__((always_inline)) inline void add_group8(float* y, __m256i sums, __m256 step,
+                                                                           __m256 xsum, __m256 scale, __m256 zero) {
+  const __m256 dot = _mm256_fnmadd_ps(zero, xsum, _mm256_mul_ps(_mm256_cvtepi32_ps(sums), step));
+  _mm256_storeu_ps(y, _mm256_fmadd_ps(scale, dot, _mm256_loadu_ps(y)));
+}
+
 // A 3-bit packed word (10 codes at bits 3t, bits 30-31 unused) with codes 5..9 moved up one bit, from bits
 // 15.. to 16..: then code t sits at bit 3t of the low half and code t + 5 at bit 3t of the high half, the 2/4-bit
 // words' layout, so the kernel below decodes it alike (4 instructions per word, shared by its 5 steps).
@@ -335,7 +344,7 @@ BLOCKOPS_TARGET_AVX2 __attribute__((always_inline)) inline __m256i spread_3bit_a
 
 #define BLOCKOPS_XPAIR_ONE(m, j) xp[j]
 
-// Several activation rows (2 .. kCpuGemvMaxRows, in passes of up to kRowsPerPass): the packed weights are no
+// Several activation rows (any count, in passes of up to kRowsPerPass): the packed weights are no
 // longer the cost, the decode and the multiply-adds are, so per tile the 2 x kRows int32 sums stay in registers
 // across the group's packed rows and the group's scale and zero (converted once per tile, shared by the rows) are
 // applied straight from them; the pass's activation pairs are interleaved ([slot][j][row]), so every broadcast
@@ -374,11 +383,8 @@ TARGET void NAME(const GemvArgs& a, int64_t n0, int tiles, int64_t m0) {        
       for (int m = 0; m < kRows; ++m) {                                                                            \
         const __m256 step = _mm256_broadcast_ss(a.xstep + (m0 + m) * g.groups() + grp);                            \
         const __m256 xs = _mm256_broadcast_ss(a.xsum + (m0 + m) * g.groups() + grp);                               \
-        float* ym = &y[m][tile * kTileCols];                                                                       \
-        const __m256 dot_lo = _mm256_fnmadd_ps(zero_lo, xs, _mm256_mul_ps(_mm256_cvtepi32_ps(s_lo[m]), step));     \
-        const __m256 dot_hi = _mm256_fnmadd_ps(zero_hi, xs, _mm256_mul_ps(_mm256_cvtepi32_ps(s_hi[m]), step));     \
-        _mm256_store_ps(ym, _mm256_fmadd_ps(scale_lo, dot_lo, _mm256_load_ps(ym)));                                \
-        _mm256_store_ps(ym + 8, _mm256_fmadd_ps(scale_hi, dot_hi, _mm256_load_ps(ym + 8)));                        \
+        add_group8(&y[m][tile * kTileCols], s_lo[m], step, xs, scale_lo, zero_lo);                                 \
+        add_group8(&y[m][tile * kTileCols + 8], s_hi[m], step, xs, scale_hi, zero_hi);                             \
       }                                                                                                            \
     }                                                                                                              \
   }                                                                                                                \
@@ -430,11 +436,8 @@ TARGET void NAME(const GemvArgs& a, int64_t grp0, int64_t grp1, int tiles, int32
         __m256 scale_lo, zero_lo, scale_hi, zero_hi;                                                               \
         load_scale_zero8<kBits>(a, p, scale_lo, zero_lo);                                                          \
         load_scale_zero8<kBits>(a, p + 8, scale_hi, zero_hi);                                                      \
-        float* yt = y + tile * kTileCols;                                                                          \
-        const __m256 dot_lo = _mm256_fnmadd_ps(zero_lo, xs, _mm256_mul_ps(_mm256_cvtepi32_ps(s_lo[0]), step));     \
-        const __m256 dot_hi = _mm256_fnmadd_ps(zero_hi, xs, _mm256_mul_ps(_mm256_cvtepi32_ps(s_hi[0]), step));     \
-        _mm256_storeu_ps(yt, _mm256_fmadd_ps(scale_lo, dot_lo, _mm256_loadu_ps(yt)));                              \
-        _mm256_storeu_ps(yt + 8, _mm256_fmadd_ps(scale_hi, dot_hi, _mm256_loadu_ps(yt + 8)));                      \
+        add_group8(y + tile * kTileCols, s_lo[0], step, xs, scale_lo, zero_lo);                                    \
+        add_group8(y + tile * kTileCols + 8, s_hi[0], step, xs, scale_hi, zero_hi);                                \
       }                                                                                                            \
     }                                                                                                              \
   }                                                                                                                \
@@ -485,11 +488,8 @@ BLOCKOPS_TARGET_AVX2 void gemv_splitk_bytes_avx2(const GemvArgs& a, int64_t grp0
       __m256 scale_lo, zero_lo, scale_hi, zero_hi;
       load_scale_zero8<kBits>(a, p, scale_lo, zero_lo);
       load_scale_zero8<kBits>(a, p + 8, scale_hi, zero_hi);
-      float* yt = y + tile * kTileCols;
-      const __m256 dot_lo = _mm256_fnmadd_ps(zero_lo, xs, _mm256_mul_ps(_mm256_cvtepi32_ps(s_lo), step));
-      const __m256 dot_hi = _mm256_fnmadd_ps(zero_hi, xs, _mm256_mul_ps(_mm256_cvtepi32_ps(s_hi), step));
-      _mm256_storeu_ps(yt, _mm256_fmadd_ps(scale_lo, dot_lo, _mm256_loadu_ps(yt)));
-      _mm256_storeu_ps(yt + 8, _mm256_fmadd_ps(scale_hi, dot_hi, _mm256_loadu_ps(yt + 8)));
+      add_group8(y + tile * kTileCols, s_lo, step, xs, scale_lo, zero_lo);
+      add_group8(y + tile * kTileCols + 8, s_hi, step, xs, scale_hi, zero_hi);
     }
   }
 }
@@ -652,7 +652,9 @@ void prepare_fixed_point(const at::Tensor& x32, const Geometry& g, at::Tensor& x
           fixed[k] = static_cast<int16_t>(std::nearbyint(xm[k] / step));
         }
       }
-      for (int64_t grp = 0; grp < g.groups(); ++grp) {
+      // The byte kernel reads only xbytes: its xpairs stays allocated (the fixed-point path's marker, GemvArgs) but
+      // unwritten.
+      for (int64_t grp = 0; bytes == nullptr && grp < g.groups(); ++grp) {
         const int64_t r0 = grp * gs / per;
         auto in_group = [&](int64_t k) -> uint32_t {   // input k's int16 bits, 0 outside the group
           return k >= grp * gs && k < (grp + 1) * gs ? static_cast<uint16_t>(fixed[k]) : 0u;
