@@ -65,7 +65,7 @@ BENCH_ITEM_IDS = ("limits", "lowbit:4096x14336:M1", "lowbit:4096x14336:M16", "vq
                   "ptq161:4096x14336:M1", "ptq161:4096x14336:M16", "attention:longgen", "attention:causal",
                   "path_attention:T16384", "dllm:unmask", "block_cache:indicator", "bitpack:pack2b",
                   "dllm:kv_overwrite", "path_attention:decode", "lowbit:8192x28672:M1",
-                  "path_attention:T1024-fwd+bwd")
+                  "path_attention:T1024-fwd+bwd", "attention:ring-longgen-1rank")
 # Tests that run in the tests stage although they are no CUDA cases: they check the build itself (the one that
 # configures a second, CPU build is left out: minutes).
 ALWAYS_TESTS = ("test_build.py::test_build_info_describes_the_build",

@@ -442,6 +442,48 @@ def _attention(pattern, backward):
     return run
 
 
+def _ring_one_device(device, tiny):
+    """blockops.distributed.ring_attention on a group of one rank (NCCL on the GPU, gloo in the CPU dry run) against
+    block_sparse_attention on the same inputs, forward and forward+backward, LongGen mask at the attention goal's
+    shape: what context parallelism costs on top of the kernels when no message moves (one GPU runs world size 1;
+    the multi-rank rows need torchrun on several GPUs, bench/context_parallel)."""
+    import tempfile
+
+    import torch.distributed as dist
+    from blockops.attention import block_sparse_attention
+    from blockops.bench import attention as A
+    from blockops.bench.harness import Result, forward_backward, max_rel_error, time_ms
+    from blockops.distributed import ring_attention
+
+    c = (A.Config("longgen", 256, 2, 2, 32, torch.float32, 32) if tiny
+         else A.Config("longgen", 16384, 16, 16, 128, torch.bfloat16, 128))
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(c.batch, h, c.seq_len, c.head_dim, device=device, generator=gen, dtype=c.dtype)
+               for h in (c.heads, c.kv_heads, c.kv_heads))
+    mask = A.make_mask(c, q, k)
+    dt = str(c.dtype).replace("torch.", "")
+    shape = f"B={c.batch} T={c.seq_len} H={c.heads}/{c.kv_heads} D={c.head_dim} {dt} blk={c.block} 1 rank"
+    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    with tempfile.TemporaryDirectory() as where:
+        dist.init_process_group(backend, init_method=f"file://{where}/init", rank=0, world_size=1)
+        try:
+            ring = lambda: ring_attention(q, k, v, mask, layout="contiguous")  # noqa: E731
+            err = max_rel_error(ring().float(), block_sparse_attention(q, k, v, mask).float())
+            rows = [Result("attention", "ring_attention fwd longgen", shape, device, time_ms(ring, device),
+                           "block_sparse_attention", time_ms(lambda: block_sparse_attention(q, k, v, mask), device),
+                           max_error=err, tolerance=A.TOL[c.dtype], note="world size 1: the ring layer's own cost")]
+            for x in (q, k, v):
+                x.requires_grad_(True)
+            grad = torch.randn_like(q)
+            ours = time_ms(forward_backward(ring, (q, k, v), grad), device)
+            base = time_ms(forward_backward(lambda: block_sparse_attention(q, k, v, mask), (q, k, v), grad), device)
+            rows.append(Result("attention", "ring_attention fwd+bwd longgen", shape, device, ours,
+                               "block_sparse_attention", base, note="world size 1"))
+        finally:
+            dist.destroy_process_group()
+    return rows
+
+
 def _path_long(device, tiny):
     """PaTH forward at the attention goal's shape (T=16384, H=16, D=128, bf16) against causal SDPA; error: relative
     RMS over the first tokens against the fp64 reference on those tokens (causal: they depend on nothing later). The
@@ -536,6 +578,7 @@ BENCH_ITEMS = {
     "path_attention:decode": (_path_decode, None),
     "lowbit:8192x28672:M1": (_lowbit(8192, 28672, 1), Goal(">=5x cuBLAS", "F.linear", 5.0)),
     "path_attention:T1024-fwd+bwd": (_path_small, None),
+    "attention:ring-longgen-1rank": (_ring_one_device, None),
 }
 
 
