@@ -74,6 +74,49 @@ def test_rtn_quantize_save_pretrained_from_pretrained_is_exact(tmp_path):
     assert isinstance(loaded.pooler.dense, torch.nn.Linear)   # not quantized, stays dense
 
 
+@pytest.mark.parametrize("device_map", ["cpu", {"": "cpu"}])
+def test_from_pretrained_with_device_map_is_exact(tmp_path, device_map):
+    """device_map loading (transformers builds the layers on the meta device, accelerate places the weights): the
+    blockops layers come back where the map says, with every key loaded and the outputs bit-identical."""
+    pytest.importorskip("accelerate")
+    model = _bert()
+    blockops.quantize_(model, blockops.QuantConfig(2, 32), filter_fn=lambda m, n: n.startswith("encoder"))
+    inputs = _inputs()
+    with torch.no_grad():
+        before = model(**inputs).last_hidden_state
+    model.save_pretrained(tmp_path)
+    loaded, info = AutoModel.from_pretrained(tmp_path, output_loading_info=True, device_map=device_map)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    layer = loaded.encoder.layer[0].attention.self.query
+    assert isinstance(layer, QuantLinear) and layer.qweight.device.type == "cpu"
+    assert all(p.device.type == "cpu" for p in loaded.parameters()) and all(b.device.type != "meta"
+                                                                            for b in loaded.buffers())
+    with torch.no_grad():
+        assert torch.equal(before, loaded.eval()(**inputs).last_hidden_state)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.sh runs it)")
+def test_from_pretrained_device_map_to_cuda(tmp_path):
+    """device_map to the GPU: the blockops layers' packed weights land on CUDA and run the CUDA kernels, within the
+    low-bit GEMM's tolerance of the CPU model's output."""
+    pytest.importorskip("accelerate")
+    model = _bert()
+    blockops.quantize_(model, blockops.QuantConfig(2, 32), filter_fn=lambda m, n: n.startswith("encoder"))
+    inputs = _inputs()
+    with torch.no_grad():
+        before = model(**inputs).last_hidden_state
+    model.save_pretrained(tmp_path)
+    loaded, info = AutoModel.from_pretrained(tmp_path, output_loading_info=True, device_map="cuda:0")
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    layer = loaded.encoder.layer[0].attention.self.query
+    assert isinstance(layer, QuantLinear) and layer.qweight.device.type == "cuda"
+    counts = blockops.kernel_call_counts()
+    with torch.no_grad():
+        after = loaded.eval()(**{k: v.cuda() for k, v in inputs.items()}).last_hidden_state.cpu()
+    assert blockops.kernel_call_counts()["quant_linear.cuda"] > counts["quant_linear.cuda"]
+    assert (after - before).abs().max() <= 1e-3 * before.abs().max(), (after - before).abs().max()
+
+
 def test_rtn_llama_roundtrip_with_padding(tmp_path):
     model = _llama()
     blockops.quantize_(model, blockops.QuantConfig(4, 32), filter_fn=lambda m, n: n.startswith("layers."))
