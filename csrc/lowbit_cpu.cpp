@@ -50,7 +50,6 @@
 #include "cpu_features.h"
 #include "glue.h"
 #include "introspection.h"
-#include "lowbit_cpu.h"
 #include "lowbit_op.h"
 #include "macros.h"
 #include "static_switch.h"
@@ -67,11 +66,13 @@ KernelCounter linear_counter(kFamily, "quant_linear.cpu");
 KernelCounter dequant_counter(kFamily, "quant_dequantize.cpu");
 KernelCounter grad_input_counter(kFamily, "quant_linear_grad_input.cpu");
 KernelCounter grad_scales_counter(kFamily, "quant_grad_scales.cpu");
-KernelCounter sign_matmul_counter(kFamily, "sign_matmul_fixed_point.cpu");  // ptq161's batched binary part
 // The fixed-point decode kernel uses AVX512-VNNI where the CPU has it; the rest of the family AVX2/FMA.
 const char* lowbit_cpu_isa() { return cpu_has_avx512_vnni() ? "avx2+fma, avx512-vnni (decode)" : cpu_isa_name(); }
 FamilyRegistration family(kFamily, lowbit_cpu_isa);
 
+constexpr int64_t kCpuGemvMaxRows = 64;  // rows up to which the fp32 and portable decode kernels run (above:
+                                         // dequantized blocks + ATen's GEMM); the fixed-point kernels take any
+                                         // row count. CUDA: kCudaGemvMaxRows in kernels/lowbit_launch.h
 constexpr int kTileCols = 16;          // one 64-byte cache line of a packed row; two AVX2 vectors
 constexpr int kRowsPerPass = 4;        // activation rows kept in registers per pass over a tile
 constexpr int kPrefetchRows = 32;      // packed rows fetched ahead (~ memory latency / time per row)
@@ -83,11 +84,6 @@ constexpr int64_t kSplitRows = 8;     // and packed rows walked together across 
 constexpr int kBandTiles = 16;         // fixed-point path: 256 columns (1 KiB of each packed row) per task
 constexpr int64_t kBlockRows = 512;    // output features (rows of W_hat) dequantized at once on the GEMM
                                        // paths: <= 512 * in fp32, e.g. 8 MB at in = 4096
-
-// 1-bit codes are signs (ptq161's binary part, sign_matmul_fixed_point): weight 2 b - 1, i.e. every group's scale
-// is 2 and its zero 1/2, constants instead of [groups, out] tensors.
-constexpr float kSignScale = 2.f;
-constexpr float kSignZero = 0.5f;
 
 // What one GEMV pass needs: fp32 activations [M, in], their per-group sums [M, groups], fp32 scales and
 // zeros [groups, out], the fp32 output [M, out].
@@ -164,11 +160,7 @@ void gemv_tile_portable(const GemvArgs& a, int64_t n0, int ncols, int64_t m0, in
       }
       const float xs = a.xsum[(m0 + m) * g.groups() + grp];
       for (int c = 0; c < ncols; ++c) {
-        if constexpr (kBits == 1) {
-          y[c] += kSignScale * (acc[c] - kSignZero * xs);
-        } else {
-          y[c] += a.scales[grp * g.out + n0 + c] * (acc[c] - a.zeros[grp * g.out + n0 + c] * xs);
-        }
+        y[c] += a.scales[grp * g.out + n0 + c] * (acc[c] - a.zeros[grp * g.out + n0 + c] * xs);
       }
     }
     for (int c = 0; c < ncols; ++c) a.y[(m0 + m) * g.out + n0 + c] = y[c];
@@ -266,17 +258,11 @@ BLOCKOPS_TARGET_AVX2 __attribute__((always_inline)) inline __m256 load8_as_float
   }
 }
 
-// Eight columns' scale and zero from index i of [groups, out] as fp32 (sign codes: the constants above).
-template <int kBits>
+// Eight columns' scale and zero from index i of [groups, out] as fp32.
 BLOCKOPS_TARGET_AVX2 __attribute__((always_inline)) inline void load_scale_zero8(const GemvArgs& a, int64_t i,
                                                                                  __m256& scale, __m256& zero) {
-  if constexpr (kBits == 1) {
-    scale = _mm256_set1_ps(kSignScale);
-    zero = _mm256_set1_ps(kSignZero);
-  } else {
-    scale = load8_as_float(a.scales_native, i, a.param_type);
-    zero = load8_as_float(a.zeros_native, i, a.param_type);
-  }
+  scale = load8_as_float(a.scales_native, i, a.param_type);
+  zero = load8_as_float(a.zeros_native, i, a.param_type);
 }
 
 // A finished group's contribution to 8 columns of y: y += scale * (step * sums - zero * xsum), the group's int32
@@ -378,8 +364,8 @@ TARGET void NAME(const GemvArgs& a, int64_t n0, int tiles, int64_t m0) {        
       }                                                                                                            \
       const int64_t p = param_row + tile * kTileCols;                                                              \
       __m256 scale_lo, zero_lo, scale_hi, zero_hi;                                                                 \
-      load_scale_zero8<kBits>(a, p, scale_lo, zero_lo);                                                            \
-      load_scale_zero8<kBits>(a, p + 8, scale_hi, zero_hi);                                                        \
+      load_scale_zero8(a, p, scale_lo, zero_lo);                                                            \
+      load_scale_zero8(a, p + 8, scale_hi, zero_hi);                                                        \
       for (int m = 0; m < kRows; ++m) {                                                                            \
         const __m256 step = _mm256_broadcast_ss(a.xstep + (m0 + m) * g.groups() + grp);                            \
         const __m256 xs = _mm256_broadcast_ss(a.xsum + (m0 + m) * g.groups() + grp);                               \
@@ -434,8 +420,8 @@ TARGET void NAME(const GemvArgs& a, int64_t grp0, int64_t grp1, int tiles, int32
         }                                                                                                          \
         const int64_t p = grp * g.out + tile * kTileCols;                                                          \
         __m256 scale_lo, zero_lo, scale_hi, zero_hi;                                                               \
-        load_scale_zero8<kBits>(a, p, scale_lo, zero_lo);                                                          \
-        load_scale_zero8<kBits>(a, p + 8, scale_hi, zero_hi);                                                      \
+        load_scale_zero8(a, p, scale_lo, zero_lo);                                                          \
+        load_scale_zero8(a, p + 8, scale_hi, zero_hi);                                                      \
         add_group8(y + tile * kTileCols, s_lo[0], step, xs, scale_lo, zero_lo);                                    \
         add_group8(y + tile * kTileCols + 8, s_hi[0], step, xs, scale_hi, zero_hi);                                \
       }                                                                                                            \
@@ -486,8 +472,8 @@ BLOCKOPS_TARGET_AVX2 void gemv_splitk_bytes_avx2(const GemvArgs& a, int64_t grp0
       const __m256i s_hi = _mm256_add_epi32(_mm256_madd_epi16(hi_hi, times256), _mm256_madd_epi16(lo_hi, ones));
       const int64_t p = grp * g.out + tile * kTileCols;
       __m256 scale_lo, zero_lo, scale_hi, zero_hi;
-      load_scale_zero8<kBits>(a, p, scale_lo, zero_lo);
-      load_scale_zero8<kBits>(a, p + 8, scale_hi, zero_hi);
+      load_scale_zero8(a, p, scale_lo, zero_lo);
+      load_scale_zero8(a, p + 8, scale_hi, zero_hi);
       add_group8(y + tile * kTileCols, s_lo, step, xs, scale_lo, zero_lo);
       add_group8(y + tile * kTileCols + 8, s_hi, step, xs, scale_hi, zero_hi);
     }
@@ -921,34 +907,6 @@ at::Tensor quant_grad_scales_cpu(const at::Tensor& t, const at::Tensor& qweight,
 }
 
 }  // namespace
-
-at::Tensor sign_matmul_fixed_point(const at::Tensor& x, const at::Tensor& signs) {
-  const int64_t rows = x.size(0);
-#if BLOCKOPS_X86_DISPATCH
-  if (!cpu_has_avx2_fma() || rows < 2) return {};
-  TORCH_INTERNAL_ASSERT(x.scalar_type() == at::kFloat && x.is_contiguous() && signs.scalar_type() == at::kInt &&
-                        x.size(1) == signs.size(0) * 32);
-  // The largest power-of-two group up to 256 dividing the padded inputs (a multiple of 32): the rounding error
-  // is relative to each group's largest activation.
-  int group = 256;
-  while (x.size(1) % group != 0) group /= 2;
-  const Geometry g{x.size(1), signs.size(1), 1, group};
-  sign_matmul_counter.hit();
-  const at::Tensor x32 = x.contiguous();
-  const at::Tensor xsum = x32.view({rows, g.groups(), g.group_size}).sum(-1).contiguous();
-  at::Tensor xpairs, group_slot, xstep;
-  prepare_fixed_point(x32, g, xpairs, group_slot, xstep);
-  at::Tensor u = at::empty({rows, g.out}, x.options());
-  const GemvArgs a{x32.const_data_ptr<float>(), xsum.const_data_ptr<float>(), xpairs.const_data_ptr<int32_t>(),
-                   group_slot.const_data_ptr<int64_t>(), xstep.const_data_ptr<float>(), nullptr,
-                   signs.const_data_ptr<int32_t>(),
-                   nullptr, nullptr, nullptr, nullptr, DType::kF32, u.mutable_data_ptr<float>(), g};
-  gemv_fixed_point<1>(a, rows);
-  return u;
-#else
-  return {};
-#endif
-}
 
 TORCH_LIBRARY_IMPL(blockops, CPU, m) {
   m.impl("quant_linear", &quant_linear_cpu);

@@ -20,9 +20,9 @@
 //                                          defeats the hardware prefetchers). Several activation rows share
 //                                          each line of sign words (partial sums in an L1 buffer).
 //
-// U for 2 or more rows where the table GEMV has no AVX-512 (or above its 16 rows): lowbit's fixed-point kernel with
-// 1-bit sign codes (lowbit_cpu.h, sign_matmul_fixed_point). Without AVX2 above 16 rows, and the transposed product
-// signs x G' of the backward: +-1 blocks of the sign matrix decoded into fp32 and multiplied by ATen's GEMM
+// U for 2 or more rows on AVX2 (4 or more with AVX-512): byte-shuffle lookups in int16 tables of signed sums,
+// 32 columns per vpshufb (ptq161_cpu.h, ptq161_cpu_shuffle.cpp). Without AVX2 above 16 rows, and the transposed
+// product signs x G' of the backward: +-1 blocks of the sign matrix decoded into fp32 and multiplied by ATen's GEMM
 // (at::mm), one block at a time.
 // sign(0) = 0 entries (zero_signs) are corrected after the kernels (U) or zeroed in the decoded blocks.
 //
@@ -33,6 +33,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/index_select.h>
+#include <ATen/ops/tensor.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/mv.h>
@@ -48,7 +50,7 @@
 #include "cpu_features.h"
 #include "glue.h"
 #include "introspection.h"
-#include "lowbit_cpu.h"
+#include "ptq161_cpu.h"
 #include "macros.h"
 #include "ptq161_op.h"
 #include "static_switch.h"
@@ -64,6 +66,8 @@ namespace {
 KernelCounter linear_counter(kFamily, "ptq161_linear.cpu");
 KernelCounter dequant_counter(kFamily, "ptq161_dequantize.cpu");
 KernelCounter backward_counter(kFamily, "ptq161_linear_backward.cpu");
+KernelCounter shuffle_counter(kFamily, "ptq161_sign_shuffle.cpu");  // which ptq161_linear.cpu calls took the
+                                                                    // byte-shuffle binary kernel
 // The binary GEMV uses AVX-512 (vpermps on zmm) where the CPU has the AVX-512 set the lowbit decode kernel needs.
 const char* ptq161_cpu_isa() { return cpu_has_avx512_vnni() ? "avx2+fma, avx512 (binary GEMV)" : cpu_isa_name(); }
 FamilyRegistration family(kFamily, ptq161_cpu_isa);
@@ -328,20 +332,26 @@ void for_each_sign_block(const at::Tensor& signs, const at::Tensor& zero_signs, 
   }
 }
 
-// U [rows, out] = sum_j b[j, i] plain[m, j] with b = 0 for the sign(0) entries. One row, or up to kCpuGemvMaxRows
-// with AVX-512 (vpermps looks up 16 outputs at once): the lookup-table GEMV. Otherwise, with AVX2, lowbit's
-// fixed-point kernel with sign codes (each line of signs decoded once for up to 4 activation rows, 16 products per
-// int16 multiply-add; measured on the AVX2 path, 4096 x 4096: as fast as the table GEMV at 4 and 16 rows, 1.6x
-// faster than the decoded blocks at 64). Without AVX2: the table GEMV up to kCpuGemvMaxRows, decoded +-1 blocks
-// and ATen's GEMM above.
+// U [rows, out] = sum_j b[j, i] plain[m, j] with b = 0 for the sign(0) entries. One row, or 2-3 rows with AVX-512
+// (vpermps looks up 16 outputs at once): the lookup-table GEMV. Otherwise, with AVX2, the byte-shuffle kernel
+// (ptq161_cpu_shuffle.cpp: 14-bit activations in int16 tables, 32 columns per vpshufb; measured at 4096 x 4096, one
+// thread: AVX2 path 4 / 16 / 64 rows 1.16-1.43 / 4.6-5.9 / 18.7 ms on lowbit's 16-bit fixed-point kernel before,
+// 0.78 / 2.7 / 10.6 ms; native (AVX-512) 8 / 16 rows 1.30 / 2.45 ms against the table GEMV's 1.51 / 3.0, which
+// keeps 2 rows: 0.46 against 0.50 ms). Without AVX2 or with a NaN / infinity in the activations: the table GEMV up
+// to kCpuGemvMaxRows, decoded +-1 blocks and ATen's GEMM above.
 // fp32_sums: the factors' gradients (backward) keep fp32 sums, as their contract says (the table GEMV or the
-// blocks), instead of the fixed-point kernel's 16-bit activations.
+// blocks), instead of the shuffle kernel's 14-bit activations.
+constexpr int64_t kShuffleMinRows = 4;  // with AVX-512, the table GEMV below this many rows
+
 at::Tensor sign_dot(const at::Tensor& plain, const at::Tensor& signs, const at::Tensor& zero_signs, const Geometry& g,
                     bool fp32_sums = false) {
   const int64_t rows = plain.size(0);
   if (g.plain() == 0) return at::zeros({rows, g.out}, plain.options());
-  const bool table_gemv = rows == 1 || (rows <= kCpuGemvMaxRows && (cpu_has_avx512_vnni() || fp32_sums));
-  at::Tensor u = table_gemv || fp32_sums ? at::Tensor() : lowbit::sign_matmul_fixed_point(plain, signs);
+  const bool table_gemv = rows == 1 || (rows <= kCpuGemvMaxRows &&
+                                        (fp32_sums || (cpu_has_avx512_vnni() && rows < kShuffleMinRows)));
+  std::vector<int64_t> non_finite;  // rows the shuffle kernel leaves to the exact path below
+  at::Tensor u = table_gemv || fp32_sums ? at::Tensor() : sign_matmul_shuffle(plain, signs, non_finite);
+  if (u.defined()) shuffle_counter.hit();
   if (!u.defined() && rows <= kCpuGemvMaxRows) {
     u = at::empty({rows, g.out}, plain.options());
     sign_gemv(build_tables(plain, g), signs.const_data_ptr<int32_t>(), g, u.mutable_data_ptr<float>());
@@ -356,6 +366,12 @@ at::Tensor sign_dot(const at::Tensor& plain, const at::Tensor& signs, const at::
       const int64_t j = z[e] / g.out, i = z[e] % g.out;
       const float b = sign_value(sign_bit(s, g, j, i));
       for (int64_t m = 0; m < rows; ++m) um[m * g.out + i] -= b * x[m * plain.size(1) + j];
+    }
+    if (!non_finite.empty()) {
+      // A NaN / Inf row on the exact path (the table GEMV or the blocks), so that it is non-finite as F.linear's and
+      // every other row is what it is without it.
+      const at::Tensor which = at::tensor(non_finite, plain.options().dtype(at::kLong));
+      u.index_copy_(0, which, sign_dot(plain.index_select(0, which), signs, zero_signs, g, /*fp32_sums=*/true));
     }
     return u;
   }
