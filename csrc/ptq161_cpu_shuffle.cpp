@@ -14,9 +14,10 @@
 //             the packs' order: int32 lane t of accumulator k is column 8 k + t. Per 2 nibbles and 32 columns (256
 //             weights): 4 shuffles, 4 byte and 4 word unpacks, 4 vpmaddwd, 4 adds, where the 16-bit fixed-point
 //             kernel (lowbit) spends about 50 vector instructions.
-//   order     a task owns a band of kBandBlocks x 32 columns; per input block it builds the band's indices (4 KB,
-//             L1), then for every row sums the block's nibbles in registers and adds them, times the row's step,
-//             into U. One block's tables for all rows (2 KB a row) stay in L2 while the bands pass over them.
+//   order     rows in chunks of kRowChunk; per chunk, a task owns a band of kBandBlocks x 32 columns; per input block
+//             it builds the band's indices (4 KB, L1), then for every row of the chunk sums the block's nibbles in
+//             registers and adds them, times the row's step, into U. One block's tables for the chunk's rows (2 KB a
+//             row) stay in L2 while the bands pass over them.
 //
 // Columns past the last whole 32 (out % 32) take a plain fp32 loop.
 #include <ATen/Parallel.h>
@@ -47,6 +48,9 @@ constexpr int64_t kNibblesPerBlock = kShuffleBlockInputs / 4;
 constexpr int64_t kPlaneBytes = 32;                           // per (row, nibble): 16 low bytes, 16 high bytes
 constexpr int64_t kVectorCols = 32;                           // columns per index vector (a byte each)
 constexpr int kBandBlocks = 2;                                // 32-column blocks per band: 8 int32 accumulators
+constexpr int64_t kRowChunk = 64;  // rows whose tables are built at once: one input block's tables (2 KB a row, 128 KB)
+                                   // stay in L2 while the bands pass over them, and the buffer stays small (2 MB at
+                                   // 4096 inputs) whatever the batch
 
 static_assert(kShuffleBlockInputs % 32 == 0, "input blocks are whole sign words");
 
@@ -175,39 +179,45 @@ at::Tensor sign_matmul_shuffle(const at::Tensor& x, const at::Tensor& signs, std
   TORCH_INTERNAL_ASSERT(P == words * 32 && x.is_contiguous() && x.scalar_type() == at::kFloat &&
                         signs.scalar_type() == at::kInt && signs.is_contiguous());
   const int64_t blocks = (P + kShuffleBlockInputs - 1) / kShuffleBlockInputs;
-  std::vector<float> steps(static_cast<size_t>(rows * blocks));
+  const int64_t chunk = std::min(rows, kRowChunk);
+  std::vector<float> steps(static_cast<size_t>(chunk * blocks));
   // Every byte a lookup reads is written: nibbles past a short last block are never looked up.
-  const auto tables = std::make_unique_for_overwrite<uint8_t[]>(static_cast<size_t>(blocks * rows * kNibblesPerBlock *
+  const auto tables = std::make_unique_for_overwrite<uint8_t[]>(static_cast<size_t>(blocks * chunk * kNibblesPerBlock *
                                                                                      kPlaneBytes));
   const float* xs = x.const_data_ptr<float>();
   std::vector<char> finite(static_cast<size_t>(rows));
-  at::parallel_for(0, rows, 1, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) finite[m] = build_row_tables(xs + m * P, P, rows, m, blocks, steps.data(), tables.get());
-  });
-  non_finite_rows.clear();
-  for (int64_t m = 0; m < rows; ++m) {
-    if (!finite[m]) non_finite_rows.push_back(m);
-  }
   at::Tensor u = at::zeros({rows, out}, x.options());
   float* um = u.mutable_data_ptr<float>();
   const int32_t* s = signs.const_data_ptr<int32_t>();
   const int64_t whole = out / kVectorCols, bands = (whole + kBandBlocks - 1) / kBandBlocks;
-  at::parallel_for(0, bands, 1, [&](int64_t band0, int64_t band1) {
-    alignas(32) __m256i index[kNibblesPerBlock * kBandBlocks];
-    for (int64_t band = band0; band < band1; ++band) {
-      const int64_t col0 = band * kBandBlocks * kVectorCols;
-      const int nb = static_cast<int>(std::min<int64_t>(kBandBlocks, whole - band * kBandBlocks));
-      for (int64_t kb = 0; kb < blocks; ++kb) {
-        const int64_t w0 = kb * kWordsPerBlock, nw = std::min(kWordsPerBlock, words - w0);
-        build_indices(s, out, w0, nw, col0, nb, index);
-        if (nb == kBandBlocks) {
-          lookup_rows<kBandBlocks>(tables.get(), index, nw * 8, rows, kb, blocks, steps.data(), out, col0, um);
-        } else {
-          lookup_rows<1>(tables.get(), index, nw * 8, rows, kb, blocks, steps.data(), out, col0, um);
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+    const int64_t n = std::min(chunk, rows - r0);
+    at::parallel_for(0, n, 1, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        finite[r0 + m] = build_row_tables(xs + (r0 + m) * P, P, n, m, blocks, steps.data(), tables.get());
+      }
+    });
+    at::parallel_for(0, bands, 1, [&](int64_t band0, int64_t band1) {
+      alignas(32) __m256i index[kNibblesPerBlock * kBandBlocks];
+      for (int64_t band = band0; band < band1; ++band) {
+        const int64_t col0 = band * kBandBlocks * kVectorCols;
+        const int nb = static_cast<int>(std::min<int64_t>(kBandBlocks, whole - band * kBandBlocks));
+        for (int64_t kb = 0; kb < blocks; ++kb) {
+          const int64_t w0 = kb * kWordsPerBlock, nw = std::min(kWordsPerBlock, words - w0);
+          build_indices(s, out, w0, nw, col0, nb, index);
+          if (nb == kBandBlocks) {
+            lookup_rows<kBandBlocks>(tables.get(), index, nw * 8, n, kb, blocks, steps.data(), out, col0, um + r0 * out);
+          } else {
+            lookup_rows<1>(tables.get(), index, nw * 8, n, kb, blocks, steps.data(), out, col0, um + r0 * out);
+          }
         }
       }
-    }
-  });
+    });
+  }
+  non_finite_rows.clear();
+  for (int64_t m = 0; m < rows; ++m) {
+    if (!finite[m]) non_finite_rows.push_back(m);
+  }
   // The last out % 32 columns: fp32 sums.
   for (int64_t i = whole * kVectorCols; i < out; ++i) {
     for (int64_t m = 0; m < rows; ++m) {
