@@ -74,10 +74,8 @@ def test_rtn_quantize_save_pretrained_from_pretrained_is_exact(tmp_path):
     assert isinstance(loaded.pooler.dense, torch.nn.Linear)   # not quantized, stays dense
 
 
-@pytest.mark.parametrize("device_map", ["cpu", {"": "cpu"}])
-def test_from_pretrained_with_device_map_is_exact(tmp_path, device_map):
-    """device_map loading (transformers builds the layers on the meta device, accelerate places the weights): the
-    blockops layers come back where the map says, with every key loaded and the outputs bit-identical."""
+def _load_with_device_map(tmp_path, device_map):
+    """A 2-bit RTN BERT saved and loaded back with `device_map`: (loaded model, inputs, the saved model's output)."""
     pytest.importorskip("accelerate")
     model = _bert()
     blockops.quantize_(model, blockops.QuantConfig(2, 32), filter_fn=lambda m, n: n.startswith("encoder"))
@@ -87,6 +85,14 @@ def test_from_pretrained_with_device_map_is_exact(tmp_path, device_map):
     model.save_pretrained(tmp_path)
     loaded, info = AutoModel.from_pretrained(tmp_path, output_loading_info=True, device_map=device_map)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return loaded, inputs, before
+
+
+@pytest.mark.parametrize("device_map", ["cpu", {"": "cpu"}])
+def test_from_pretrained_with_device_map_is_exact(tmp_path, device_map):
+    """device_map loading (transformers builds the layers on the meta device, accelerate places the weights): the
+    blockops layers come back where the map says, with every key loaded and the outputs bit-identical."""
+    loaded, inputs, before = _load_with_device_map(tmp_path, device_map)
     layer = loaded.encoder.layer[0].attention.self.query
     assert isinstance(layer, QuantLinear) and layer.qweight.device.type == "cpu"
     assert all(p.device.type == "cpu" for p in loaded.parameters()) and all(b.device.type != "meta"
@@ -99,15 +105,7 @@ def test_from_pretrained_with_device_map_is_exact(tmp_path, device_map):
 def test_from_pretrained_device_map_to_cuda(tmp_path):
     """device_map to the GPU: the blockops layers' packed weights land on CUDA and run the CUDA kernels, within the
     low-bit GEMM's tolerance of the CPU model's output."""
-    pytest.importorskip("accelerate")
-    model = _bert()
-    blockops.quantize_(model, blockops.QuantConfig(2, 32), filter_fn=lambda m, n: n.startswith("encoder"))
-    inputs = _inputs()
-    with torch.no_grad():
-        before = model(**inputs).last_hidden_state
-    model.save_pretrained(tmp_path)
-    loaded, info = AutoModel.from_pretrained(tmp_path, output_loading_info=True, device_map="cuda:0")
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    loaded, inputs, before = _load_with_device_map(tmp_path, "cuda:0")
     layer = loaded.encoder.layer[0].attention.self.query
     assert isinstance(layer, QuantLinear) and layer.qweight.device.type == "cuda"
     counts = blockops.kernel_call_counts()
