@@ -165,21 +165,40 @@ def test_batched_binary_part_runs_on_the_shuffle_kernel():
 
 
 @pytest.mark.skipif(blockops.build_info()["cpu_families"]["ptq161"] == "portable", reason="needs AVX2")
-@pytest.mark.parametrize("rows", [5, 40])
-def test_non_finite_activation_row_takes_the_exact_path(rows):
+@pytest.mark.parametrize("rows, bad_row", [(5, 1), (40, 1), (70, 66)])
+def test_non_finite_activation_row_takes_the_exact_path(rows, bad_row):
     """A row with a NaN or an infinity (no fixed-point step exists for it) is computed on the exact path: it is
-    non-finite in every output, as F.linear's, and every other row stays exactly what it is without it."""
+    non-finite in every output, as F.linear's, and every other row stays exactly what it is without it (70 rows: the
+    bad row in the kernel's second chunk of 64)."""
     tensors, s, w, mask = make_weights(96, 256, 0.1, seed=2)
     x = torch.randn(rows, 256)
     clean = ptq161.ptq161_linear(x, *args_of(tensors), s)
     for bad in (float("nan"), float("inf")):
         xb = x.clone()
-        xb[1, 7] = bad
+        xb[bad_row, 7] = bad
         with kernel_ran("ptq161_sign_shuffle", "cpu"):
             y = ptq161.ptq161_linear(xb, *args_of(tensors), s)
-        assert not torch.isfinite(y[1]).any()
-        others = [m for m in range(rows) if m != 1]
+        assert not torch.isfinite(y[bad_row]).any()
+        others = [m for m in range(rows) if m != bad_row]
         assert torch.equal(y[others], clean[others])
+
+
+@pytest.mark.skipif(blockops.build_info()["cpu_families"]["ptq161"] == "portable", reason="needs AVX2")
+def test_shuffle_kernel_result_does_not_depend_on_the_thread_count():
+    """Each output of the byte-shuffle kernel is summed by one task in a fixed order: 1 and 2 threads agree bitwise
+    (130 rows: three chunks; 300 outputs: bands of two blocks, one of one block, and the fp32 tail)."""
+    tensors, s, w, mask = make_weights(300, 1000, 0.2, seed=7)
+    x = torch.randn(130, 1000)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ptq161.ptq161_linear(x, *args_of(tensors), s)
+        torch.set_num_threads(2)
+        with kernel_ran("ptq161_sign_shuffle", "cpu"):
+            two = ptq161.ptq161_linear(x, *args_of(tensors), s)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
 
 
 def test_linear_several_sign_blocks_and_shapes():
