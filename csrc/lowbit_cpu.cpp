@@ -75,6 +75,7 @@ constexpr int64_t kCpuGemvMaxRows = 64;  // rows up to which the fp32 and portab
                                          // row count. CUDA: kCudaGemvMaxRows in kernels/lowbit_launch.h
 constexpr int kTileCols = 16;          // one 64-byte cache line of a packed row; two AVX2 vectors
 constexpr int kRowsPerPass = 4;        // activation rows kept in registers per pass over a tile
+constexpr int kSuperPasses = 4;        // passes sharing one decode of a tile's packed rows (batched kernel)
 constexpr int kPrefetchRows = 32;      // packed rows fetched ahead (~ memory latency / time per row)
 // 16-bit fixed point: |x16| <= kFixedMax = 127.5 * 256 - 1, so that x16 = 256 * hi + lo splits into two int8
 // (hi = (x16 + 128) >> 8, lo = x16 - 256 * hi), as the 2-bit byte kernel needs.
@@ -330,19 +331,51 @@ BLOCKOPS_TARGET_AVX2 __attribute__((always_inline)) inline __m256i spread_3bit_a
 
 #define BLOCKOPS_XPAIR_ONE(m, j) xp[j]
 
-// Several activation rows (any count, in passes of up to kRowsPerPass): the packed weights are no
-// longer the cost, the decode and the multiply-adds are, so per tile the 2 x kRows int32 sums stay in registers
-// across the group's packed rows and the group's scale and zero (converted once per tile, shared by the rows) are
-// applied straight from them; the pass's activation pairs are interleaved ([slot][j][row]), so every broadcast
-// is a load at a constant offset from one pointer. A band's packed rows come from memory on the first pass and
-// from L2 on the later ones (a band at in = 4096, 2-bit, is 256 KiB).
+// Several activation rows (any count, in super-passes of up to kSuperPasses passes of up to kRowsPerPass rows):
+// the packed weights are no longer the cost, the decode and the multiply-adds are. Per (group, tile) the group's
+// packed rows are decoded once into `decoded` (the codes of each step as int16 pairs, L1) and every pass of the
+// super-pass multiplies from there (the decode was a fifth of the vector instructions at 3 bits when each pass did
+// its own); per pass the 2 x kRows int32 sums stay in registers across the group's packed rows and the group's
+// scale and zero (converted once per tile, shared by the rows) are applied straight from them. A pass's activation
+// pairs are interleaved ([slot][j][row]), so every broadcast is a load at a constant offset from one pointer. A
+// band's packed rows come from memory on the first super-pass and from L2 on the later ones (a band at in = 4096,
+// 2-bit, is 256 KiB).
 #define BLOCKOPS_DEFINE_FIXED_BATCH(NAME, TARGET, DOT)                                                             \
 template <int kBits, int kRows>                                                                                    \
-TARGET void NAME(const GemvArgs& a, int64_t n0, int tiles, int64_t m0) {                                           \
+TARGET __attribute__((always_inline)) inline void NAME##_pass(                                                     \
+    const GemvArgs& a, const __m256i* decoded, int64_t slots, const int32_t* xgroup, int64_t m0, int64_t grp,      \
+    __m256 scale_lo, __m256 zero_lo, __m256 scale_hi, __m256 zero_hi, float* yt, int64_t ystride) {                \
+  constexpr int kHalf = 16 / kBits;                                                                                \
+  __m256i s_lo[kRows], s_hi[kRows];                                                                                \
+  for (int m = 0; m < kRows; ++m) s_lo[m] = s_hi[m] = _mm256_setzero_si256();                                      \
+  const int32_t* xp = xgroup;                                                                                      \
+  for (int64_t r = 0; r < slots; ++r, xp += kHalf * kRows) {                                                       \
+    const __m256i* d = decoded + r * kHalf * 2;                                                                    \
+    _Pragma("GCC unroll 8")                                                                                        \
+    for (int j = 0; j < kHalf; ++j) {                                                                              \
+      const __m256i c_lo = _mm256_load_si256(d + 2 * j), c_hi = _mm256_load_si256(d + 2 * j + 1);                  \
+      for (int m = 0; m < kRows; ++m) {                                                                            \
+        const __m256i xv = _mm256_set1_epi32(xp[j * kRows + m]);                                                   \
+        s_lo[m] = DOT(s_lo[m], c_lo, xv);                                                                          \
+        s_hi[m] = DOT(s_hi[m], c_hi, xv);                                                                          \
+        if constexpr (kRows > 1) asm("" : "+x"(s_lo[m]), "+x"(s_hi[m]));                                           \
+      }                                                                                                            \
+    }                                                                                                              \
+  }                                                                                                                \
+  for (int m = 0; m < kRows; ++m) {                                                                                \
+    const __m256 step = _mm256_broadcast_ss(a.xstep + (m0 + m) * a.g.groups() + grp);                              \
+    const __m256 xs = _mm256_broadcast_ss(a.xsum + (m0 + m) * a.g.groups() + grp);                                 \
+    add_group8(yt + m * ystride, s_lo[m], step, xs, scale_lo, zero_lo);                                            \
+    add_group8(yt + m * ystride + 8, s_hi[m], step, xs, scale_hi, zero_hi);                                        \
+  }                                                                                                                \
+}                                                                                                                  \
+template <int kBits>                                                                                               \
+TARGET void NAME(const GemvArgs& a, int64_t n0, int tiles, int64_t m0, int64_t rows) {                             \
   BLOCKOPS_FIXED_BAND_CONSTANTS                                                                                    \
-  const int32_t* xpass = a.xpairs + m0 * a.group_slot[g.groups()] * kHalf;                                         \
-  alignas(32) float y[kRows][kBandCols];                                                                           \
-  for (int m = 0; m < kRows; ++m)                                                                                  \
+  constexpr int64_t kMaxSlots = kCpuFixedPointMaxGroup / kPer + 2;                                                 \
+  alignas(32) float y[kSuperPasses * kRowsPerPass][kBandCols];                                                     \
+  alignas(32) __m256i decoded[kMaxSlots * kHalf * 2];                                                              \
+  for (int64_t m = 0; m < rows; ++m)                                                                               \
     for (int c = 0; c < cols; ++c) y[m][c] = 0.f;                                                                  \
   for (int64_t grp = 0; grp < g.groups(); ++grp) {                                                                 \
     const int64_t r0 = grp * g.group_size / kPer, r1 = ((grp + 1) * g.group_size + kPer - 1) / kPer;               \
@@ -350,34 +383,50 @@ TARGET void NAME(const GemvArgs& a, int64_t n0, int tiles, int64_t m0) {        
       const char* ahead = reinterpret_cast<const char*>(a.qweight + (r + kPrefetchRows) * g.out + n0);             \
       for (int line = 0; line < tiles; ++line) _mm_prefetch(ahead + line * 64, _MM_HINT_T0);                       \
     }                                                                                                              \
-    const int32_t* xgroup = xpass + a.group_slot[grp] * kHalf * kRows;                                             \
     const int64_t param_row = grp * g.out + n0;                                                                    \
     for (int tile = 0; tile < tiles; ++tile) {                                                                     \
-      __m256i s_lo[kRows], s_hi[kRows];                                                                            \
-      for (int m = 0; m < kRows; ++m) s_lo[m] = s_hi[m] = _mm256_setzero_si256();                                  \
       const int32_t* w = a.qweight + r0 * g.out + n0 + tile * kTileCols;                                           \
-      const int32_t* xp = xgroup;                                                                                  \
-      for (int64_t r = r0; r < r1; ++r, w += g.out, xp += kHalf * kRows) {                                         \
+      for (int64_t r = r0; r < r1; ++r, w += g.out) {                                                              \
         __m256i w_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));                                    \
         __m256i w_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 8));                                \
-        BLOCKOPS_FIXED_ROW_STEPS(DOT, BLOCKOPS_XPAIR_PASS)                                                         \
+        if constexpr (kBits == 3) { /* codes 5..9 from bit 15 to bit 16: code j and j + 5 16 bits apart */         \
+          w_lo = spread_3bit_avx2(w_lo);                                                                           \
+          w_hi = spread_3bit_avx2(w_hi);                                                                           \
+        }                                                                                                          \
+        __m256i* d = decoded + (r - r0) * kHalf * 2;                                                               \
+        _Pragma("GCC unroll 8")                                                                                    \
+        for (int j = 0; j < kHalf; ++j) {                                                                          \
+          _mm256_store_si256(d + 2 * j, _mm256_and_si256(w_lo, mask));                                             \
+          _mm256_store_si256(d + 2 * j + 1, _mm256_and_si256(w_hi, mask));                                         \
+          w_lo = _mm256_srli_epi32(w_lo, kBits);                                                                   \
+          w_hi = _mm256_srli_epi32(w_hi, kBits);                                                                   \
+        }                                                                                                          \
       }                                                                                                            \
       const int64_t p = param_row + tile * kTileCols;                                                              \
       __m256 scale_lo, zero_lo, scale_hi, zero_hi;                                                                 \
-      load_scale_zero8(a, p, scale_lo, zero_lo);                                                            \
-      load_scale_zero8(a, p + 8, scale_hi, zero_hi);                                                        \
-      for (int m = 0; m < kRows; ++m) {                                                                            \
-        const __m256 step = _mm256_broadcast_ss(a.xstep + (m0 + m) * g.groups() + grp);                            \
-        const __m256 xs = _mm256_broadcast_ss(a.xsum + (m0 + m) * g.groups() + grp);                               \
-        add_group8(&y[m][tile * kTileCols], s_lo[m], step, xs, scale_lo, zero_lo);                                 \
-        add_group8(&y[m][tile * kTileCols + 8], s_hi[m], step, xs, scale_hi, zero_hi);                             \
+      load_scale_zero8(a, p, scale_lo, zero_lo);                                                                   \
+      load_scale_zero8(a, p + 8, scale_hi, zero_hi);                                                               \
+      for (int64_t pm = 0; pm < rows; pm += kRowsPerPass) {                                                        \
+        const int64_t n_pass = std::min<int64_t>(kRowsPerPass, rows - pm);                                        \
+        const int32_t* xgroup = a.xpairs + (m0 + pm) * a.group_slot[g.groups()] * kHalf +                          \
+                                a.group_slot[grp] * kHalf * n_pass;                                                \
+        float* yt = &y[pm][tile * kTileCols];                                                                      \
+        switch (n_pass) {                                                                                          \
+          case 1: NAME##_pass<kBits, 1>(a, decoded, r1 - r0, xgroup, m0 + pm, grp, scale_lo, zero_lo, scale_hi,    \
+                                        zero_hi, yt, kBandCols); break;                                            \
+          case 2: NAME##_pass<kBits, 2>(a, decoded, r1 - r0, xgroup, m0 + pm, grp, scale_lo, zero_lo, scale_hi,    \
+                                        zero_hi, yt, kBandCols); break;                                            \
+          case 3: NAME##_pass<kBits, 3>(a, decoded, r1 - r0, xgroup, m0 + pm, grp, scale_lo, zero_lo, scale_hi,    \
+                                        zero_hi, yt, kBandCols); break;                                            \
+          default: NAME##_pass<kBits, 4>(a, decoded, r1 - r0, xgroup, m0 + pm, grp, scale_lo, zero_lo, scale_hi,   \
+                                         zero_hi, yt, kBandCols); break;                                           \
+        }                                                                                                          \
       }                                                                                                            \
     }                                                                                                              \
   }                                                                                                                \
-  for (int m = 0; m < kRows; ++m)                                                                                  \
+  for (int64_t m = 0; m < rows; ++m)                                                                               \
     for (int c = 0; c < cols; c += 8) _mm256_storeu_ps(a.y + (m0 + m) * g.out + n0 + c, _mm256_load_ps(&y[m][c])); \
 }
-#define BLOCKOPS_XPAIR_PASS(m, j) xp[(j) * kRows + (m)]
 
 // One activation row, split by groups (split-K): the task's packed rows [grp0's first, grp1's last] are one
 // contiguous stretch of qweight, walked in order across every full tile, so the hardware prefetchers stream it
@@ -491,13 +540,10 @@ BLOCKOPS_DEFINE_FIXED_SPLITK(gemv_splitk_fixed_vnni, BLOCKOPS_TARGET_AVX512_VNNI
 template <int kBits>
 void band_fixed(const GemvArgs& a, int64_t n0, int tiles, int64_t rows) {
   const bool vnni = cpu_has_avx512_vnni();
-  for (int64_t m0 = 0; m0 < rows; m0 += kRowsPerPass) {
-    switch (std::min<int64_t>(kRowsPerPass, rows - m0)) {
-      case 1: vnni ? gemm_band_fixed_vnni<kBits, 1>(a, n0, tiles, m0) : gemm_band_fixed_avx2<kBits, 1>(a, n0, tiles, m0); break;
-      case 2: vnni ? gemm_band_fixed_vnni<kBits, 2>(a, n0, tiles, m0) : gemm_band_fixed_avx2<kBits, 2>(a, n0, tiles, m0); break;
-      case 3: vnni ? gemm_band_fixed_vnni<kBits, 3>(a, n0, tiles, m0) : gemm_band_fixed_avx2<kBits, 3>(a, n0, tiles, m0); break;
-      default: vnni ? gemm_band_fixed_vnni<kBits, 4>(a, n0, tiles, m0) : gemm_band_fixed_avx2<kBits, 4>(a, n0, tiles, m0); break;
-    }
+  constexpr int64_t kSuperRows = kSuperPasses * kRowsPerPass;
+  for (int64_t m0 = 0; m0 < rows; m0 += kSuperRows) {
+    const int64_t n = std::min(kSuperRows, rows - m0);
+    vnni ? gemm_band_fixed_vnni<kBits>(a, n0, tiles, m0, n) : gemm_band_fixed_avx2<kBits>(a, n0, tiles, m0, n);
   }
 }
 
