@@ -318,6 +318,18 @@ BLOCKOPS_TARGET_AVX2 __attribute__((always_inline)) inline __m256i spread_3bit_a
     }                                                                                                              \
   }
 
+// A tile's packed words of one row into w_lo, w_hi (16 columns); 3-bit words spread so that codes j and j + 5 sit
+// 16 bits apart (spread_3bit_avx2).
+#define BLOCKOPS_FIXED_LOAD_WORDS(w, w_lo, w_hi)                                                                   \
+  {                                                                                                                \
+    w_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));                                                \
+    w_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>((w) + 8));                                          \
+    if constexpr (kBits == 3) {                                                                                    \
+      w_lo = spread_3bit_avx2(w_lo);                                                                               \
+      w_hi = spread_3bit_avx2(w_hi);                                                                               \
+    }                                                                                                              \
+  }
+
 // What both band kernels below derive from kBits and the band: codes per word, steps, the code mask (a code in each
 // int16 half of a lane), the band's width.
 #define BLOCKOPS_FIXED_BAND_CONSTANTS                                                                              \
@@ -341,19 +353,32 @@ BLOCKOPS_TARGET_AVX2 __attribute__((always_inline)) inline __m256i spread_3bit_a
 // band's packed rows come from memory on the first super-pass and from L2 on the later ones (a band at in = 4096,
 // 2-bit, is 256 KiB).
 #define BLOCKOPS_DEFINE_FIXED_BATCH(NAME, TARGET, DOT)                                                             \
-template <int kBits, int kRows>                                                                                    \
+template <int kBits, int kRows, bool kShared>                                                                      \
 TARGET __attribute__((always_inline)) inline void NAME##_pass(                                                     \
-    const GemvArgs& a, const __m256i* decoded, int64_t slots, const int32_t* xgroup, int64_t m0, int64_t grp,      \
-    __m256 scale_lo, __m256 zero_lo, __m256 scale_hi, __m256 zero_hi, float* yt, int64_t ystride) {                \
+    const GemvArgs& a, const __m256i* decoded, const int32_t* w, int64_t slots, const int32_t* xgroup, int64_t m0, \
+    int64_t grp, __m256 scale_lo, __m256 zero_lo, __m256 scale_hi, __m256 zero_hi, float* yt, int64_t ystride) {   \
   constexpr int kHalf = 16 / kBits;                                                                                \
+  constexpr int kField = (1 << kBits) - 1;                                                                         \
+  const __m256i mask = _mm256_set1_epi32(kField | (kField << 16));                                                 \
   __m256i s_lo[kRows], s_hi[kRows];                                                                                \
   for (int m = 0; m < kRows; ++m) s_lo[m] = s_hi[m] = _mm256_setzero_si256();                                      \
   const int32_t* xp = xgroup;                                                                                      \
-  for (int64_t r = 0; r < slots; ++r, xp += kHalf * kRows) {                                                       \
+  for (int64_t r = 0; r < slots; ++r, xp += kHalf * kRows, w += a.g.out) {                                         \
     const __m256i* d = decoded + r * kHalf * 2;                                                                    \
+    __m256i w_lo, w_hi;                                                                                            \
+    if constexpr (!kShared) BLOCKOPS_FIXED_LOAD_WORDS(w, w_lo, w_hi)                                               \
     _Pragma("GCC unroll 8")                                                                                        \
     for (int j = 0; j < kHalf; ++j) {                                                                              \
-      const __m256i c_lo = _mm256_load_si256(d + 2 * j), c_hi = _mm256_load_si256(d + 2 * j + 1);                  \
+      __m256i c_lo, c_hi;                                                                                          \
+      if constexpr (kShared) {                                                                                     \
+        c_lo = _mm256_load_si256(d + 2 * j);                                                                       \
+        c_hi = _mm256_load_si256(d + 2 * j + 1);                                                                   \
+      } else {                                                                                                     \
+        c_lo = _mm256_and_si256(w_lo, mask);                                                                       \
+        c_hi = _mm256_and_si256(w_hi, mask);                                                                       \
+        w_lo = _mm256_srli_epi32(w_lo, kBits);                                                                     \
+        w_hi = _mm256_srli_epi32(w_hi, kBits);                                                                     \
+      }                                                                                                            \
       for (int m = 0; m < kRows; ++m) {                                                                            \
         const __m256i xv = _mm256_set1_epi32(xp[j * kRows + m]);                                                   \
         s_lo[m] = DOT(s_lo[m], c_lo, xv);                                                                          \
@@ -369,7 +394,7 @@ TARGET __attribute__((always_inline)) inline void NAME##_pass(                  
     add_group8(yt + m * ystride + 8, s_hi[m], step, xs, scale_hi, zero_hi);                                        \
   }                                                                                                                \
 }                                                                                                                  \
-template <int kBits>                                                                                               \
+template <int kBits, bool kShared>                                                                                 \
 TARGET void NAME(const GemvArgs& a, int64_t n0, int tiles, int64_t m0, int64_t rows) {                             \
   BLOCKOPS_FIXED_BAND_CONSTANTS                                                                                    \
   constexpr int64_t kMaxSlots = kCpuFixedPointMaxGroup / kPer + 2;                                                 \
@@ -385,14 +410,11 @@ TARGET void NAME(const GemvArgs& a, int64_t n0, int tiles, int64_t m0, int64_t r
     }                                                                                                              \
     const int64_t param_row = grp * g.out + n0;                                                                    \
     for (int tile = 0; tile < tiles; ++tile) {                                                                     \
-      const int32_t* w = a.qweight + r0 * g.out + n0 + tile * kTileCols;                                           \
-      for (int64_t r = r0; r < r1; ++r, w += g.out) {                                                              \
-        __m256i w_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));                                    \
-        __m256i w_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 8));                                \
-        if constexpr (kBits == 3) { /* codes 5..9 from bit 15 to bit 16: code j and j + 5 16 bits apart */         \
-          w_lo = spread_3bit_avx2(w_lo);                                                                           \
-          w_hi = spread_3bit_avx2(w_hi);                                                                           \
-        }                                                                                                          \
+      const int32_t* tile_words = a.qweight + r0 * g.out + n0 + tile * kTileCols;                                  \
+      const int32_t* w = tile_words;                                                                               \
+      for (int64_t r = r0; kShared && r < r1; ++r, w += g.out) {                                                   \
+        __m256i w_lo, w_hi;                                                                                        \
+        BLOCKOPS_FIXED_LOAD_WORDS(w, w_lo, w_hi)                                                                   \
         __m256i* d = decoded + (r - r0) * kHalf * 2;                                                               \
         _Pragma("GCC unroll 8")                                                                                    \
         for (int j = 0; j < kHalf; ++j) {                                                                          \
@@ -412,13 +434,13 @@ TARGET void NAME(const GemvArgs& a, int64_t n0, int tiles, int64_t m0, int64_t r
                                 a.group_slot[grp] * kHalf * n_pass;                                                \
         float* yt = &y[pm][tile * kTileCols];                                                                      \
         switch (n_pass) {                                                                                          \
-          case 1: NAME##_pass<kBits, 1>(a, decoded, r1 - r0, xgroup, m0 + pm, grp, scale_lo, zero_lo, scale_hi,    \
+          case 1: NAME##_pass<kBits, 1, kShared>(a, decoded, tile_words, r1 - r0, xgroup, m0 + pm, grp, scale_lo, zero_lo, scale_hi,    \
                                         zero_hi, yt, kBandCols); break;                                            \
-          case 2: NAME##_pass<kBits, 2>(a, decoded, r1 - r0, xgroup, m0 + pm, grp, scale_lo, zero_lo, scale_hi,    \
+          case 2: NAME##_pass<kBits, 2, kShared>(a, decoded, tile_words, r1 - r0, xgroup, m0 + pm, grp, scale_lo, zero_lo, scale_hi,    \
                                         zero_hi, yt, kBandCols); break;                                            \
-          case 3: NAME##_pass<kBits, 3>(a, decoded, r1 - r0, xgroup, m0 + pm, grp, scale_lo, zero_lo, scale_hi,    \
+          case 3: NAME##_pass<kBits, 3, kShared>(a, decoded, tile_words, r1 - r0, xgroup, m0 + pm, grp, scale_lo, zero_lo, scale_hi,    \
                                         zero_hi, yt, kBandCols); break;                                            \
-          default: NAME##_pass<kBits, 4>(a, decoded, r1 - r0, xgroup, m0 + pm, grp, scale_lo, zero_lo, scale_hi,   \
+          default: NAME##_pass<kBits, 4, kShared>(a, decoded, tile_words, r1 - r0, xgroup, m0 + pm, grp, scale_lo, zero_lo, scale_hi,   \
                                          zero_hi, yt, kBandCols); break;                                           \
         }                                                                                                          \
       }                                                                                                            \
@@ -540,10 +562,14 @@ BLOCKOPS_DEFINE_FIXED_SPLITK(gemv_splitk_fixed_vnni, BLOCKOPS_TARGET_AVX512_VNNI
 template <int kBits>
 void band_fixed(const GemvArgs& a, int64_t n0, int tiles, int64_t rows) {
   const bool vnni = cpu_has_avx512_vnni();
+  // 2-bit codes cost two instructions a step to decode: each pass decodes its own in registers (from L1 memory they
+  // ran 6% slower with VNNI); 3- and 4-bit ones are decoded once per super-pass (3-bit: also the spread).
+  constexpr bool kShared = kBits != 2;
   constexpr int64_t kSuperRows = kSuperPasses * kRowsPerPass;
   for (int64_t m0 = 0; m0 < rows; m0 += kSuperRows) {
     const int64_t n = std::min(kSuperRows, rows - m0);
-    vnni ? gemm_band_fixed_vnni<kBits>(a, n0, tiles, m0, n) : gemm_band_fixed_avx2<kBits>(a, n0, tiles, m0, n);
+    vnni ? gemm_band_fixed_vnni<kBits, kShared>(a, n0, tiles, m0, n)
+         : gemm_band_fixed_avx2<kBits, kShared>(a, n0, tiles, m0, n);
   }
 }
 
