@@ -10,10 +10,12 @@
 //      +-----------------------------+   each tile's sums kept in registers over the group's packed rows; the
 //      | piece 1                     |   pieces' partial outputs are added in piece order.
 //      +-----------------------------+
-//      2 or more rows: a task owns a band of kBandTiles tiles (256 columns) and runs passes of kRowsPerPass rows
-//      down it (sums in registers over a group's packed rows, scale and zero converted once per tile for the
-//      pass); the first pass brings the band from memory (rows kPrefetchRows ahead prefetched: the hardware
-//      prefetchers do not follow a stride of out * 4 bytes), the later ones find it in L2.
+//      2 or more rows: a task owns a band of kBandTiles tiles (256 columns) and runs super-passes of up to
+//      kSuperPasses passes of kRowsPerPass rows down it: per (group, tile) the 3/4-bit packed rows are decoded
+//      once for the super-pass (2-bit: per pass, in registers), each pass keeps its sums in registers over the
+//      group's packed rows, scale and zero converted once per tile; the first super-pass brings the band from
+//      memory (rows kPrefetchRows ahead prefetched: the hardware prefetchers do not follow a stride of out * 4
+//      bytes), the later ones find it in L2.
 //   per tile and group:  acc[m] = sum_{k in grp} x16[m, k] * q[k, :]                 (int32)
 //                        y[m, :] += s[grp, :] * (acc[m] * step[m, grp] - z[grp, :] * xsum[m, grp])
 //   The fp32 kernel (groups above kCpuFixedPointMaxGroup) and the portable one, up to kCpuGemvMaxRows rows: one task
