@@ -401,6 +401,20 @@ def _ptq161(rows):
     return run
 
 
+def _attention_inputs(pattern, device, tiny):
+    """The attention items' case: blockops.bench.attention's config at the GPU goal's shape (T=16384, H=16, D=128,
+    bf16, 128x128 blocks; a CPU-sized one with `tiny`), q/k/v and the pattern's mask, and the shape's label."""
+    from blockops.bench import attention as A
+
+    c = (A.Config(pattern, 256, 2, 2, 32, torch.float32, 32) if tiny
+         else A.Config(pattern, 16384, 16, 16, 128, torch.bfloat16, 128))
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(c.batch, h, c.seq_len, c.head_dim, device=device, generator=gen, dtype=c.dtype)
+               for h in (c.heads, c.kv_heads, c.kv_heads))
+    dt = str(c.dtype).replace("torch.", "")
+    return c, q, k, v, A.make_mask(c, q, k), f"B={c.batch} T={c.seq_len} H={c.heads}/{c.kv_heads} D={c.head_dim} {dt}"
+
+
 def _attention(pattern, backward):
     """Forward (and forward+backward) of one pattern at the GPU goal's shape (T=16384, H=16, D=128, bf16, 128x128
     blocks) against SDPA: blockops.bench.attention's rows without the compiled-flex baseline (its compilation alone
@@ -410,20 +424,13 @@ def _attention(pattern, backward):
         from blockops.bench import attention as A
         from blockops.bench.harness import Result, forward_backward, time_ms
 
-        c = (A.Config(pattern, 256, 2, 2, 32, torch.float32, 32) if tiny
-             else A.Config(pattern, 16384, 16, 16, 128, torch.bfloat16, 128))
-        gen = torch.Generator(device=device).manual_seed(0)
-        q, k, v = (torch.randn(c.batch, h, c.seq_len, c.head_dim, device=device, generator=gen, dtype=c.dtype)
-                   for h in (c.heads, c.kv_heads, c.kv_heads))
-        mask = A.make_mask(c, q, k)
+        c, q, k, v, mask, label = _attention_inputs(pattern, device, tiny)
         density = mask.density()
         tiles = density.tiles * mask.num_q_blocks * mask.num_kv_blocks
         flops = 4.0 * c.batch * c.heads * tiles * c.block * c.block * c.head_dim
         fwd_err, both_err = A._errors(c, q, k, v, mask, block_sparse_attention(q, k, v, mask))
         causal = pattern in A.CAUSAL_PATTERNS
-        dt = str(c.dtype).replace("torch.", "")
-        shape = (f"B={c.batch} T={c.seq_len} H={c.heads}/{c.kv_heads} D={c.head_dim} {dt} blk={c.block} "
-                 f"tiles={density.tiles:.1%}")
+        shape = f"{label} blk={c.block} tiles={density.tiles:.1%}"
         baseline = f"SDPA {'causal' if causal else 'dense'}"
         ours = time_ms(lambda: block_sparse_attention(q, k, v, mask), device)
         base = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), device)
@@ -455,14 +462,8 @@ def _ring_one_device(device, tiny):
     from blockops.bench.harness import Result, forward_backward, max_rel_error, time_ms
     from blockops.distributed import ring_attention
 
-    c = (A.Config("longgen", 256, 2, 2, 32, torch.float32, 32) if tiny
-         else A.Config("longgen", 16384, 16, 16, 128, torch.bfloat16, 128))
-    gen = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(c.batch, h, c.seq_len, c.head_dim, device=device, generator=gen, dtype=c.dtype)
-               for h in (c.heads, c.kv_heads, c.kv_heads))
-    mask = A.make_mask(c, q, k)
-    dt = str(c.dtype).replace("torch.", "")
-    shape = f"B={c.batch} T={c.seq_len} H={c.heads}/{c.kv_heads} D={c.head_dim} {dt} blk={c.block} 1 rank"
+    c, q, k, v, mask, label = _attention_inputs("longgen", device, tiny)
+    shape = f"{label} blk={c.block} 1 rank"
     backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
     with tempfile.TemporaryDirectory() as where:
         dist.init_process_group(backend, init_method=f"file://{where}/init", rank=0, world_size=1)

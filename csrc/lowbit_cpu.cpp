@@ -297,27 +297,28 @@ BLOCKOPS_TARGET_AVX2 __attribute__((always_inline)) inline __m256i spread_3bit_a
 // differs: AVX2 multiplies int16 pairs and adds (madd + add), AVX512-VNNI does both in one instruction
 // (vpdpwssd on 256-bit registers, via AVX512VL).
 
-// The steps of one packed row of a tile (16 columns: w_lo, w_hi) for kRows activation rows, whose int16 pairs
-// for step j are XPAIR(m, j); sums into s_lo[m], s_hi[m]. With several rows, the asm statement keeps each sum one
-// register chain: unrolled, GCC otherwise reassociates the int adds into a tree over every step's products and
-// spills them (measured: 4 rows, 2-bit, 1.3x slower).
+// Step j's codes of a tile (c_lo, c_hi: 16 columns, two codes per int32 lane) times the kRows activation rows' int16
+// pairs XPAIR(m, j), into s_lo[m], s_hi[m]. With several rows, the asm statement keeps each sum one register chain:
+// unrolled, GCC otherwise reassociates the int adds into a tree over every step's products and spills them
+// (measured: 4 rows, 2-bit, 1.3x slower).
+#define BLOCKOPS_FIXED_DOT_ROWS(DOT, XPAIR, j, c_lo, c_hi)                                                         \
+  for (int m = 0; m < kRows; ++m) {                                                                                \
+    const __m256i xv = _mm256_set1_epi32(XPAIR(m, j));                                                             \
+    s_lo[m] = DOT(s_lo[m], c_lo, xv);                                                                              \
+    s_hi[m] = DOT(s_hi[m], c_hi, xv);                                                                              \
+    if constexpr (kRows > 1) asm("" : "+x"(s_lo[m]), "+x"(s_hi[m]));                                               \
+  }
+
+// The steps of one packed row of a tile (w_lo, w_hi as BLOCKOPS_FIXED_LOAD_WORDS leaves them), decoded in registers:
+// one shift and one mask leave step j's two codes per lane.
 #define BLOCKOPS_FIXED_ROW_STEPS(DOT, XPAIR)                                                                        \
-  if constexpr (kBits == 3) { /* codes 5..9 from bit 15 to bit 16: code j and j + 5 then sit 16 bits apart */     \
-    w_lo = spread_3bit_avx2(w_lo);                                                                                 \
-    w_hi = spread_3bit_avx2(w_hi);                                                                                 \
-  }                                                                                                                \
   _Pragma("GCC unroll 8")                                                                                          \
   for (int j = 0; j < kHalf; ++j) {                                                                                \
     const __m256i c_lo = _mm256_and_si256(w_lo, mask);                                                             \
     const __m256i c_hi = _mm256_and_si256(w_hi, mask);                                                             \
     w_lo = _mm256_srli_epi32(w_lo, kBits);                                                                         \
     w_hi = _mm256_srli_epi32(w_hi, kBits);                                                                         \
-    for (int m = 0; m < kRows; ++m) {                                                                              \
-      const __m256i xv = _mm256_set1_epi32(XPAIR(m, j));                                                           \
-      s_lo[m] = DOT(s_lo[m], c_lo, xv);                                                                            \
-      s_hi[m] = DOT(s_hi[m], c_hi, xv);                                                                            \
-      if constexpr (kRows > 1) asm("" : "+x"(s_lo[m]), "+x"(s_hi[m]));                                             \
-    }                                                                                                              \
+    BLOCKOPS_FIXED_DOT_ROWS(DOT, XPAIR, j, c_lo, c_hi)                                                             \
   }
 
 // A tile's packed words of one row into w_lo, w_hi (16 columns); 3-bit words spread so that codes j and j + 5 sit
@@ -344,6 +345,7 @@ BLOCKOPS_TARGET_AVX2 __attribute__((always_inline)) inline __m256i spread_3bit_a
   const int cols = tiles * kTileCols;
 
 #define BLOCKOPS_XPAIR_ONE(m, j) xp[j]
+#define BLOCKOPS_XPAIR_PASS(m, j) xp[(j) * kRows + (m)]
 
 // Several activation rows (any count, in super-passes of up to kSuperPasses passes of up to kRowsPerPass rows):
 // the packed weights are no longer the cost, the decode and the multiply-adds are. Per (group, tile) the group's
@@ -366,27 +368,17 @@ TARGET __attribute__((always_inline)) inline void NAME##_pass(                  
   for (int m = 0; m < kRows; ++m) s_lo[m] = s_hi[m] = _mm256_setzero_si256();                                      \
   const int32_t* xp = xgroup;                                                                                      \
   for (int64_t r = 0; r < slots; ++r, xp += kHalf * kRows, w += a.g.out) {                                         \
-    const __m256i* d = decoded + r * kHalf * 2;                                                                    \
-    __m256i w_lo, w_hi;                                                                                            \
-    if constexpr (!kShared) BLOCKOPS_FIXED_LOAD_WORDS(w, w_lo, w_hi)                                               \
-    _Pragma("GCC unroll 8")                                                                                        \
-    for (int j = 0; j < kHalf; ++j) {                                                                              \
-      __m256i c_lo, c_hi;                                                                                          \
-      if constexpr (kShared) {                                                                                     \
-        c_lo = _mm256_load_si256(d + 2 * j);                                                                       \
-        c_hi = _mm256_load_si256(d + 2 * j + 1);                                                                   \
-      } else {                                                                                                     \
-        c_lo = _mm256_and_si256(w_lo, mask);                                                                       \
-        c_hi = _mm256_and_si256(w_hi, mask);                                                                       \
-        w_lo = _mm256_srli_epi32(w_lo, kBits);                                                                     \
-        w_hi = _mm256_srli_epi32(w_hi, kBits);                                                                     \
+    if constexpr (kShared) {                                                                                       \
+      const __m256i* d = decoded + r * kHalf * 2;                                                                  \
+      _Pragma("GCC unroll 8")                                                                                      \
+      for (int j = 0; j < kHalf; ++j) {                                                                            \
+        const __m256i c_lo = _mm256_load_si256(d + 2 * j), c_hi = _mm256_load_si256(d + 2 * j + 1);                \
+        BLOCKOPS_FIXED_DOT_ROWS(DOT, BLOCKOPS_XPAIR_PASS, j, c_lo, c_hi)                                           \
       }                                                                                                            \
-      for (int m = 0; m < kRows; ++m) {                                                                            \
-        const __m256i xv = _mm256_set1_epi32(xp[j * kRows + m]);                                                   \
-        s_lo[m] = DOT(s_lo[m], c_lo, xv);                                                                          \
-        s_hi[m] = DOT(s_hi[m], c_hi, xv);                                                                          \
-        if constexpr (kRows > 1) asm("" : "+x"(s_lo[m]), "+x"(s_hi[m]));                                           \
-      }                                                                                                            \
+    } else {                                                                                                       \
+      __m256i w_lo, w_hi;                                                                                          \
+      BLOCKOPS_FIXED_LOAD_WORDS(w, w_lo, w_hi)                                                                     \
+      BLOCKOPS_FIXED_ROW_STEPS(DOT, BLOCKOPS_XPAIR_PASS)                                                           \
     }                                                                                                              \
   }                                                                                                                \
   for (int m = 0; m < kRows; ++m) {                                                                                \
@@ -401,7 +393,7 @@ TARGET void NAME(const GemvArgs& a, int64_t n0, int tiles, int64_t m0, int64_t r
   BLOCKOPS_FIXED_BAND_CONSTANTS                                                                                    \
   constexpr int64_t kMaxSlots = kCpuFixedPointMaxGroup / kPer + 2;                                                 \
   alignas(32) float y[kSuperPasses * kRowsPerPass][kBandCols];                                                     \
-  alignas(32) __m256i decoded[kMaxSlots * kHalf * 2];                                                              \
+  alignas(32) __m256i decoded[kShared ? kMaxSlots * kHalf * 2 : 1];                                               \
   for (int64_t m = 0; m < rows; ++m)                                                                               \
     for (int c = 0; c < cols; ++c) y[m][c] = 0.f;                                                                  \
   for (int64_t grp = 0; grp < g.groups(); ++grp) {                                                                 \
@@ -477,8 +469,8 @@ TARGET void NAME(const GemvArgs& a, int64_t grp0, int64_t grp1, int tiles, int32
         const int32_t* w = a.qweight + rb * g.out + tile * kTileCols;                                              \
         const int32_t* xp = xgroup + (rb - r0) * kHalf;                                                            \
         for (int64_t r = rb; r < re; ++r, w += g.out, xp += kHalf) {                                               \
-          __m256i w_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));                                  \
-          __m256i w_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 8));                              \
+          __m256i w_lo, w_hi;                                                                                      \
+          BLOCKOPS_FIXED_LOAD_WORDS(w, w_lo, w_hi)                                                                 \
           BLOCKOPS_FIXED_ROW_STEPS(DOT, BLOCKOPS_XPAIR_ONE)                                                        \
         }                                                                                                          \
         __m256i* at = reinterpret_cast<__m256i*>(acc + tile * kTileCols);                                          \
