@@ -49,6 +49,10 @@ struct CudaFamilyBuild {
 const std::vector<CudaFamilyBuild>& cuda_family_builds();
 // `family`'s entry, or nullptr when its CUDA kernels were not built.
 const CudaFamilyBuild* find_cuda_family(const std::string& family);
+// The families with Hopper kernels (csrc/kernels/<family>_wgmma.cu), and whether this build compiled them: CUTLASS/CuTe
+// headers found (BLOCKOPS_HAVE_CUTE) and "9.0a" among the family's CUDA architectures. build_info() reports both.
+const std::vector<std::string>& hopper_kernel_families();
+bool hopper_kernels_built(const std::string& family);
 // Why a family has no CUDA kernels in this build, for error messages: the CUDA architectures that were requested and
 // the oldest one the kernels support, or that the build has no CUDA at all.
 std::string cuda_build_summary();

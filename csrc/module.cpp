@@ -145,6 +145,27 @@ const CudaFamilyBuild* find_cuda_family(const std::string& family) {
   return nullptr;
 }
 
+const std::vector<std::string>& hopper_kernel_families() {
+  static const std::vector<std::string> families = {"attention", "lowbit"};
+  return families;
+}
+
+bool hopper_kernels_built(const std::string& family) {
+#if defined(BLOCKOPS_HAVE_CUTE)
+  const CudaFamilyBuild* build = find_cuda_family(family);
+  if (build == nullptr) return false;
+  bool listed = false;
+  for (const std::string& f : hopper_kernel_families()) listed = listed || f == family;
+  if (!listed) return false;
+  for (const cuda_arch::Arch& a : cuda_arch::parse(build->archs)) {
+    if (a.major == 9 && a.minor == 0 && a.suffix == 'a') return true;
+  }
+#else
+  (void)family;
+#endif
+  return false;
+}
+
 std::string cuda_build_summary() {
   if (!BLOCKOPS_CUDA_BUILT) {
     return "this build of blockops has no CUDA kernels (built without a CUDA toolkit or with BLOCKOPS_CUDA=0)";
@@ -220,6 +241,9 @@ std::string build_info_json() {
   json += "\"cuda_ptx\": " + object(cuda_ptx, arch_list) + ", ";
   json += "\"ops\": " + object(op_families, quoted) + ", ";
   json += "\"kernel_counters\": " + object(counter_families, quoted) + ", ";
+  std::map<std::string, bool> hopper;
+  for (const std::string& f : hopper_kernel_families()) hopper[f] = hopper_kernels_built(f);
+  json += "\"hopper_kernels\": " + object(hopper, [](bool b) { return std::string(b ? "true" : "false"); }) + ", ";
   json += "\"cutlass_include\": \"" BLOCKOPS_CUTLASS_INCLUDE "\"";
   json += "}";
   return json;

@@ -37,6 +37,18 @@ def test_expected_cuda_architectures_were_built():
     assert set(info["cuda_families"]) == set(info["cpu_families"]), "a family's CUDA kernels were left out"
 
 
+def test_hopper_kernels_are_reported():
+    """build_info()["hopper_kernels"]: the families with sm_90a wgmma + TMA kernels, compiled exactly when the CuTe
+    headers were found and 9.0a was built. CI builds 9.0a with the nvidia-cutlass wheel: there they must be in."""
+    info = blockops.build_info()
+    assert set(info["hopper_kernels"]) == {"attention", "lowbit"}
+    for family, built in info["hopper_kernels"].items():
+        expected = bool(info["cutlass_include"]) and "9.0a" in info["cuda_families"].get(family, [])
+        assert built == expected, (family, info)
+    if "9.0a" in os.environ.get("BLOCKOPS_EXPECT_CUDA_ARCHS", "").split(";"):
+        assert all(info["hopper_kernels"].values()), info
+
+
 def test_ptx_is_embedded_for_newer_gpus():
     """Each family embeds PTX (here the newest requested architecture that is not arch-specific), which GPUs newer
     than every cubin JIT-compile instead of failing with "no kernel image"."""

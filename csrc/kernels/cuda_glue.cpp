@@ -4,6 +4,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/util/Exception.h>
 
+#include <cstdlib>
 #include <mutex>
 #include <set>
 #include <string>
@@ -43,6 +44,14 @@ std::string describe_cuda_device(c10::DeviceIndex index) {
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(index);
   return std::string(prop->name) + " (cuda:" + std::to_string(index) + ", sm_" + std::to_string(prop->major) +
          std::to_string(prop->minor) + ")";
+}
+
+bool hopper_kernels_run(const char* family, c10::DeviceIndex index, const char* env_switch) {
+  if (!hopper_kernels_built(family)) return false;
+  const char* env = std::getenv(env_switch);
+  if (env != nullptr && std::string(env) == "0") return false;
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(index);
+  return prop->major == 9 && prop->minor == 0;
 }
 
 KernelGuard::KernelGuard(const char* family, const char* op, c10::Device device) : guard_(device) {

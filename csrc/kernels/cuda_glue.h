@@ -20,6 +20,12 @@ class KernelGuard {
   c10::cuda::CUDAGuard guard_;
 };
 
+// Whether `family`'s Hopper kernels (csrc/kernels/<family>_wgmma.cu: wgmma + TMA, sm_90a only) run on device
+// `index`: this build compiled them (CUTLASS/CuTe headers found and "9.0a" among the family's architectures), the
+// GPU is an sm_90 (H100 / H200), and the environment variable `env_switch` (e.g. "BLOCKOPS_ATTENTION_WGMMA") is not
+// "0". The dispatch of a family with Hopper kernels asks this first; everything else takes the Ampere kernels.
+bool hopper_kernels_run(const char* family, c10::DeviceIndex index, const char* env_switch);
+
 // "NVIDIA H200 (cuda:0, sm_90)", for error messages.
 std::string describe_cuda_device(c10::DeviceIndex index);
 

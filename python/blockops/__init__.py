@@ -36,7 +36,9 @@ def build_info() -> dict:
     (``"avx2+fma"`` or ``"portable"``: what the CPU kernels use in this process), ``cpu_parallel``
     (``"openmp"`` when the CPU kernels run on torch's threads), ``cpu_families``
     (kernel family -> CPU ISA), ``cuda_compiled``, ``cuda_version``, ``cuda_families`` (kernel family ->
-    list of CUDA architectures it was compiled for, e.g. ``["8.0", "9.0a"]``), ``cutlass_include``.
+    list of CUDA architectures it was compiled for, e.g. ``["8.0", "9.0a"]``), ``hopper_kernels`` (family ->
+    whether its sm_90a wgmma + TMA kernels were compiled: CUTLASS/CuTe headers found and ``9.0a`` built; an H100 /
+    H200 then runs them), ``cutlass_include``.
     """
     return copy.deepcopy(_BUILD_INFO)
 
