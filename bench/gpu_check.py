@@ -63,6 +63,7 @@ TEST_GROUPS = tuple(TEST_FILES) + ("other",)
 # they run: the goals of docs/performance.md first, extras last. FAMILY:WHAT, "limits" the device's own ceilings.
 BENCH_ITEM_IDS = ("limits", "lowbit:4096x14336:M1", "lowbit:4096x14336:M16", "vq:4096x11008:M1", "vq:4096x11008:M16",
                   "ptq161:4096x14336:M1", "ptq161:4096x14336:M16", "attention:longgen", "attention:causal",
+                  "attention:hopper-wgmma", "lowbit:hopper-wgmma-prefill",
                   "path_attention:T16384", "dllm:unmask", "block_cache:indicator", "bitpack:pack2b",
                   "dllm:kv_overwrite", "path_attention:decode", "lowbit:8192x28672:M1",
                   "path_attention:T1024-fwd+bwd", "attention:ring-longgen-1rank")

@@ -22,6 +22,7 @@ CPU-sized shape for the dry run. ``limits`` measures the device's copy bandwidth
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -449,6 +450,94 @@ def _attention(pattern, backward):
     return run
 
 
+@contextlib.contextmanager
+def _env(name, value):
+    """Sets an environment variable for the duration (the dispatch switches of the Hopper kernels are read per call)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+def _attention_hopper(device, tiny):
+    """Issue 21's Hopper forward (attention_wgmma.cu: TMA + wgmma, producer warp + consumer warpgroups) against the
+    Ampere mma.sync forward on the same call (BLOCKOPS_ATTENTION_WGMMA=0), at T=16384 bf16 128x128 blocks, LongGen and
+    causal masks, D = 64, 128, 256: TFLOP/s on computed tiles and, in the summary, the fraction of the H200's
+    tensor-core peak. Which kernel ran is in the item's counters (block_sparse_attention_wgmma.cuda)."""
+    from blockops.attention import block_sparse_attention
+    from blockops.bench import attention as A
+    from blockops.bench.harness import Result, max_rel_error, time_ms
+
+    rows = []
+    for pattern in ("longgen", "causal"):
+        for head_dim in ((32,) if tiny else (64, 128, 256)):
+            c = (A.Config(pattern, 256, 2, 2, head_dim, torch.float32, 32) if tiny
+                 else A.Config(pattern, 16384, 16, 16, head_dim, torch.bfloat16, 128))
+            gen = torch.Generator(device=device).manual_seed(0)
+            q, k, v = (torch.randn(c.batch, h, c.seq_len, c.head_dim, device=device, generator=gen, dtype=c.dtype)
+                       for h in (c.heads, c.kv_heads, c.kv_heads))
+            mask = A.make_mask(c, q, k)
+            density = mask.density()
+            flops = 4.0 * c.batch * c.heads * density.tiles * mask.num_q_blocks * mask.num_kv_blocks * c.block ** 2 * \
+                c.head_dim
+            with _env("BLOCKOPS_ATTENTION_WGMMA", "0"):
+                ampere_out = block_sparse_attention(q, k, v, mask)
+                ampere = time_ms(lambda: block_sparse_attention(q, k, v, mask), device)
+            out = block_sparse_attention(q, k, v, mask)
+            err = max_rel_error(out.float(), ampere_out.float())
+            ours = time_ms(lambda: block_sparse_attention(q, k, v, mask), device)
+            dt = str(c.dtype).replace("torch.", "")
+            shape = f"T={c.seq_len} H={c.heads} D={head_dim} {dt} blk={c.block} tiles={density.tiles:.1%}"
+            rows.append(Result("attention", f"fwd {pattern} (Hopper wgmma)", shape, device, ours,
+                               "mma.sync forward (BLOCKOPS_ATTENTION_WGMMA=0)", ampere, flops=flops, max_error=err,
+                               tolerance=A.TOL[c.dtype], note="error: against the Ampere kernel's output"))
+            del q, k, v, out, ampere_out
+    return rows
+
+
+def _lowbit_hopper(device, tiny):
+    """Issue 21's Hopper low-bit prefill GEMM (lowbit_wgmma.cu: TMA + wgmma with weights dequantized in registers)
+    against the path it replaces above 64 rows (dequantize + cuBLAS, BLOCKOPS_LOWBIT_WGMMA=0) and against cuBLAS on
+    fp16 weights: 4096x14336 w2g64 / w4g128, 256 .. 4096 rows of fp16 activations, TFLOP/s (fraction of the
+    tensor-core peak in the summary). Which kernel ran: counter quant_linear_wgmma.cuda."""
+    from blockops import ops
+    from blockops.bench import lowbit
+    from blockops.bench.harness import Result, max_rel_error, time_ms
+    from blockops.reference import ref_quant_dequantize
+
+    cuda = torch.device(device).type == "cuda"
+    act = torch.float16 if cuda else torch.float32
+    rows = []
+    for bits, group in ((2, 64), (4, 128)):
+        c0 = lowbit.Config(256, 512, bits, group, 1) if tiny else lowbit.Config(4096, 14336, bits, group, 1)
+        qweight, scales, zeros = lowbit._weights(c0, device, torch.float16)
+        w_ref = ref_quant_dequantize(qweight, scales, zeros, bits, group)
+        dense = w_ref.to(act)
+        for m in ((65, 130) if tiny else (256, 1024, 4096)):
+            x = torch.randn(m, c0.in_features, device=device, dtype=act)
+            call = lambda: ops.quant_linear(x, qweight, scales, zeros, bits, group)  # noqa: E731
+            err = max_rel_error(call(), x.float() @ w_ref.t())
+            ours = time_ms(call, device)
+            with _env("BLOCKOPS_LOWBIT_WGMMA", "0"):
+                old = time_ms(call, device)
+            cublas = time_ms(lambda: F.linear(x, dense), device)
+            flops = 2.0 * m * c0.in_features * c0.out_features
+            shape = f"{c0.in_features}x{c0.out_features} M={m}"
+            op = f"quant_linear w{bits}g{group} (Hopper wgmma)"
+            rows.append(Result("lowbit", op, shape, device, ours, "dequantize + cuBLAS (BLOCKOPS_LOWBIT_WGMMA=0)", old,
+                               flops=flops, max_error=err, tolerance=lowbit.tolerance(act)))
+            rows.append(Result("lowbit", op, shape, device, ours, "F.linear fp16 (cuBLAS)", cublas, flops=flops,
+                               max_error=err, tolerance=lowbit.tolerance(act)))
+            del x
+        del qweight, scales, zeros, w_ref, dense
+    return rows
+
+
 def _ring_one_device(device, tiny):
     """blockops.distributed.ring_attention on a group of one rank (NCCL on the GPU, gloo in the CPU dry run) against
     block_sparse_attention on the same inputs, forward and forward+backward, LongGen mask at the attention goal's
@@ -571,6 +660,8 @@ BENCH_ITEMS = {
     "ptq161:4096x14336:M16": (_ptq161(16), None),
     "attention:longgen": (_attention("longgen", True), Goal(">=400 TFLOP/s", "SDPA", 0.0, 400.0, "fwd ")),
     "attention:causal": (_attention("causal", False), Goal(">=400 TFLOP/s", "SDPA", 0.0, 400.0, "fwd ")),
+    "attention:hopper-wgmma": (_attention_hopper, None),
+    "lowbit:hopper-wgmma-prefill": (_lowbit_hopper, None),
     "path_attention:T16384": (_path_long, None),
     "dllm:unmask": (_dllm_unmask, None),
     "block_cache:indicator": (_block_cache, Goal(">=2x eager", "eager", 2.0)),
