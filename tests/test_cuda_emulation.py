@@ -24,7 +24,7 @@ CXX = shutil.which("g++")
 
 SANITIZE = os.environ.get("BLOCKOPS_EMU_SANITIZE") == "1"
 FLAGS = ["-std=c++20", "-O1", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas", "-Wno-unused-function",
-         "-pthread"]
+         "-Wno-psabi", "-pthread", "-DBLOCKOPS_HAVE_CUTE"]
 if SANITIZE:
     FLAGS += ["-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
 

@@ -10,7 +10,8 @@ EMU=$ROOT/tools/cuda_emu
 KERNELS=$ROOT/csrc/kernels
 OUT=$ROOT/build/cuda_emu/mutations
 FLAGS=(-std=c++20 -O1 -g -fno-strict-aliasing -fsanitize=address,undefined -fno-sanitize-recover=undefined
-       -Wno-unknown-pragmas -pthread -I "$EMU/fake" -I "$EMU" -I "$ROOT/csrc" -I "$KERNELS")
+       -Wno-unknown-pragmas -Wno-psabi -pthread -DBLOCKOPS_HAVE_CUTE -I "$EMU/fake" -I "$EMU" -I "$ROOT/csrc"
+       -I "$KERNELS")
 missed=0
 
 # The harness of a kernel file: the first line of harnesses.txt that links or includes it (sets driver, linked,
@@ -19,6 +20,7 @@ harness_of() {  # kernel file
   local kernel=${1%.cu} name link incl sections
   while IFS=$'\t' read -r name link incl sections; do
     case $name in '#'* | '') continue ;; esac
+    [ "$link" = - ] && link=""
     [ "$incl" = - ] && incl=""
     if printf '%s\n' ${link//,/ } ${incl//,/ } | grep -qx "$kernel"; then
       driver=$name; linked=${link//,/ }; included=${incl//,/ }
@@ -54,7 +56,7 @@ run() {  # name kernel section from to
   fails=$(grep -c "^FAIL" "$dir/run.txt")
   if [ $rc -ne 0 ] || [ "$fails" -gt 0 ]; then
     local why
-    why=$(grep -m1 -E "ERROR: |runtime error|smem race|mismatch|outside dynamic|not 16-byte|opt-in" "$dir/run.txt")
+    why=$(grep -m1 -E "ERROR: |runtime error|smem race|mismatch|outside dynamic|not 16-byte|opt-in|hopper emu" "$dir/run.txt")
     why=${why:0:110}
     echo "CAUGHT $name: exit $rc, $fails failing cases${why:+; $why}"
   else

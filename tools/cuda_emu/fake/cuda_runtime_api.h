@@ -24,6 +24,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+#define __grid_constant__
 
 enum cudaError { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
 typedef cudaError cudaError_t;
@@ -159,6 +160,16 @@ cudaError_t cudaFuncSetAttribute(F* f, cudaFuncAttribute, int v) {
   return cudaSuccess;
 }
 inline long emu_launches = 0;
+// Hooks of optional emulation layers (hopper_emu.h sets them): thread 0 before each block (its state is fresh),
+// every thread after its kernel call returns, thread 0 after each block (all its threads are done).
+inline void (*emu_block_begin_hook)() = nullptr;
+inline void (*emu_thread_end_hook)() = nullptr;
+inline void (*emu_block_end_hook)() = nullptr;
+inline std::atomic<unsigned> emu_block_threads_done{0};  // threads of the current block whose kernel call returned
+// Dynamic shared memory starts 128 bytes past a 1024-byte boundary (the buffer's end stays the allocation's end, so
+// ASan's redzone follows the last byte): a kernel that needs 1024-byte alignment (swizzled TMA tiles) must align
+// itself, as on the GPU, where nothing promises more than 16 bytes.
+constexpr size_t kEmuSmemMisalign = 128;
 
 // cp.async bookkeeping of one thread (ptx_emu.h): copies wait in `pending` until a wait_group retires their group.
 struct EmuCopy { uint8_t* dst; const uint8_t* src; bool full; };
@@ -192,8 +203,9 @@ void emu_launch(EmuCfg cfg, F kernel, A... args) {
   // between two block-wide barriers.
   const unsigned nt = cfg.block.x;
   const size_t smem_bytes = cfg.smem > 0 ? cfg.smem : 1;
-  void* smem = nullptr;
-  if (posix_memalign(&smem, 128, smem_bytes) != 0) abort();
+  void* smem_alloc = nullptr;
+  if (posix_memalign(&smem_alloc, 1024, smem_bytes + kEmuSmemMisalign) != 0) abort();
+  void* smem = static_cast<uint8_t*>(smem_alloc) + kEmuSmemMisalign;
   emu_dyn_smem = cfg.smem > 0 ? static_cast<uint8_t*>(smem) : nullptr;
   emu_dyn_smem_bytes = cfg.smem;
   std::vector<std::atomic<uint64_t>> reads(cfg.smem / 16 + 1);
@@ -218,6 +230,8 @@ void emu_launch(EmuCfg cfg, F kernel, A... args) {
               memset(smem, 0xFF, smem_bytes);
               for (auto& r : reads) r.store(~uint64_t{0}, std::memory_order_relaxed);
               for (auto& f : emu_sync_or_flags) f.store(0);
+              emu_block_threads_done.store(0);
+              if (emu_block_begin_hook) emu_block_begin_hook();
             }
             bar.arrive_and_wait();
             blockIdx.x = bx; blockIdx.y = by; blockIdx.z = bz; emu_epoch = 0;
@@ -226,10 +240,13 @@ void emu_launch(EmuCfg cfg, F kernel, A... args) {
             emu_cp = EmuCpAsync{};
             kernel(args...);
             emu_cp_left_at_exit += long(emu_cp.pending.size());
+            if (emu_thread_end_hook) emu_thread_end_hook();
+            emu_block_threads_done.fetch_add(1);
             bar.arrive_and_wait();  // the block is done before thread 0 resets its shared memory
+            if (t == 0 && emu_block_end_hook) emu_block_end_hook();
           }
     });
   for (auto& th : ts) th.join();
-  free(smem);
+  free(smem_alloc);
   emu_dyn_smem = nullptr;
 }
