@@ -1,6 +1,6 @@
 // CUDA glue for the low-bit GEMM ops: argument checks (lowbit_op.h, shared with the CPU path), allocation, launch on
 // the current stream, cuBLAS for the many-row products, and the CUDA dispatch registration. Compiled by the host
-// compiler; the kernels themselves are in lowbit.cu and lowbit_mma.cu.
+// compiler; the kernels themselves are in lowbit.cu, lowbit_mma.cu and lowbit_wgmma.cu.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
@@ -24,6 +24,7 @@ namespace {
 
 KernelCounter linear_counter(kFamily, "quant_linear.cuda");
 KernelCounter linear_mma_counter(kFamily, "quant_linear_mma.cuda");  // the tensor-core path of quant_linear ran
+KernelCounter linear_wgmma_counter(kFamily, "quant_linear_wgmma.cuda");  // its Hopper path (lowbit_wgmma.cu) ran
 KernelCounter dequantize_counter(kFamily, "quant_dequantize.cuda");
 KernelCounter grad_input_counter(kFamily, "quant_linear_grad_input.cuda");
 KernelCounter grad_scales_counter(kFamily, "quant_grad_scales.cuda");
@@ -67,8 +68,17 @@ at::Tensor quant_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, con
   p.g = g;
 
   // Up to kCudaGemvMaxRows: the fused GEMV. Up to kCudaMmaMaxRows (fp16 / bf16 x, out % 8 == 0, aligned operands):
-  // the fused tensor-core kernel, weights read once and dequantized in registers.
+  // the fused tensor-core kernel, weights read once and dequantized in registers. Above it on an sm_90 GPU with this
+  // build's sm_90a code (and BLOCKOPS_LOWBIT_WGMMA != 0): the Hopper wgmma + TMA kernel, same fusion.
   const bool gemv = m <= kCudaGemvMaxRows;
+  if (m > kCudaMmaMaxRows && hopper_kernels_run(kFamily, x.device().index(), "BLOCKOPS_LOWBIT_WGMMA") &&
+      quant_wgmma_supported(p)) {
+    at::Tensor y = at::empty(with_last_dim(x, g.out), x.options());
+    p.y = y.mutable_data_ptr();
+    linear_wgmma_counter.hit();
+    C10_CUDA_CHECK(launch_quant_wgmma(p, stream));
+    return y;
+  }
   if (!gemv && !quant_mma_supported(p)) {
     // Enough rows to amortise one pass writing W_hat (or an operand the fused kernel does not take):
     // dequantize, then a tensor-core GEMM.

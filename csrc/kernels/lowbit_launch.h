@@ -1,6 +1,6 @@
-// Launchers of the low-bit GEMM CUDA kernels (kernels/lowbit.cu, kernels/lowbit_mma.cu). Torch-free: the glue
-// in lowbit_cuda.cpp passes raw pointers, the geometry, the dtypes and the stream. Every pointer is to contiguous
-// row-major device memory; the glue's checks guarantee the shapes named below.
+// Launchers of the low-bit GEMM CUDA kernels (kernels/lowbit.cu, kernels/lowbit_mma.cu, kernels/lowbit_wgmma.cu).
+// Torch-free: the glue in lowbit_cuda.cpp passes raw pointers, the geometry, the dtypes and the stream. Every pointer
+// is to contiguous row-major device memory; the glue's checks guarantee the shapes named below.
 #pragma once
 #include <cuda_runtime_api.h>
 
@@ -12,12 +12,13 @@
 namespace blockops::lowbit {
 
 // Rows of x up to which quant_linear runs the fused GEMV on CUDA; above it, the tensor-core kernel (when
-// quant_mma_supported) up to kCudaMmaMaxRows, else dequantize + cuBLAS GEMM. (The CPU's limits differ:
+// quant_mma_supported) up to kCudaMmaMaxRows, else dequantize + cuBLAS GEMM; above kCudaMmaMaxRows on an H100 / H200
+// the Hopper kernel (when quant_wgmma_supported), else dequantize + cuBLAS. (The CPU's limits differ:
 // kCpuGemvMaxRows in lowbit_cpu.cpp.)
 constexpr int64_t kCudaGemvMaxRows = 8;
 constexpr int64_t kCudaMmaMaxRows = 64;
 
-// Arguments of the fused GEMV and of the tensor-core kernel (same pointers; only the row range differs).
+// Arguments of the fused GEMV and of the tensor-core kernels (same pointers; only the row range differs).
 struct GemvParams {
   const void* x;            // [m, in], x_type
   DType x_type;             // also y's dtype
@@ -29,7 +30,8 @@ struct GemvParams {
   DType bias_type;
   void* y;                  // [m, out], x_type
   float* workspace;         // [m, out] fp32 when splits > 1 (the launcher zeroes it), else unused
-  int64_t m;                // 1 ..= kCudaGemvMaxRows (GEMV), kCudaGemvMaxRows < m <= kCudaMmaMaxRows (mma)
+  int64_t m;                // 1 ..= kCudaGemvMaxRows (GEMV), kCudaGemvMaxRows < m <= kCudaMmaMaxRows (mma),
+                            // m > kCudaMmaMaxRows (wgmma)
   Geometry g;
 };
 
@@ -54,6 +56,16 @@ int quant_mma_splits(const Geometry& g, int64_t m);
 
 // y = x @ W_hat^T (+ bias) on tensor cores, weights dequantized in registers; `splits` from quant_mma_splits.
 cudaError_t launch_quant_mma(const GemvParams& p, int splits, cudaStream_t stream);
+
+// Whether launch_quant_wgmma (kernels/lowbit_wgmma.cu: sm_90a wgmma + TMA, weights dequantized in registers) takes
+// these arguments: m > kCudaMmaMaxRows, x fp16 or bf16, out a positive multiple of 8, x / qweight / scales / zeros
+// 16-byte aligned (the TMA bases), and its shared memory fits the current device. Always false in a build without
+// the CUTLASS/CuTe headers. The glue asks only on an sm_90 device whose build holds sm_90a code
+// (hopper_kernels_run), unless BLOCKOPS_LOWBIT_WGMMA=0.
+bool quant_wgmma_supported(const GemvParams& p);
+
+// y = x @ W_hat^T (+ bias) for m > kCudaMmaMaxRows rows on Hopper; p.workspace unused (no split K).
+cudaError_t launch_quant_wgmma(const GemvParams& p, cudaStream_t stream);
 
 // out [out, in] (out_type) = W_hat, computed in fp32 and rounded once.
 cudaError_t launch_quant_dequantize(const int32_t* qweight, const void* scales, const void* zeros,
