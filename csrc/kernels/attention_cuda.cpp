@@ -1,7 +1,7 @@
 // CUDA glue for the block-sparse attention ops: the shared argument checks (attention_op.h), allocation of the
 // outputs and the Delta workspace, launch on the current stream, and the CUDA dispatch registration. Compiled by
-// the host compiler; the kernels are in attention.cu (CUDA cores, every dtype) and attention_mma_fwd.cu /
-// attention_mma_bwd.cu (tensor cores).
+// the host compiler; the kernels are in attention.cu (CUDA cores, every dtype), attention_mma_fwd.cu /
+// attention_mma_bwd.cu (tensor cores) and attention_wgmma.cu (the Hopper forward).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -20,6 +20,7 @@ namespace {
 
 KernelCounter fwd_counter(kFamily, "block_sparse_attention.cuda");
 KernelCounter fwd_mma_counter(kFamily, "block_sparse_attention_mma.cuda");  // the tensor-core forward ran
+KernelCounter fwd_wgmma_counter(kFamily, "block_sparse_attention_wgmma.cuda");  // the Hopper forward ran
 KernelCounter bwd_counter(kFamily, "block_sparse_attention_backward.cuda");
 KernelCounter bwd_mma_counter(kFamily, "block_sparse_attention_backward_mma.cuda");  // the tensor-core backward ran
 
@@ -40,6 +41,12 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
   p.out = out.mutable_data_ptr();
   p.lse = lse.mutable_data_ptr<float>();
   fwd_counter.hit();
+  // An sm_90 GPU running this build's sm_90a kernels takes the Hopper forward where it fits (attention_launch.h).
+  if (hopper_kernels_run(kFamily, q.device().index(), "BLOCKOPS_ATTENTION_WGMMA") && fwd_wgmma_supported(p)) {
+    fwd_wgmma_counter.hit();
+    C10_CUDA_CHECK(launch_fwd_wgmma(p, c10::cuda::getCurrentCUDAStream()));
+    return {out, lse};
+  }
   if (forward_path(p) == CudaPath::kMma) fwd_mma_counter.hit();
   C10_CUDA_CHECK(launch_block_sparse_attention_fwd(p, c10::cuda::getCurrentCUDAStream()));
   return {out, lse};

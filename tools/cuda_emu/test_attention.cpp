@@ -40,6 +40,8 @@ struct Case {
   bool glse = false;     // a gradient arriving at lse too
   int poison = 0;        // forward only: 1 a NaN in q (b 0, h 0, row Tq / 2), 2 a NaN in k (b 0, key head 0, key Tk / 3),
                          // 3 a NaN in v (the same key, column 2: NaN in that output column of the rows that see it)
+  bool wgmma = false;    // forward only: the Hopper forward (attention_wgmma.cu), which must take the case
+  bool kv_bthd = false;  // k / v stored as [B, Tk, Hk, D] transposes (q too when strided)
 };
 
 static double worst_ratio = 0;  // max over checks of error / bound: how close the passing cases come
@@ -171,6 +173,10 @@ static bool run_case(const Case& c) {
   else { p.q_stride_t = c.D; p.q_stride_h = int64_t(c.Tq) * c.D; p.q_stride_b = int64_t(c.H) * c.Tq * c.D; }
   p.k_stride_t = c.D + kpad; p.k_stride_h = int64_t(c.Tk) * p.k_stride_t; p.k_stride_b = c.Hk * p.k_stride_h;
   p.v_stride_t = c.Dv + kpad; p.v_stride_h = int64_t(c.Tk) * p.v_stride_t; p.v_stride_b = c.Hk * p.v_stride_h;
+  if (c.kv_bthd) {
+    p.k_stride_h = c.D; p.k_stride_t = int64_t(c.Hk) * c.D; p.k_stride_b = int64_t(c.Tk) * p.k_stride_t;
+    p.v_stride_h = c.Dv; p.v_stride_t = int64_t(c.Hk) * c.Dv; p.v_stride_b = int64_t(c.Tk) * p.v_stride_t;
+  }
   Buf qb_(size_t(c.B) * c.H * c.Tq * c.D * es), kb_(size_t(c.B) * p.k_stride_b * es), vb_(size_t(c.B) * p.v_stride_b * es);
   for (int b = 0; b < c.B; ++b) for (int h = 0; h < c.H; ++h) for (int t = 0; t < c.Tq; ++t) for (int d = 0; d < c.D; ++d)
     put(c.dt, qb_.p, b * p.q_stride_b + h * p.q_stride_h + t * p.q_stride_t + d, q[((size_t(b) * c.H + h) * c.Tq + t) * c.D + d]);
@@ -196,7 +202,14 @@ static bool run_case(const Case& c) {
   emu_allow_mma = c.mma;
   const bool mma_ran = c.mma && forward_path(p) == CudaPath::kMma;
   bool bwd_mma_ran = false;
-  if (launch_block_sparse_attention_fwd(p, nullptr) != cudaSuccess) { printf("launch failed\n"); ++failures; return false; }
+  if (c.wgmma && !fwd_wgmma_supported(p)) {
+    printf("FAIL B%d H%d/%d Tq%d Tk%d D%d blk %dx%d %s: the Hopper forward does not take it\n", c.B, c.H, c.Hk, c.Tq, c.Tk,
+           c.D, c.bq, c.bkv, dname(c.dt));
+    ++failures;
+    return false;
+  }
+  const cudaError_t fwd_err = c.wgmma ? launch_fwd_wgmma(p, nullptr) : launch_block_sparse_attention_fwd(p, nullptr);
+  if (fwd_err != cudaSuccess) { printf("launch failed\n"); ++failures; return false; }
 
   // fp64 reference.
   const int G = c.H / c.Hk;
@@ -316,11 +329,48 @@ static bool run_case(const Case& c) {
   if (!ok || getenv("EMU_VERBOSE")) {
     printf("%s B%d H%d/%d Tq%d Tk%d D%d Dv%d blk %dx%d %s kind%d mask[%d,%d] strided%d invalid%d glse%d %s%s:%s\n", ok ? "ok  " : "FAIL",
            c.B, c.H, c.Hk, c.Tq, c.Tk, c.D, c.Dv, c.bq, c.bkv, dname(c.dt), int(c.kind), Bm, Hm, int(c.strided), int(c.invalid), int(c.glse),
-           mma_ran ? "mma" : "simple", c.bwd ? (bwd_mma_ran ? "+bwd(mma)" : "+bwd(simple)") : "", what.c_str());
+           c.wgmma ? "wgmma" : mma_ran ? "mma" : "simple", c.bwd ? (bwd_mma_ran ? "+bwd(mma)" : "+bwd(simple)") : "", what.c_str());
     fflush(stdout);
   }
   if (!ok) ++failures;
   return ok;
+}
+
+// fwd_wgmma_supported: the shapes it leaves to the Ampere kernels.
+static void reject_checks() {
+  Buf buf(1 << 16);
+  const int32_t zero[1] = {0};
+  auto base = [&]() {
+    FwdParams p{};
+    p.q = p.k = p.v = buf.p;
+    p.dtype = DType::kF16;
+    p.batch = 1; p.heads = 2; p.kv_heads = 1; p.q_len = 64; p.kv_len = 64; p.head_dim = 64; p.v_dim = 64;
+    p.q_stride_t = p.k_stride_t = p.v_stride_t = 64;
+    p.q_stride_h = p.k_stride_h = p.v_stride_h = 64 * 64;
+    p.q_stride_b = p.k_stride_b = p.v_stride_b = 2 * 64 * 64;
+    p.scale = 0.125f;
+    p.mask = MaskDims{1, 1, 1, 1, 64, 64, 0};
+    p.kv = BlockLists{zero, zero, zero, zero, zero, 1, 1};
+    p.tiles = zero;
+    return p;
+  };
+  struct { const char* what; bool want; void (*edit)(FwdParams&); } checks[] = {
+    {"baseline", true, [](FwdParams&) {}},
+    {"fp32", false, [](FwdParams& p) { p.dtype = DType::kF32; }},
+    {"D 40", false, [](FwdParams& p) { p.head_dim = p.v_dim = 40; }},
+    {"D != Dv", false, [](FwdParams& p) { p.v_dim = 128; }},
+    {"block_q 32", false, [](FwdParams& p) { p.mask.block_q = 32; }},
+    {"block_kv 16", false, [](FwdParams& p) { p.mask.block_kv = 16; }},
+    {"row stride not 16-byte", false, [](FwdParams& p) { p.k_stride_t = 68; }},
+    {"q misaligned", false, [](FwdParams& p) { p.q = static_cast<const char*>(p.q) + 8; }},
+    {"B, H not mergeable", false, [](FwdParams& p) { p.batch = 2; p.kv_heads = 2; p.v_stride_b = 3 * 64 * 64 + 8; }},
+    {"Tk 0", false, [](FwdParams& p) { p.kv_len = 0; }},
+  };
+  for (const auto& c : checks) {
+    FwdParams p = base();
+    c.edit(p);
+    report(fwd_wgmma_supported(p) == c.want, c.what, "fwd_wgmma_supported");
+  }
 }
 
 int main(int argc, char** argv) {
@@ -388,6 +438,51 @@ int main(int argc, char** argv) {
           c.poison = poison;
           cs.push_back(c);
         }
+  }
+  if (section("wgmma")) {
+    // The Hopper forward (attention_wgmma.cu: TMA, mbarriers, wgmma) on awkward shapes: Tq / Tk not multiples of the
+    // blocks (TMA zero-fill, keys past Tk hidden), partial and full blocks, invalid entries, GQA, D 64 / 128 / 256,
+    // block_q 64 (one consumer warpgroup) and 128 (two), block_kv 64 and 128 (two chunks per block), q as a
+    // [B, T, H, D] transpose (its (D, H, B * T) tensor map) and k / v with padded rows, fp16 and bf16, empty rows,
+    // large scores (online rescaling), NaN in q, k and v (a hidden key's NaN v in a partial block must not leak).
+    reject_checks();
+    const size_t first = cs.size();
+    cs.push_back({1, 2, 1, 97, 130, 64, 64, 64, 64, DType::kF16, kRandom, false, true, false, true, false, false, 2.0});
+    cs.push_back({1, 2, 2, 130, 97, 128, 128, 128, 128, DType::kBF16, kCausal, false, false, true, false, false, false, 1.0});
+    cs.push_back({2, 4, 2, 70, 100, 64, 64, 128, 64, DType::kF16, kEmptyRows, true, true, true, false, false, false, 1.0});
+    cs.push_back({1, 1, 1, 40, 150, 256, 256, 64, 128, DType::kBF16, kRandom, false, false, false, true, false, false, 1.0});
+    cs.push_back({1, 1, 1, 65, 64, 256, 256, 128, 64, DType::kF16, kDense, false, false, true, false, false, false, 1.0});
+    cs.push_back({1, 2, 1, 20, 40, 64, 64, 64, 64, DType::kF16, kNone, false, false, false, false, false, false, 1.0});
+    cs.push_back({1, 2, 2, 128, 200, 128, 128, 64, 128, DType::kBF16, kRandom, false, true, false, false, false, false, 8.0});
+    cs.push_back({1, 1, 1, 1, 1, 128, 128, 128, 64, DType::kF16, kDense, false, false, false, false, false, false, 1.0});
+    cs.push_back({1, 3, 3, 150, 90, 128, 128, 128, 64, DType::kF16, kRandom, false, true, false, true, false, false, 4.0});
+    cs.push_back({1, 2, 1, 90, 190, 64, 64, 128, 128, DType::kBF16, kEmptyRows, false, true, true, false, false, false, 1.0});
+    {
+      Case c{2, 4, 1, 70, 90, 256, 256, 64, 64, DType::kBF16, kCausal, true, false, true, false, false, false, 1.0};
+      c.kv_bthd = true;  // [B, Tk, 1, D]: one key head, so still the (D, T, B Hk) view
+      cs.push_back(c);
+      Case d{2, 4, 2, 100, 130, 64, 64, 128, 128, DType::kF16, kRandom, false, true, true, true, false, false, 2.0};
+      d.kv_bthd = true;  // (D, Hk, B T) maps for k and v: batch 0's last chunk reads batch 1's first keys (hidden)
+      cs.push_back(d);
+    }
+    for (const int poison : {1, 2, 3})
+      for (const MaskKind kind : {kCausal, kRandom}) {
+        Case c{1, 2, 1, 70, 100, 64, 64, 64, 64, kind == kRandom ? DType::kBF16 : DType::kF16, kind, false, true, false,
+               false, false, false, 1.0};
+        c.poison = poison;
+        cs.push_back(c);
+      }
+    {
+      Case c{1, 2, 1, 100, 250, 128, 128, 128, 128, DType::kF16, kRandom, false, true, false, false, false, false, 1.0};
+      c.poison = 3;  // a hidden NaN value in the second chunk of a 128-key block
+      cs.push_back(c);
+      Case d{1, 2, 1, 70, 130, 256, 256, 64, 64, DType::kBF16, kRandom, false, true, false, false, false, false, 1.0};
+      d.poison = 3;  // the same at D = 256 (one product at a time instead of the overlapped pair)
+      cs.push_back(d);
+    }
+    // Counts out of range (clamped): only "no out-of-bounds access" is checked, meaningful under ASan.
+    cs.push_back({1, 2, 1, 70, 130, 64, 64, 64, 128, DType::kBF16, kRandom, false, true, false, true, false, false, 1.0, true});
+    for (size_t n = first; n < cs.size(); ++n) cs[n].wgmma = true;
   }
   for (const Case& c : cs) {
     const auto t0 = std::chrono::steady_clock::now();
