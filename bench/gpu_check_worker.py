@@ -76,6 +76,15 @@ def _bitpack_cases():
             ("unpack_bits 2b dim1 5x77", unpack(2, 1, (5, 77)), ["unpack_bits.cuda"])]
 
 
+def _with_env(name, value, run):
+    """A case run with `name`=`value` (the Hopper kernels' dispatch switches), e.g. to keep the Ampere kernels'
+    cases on the Ampere kernels when the GPU is an sm_90."""
+    def wrapped(device):
+        with _env(name, value):
+            return run(device)
+    return wrapped
+
+
 def _lowbit_cases():
     from blockops import ops
     from blockops.bench.lowbit import Config, _weights
@@ -100,12 +109,17 @@ def _lowbit_cases():
         return x.grad, s.grad
 
     gemv, mma = ["quant_linear.cuda"], ["quant_linear.cuda", "quant_linear_mma.cuda"]
+    wgmma = ["quant_linear.cuda", "quant_linear_wgmma.cuda"]
     return [("quant_linear GEMV w2g64 M=3 fp16 +bias", linear(2, 64, 3, torch.float16, True), gemv),
             ("quant_linear GEMV w3g64 M=1 bf16", linear(3, 64, 1, torch.bfloat16), gemv),
             ("quant_linear GEMV w4g128 M=8 fp32", linear(4, 128, 8, torch.float32), gemv),
             ("quant_linear mma w2g64 M=24 fp16", linear(2, 64, 24, torch.float16), mma),
             ("quant_linear mma w4g128 M=64 bf16 +bias", linear(4, 128, 64, torch.bfloat16, True), mma),
-            ("quant_linear dequantize+cuBLAS w2g64 M=80 fp16", linear(2, 64, 80, torch.float16), gemv),
+            ("quant_linear dequantize+cuBLAS w2g64 M=80 fp16 (BLOCKOPS_LOWBIT_WGMMA=0)",
+             _with_env("BLOCKOPS_LOWBIT_WGMMA", "0", linear(2, 64, 80, torch.float16)), gemv),
+            ("quant_linear Hopper wgmma w2g64 M=80 fp16", linear(2, 64, 80, torch.float16), wgmma),
+            ("quant_linear Hopper wgmma w3g64 M=257 bf16 +bias", linear(3, 64, 257, torch.bfloat16, True), wgmma),
+            ("quant_linear Hopper wgmma w4g128 M=100 fp16", linear(4, 128, 100, torch.float16), wgmma),
             ("quant_dequantize w3g64", dequantize, ["quant_dequantize.cuda"]),
             ("quant_linear backward w2g64 M=5 fp32 (x, scales)", backward,
              ["quant_linear_grad_input.cuda", "quant_grad_scales.cuda"])]
@@ -135,14 +149,22 @@ def _attention_cases():
 
     fwd, bwd = "block_sparse_attention.cuda", "block_sparse_attention_backward.cuda"
     fwd_mma, bwd_mma = "block_sparse_attention_mma.cuda", "block_sparse_attention_backward_mma.cuda"
+    fwd_wgmma = "block_sparse_attention_wgmma.cuda"
+    ampere = lambda run: _with_env("BLOCKOPS_ATTENTION_WGMMA", "0", run)  # noqa: E731  (the mma.sync forward on sm_90)
     return [("simple fwd+bwd fp32 causal T=100 H=4/2 D=40 blk=32",
              case(100, 4, 2, 40, torch.float32, 32, "causal", True), [fwd, bwd]),
             ("mma fwd+bwd bf16 longgen T=256 H=2 D=64 blk=64",
-             case(256, 2, 2, 64, torch.bfloat16, 64, "longgen", True), [fwd, fwd_mma, bwd, bwd_mma]),
+             ampere(case(256, 2, 2, 64, torch.bfloat16, 64, "longgen", True)), [fwd, fwd_mma, bwd, bwd_mma]),
             ("mma fwd+bwd fp16 jenga T=200 H=4/1 D=128 blk=128",
-             case(200, 4, 1, 128, torch.float16, 128, "jenga", True), [fwd, fwd_mma, bwd, bwd_mma]),
+             ampere(case(200, 4, 1, 128, torch.float16, 128, "jenga", True)), [fwd, fwd_mma, bwd, bwd_mma]),
             ("mma fwd + simple bwd bf16 causal T=96 H=2 D=256 blk=32",
-             case(96, 2, 2, 256, torch.bfloat16, 32, "causal", True), [fwd, fwd_mma, bwd])]
+             ampere(case(96, 2, 2, 256, torch.bfloat16, 32, "causal", True)), [fwd, fwd_mma, bwd]),
+            ("Hopper wgmma fwd bf16 causal T=333 H=4/2 D=128 blk=128",
+             case(333, 4, 2, 128, torch.bfloat16, 128, "causal", False), [fwd, fwd_wgmma]),
+            ("Hopper wgmma fwd fp16 longgen T=300 H=2 D=64 blk=128",
+             case(300, 2, 2, 64, torch.float16, 128, "longgen", False), [fwd, fwd_wgmma]),
+            ("Hopper wgmma fwd bf16 jenga T=257 H=2/1 D=256 blk=128",
+             case(257, 2, 1, 256, torch.bfloat16, 128, "jenga", False), [fwd, fwd_wgmma])]
 
 
 def _path_attention_cases():

@@ -18,6 +18,35 @@ DEVICES = [
 ]
 
 
+def hopper_kernels_run(family: str) -> bool:
+    """Whether this process runs `family`'s Hopper kernels (wgmma + TMA, issue 21): built for sm_90a with CuTe, and
+    the current GPU an sm_90 (H100 / H200). The tests of those kernels skip elsewhere; the emulation
+    (tests/test_cuda_emulation.py) covers them on every machine."""
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+            and blockops.build_info()["hopper_kernels"].get(family, False))
+
+
+def needs_hopper_kernels(family: str):
+    """Marks a test of `family`'s Hopper kernels: skipped unless hopper_kernels_run(family) (the GPU check's test
+    stage counts it as a CUDA test by its reason)."""
+    return pytest.mark.skipif(not hopper_kernels_run(family),
+                              reason="needs a CUDA device of sm_90 (H100 / H200) and this build's sm_90a kernels")
+
+
+@contextlib.contextmanager
+def env_var(name: str, value: str):
+    """`name`=`value` inside the block (the Hopper dispatch switches are read on every call)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """Relative mean absolute error ``mean|out - ref| / mean|ref|`` (Marlin's measure), in fp64."""
     out, ref = out.double(), ref.double()

@@ -13,7 +13,7 @@ from blockops.attention import BlockMask, block_sparse_attention, masks
 from blockops.ops.attention import MASK_FIELDS
 from blockops.reference import ref_masked_attention
 
-from helpers import DEVICES, assert_compiles, kernel_ran, opcheck, run_with_cpu_isa
+from helpers import DEVICES, assert_compiles, env_var, kernel_ran, needs_hopper_kernels, opcheck, run_with_cpu_isa
 
 # Max |error| / max |reference| allowed per dtype (fp32: accumulation-order noise; fp16/bf16: one rounding of
 # the inputs and outputs, same order as SDPA's own error in that dtype).
@@ -222,6 +222,28 @@ def test_unlisted_blocks_are_never_read(device):
     out[:, :, :64].sum().backward()
     assert torch.isfinite(q.grad[:, :, :64]).all() and torch.isfinite(k.grad[:, :, :64]).all()
     assert torch.isfinite(v.grad[:, :, :64]).all()
+
+
+@needs_hopper_kernels("attention")
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("pattern", ["causal", "longgen", "jenga"])
+def test_hopper_forward(d, dtype, pattern):
+    """The Hopper forward (attention_wgmma.cu: TMA + wgmma) on an H100 / H200: against the fp64 reference on ragged
+    lengths, GQA and partial blocks, and BLOCKOPS_ATTENTION_WGMMA=0 sends the same call to the mma.sync kernel."""
+    T, H, HK, block = 333, 4, 2, 128
+    q, k, v = _inputs(1, H, HK, T, T, d, d, dtype, "cuda")
+    if pattern == "causal":
+        mask = masks.causal(T, block_q=block, block_kv=block, device="cuda")
+    elif pattern == "longgen":
+        mask = masks.sink_window_strided(T, sink=block, window=T // 3, stride=2, block_q=block, block_kv=block,
+                                         device="cuda")
+    else:
+        mask = masks.topk_blocks(q, k, keep_ratio=0.5, block_size=block)
+    with kernel_ran("block_sparse_attention_wgmma", "cuda"):
+        check_against_reference(q, k, v, mask, backward=False)
+    with env_var("BLOCKOPS_ATTENTION_WGMMA", "0"), kernel_ran("block_sparse_attention_mma", "cuda"):
+        check_against_reference(q, k, v, mask, backward=False)
 
 
 def test_matches_sdpa_dense_mask():

@@ -5,7 +5,8 @@ import re
 
 import pytest
 import torch
-from helpers import DEVICES, assert_close_to_reference, assert_compiles, kernel_ran, opcheck, rel_error, run_with_cpu_isa
+from helpers import (DEVICES, assert_close_to_reference, assert_compiles, env_var, kernel_ran, needs_hopper_kernels,
+                     opcheck, rel_error, run_with_cpu_isa)
 from torch import nn
 
 import blockops
@@ -83,6 +84,31 @@ def test_gradients_match_autograd_through_reference(device, bits, rows):
         grad_out.double())
     for name, ours, ref in zip(("x", "scales", "zeros", "bias"), leaves, ref_leaves):
         assert rel_error(ours.grad, ref.grad) < 1e-5, name
+
+
+@needs_hopper_kernels("lowbit")
+@pytest.mark.parametrize("bits,group_size", [(2, 64), (3, 64), (4, 128), (2, 16)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [65, 100, 257, 1024])
+def test_hopper_prefill(bits, group_size, dtype, rows):
+    """The Hopper prefill GEMM (lowbit_wgmma.cu: TMA + wgmma, weights dequantized in registers) on an H100 / H200
+    above the mma.sync kernel's rows: against the reference with fractional zeros, a bias and a partial tile of
+    outputs; BLOCKOPS_LOWBIT_WGMMA=0 sends the same call back to dequantize + cuBLAS."""
+    in_features, out_features = 384, 200
+    qweight, scales, zeros = random_weight(in_features, out_features, bits, group_size, dtype, "cuda",
+                                           fractional_zeros=True)
+    x = torch.randn(rows, in_features, device="cuda", dtype=dtype)
+    bias = torch.randn(out_features, device="cuda", dtype=dtype)
+    ref = ref_quant_linear(x, qweight, scales, zeros, bits, group_size, bias)
+    with kernel_ran("quant_linear_wgmma", "cuda"):
+        y = lowbit.quant_linear(x, qweight, scales, zeros, bits, group_size, bias)
+    assert y.dtype == dtype and y.shape == (rows, out_features)
+    assert_close_to_reference(y, ref, MAX_REL[dtype])
+    before = blockops.kernel_call_counts()["quant_linear_wgmma.cuda"]
+    with env_var("BLOCKOPS_LOWBIT_WGMMA", "0"):
+        y_old = lowbit.quant_linear(x, qweight, scales, zeros, bits, group_size, bias)
+    assert blockops.kernel_call_counts()["quant_linear_wgmma.cuda"] == before
+    assert_close_to_reference(y_old, ref, MAX_REL[dtype])
 
 
 def ref_quant_linear_f64(x, qweight, scales, zeros, bits, group_size, bias):
