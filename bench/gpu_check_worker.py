@@ -22,13 +22,13 @@ CPU-sized shape for the dry run. ``limits`` measures the device's copy bandwidth
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
 import sys
 import time
 import traceback
+from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu_check  # noqa: E402  (stdlib only: the record protocol and planted faults)
@@ -472,18 +472,9 @@ def _attention(pattern, backward):
     return run
 
 
-@contextlib.contextmanager
 def _env(name, value):
     """Sets an environment variable for the duration (the dispatch switches of the Hopper kernels are read per call)."""
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
+    return mock.patch.dict(os.environ, {name: value})
 
 
 def _attention_hopper(device, tiny):

@@ -104,6 +104,41 @@ BLOCKOPS_HD bool list_entry_ok(int32_t idx, int64_t width, const int32_t* tile_i
   return idx >= 0 && idx < width && (tile_id == nullptr || (*tile_id >= 0 && *tile_id < num_tiles));
 }
 
+// Walks one row of block lists (one mask row, one block): entries [0, np) partial, [np, np + nf) full, skipping the
+// unusable ones. The CUDA kernels walk their lists with it (attention_mma.cuh, attention_wgmma.cu).
+struct ListCursor {
+  const int32_t* idx;
+  const int32_t* tile_ids;
+  const int32_t* full_idx;
+  int np, nf;
+  int64_t width, num_tiles;
+
+  // The cursor of list row (mask_row, n) of L.
+  BLOCKOPS_HD static ListCursor of(const BlockLists& L, const MaskDims& m, int64_t mask_row, int64_t n) {
+    const int64_t at = mask_row * L.n + n;
+    return ListCursor{L.idx + at * L.width, L.tile_ids + at * L.width, L.full_idx + at * L.width,
+                      list_count(L.num[at], L.width), list_count(L.full_num[at], L.width), L.width, m.num_tiles};
+  }
+
+  // The first usable entry at or after e (np + nf when none), with its block and tile id (-1: full block).
+  BLOCKOPS_HD int next(int e, int64_t& blk, int& tile) const {
+    for (; e < np + nf; ++e) {
+      if (e < np) {
+        if (list_entry_ok(idx[e], width, tile_ids + e, num_tiles)) {
+          blk = idx[e];
+          tile = tile_ids[e];
+          return e;
+        }
+      } else if (list_entry_ok(full_idx[e - np], width, nullptr, num_tiles)) {
+        blk = full_idx[e - np];
+        tile = -1;
+        return e;
+      }
+    }
+    return e;
+  }
+};
+
 // Everything the forward kernels need. Pointers are device or host memory as the backend requires.
 struct FwdParams {
   const void* q;

@@ -6,6 +6,7 @@ import contextlib
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -33,18 +34,9 @@ def needs_hopper_kernels(family: str):
                               reason="needs a CUDA device of sm_90 (H100 / H200) and this build's sm_90a kernels")
 
 
-@contextlib.contextmanager
 def env_var(name: str, value: str):
     """`name`=`value` inside the block (the Hopper dispatch switches are read on every call)."""
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
+    return mock.patch.dict(os.environ, {name: value})
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:

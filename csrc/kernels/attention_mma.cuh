@@ -79,41 +79,6 @@ __device__ __forceinline__ void load_kv_chunk(T* k_s, T* v_s, int s, const T* k,
 
 // ---- lists -----------------------------------------------------------------------------------------------
 
-// Walks one row of block lists (one mask row, one block): entries [0, np) partial, [np, np + nf) full.
-struct ListCursor {
-  const int32_t* idx;
-  const int32_t* tile_ids;
-  const int32_t* full_idx;
-  int np, nf;
-  int64_t width, num_tiles;
-
-  // The cursor of list row (mask_row, n) of L.
-  __device__ __forceinline__ static ListCursor of(const BlockLists& L, const MaskDims& m, int64_t mask_row,
-                                                  int64_t n) {
-    const int64_t at = mask_row * L.n + n;
-    return ListCursor{L.idx + at * L.width, L.tile_ids + at * L.width, L.full_idx + at * L.width,
-                      list_count(L.num[at], L.width), list_count(L.full_num[at], L.width), L.width, m.num_tiles};
-  }
-
-  // The first usable entry at or after e (np + nf when none), with its block and tile id (-1: full block).
-  __device__ __forceinline__ int next(int e, int64_t& blk, int& tile) const {
-    for (; e < np + nf; ++e) {
-      if (e < np) {
-        if (list_entry_ok(idx[e], width, tile_ids + e, num_tiles)) {
-          blk = idx[e];
-          tile = tile_ids[e];
-          return e;
-        }
-      } else if (list_entry_ok(full_idx[e - np], width, nullptr, num_tiles)) {
-        blk = full_idx[e - np];
-        tile = -1;
-        return e;
-      }
-    }
-    return e;
-  }
-};
-
 // The bit-tile words of this thread's two query rows (16 warp + gid and + 8 of the block) for the keys of a chunk
 // starting at column c0 of the tile, shifted so that bit c is key c0 + c; all ones for a full block (tile < 0).
 __device__ __forceinline__ void row_bits(uint32_t (&bits)[2], const int32_t* tiles, const MaskDims& m, int tile,

@@ -117,41 +117,6 @@ __device__ __forceinline__ int map_c2(const MapView& view, int64_t b, int64_t h,
   return static_cast<int>(view.bt ? b * view.len + t : b * view.heads + h);
 }
 
-// Walks the forward list row of (mask row, query block): entries [0, np) partial, [np, np + nf) full. The producer
-// and the consumers each walk it, in the same order. (attention_mma.cuh's ListCursor does the same, but that header
-// holds a launch the emulator can only rewrite inside the attention_mma_*.cu files, so it is not included here.)
-struct KvList {
-  const int32_t* idx;
-  const int32_t* tile_ids;
-  const int32_t* full_idx;
-  int np, nf;
-  int64_t width, num_tiles;
-
-  __device__ __forceinline__ static KvList of(const FwdParams& p, int64_t b, int64_t h, int64_t qb) {
-    const BlockLists& L = p.kv;
-    const int64_t at = p.mask.row(b, h) * L.n + qb;
-    return KvList{L.idx + at * L.width, L.tile_ids + at * L.width, L.full_idx + at * L.width,
-                  list_count(L.num[at], L.width), list_count(L.full_num[at], L.width), L.width, p.mask.num_tiles};
-  }
-  // The first usable entry at or after e (np + nf when none), with its block and tile id (-1: full block).
-  __device__ __forceinline__ int next(int e, int64_t& blk, int& tile) const {
-    for (; e < np + nf; ++e) {
-      if (e < np) {
-        if (list_entry_ok(idx[e], width, tile_ids + e, num_tiles)) {
-          blk = idx[e];
-          tile = tile_ids[e];
-          return e;
-        }
-      } else if (list_entry_ok(full_idx[e - np], width, nullptr, num_tiles)) {
-        blk = full_idx[e - np];
-        tile = -1;
-        return e;
-      }
-    }
-    return e;
-  }
-};
-
 // Chunks of kKeys keys the walk visits in key block kb: block_kv / kKeys, fewer in a last block that ends early
 // (a chunk wholly past Tk is neither loaded nor computed). The producer and the consumers count alike.
 __device__ __forceinline__ int chunks_of(const FwdParams& p, int64_t kb) {
@@ -370,7 +335,7 @@ __global__ void __launch_bounds__(kBoundThreads<kHead, kGroups>, kMinCtas<kHead,
   const int64_t qb = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int64_t hk = p.kv_head_of(h);
   const int64_t q0 = qb * kBlockQ;
-  const KvList list = KvList::of(p, b, h, qb);
+  const ListCursor list = ListCursor::of(p.kv, p.mask, p.mask.row(b, h), qb);
   const int total = list.np + list.nf;
   const int group = threadIdx.x / 128;  // 0: producer
 

@@ -43,6 +43,7 @@
 #include <type_traits>
 
 #include "device_common.cuh"
+#include "lowbit.cuh"
 #include "lowbit_launch.h"
 #include "mma_ptx.cuh"
 
@@ -106,37 +107,6 @@ using mma::mma_16816;
 
 // ---- element helpers -------------------------------------------------------------------------------------
 
-// The mma input type T (__half or __nv_bfloat16): its pair type and the magic whose mantissa takes a code: ULP 1 on
-// [magic, 2 magic), so magic | q == magic + q exactly for q < magic (fp16: 1024, 11-bit significand; bf16: 128, 8-bit).
-template <typename T>
-struct MmaType {
-  static constexpr bool kHalf = std::is_same_v<T, __half>;
-  using T2 = std::conditional_t<kHalf, __half2, __nv_bfloat162>;
-  static constexpr uint32_t kMagic = kHalf ? 0x64006400u : 0x43004300u;
-  // {v, v}, rounded to T once.
-  static __device__ __forceinline__ T2 splat(float v) {
-    if constexpr (kHalf) {
-      return __float2half2_rn(v);
-    } else {
-      return __float2bfloat162_rn(v);
-    }
-  }
-};
-
-// A pair <-> the 32-bit register the mma takes (memcpy: the aliasing-safe bit cast, compiled to nothing).
-template <typename T2>
-__device__ __forceinline__ uint32_t to_bits(T2 v) {
-  uint32_t u;
-  memcpy(&u, &v, sizeof(u));
-  return u;
-}
-template <typename T2>
-__device__ __forceinline__ T2 from_bits(uint32_t u) {
-  T2 v;
-  memcpy(&v, &u, sizeof(v));
-  return v;
-}
-
 // Word rows are staged [kTileWords][kBlockCols]; a thread reads its 4 adjacent columns in one 16-byte load.
 __device__ __forceinline__ void load_words(uint32_t (&w)[4], const uint32_t* p) {
   const uint4 v = *reinterpret_cast<const uint4*>(p);
@@ -176,42 +146,11 @@ __device__ __forceinline__ uint32_t decode_pair(uint32_t word, uint32_t i) {
   }
 }
 
-// One group's dequantization constants for the thread's 4 columns, as T pairs {v, v}: s, z rounded to T, and
-// -(z - T(z)) * s, the part of z * s that T(z) misses (0 when z is a T value, e.g. integral zeros).
-template <typename T>
-struct GroupParams {
-  typename MmaType<T>::T2 s[4];
-  typename MmaType<T>::T2 z[4];
-  typename MmaType<T>::T2 corr[4];
-};
-
-template <typename T>
-__device__ __forceinline__ void load_group(GroupParams<T>& gp, const uint8_t* s_row, const uint8_t* z_row,
-                                           DType type, int col) {
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const float s = load_float(s_row, type, col + j);
-    const float z = load_float(z_row, type, col + j);
-    gp.s[j] = MmaType<T>::splat(s);
-    gp.z[j] = MmaType<T>::splat(z);
-    gp.corr[j] = MmaType<T>::splat((__low2float(gp.z[j]) - z) * s);
-  }
-}
-
-// W_hat of a pair of exact codes in T: fma(q - T(z), s, corr). With integral zeros q - z is exact and the fma
-// rounds once, as the dequantize path's single rounding of (q - z) * s. A fractional zero costs at most one
-// more rounding (of q - T(z)); corr keeps z's own rounding out of W_hat.
-template <typename T>
-__device__ __forceinline__ uint32_t dequant_pair(uint32_t codes, const GroupParams<T>& gp, int j) {
-  using T2 = typename MmaType<T>::T2;
-  return to_bits(__hfma2(__hsub2(from_bits<T2>(codes), gp.z[j]), gp.s[j], gp.corr[j]));
-}
-
 // The thread's two A fragments for chunk c (codes 16c .. 16c + 15 of the tile), from the staged words. See the
 // fragment map in the header: pair[j][h] = column j, codes 2 tig + 8 h + {0, 1} of the chunk.
 template <int kBits, typename T>
 __device__ __forceinline__ void load_a(uint32_t (&a)[kFrags][4], const uint32_t* words, int c, int col, int tig,
-                                       const GroupParams<T>& gp) {
+                                       const GroupParams<T, 4>& gp) {
   uint32_t pair[4][2];
   if constexpr (kBits == 4) {  // word rows 2c + h; codes 2 tig, 2 tig + 1 are byte tig
     uint32_t w0[4], w1[4];
@@ -373,7 +312,7 @@ __global__ void __launch_bounds__(kThreads)
     const int chunks = static_cast<int>(min64(kChunks, (in - k0) / kMmaK));
     int pos = static_cast<int>((k0 % gsize) / kMmaK);  // chunk index within its group
     int grp = 0;                                        // group row within the staged tile
-    GroupParams<T> gp;
+    GroupParams<T, 4> gp;
     load_group<T>(gp, stage + L.s_off, stage + L.z_off, p.param_type, col);
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) {

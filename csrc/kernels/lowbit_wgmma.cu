@@ -61,6 +61,7 @@
 
 #include "device_common.cuh"
 #include "hopper_ptx.cuh"
+#include "lowbit.cuh"
 
 namespace blockops::lowbit {
 namespace {
@@ -139,34 +140,6 @@ struct WgmmaArgs {
 
 // ---- element helpers -------------------------------------------------------------------------------------
 
-template <typename T>
-struct Elem {
-  static constexpr bool kHalf = std::is_same_v<T, __half>;
-  using T2 = std::conditional_t<kHalf, __half2, __nv_bfloat162>;
-  // {M, M} with M = 1024 (fp16) or 128 (bf16): their ULP is 1, so (M's bits | q) is exactly M + q for small q.
-  static constexpr uint32_t kMagic = kHalf ? 0x64006400u : 0x43004300u;
-  static __device__ __forceinline__ T2 splat(float v) {
-    if constexpr (kHalf) {
-      return __float2half2_rn(v);
-    } else {
-      return __float2bfloat162_rn(v);
-    }
-  }
-};
-
-template <typename T2>
-__device__ __forceinline__ uint32_t bits_of(T2 v) {
-  uint32_t u;
-  memcpy(&u, &v, sizeof(u));
-  return u;
-}
-template <typename T2>
-__device__ __forceinline__ T2 pair_of(uint32_t u) {
-  T2 v;
-  memcpy(&v, &u, sizeof(v));
-  return v;
-}
-
 // Two b-bit codes of one word, lo at bit `shift` and hi right above it, as {lo, hi} in the two 16-bit halves.
 template <int kBits>
 __device__ __forceinline__ uint32_t code_pair(uint32_t word, int shift) {
@@ -175,41 +148,18 @@ __device__ __forceinline__ uint32_t code_pair(uint32_t word, int shift) {
   return (t & kMask) | ((t << (16 - kBits)) & (kMask << 16));
 }
 
-// One group's constants for the thread's two features f = 0, 1 as T pairs {v, v}: T(s), T(z), and
-// corr = T((T(z) - z) s), the part of -z s that T(z) misses (0 for a z that is a T value, e.g. integral).
+// W_hat of a code pair ({lo, hi} integers in the 16-bit halves) of feature f (lowbit.cuh), as the T pair an
+// A register holds.
 template <typename T>
-struct Group {
-  typename Elem<T>::T2 s[2];
-  typename Elem<T>::T2 z[2];
-  typename Elem<T>::T2 corr[2];
-};
-
-template <typename T>
-__device__ __forceinline__ void load_group(Group<T>& gp, const uint8_t* s_rows, const uint8_t* z_rows, DType type,
-                                           int idx) {
-#pragma unroll
-  for (int f = 0; f < 2; ++f) {
-    const float s = load_float(s_rows, type, idx + f);
-    const float z = load_float(z_rows, type, idx + f);
-    gp.s[f] = Elem<T>::splat(s);
-    gp.z[f] = Elem<T>::splat(z);
-    gp.corr[f] = Elem<T>::splat((__low2float(gp.z[f]) - z) * s);
-  }
-}
-
-// W_hat of a code pair ({lo, hi} integers in the 16-bit halves) of feature f, as the T pair an A register holds.
-template <typename T>
-__device__ __forceinline__ uint32_t dequant(uint32_t codes, const Group<T>& gp, int f) {
-  using T2 = typename Elem<T>::T2;
-  const T2 q = __hsub2(pair_of<T2>(codes | Elem<T>::kMagic), pair_of<T2>(Elem<T>::kMagic));  // exact
-  return bits_of(__hfma2(__hsub2(q, gp.z[f]), gp.s[f], gp.corr[f]));
+__device__ __forceinline__ uint32_t dequant(uint32_t codes, const GroupParams<T, 2>& gp, int f) {
+  return dequant_pair(exact_pair<T>(codes), gp, f);
 }
 
 // The A fragment of k16 step j of the staged tile (see the fragment map above): `words` = the stage's word rows
 // [rows][kBlockOut], col = the thread's first feature within the block, base3 = k0 % 10 (3-bit only).
 template <int kBits, typename T>
 __device__ __forceinline__ void load_a(uint32_t (&a)[4], const uint32_t* words, int j, int col, int tig, int base3,
-                                       const Group<T>& gp) {
+                                       const GroupParams<T, 2>& gp) {
   uint32_t codes[4];  // register order: (f 0, k lo), (f 1, k lo), (f 0, k hi), (f 1, k hi)
   if constexpr (kBits == 4) {  // word rows 2j (codes 16 j .. + 7) and 2j + 1; codes 2 tig, 2 tig + 1 = byte tig
 #pragma unroll
@@ -269,7 +219,7 @@ __device__ __forceinline__ void consume_tile(float (&acc)[kN / 2], int t, const 
   int pos = (k0 % args.group_size) / 16;  // k16 step within its group
   int grow = 0;                           // staged group row
   uint32_t a[kSteps][4];
-  Group<T> gp;
+  GroupParams<T, 2> gp;
   load_group<T>(gp, st + L::kS, st + L::kZ, args.param_type, c.col);
   const uint32_t x_addr = smem_u32(st);
   fence_operands(acc);
