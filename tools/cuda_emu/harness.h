@@ -79,6 +79,7 @@ template <typename T> struct TypedBuf {
   T* p;
   explicit TypedBuf(size_t count) : bytes(count * sizeof(T)), n(count), p(static_cast<T*>(bytes.p)) {}
   T& operator[](size_t i) { return p[i]; }
+  const T& operator[](size_t i) const { return p[i]; }
 };
 
 // The tally every driver keeps; a failing check prints one line starting with FAIL (tools/cuda_emu/mutations.sh

@@ -4,6 +4,7 @@
 // comes from the emulated lowbit.cu, linked in.
 #include "lowbit_mma_emu.cpp"
 #include "harness.h"
+#include "lowbit_check.h"
 #include <algorithm>
 #include <cstdio>
 #include <random>
@@ -15,22 +16,6 @@ using blockops::mma::emu_a_coord, blockops::mma::emu_b_coord, blockops::mma::emu
 static std::mt19937 rng(4321);
 static float urand(float a, float b) { return std::uniform_real_distribution<float>(a, b)(rng); }
 
-struct Weight { Geometry g; std::vector<int> codes; std::vector<int32_t> qweight; std::vector<float> s, z; };
-static Weight make_weight(int64_t in, int64_t out, int bits, int gs, bool frac_zero) {
-  Weight w; w.g = Geometry{in, out, bits, gs};
-  w.codes.resize(in * out);
-  for (auto& c : w.codes) c = rng() % (1 << bits);
-  w.qweight.assign(w.g.words() * out, 0);
-  const int p = 32 / bits;
-  for (int64_t k = 0; k < in; ++k) for (int64_t n = 0; n < out; ++n)
-    w.qweight[(k / p) * out + n] |= int32_t(uint32_t(w.codes[k * out + n]) << (bits * (k % p)));
-  const int64_t G = in / gs;
-  w.s.resize(G * out); w.z.resize(G * out);
-  for (auto& v : w.s) v = urand(0.005f, 0.05f);
-  for (auto& v : w.z) v = frac_zero ? urand(0, (1 << bits) - 1) : float(rng() % (1 << bits));
-  return w;
-}
-
 static double worst_rel = 0, worst_ratio = 0;
 
 struct Case { int bits, gs; int64_t m, in, out; bool bias; int splits; bool frac_zero; const char* note; };
@@ -38,7 +23,7 @@ struct Case { int bits, gs; int64_t m, in, out; bool bias; int splits; bool frac
 template <typename TX, typename TS, typename TB>
 static void run_case(const Case& c) {
   ++cases;
-  Weight w = make_weight(c.in, c.out, c.bits, c.gs, c.frac_zero);
+  const LowbitWeight w = make_lowbit_weight(rng, c.in, c.out, c.bits, c.gs, c.frac_zero);
   TypedBuf<TS> s(w.s.size()), z(w.z.size());
   for (size_t i = 0; i < w.s.size(); ++i) { s[i] = cvt<TS>(w.s[i]); z[i] = cvt<TS>(w.z[i]); }
   TypedBuf<TX> x(c.m * c.in);
@@ -63,40 +48,9 @@ static void run_case(const Case& c) {
   if (!quant_mma_supported(p)) { ++failures; printf("FAIL unsupported %s\n", cfg); return; }
   if (launch_quant_mma(p, splits, nullptr) != cudaSuccess) { ++failures; printf("FAIL launch %s\n", cfg); return; }
 
-  // fp64 reference, and the dequantize path's numerics: W_hat_T = T((q - z) * s computed in fp32), an exact
-  // GEMM (cuBLAS accumulates in fp32), y rounded once to T.
-  double sum_err = 0, sum_ref = 0, sum_base = 0, worst_vs_base = 0;
-  bool finite = true;
-  std::vector<double> what(c.in), wref(c.in);
-  for (int64_t n = 0; n < c.out; ++n) {
-    for (int64_t k = 0; k < c.in; ++k) {
-      const int64_t gi = (k / c.gs) * c.out + n;
-      const int code = w.codes[k * c.out + n];
-      wref[k] = (double(code) - back(z[gi])) * back(s[gi]);
-      what[k] = back(cvt<TX>((float(code) - float(back(z[gi]))) * float(back(s[gi]))));
-    }
-    for (int64_t m = 0; m < c.m; ++m) {
-      double ref = c.bias ? back(b[n]) : 0, base = ref, mag = 0;
-      for (int64_t k = 0; k < c.in; ++k) {
-        const double xv = back(x[m * c.in + k]);
-        ref += xv * wref[k]; base += xv * what[k]; mag += std::fabs(xv * what[k]);
-      }
-      const double got = back(y[m * c.out + n]);
-      finite = finite && std::isfinite(got);
-      sum_err += std::fabs(got - ref); sum_ref += std::fabs(ref);
-      sum_base += std::fabs(back(cvt<TX>(float(base))) - ref);
-      // Kernel vs the exact product of the dequantize path's W_hat: y's rounding (<= 1/2 ulp) plus fp32
-      // accumulation (<= 2^-20 of the magnitude sum, generous for 16-term fp32 mma steps).
-      const double ulp = std::ldexp(1.0, std::ilogb(std::max(std::fabs(base), 1e-30)) - (dt<TX>() == DType::kF16 ? 10 : 7));
-      worst_vs_base = std::max(worst_vs_base, std::fabs(got - base) / (0.5 * ulp + std::ldexp(mag, -20)));
-    }
-  }
-  const double rel = sum_err / sum_ref, rel_base = sum_base / sum_ref;
-  const double cap = dt<TX>() == DType::kF16 ? 1e-3 : 8e-3;   // relative mean error bound
-  // The kernel's W_hat equals the dequantize path's when s and z are x-dtype values and z is integral.
-  const bool same_what = dt<TS>() == dt<TX>() && !c.frac_zero;
-  bool ok = finite && rel <= cap && rel <= 2 * rel_base + 1e-7;
-  if (same_what) ok = ok && worst_vs_base <= 1.0;
+  const LowbitVerdict v = check_lowbit_output(w, c.m, x, s, z, b, c.bias, y, c.frac_zero);
+  const double rel = v.rel, rel_base = v.rel_base, worst_vs_base = v.worst_vs_base;
+  const bool ok = v.ok, same_what = v.same_what;
   worst_rel = std::max(worst_rel, rel);
   worst_ratio = std::max(worst_ratio, rel / std::max(rel_base, 1e-12));
   if (!ok) ++failures;
@@ -181,7 +135,7 @@ int main(int argc, char** argv) {
   }
   if (section("reject")) {
     // quant_mma_supported / launch_quant_mma refuse what the kernel does not take (the glue then falls back).
-    Weight w = make_weight(256, 64, 4, 64, false);
+    const LowbitWeight w = make_lowbit_weight(rng, 256, 64, 4, 64, false);
     TypedBuf<__half> s(w.s.size()), z(w.z.size()), x(65 * 256 + 8), y(65 * 64);
     TypedBuf<float> xf(65 * 256);
     TypedBuf<int32_t> q(w.qweight.size() + 4);

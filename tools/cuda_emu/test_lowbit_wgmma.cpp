@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "harness.h"
+#include "lowbit_check.h"
 #include "lowbit_launch.h"
 
 using namespace blockops::lowbit;
@@ -20,31 +21,6 @@ using blockops::DType;
 
 static std::mt19937 rng(2121);
 static float urand(float a, float b) { return std::uniform_real_distribution<float>(a, b)(rng); }
-
-struct Weight {
-  Geometry g;
-  std::vector<int> codes;  // [in][out]
-  std::vector<int32_t> qweight;
-  std::vector<float> s, z;
-};
-
-static Weight make_weight(int64_t in, int64_t out, int bits, int gs, bool frac_zero) {
-  Weight w;
-  w.g = Geometry{in, out, bits, gs};
-  w.codes.resize(in * out);
-  for (auto& c : w.codes) c = int(rng() % (1u << bits));
-  w.qweight.assign(w.g.words() * out, 0);
-  const int p = 32 / bits;
-  for (int64_t k = 0; k < in; ++k)
-    for (int64_t n = 0; n < out; ++n)
-      w.qweight[(k / p) * out + n] |= int32_t(uint32_t(w.codes[k * out + n]) << (bits * (k % p)));
-  const int64_t G = in / gs;
-  w.s.resize(G * out);
-  w.z.resize(G * out);
-  for (auto& v : w.s) v = urand(0.005f, 0.05f);
-  for (auto& v : w.z) v = frac_zero ? urand(0, float((1 << bits) - 1)) : float(rng() % (1u << bits));
-  return w;
-}
 
 struct Case {
   int bits, gs;
@@ -60,7 +36,7 @@ template <typename TX, typename TS, typename TB>
 static void run_case(const Case& c) {
   ++cases;
   emu_sms = c.sms;
-  Weight w = make_weight(c.in, c.out, c.bits, c.gs, c.frac_zero);
+  const LowbitWeight w = make_lowbit_weight(rng, c.in, c.out, c.bits, c.gs, c.frac_zero);
   TypedBuf<TS> s(w.s.size()), z(w.z.size());
   for (size_t i = 0; i < w.s.size(); ++i) {
     s[i] = cvt<TS>(w.s[i]);
@@ -106,46 +82,10 @@ static void run_case(const Case& c) {
     return;
   }
 
-  // fp64 reference; the dequantize path: W_hat_T = T((q - z) * s in fp32), an exact GEMM, y rounded once to T.
-  double sum_err = 0, sum_ref = 0, sum_base = 0, worst_vs_base = 0;
-  bool finite = true;
-  std::vector<double> what(c.in), wref(c.in);
-  for (int64_t n = 0; n < c.out; ++n) {
-    for (int64_t k = 0; k < c.in; ++k) {
-      const int64_t gi = (k / c.gs) * c.out + n;
-      const int code = w.codes[k * c.out + n];
-      wref[k] = (double(code) - back(z[gi])) * back(s[gi]);
-      what[k] = back(cvt<TX>((float(code) - float(back(z[gi]))) * float(back(s[gi]))));
-    }
-    for (int64_t m = 0; m < c.m; ++m) {
-      double ref = c.tb >= 0 ? back(b[n]) : 0, base = ref, mag = 0;
-      for (int64_t k = 0; k < c.in; ++k) {
-        const double xv = back(x[m * c.in + k]);
-        ref += xv * wref[k];
-        base += xv * what[k];
-        mag += std::fabs(xv * what[k]);
-      }
-      const double got = back(y[m * c.out + n]);
-      finite = finite && std::isfinite(got);
-      sum_err += std::fabs(got - ref);
-      sum_ref += std::fabs(ref);
-      sum_base += std::fabs(back(cvt<TX>(float(base))) - ref);
-      // Kernel vs the exact product of the dequantize path's W_hat: y's rounding (<= 1/2 ulp) plus fp32
-      // accumulation (<= 2^-20 of the magnitude sum).
-      const double ulp =
-          std::ldexp(1.0, std::ilogb(std::max(std::fabs(base), 1e-30)) - (dt<TX>() == DType::kF16 ? 10 : 7));
-      worst_vs_base = std::max(worst_vs_base, std::fabs(got - base) / (0.5 * ulp + std::ldexp(mag, -20)));
-    }
-  }
-  const double rel = sum_err / sum_ref, rel_base = sum_base / sum_ref;
-  const double cap = dt<TX>() == DType::kF16 ? 1e-3 : 8e-3;
-  // The kernel's W_hat equals the dequantize path's when s and z are x-dtype values and z is integral.
-  const bool same_what = dt<TS>() == dt<TX>() && !c.frac_zero;
-  bool ok = finite && rel <= cap && rel <= 2 * rel_base + 1e-7;
-  if (same_what) {
-    ok = ok && worst_vs_base <= 1.0;
-    worst_vs_base_all = std::max(worst_vs_base_all, worst_vs_base);
-  }
+  const LowbitVerdict v = check_lowbit_output(w, c.m, x, s, z, b, c.tb >= 0, y, c.frac_zero);
+  const double rel = v.rel, rel_base = v.rel_base, worst_vs_base = v.worst_vs_base;
+  const bool ok = v.ok, same_what = v.same_what;
+  if (same_what) worst_vs_base_all = std::max(worst_vs_base_all, worst_vs_base);
   worst_rel = std::max(worst_rel, rel);
   if (!ok) ++failures;
   printf("%s %s rel_mean=%.2e dequant_path=%.2e", ok ? "ok  " : "FAIL", cfg, rel, rel_base);
