@@ -102,9 +102,12 @@ def test_cases_cover_both_small_batch_kernels():
 # Lookup-table kernel layouts: (out, groups, K, k, d, code dtype). Positions P = groups * K that are not whole
 # 64-bit words of codes (P = 5, 13, 1023, 8190) exercise the padded tail; out = 1100 with P = 8190 (9 MB of codes,
 # 4 MB tiles) spans several tiles per thread, so the next tile's prefetch runs; k = 16 and 64 give long chunks,
-# k = 256 the shortest; int16 codes four codes per word.
+# k = 256 the shortest; int16 codes four codes per word. P a multiple of every chunk (256, 128, 64) takes the
+# whole-chunk staging copy at every segment width (8 to 128 bytes).
 LUT_CASES = [(1100, 4095, 2, 64, 4, torch.uint8), (700, 1023, 1, 256, 4, torch.uint8), (300, 5, 1, 16, 2, torch.uint8), (257, 13, 2, 64, 8, torch.uint8),
-             (200, 40, 1, 64, 2, torch.uint8), (3000, 9, 2, 256, 4, torch.int16), (3000, 7, 1, 1024, 2, torch.int16)]
+             (200, 40, 1, 64, 2, torch.uint8), (3000, 9, 2, 256, 4, torch.int16), (3000, 7, 1, 1024, 2, torch.int16),
+             (640, 256, 1, 256, 4, torch.uint8), (300, 64, 2, 64, 4, torch.uint8), (1100, 64, 1, 1024, 8, torch.int16),
+             (130, 64, 1, 16, 2, torch.int16)]
 
 
 @pytest.mark.parametrize("case", LUT_CASES, ids=lambda c: "x".join(map(str, c[:5])) + "-" + str(c[5]).split(".")[-1])
@@ -542,16 +545,17 @@ def test_table_kernel_checks_uint8_codes_as_it_stages_them(isa):
         "from test_vq import make_weights, uses_lookup_table\n"
         "from blockops.reference import ref_vq_linear\n"
         "from blockops.ops import vq\n"
-        "codes, cb, s = make_weights(700, 1023, 1, 64, 2)\n"
         "rows = (9,) if blockops.build_info()['cpu_families']['vq'] != 'avx2+fma' else (1, 9)\n"
-        "for r in rows:\n"
-        "    assert uses_lookup_table(700, 1023, 1, 64, 2, r)\n"
-        "    bad = codes.clone(); bad[699, 1022, 0] = 255\n"
-        "    try:\n"
-        "        vq.vq_linear(torch.randn(r, 2046), bad, cb, s)\n"
-        "        raise SystemExit('no error')\n"
-        "    except RuntimeError as e:\n"
-        "        assert 'code 255 at codes[699, 1022, 0] is out of range for a codebook of k = 64' in str(e), e\n"
+        "for P in (1023, 1024):  # a padded last chunk; whole chunks (the block-copy staging)\n"
+        "    codes, cb, s = make_weights(700, P, 1, 64, 2)\n"
+        "    for r in rows:\n"
+        "        assert uses_lookup_table(700, P, 1, 64, 2, r)\n"
+        "        bad = codes.clone(); bad[699, P - 1, 0] = 255\n"
+        "        try:\n"
+        "            vq.vq_linear(torch.randn(r, 2 * P), bad, cb, s)\n"
+        "            raise SystemExit('no error')\n"
+        "        except RuntimeError as e:\n"
+        "            assert f'code 255 at codes[699, {P - 1}, 0] is out of range for a codebook of k = 64' in str(e), e\n"
         "codes, cb, s = make_weights(700, 1023, 1, 200, 2)\n"
         "codes[5, 3, 0], codes[6, 4, 0] = 199, 56\n"
         "for r in rows:\n"
