@@ -543,28 +543,22 @@ bool map_view(int64_t B, int64_t H, int64_t T, int D, int64_t sb, int64_t sh, in
   auto ok = [](int64_t s) { return s > 0 && s % 8 == 0 && s < (int64_t{1} << 38); };  // 16-byte multiples, < 2^40 B
   if (T == 1) st = (D + 7) / 8 * 8;  // a size-1 dimension's stride is never used: any valid one
   if (!ok(st) || T > kMaxCoord) return false;
+  // The view's (D, dim1, dim2) extents and its two outer strides in elements (2-byte elements in the map).
+  auto set = [&](bool bt, int64_t dim1, int64_t dim2, int64_t stride1, int64_t stride2) {
+    view = MapView{bt, H, T};
+    dims[0] = static_cast<uint64_t>(D);
+    dims[1] = static_cast<uint64_t>(dim1);
+    dims[2] = static_cast<uint64_t>(dim2);
+    strides[0] = static_cast<uint64_t>(stride1) * 2;
+    strides[1] = static_cast<uint64_t>(stride2) * 2;
+    return true;
+  };
   int64_t merged = -1;  // the stride of b H + h
   if (B == 1) merged = H == 1 ? st * T : sh;
   else if (H == 1) merged = sb;
   else if (sb == H * sh) merged = sh;
-  if (ok(merged) && B * H <= kMaxCoord) {
-    view = MapView{false, H, T};
-    dims[0] = static_cast<uint64_t>(D);
-    dims[1] = static_cast<uint64_t>(T);
-    dims[2] = static_cast<uint64_t>(B * H);
-    strides[0] = static_cast<uint64_t>(st) * 2;
-    strides[1] = static_cast<uint64_t>(merged) * 2;
-    return true;
-  }
-  if (sb == T * st && ok(sh) && B * T <= kMaxCoord) {
-    view = MapView{true, H, T};
-    dims[0] = static_cast<uint64_t>(D);
-    dims[1] = static_cast<uint64_t>(H);
-    dims[2] = static_cast<uint64_t>(B * T);
-    strides[0] = static_cast<uint64_t>(sh) * 2;
-    strides[1] = static_cast<uint64_t>(st) * 2;
-    return true;
-  }
+  if (ok(merged) && B * H <= kMaxCoord) return set(false, T, B * H, st, merged);
+  if (sb == T * st && ok(sh) && B * T <= kMaxCoord) return set(true, H, B * T, sh, st);
   return false;
 }
 

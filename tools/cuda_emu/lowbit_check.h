@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <random>
 #include <vector>
 
@@ -90,4 +91,17 @@ LowbitVerdict check_lowbit_output(const LowbitWeight& w, int64_t m, const TypedB
   v.worst_vs_base = worst_vs_base;
   v.ok = finite && v.rel <= cap && v.rel <= 2 * v.rel_base + 1e-7 && (!v.same_what || worst_vs_base <= 1.0);
   return v;
+}
+
+// One case of a `reject` section: the kernel's support verdict `supported` against `want`; where it refuses, its
+// launcher (`launch`, called only then) must refuse too, with cudaErrorInvalidValue.
+template <typename Launch>
+void expect_support(bool want, bool supported, Launch launch, const char* what) {
+  ++cases;
+  if (supported != want || (!supported && launch() != cudaErrorInvalidValue)) {
+    ++failures;
+    printf("FAIL reject: %s\n", what);
+  } else {
+    printf("ok   reject: %s -> %s\n", what, supported ? "supported" : "refused");
+  }
 }

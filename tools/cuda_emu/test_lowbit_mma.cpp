@@ -143,13 +143,7 @@ int main(int argc, char** argv) {
     p.x = x.p; p.x_type = DType::kF16; p.qweight = q.p; p.scales = s.p; p.zeros = z.p; p.param_type = DType::kF16;
     p.y = y.p; p.m = 16; p.g = w.g;
     auto expect = [&](bool want, const char* what) {
-      ++cases;
-      const bool got = quant_mma_supported(p);
-      if (got != want || (!got && launch_quant_mma(p, 1, nullptr) != cudaErrorInvalidValue)) {
-        ++failures; printf("FAIL reject: %s\n", what);
-      } else {
-        printf("ok   reject: %s -> %s\n", what, got ? "supported" : "refused");
-      }
+      expect_support(want, quant_mma_supported(p), [&] { return launch_quant_mma(p, 1, nullptr); }, what);
     };
     expect(true, "m=16 baseline");
     p.m = 8; expect(false, "m=8 (GEMV's)"); p.m = 65; expect(false, "m=65"); p.m = 64; expect(true, "m=64"); p.m = 16;

@@ -150,14 +150,7 @@ int main(int argc, char** argv) {
     p.x = x.p; p.x_type = DType::kF16; p.qweight = q.p; p.scales = s.p; p.zeros = z.p; p.param_type = DType::kF16;
     p.y = nullptr; p.m = 65; p.g = Geometry{256, 64, 4, 64};
     auto expect = [&](bool want, const char* what) {
-      ++cases;
-      const bool got = quant_wgmma_supported(p);
-      if (got != want || (!got && launch_quant_wgmma(p, nullptr) != cudaErrorInvalidValue)) {
-        ++failures;
-        printf("FAIL reject: %s\n", what);
-      } else {
-        printf("ok   reject: %s -> %s\n", what, got ? "supported" : "refused");
-      }
+      expect_support(want, quant_wgmma_supported(p), [&] { return launch_quant_wgmma(p, nullptr); }, what);
     };
     expect(true, "m=65 baseline");
     p.m = 64; expect(false, "m=64 (the mma kernel's)"); p.m = 1 << 20; expect(true, "m=2^20"); p.m = 65;
