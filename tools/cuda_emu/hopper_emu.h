@@ -99,6 +99,23 @@ struct EmuStuck {
   }
 };
 
+// try_wait may block for a while (as the hardware's does, here up to 5 ms); a thread that keeps getting false for
+// the same barrier and parity for longer than the timeout is in a deadlock. Between two calls of its spin loop a
+// spinning thread counts as waiting (emu_hop_blocked), so the all-waiting test of EmuStuck sees a block of spinners
+// the same at every look, however the OS schedules them: a checker holds h.mu, so every other spinner is then
+// either in the 5 ms wait or between calls, counted in both places.
+struct EmuSpin {
+  uint32_t addr = 0, parity = 0;
+  bool active = false;  // the last try_wait of this thread returned false; counted in emu_hop_blocked
+  EmuStuck stuck;
+};
+inline thread_local EmuSpin emu_spin;
+// Any Hopper instruction of a spinning thread (its next try_wait included) ends its count as a waiter.
+inline void emu_spin_leave() {
+  if (!emu_spin.active) return;
+  emu_spin.active = false;
+  --emu_hop_blocked;
+}
 // ---------------------------------------------------------------------------------------------------------------
 // Block state (created by the first Hopper instruction of a block, checked and dropped when the block ends)
 struct EmuTmaDesc {  // what encode_tensor_map stores in the 128-byte TensorMap
@@ -203,6 +220,7 @@ inline std::atomic<EmuHopperBlock*> emu_hop{nullptr};
 inline std::mutex emu_hop_create_mu;
 
 inline EmuHopperBlock& emu_hop_block() {
+  emu_spin_leave();
   EmuHopperBlock* h = emu_hop.load(std::memory_order_acquire);
   if (h != nullptr) return *h;
   std::lock_guard<std::mutex> l(emu_hop_create_mu);
@@ -354,17 +372,12 @@ inline void mbarrier_wait(uint64_t* bar, uint32_t parity) {
   }
   ++emu_hop_progress;
 }
-// try_wait may block for a while (as the hardware's does, here up to 5 ms); a thread that keeps getting false for
-// the same barrier and parity for longer than the timeout is in a deadlock.
-struct EmuSpin {
-  uint32_t addr = 0, parity = 0;
-  bool active = false;
-  EmuStuck stuck;
-};
-inline thread_local EmuSpin emu_spin;
 inline bool mbarrier_try_wait(uint64_t* bar, uint32_t parity) {
+  const bool spinning = emu_spin.active;  // emu_hop_block() ends the count: EmuStuck::expired counts the caller
   EmuHopperBlock& h = emu_hop_block();
   std::unique_lock<std::mutex> l(h.mu);
+  const uint32_t a = smem_u32(bar);
+  const bool same_spin = spinning && emu_spin.addr == a && emu_spin.parity == parity;
   bool done = emu_mbar_test(h, bar, parity, "mbarrier_try_wait");
   if (!done) {
     ++emu_hop_blocked;
@@ -372,19 +385,20 @@ inline bool mbarrier_try_wait(uint64_t* bar, uint32_t parity) {
     --emu_hop_blocked;
     done = emu_mbar_test(h, bar, parity, "mbarrier_try_wait");
   }
-  const uint32_t a = smem_u32(bar);
   if (done) {
-    emu_spin.active = false;
     ++emu_hop_progress;
-  } else if (!emu_spin.active || emu_spin.addr != a || emu_spin.parity != parity) {
+    return true;
+  }
+  if (!same_spin) {
     emu_spin.addr = a;
     emu_spin.parity = parity;
-    emu_spin.active = true;
     emu_spin.stuck = EmuStuck();
   } else if (emu_spin.stuck.expired()) {
     emu_mbar_deadlock(h, bar, parity, "mbarrier_try_wait (spun on)");
   }
-  return done;
+  emu_spin.active = true;
+  ++emu_hop_blocked;
+  return false;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -769,6 +783,7 @@ inline void setmaxnreg_dec() {
 // Launch hooks (fake/cuda_runtime_api.h): each thread checks its warpgroup's wgmmas when its kernel returns, thread
 // 0 checks the TMA loads when the block is done and drops the block's state.
 inline void emu_hopper_thread_end() {
+  emu_spin_leave();  // left its spin loop some other way; it is counted as done now
   emu_spin = EmuSpin{};
   EmuHopperBlock* h = emu_hop.load(std::memory_order_acquire);
   if (h == nullptr || threadIdx.x / 128 >= h->groups.size()) return;
