@@ -11,7 +11,8 @@
 // U for up to kCpuGemvMaxRows rows: a lookup-table GEMV. Per group of 4 non-salient inputs a 16-entry table holds
 // every signed sum +-x'_0 +-x'_1 +-x'_2 +-x'_3; a 4-bit nibble of sign bits indexes it. With AVX-512 the table is
 // one zmm register and _mm512_permutexvar_ps looks up 16 rows at once (it reads only the low 4 bits of each
-// index, so a shift of the sign word is the whole decode): 64 weights per shift + permute + add.
+// index, so a shift of the sign word is the whole decode): 64 weights per shift + permute + add. On AVX2, whose
+// vpermps holds 8 entries, groups of 3 inputs (TableLayout): 24 weights per shift + permute + add.
 //
 //      signs [words, out] int32           a task owns a band of kBandTiles tiles (16 rows = one 64-byte line of
 //      +------ band 0 ------+-- band 1     each word row) and walks down the word rows; per word row the 8 tables
@@ -45,6 +46,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "cpu_features.h"
@@ -80,6 +82,19 @@ constexpr int kBandTiles = 8;           // tiles per task: 8 accumulator pairs +
 constexpr int kPrefetchWords = 16;      // word rows fetched ahead (~ memory latency / time per word row)
 constexpr int kNibbles = kSignsPerWord / 4;
 constexpr int kTable = 16;              // entries per 4-input table
+
+// The binary GEMV's tables: per activation row and sign word, one table per group of `bits` consecutive sign bits,
+// entry e = sum_u (bit u of e ? +x'_u : -x'_u). Nibbles (8 tables of 16) where a lookup takes 16 entries (AVX-512's
+// vpermps on zmm, and the portable loop: fewer lookups); triplets (10 tables of 8 for bits 0..29, an 11th for bits
+// 30-31 with x'_2 = 0) on AVX2, whose vpermps looks up 8 entries: a nibble there took two permutes, a shift and a
+// blend per 8 outputs, a triplet takes one permute (and a shift): per 8 outputs and word 44 against 64 instructions
+// with half the permutes, which bound the loop.
+struct TableLayout {
+  int bits, groups, entries;  // sign bits per table, tables per word, entries per table
+  int64_t word_floats() const { return int64_t(groups) * entries; }
+};
+constexpr TableLayout kNibbleTables{4, kNibbles, kTable};
+constexpr TableLayout kTripletTables{3, (kSignsPerWord + 2) / 3, 8};
 constexpr int64_t kBlockFloats = 2 << 20;  // decoded +-1 block: at most 8 MB of fp32
 constexpr int64_t kTaskWork = 1 << 16;      // elements per task at least: below, waking threads costs more
 
@@ -91,30 +106,35 @@ int64_t grain(int64_t work) { return std::max<int64_t>(1, kTaskWork / std::max<i
 // ---------------------------------------------------------------------------------------------------------
 
 // x [rows, in] fp32 -> salient [rows, S_pad] (zero padded), plain [rows, words * 32] = r2 x over the non-salient
-// channels (zero padded: padding sign bits then contribute nothing), and, for the r2 gradient, plain_raw (x itself).
+// channels (zero padded: padding sign bits then contribute nothing), its row sums plain_sum [rows, 1] (the mu part's
+// V, summed here rather than by a reduction op on every call), and, for the r2 gradient, plain_raw (x itself).
 struct Gathered {
-  at::Tensor salient, plain, plain_raw;
+  at::Tensor salient, plain, plain_sum, plain_raw;
 };
 
 Gathered gather(const at::Tensor& x32, const at::Tensor& perm, const at::Tensor& r2, const Geometry& g, bool raw) {
   const int64_t rows = x32.size(0), padded = g.sign_words() * kSignsPerWord;
   Gathered out{at::zeros({rows, g.salient_padded()}, x32.options()), at::zeros({rows, padded}, x32.options()),
-               raw ? at::empty({rows, g.plain()}, x32.options()) : at::Tensor()};
+               at::empty({rows, 1}, x32.options()), raw ? at::empty({rows, g.plain()}, x32.options()) : at::Tensor()};
   const float* x = x32.const_data_ptr<float>();
   const int32_t* p = perm.const_data_ptr<int32_t>();
   const float* r = r2.const_data_ptr<float>();
   float* sal = out.salient.mutable_data_ptr<float>();
   float* pl = out.plain.mutable_data_ptr<float>();
+  float* ps = out.plain_sum.mutable_data_ptr<float>();
   float* pr = raw ? out.plain_raw.mutable_data_ptr<float>() : nullptr;
   at::parallel_for(0, rows, grain(g.in), [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       const float* xm = x + m * g.in;
       for (int64_t k = 0; k < g.salient; ++k) sal[m * g.salient_padded() + k] = xm[p[k]];
+      double sum = 0.0;
       for (int64_t j = 0; j < g.plain(); ++j) {
         const int32_t c = p[g.salient + j];
         pl[m * padded + j] = r[c] * xm[c];
+        sum += pl[m * padded + j];
         if (pr != nullptr) pr[m * g.plain() + j] = xm[c];
       }
+      ps[m] = static_cast<float>(sum);
     }
   });
   return out;
@@ -124,20 +144,25 @@ Gathered gather(const at::Tensor& x32, const at::Tensor& perm, const at::Tensor&
 // The binary part: U = signs^T x' (lookup-table GEMV) and the +-1 blocks
 // ---------------------------------------------------------------------------------------------------------
 
-// Per row and group of 4 inputs, the 16 signed sums: table[e] = sum_u (bit u of e ? +1 : -1) x'_u, built by
-// doubling (entry e with its top bit set is entry e without it plus 2 x'_top).
-at::Tensor build_tables(const at::Tensor& plain, const Geometry& g) {
-  const int64_t rows = plain.size(0), groups = g.sign_words() * kNibbles;
-  at::Tensor tables = at::empty({rows, groups, kTable}, plain.options());
+// Per row, sign word and group of layout.bits inputs, the signed sums (TableLayout), built by doubling: entry e with
+// its top bit set is entry e without it plus 2 x'_top. A triplet past the word's last bit reads x' = 0.
+at::Tensor build_tables(const at::Tensor& plain, const Geometry& g, const TableLayout& layout) {
+  const int64_t rows = plain.size(0), words = g.sign_words();
+  at::Tensor tables = at::empty({rows, words * layout.word_floats()}, plain.options());
   const float* x = plain.const_data_ptr<float>();
   float* t = tables.mutable_data_ptr<float>();
-  at::parallel_for(0, rows * groups, grain(kTable), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows * words, grain(layout.word_floats()), [&](int64_t begin, int64_t end) {
     for (int64_t idx = begin; idx < end; ++idx) {
-      const float* xg = x + idx * 4;  // plain is [rows, groups * 4]
-      float* e = t + idx * kTable;
-      e[0] = -(xg[0] + xg[1] + xg[2] + xg[3]);
-      for (int u = 0; u < 4; ++u) {
-        for (int low = 0; low < (1 << u); ++low) e[(1 << u) | low] = e[low] + 2.f * xg[u];
+      const float* xw = x + idx * kSignsPerWord;  // plain is [rows, words * 32]
+      for (int k = 0; k < layout.groups; ++k) {
+        float xs[4] = {};
+        for (int u = 0; u < layout.bits && layout.bits * k + u < kSignsPerWord; ++u) xs[u] = xw[layout.bits * k + u];
+        float* e = t + idx * layout.word_floats() + k * layout.entries;
+        e[0] = 0.f;
+        for (int u = 0; u < layout.bits; ++u) e[0] -= xs[u];
+        for (int u = 0; u < layout.bits; ++u) {
+          for (int low = 0; low < (1 << u); ++low) e[(1 << u) | low] = e[low] + 2.f * xs[u];
+        }
       }
     }
   });
@@ -145,13 +170,15 @@ at::Tensor build_tables(const at::Tensor& plain, const Geometry& g) {
 }
 
 // Portable GEMV over output rows [i0, i1) of one activation row.
-void sign_rows_portable(const float* table, const int32_t* signs, const Geometry& g, int64_t i0, int64_t i1, float* u) {
+void sign_rows_portable(const float* table, const TableLayout& layout, const int32_t* signs, const Geometry& g,
+                        int64_t i0, int64_t i1, float* u) {
+  const uint32_t mask = static_cast<uint32_t>(layout.entries - 1);
   for (int64_t i = i0; i < i1; ++i) {
     float acc = 0.f;
     for (int64_t w = 0; w < g.sign_words(); ++w) {
       const uint32_t word = static_cast<uint32_t>(signs[w * g.out + i]);
-      const float* tw = table + w * kNibbles * kTable;
-      for (int k = 0; k < kNibbles; ++k) acc += tw[k * kTable + ((word >> (4 * k)) & 15u)];
+      const float* tw = table + w * layout.word_floats();
+      for (int k = 0; k < layout.groups; ++k) acc += tw[k * layout.entries + ((word >> (layout.bits * k)) & mask)];
     }
     u[i] = acc;
   }
@@ -222,8 +249,30 @@ BLOCKOPS_TARGET_AVX512_VNNI void sign_band_rows_avx512(const float* tables, int6
     for (int t = 0; t < tiles; ++t) _mm512_storeu_ps(u + m * g.out + i0 + t * kTileRows, _mm512_load_ps(&acc[m][t * kTileRows]));
 }
 
-// AVX2: 8 rows per register, so a 16-entry table is two halves; permutevar8x32 looks up the low 3 bits of the
-// nibble in both and bit 3 (moved to the sign bit) selects the half. kTiles tiles of 8 rows.
+// AVX2: kTiles tiles of 8 rows, triplet tables (kTripletTables): vpermps reads only the low 3 bits of each index,
+// so the word shifted right by 3 k is the index of triplet k (the 11th, bits 30-31, indexes entries 0-3). The
+// triplets and tiles are expanded at compile time (every index a constant). One accumulator per tile: 4 add chains
+// of 11 a word hide the add latency behind the 44 permutes, and 4 accumulators + 4 words + a table fit the 16 ymm
+// registers (with two per tile GCC spilled half of them).
+BLOCKOPS_TARGET_AVX2 __attribute__((always_inline)) inline void pin_register(__m256& v) { asm volatile("" : "+x"(v)); }
+template <int k, int... T>
+BLOCKOPS_TARGET_AVX2 __attribute__((always_inline)) inline void lookup_triplet(const float* tw, const __m256i* bits,
+                                                                             __m256* acc,
+                                                                             std::integer_sequence<int, T...>) {
+  const __m256 tab = _mm256_loadu_ps(tw + k * kTripletTables.entries);
+  ((acc[T] = _mm256_add_ps(acc[T], _mm256_permutevar8x32_ps(tab, _mm256_srli_epi32(bits[T], kTripletTables.bits * k)))),
+   ...);
+  // Each triplet's adds before the next triplet's lookups: left free, GCC computed all 44 lookups of a word first and
+  // spilled them (a store and a load per lookup).
+  (pin_register(acc[T]), ...);
+}
+template <int... K, typename Tiles>
+BLOCKOPS_TARGET_AVX2 __attribute__((always_inline)) inline void lookup_word(const float* tw, const __m256i* bits,
+                                                                          __m256* acc, std::integer_sequence<int, K...>,
+                                                                          Tiles tiles) {
+  (lookup_triplet<K>(tw, bits, acc, tiles), ...);
+}
+
 template <int kTiles>
 BLOCKOPS_TARGET_AVX2 void sign_band_avx2(const float* table, const int32_t* signs, const Geometry& g, int64_t i0,
                                          float* u) {
@@ -233,26 +282,29 @@ BLOCKOPS_TARGET_AVX2 void sign_band_avx2(const float* table, const int32_t* sign
     const int32_t* line = signs + w * g.out + i0;
     const char* ahead = reinterpret_cast<const char*>(line + kPrefetchWords * g.out);
     for (int t = 0; t < kTiles; t += 2) _mm_prefetch(ahead + t * 32, _MM_HINT_T0);
-    for (int k = 0; k < kNibbles; ++k) {
-      const float* tk = table + (w * kNibbles + k) * kTable;
-      const __m256 lo = _mm256_loadu_ps(tk), hi = _mm256_loadu_ps(tk + 8);
-      for (int t = 0; t < kTiles; ++t) {
-        const __m256i nib = _mm256_srli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(line + t * 8)), 4 * k);
-        const __m256 pick = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, nib), _mm256_permutevar8x32_ps(hi, nib),
-                                             _mm256_castsi256_ps(_mm256_slli_epi32(nib, 28)));
-        acc[t] = _mm256_add_ps(acc[t], pick);
-      }
-    }
+    __m256i bits[kTiles];
+    for (int t = 0; t < kTiles; ++t) bits[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(line + t * 8));
+    lookup_word(table + w * kTripletTables.word_floats(), bits, acc,
+                std::make_integer_sequence<int, kTripletTables.groups>{}, std::make_integer_sequence<int, kTiles>{});
   }
   for (int t = 0; t < kTiles; ++t) _mm256_storeu_ps(u + i0 + t * 8, acc[t]);
 }
 #endif
 
+// The table layout sign_gemv's kernels read on this CPU.
+const TableLayout& gemv_table_layout() {
+#if BLOCKOPS_X86_DISPATCH
+  if (!cpu_has_avx512_vnni() && cpu_has_avx2_fma()) return kTripletTables;
+#endif
+  return kNibbleTables;
+}
+
 // U [rows, out] for few rows: tasks take bands of kBandTiles * 16 output rows; the rows left over at the end
 // (out % 16, or all of them without AVX2) take the portable loop.
 void sign_gemv(const at::Tensor& tables, const int32_t* signs, const Geometry& g, float* u) {
+  const TableLayout& layout = gemv_table_layout();
   const int64_t rows = tables.size(0);
-  const int64_t table_stride = tables.size(1) * kTable;
+  const int64_t table_stride = tables.size(1);
   const float* tab = tables.const_data_ptr<float>();
   constexpr int64_t kBandRows = kBandTiles * kTileRows;
   const int64_t bands = (g.out + kBandRows - 1) / kBandRows;
@@ -267,7 +319,7 @@ void sign_gemv(const at::Tensor& tables, const int32_t* signs, const Geometry& g
         const int tiles = static_cast<int>((i1 - i0) / kTileRows);
         if (tiles > 0) sign_band_rows_avx512(tab, table_stride, static_cast<int>(rows), signs, g, i0, tiles, u);
         for (int64_t m = 0; m < rows; ++m) {
-          sign_rows_portable(tab + m * table_stride, signs, g, i0 + tiles * kTileRows, i1, u + m * g.out);
+          sign_rows_portable(tab + m * table_stride, layout, signs, g, i0 + tiles * kTileRows, i1, u + m * g.out);
         }
         continue;
       }
@@ -288,7 +340,7 @@ void sign_gemv(const at::Tensor& tables, const int32_t* signs, const Geometry& g
           for (; i + 8 <= i1; i += 8) sign_band_avx2<1>(table, signs, g, i, um);
         }
 #endif
-        sign_rows_portable(table, signs, g, i, i1, um);
+        sign_rows_portable(table, layout, signs, g, i, i1, um);
       }
     }
   });
@@ -354,7 +406,8 @@ at::Tensor sign_dot(const at::Tensor& plain, const at::Tensor& signs, const at::
   if (u.defined()) shuffle_counter.hit();
   if (!u.defined() && rows <= kCpuGemvMaxRows) {
     u = at::empty({rows, g.out}, plain.options());
-    sign_gemv(build_tables(plain, g), signs.const_data_ptr<int32_t>(), g, u.mutable_data_ptr<float>());
+    sign_gemv(build_tables(plain, g, gemv_table_layout()), signs.const_data_ptr<int32_t>(), g,
+              u.mutable_data_ptr<float>());
   }
   if (u.defined()) {
     // The kernels read every stored bit as a sign; take the sign(0) entries back out.
@@ -479,22 +532,21 @@ at::Tensor ptq161_linear_cpu(const at::Tensor& x, const at::Tensor& perm, const 
   const at::Tensor& x32 = ln.x32;
   const Gathered xg = gather(x32, perm, f.r2, g, false);
   const at::Tensor u = sign_dot(xg.plain, signs, zero_signs, g);
-  const at::Tensor v = xg.plain.sum(1);
   at::Tensor y = g.salient > 0 ? lowbit_linear(xg.salient, qsalient, salient_params(f, g))
                                : at::zeros({rows, g.out}, x32.options());
   // y += r1 (alpha U + mu V) + bias, one pass.
   const float* up = u.const_data_ptr<float>();
-  const float* vp = v.const_data_ptr<float>();
+  const float* vp = xg.plain_sum.const_data_ptr<float>();
   const float* al = f.alpha.const_data_ptr<float>();
   const float* mp = f.mu.const_data_ptr<float>();
   const float* rp = f.r1.const_data_ptr<float>();
-  const at::Tensor b32 = bias.has_value() ? contiguous_fp32(*bias) : at::zeros({g.out}, x32.options());
-  const float* bp = b32.const_data_ptr<float>();
+  const at::Tensor b32 = bias.has_value() ? contiguous_fp32(*bias) : at::Tensor();
+  const float* bp = bias.has_value() ? b32.const_data_ptr<float>() : nullptr;
   float* yp = y.mutable_data_ptr<float>();
   at::parallel_for(0, rows, grain(g.out), [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       for (int64_t i = 0; i < g.out; ++i) {
-        yp[m * g.out + i] += rp[i] * (al[i] * up[m * g.out + i] + mp[i] * vp[m]) + bp[i];
+        yp[m * g.out + i] += rp[i] * (al[i] * up[m * g.out + i] + mp[i] * vp[m]) + (bp != nullptr ? bp[i] : 0.f);
       }
     }
   });
@@ -580,7 +632,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ptq161_linear_backwar
   }
   const int32_t* p = perm.const_data_ptr<int32_t>();
   if (need_factors) {
-    bw.factor_grads(sign_dot(xg.plain, signs, zero_signs, g, /*fp32_sums=*/true), xg.plain.sum(1, /*keepdim=*/true));
+    bw.factor_grads(sign_dot(xg.plain, signs, zero_signs, g, /*fp32_sums=*/true), xg.plain_sum);
     if (g.plain() > 0) {
       const at::Tensor per_j = (xg.plain_raw * zn).sum(0);
       at::Tensor gr2_32 = at::zeros({g.in}, bw.x32.options());
