@@ -52,6 +52,7 @@
 #include "cpu_features.h"
 #include "glue.h"
 #include "introspection.h"
+#include "lowbit_cpu.h"
 #include "lowbit_op.h"
 #include "macros.h"
 #include "static_switch.h"
@@ -579,6 +580,72 @@ BLOCKOPS_TARGET_AVX2 void gemv_rows_avx2(const GemvArgs& a, int64_t n0, int64_t 
 #endif
 
 #if BLOCKOPS_X86_DISPATCH
+// One row on the fixed-point path, split by groups (split-K): up to kSplitPieces pieces of consecutive groups, cut by
+// the shape alone (not the thread count), each into its own partial output over the full tiles; the partials are
+// added in piece order, so the result does not depend on which thread ran which piece (quant_linear runs the pieces
+// in a parallel_for of their own, ptq161 beside its binary part: RowProduct). Measured, AVX2 path, one thread,
+// w2g64 4096 x 11008 (the band kernel's walk before): tight loop 1.10 ms (1.3-1.6), after another layer's fp32
+// F.linear 1.40 ms (2.3).
+class SplitKRow {
+ public:
+  explicit SplitKRow(const GemvArgs& a)
+      : a_(a),
+        per_piece_((a.g.groups() + kSplitPieces - 1) / kSplitPieces),
+        pieces_((a.g.groups() + per_piece_ - 1) / per_piece_),
+        tiles_(a.g.out / kTileCols),
+        partial_(std::make_unique_for_overwrite<float[]>(static_cast<size_t>(pieces_ * width()))),
+        long_groups_((a.g.group_size + a.g.per_word() - 1) / a.g.per_word() + 1 > kSplitRows) {}
+  int64_t pieces() const { return pieces_; }
+  int64_t width() const { return tiles_ * kTileCols; }  // the full tiles' columns
+
+  // Piece `piece` into its partial output; distinct pieces may run at once.
+  void run(int64_t piece) const {
+    // Sums carried between row blocks of a long group (not zero-filled: written before they are read).
+    const auto acc = std::make_unique_for_overwrite<int32_t[]>(static_cast<size_t>(long_groups_ ? width() : 0));
+    const int64_t grp0 = piece * per_piece_, grp1 = std::min(a_.g.groups(), grp0 + per_piece_);
+    float* y = partial_.get() + piece * width();
+    const int tiles = static_cast<int>(tiles_);
+    const bool vnni = cpu_has_avx512_vnni();
+    switch (a_.g.bits) {
+      case 2:
+        if (a_.xbytes != nullptr) return gemv_splitk_bytes_avx2(a_, grp0, grp1, tiles, y);
+        return vnni ? gemv_splitk_fixed_vnni<2>(a_, grp0, grp1, tiles, acc.get(), y)
+                    : gemv_splitk_fixed_avx2<2>(a_, grp0, grp1, tiles, acc.get(), y);
+      case 3:
+        return vnni ? gemv_splitk_fixed_vnni<3>(a_, grp0, grp1, tiles, acc.get(), y)
+                    : gemv_splitk_fixed_avx2<3>(a_, grp0, grp1, tiles, acc.get(), y);
+      default:
+        return vnni ? gemv_splitk_fixed_vnni<4>(a_, grp0, grp1, tiles, acc.get(), y)
+                    : gemv_splitk_fixed_avx2<4>(a_, grp0, grp1, tiles, acc.get(), y);
+    }
+  }
+  // y[c] for full-tile columns [c0, c1): the partials in piece order.
+  void sum(float* y, int64_t c0, int64_t c1) const {
+    for (int64_t c = c0; c < c1; ++c) {
+      float total = partial_[c];
+      for (int64_t piece = 1; piece < pieces_; ++piece) total += partial_[piece * width() + c];
+      y[c] = total;
+    }
+  }
+
+ private:
+  const GemvArgs& a_;
+  int64_t per_piece_, pieces_, tiles_;
+  std::unique_ptr<float[]> partial_;
+  bool long_groups_;
+};
+
+// The columns past the last full tile (out % 16), all rows: the portable kernel.
+template <int kBits>
+void gemv_partial_tile(const GemvArgs& a, int64_t rows) {
+  const int64_t n0 = a.g.out / kTileCols * kTileCols;
+  if (n0 == a.g.out) return;
+  for (int64_t m0 = 0; m0 < rows; m0 += kRowsPerPass) {
+    gemv_tile_portable<kBits>(a, n0, static_cast<int>(a.g.out - n0),
+                              m0, static_cast<int>(std::min<int64_t>(kRowsPerPass, rows - m0)));
+  }
+}
+
 // The fixed-point path (a.xpairs set): one row split-K, more rows in bands of full tiles; the partial tile at the
 // end (out % 16 columns) goes to the portable kernel.
 template <int kBits>
@@ -586,52 +653,21 @@ void gemv_fixed_point(const GemvArgs& a, int64_t rows) {
   const Geometry& g = a.g;
   const int64_t full = g.out / kTileCols;
   if (rows == 1 && full > 0) {
-    // Split-K: up to kSplitPieces pieces of consecutive groups, cut by the shape alone (not the thread count), each
-    // into its own partial output; the partials are added in piece order, so the result does not depend on the
-    // thread count. Measured, AVX2 path, one thread, w2g64 4096 x 11008 (the band kernel's walk before):
-    // tight loop 1.10 ms (1.3-1.6), after another layer's fp32 F.linear 1.40 ms (2.3).
-    const int64_t per_piece = (g.groups() + kSplitPieces - 1) / kSplitPieces;
-    const int64_t pieces = (g.groups() + per_piece - 1) / per_piece;
-    const int64_t width = full * kTileCols;
-    const auto partial = std::make_unique_for_overwrite<float[]>(static_cast<size_t>(pieces * width));
-    const bool vnni = cpu_has_avx512_vnni();
-    const bool long_groups = (g.group_size + g.per_word() - 1) / g.per_word() + 1 > kSplitRows;
-    at::parallel_for(0, pieces, 1, [&](int64_t begin, int64_t end) {
-      // Sums carried between row blocks of a long group (not zero-filled: written before they are read).
-      const auto acc = std::make_unique_for_overwrite<int32_t[]>(static_cast<size_t>(long_groups ? width : 0));
-      for (int64_t piece = begin; piece < end; ++piece) {
-        const int64_t grp0 = piece * per_piece, grp1 = std::min(g.groups(), grp0 + per_piece);
-        float* yp = partial.get() + piece * width;
-        if (kBits == 2 && a.xbytes != nullptr) {
-          gemv_splitk_bytes_avx2(a, grp0, grp1, static_cast<int>(full), yp);
-        } else {
-          vnni ? gemv_splitk_fixed_vnni<kBits>(a, grp0, grp1, static_cast<int>(full), acc.get(), yp)
-               : gemv_splitk_fixed_avx2<kBits>(a, grp0, grp1, static_cast<int>(full), acc.get(), yp);
-        }
-      }
+    const SplitKRow split(a);
+    at::parallel_for(0, split.pieces(), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t piece = begin; piece < end; ++piece) split.run(piece);
     });
-    at::parallel_for(0, width, 4096, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        float sum = partial[c];
-        for (int64_t piece = 1; piece < pieces; ++piece) sum += partial[piece * width + c];
-        a.y[c] = sum;
-      }
-    });
+    at::parallel_for(0, split.width(), 4096, [&](int64_t c0, int64_t c1) { split.sum(a.y, c0, c1); });
   } else {
-  const int64_t bands = (full + kBandTiles - 1) / kBandTiles;
-  at::parallel_for(0, bands, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t band = begin; band < end; ++band) {
-      band_fixed<kBits>(a, band * kBandTiles * kTileCols,
-                        static_cast<int>(std::min<int64_t>(kBandTiles, full - band * kBandTiles)), rows);
-    }
-  });
+    const int64_t bands = (full + kBandTiles - 1) / kBandTiles;
+    at::parallel_for(0, bands, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t band = begin; band < end; ++band) {
+        band_fixed<kBits>(a, band * kBandTiles * kTileCols,
+                          static_cast<int>(std::min<int64_t>(kBandTiles, full - band * kBandTiles)), rows);
+      }
+    });
   }
-  if (full * kTileCols < g.out) {
-    for (int64_t m0 = 0; m0 < rows; m0 += kRowsPerPass) {
-      gemv_tile_portable<kBits>(a, full * kTileCols, static_cast<int>(g.out - full * kTileCols), m0,
-                                static_cast<int>(std::min<int64_t>(kRowsPerPass, rows - m0)));
-    }
-  }
+  gemv_partial_tile<kBits>(a, rows);
 }
 #endif
 
@@ -807,6 +843,47 @@ void for_each_dequantized_block(const at::Tensor& qweight, const at::Tensor& sca
   }
 }
 
+// The decode kernels' inputs for x32 [rows, in] fp32 contiguous, output y [rows, out]: the per-group sums, the
+// fixed-point activations where that path runs (fixed_point), fp32 copies of scales and zeros where a float or
+// portable kernel reads them (the fixed-point kernel converts as it goes; the portable one takes the partial tile of
+// columns at the end). The tensors own what args points to.
+struct GemvInputs {
+  at::Tensor x32, xsum, xpairs, group_slot, xstep, xbytes, s32, z32;
+  GemvArgs args;
+};
+
+GemvInputs prepare_gemv(const at::Tensor& x32, const at::Tensor& qweight, const at::Tensor& scales,
+                        const at::Tensor& zeros, const Geometry& g, bool fixed_point, float* y) {
+  GemvInputs in;
+  const int64_t rows = x32.size(0);
+  in.x32 = x32;
+  in.xsum = x32.view({rows, g.groups(), g.group_size}).sum(-1).contiguous();
+  // The 2-bit byte kernel: one row, AVX2 without VNNI (vpdpwssd does the int16 steps in one instruction each),
+  // groups of up to 128 inputs (its int16 sums' bound).
+  const bool byte_kernel = fixed_point && rows == 1 && g.bits == 2 && g.group_size <= 128 && !cpu_has_avx512_vnni();
+  if (fixed_point) prepare_fixed_point(x32, g, in.xpairs, in.group_slot, in.xstep, byte_kernel ? &in.xbytes : nullptr);
+  const bool need_f32 = !fixed_point || g.out % kTileCols != 0;
+  if (need_f32) {
+    in.s32 = contiguous_fp32(scales);
+    in.z32 = contiguous_fp32(zeros);
+  }
+  in.args = GemvArgs{x32.const_data_ptr<float>(),
+                     in.xsum.const_data_ptr<float>(),
+                     fixed_point ? in.xpairs.const_data_ptr<int32_t>() : nullptr,
+                     fixed_point ? in.group_slot.const_data_ptr<int64_t>() : nullptr,
+                     fixed_point ? in.xstep.const_data_ptr<float>() : nullptr,
+                     byte_kernel ? in.xbytes.const_data_ptr<int32_t>() : nullptr,
+                     qweight.const_data_ptr<int32_t>(),
+                     need_f32 ? in.s32.const_data_ptr<float>() : nullptr,
+                     need_f32 ? in.z32.const_data_ptr<float>() : nullptr,
+                     scales.const_data_ptr(),
+                     zeros.const_data_ptr(),
+                     dtype_of(scales.scalar_type()),
+                     y,
+                     g};
+  return in;
+}
+
 at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                             const at::Tensor& zeros, int64_t bits, int64_t group_size,
                             const c10::optional<at::Tensor>& bias) {
@@ -840,32 +917,9 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
   // 1.35x faster than dequantized blocks + fp32 GEMM at 128 / 256 / 512 rows); the fp32 and portable decode
   // kernels up to kCpuGemvMaxRows.
   if (rows <= kCpuGemvMaxRows || (fixed_point && !bf16_gemm)) {
-    const at::Tensor x32 = contiguous_fp32(x2);
-    const at::Tensor xsum = x32.view({rows, g.groups(), g.group_size}).sum(-1).contiguous();
-    at::Tensor xpairs, group_slot, xstep, xbytes;
-    // The 2-bit byte kernel: one row, AVX2 without VNNI (vpdpwssd does the int16 steps in one instruction each),
-    // groups of up to 128 inputs (its int16 sums' bound).
-    const bool byte_kernel = fixed_point && rows == 1 && g.bits == 2 && g.group_size <= 128 && !cpu_has_avx512_vnni();
-    if (fixed_point) prepare_fixed_point(x32, g, xpairs, group_slot, xstep, byte_kernel ? &xbytes : nullptr);
-    // fp32 copies of scales and zeros only where a float or portable kernel reads them (the fixed-point
-    // kernel converts as it goes; the portable one takes the partial tile of columns at the end).
-    const bool need_f32 = !fixed_point || g.out % kTileCols != 0;
-    const at::Tensor s32 = need_f32 ? contiguous_fp32(scales) : at::Tensor();
-    const at::Tensor z32 = need_f32 ? contiguous_fp32(zeros) : at::Tensor();
-    const GemvArgs a{x32.const_data_ptr<float>(),
-                     xsum.const_data_ptr<float>(),
-                     fixed_point ? xpairs.const_data_ptr<int32_t>() : nullptr,
-                     fixed_point ? group_slot.const_data_ptr<int64_t>() : nullptr,
-                     fixed_point ? xstep.const_data_ptr<float>() : nullptr,
-                     byte_kernel ? xbytes.const_data_ptr<int32_t>() : nullptr,
-                     qweight.const_data_ptr<int32_t>(),
-                     need_f32 ? s32.const_data_ptr<float>() : nullptr,
-                     need_f32 ? z32.const_data_ptr<float>() : nullptr,
-                     scales.const_data_ptr(),
-                     zeros.const_data_ptr(),
-                     dtype_of(scales.scalar_type()),
-                     y32.mutable_data_ptr<float>(),
-                     g};
+    const GemvInputs in = prepare_gemv(contiguous_fp32(x2), qweight, scales, zeros, g, fixed_point,
+                                       y32.mutable_data_ptr<float>());
+    const GemvArgs& a = in.args;
     switch (g.bits) {
       case 2: gemv<2>(a, rows); break;
       case 3: gemv<3>(a, rows); break;
@@ -973,6 +1027,68 @@ at::Tensor quant_grad_scales_cpu(const at::Tensor& t, const at::Tensor& qweight,
 }
 
 }  // namespace
+
+// RowProduct (lowbit_cpu.h): the inputs prepare_gemv makes and the split-K plan over them, kept together.
+struct RowProduct::State {
+  GemvInputs in;
+#if BLOCKOPS_X86_DISPATCH
+  std::unique_ptr<SplitKRow> split;
+#endif
+};
+
+bool RowProduct::applies(const Geometry& g) {
+#if BLOCKOPS_X86_DISPATCH
+  return cpu_has_avx2_fma() && g.group_size <= kCpuFixedPointMaxGroup && g.out >= kTileCols;
+#else
+  (void)g;
+  return false;
+#endif
+}
+
+RowProduct::RowProduct(const at::Tensor& x32, const at::Tensor& qweight, const at::Tensor& scales,
+                       const at::Tensor& zeros, const Geometry& g)
+    : state_(std::make_unique<State>()) {
+  TORCH_INTERNAL_ASSERT(applies(g) && x32.dim() == 2 && x32.size(0) == 1 && x32.scalar_type() == at::kFloat &&
+                        x32.is_contiguous());
+  linear_counter.hit();  // a quant_linear product, run by another family's op
+  state_->in = prepare_gemv(x32, qweight, scales, zeros, g, /*fixed_point=*/true, /*y=*/nullptr);
+#if BLOCKOPS_X86_DISPATCH
+  state_->split = std::make_unique<SplitKRow>(state_->in.args);
+#endif
+}
+
+RowProduct::~RowProduct() = default;
+
+int64_t RowProduct::pieces() const {
+#if BLOCKOPS_X86_DISPATCH
+  return state_->split->pieces();
+#else
+  return 0;
+#endif
+}
+
+void RowProduct::run(int64_t piece) const {
+#if BLOCKOPS_X86_DISPATCH
+  state_->split->run(piece);
+#else
+  (void)piece;
+#endif
+}
+
+void RowProduct::finish(float* y) const {
+#if BLOCKOPS_X86_DISPATCH
+  state_->split->sum(y, 0, state_->split->width());
+  GemvArgs a = state_->in.args;
+  a.y = y;
+  switch (a.g.bits) {
+    case 2: gemv_partial_tile<2>(a, 1); break;
+    case 3: gemv_partial_tile<3>(a, 1); break;
+    default: gemv_partial_tile<4>(a, 1); break;
+  }
+#else
+  (void)y;
+#endif
+}
 
 TORCH_LIBRARY_IMPL(blockops, CPU, m) {
   m.impl("quant_linear", &quant_linear_cpu);

@@ -5,7 +5,9 @@
 //
 //   salient:  s_i (D[m, i] - z_i X[m])   -- the lowbit family's 4-bit kernels, called through the dispatcher
 //             (blockops::quant_linear with one scale/zero per row, split into groups of <= 1024 channels so its
-//             16-bit fixed-point decode kernel applies); nothing of the 4-bit decode is duplicated here.
+//             16-bit fixed-point decode kernel applies); nothing of the 4-bit decode is duplicated here. One row
+//             on AVX2: quant_linear's split-K pieces (lowbit::RowProduct, lowbit_cpu.h) run in the same parallel
+//             region as the binary part's bands (linear_one_row).
 //   binary:   r1_i (alpha_i U[m, i] + mu_i V[m]),  U = signs^T x'  (x' = r2 x over the non-salient channels)
 //
 // U for up to kCpuGemvMaxRows rows: a lookup-table GEMV. Per group of 4 non-salient inputs a 16-entry table holds
@@ -45,6 +47,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <utility>
 #include <vector>
@@ -52,6 +55,7 @@
 #include "cpu_features.h"
 #include "glue.h"
 #include "introspection.h"
+#include "lowbit_cpu.h"
 #include "ptq161_cpu.h"
 #include "macros.h"
 #include "ptq161_op.h"
@@ -70,6 +74,7 @@ KernelCounter dequant_counter(kFamily, "ptq161_dequantize.cpu");
 KernelCounter backward_counter(kFamily, "ptq161_linear_backward.cpu");
 KernelCounter shuffle_counter(kFamily, "ptq161_sign_shuffle.cpu");  // which ptq161_linear.cpu calls took the
                                                                     // byte-shuffle binary kernel
+KernelCounter one_region_counter(kFamily, "ptq161_linear_one_region.cpu");  // which took linear_one_row
 // The binary GEMV uses AVX-512 (vpermps on zmm) where the CPU has the AVX-512 set the lowbit decode kernel needs.
 const char* ptq161_cpu_isa() { return cpu_has_avx512_vnni() ? "avx2+fma, avx512 (binary GEMV)" : cpu_isa_name(); }
 FamilyRegistration family(kFamily, ptq161_cpu_isa);
@@ -79,6 +84,7 @@ constexpr int64_t kCpuGemvMaxRows = 16;  // table passes up to here, decoded +-1
                                          // CUDA: kCudaGemvMaxRows in kernels/ptq161_launch.h)
 constexpr int kTileRows = 16;           // output rows per tile: one 64-byte line of a word row
 constexpr int kBandTiles = 8;           // tiles per task: 8 accumulator pairs + 8 tables fill the zmm file
+constexpr int64_t kBandRows = kBandTiles * kTileRows;
 constexpr int kPrefetchWords = 16;      // word rows fetched ahead (~ memory latency / time per word row)
 constexpr int kNibbles = kSignsPerWord / 4;
 constexpr int kTable = 16;              // entries per 4-input table
@@ -301,49 +307,51 @@ const TableLayout& gemv_table_layout() {
 
 // U [rows, out] for few rows: tasks take bands of kBandTiles * 16 output rows; the rows left over at the end
 // (out % 16, or all of them without AVX2) take the portable loop.
-void sign_gemv(const at::Tensor& tables, const int32_t* signs, const Geometry& g, float* u) {
+// Band `band` (kBandTiles * 16 output rows) of U for every row of the tables.
+void sign_gemv_band(const at::Tensor& tables, const int32_t* signs, const Geometry& g, int64_t band, float* u) {
   const TableLayout& layout = gemv_table_layout();
   const int64_t rows = tables.size(0);
   const int64_t table_stride = tables.size(1);
   const float* tab = tables.const_data_ptr<float>();
-  constexpr int64_t kBandRows = kBandTiles * kTileRows;
-  const int64_t bands = (g.out + kBandRows - 1) / kBandRows;
+  const int64_t i0 = band * kBandRows, i1 = std::min(g.out, i0 + kBandRows);
 #if BLOCKOPS_X86_DISPATCH
   const bool avx512 = cpu_has_avx512_vnni(), avx2 = cpu_has_avx2_fma();
-#endif
-  at::parallel_for(0, bands, grain(kBandRows * g.sign_words() * kSignsPerWord * rows), [&](int64_t begin, int64_t end) {
-    for (int64_t band = begin; band < end; ++band) {
-      const int64_t i0 = band * kBandRows, i1 = std::min(g.out, i0 + kBandRows);
-#if BLOCKOPS_X86_DISPATCH
-      if (avx512 && rows > 1) {
-        const int tiles = static_cast<int>((i1 - i0) / kTileRows);
-        if (tiles > 0) sign_band_rows_avx512(tab, table_stride, static_cast<int>(rows), signs, g, i0, tiles, u);
-        for (int64_t m = 0; m < rows; ++m) {
-          sign_rows_portable(tab + m * table_stride, layout, signs, g, i0 + tiles * kTileRows, i1, u + m * g.out);
-        }
-        continue;
-      }
-#endif
-      for (int64_t m = 0; m < rows; ++m) {
-        const float* table = tab + m * table_stride;
-        float* um = u + m * g.out;
-        int64_t i = i0;
-#if BLOCKOPS_X86_DISPATCH
-        if (avx512) {
-          if (i1 - i == kBandRows) {
-            sign_band_avx512<kBandTiles>(table, signs, g, i, um);
-            i += kBandRows;
-          }
-          for (; i + kTileRows <= i1; i += kTileRows) sign_band_avx512<1>(table, signs, g, i, um);
-        } else if (avx2) {
-          for (; i + 32 <= i1; i += 32) sign_band_avx2<4>(table, signs, g, i, um);
-          for (; i + 8 <= i1; i += 8) sign_band_avx2<1>(table, signs, g, i, um);
-        }
-#endif
-        sign_rows_portable(table, layout, signs, g, i, i1, um);
-      }
+  if (avx512 && rows > 1) {
+    const int tiles = static_cast<int>((i1 - i0) / kTileRows);
+    if (tiles > 0) sign_band_rows_avx512(tab, table_stride, static_cast<int>(rows), signs, g, i0, tiles, u);
+    for (int64_t m = 0; m < rows; ++m) {
+      sign_rows_portable(tab + m * table_stride, layout, signs, g, i0 + tiles * kTileRows, i1, u + m * g.out);
     }
-  });
+    return;
+  }
+#endif
+  for (int64_t m = 0; m < rows; ++m) {
+    const float* table = tab + m * table_stride;
+    float* um = u + m * g.out;
+    int64_t i = i0;
+#if BLOCKOPS_X86_DISPATCH
+    if (avx512) {
+      if (i1 - i == kBandRows) {
+        sign_band_avx512<kBandTiles>(table, signs, g, i, um);
+        i += kBandRows;
+      }
+      for (; i + kTileRows <= i1; i += kTileRows) sign_band_avx512<1>(table, signs, g, i, um);
+    } else if (avx2) {
+      for (; i + 32 <= i1; i += 32) sign_band_avx2<4>(table, signs, g, i, um);
+      for (; i + 8 <= i1; i += 8) sign_band_avx2<1>(table, signs, g, i, um);
+    }
+#endif
+    sign_rows_portable(table, layout, signs, g, i, i1, um);
+  }
+}
+
+int64_t sign_gemv_bands(const Geometry& g) { return (g.out + kBandRows - 1) / kBandRows; }
+
+void sign_gemv(const at::Tensor& tables, const int32_t* signs, const Geometry& g, float* u) {
+  at::parallel_for(0, sign_gemv_bands(g), grain(kBandRows * g.sign_words() * kSignsPerWord * tables.size(0)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t band = begin; band < end; ++band) sign_gemv_band(tables, signs, g, band, u);
+                   });
 }
 
 // Decodes word rows [w0, w1) of the signs into block [jb, out] fp32 (+1 / -1; 0 for sign(0) entries), jb = the
@@ -395,6 +403,20 @@ void for_each_sign_block(const at::Tensor& signs, const at::Tensor& zero_signs, 
 // blocks), instead of the shuffle kernel's 14-bit activations.
 constexpr int64_t kShuffleMinRows = 4;  // with AVX-512, the table GEMV below this many rows
 
+// The table and shuffle kernels read every stored bit as a sign; this takes the sign(0) entries back out of U.
+void remove_zero_signs(const at::Tensor& plain, const at::Tensor& signs, const at::Tensor& zero_signs,
+                       const Geometry& g, at::Tensor& u) {
+  const int64_t* z = zero_signs.const_data_ptr<int64_t>();
+  const float* x = plain.const_data_ptr<float>();
+  float* um = u.mutable_data_ptr<float>();
+  const int32_t* s = signs.const_data_ptr<int32_t>();
+  for (int64_t e = 0; e < zero_signs.numel(); ++e) {
+    const int64_t j = z[e] / g.out, i = z[e] % g.out;
+    const float b = sign_value(sign_bit(s, g, j, i));
+    for (int64_t m = 0; m < plain.size(0); ++m) um[m * g.out + i] -= b * x[m * plain.size(1) + j];
+  }
+}
+
 at::Tensor sign_dot(const at::Tensor& plain, const at::Tensor& signs, const at::Tensor& zero_signs, const Geometry& g,
                     bool fp32_sums = false) {
   const int64_t rows = plain.size(0);
@@ -410,16 +432,7 @@ at::Tensor sign_dot(const at::Tensor& plain, const at::Tensor& signs, const at::
               u.mutable_data_ptr<float>());
   }
   if (u.defined()) {
-    // The kernels read every stored bit as a sign; take the sign(0) entries back out.
-    const int64_t* z = zero_signs.const_data_ptr<int64_t>();
-    const float* x = plain.const_data_ptr<float>();
-    float* um = u.mutable_data_ptr<float>();
-    const int32_t* s = signs.const_data_ptr<int32_t>();
-    for (int64_t e = 0; e < zero_signs.numel(); ++e) {
-      const int64_t j = z[e] / g.out, i = z[e] % g.out;
-      const float b = sign_value(sign_bit(s, g, j, i));
-      for (int64_t m = 0; m < rows; ++m) um[m * g.out + i] -= b * x[m * plain.size(1) + j];
-    }
+    remove_zero_signs(plain, signs, zero_signs, g, u);
     if (!non_finite.empty()) {
       // A NaN / Inf row on the exact path (the table GEMV or the blocks), so that it is non-finite as F.linear's and
       // every other row is what it is without it.
@@ -508,6 +521,41 @@ at::Tensor dequant_fp64(const at::Tensor& perm, const at::Tensor& qsalient, cons
 // Ops
 // ---------------------------------------------------------------------------------------------------------
 
+// One activation row whose salient part takes lowbit's one-row split-K path (lowbit::RowProduct): both parts in one
+// parallel region, their items (the salient part's pieces, then the binary GEMV's bands) handed out from one counter.
+// Through the dispatcher the salient part was a second region: the worker waited while the main thread ran that
+// op's set-up, and each region's static split left one thread idle at its end (perf, AVX2 path, 4096 x 4096: the
+// worker idle a third of the call). Results as on the two-region path: the same kernels, each item's output its own.
+// False (nothing done) where the salient part would not take that path.
+bool linear_one_row(const Gathered& xg, const at::Tensor& qsalient, const at::Tensor& signs,
+                    const at::Tensor& zero_signs, const Factors& f, const Geometry& g, at::Tensor& u, at::Tensor& y) {
+  const SalientParams p = salient_params(f, g);
+  const lowbit::Geometry lg{g.salient_padded(), g.out, kSalientBits, static_cast<int>(p.group_size)};
+  if (!lowbit::RowProduct::applies(lg)) return false;
+  TORCH_INTERNAL_ASSERT(lowbit::valid_geometry(lg));
+  const lowbit::RowProduct salient(xg.salient, qsalient, p.scales, p.zeros, lg);
+  one_region_counter.hit();
+  const at::Tensor tables = g.plain() > 0 ? build_tables(xg.plain, g, gemv_table_layout()) : at::Tensor();
+  u = g.plain() > 0 ? at::empty({1, g.out}, xg.plain.options()) : at::zeros({1, g.out}, xg.plain.options());
+  float* up = u.mutable_data_ptr<float>();
+  const int32_t* s = signs.const_data_ptr<int32_t>();
+  const int64_t pieces = salient.pieces(), items = pieces + (g.plain() > 0 ? sign_gemv_bands(g) : 0);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t item = next++; item < items; item = next++) {
+      if (item < pieces) {
+        salient.run(item);
+      } else {
+        sign_gemv_band(tables, s, g, item - pieces, up);
+      }
+    }
+  });
+  y = at::empty({1, g.out}, xg.plain.options());
+  salient.finish(y.mutable_data_ptr<float>());
+  if (g.plain() > 0) remove_zero_signs(xg.plain, signs, zero_signs, g, u);
+  return true;
+}
+
 at::Tensor ptq161_linear_cpu(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& qsalient,
                              const at::Tensor& salient_scale, const at::Tensor& salient_zero, const at::Tensor& signs,
                              const at::Tensor& zero_signs, const at::Tensor& alpha, const at::Tensor& mu,
@@ -531,9 +579,12 @@ at::Tensor ptq161_linear_cpu(const at::Tensor& x, const at::Tensor& perm, const 
   const int64_t rows = ln.rows;
   const at::Tensor& x32 = ln.x32;
   const Gathered xg = gather(x32, perm, f.r2, g, false);
-  const at::Tensor u = sign_dot(xg.plain, signs, zero_signs, g);
-  at::Tensor y = g.salient > 0 ? lowbit_linear(xg.salient, qsalient, salient_params(f, g))
-                               : at::zeros({rows, g.out}, x32.options());
+  at::Tensor u, y;
+  if (rows != 1 || g.salient == 0 || !linear_one_row(xg, qsalient, signs, zero_signs, f, g, u, y)) {
+    u = sign_dot(xg.plain, signs, zero_signs, g);
+    y = g.salient > 0 ? lowbit_linear(xg.salient, qsalient, salient_params(f, g))
+                      : at::zeros({rows, g.out}, x32.options());
+  }
   // y += r1 (alpha U + mu V) + bias, one pass.
   const float* up = u.const_data_ptr<float>();
   const float* vp = xg.plain_sum.const_data_ptr<float>();

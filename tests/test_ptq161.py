@@ -237,8 +237,11 @@ def test_every_cpu_code_path_matches(isa):
         "    x = torch.randn(rows, 333)\n"
         "    err = scaled_error(ptq161.ptq161_linear(x, *args_of(tensors), s), x.double() @ dense.double().t(), x, dense)\n"
         "    assert err < 5e-5, (rows, err)\n"
+        "counts = blockops.kernel_call_counts()\n"
         "if blockops.build_info()['cpu_families']['ptq161'] == 'avx2+fma':\n"
-        "    assert blockops.kernel_call_counts()['ptq161_sign_shuffle.cpu'] == 3\n"
+        "    assert counts['ptq161_sign_shuffle.cpu'] == 3\n"
+        # one row: both parts in one parallel region on AVX2 (the salient part on lowbit's split-K kernels)
+        "assert counts['ptq161_linear_one_region.cpu'] == (0 if blockops.build_info()['cpu_isa_path'] == 'portable' else 1), counts\n"
         "from blockops.reference import ref_ptq161_linear\n"   # the factors' gradients keep fp32 sums (1e-5)
         "alpha = tensors['alpha'].clone().requires_grad_()\n"
         "x, gy = torch.randn(6, 333), torch.randn(6, 300)\n"
