@@ -705,9 +705,10 @@ void gemv(const GemvArgs& a, int64_t rows) {
 // (row, group) (xstep [rows, groups]). The slots of group grp are the packed rows touching it,
 // grp * g / p .. ceil((grp + 1) * g / p); inputs of another group in them are 0. With 2/4 bits p divides g, so a
 // group's slots are exactly its rows; 3-bit rows (10 inputs) can straddle two groups and then sit in both, with
-// complementary halves zeroed.
+// complementary halves zeroed. Also the per-(row, group) sums of x (xsum [rows, groups], summed in order in the same
+// pass as the groups' peaks: a reduction op of its own cost a few microseconds a call at one row).
 void prepare_fixed_point(const at::Tensor& x32, const Geometry& g, at::Tensor& xpairs, at::Tensor& group_slot,
-                         at::Tensor& xstep, at::Tensor* xbytes = nullptr) {
+                         at::Tensor& xstep, at::Tensor& xsum, at::Tensor* xbytes = nullptr) {
   const int64_t rows = x32.size(0), gs = g.group_size;
   const int per = g.per_word(), half = per / 2;
   group_slot = at::empty({g.groups() + 1}, x32.options().dtype(at::kLong));
@@ -716,9 +717,11 @@ void prepare_fixed_point(const at::Tensor& x32, const Geometry& g, at::Tensor& x
   for (int64_t grp = 0; grp < g.groups(); ++grp) slot[grp + 1] = slot[grp] + ((grp + 1) * gs + per - 1) / per - grp * gs / per;
   xpairs = at::empty({rows, slot[g.groups()], half}, x32.options().dtype(at::kInt));
   xstep = at::empty({rows, g.groups()}, x32.options());
+  xsum = at::empty({rows, g.groups()}, x32.options());
   const float* x = x32.const_data_ptr<float>();
   int32_t* pairs = xpairs.mutable_data_ptr<int32_t>();
   float* steps = xstep.mutable_data_ptr<float>();
+  float* sums = xsum.mutable_data_ptr<float>();
   int32_t* bytes = nullptr;
   if (xbytes != nullptr) {   // one row, 2-bit: [words][4 steps][high, low]
     *xbytes = at::empty({g.words(), 4, 2}, x32.options().dtype(at::kInt));
@@ -732,8 +735,20 @@ void prepare_fixed_point(const at::Tensor& x32, const Geometry& g, at::Tensor& x
       const int64_t pass_base = pass_m0 * slot[g.groups()] * half;
       const float* xm = x + m * g.in;
       for (int64_t grp = 0; grp < g.groups(); ++grp) {
-        float peak = 0.f;
-        for (int64_t k = grp * gs; k < (grp + 1) * gs; ++k) peak = std::max(peak, std::abs(xm[k]));
+        // 8 lanes each (groups are multiples of 16 inputs), so that the compiler vectorizes both.
+        float peaks[8] = {}, parts[8] = {};
+        for (int64_t k = grp * gs; k < (grp + 1) * gs; k += 8) {
+          for (int l = 0; l < 8; ++l) {
+            peaks[l] = std::max(peaks[l], std::abs(xm[k + l]));
+            parts[l] += xm[k + l];
+          }
+        }
+        float peak = 0.f, sum = 0.f;
+        for (int l = 0; l < 8; ++l) {
+          peak = std::max(peak, peaks[l]);
+          sum += parts[l];
+        }
+        sums[m * g.groups() + grp] = sum;
         const float step = peak > 0.f ? peak / kFixedMax : 1.f;
         steps[m * g.groups() + grp] = step;
         for (int64_t k = grp * gs; k < (grp + 1) * gs; ++k) {
@@ -857,11 +872,14 @@ GemvInputs prepare_gemv(const at::Tensor& x32, const at::Tensor& qweight, const 
   GemvInputs in;
   const int64_t rows = x32.size(0);
   in.x32 = x32;
-  in.xsum = x32.view({rows, g.groups(), g.group_size}).sum(-1).contiguous();
   // The 2-bit byte kernel: one row, AVX2 without VNNI (vpdpwssd does the int16 steps in one instruction each),
   // groups of up to 128 inputs (its int16 sums' bound).
   const bool byte_kernel = fixed_point && rows == 1 && g.bits == 2 && g.group_size <= 128 && !cpu_has_avx512_vnni();
-  if (fixed_point) prepare_fixed_point(x32, g, in.xpairs, in.group_slot, in.xstep, byte_kernel ? &in.xbytes : nullptr);
+  if (fixed_point) {
+    prepare_fixed_point(x32, g, in.xpairs, in.group_slot, in.xstep, in.xsum, byte_kernel ? &in.xbytes : nullptr);
+  } else {
+    in.xsum = x32.view({rows, g.groups(), g.group_size}).sum(-1).contiguous();
+  }
   const bool need_f32 = !fixed_point || g.out % kTileCols != 0;
   if (need_f32) {
     in.s32 = contiguous_fp32(scales);
