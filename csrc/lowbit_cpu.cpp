@@ -601,7 +601,7 @@ class SplitKRow {
   // Piece `piece` into its partial output; distinct pieces may run at once.
   void run(int64_t piece) const {
     // Sums carried between row blocks of a long group (not zero-filled: written before they are read).
-    const auto acc = std::make_unique_for_overwrite<int32_t[]>(static_cast<size_t>(long_groups_ ? width() : 0));
+    const auto acc = long_groups_ ? std::make_unique_for_overwrite<int32_t[]>(static_cast<size_t>(width())) : nullptr;
     const int64_t grp0 = piece * per_piece_, grp1 = std::min(a_.g.groups(), grp0 + per_piece_);
     float* y = partial_.get() + piece * width();
     const int tiles = static_cast<int>(tiles_);
@@ -705,8 +705,8 @@ void gemv(const GemvArgs& a, int64_t rows) {
 // (row, group) (xstep [rows, groups]). The slots of group grp are the packed rows touching it,
 // grp * g / p .. ceil((grp + 1) * g / p); inputs of another group in them are 0. With 2/4 bits p divides g, so a
 // group's slots are exactly its rows; 3-bit rows (10 inputs) can straddle two groups and then sit in both, with
-// complementary halves zeroed. Also the per-(row, group) sums of x (xsum [rows, groups], summed in order in the same
-// pass as the groups' peaks: a reduction op of its own cost a few microseconds a call at one row).
+// complementary halves zeroed. Also the per-(row, group) sums of x (xsum [rows, groups], summed in 8 lanes in the
+// pass that finds the groups' peaks: a reduction op of its own cost a few microseconds a call at one row).
 void prepare_fixed_point(const at::Tensor& x32, const Geometry& g, at::Tensor& xpairs, at::Tensor& group_slot,
                          at::Tensor& xstep, at::Tensor& xsum, at::Tensor* xbytes = nullptr) {
   const int64_t rows = x32.size(0), gs = g.group_size;
@@ -1046,21 +1046,16 @@ at::Tensor quant_grad_scales_cpu(const at::Tensor& t, const at::Tensor& qweight,
 
 }  // namespace
 
-// RowProduct (lowbit_cpu.h): the inputs prepare_gemv makes and the split-K plan over them, kept together.
+// RowProduct (lowbit_cpu.h): the inputs prepare_gemv makes and the split-K plan over them, kept together. Without
+// the x86 kernels nothing applies, so callers never construct one.
+#if BLOCKOPS_X86_DISPATCH
 struct RowProduct::State {
   GemvInputs in;
-#if BLOCKOPS_X86_DISPATCH
   std::unique_ptr<SplitKRow> split;
-#endif
 };
 
 bool RowProduct::applies(const Geometry& g) {
-#if BLOCKOPS_X86_DISPATCH
   return cpu_has_avx2_fma() && g.group_size <= kCpuFixedPointMaxGroup && g.out >= kTileCols;
-#else
-  (void)g;
-  return false;
-#endif
 }
 
 RowProduct::RowProduct(const at::Tensor& x32, const at::Tensor& qweight, const at::Tensor& scales,
@@ -1070,31 +1065,14 @@ RowProduct::RowProduct(const at::Tensor& x32, const at::Tensor& qweight, const a
                         x32.is_contiguous());
   linear_counter.hit();  // a quant_linear product, run by another family's op
   state_->in = prepare_gemv(x32, qweight, scales, zeros, g, /*fixed_point=*/true, /*y=*/nullptr);
-#if BLOCKOPS_X86_DISPATCH
   state_->split = std::make_unique<SplitKRow>(state_->in.args);
-#endif
 }
 
-RowProduct::~RowProduct() = default;
+int64_t RowProduct::pieces() const { return state_->split->pieces(); }
 
-int64_t RowProduct::pieces() const {
-#if BLOCKOPS_X86_DISPATCH
-  return state_->split->pieces();
-#else
-  return 0;
-#endif
-}
-
-void RowProduct::run(int64_t piece) const {
-#if BLOCKOPS_X86_DISPATCH
-  state_->split->run(piece);
-#else
-  (void)piece;
-#endif
-}
+void RowProduct::run(int64_t piece) const { state_->split->run(piece); }
 
 void RowProduct::finish(float* y) const {
-#if BLOCKOPS_X86_DISPATCH
   state_->split->sum(y, 0, state_->split->width());
   GemvArgs a = state_->in.args;
   a.y = y;
@@ -1103,10 +1081,19 @@ void RowProduct::finish(float* y) const {
     case 3: gemv_partial_tile<3>(a, 1); break;
     default: gemv_partial_tile<4>(a, 1); break;
   }
-#else
-  (void)y;
-#endif
 }
+#else
+struct RowProduct::State {};
+bool RowProduct::applies(const Geometry&) { return false; }
+RowProduct::RowProduct(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const Geometry&) {
+  TORCH_INTERNAL_ASSERT(false, "lowbit::RowProduct: this build has no x86 fixed-point kernels");
+}
+int64_t RowProduct::pieces() const { return 0; }
+void RowProduct::run(int64_t) const {}
+void RowProduct::finish(float*) const {}
+#endif
+
+RowProduct::~RowProduct() = default;
 
 TORCH_LIBRARY_IMPL(blockops, CPU, m) {
   m.impl("quant_linear", &quant_linear_cpu);

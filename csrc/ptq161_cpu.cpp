@@ -305,9 +305,8 @@ const TableLayout& gemv_table_layout() {
   return kNibbleTables;
 }
 
-// U [rows, out] for few rows: tasks take bands of kBandTiles * 16 output rows; the rows left over at the end
+// Band `band` (kBandTiles * 16 output rows) of U for every row of the tables; the rows left over at the band's end
 // (out % 16, or all of them without AVX2) take the portable loop.
-// Band `band` (kBandTiles * 16 output rows) of U for every row of the tables.
 void sign_gemv_band(const at::Tensor& tables, const int32_t* signs, const Geometry& g, int64_t band, float* u) {
   const TableLayout& layout = gemv_table_layout();
   const int64_t rows = tables.size(0);
@@ -347,6 +346,7 @@ void sign_gemv_band(const at::Tensor& tables, const int32_t* signs, const Geomet
 
 int64_t sign_gemv_bands(const Geometry& g) { return (g.out + kBandRows - 1) / kBandRows; }
 
+// U [rows, out] for few rows: tasks take bands.
 void sign_gemv(const at::Tensor& tables, const int32_t* signs, const Geometry& g, float* u) {
   at::parallel_for(0, sign_gemv_bands(g), grain(kBandRows * g.sign_words() * kSignsPerWord * tables.size(0)),
                    [&](int64_t begin, int64_t end) {
