@@ -6,6 +6,9 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <atomic>
+#include <cstdint>
+
 #include "dtype.h"
 #include "macros.h"
 
@@ -21,6 +24,17 @@ template <DType T> using cpu_element_t = typename cpu_element<T>::type;
 inline float to_float(float v) { return v; }
 inline float to_float(c10::Half v) { return static_cast<float>(v); }
 inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
+
+// Spins until counter >= target: the barrier between two phases of one parallel region whose items are handed out
+// from shared counters (every thread that took an item of the first phase finishes it without waiting, so this
+// never waits on a thread that is itself waiting).
+inline void spin_until_at_least(const std::atomic<int64_t>& counter, int64_t target) {
+  while (counter.load(std::memory_order_acquire) < target) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+  }
+}
 
 }  // namespace blockops
 

@@ -11,6 +11,7 @@
 #include <memory>
 #include <vector>
 
+#include "cpu_common.h"
 #include "vq_cpu.h"
 
 namespace blockops::vq {
@@ -178,24 +179,16 @@ BuildFn pick_build(bool avx2, int64_t d, int64_t rp) {
   }
 }
 
-// All tables, [padded][k][rp] (position-major, see above); tasks take whole words of W positions.
-void build_tables(bool avx2, const float* x, const float* cb32, const Geometry& g, int64_t rows, const TablePlan& t,
-                  int64_t per_word, float* lut) {
-  std::vector<float> cbt;  // [K][d][k], for the single-row tables
+// The single-row build reads the codebooks transposed to [K][d][k] (empty for more rows).
+std::vector<float> build_codebooks(const float* cb32, const Geometry& g, const TablePlan& t) {
+  std::vector<float> cbt;
   if (t.rp == 1) {
     cbt.resize(static_cast<size_t>(g.K * g.d * g.k));
     for (int64_t kk = 0; kk < g.K; ++kk)
       for (int64_t c = 0; c < g.k; ++c)
         for (int64_t i = 0; i < g.d; ++i) cbt[(kk * g.d + i) * g.k + c] = cb32[(kk * g.k + c) * g.d + i];
   }
-  const float* cbt_p = cbt.data();
-  const BuildFn build = pick_build(avx2, g.d, t.rp);
-  // At least kBuildGrain multiply-adds per task: a small build (a few hundred microseconds at most) runs on the
-  // calling thread, sparing a parallel region whose wake-up costs milliseconds on a shared CPU.
-  const int64_t per_word_work = std::max<int64_t>(1, per_word * g.k * g.d * rows);
-  at::parallel_for(0, t.padded / per_word, std::max<int64_t>(1, kBuildGrain / per_word_work), [&](int64_t w0, int64_t w1) {
-    build(x, cb32, cbt_p, g, rows, per_word, w0, w1, lut);
-  });
+  return cbt;
 }
 
 struct GatherArgs {
@@ -217,7 +210,10 @@ __attribute__((always_inline)) inline void gather_rows(const CodeT* codes, int64
                                                        int64_t table_runtime, float* acc) {
   using V = typename Lanes<RP>::type;
   constexpr int kPerWord = 8;                        // positions per step: padded is a multiple of 8
-  constexpr int kSums = R == 1 ? 8 : 2;              // sums per row: 8 chains in flight either way
+  // Two sums per row whatever R, so that a row's sum order does not depend on whether it was gathered with 3 others
+  // or alone (the rows past a tile's last group of 4: tiles, and so those rows, depend on the thread count; with 8
+  // sums for a lone row the result did, on the AVX2 path).
+  constexpr int kSums = 2;
   const int64_t table = kK > 0 ? int64_t{kK} * RP : table_runtime;
   V s[R][kSums] = {};
   // `tables` advances as a pointer of its own, so that each lookup's address is one register plus the code times
@@ -431,7 +427,12 @@ uint32_t lut_gemv(bool avx2, const float* x, const void* codes, CodeType type, c
   const int64_t guard = type == CodeType::kU8 ? std::max<int64_t>(0, 256 - g.k) * t.rp : 0;
   at::Tensor lut = at::empty({tables + guard}, at::TensorOptions().dtype(at::kFloat));
   std::fill(lut.mutable_data_ptr<float>() + tables, lut.mutable_data_ptr<float>() + tables + guard, 0.f);
-  build_tables(avx2, x, cb32, g, rows, t, 8 / code_bytes, lut.mutable_data_ptr<float>());
+  const std::vector<float> cbt = build_codebooks(cb32, g, t);
+  const BuildFn build = pick_build(avx2, g.d, t.rp);
+  const int64_t per_word = 8 / code_bytes, words = t.padded / per_word;
+  // Words of tables per hand-out: about kBuildGrain / 16 multiply-adds (some 20 us), so that the threads share it.
+  const int64_t words_per_task =
+      std::max<int64_t>(1, kBuildGrain / 16 / std::max<int64_t>(1, per_word * g.k * g.d * rows));
   const GatherArgs a{lut.const_data_ptr<float>(), codes, scales, y, g, t, rows};
   const GatherFn gather = pick_gather(avx2, type, g.k, t.rp);
   // Tiles handed out in order from a shared counter rather than one fixed range per thread: on a shared CPU a
@@ -440,9 +441,18 @@ uint32_t lut_gemv(bool avx2, const float* x, const void* codes, CodeType type, c
   const int64_t threads = at::get_num_threads();
   const int64_t tile = std::min(t.tile, std::max<int64_t>(64, (g.out + kTilesPerThread * threads - 1) /
                                                                   (kTilesPerThread * threads)));
-  std::atomic<int64_t> next_tile{0};
+  std::atomic<int64_t> next_word{0}, built{0}, next_tile{0};
   std::atomic<uint64_t> seen{0};
+  // One region: the tables' words first (every thread), then, once all are built, the tiles. Built in a region of
+  // its own or on the calling thread, the other thread waited through it (perf, AVX2 path, 2-bit 4096 x 11008,
+  // one row: the worker idle 12% of the call).
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t w0 = next_word.fetch_add(words_per_task); w0 < words; w0 = next_word.fetch_add(words_per_task)) {
+      const int64_t w1 = std::min(words, w0 + words_per_task);
+      build(x, cb32, cbt.data(), g, rows, per_word, w0, w1, lut.mutable_data_ptr<float>());
+      built += w1 - w0;
+    }
+    spin_until_at_least(built, words);
     // Not zero-filled: staging writes every byte before it is read.
     const auto staged = std::make_unique_for_overwrite<uint8_t[]>(static_cast<size_t>(tile * t.padded * code_bytes));
     std::vector<float> acc(static_cast<size_t>(tile * t.rp));
