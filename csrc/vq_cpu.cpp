@@ -13,7 +13,9 @@
 //                  AVX-512 VBMI CPU, the tables are split into byte planes and looked up 64 output rows at a
 //                  time by register permutes instead ("byte planes", sketch in vq_cpu_byte_planes.cpp): exact fp32
 //                  tables (four planes) for fp32 activations, int16 tables (two planes) for fp16 / bf16 ones, which
-//                  also take 9..32 rows of layers with at least 256 outputs (use_byte_planes).
+//                  also take 9..32 rows of layers with at least 256 outputs (use_byte_planes). On AVX2 CPUs, k <= 64
+//                  and one or two rows, int16 tables in up to four 16-entry sub-tables, 32 output rows per register
+//                  shuffle; a row holding a NaN or infinity falls back to the (exact) lookup table.
 //
 //   direct:        each task dequantizes one weight row at a time into fp32 and dots it with every
 //                  activation row (no table: the choice when k is large relative to out).
@@ -222,15 +224,14 @@ at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
   const at::Tensor cb32 = contiguous_fp32(codebooks);
   const std::vector<float> s = scale_vector(scales, g.out);
   at::Tensor y32 = at::empty({rows, g.out}, x32.options());
-  if (planes) {
-#if BLOCKOPS_X86_DISPATCH
+  const int largest = planes ? plane_gemv(x32.const_data_ptr<float>(), static_cast<const uint8_t*>(codes.const_data_ptr()),
+                                          cb32.const_data_ptr<float>(), s.data(), g, rows, x.scalar_type() == at::kFloat,
+                                          y32.mutable_data_ptr<float>())
+                               : -1;
+  if (largest >= 0) {
     byte_planes_counter.hit();
-    const uint8_t largest = plane_gemv(x32.const_data_ptr<float>(), static_cast<const uint8_t*>(codes.const_data_ptr()),
-                                       cb32.const_data_ptr<float>(), s.data(), g, rows, x.scalar_type() == at::kFloat,
-                                       y32.mutable_data_ptr<float>());
     if (largest >= g.k) check_code_range(kLinear, codes, w);  // raises, naming the first code out of range
-#endif
-  } else if (table) {
+  } else if (planes || table) {
     // Passes of balanced size, at most kCpuSmallBatchRows rows each.
     const int64_t passes = (rows + kCpuSmallBatchRows - 1) / kCpuSmallBatchRows;
     const int64_t per_pass = (rows + passes - 1) / passes;

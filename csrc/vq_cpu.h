@@ -1,7 +1,7 @@
 // What the pieces of the vq family's CPU kernels share (internal: include only from csrc/vq_cpu*.cpp):
 //   vq_cpu.cpp              the CPU glue (ops, counters) with the dequantize, direct-dot and blocked-GEMM paths
 //   vq_cpu_lut.cpp          small batches: the lookup-table GEMV (fp32 tables, any code dtype)
-//   vq_cpu_byte_planes.cpp  small batches, uint8 codes, AVX-512 VBMI: the tables in byte planes
+//   vq_cpu_byte_planes.cpp  small batches, uint8 codes: the tables in byte planes (AVX-512 VBMI; AVX2 for k <= 64)
 // Layout, numerics and the table-or-direct rule (use_lookup_table, kCpuSmallBatchRows) are vq.h's.
 #pragma once
 #include <cstdint>
@@ -23,12 +23,15 @@ uint32_t lut_gemv(bool avx2, const float* x, const void* codes, CodeType type, c
                   const Geometry& g, int64_t rows, float* y);
 
 // Whether vq_linear takes the byte-plane kernel for these weights and rows (fp32_x: fp32 activations, which need
-// exact tables). Always false without BLOCKOPS_X86_DISPATCH or an AVX-512 VBMI CPU.
+// exact tables on AVX-512 VBMI). Always false without BLOCKOPS_X86_DISPATCH; on CPUs without VBMI, true only for
+// AVX2 and k <= 64 (the sub-table variant).
 bool use_byte_planes(const Geometry& g, CodeType type, bool fp32_x, int64_t rows);
 
-// y = x @ W_hat^T on the byte-plane kernel (only where use_byte_planes; exact: fp32 tables, for fp32 activations).
-// Returns the largest code: codes >= k read zero tables (never out of bounds) and the caller reports them.
-uint8_t plane_gemv(const float* x, const uint8_t* codes, const float* cb32, const float* scales, const Geometry& g,
-                   int64_t rows, bool exact, float* y);
+// y = x @ W_hat^T on the byte-plane kernel (only where use_byte_planes). On AVX-512 VBMI, exact: fp32 tables (for
+// fp32 activations), else int16 tables; on AVX2 always int16 tables. Returns the largest code: codes >= k read zero
+// tables (never out of bounds) and the caller reports them. Returns -1 without writing y where the AVX2 variant's
+// int16 tables cannot hold the activations (a NaN or infinity): the caller runs the exact table kernel instead.
+int plane_gemv(const float* x, const uint8_t* codes, const float* cb32, const float* scales, const Geometry& g,
+               int64_t rows, bool exact, float* y);
 
 }  // namespace blockops::vq

@@ -22,6 +22,25 @@ _ops = torch.ops.blockops
 # to x's dtype; accumulation is fp32).
 TOL = {torch.float32: 2e-7, torch.float16: 2e-4, torch.bfloat16: 2e-3}
 
+# The byte-plane kernel's int16 tables (csrc/vq_cpu_byte_planes.cpp: fp16 / bf16 activations on AVX-512 VBMI; every
+# activation dtype in the AVX2 sub-table variant, which CPUs without VBMI take for uint8 codes, k <= 64, 1-2 rows)
+# round each term by at most 2^-16 of its chunk's largest entry. Checked per output against 2^-13 of the summed
+# magnitudes |x| @ |W_hat|^T (measured: up to 3e-5 of them); an int16 scale off by 0.2% fails.
+INT16_TABLE_ERROR = 2.0 ** -13
+
+
+def plane_calls():
+    return blockops.kernel_call_counts()["vq_linear_byte_planes.cpu"]
+
+
+def assert_within_int16_tables(y, exact, magnitudes, what=""):
+    """y (x's dtype) against the exact result rounded to that dtype: one unit in the last place plus the int16
+    tables' allowance of the summed magnitudes."""
+    dtype = y.dtype
+    ulp = torch.finfo(dtype).eps * exact.abs().to(dtype).double().clamp_min(torch.finfo(dtype).tiny)
+    allowed = ulp + INT16_TABLE_ERROR * magnitudes
+    assert ((y.double() - exact.to(dtype).double()).abs() <= allowed).all(), what
+
 
 def make_weights(out, groups, K, k, d, code_dtype=None, cb_dtype=torch.float32, scales=True, seed=0):
     """Random codes over the whole range [0, k) (int16 codes >= 32768 stored negative) and codebooks."""
@@ -79,13 +98,19 @@ def test_linear_matches_reference(case):
     gen = torch.Generator().manual_seed(100 + i)
     for rows in (1, 3, 4, 8, 33, 300):
         x = torch.randn(rows, groups * d, generator=gen).to(x_dtype)
+        before = plane_calls()
         with kernel_ran("vq_linear", "cpu"):
             y = vq.vq_linear(x, codes, codebooks, scales, bias)
         ref = ref_vq_linear(x, codes, codebooks, scales, bias).float()
         assert y.dtype == x_dtype and y.shape == (rows, out)
+        magnitudes = x.double().abs() @ ref_w.double().abs().t()
+        if x_dtype == torch.float32 and plane_calls() > before and not HAS_VBMI_PLANES:  # AVX2 sub-table kernel
+            exact = x.double() @ ref_w.double().t() + (bias.double() if bias is not None else 0)
+            assert_within_int16_tables(y, exact, magnitudes, f"rows={rows}")
+            continue
         # Relative to the size of the terms summed (|x| @ |W_hat|^T): a single output (out = 1, batch 1) can
         # cancel to nearly zero, which would make the plain relative error meaningless.
-        err = ((y.double() - ref.double()).abs().mean() / (x.double().abs() @ ref_w.double().abs().t()).mean()).item()
+        err = ((y.double() - ref.double()).abs().mean() / magnitudes.mean()).item()
         assert err <= TOL[x_dtype], f"rows={rows}: relative error {err:.3g} ({x_dtype})"
     with kernel_ran("vq_dequantize", "cpu"):
         w = vq.vq_dequantize(codes, codebooks, scales)
@@ -123,9 +148,14 @@ def test_lookup_table_every_row_count(case):
     for rows in list(range(1, 10)) + [17, 32, 33]:
         assert (rows == 33) != uses_lookup_table(out, groups, K, k, d, rows), "case no longer takes the table kernel"
         x = torch.randn(rows, groups * d, generator=gen)
+        before = plane_calls()
         with kernel_ran("vq_linear", "cpu"):
             y = vq.vq_linear(x, codes, codebooks, scales, bias)
         ref = x.double() @ w.t() + bias.double()
+        if plane_calls() > before and not HAS_VBMI_PLANES:  # 1-2 rows, k <= 64: the AVX2 sub-table kernel
+            assert rows <= 2 and k <= 64
+            assert_within_int16_tables(y, ref, x.double().abs() @ w.abs().t(), f"rows={rows}")
+            continue
         err = ((y.double() - ref).abs().mean() / (x.double().abs() @ w.abs().t()).mean()).item()
         assert err <= TOL[torch.float32], f"rows={rows}: relative error {err:.3g}"
 
@@ -135,10 +165,10 @@ def test_lookup_table_every_row_count(case):
 # transpose blocks; k = 64, 128, 200 leave table entries past k (never indexed); k = 256 uses the code's top bit.
 PLANE_CASES = [(300, 37, 1, 256, 4), (257, 5, 2, 64, 8), (700, 64, 1, 200, 2), (190, 33, 1, 128, 4),
                (769, 70, 2, 256, 4), (1000, 185, 1, 256, 2)]
-HAS_BYTE_PLANES = "avx512-vbmi" in blockops.build_info()["cpu_families"]["vq"]
+HAS_VBMI_PLANES = "avx512-vbmi" in blockops.build_info()["cpu_families"]["vq"]
 
 
-@pytest.mark.skipif(not HAS_BYTE_PLANES, reason="the byte-plane kernel needs an AVX-512 VBMI CPU")
+@pytest.mark.skipif(not HAS_VBMI_PLANES, reason="the byte-plane kernel needs an AVX-512 VBMI CPU")
 @pytest.mark.parametrize("case", PLANE_CASES, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_byte_plane_kernel(case, dtype):
@@ -168,7 +198,7 @@ def test_byte_plane_kernel(case, dtype):
         assert ((y.double() - exact.to(dtype).double()).abs() <= allowed).all(), f"rows={rows}"
 
 
-@pytest.mark.skipif(not HAS_BYTE_PLANES, reason="the byte-plane kernel needs an AVX-512 VBMI CPU")
+@pytest.mark.skipif(not HAS_VBMI_PLANES, reason="the byte-plane kernel needs an AVX-512 VBMI CPU")
 def test_byte_plane_kernel_domain():
     """Taken up to 8 rows (where a table beats the direct kernel) and, for fp16 / bf16 activations, up to 32 rows
     on layers of a whole 256-row tile; int16 codes, 33 rows, fp32 beyond 8 rows and small layers beyond 8 rows
@@ -191,7 +221,7 @@ def test_byte_plane_kernel_domain():
     assert blockops.kernel_call_counts()["vq_linear_byte_planes.cpu"] == before + 1
 
 
-@pytest.mark.skipif(not HAS_BYTE_PLANES, reason="the byte-plane kernel needs an AVX-512 VBMI CPU")
+@pytest.mark.skipif(not HAS_VBMI_PLANES, reason="the byte-plane kernel needs an AVX-512 VBMI CPU")
 def test_byte_plane_kernel_reports_codes_out_of_range():
     """The byte-plane kernel checks the code range on its own pass over the codes (its tables are 256 wide, so a
     code >= k reads zeros, never out of bounds): the same error as the other kernels, naming the code."""
@@ -203,7 +233,7 @@ def test_byte_plane_kernel_reports_codes_out_of_range():
     assert blockops.kernel_call_counts()["vq_linear_byte_planes.cpu"] == before + 1
 
 
-@pytest.mark.skipif(not HAS_BYTE_PLANES, reason="the byte-plane kernel needs an AVX-512 VBMI CPU")
+@pytest.mark.skipif(not HAS_VBMI_PLANES, reason="the byte-plane kernel needs an AVX-512 VBMI CPU")
 def test_byte_plane_scales_follow_outlier_activations():
     """One activation group 1000x larger than the rest: only the 16 positions sharing its int16 scale lose
     resolution, so the result stays as accurate as the fp32 kernel's rounded to bf16."""
@@ -218,7 +248,7 @@ def test_byte_plane_scales_follow_outlier_activations():
     assert rel_error(y, exact) <= 1.05 * rel_error(rounded, exact) + 1e-6
 
 
-@pytest.mark.skipif(not HAS_BYTE_PLANES, reason="the byte-plane kernel needs an AVX-512 VBMI CPU")
+@pytest.mark.skipif(not HAS_VBMI_PLANES, reason="the byte-plane kernel needs an AVX-512 VBMI CPU")
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_byte_plane_kernel_propagates_nan_and_inf(bad):
     """A NaN or infinite activation cannot live in the int16 tables: its row of outputs is NaN (F.linear gives NaN
@@ -230,6 +260,79 @@ def test_byte_plane_kernel_propagates_nan_and_inf(bad):
         y = vq.vq_linear(x, codes, codebooks, scales)
     assert y[1].isnan().all() and torch.isfinite(y[[0, 2]]).all()
     torch.testing.assert_close(y[[0, 2]], vq.vq_linear(x[[0, 2]], codes, codebooks, scales), rtol=0, atol=0)
+
+
+# The AVX2 sub-table variant of the byte-plane kernel (CPUs without AVX-512 VBMI: uint8 codes, k <= 64, one or two
+# activation rows): (out, groups, K, k, d). k = 16, 32, 40, 64 take one to four 16-entry sub-tables (40: entries past
+# k in the third); out = 300, 700, 257, 769, 1100 leave partial 32-row groups; P = 5 and 26 are shorter than one
+# 32-position transpose half, 140 and 8190 are not whole 64-position blocks; 8190 positions span many blocks.
+SUB_TABLE_CASES = [(300, 5, 1, 16, 2), (257, 13, 2, 64, 8), (700, 140, 1, 40, 2), (769, 70, 2, 32, 4),
+                   (1100, 4095, 2, 64, 4)]
+
+
+def sub_table_checks():
+    """Run by test_avx2_sub_table_kernel in a BLOCKOPS_CPU_ISA=avx2 process."""
+    assert blockops.build_info()["cpu_families"]["vq"] == "avx2+fma"
+    gen = torch.Generator().manual_seed(13)
+    for out, groups, K, k, d in SUB_TABLE_CASES:
+        what = f"{out}x{groups}x{K}x{k}x{d}"
+        assert uses_lookup_table(out, groups, K, k, d, 1), what
+        codes, codebooks, scales = make_weights(out, groups, K, k, d, cb_dtype=torch.float16, seed=out)
+        w = ref_vq_dequantize(codes, codebooks, scales).double()
+        for dtype, rows in zip(DTYPES, (1, 2, 1)):
+            bias = torch.randn(out, generator=gen).to(dtype)
+            x = torch.randn(rows, groups * d, generator=gen).to(dtype)
+            with kernel_ran("vq_linear_byte_planes", "cpu"):
+                y = vq.vq_linear(x, codes, codebooks, scales, bias)
+            assert y.dtype == dtype and y.shape == (rows, out), what
+            exact = x.double() @ w.t() + bias.double()
+            assert_within_int16_tables(y, exact, x.double().abs() @ w.abs().t(), f"{what} {dtype}")
+        # Threads take 32-row groups whole: the same result for any thread count.
+        x = torch.randn(1, 1, groups * d, generator=gen)
+        torch.set_num_threads(1)
+        one = vq.vq_linear(x, codes, codebooks, scales)
+        torch.set_num_threads(2)
+        assert torch.equal(one, vq.vq_linear(x, codes, codebooks, scales)), what
+        # Three rows take the exact table kernel (each row looks its codes up again here: no faster).
+        before = plane_calls()
+        vq.vq_linear(torch.randn(3, groups * d, generator=gen), codes, codebooks, scales)
+        assert plane_calls() == before, what
+    # A NaN or infinite activation cannot live in int16 tables: the exact table kernel runs instead, so the outputs
+    # are non-finite where F.linear's are (inf times a weight's sign, NaN for NaN).
+    codes, codebooks, scales = make_weights(512, 256, 1, 64, 2, seed=6)
+    w = ref_vq_dequantize(codes, codebooks, scales).double()
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        x = torch.randn(1, 512, generator=gen)
+        x[0, 77] = bad
+        before = plane_calls()
+        with kernel_ran("vq_linear", "cpu"):
+            y = vq.vq_linear(x, codes, codebooks, scales)
+        assert plane_calls() == before
+        ref = x.double() @ w.t()
+        assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isposinf(), ref.isposinf()), bad
+        assert torch.equal(y.isneginf(), ref.isneginf()), bad
+    # Codes past k: 45 < 48 lies inside the third sub-table's entries (zeros), 255 beyond every sub-table; the
+    # kernel runs, then the caller names the code.
+    for k, bad_code in ((40, 45), (64, 255)):
+        codes, codebooks, scales = make_weights(700, 140, 1, k, 2)
+        codes[123, 7, 0] = bad_code
+        before = plane_calls()
+        try:
+            vq.vq_linear(torch.randn(1, 280), codes, codebooks, scales)
+            raise AssertionError("no error")
+        except RuntimeError as e:
+            assert f"code {bad_code} at codes[123, 7, 0] is out of range for a codebook of k = {k}" in str(e), e
+        assert plane_calls() == before + 1
+
+
+def test_avx2_sub_table_kernel():
+    """BLOCKOPS_CPU_ISA=avx2: one or two rows of uint8 codes with k <= 64 take the byte-plane kernel's AVX2 variant
+    (16-entry sub-tables, int16 tables for every activation dtype): every sub-table count, partial row groups and
+    position blocks, fp32 / fp16 (2 rows) / bf16 activations with bias within the int16 tables' bound; the same
+    output for 1 and 2 threads; 3 rows on the table kernel; NaN / inf activations on the exact table kernel; codes
+    past k named."""
+    run_with_cpu_isa("avx2", f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+                             "import test_vq; test_vq.sub_table_checks()")
 
 
 def test_int16_codes_are_unsigned_and_2d_codes():
@@ -370,11 +473,12 @@ def test_grad_codebooks_deterministic_across_threads():
 def test_avx2_table_kernel():
     """BLOCKOPS_CPU_ISA=avx2 (what an AVX2-only CPU runs; on an AVX-512 VBMI machine the uint8 cases would take
     the byte planes): the AVX2 table kernel for uint8 and int16 codes, one pass (1, 3, 8 rows) and passes of
-    balanced size (9, 17, 32), against the fp64 reference."""
+    balanced size (9, 17, 32), against the fp64 reference; one row of uint8 codes with k <= 64 takes the sub-table
+    kernel (test_avx2_sub_table_kernel) and is held to its int16 tables' bound."""
     code = (
         "import sys, torch, blockops\n"
         f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
-        "from test_vq import LUT_CASES, make_weights, uses_lookup_table\n"
+        "from test_vq import LUT_CASES, assert_within_int16_tables, make_weights, plane_calls, uses_lookup_table\n"
         "from blockops.reference import ref_vq_dequantize\n"
         "assert blockops.build_info()['cpu_families']['vq'] == 'avx2+fma'\n"
         "gen = torch.Generator().manual_seed(3)\n"
@@ -384,8 +488,13 @@ def test_avx2_table_kernel():
         "    for rows in (1, 3, 8, 9, 17, 32):\n"
         "        assert uses_lookup_table(out, groups, K, k, d, rows)\n"
         "        x = torch.randn(rows, groups * d, generator=gen)\n"
+        "        before = plane_calls()\n"
         "        y = blockops.ops.vq.vq_linear(x, codes, cb, scales)\n"
         "        ref = x.double() @ w.t()\n"
+        "        if plane_calls() > before:  # uint8, k <= 64, one row: the sub-table kernel\n"
+        "            assert rows == 1 and k <= 64 and dt == torch.uint8\n"
+        "            assert_within_int16_tables(y, ref, x.double().abs() @ w.abs().t())\n"
+        "            continue\n"
         "        err = ((y.double() - ref).abs().max() / (x.double().abs() @ w.abs().t()).max()).item()\n"
         "        assert err < 1e-6, (out, groups, rows, err)\n"
     )

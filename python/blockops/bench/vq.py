@@ -10,8 +10,10 @@ cuBLAS; DiT token counts: no slower) are marked on the rows they concern.
 
 Error check: ``max |y - ref| / max |ref|`` with ``ref = ref_vq_linear`` in fp32 (W_hat decoded in fp32) on the same
 x, codes, codebooks and scales; the reference weight of each weight (``ref_vq_dequantize``) is built once per run,
-timed, and shared by the rows of that weight. Tolerance (``tolerance()``): fp32 outputs 1e-5, tests/test_vq.py's
-contract (exact fp32 tables or decoded fp32 blocks, fp32 accumulation; about 1e-6 measured); fp16/bf16 outputs
+timed, and shared by the rows of that weight. Tolerance (``tolerance()``): fp32 outputs 2e-4, tests/test_vq.py's
+contract: exact fp32 tables or decoded fp32 blocks with fp32 accumulation (about 1e-6 measured), except 1-2 rows of
+k <= 64 codes on CPUs without AVX-512 VBMI, whose sub-table kernel rounds its tables to int16 (4e-5 measured on
+the 3-bit rows; the same 2e-4 as the low-bit 16-bit fixed-point path); fp16/bf16 outputs
 1e-5 + 2 units of the dtype's rounding u: y is rounded once to its dtype (<= u of max |y|), and on the paths that
 round W_hat to x's dtype before the product (bf16 blocks + GEMM on the CPU above the GEMV rows, mma.sync tiles on
 CUDA) that adds a sum of independent roundings, well under u of max |y|; the byte-plane kernel's int16 tables (bf16
@@ -93,7 +95,7 @@ def _weights(c: Config, dtype: torch.dtype):
 
 def tolerance(dtype: torch.dtype) -> float:
     """Largest acceptable max |y - ref| / max |ref| for outputs of `dtype` (see the module docstring)."""
-    return 1e-5 if dtype == torch.float32 else 1e-5 + 2 * unit_roundoff(dtype)
+    return 2e-4 if dtype == torch.float32 else 1e-5 + 2 * unit_roundoff(dtype)
 
 
 QUICK_CUDA = [Config(4096, 11008, 1, "2-bit"), Config(4096, 11008, 1, "aqlm2x8"), Config(1152, 4608, 1024, "2-bit")]
@@ -207,7 +209,8 @@ def _run_cpu(device: str, configs: list[Config], refs: SharedReferences) -> list
             del w
         reference_ms = time_ms(lambda: ref_vq_linear(x32, codes, codebooks, scales), device)
         # Both activation dtypes: fp32 runs the fp32 table kernel, bf16 (small batches, AVX-512 VBMI) the
-        # int16 byte-plane one; each against dense F.linear in fp32 and bf16.
+        # int16 byte-plane one (without VBMI, 1-2 rows of k <= 64 codes take the int16 sub-table kernel with either
+        # dtype); each against dense F.linear in fp32 and bf16.
         for x_dtype in (torch.float32, torch.bfloat16):
             x = x32.to(x_dtype)
             _, w_ref = refs.get(_weight_key(c), lambda: ref_vq_dequantize(codes, codebooks, scales))
