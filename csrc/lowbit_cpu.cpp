@@ -109,6 +109,8 @@ struct GemvArgs {
   const void* scales_native;  // the caller's scales / zeros as stored, read by the fixed-point kernel
   const void* zeros_native;
   DType param_type;          // dtype of scales_native / zeros_native
+  int64_t param_stride;      // elements from one group's scales / zeros to the next: out, or 0 where every group
+                             // repeats one row (RowProduct's shared_params: ptq161's salient part)
   float* y;
   Geometry g;
 };
@@ -164,7 +166,7 @@ void gemv_tile_portable(const GemvArgs& a, int64_t n0, int ncols, int64_t m0, in
       }
       const float xs = a.xsum[(m0 + m) * g.groups() + grp];
       for (int c = 0; c < ncols; ++c) {
-        y[c] += a.scales[grp * g.out + n0 + c] * (acc[c] - a.zeros[grp * g.out + n0 + c] * xs);
+        y[c] += a.scales[grp * a.param_stride + n0 + c] * (acc[c] - a.zeros[grp * a.param_stride + n0 + c] * xs);
       }
     }
     for (int c = 0; c < ncols; ++c) a.y[(m0 + m) * g.out + n0 + c] = y[c];
@@ -229,8 +231,8 @@ BLOCKOPS_TARGET_AVX2 void gemv_tile_avx2(const GemvArgs& a, int64_t n0, int64_t 
       cur.advance(n);
       left -= n;
     }
-    const float* sc = a.scales + grp * g.out + n0;
-    const float* ze = a.zeros + grp * g.out + n0;
+    const float* sc = a.scales + grp * a.param_stride + n0;
+    const float* ze = a.zeros + grp * a.param_stride + n0;
     const __m256 s_lo = _mm256_loadu_ps(sc), s_hi = _mm256_loadu_ps(sc + 8);
     const __m256 z_lo = _mm256_loadu_ps(ze), z_hi = _mm256_loadu_ps(ze + 8);
     for (int m = 0; m < kRows; ++m) {
@@ -403,7 +405,7 @@ TARGET void NAME(const GemvArgs& a, int64_t n0, int tiles, int64_t m0, int64_t r
       const char* ahead = reinterpret_cast<const char*>(a.qweight + (r + kPrefetchRows) * g.out + n0);             \
       for (int line = 0; line < tiles; ++line) _mm_prefetch(ahead + line * 64, _MM_HINT_T0);                       \
     }                                                                                                              \
-    const int64_t param_row = grp * g.out + n0;                                                                    \
+    const int64_t param_row = grp * a.param_stride + n0;                                                           \
     for (int tile = 0; tile < tiles; ++tile) {                                                                     \
       const int32_t* tile_words = a.qweight + r0 * g.out + n0 + tile * kTileCols;                                  \
       const int32_t* w = tile_words;                                                                               \
@@ -484,7 +486,7 @@ TARGET void NAME(const GemvArgs& a, int64_t grp0, int64_t grp1, int tiles, int32
           _mm256_storeu_si256(at + 1, s_hi[0]);                                                                    \
           continue;                                                                                                \
         }                                                                                                          \
-        const int64_t p = grp * g.out + tile * kTileCols;                                                          \
+        const int64_t p = grp * a.param_stride + tile * kTileCols;                                                 \
         __m256 scale_lo, zero_lo, scale_hi, zero_hi;                                                               \
         load_scale_zero8(a, p, scale_lo, zero_lo);                                                          \
         load_scale_zero8(a, p + 8, scale_hi, zero_hi);                                                      \
@@ -536,7 +538,7 @@ BLOCKOPS_TARGET_AVX2 void gemv_splitk_bytes_avx2(const GemvArgs& a, int64_t grp0
       }
       const __m256i s_lo = _mm256_add_epi32(_mm256_madd_epi16(hi_lo, times256), _mm256_madd_epi16(lo_lo, ones));
       const __m256i s_hi = _mm256_add_epi32(_mm256_madd_epi16(hi_hi, times256), _mm256_madd_epi16(lo_hi, ones));
-      const int64_t p = grp * g.out + tile * kTileCols;
+      const int64_t p = grp * a.param_stride + tile * kTileCols;
       __m256 scale_lo, zero_lo, scale_hi, zero_hi;
       load_scale_zero8(a, p, scale_lo, zero_lo);
       load_scale_zero8(a, p + 8, scale_hi, zero_hi);
@@ -897,6 +899,7 @@ GemvInputs prepare_gemv(const at::Tensor& x32, const at::Tensor& qweight, const 
                      scales.const_data_ptr(),
                      zeros.const_data_ptr(),
                      dtype_of(scales.scalar_type()),
+                     scales.size(0) == 1 ? 0 : g.out,
                      y,
                      g};
   return in;
@@ -1072,8 +1075,11 @@ int64_t RowProduct::pieces() const { return state_->split->pieces(); }
 
 void RowProduct::run(int64_t piece) const { state_->split->run(piece); }
 
-void RowProduct::finish(float* y) const {
-  state_->split->sum(y, 0, state_->split->width());
+int64_t RowProduct::width() const { return state_->split->width(); }
+
+void RowProduct::sum(float* y, int64_t c0, int64_t c1) const { state_->split->sum(y, c0, c1); }
+
+void RowProduct::partial_tile(float* y) const {
   GemvArgs a = state_->in.args;
   a.y = y;
   switch (a.g.bits) {
@@ -1090,7 +1096,9 @@ RowProduct::RowProduct(const at::Tensor&, const at::Tensor&, const at::Tensor&, 
 }
 int64_t RowProduct::pieces() const { return 0; }
 void RowProduct::run(int64_t) const {}
-void RowProduct::finish(float*) const {}
+int64_t RowProduct::width() const { return 0; }
+void RowProduct::sum(float*, int64_t, int64_t) const {}
+void RowProduct::partial_tile(float*) const {}
 #endif
 
 RowProduct::~RowProduct() = default;

@@ -52,6 +52,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu_common.h"
 #include "cpu_features.h"
 #include "glue.h"
 #include "introspection.h"
@@ -88,6 +89,9 @@ constexpr int64_t kBandRows = kBandTiles * kTileRows;
 constexpr int kPrefetchWords = 16;      // word rows fetched ahead (~ memory latency / time per word row)
 constexpr int kNibbles = kSignsPerWord / 4;
 constexpr int kTable = 16;              // entries per 4-input table
+// linear_one_row's hand-outs: sign words of tables per item (a few microseconds of work), columns per epilogue item.
+constexpr int64_t kTableWordsPerItem = 16;
+constexpr int64_t kEpilogueColumns = 2048;
 
 // The binary GEMV's tables: per activation row and sign word, one table per group of `bits` consecutive sign bits,
 // entry e = sum_u (bit u of e ? +x'_u : -x'_u). Nibbles (8 tables of 16) where a lookup takes 16 entries (AVX-512's
@@ -152,26 +156,30 @@ Gathered gather(const at::Tensor& x32, const at::Tensor& perm, const at::Tensor&
 
 // Per row, sign word and group of layout.bits inputs, the signed sums (TableLayout), built by doubling: entry e with
 // its top bit set is entry e without it plus 2 x'_top. A triplet past the word's last bit reads x' = 0.
+// The tables of (row, sign word) pairs [idx0, idx1) (idx = row * words + word) of plain [rows, words * 32].
+void build_table_words(const float* plain, const TableLayout& layout, int64_t idx0, int64_t idx1, float* t) {
+  for (int64_t idx = idx0; idx < idx1; ++idx) {
+    const float* xw = plain + idx * kSignsPerWord;
+    for (int k = 0; k < layout.groups; ++k) {
+      float xs[4] = {};
+      for (int u = 0; u < layout.bits && layout.bits * k + u < kSignsPerWord; ++u) xs[u] = xw[layout.bits * k + u];
+      float* e = t + idx * layout.word_floats() + k * layout.entries;
+      e[0] = 0.f;
+      for (int u = 0; u < layout.bits; ++u) e[0] -= xs[u];
+      for (int u = 0; u < layout.bits; ++u) {
+        for (int low = 0; low < (1 << u); ++low) e[(1 << u) | low] = e[low] + 2.f * xs[u];
+      }
+    }
+  }
+}
+
 at::Tensor build_tables(const at::Tensor& plain, const Geometry& g, const TableLayout& layout) {
   const int64_t rows = plain.size(0), words = g.sign_words();
   at::Tensor tables = at::empty({rows, words * layout.word_floats()}, plain.options());
   const float* x = plain.const_data_ptr<float>();
   float* t = tables.mutable_data_ptr<float>();
-  at::parallel_for(0, rows * words, grain(layout.word_floats()), [&](int64_t begin, int64_t end) {
-    for (int64_t idx = begin; idx < end; ++idx) {
-      const float* xw = x + idx * kSignsPerWord;  // plain is [rows, words * 32]
-      for (int k = 0; k < layout.groups; ++k) {
-        float xs[4] = {};
-        for (int u = 0; u < layout.bits && layout.bits * k + u < kSignsPerWord; ++u) xs[u] = xw[layout.bits * k + u];
-        float* e = t + idx * layout.word_floats() + k * layout.entries;
-        e[0] = 0.f;
-        for (int u = 0; u < layout.bits; ++u) e[0] -= xs[u];
-        for (int u = 0; u < layout.bits; ++u) {
-          for (int low = 0; low < (1 << u); ++low) e[(1 << u) | low] = e[low] + 2.f * xs[u];
-        }
-      }
-    }
-  });
+  at::parallel_for(0, rows * words, grain(layout.word_floats()),
+                   [&](int64_t begin, int64_t end) { build_table_words(x, layout, begin, end, t); });
   return tables;
 }
 
@@ -521,39 +529,75 @@ at::Tensor dequant_fp64(const at::Tensor& perm, const at::Tensor& qsalient, cons
 // Ops
 // ---------------------------------------------------------------------------------------------------------
 
-// One activation row whose salient part takes lowbit's one-row split-K path (lowbit::RowProduct): both parts in one
-// parallel region, their items (the salient part's pieces, then the binary GEMV's bands) handed out from one counter.
-// Through the dispatcher the salient part was a second region: the worker waited while the main thread ran that
-// op's set-up, and each region's static split left one thread idle at its end (perf, AVX2 path, 4096 x 4096: the
-// worker idle a third of the call). Results as on the two-region path: the same kernels, each item's output its own.
-// False (nothing done) where the salient part would not take that path.
-bool linear_one_row(const Gathered& xg, const at::Tensor& qsalient, const at::Tensor& signs,
-                    const at::Tensor& zero_signs, const Factors& f, const Geometry& g, at::Tensor& u, at::Tensor& y) {
-  const SalientParams p = salient_params(f, g);
-  const lowbit::Geometry lg{g.salient_padded(), g.out, kSalientBits, static_cast<int>(p.group_size)};
-  if (!lowbit::RowProduct::applies(lg)) return false;
+// One activation row whose salient part takes lowbit's one-row split-K path (lowbit::RowProduct): the whole product
+// in one parallel region, its phases joined by shared counters:
+//   1. items from one counter: the binary GEMV's tables (kTableWordsPerItem sign words each), the salient part's
+//      pieces, then the binary GEMV's bands (a band first waits until every table is built: by the time a thread
+//      gets there, normally done);
+//   2. the thread that finishes the last item removes the zero signs' terms from U and runs the salient part's
+//      columns past its last full tile;
+//   3. then the threads take columns of y = salient part + r1 (alpha U + mu V) + bias.
+// Through the dispatcher the salient part was a second region, and the tables, the sums of the pieces and the
+// epilogue ran on the calling thread: perf per thread (AVX2 path, 2048 x 5632) showed the worker idle a third of the
+// call. Results as on the other path: the same kernels and sums, each item's output its own. Returns y, or an
+// undefined tensor (nothing done) where the salient part would not take that path.
+at::Tensor linear_one_row(const Gathered& xg, const at::Tensor& qsalient, const at::Tensor& signs,
+                          const at::Tensor& zero_signs, const Factors& f, const Geometry& g,
+                          const c10::optional<at::Tensor>& bias) {
+  const lowbit::Geometry lg{g.salient_padded(), g.out, kSalientBits, static_cast<int>(salient_group_size(g))};
+  if (!lowbit::RowProduct::applies(lg)) return {};
   TORCH_INTERNAL_ASSERT(lowbit::valid_geometry(lg));
-  const lowbit::RowProduct salient(xg.salient, qsalient, p.scales, p.zeros, lg);
+  // Every salient group repeats the row's scale and zero: RowProduct reads the one row in place.
+  const lowbit::RowProduct salient(xg.salient, qsalient, f.scale.view({1, g.out}), f.zero.view({1, g.out}), lg);
   one_region_counter.hit();
-  const at::Tensor tables = g.plain() > 0 ? build_tables(xg.plain, g, gemv_table_layout()) : at::Tensor();
-  u = g.plain() > 0 ? at::empty({1, g.out}, xg.plain.options()) : at::zeros({1, g.out}, xg.plain.options());
-  float* up = u.mutable_data_ptr<float>();
+  const TableLayout& layout = gemv_table_layout();
+  const bool binary = g.plain() > 0;
+  const at::Tensor tables =
+      binary ? at::empty({1, g.sign_words() * layout.word_floats()}, xg.plain.options()) : at::Tensor();
+  at::Tensor u = binary ? at::empty({1, g.out}, xg.plain.options()) : at::Tensor();
+  at::Tensor y = at::empty({1, g.out}, xg.plain.options());
+  const at::Tensor b32 = bias.has_value() ? contiguous_fp32(*bias) : at::Tensor();
+  const int64_t table_items = binary ? (g.sign_words() + kTableWordsPerItem - 1) / kTableWordsPerItem : 0;
+  const int64_t pieces = salient.pieces(), bands = binary ? sign_gemv_bands(g) : 0;
+  const int64_t items = table_items + pieces + bands;
+  const int64_t width = salient.width(), column_items = (g.out + kEpilogueColumns - 1) / kEpilogueColumns;
+  float* up = binary ? u.mutable_data_ptr<float>() : nullptr;
+  float* yp = y.mutable_data_ptr<float>();
+  const float v = xg.plain_sum.const_data_ptr<float>()[0];
+  const float* al = f.alpha.const_data_ptr<float>();
+  const float* mp = f.mu.const_data_ptr<float>();
+  const float* rp = f.r1.const_data_ptr<float>();
+  const float* bp = bias.has_value() ? b32.const_data_ptr<float>() : nullptr;
   const int32_t* s = signs.const_data_ptr<int32_t>();
-  const int64_t pieces = salient.pieces(), items = pieces + (g.plain() > 0 ? sign_gemv_bands(g) : 0);
-  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> next{0}, tables_built{0}, done{0}, finished{0}, next_columns{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     for (int64_t item = next++; item < items; item = next++) {
-      if (item < pieces) {
-        salient.run(item);
+      if (item < table_items) {
+        const int64_t w0 = item * kTableWordsPerItem, w1 = std::min(g.sign_words(), w0 + kTableWordsPerItem);
+        build_table_words(xg.plain.const_data_ptr<float>(), layout, w0, w1, tables.mutable_data_ptr<float>());
+        tables_built += 1;
+      } else if (item < table_items + pieces) {
+        salient.run(item - table_items);
       } else {
-        sign_gemv_band(tables, s, g, item - pieces, up);
+        spin_until_at_least(tables_built, table_items);
+        sign_gemv_band(tables, s, g, item - table_items - pieces, up);
+      }
+      if (++done == items) {  // the last item: what needs all of them, once
+        if (binary) remove_zero_signs(xg.plain, signs, zero_signs, g, u);
+        salient.partial_tile(yp);
+        finished = 1;
+      }
+    }
+    spin_until_at_least(finished, 1);
+    for (int64_t ci = next_columns++; ci < column_items; ci = next_columns++) {
+      const int64_t c0 = ci * kEpilogueColumns, c1 = std::min(g.out, c0 + kEpilogueColumns);
+      if (c0 < width) salient.sum(yp, c0, std::min(c1, width));
+      for (int64_t i = c0; i < c1; ++i) {
+        yp[i] += rp[i] * (al[i] * (binary ? up[i] : 0.f) + mp[i] * v) + (bp != nullptr ? bp[i] : 0.f);
       }
     }
   });
-  y = at::empty({1, g.out}, xg.plain.options());
-  salient.finish(y.mutable_data_ptr<float>());
-  if (g.plain() > 0) remove_zero_signs(xg.plain, signs, zero_signs, g, u);
-  return true;
+  return y;
 }
 
 at::Tensor ptq161_linear_cpu(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& qsalient,
@@ -579,12 +623,13 @@ at::Tensor ptq161_linear_cpu(const at::Tensor& x, const at::Tensor& perm, const 
   const int64_t rows = ln.rows;
   const at::Tensor& x32 = ln.x32;
   const Gathered xg = gather(x32, perm, f.r2, g, false);
-  at::Tensor u, y;
-  if (rows != 1 || g.salient == 0 || !linear_one_row(xg, qsalient, signs, zero_signs, f, g, u, y)) {
-    u = sign_dot(xg.plain, signs, zero_signs, g);
-    y = g.salient > 0 ? lowbit_linear(xg.salient, qsalient, salient_params(f, g))
-                      : at::zeros({rows, g.out}, x32.options());
+  if (rows == 1 && g.salient > 0) {
+    const at::Tensor y = linear_one_row(xg, qsalient, signs, zero_signs, f, g, bias);
+    if (y.defined()) return y.to(x.scalar_type()).view(ln.out_sizes);
   }
+  const at::Tensor u = sign_dot(xg.plain, signs, zero_signs, g);
+  at::Tensor y = g.salient > 0 ? lowbit_linear(xg.salient, qsalient, salient_params(f, g))
+                               : at::zeros({rows, g.out}, x32.options());
   // y += r1 (alpha U + mu V) + bias, one pass.
   const float* up = u.const_data_ptr<float>();
   const float* vp = xg.plain_sum.const_data_ptr<float>();

@@ -167,10 +167,12 @@ int64_t salient_groups(const Geometry& g) {
   return fewest;
 }
 
+int64_t salient_group_size(const Geometry& g) { return g.salient_padded() / salient_groups(g); }
+
 SalientParams salient_params(const Factors& f, const Geometry& g) {
   const int64_t groups = salient_groups(g);
   return {f.scale.view({1, g.out}).expand({groups, g.out}).contiguous(),
-          f.zero.view({1, g.out}).expand({groups, g.out}).contiguous(), g.salient_padded() / groups};
+          f.zero.view({1, g.out}).expand({groups, g.out}).contiguous(), salient_group_size(g)};
 }
 
 at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& qweight, const SalientParams& p) {

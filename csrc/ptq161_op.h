@@ -43,6 +43,7 @@ struct SalientParams {
 };
 
 int64_t salient_groups(const Geometry& g);
+int64_t salient_group_size(const Geometry& g);  // S_pad / salient_groups(g)
 SalientParams salient_params(const Factors& f, const Geometry& g);
 // x [rows, S_pad] fp32 (zero padded) -> s_i (D - z_i X) [rows, out] fp32.
 at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& qweight, const SalientParams& p);
