@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 
 #include "dtype.h"
 #include "macros.h"
@@ -91,6 +92,35 @@ BLOCKOPS_TARGET_AVX2 inline __m256 load8_bf16_avx2(const void* src) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 
+// n fp16 / bf16 values -> fp32 (convert_to_fp32 below picks this where the CPU has AVX2).
+BLOCKOPS_TARGET_AVX2 inline void convert_to_fp32_avx2(const c10::Half* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8_f16_avx2(src + i));
+  for (; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
+BLOCKOPS_TARGET_AVX2 inline void convert_to_fp32_avx2(const c10::BFloat16* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8_bf16_avx2(src + i));
+  for (; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
 }  // namespace blockops
 
 #endif  // BLOCKOPS_X86_DISPATCH
+
+namespace blockops {
+
+// n fp16 / bf16 / fp32 values -> fp32: the AVX2 loop where `avx2` (cpu_has_avx2_fma()), else element by element.
+template <typename T>
+inline void convert_to_fp32(const T* src, float* dst, int64_t n, bool avx2) {
+#if BLOCKOPS_X86_DISPATCH
+  if constexpr (!std::is_same_v<T, float>) {
+    if (avx2) return convert_to_fp32_avx2(src, dst, n);
+  }
+#endif
+  (void)avx2;
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
+}  // namespace blockops

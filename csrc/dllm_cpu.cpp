@@ -90,24 +90,7 @@ BLOCKOPS_TARGET_AVX2 float chunk_sum_exp_avx2(const float* x, int64_t n, float m
   return s;
 }
 
-// fp16 / bf16 -> fp32 for one chunk.
-BLOCKOPS_TARGET_AVX2 void convert_avx2(const c10::Half* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8_f16_avx2(src + i));
-  for (; i < n; ++i) dst[i] = to_float(src[i]);
-}
-
-BLOCKOPS_TARGET_AVX2 void convert_avx2(const c10::BFloat16* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8_bf16_avx2(src + i));
-  for (; i < n; ++i) dst[i] = to_float(src[i]);
-}
 #endif
-
-template <typename T>
-void convert_portable(const T* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
-}
 
 // fp32 view of logits[c0, c0 + n): the row itself for fp32, else a converted copy in buf.
 template <typename T>
@@ -115,13 +98,7 @@ const float* chunk_as_float(const T* src, int64_t n, float* buf, bool avx2) {
   if constexpr (std::is_same_v<T, float>) {
     return src;
   } else {
-#if BLOCKOPS_X86_DISPATCH
-    if (avx2) {
-      convert_avx2(src, buf, n);
-      return buf;
-    }
-#endif
-    convert_portable(src, buf, n);
+    convert_to_fp32(src, buf, n, avx2);
     return buf;
   }
 }

@@ -96,10 +96,11 @@ void check_activation(const char* op, const char* arg, const at::Tensor& t, int6
 Linear begin_linear(const char* op, const at::Tensor& x, const at::Tensor& perm, const at::Tensor& qsalient,
                     const at::Tensor& salient_scale, const at::Tensor& salient_zero, const at::Tensor& signs,
                     const at::Tensor& zero_signs, const at::Tensor& alpha, const at::Tensor& mu, const at::Tensor& r1,
-                    const at::Tensor& r2, int64_t num_salient, const c10::optional<at::Tensor>& bias) {
+                    const at::Tensor& r2, int64_t num_salient, const c10::optional<at::Tensor>& bias,
+                    bool convert_factors) {
   Linear ln;
   ln.g = check_weight(op, perm, qsalient, salient_scale, salient_zero, signs, zero_signs, alpha, mu, r1, r2,
-                      num_salient, &ln.f);
+                      num_salient, convert_factors ? &ln.f : nullptr);
   check_activation(op, "x", x, ln.g.in, perm);
   if (bias.has_value()) check_factor(op, "bias", *bias, ln.g.out, perm);
   ln.out_sizes = x.sizes().vec();

@@ -64,10 +64,12 @@ struct Linear {
   bool done() const { return !x32.defined(); }
 };
 
+// convert_factors false: ln.f is left empty for the caller to fill (the CPU op converts the six in one buffer).
 Linear begin_linear(const char* op, const at::Tensor& x, const at::Tensor& perm, const at::Tensor& qsalient,
                     const at::Tensor& salient_scale, const at::Tensor& salient_zero, const at::Tensor& signs,
                     const at::Tensor& zero_signs, const at::Tensor& alpha, const at::Tensor& mu, const at::Tensor& r1,
-                    const at::Tensor& r2, int64_t num_salient, const c10::optional<at::Tensor>& bias);
+                    const at::Tensor& r2, int64_t num_salient, const c10::optional<at::Tensor>& bias,
+                    bool convert_factors = true);
 
 // What ptq161_linear_backward's CPU and CUDA kernels share: every argument checked, the outputs allocated (zeros
 // where asked for, empty otherwise), x and grad_out as fp32 [rows, in] / [rows, out] (undefined when done()).
