@@ -13,9 +13,10 @@
 //                  AVX-512 VBMI CPU, the tables are split into byte planes and looked up 64 output rows at a
 //                  time by register permutes instead ("byte planes", sketch in vq_cpu_byte_planes.cpp): exact fp32
 //                  tables (four planes) for fp32 activations, int16 tables (two planes) for fp16 / bf16 ones, which
-//                  also take 9..32 rows of layers with at least 256 outputs (use_byte_planes). On AVX2 CPUs, k <= 64
-//                  and one or two rows, int16 tables in up to four 16-entry sub-tables, 32 output rows per register
-//                  shuffle; a row holding a NaN or infinity falls back to the (exact) lookup table.
+//                  also take 9..32 rows of layers with at least 256 outputs (use_byte_planes). k <= 64 and one or two
+//                  rows, on every AVX2 CPU (VBMI ones included): int16 tables in up to four 16-entry sub-tables, 32
+//                  output rows per register shuffle; a NaN or infinite activation falls back to the exact lookup
+//                  table.
 //
 //   direct:        each task dequantizes one weight row at a time into fp32 and dots it with every
 //                  activation row (no table: the choice when k is large relative to out).

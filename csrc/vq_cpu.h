@@ -23,12 +23,12 @@ uint32_t lut_gemv(bool avx2, const float* x, const void* codes, CodeType type, c
                   const Geometry& g, int64_t rows, float* y);
 
 // Whether vq_linear takes the byte-plane kernel for these weights and rows (fp32_x: fp32 activations, which need
-// exact tables on AVX-512 VBMI). Always false without BLOCKOPS_X86_DISPATCH; on CPUs without VBMI, true only for
-// AVX2 and k <= 64 (the sub-table variant).
+// exact tables on AVX-512 VBMI). Always false without BLOCKOPS_X86_DISPATCH. k <= 64 and 1-2 rows take the AVX2
+// sub-table variant on every CPU with AVX2 (VBMI ones included: faster there too); the rest needs VBMI.
 bool use_byte_planes(const Geometry& g, CodeType type, bool fp32_x, int64_t rows);
 
-// y = x @ W_hat^T on the byte-plane kernel (only where use_byte_planes). On AVX-512 VBMI, exact: fp32 tables (for
-// fp32 activations), else int16 tables; on AVX2 always int16 tables. Returns the largest code: codes >= k read zero
+// y = x @ W_hat^T on the byte-plane kernel (only where use_byte_planes). The VBMI variant: exact = fp32 tables (for
+// fp32 activations), else int16 tables; the AVX2 sub-table variant: int16 tables for every activation dtype. Returns the largest code: codes >= k read zero
 // tables (never out of bounds) and the caller reports them. Returns -1 without writing y where the AVX2 variant's
 // int16 tables cannot hold the activations (a NaN or infinity): the caller runs the exact table kernel instead.
 int plane_gemv(const float* x, const uint8_t* codes, const float* cb32, const float* scales, const Geometry& g,

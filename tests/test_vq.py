@@ -23,7 +23,7 @@ _ops = torch.ops.blockops
 TOL = {torch.float32: 2e-7, torch.float16: 2e-4, torch.bfloat16: 2e-3}
 
 # The byte-plane kernel's int16 tables (csrc/vq_cpu_byte_planes.cpp: fp16 / bf16 activations on AVX-512 VBMI; every
-# activation dtype in the AVX2 sub-table variant, which CPUs without VBMI take for uint8 codes, k <= 64, 1-2 rows)
+# activation dtype in the AVX2 sub-table variant, which every AVX2 CPU takes for uint8 codes, k <= 64, 1-2 rows)
 # round each term by at most 2^-16 of its chunk's largest entry. Checked per output against 2^-13 of the summed
 # magnitudes |x| @ |W_hat|^T (measured: up to 3e-5 of them); an int16 scale off by 0.2% fails.
 INT16_TABLE_ERROR = 2.0 ** -13
@@ -31,6 +31,12 @@ INT16_TABLE_ERROR = 2.0 ** -13
 
 def plane_calls():
     return blockops.kernel_call_counts()["vq_linear_byte_planes.cpu"]
+
+
+def takes_sub_tables(k, rows):
+    """Mirror of csrc/vq_cpu_byte_planes.cpp sub_tables_apply for uint8 codes where the byte-plane kernel runs:
+    the AVX2 sub-table variant (int16 tables) on every CPU with AVX2, AVX-512 VBMI ones included."""
+    return k <= 64 and rows <= 2
 
 
 def assert_within_int16_tables(y, exact, magnitudes, what=""):
@@ -104,7 +110,7 @@ def test_linear_matches_reference(case):
         ref = ref_vq_linear(x, codes, codebooks, scales, bias).float()
         assert y.dtype == x_dtype and y.shape == (rows, out)
         magnitudes = x.double().abs() @ ref_w.double().abs().t()
-        if x_dtype == torch.float32 and plane_calls() > before and not HAS_VBMI_PLANES:  # AVX2 sub-table kernel
+        if x_dtype == torch.float32 and plane_calls() > before and takes_sub_tables(k, rows):  # int16 tables
             exact = x.double() @ ref_w.double().t() + (bias.double() if bias is not None else 0)
             assert_within_int16_tables(y, exact, magnitudes, f"rows={rows}")
             continue
@@ -152,8 +158,7 @@ def test_lookup_table_every_row_count(case):
         with kernel_ran("vq_linear", "cpu"):
             y = vq.vq_linear(x, codes, codebooks, scales, bias)
         ref = x.double() @ w.t() + bias.double()
-        if plane_calls() > before and not HAS_VBMI_PLANES:  # 1-2 rows, k <= 64: the AVX2 sub-table kernel
-            assert rows <= 2 and k <= 64
+        if plane_calls() > before and takes_sub_tables(k, rows):  # int16 tables
             assert_within_int16_tables(y, ref, x.double().abs() @ w.abs().t(), f"rows={rows}")
             continue
         err = ((y.double() - ref).abs().mean() / (x.double().abs() @ w.abs().t()).mean()).item()
@@ -176,7 +181,8 @@ def test_byte_plane_kernel(case, dtype):
     result rounded to fp16 / bf16, give or take one unit in the last place and 2^-13 of the summed magnitudes
     |x| @ |W_hat|^T (the int16 tables' error, measured up to 3e-5 of them: it shows where outputs cancel); fp32
     activations take exact fp32 tables (four byte planes), within 2^-20 of the summed magnitudes. A lane or row
-    mix-up would be off by whole outputs, an int16 scale off by 0.2% fails too."""
+    mix-up would be off by whole outputs, an int16 scale off by 0.2% fails too. k <= 64 at 1-2 rows takes the AVX2
+    sub-table variant (int16 tables for fp32 too: the 2^-13 allowance)."""
     out, groups, K, k, d = case
     codes, codebooks, scales = make_weights(out, groups, K, k, d, cb_dtype=torch.float16, seed=out)
     gen = torch.Generator().manual_seed(11)
@@ -192,8 +198,10 @@ def test_byte_plane_kernel(case, dtype):
         assert y.dtype == dtype and y.shape == (rows, out)
         exact = x.double() @ w.t() + bias.double()
         ulp = torch.finfo(dtype).eps * exact.abs().to(dtype).double().clamp_min(torch.finfo(dtype).tiny)
-        # fp32: exact fp32 tables, so only fp32 summation error (a few units of 2^-24 of the terms)
-        allowance = 2.0 ** -20 if dtype == torch.float32 else 2.0 ** -13
+        # fp32: exact fp32 tables, so only fp32 summation error (a few units of 2^-24 of the terms), except where
+        # the sub-table variant (int16 tables) takes k <= 64 and 1-2 rows
+        exact_tables = dtype == torch.float32 and not takes_sub_tables(k, rows)
+        allowance = 2.0 ** -20 if exact_tables else INT16_TABLE_ERROR
         allowed = ulp + allowance * (x.double().abs() @ w.abs().t())
         assert ((y.double() - exact.to(dtype).double()).abs() <= allowed).all(), f"rows={rows}"
 
@@ -262,8 +270,8 @@ def test_byte_plane_kernel_propagates_nan_and_inf(bad):
     torch.testing.assert_close(y[[0, 2]], vq.vq_linear(x[[0, 2]], codes, codebooks, scales), rtol=0, atol=0)
 
 
-# The AVX2 sub-table variant of the byte-plane kernel (CPUs without AVX-512 VBMI: uint8 codes, k <= 64, one or two
-# activation rows): (out, groups, K, k, d). k = 16, 32, 40, 64 take one to four 16-entry sub-tables (40: entries past
+# The AVX2 sub-table variant of the byte-plane kernel (every AVX2 CPU, AVX-512 VBMI ones included: uint8 codes,
+# k <= 64, one or two activation rows): (out, groups, K, k, d). k = 16, 32, 40, 64 take one to four 16-entry sub-tables (40: entries past
 # k in the third); out = 300, 700, 257, 769, 1100 leave partial 32-row groups; P = 5 and 26 are shorter than one
 # 32-position transpose half, 140 and 8190 are not whole 64-position blocks; 8190 positions span many blocks.
 SUB_TABLE_CASES = [(300, 5, 1, 16, 2), (257, 13, 2, 64, 8), (700, 140, 1, 40, 2), (769, 70, 2, 32, 4),
