@@ -179,6 +179,31 @@ BLOCKOPS_TARGET_AVX512_VBMI void build_plane_chunk(const float* x, const float* 
   }
 }
 
+// The 4-stage unpack network both transposes share (P: the intrinsics' prefix, _mm256 or _mm512): a[0..15], 16 rows of
+// bytes, come out transposed within each 128-bit lane (register i, lane l: position 16 l + i of the 16 rows); b is
+// scratch.
+#define BLOCKOPS_TRANSPOSE_16_ROWS(P, a, b)                                          \
+  do {                                                                               \
+    for (int i = 0; i < 8; ++i) {                                                    \
+      b[2 * i] = P##_unpacklo_epi8(a[2 * i], a[2 * i + 1]);                          \
+      b[2 * i + 1] = P##_unpackhi_epi8(a[2 * i], a[2 * i + 1]);                      \
+    }                                                                                \
+    for (int i = 0; i < 4; ++i)                                                      \
+      for (int j = 0; j < 2; ++j) {                                                  \
+        a[4 * i + 2 * j] = P##_unpacklo_epi16(b[4 * i + j], b[4 * i + j + 2]);       \
+        a[4 * i + 2 * j + 1] = P##_unpackhi_epi16(b[4 * i + j], b[4 * i + j + 2]);   \
+      }                                                                              \
+    for (int i = 0; i < 2; ++i)                                                      \
+      for (int j = 0; j < 4; ++j) {                                                  \
+        b[8 * i + 2 * j] = P##_unpacklo_epi32(a[8 * i + j], a[8 * i + j + 4]);       \
+        b[8 * i + 2 * j + 1] = P##_unpackhi_epi32(a[8 * i + j], a[8 * i + j + 4]);   \
+      }                                                                              \
+    for (int j = 0; j < 8; ++j) {                                                    \
+      a[2 * j] = P##_unpacklo_epi64(b[j], b[j + 8]);                                 \
+      a[2 * j + 1] = P##_unpackhi_epi64(b[j], b[j + 8]);                             \
+    }                                                                                \
+  } while (0)
+
 // rows [r0, r0 + 16) x positions [p0, p0 + 64) of codes [out, P] into dst[p * 64 + r] (p, r relative), zeros for
 // rows >= out and positions >= P; `largest` takes the bytewise maximum of the codes read (the range check rides
 // on this pass). Four unpack stages transpose within each 128-bit lane; lane l of output register i then holds
@@ -191,24 +216,7 @@ BLOCKOPS_TARGET_AVX512_VBMI inline void transpose_16x64(const uint8_t* codes, in
     a[i] = r0 + i < out ? _mm512_maskz_loadu_epi8(in_row, codes + (r0 + i) * P + p0) : _mm512_setzero_si512();
     largest = _mm512_max_epu8(largest, a[i]);
   }
-  for (int i = 0; i < 8; ++i) {
-    b[2 * i] = _mm512_unpacklo_epi8(a[2 * i], a[2 * i + 1]);
-    b[2 * i + 1] = _mm512_unpackhi_epi8(a[2 * i], a[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i)
-    for (int j = 0; j < 2; ++j) {
-      a[4 * i + 2 * j] = _mm512_unpacklo_epi16(b[4 * i + j], b[4 * i + j + 2]);
-      a[4 * i + 2 * j + 1] = _mm512_unpackhi_epi16(b[4 * i + j], b[4 * i + j + 2]);
-    }
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 4; ++j) {
-      b[8 * i + 2 * j] = _mm512_unpacklo_epi32(a[8 * i + j], a[8 * i + j + 4]);
-      b[8 * i + 2 * j + 1] = _mm512_unpackhi_epi32(a[8 * i + j], a[8 * i + j + 4]);
-    }
-  for (int j = 0; j < 8; ++j) {
-    a[2 * j] = _mm512_unpacklo_epi64(b[j], b[j + 8]);
-    a[2 * j + 1] = _mm512_unpackhi_epi64(b[j], b[j + 8]);
-  }
+  BLOCKOPS_TRANSPOSE_16_ROWS(_mm512, a, b);
   for (int i = 0; i < 16; ++i) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i * 64), _mm512_castsi512_si128(a[i]));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (16 + i) * 64), _mm512_extracti32x4_epi32(a[i], 1));
@@ -554,24 +562,7 @@ BLOCKOPS_TARGET_AVX2 inline void transpose_16x32(const uint8_t* codes, int64_t o
     }
     largest = _mm256_max_epu8(largest, a[i]);
   }
-  for (int i = 0; i < 8; ++i) {
-    b[2 * i] = _mm256_unpacklo_epi8(a[2 * i], a[2 * i + 1]);
-    b[2 * i + 1] = _mm256_unpackhi_epi8(a[2 * i], a[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i)
-    for (int j = 0; j < 2; ++j) {
-      a[4 * i + 2 * j] = _mm256_unpacklo_epi16(b[4 * i + j], b[4 * i + j + 2]);
-      a[4 * i + 2 * j + 1] = _mm256_unpackhi_epi16(b[4 * i + j], b[4 * i + j + 2]);
-    }
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 4; ++j) {
-      b[8 * i + 2 * j] = _mm256_unpacklo_epi32(a[8 * i + j], a[8 * i + j + 4]);
-      b[8 * i + 2 * j + 1] = _mm256_unpackhi_epi32(a[8 * i + j], a[8 * i + j + 4]);
-    }
-  for (int j = 0; j < 8; ++j) {
-    a[2 * j] = _mm256_unpacklo_epi64(b[j], b[j + 8]);
-    a[2 * j + 1] = _mm256_unpackhi_epi64(b[j], b[j + 8]);
-  }
+  BLOCKOPS_TRANSPOSE_16_ROWS(_mm256, a, b);
   for (int i = 0; i < 16; ++i) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i * kGroupRows), _mm256_castsi256_si128(a[i]));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (16 + i) * kGroupRows), _mm256_extracti128_si256(a[i], 1));
