@@ -5,10 +5,15 @@
 // Layout, numerics and the table-or-direct rule (use_lookup_table, kCpuSmallBatchRows) are vq.h's.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "vq.h"
 
 namespace blockops::vq {
+
+// The codebooks cb32 [K][k][d] transposed to [K][d][width] (width >= k, zeros past k), for the table builds: a
+// vector of consecutive codewords' weights is one load.
+std::vector<float> transposed_codebooks(const float* cb32, const Geometry& g, int64_t width);
 
 constexpr int64_t kBuildGrain = 1 << 22;  // table multiply-adds per task of either table build (~0.3 ms on one
                                           // thread): a small build stays on the calling thread

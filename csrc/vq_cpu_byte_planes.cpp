@@ -77,15 +77,6 @@ void release_if_large(std::vector<T>& buffer) {
   if (buffer.capacity() * sizeof(T) > kScratchKeepBytes) std::vector<T>().swap(buffer);
 }
 
-// The codebooks [K][k][d] transposed to [K][d][width] (width >= k, zeros past k): a vector of consecutive
-// codewords' weights is one load.
-std::vector<float> transposed_codebooks(const float* cb32, const Geometry& g, int64_t width) {
-  std::vector<float> cbt(static_cast<size_t>(g.K * g.d * width), 0.f);
-  for (int64_t kk = 0; kk < g.K; ++kk)
-    for (int64_t c = 0; c < g.k; ++c)
-      for (int64_t u = 0; u < g.d; ++u) cbt[(kk * g.d + u) * width + c] = cb32[(kk * g.k + c) * g.d + u];
-  return cbt;
-}
 
 // The byte-plane kernel's domain: uint8 codes (k <= 256), half-precision activations, an AVX-512 VBMI CPU;
 // up to kCpuSmallBatchRows rows where a table beats the direct kernel (use_lookup_table), and up to kPlaneMaxRows

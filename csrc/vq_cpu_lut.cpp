@@ -179,18 +179,6 @@ BuildFn pick_build(bool avx2, int64_t d, int64_t rp) {
   }
 }
 
-// The single-row build reads the codebooks transposed to [K][d][k] (empty for more rows).
-std::vector<float> build_codebooks(const float* cb32, const Geometry& g, const TablePlan& t) {
-  std::vector<float> cbt;
-  if (t.rp == 1) {
-    cbt.resize(static_cast<size_t>(g.K * g.d * g.k));
-    for (int64_t kk = 0; kk < g.K; ++kk)
-      for (int64_t c = 0; c < g.k; ++c)
-        for (int64_t i = 0; i < g.d; ++i) cbt[(kk * g.d + i) * g.k + c] = cb32[(kk * g.k + c) * g.d + i];
-  }
-  return cbt;
-}
-
 struct GatherArgs {
   const float* lut;     // [padded][k][rp], see build_tables
   const void* codes;    // [out, P]
@@ -417,6 +405,14 @@ GatherFn pick_gather(bool avx2, CodeType type, int64_t k, int64_t rp) {
 
 }  // namespace
 
+std::vector<float> transposed_codebooks(const float* cb32, const Geometry& g, int64_t width) {
+  std::vector<float> cbt(static_cast<size_t>(g.K * g.d * width), 0.f);
+  for (int64_t kk = 0; kk < g.K; ++kk)
+    for (int64_t c = 0; c < g.k; ++c)
+      for (int64_t u = 0; u < g.d; ++u) cbt[(kk * g.d + u) * width + c] = cb32[(kk * g.k + c) * g.d + u];
+  return cbt;
+}
+
 uint32_t lut_gemv(bool avx2, const float* x, const void* codes, CodeType type, const float* cb32, const float* scales,
                   const Geometry& g, int64_t rows, float* y) {
   const int64_t code_bytes = type == CodeType::kU8 ? 1 : 2;
@@ -427,7 +423,8 @@ uint32_t lut_gemv(bool avx2, const float* x, const void* codes, CodeType type, c
   const int64_t guard = type == CodeType::kU8 ? std::max<int64_t>(0, 256 - g.k) * t.rp : 0;
   at::Tensor lut = at::empty({tables + guard}, at::TensorOptions().dtype(at::kFloat));
   std::fill(lut.mutable_data_ptr<float>() + tables, lut.mutable_data_ptr<float>() + tables + guard, 0.f);
-  const std::vector<float> cbt = build_codebooks(cb32, g, t);
+  // The single-row build reads the codebooks transposed to [K][d][k].
+  const std::vector<float> cbt = t.rp == 1 ? transposed_codebooks(cb32, g, g.k) : std::vector<float>();
   const BuildFn build = pick_build(avx2, g.d, t.rp);
   const int64_t per_word = 8 / code_bytes, words = t.padded / per_word;
   // Words of tables per hand-out: about kBuildGrain / 16 multiply-adds (some 20 us), so that the threads share it.
