@@ -22,7 +22,8 @@ constexpr int64_t kTileBytes = 4 << 20;    // staged codes of one tile (L3). Eve
                                            // which reach MBs with long rows and several activation rows
                                            // (11 MB at 11008 x 4096, 4 rows), so few large tiles beat tiles
                                            // sized for L2 (measured, one thread: 512 KB 30 ms, 4 MB 13.6 ms)
-constexpr int64_t kTilesPerThread = 2;     // table-kernel tiles per thread, for balance on a shared CPU
+constexpr int64_t kTilesPerThread = 2;     // table-kernel tiles per thread, for balance on a shared CPU (one per
+                                           // thread was no faster even with 3.5 MB of tables, 14336 inputs)
 
 // Tables: lut[p][c][m] = x[m, j*d:(j+1)*d] . codebooks[p % K][c] for position p = j*K + (p % K), codeword c and
 // activation row m < RP, the rows padded with zeros to RP in {1, 2, 4, 8}. The RP sums of one codeword sit side by
@@ -434,10 +435,15 @@ uint32_t lut_gemv(bool avx2, const float* x, const void* codes, CodeType type, c
   const GatherFn gather = pick_gather(avx2, type, g.k, t.rp);
   // Tiles handed out in order from a shared counter rather than one fixed range per thread: on a shared CPU a
   // descheduled thread leaves its tiles to the others instead of making them wait at the end. kTilesPerThread
-  // tiles per thread at least, so that there is something to hand over; each tile reads the whole table.
+  // tiles per thread, so that there is something to hand over; each tile reads the whole table.
   const int64_t threads = at::get_num_threads();
-  const int64_t tile = std::min(t.tile, std::max<int64_t>(64, (g.out + kTilesPerThread * threads - 1) /
-                                                                  (kTilesPerThread * threads)));
+  // Equal tiles, a whole number per thread, within t.tile rows; a multiple of 4 rows (gathered 4 at a time) but not
+  // of 256: then a chunk's staged block (tile x 16 codes at k = 256) is a multiple of 4 KB, and a row's codes of
+  // consecutive chunks all fall in one L1 set (2-bit 4096 x 4096, 1024-row tiles: 0.65-0.67 ms, 1028: 0.51-0.59).
+  int64_t tiles = std::max(kTilesPerThread * threads, (g.out + t.tile - 1) / t.tile);
+  tiles = (tiles + threads - 1) / threads * threads;
+  int64_t tile = std::max<int64_t>(64, ((g.out + tiles - 1) / tiles + 3) / 4 * 4);
+  if (tile % 256 == 0) tile += 4;
   std::atomic<int64_t> next_word{0}, built{0}, next_tile{0};
   std::atomic<uint64_t> seen{0};
   // One region: the tables' words first (every thread), then, once all are built, the tiles. Built in a region of
