@@ -110,7 +110,7 @@ struct GemvArgs {
   const void* zeros_native;
   DType param_type;          // dtype of scales_native / zeros_native
   int64_t param_stride;      // elements from one group's scales / zeros to the next: out, or 0 where every group
-                             // repeats one row (RowProduct's shared_params: ptq161's salient part)
+                             // repeats one row (scales [1, out] given to RowProduct: ptq161's salient part)
   float* y;
   Geometry g;
 };

@@ -154,9 +154,9 @@ Gathered gather(const at::Tensor& x32, const at::Tensor& perm, const at::Tensor&
 // The binary part: U = signs^T x' (lookup-table GEMV) and the +-1 blocks
 // ---------------------------------------------------------------------------------------------------------
 
-// Per row, sign word and group of layout.bits inputs, the signed sums (TableLayout), built by doubling: entry e with
-// its top bit set is entry e without it plus 2 x'_top. A triplet past the word's last bit reads x' = 0.
-// The tables of (row, sign word) pairs [idx0, idx1) (idx = row * words + word) of plain [rows, words * 32].
+// The tables of (row, sign word) pairs [idx0, idx1) (idx = row * words + word) of plain [rows, words * 32]: per
+// group of layout.bits inputs the signed sums (TableLayout), built by doubling: entry e with its top bit set is entry
+// e without it plus 2 x'_top. A triplet past the word's last bit reads x' = 0.
 void build_table_words(const float* plain, const TableLayout& layout, int64_t idx0, int64_t idx1, float* t) {
   for (int64_t idx = idx0; idx < idx1; ++idx) {
     const float* xw = plain + idx * kSignsPerWord;
@@ -556,6 +556,17 @@ Factors fp32_factors(std::initializer_list<const at::Tensor*> factors) {
 // ---------------------------------------------------------------------------------------------------------
 // Ops
 // ---------------------------------------------------------------------------------------------------------
+// Columns [c0, c1) of one output row: y += r1 (alpha U + mu V) + bias (u: that row of U, null where there is no
+// binary part; v: its V; bias null where there is none).
+void add_binary_part(float* y, const float* u, float v, const Factors& f, const float* bias, int64_t c0, int64_t c1) {
+  const float* al = f.alpha.const_data_ptr<float>();
+  const float* mp = f.mu.const_data_ptr<float>();
+  const float* rp = f.r1.const_data_ptr<float>();
+  for (int64_t i = c0; i < c1; ++i) {
+    y[i] += rp[i] * (al[i] * (u != nullptr ? u[i] : 0.f) + mp[i] * v) + (bias != nullptr ? bias[i] : 0.f);
+  }
+}
+
 
 // One activation row whose salient part takes lowbit's one-row split-K path (lowbit::RowProduct): the whole product
 // in one parallel region, its phases joined by shared counters:
@@ -592,9 +603,6 @@ at::Tensor linear_one_row(const Gathered& xg, const at::Tensor& qsalient, const 
   float* up = binary ? u.mutable_data_ptr<float>() : nullptr;
   float* yp = y.mutable_data_ptr<float>();
   const float v = xg.plain_sum.const_data_ptr<float>()[0];
-  const float* al = f.alpha.const_data_ptr<float>();
-  const float* mp = f.mu.const_data_ptr<float>();
-  const float* rp = f.r1.const_data_ptr<float>();
   const float* bp = bias.has_value() ? b32.const_data_ptr<float>() : nullptr;
   const int32_t* s = signs.const_data_ptr<int32_t>();
   std::atomic<int64_t> next{0}, tables_built{0}, done{0}, finished{0}, next_columns{0};
@@ -620,9 +628,7 @@ at::Tensor linear_one_row(const Gathered& xg, const at::Tensor& qsalient, const 
     for (int64_t ci = next_columns++; ci < column_items; ci = next_columns++) {
       const int64_t c0 = ci * kEpilogueColumns, c1 = std::min(g.out, c0 + kEpilogueColumns);
       if (c0 < width) salient.sum(yp, c0, std::min(c1, width));
-      for (int64_t i = c0; i < c1; ++i) {
-        yp[i] += rp[i] * (al[i] * (binary ? up[i] : 0.f) + mp[i] * v) + (bp != nullptr ? bp[i] : 0.f);
-      }
+      add_binary_part(yp, up, v, f, bp, c0, c1);
     }
   });
   return y;
@@ -662,18 +668,11 @@ at::Tensor ptq161_linear_cpu(const at::Tensor& x, const at::Tensor& perm, const 
   // y += r1 (alpha U + mu V) + bias, one pass.
   const float* up = u.const_data_ptr<float>();
   const float* vp = xg.plain_sum.const_data_ptr<float>();
-  const float* al = f.alpha.const_data_ptr<float>();
-  const float* mp = f.mu.const_data_ptr<float>();
-  const float* rp = f.r1.const_data_ptr<float>();
   const at::Tensor b32 = bias.has_value() ? contiguous_fp32(*bias) : at::Tensor();
   const float* bp = bias.has_value() ? b32.const_data_ptr<float>() : nullptr;
   float* yp = y.mutable_data_ptr<float>();
   at::parallel_for(0, rows, grain(g.out), [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      for (int64_t i = 0; i < g.out; ++i) {
-        yp[m * g.out + i] += rp[i] * (al[i] * up[m * g.out + i] + mp[i] * vp[m]) + (bp != nullptr ? bp[i] : 0.f);
-      }
-    }
+    for (int64_t m = begin; m < end; ++m) add_binary_part(yp + m * g.out, up + m * g.out, vp[m], f, bp, 0, g.out);
   });
   return y.to(x.scalar_type()).view(ln.out_sizes);
 }
