@@ -1,6 +1,6 @@
 // Vector-quantized GEMM on the CPU (family "vq"; layout and numerics in csrc/vq.h): the CPU glue and the simple
-// kernels; the two table kernels are in vq_cpu_lut.cpp and vq_cpu_byte_planes.cpp (vq_cpu.h), the argument checks
-// in vq_op.cpp.
+// kernels; the two table kernels are in vq_cpu_lut.cpp and vq_cpu_byte_planes.cpp, the codeword kernel in
+// vq_cpu_codewords.cpp (vq_cpu.h), the argument checks in vq_op.cpp.
 //
 // vq_linear, rows <= kCpuSmallBatchRows (decode), one of two kernels per call (rule: vq::use_lookup_table); up to
 // kCpuLutMaxRows rows, the lookup table in passes of up to kCpuSmallBatchRows rows where it is the choice for a
@@ -17,6 +17,10 @@
 //                  rows, on every AVX2 CPU (VBMI ones included): int16 tables in up to four 16-entry sub-tables, 32
 //                  output rows per register shuffle; a NaN or infinite activation falls back to the exact lookup
 //                  table.
+//   codewords:     one row of uint8 codes, k = 256, d = 4 or 8, K = 1 or 2, inputs a multiple of 64, on AVX2 CPUs
+//                  without VBMI (use_codewords): no tables; codewords and activations in int16 fixed point,
+//                  multiplied by vpmaddwd 16 inputs at a time (sketch in vq_cpu_codewords.cpp); a NaN or infinite
+//                  activation or codebook entry falls back to the exact lookup table.
 //
 //   direct:        each task dequantizes one weight row at a time into fp32 and dots it with every
 //                  activation row (no table: the choice when k is large relative to out).
@@ -57,6 +61,8 @@ namespace blockops::vq {
 namespace {
 
 KernelCounter linear_counter(kFamily, "vq_linear.cpu");
+KernelCounter codewords_counter(kFamily, "vq_linear_codewords.cpu");  // which vq_linear.cpu calls took the
+                                                                       // int16 codeword kernel
 KernelCounter byte_planes_counter(kFamily, "vq_linear_byte_planes.cpu");  // which vq_linear.cpu calls took the
                                                                           // byte-plane kernel
 KernelCounter dequant_counter(kFamily, "vq_dequantize.cpu");
@@ -225,11 +231,16 @@ at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
   const at::Tensor cb32 = contiguous_fp32(codebooks);
   const std::vector<float> s = scale_vector(scales, g.out);
   at::Tensor y32 = at::empty({rows, g.out}, x32.options());
-  const int largest = planes ? plane_gemv(x32.const_data_ptr<float>(), static_cast<const uint8_t*>(codes.const_data_ptr()),
+  const bool codewords = !planes && !f64 && use_codewords(g, w.type, rows) &&
+                         codeword_gemv(x32.const_data_ptr<float>(), static_cast<const uint8_t*>(codes.const_data_ptr()),
+                                       cb32.const_data_ptr<float>(), s.data(), g, y32.mutable_data_ptr<float>());
+  const int largest = codewords ? -1 : planes ? plane_gemv(x32.const_data_ptr<float>(), static_cast<const uint8_t*>(codes.const_data_ptr()),
                                           cb32.const_data_ptr<float>(), s.data(), g, rows, x.scalar_type() == at::kFloat,
                                           y32.mutable_data_ptr<float>())
                                : -1;
-  if (largest >= 0) {
+  if (codewords) {
+    codewords_counter.hit();
+  } else if (largest >= 0) {
     byte_planes_counter.hit();
     if (largest >= g.k) check_code_range(kLinear, codes, w);  // raises, naming the first code out of range
   } else if (planes || table) {

@@ -172,13 +172,16 @@ def test_lookup_table_every_row_count(case):
     for rows in list(range(1, 10)) + [17, 32, 33]:
         assert (rows == 33) != uses_lookup_table(out, groups, K, k, d, rows), "case no longer takes the table kernel"
         x = torch.randn(rows, groups * d, generator=gen)
-        before = plane_calls()
+        before, before_codewords = plane_calls(), codeword_calls()
         with kernel_ran("vq_linear", "cpu"):
             y = vq.vq_linear(x, codes, codebooks, scales, bias)
         ref = x.double() @ w.t() + bias.double()
         if plane_calls() > before and takes_sub_tables(k, rows):  # int16 tables
             assert_within_int16_tables(y, ref, x.double().abs() @ w.abs().t(), x, codes, codebooks, scales,
                                        f"rows={rows}")
+            continue
+        if codeword_calls() > before_codewords:  # AVX2 without VBMI: the int16 codeword kernel
+            assert_within_codewords(y, ref, x.double().abs() @ w.abs().t(), x, codes, codebooks, scales, f"rows={rows}")
             continue
         err = ((y.double() - ref).abs().mean() / (x.double().abs() @ w.abs().t()).mean()).item()
         assert err <= TOL[torch.float32], f"rows={rows}: relative error {err:.3g}"
@@ -360,6 +363,112 @@ def test_avx2_sub_table_kernel():
     past k named."""
     run_with_cpu_isa("avx2", f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
                              "import test_vq; test_vq.sub_table_checks()")
+
+
+# The AVX2 codeword kernel (csrc/vq_cpu_codewords.cpp: AVX2 CPUs without VBMI, one row, uint8 codes, k = 256, d 4 or 8,
+# K 1 or 2, inputs a multiple of 64) rounds each codebook to a step of its largest |entry| / 16383 and the activations
+# to a step of each 64-input block's largest |x| / 16383, then sums exactly in int32 per block.
+CODEWORD_FIXED_MAX = 16383
+CODEWORD_BLOCK = 64
+CODEWORD_CASES = [(257, 64, 1, 4), (130, 32, 2, 8), (7, 16, 1, 8), (66, 96, 2, 4), (5, 16, 1, 4), (1100, 512, 1, 4)]
+
+
+def codeword_calls():
+    return blockops.kernel_call_counts()["vq_linear_codewords.cpu"]
+
+
+def codeword_bound(x, codes, codebooks, scales):
+    """[1, out]: the most the fixed-point codewords and activations can move each output: per weight, half a step of
+    each of its codewords' codebooks times |x|, plus (|weight| + that) times half the activation's step."""
+    (out, groups, K), (_, k, d) = codes.shape, codebooks.shape
+    cb = codebooks.double()
+    half_cb = (cb.abs().reshape(K, -1).amax(-1) / CODEWORD_FIXED_MAX / 2).sum()        # per weight, K codewords
+    xd = x.double().reshape(-1)
+    half_x = (xd.abs().reshape(-1, CODEWORD_BLOCK).amax(-1) / CODEWORD_FIXED_MAX / 2).repeat_interleave(CODEWORD_BLOCK)
+    w = ref_vq_dequantize(codes, codebooks).double()                                   # unscaled [out, in]
+    per_row = xd.abs().sum() * half_cb + (w.abs() + half_cb) @ half_x
+    s = scales.double().abs() if scales is not None else torch.ones(out, dtype=torch.float64)
+    return (per_row * s).unsqueeze(0)
+
+
+def assert_within_codewords(y, exact, magnitudes, x, codes, codebooks, scales, what=""):
+    """y (x's dtype, one row) against the exact result rounded to that dtype: one unit in the last place, the
+    fixed-point bound and 2^-20 of the summed magnitudes |x| @ |W_hat|^T for the fp32 conversions and sums; fp32
+    outputs also within 2e-4 of the exact result's norm (the issue's limit is 1e-3; measured 6-8e-5; a step 0.1%
+    off exceeds it)."""
+    dtype = y.dtype
+    ulp = torch.finfo(dtype).eps * exact.abs().to(dtype).double()
+    allowed = ulp + codeword_bound(x, codes, codebooks, scales) + 2.0 ** -20 * magnitudes
+    assert ((y.double() - exact.to(dtype).double()).abs() <= allowed).all(), what
+    if dtype == torch.float32:
+        assert ((y.double() - exact).norm() / exact.norm()).item() <= 2e-4, what
+
+
+def codeword_checks():
+    """Run by test_avx2_codeword_kernel in a BLOCKOPS_CPU_ISA=avx2 process."""
+    assert blockops.build_info()["cpu_families"]["vq"] == "avx2+fma"
+    gen = torch.Generator().manual_seed(21)
+    for out, groups, K, d in CODEWORD_CASES:
+        what = f"{out}x{groups}x{K}x{d}"
+        codes, codebooks, scales = make_weights(out, groups, K, 256, d, seed=out)
+        codebooks[-1] *= 3  # codebooks of different ranges: one step each
+        w = ref_vq_dequantize(codes, codebooks, scales).double()
+        for dtype in DTYPES:
+            bias = torch.randn(out, generator=gen).to(dtype)
+            x = (torch.randn(1, groups * d, generator=gen) * torch.linspace(0.01, 4, groups * d)).to(dtype)
+            before = codeword_calls()
+            with kernel_ran("vq_linear", "cpu"):
+                y = vq.vq_linear(x, codes, codebooks, scales, bias)
+            assert codeword_calls() == before + 1, what
+            assert y.dtype == dtype and y.shape == (1, out), what
+            exact = x.double() @ w.t() + bias.double()
+            assert_within_codewords(y, exact, x.double().abs() @ w.abs().t(), x, codes, codebooks, scales,
+                                    f"{what} {dtype}")
+        # Tiles of whole rows, each row summed in one order: the same result for any thread count.
+        x = torch.randn(1, groups * d, generator=gen)
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(vq.vq_linear(x, codes, codebooks, scales))
+        torch.set_num_threads(2)
+        assert all(torch.equal(results[0], r) for r in results[1:]), what
+    # Not taken: two rows, inputs not a multiple of 64, k below 256, int16 codes; the exact table or direct kernels
+    # give the reference's result there.
+    for rows, out, groups, K, k, d, dt in ((2, 64, 64, 1, 256, 4, torch.uint8), (1, 64, 15, 1, 256, 4, torch.uint8),
+                                            (1, 64, 64, 1, 255, 4, torch.uint8), (1, 64, 64, 1, 256, 4, torch.int16),
+                                            (1, 64, 32, 1, 256, 2, torch.uint8)):
+        codes, codebooks, scales = make_weights(out, groups, K, k, d, code_dtype=dt)
+        x = torch.randn(rows, groups * d, generator=gen)
+        before = codeword_calls()
+        y = vq.vq_linear(x, codes, codebooks, scales)
+        assert codeword_calls() == before, (rows, groups, k, d, dt)
+        torch.testing.assert_close(y, ref_vq_linear(x, codes, codebooks, scales), rtol=1e-5, atol=1e-5)
+    # A NaN or an infinity (activation or codebook entry) has no fixed-point value: the exact table kernel runs, so
+    # the outputs are non-finite where the reference's are.
+    codes, codebooks, scales = make_weights(512, 128, 1, 256, 4, seed=6)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for where in ("x", "codebook"):
+            x, cb = torch.randn(1, 512, generator=gen), codebooks.clone()
+            if where == "x":
+                x[0, 77] = bad
+            else:
+                cb[0, 200, 1] = bad
+            before = codeword_calls()
+            y = vq.vq_linear(x, codes, cb, scales)
+            assert codeword_calls() == before, (bad, where)
+            ref = ref_vq_linear(x.double(), codes, cb.double(), scales.double())
+            assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isposinf(), ref.isposinf()), (bad, where)
+            assert torch.equal(y.isneginf(), ref.isneginf()), (bad, where)
+
+
+def test_avx2_codeword_kernel():
+    """BLOCKOPS_CPU_ISA=avx2: one row of uint8 codes with k = 256, d = 4 or 8, K = 1 or 2 and inputs a multiple of 64
+    takes the int16 codeword kernel: within the fixed-point bound (codeword_bound) and 2e-4 relative error for every
+    activation dtype with bias, rows past the last group of 4, codebooks of different ranges, activations of
+    different ranges per block; the same output for 1, 2 and 3 threads; the exact kernels where it does not apply
+    and for NaN / inf activations or codebook entries."""
+    run_with_cpu_isa("avx2", f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+                             "import test_vq; test_vq.codeword_checks()")
 
 
 def test_int16_codes_are_unsigned_and_2d_codes():

@@ -1,0 +1,229 @@
+// Vector-quantized GEMV on AVX2 CPUs without AVX-512 VBMI, one activation row, uint8 codes of k = 256 codewords of
+// d = 4 or 8 weights, K = 1 or 2 codebooks (VQ4DiT's 2-bit k256 d4, AQLM 2x8): codewords times activations in int16
+// fixed point (vpmaddwd), no lookup tables (vq_cpu.h: codeword_gemv).
+//
+//   codewords  cb16[kk][c][u] = round(codebooks[kk][c][u] / cb_step[kk]), one step per codebook, |cb16| <= kFixedMax.
+//   x          x16[t] = round(x[t] / x_step[b]), one step per block b of kBlockInputs = 64 inputs, |x16| <= kFixedMax.
+//   product    per output row and block: 4 chunks of 16 inputs; per chunk and codebook, the chunk's 16 / d codewords
+//              (d int16 each: 8 or 16 bytes) loaded from the codebook (2 or 4 KB: L1) into one vector and multiplied
+//              with the chunk's x16 by vpmaddwd: 8 int32 sums of two products. A lane collects 4 of them per block
+//              and codebook, |sum| <= 4 * 2 * kFixedMax^2 < 2^31: exact in int32. Then to fp32 times x_step[b] *
+//              cb_step[kk] (one fma per block and codebook) into the row's fp32 sums; y[n] = scales[n] * (sum of the
+//              8 lanes). (One step shared by the K codebooks would let their sums add in int32 first, at 14 bits
+//              each for K = 2: twice the error, 1.5e-4 relative on random AQLM 2x8 weights against 7e-5.)
+//   order      4 output rows at a time share each chunk's x16 vector; the threads take tiles of rows in turn. Each
+//              row's sums are formed in one order whatever the tile or thread (deterministic).
+//
+// Why not the lookup tables (vq_cpu_lut.cpp) here: one table lookup per code is a dependent byte load, a table load and
+// an add; 14336 inputs of k = 256 tables (3.5 MB) also outgrow L2 and need staging. A bare loop of the lookups with
+// the tables in L1 ran 5.2 codes/ns on one Zen thread, this loop 6.4 with the codes streamed from L3 (the whole
+// kernel: 4096 x 14336 and 11008 x 4096 2-bit, see docs/performance.md). ggml's IQ2 kernels assemble their grid
+// vectors the same way (scalar loads), from int8 activations; here both sides keep 15 bits.
+//
+// Accuracy: each weight moves by at most the sum over its K codewords of cb_step[kk] / 2 and each activation by
+// x_step / 2 (3e-5 of the largest entry of its codebook / activation of its block): tests/test_vq.py codeword_bound;
+// measured 6-8e-5 relative error on random weights and activations. A NaN or infinite activation or
+// codebook entry has no fixed-point value: the caller runs the exact table kernel instead (codeword_gemv returns
+// false without writing y).
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "cpu_common.h"
+#include "cpu_features.h"
+#include "macros.h"
+#include "vq_cpu.h"
+
+#if BLOCKOPS_X86_DISPATCH
+#include <immintrin.h>
+#endif
+
+namespace blockops::vq {
+
+#if BLOCKOPS_X86_DISPATCH
+namespace {
+
+constexpr int kFixedMax = 16383;       // 15 bits: see the int32 bound above
+constexpr int64_t kBlockInputs = 64;   // inputs per activation step: 4 chunks of 16
+constexpr int64_t kChunkInputs = 16;   // inputs per vpmaddwd (16 int16 lanes)
+constexpr int64_t kRowsAtOnce = 4;     // output rows sharing each x16 vector
+constexpr int64_t kTileRows = 64;      // output rows per hand-out: ~230K codes at 14336 inputs (~40 us)
+
+// x16 and the per-block steps of one activation row. Returns false if x holds a NaN or an infinity.
+BLOCKOPS_TARGET_AVX2 bool quantize_activations(const float* x, int64_t in, int16_t* x16, float* steps) {
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  for (int64_t b = 0; b < in / kBlockInputs; ++b) {
+    const float* xb = x + b * kBlockInputs;
+    __m256 peak = _mm256_setzero_ps();
+    for (int64_t t = 0; t < kBlockInputs; t += 8) peak = _mm256_max_ps(peak, _mm256_and_ps(_mm256_loadu_ps(xb + t), magnitude));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, peak);
+    float top = 0.f;
+    for (float v : lanes) top = std::max(top, v);
+    // max_ps passes its second operand (the running peak) through when a lane is NaN: check the inputs themselves.
+    bool finite = std::isfinite(top);
+    for (int64_t t = 0; t < kBlockInputs && finite; ++t) finite = std::isfinite(xb[t]);
+    if (!finite) return false;
+    steps[b] = top > 0.f ? top / kFixedMax : 0.f;
+    const __m256 inverse = _mm256_set1_ps(top > 0.f ? kFixedMax / top : 0.f);
+    for (int64_t t = 0; t < kBlockInputs; t += 16) {
+      const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + t), inverse));
+      const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + t + 8), inverse));
+      // packs interleaves the 128-bit lanes: [lo 0-3, hi 0-3, lo 4-7, hi 4-7] -> restore the order.
+      const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(x16 + b * kBlockInputs + t), packed);
+    }
+  }
+  return true;
+}
+
+// cb16 [K][256][d] and the steps [K], from the fp32 codebooks. Returns false if an entry is a NaN or an infinity.
+bool quantize_codebooks(const float* cb32, const Geometry& g, int16_t* cb16, float* steps) {
+  const int64_t n = g.k * g.d;  // entries per codebook
+  for (int64_t kk = 0; kk < g.K; ++kk) {
+    const float* book = cb32 + kk * n;
+    float top = 0.f;
+    for (int64_t i = 0; i < n; ++i) {
+      if (!std::isfinite(book[i])) return false;
+      top = std::max(top, std::fabs(book[i]));
+    }
+    steps[kk] = top > 0.f ? top / kFixedMax : 0.f;
+    const float inverse = top > 0.f ? kFixedMax / top : 0.f;
+    for (int64_t i = 0; i < n; ++i) cb16[kk * n + i] = static_cast<int16_t>(std::lrint(book[i] * inverse));
+  }
+  return true;
+}
+
+// The 16 / D codewords of codebook kk for chunk `chunk` of a block, from the block's codes (bytes
+// (chunk * 16 / D + u) * K + kk), as one vector of 16 int16.
+template <int D, int K>
+BLOCKOPS_TARGET_AVX2 __attribute__((always_inline)) inline __m256i chunk_codewords(const uint64_t* words,
+                                                                                 const int16_t* cb, int chunk,
+                                                                                 int kk) {
+  constexpr int kPerChunk = kChunkInputs / D;  // codewords per vector
+  auto code = [&](int u) -> int64_t {
+    const int byte = (chunk * kPerChunk + u) * K + kk;
+    return static_cast<int64_t>((words[byte / 8] >> (8 * (byte % 8))) & 0xFF);
+  };
+  const int16_t* book = cb + static_cast<int64_t>(kk) * 256 * D;
+  if constexpr (D == 4) {
+    int64_t w[4];
+    for (int u = 0; u < 4; ++u) std::memcpy(&w[u], book + code(u) * 4, 8);
+    return _mm256_set_epi64x(w[3], w[2], w[1], w[0]);
+  } else {
+    const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(book + code(0) * 8));
+    const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(book + code(1) * 8));
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+  }
+}
+
+// Rows [n0, n0 + R) of y (R <= kRowsAtOnce), all blocks. steps [blocks][K]: x_step[b] * cb_step[kk].
+template <int D, int K, int R>
+BLOCKOPS_TARGET_AVX2 __attribute__((always_inline)) inline void rows_product(const uint8_t* codes, int64_t P,
+                                                                            int64_t blocks, const int16_t* x16,
+                                                                            const float* steps, const int16_t* cb,
+                                                                            const float* scales, int64_t n0,
+                                                                            float* y) {
+  constexpr int64_t kCodesPerBlock = kBlockInputs / D * K;  // 16 (d4 K1, d8 K2) or 8 (d8 K1) or 32 (d4 K2)
+  constexpr int kWords = (kCodesPerBlock + 7) / 8;
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256i xv[kBlockInputs / kChunkInputs];
+    for (int c = 0; c < 4; ++c) {
+      xv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + b * kBlockInputs + c * kChunkInputs));
+    }
+    __m256 step[K];
+    for (int kk = 0; kk < K; ++kk) step[kk] = _mm256_broadcast_ss(steps + b * K + kk);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      uint64_t words[kWords];
+      std::memcpy(words, codes + (n0 + r) * P + b * kCodesPerBlock, kCodesPerBlock);
+#pragma GCC unroll 2
+      for (int kk = 0; kk < K; ++kk) {
+        __m256i sums = _mm256_setzero_si256();
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) {
+          sums = _mm256_add_epi32(sums, _mm256_madd_epi16(chunk_codewords<D, K>(words, cb, c, kk), xv[c]));
+        }
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), step[kk], acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    y[n0 + r] = scales[n0 + r] * _mm_cvtss_f32(h);
+  }
+}
+
+template <int D, int K>
+BLOCKOPS_TARGET_AVX2 void tile_product(const uint8_t* codes, const Geometry& g, const int16_t* x16,
+                                       const float* steps, const int16_t* cb, const float* scales, int64_t n0,
+                                       int64_t n1, float* y) {
+  const int64_t P = g.positions(), blocks = g.in() / kBlockInputs;
+  int64_t n = n0;
+  for (; n + kRowsAtOnce <= n1; n += kRowsAtOnce) {
+    rows_product<D, K, kRowsAtOnce>(codes, P, blocks, x16, steps, cb, scales, n, y);
+  }
+  for (; n < n1; ++n) rows_product<D, K, 1>(codes, P, blocks, x16, steps, cb, scales, n, y);
+}
+
+using TileFn = void (*)(const uint8_t*, const Geometry&, const int16_t*, const float*, const int16_t*, const float*,
+                        int64_t, int64_t, float*);
+
+TileFn pick_tile(const Geometry& g) {
+  if (g.d == 4) return g.K == 1 ? &tile_product<4, 1> : &tile_product<4, 2>;
+  return g.K == 1 ? &tile_product<8, 1> : &tile_product<8, 2>;
+}
+
+}  // namespace
+#endif
+
+bool use_codewords(const Geometry& g, CodeType type, int64_t rows) {
+#if BLOCKOPS_X86_DISPATCH
+  // On VBMI CPUs the byte-plane kernel takes these (exact fp32 tables for fp32 activations, and faster there).
+  return cpu_has_avx2_fma() && !cpu_has_avx512_vbmi() && type == CodeType::kU8 && rows == 1 && g.k == 256 &&
+         (g.d == 4 || g.d == 8) && (g.K == 1 || g.K == 2) && g.in() % kBlockInputs == 0 && g.in() > 0 && g.out > 0;
+#else
+  (void)g, (void)type, (void)rows;
+  return false;
+#endif
+}
+
+bool codeword_gemv(const float* x, const uint8_t* codes, const float* cb32, const float* scales, const Geometry& g,
+                   float* y) {
+#if BLOCKOPS_X86_DISPATCH
+  const int64_t in = g.in();
+  std::vector<int16_t> x16(static_cast<size_t>(in));
+  const int64_t blocks = in / kBlockInputs;
+  std::vector<float> x_steps(static_cast<size_t>(blocks)), cb_steps(static_cast<size_t>(g.K));
+  std::vector<float> steps(static_cast<size_t>(blocks * g.K));
+  std::vector<int16_t> cb16(static_cast<size_t>(g.K * g.k * g.d));
+  if (!quantize_activations(x, in, x16.data(), x_steps.data())) return false;
+  if (!quantize_codebooks(cb32, g, cb16.data(), cb_steps.data())) return false;
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int64_t kk = 0; kk < g.K; ++kk) steps[b * g.K + kk] = x_steps[b] * cb_steps[kk];
+  const TileFn tile = pick_tile(g);
+  const int64_t tiles = (g.out + kTileRows - 1) / kTileRows;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), tiles), 1, [&](int64_t, int64_t) {
+    for (int64_t t = next++; t < tiles; t = next++) {
+      tile(codes, g, x16.data(), steps.data(), cb16.data(), scales, t * kTileRows,
+           std::min(g.out, (t + 1) * kTileRows), y);
+    }
+  });
+  return true;
+#else
+  (void)x, (void)codes, (void)cb32, (void)scales, (void)g, (void)y;
+  return false;
+#endif
+}
+
+}  // namespace blockops::vq
