@@ -56,8 +56,11 @@ class Config:
 _LLAMA = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)]
 QUICK_CPU = [Config(4096, 11008, 2, 64, 1), Config(4096, 11008, 2, 64, 4), Config(4096, 11008, 4, 128, 1),
              Config(4096, 4096, 2, 64, 64)]
+# Batch 1 also at 2048 x 5632 (issue 18's targets hold "from 2048 x 5632 up": small layers lose most to per-call
+# costs) and for 3 and 4 bits at every shape.
 FULL_CPU = [Config(i, o, 2, 64, m) for i, o in _LLAMA for m in (1, 4, 16, 64)] + \
-           [Config(4096, 11008, 3, 64, 1), Config(4096, 11008, 4, 128, 1), Config(4096, 4096, 2, 64, 512)]
+           [Config(i, o, b, g, 1) for i, o in [(2048, 5632)] + _LLAMA for b, g in ((3, 64), (4, 128))] + \
+           [Config(2048, 5632, 2, 64, 1), Config(4096, 4096, 2, 64, 512)]
 QUICK_CUDA = [Config(4096, 14336, 2, 64, m) for m in (1, 16)] + [Config(8192, 28672, 2, 64, 1)]
 FULL_CUDA = [Config(i, o, 2, 64, m) for i, o in _LLAMA + [(8192, 28672)] for m in (1, 4, 16, 64, 512)] + \
             [Config(4096, 14336, b, g, 1) for b, g in ((3, 64), (4, 128))]
