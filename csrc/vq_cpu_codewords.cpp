@@ -57,18 +57,20 @@ constexpr int64_t kTileRows = 64;      // output rows per hand-out: ~230K codes 
 // x16 and the per-block steps of one activation row. Returns false if x holds a NaN or an infinity.
 BLOCKOPS_TARGET_AVX2 bool quantize_activations(const float* x, int64_t in, int16_t* x16, float* steps) {
   const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 infinity = _mm256_set1_ps(__builtin_inff());
   for (int64_t b = 0; b < in / kBlockInputs; ++b) {
     const float* xb = x + b * kBlockInputs;
-    __m256 peak = _mm256_setzero_ps();
-    for (int64_t t = 0; t < kBlockInputs; t += 8) peak = _mm256_max_ps(peak, _mm256_and_ps(_mm256_loadu_ps(xb + t), magnitude));
+    __m256 peak = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+    for (int64_t t = 0; t < kBlockInputs; t += 8) {
+      const __m256 v = _mm256_and_ps(_mm256_loadu_ps(xb + t), magnitude);
+      peak = _mm256_max_ps(peak, v);
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, infinity, _CMP_NLT_UQ));  // |x| >= inf or NaN (unordered)
+    }
+    if (_mm256_movemask_ps(bad) != 0) return false;
     alignas(32) float lanes[8];
     _mm256_store_ps(lanes, peak);
     float top = 0.f;
     for (float v : lanes) top = std::max(top, v);
-    // max_ps passes its second operand (the running peak) through when a lane is NaN: check the inputs themselves.
-    bool finite = std::isfinite(top);
-    for (int64_t t = 0; t < kBlockInputs && finite; ++t) finite = std::isfinite(xb[t]);
-    if (!finite) return false;
     steps[b] = top > 0.f ? top / kFixedMax : 0.f;
     const __m256 inverse = _mm256_set1_ps(top > 0.f ? kFixedMax / top : 0.f);
     for (int64_t t = 0; t < kBlockInputs; t += 16) {
