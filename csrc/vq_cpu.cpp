@@ -17,7 +17,7 @@
 //                  rows, on every AVX2 CPU (VBMI ones included): int16 tables in up to four 16-entry sub-tables, 32
 //                  output rows per register shuffle; a NaN or infinite activation falls back to the exact lookup
 //                  table.
-//   codewords:     one row of uint8 codes, k = 256, d = 4 or 8, K = 1 or 2, inputs a multiple of 64, on AVX2 CPUs
+//   codewords:     1-2 rows, uint8 codes, k = 256, d = 4 or 8, K = 1 or 2, inputs a multiple of 64, on AVX2 CPUs
 //                  without VBMI (use_codewords): no tables; codewords and activations in int16 fixed point,
 //                  multiplied by vpmaddwd 16 inputs at a time (sketch in vq_cpu_codewords.cpp); a NaN or infinite
 //                  activation or codebook entry falls back to the exact lookup table.
@@ -233,7 +233,7 @@ at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
   at::Tensor y32 = at::empty({rows, g.out}, x32.options());
   const bool codewords = !planes && !f64 && use_codewords(g, w.type, rows) &&
                          codeword_gemv(x32.const_data_ptr<float>(), static_cast<const uint8_t*>(codes.const_data_ptr()),
-                                       cb32.const_data_ptr<float>(), s.data(), g, y32.mutable_data_ptr<float>());
+                                       cb32.const_data_ptr<float>(), s.data(), g, rows, y32.mutable_data_ptr<float>());
   const int largest = codewords ? -1 : planes ? plane_gemv(x32.const_data_ptr<float>(), static_cast<const uint8_t*>(codes.const_data_ptr()),
                                           cb32.const_data_ptr<float>(), s.data(), g, rows, x.scalar_type() == at::kFloat,
                                           y32.mutable_data_ptr<float>())

@@ -2,7 +2,7 @@
 //   vq_cpu.cpp              the CPU glue (ops, counters) with the dequantize, direct-dot and blocked-GEMM paths
 //   vq_cpu_lut.cpp          small batches: the lookup-table GEMV (fp32 tables, any code dtype)
 //   vq_cpu_byte_planes.cpp  small batches, uint8 codes: the tables in byte planes (AVX-512 VBMI; AVX2 for k <= 64)
-//   vq_cpu_codewords.cpp    one row, uint8 codes, k = 256, d 4 or 8 on AVX2 without VBMI: int16 codewords, no tables
+//   vq_cpu_codewords.cpp    1-2 rows, uint8 codes, k = 256, d 4 or 8 on AVX2 without VBMI: int16 codewords, no tables
 // Layout, numerics and the table-or-direct rule (use_lookup_table, kCpuSmallBatchRows) are vq.h's.
 #pragma once
 #include <cstdint>
@@ -41,14 +41,16 @@ int plane_gemv(const float* x, const uint8_t* codes, const float* cb32, const fl
                int64_t rows, bool exact, float* y);
 
 // Whether vq_linear takes the codeword kernel: AVX2 without AVX-512 VBMI (whose byte-plane kernel takes these),
-// uint8 codes, k = 256, d = 4 or 8, K = 1 or 2, inputs a multiple of 64, one activation row. Always false without
-// BLOCKOPS_X86_DISPATCH.
+// uint8 codes, k = 256, d = 4 or 8, K = 1 or 2, inputs a multiple of 64, 1 to kCodewordMaxRows activation rows.
+// Always false without BLOCKOPS_X86_DISPATCH.
+// (4 rows ran 1.5-2.5x slower than the table kernel, whose one gather serves 4 rows: 2 rows 1.2-1.5x faster.)
+constexpr int64_t kCodewordMaxRows = 2;
 bool use_codewords(const Geometry& g, CodeType type, int64_t rows);
 
-// y [1, out] = x [1, in] @ W_hat^T with codewords and activations in int16 fixed point (only where use_codewords;
-// every uint8 code is < k = 256: no range check). Returns false without writing y where x or the codebooks hold a NaN
-// or an infinity (no fixed-point value): the caller runs the exact table kernel.
+// y [rows, out] = x [rows, in] @ W_hat^T with codewords and activations in int16 fixed point (only where
+// use_codewords; every uint8 code is < k = 256: no range check). Returns false without writing y where x or the
+// codebooks hold a NaN or an infinity (no fixed-point value): the caller runs the exact table kernel.
 bool codeword_gemv(const float* x, const uint8_t* codes, const float* cb32, const float* scales, const Geometry& g,
-                   float* y);
+                   int64_t rows, float* y);
 
 }  // namespace blockops::vq

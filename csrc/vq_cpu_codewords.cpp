@@ -1,4 +1,4 @@
-// Vector-quantized GEMV on AVX2 CPUs without AVX-512 VBMI, one activation row, uint8 codes of k = 256 codewords of
+// Vector-quantized GEMV on AVX2 CPUs without AVX-512 VBMI, 1-2 activation rows, uint8 codes of k = 256 codewords of
 // d = 4 or 8 weights, K = 1 or 2 codebooks (VQ4DiT's 2-bit k256 d4, AQLM 2x8): codewords times activations in int16
 // fixed point (vpmaddwd), no lookup tables (vq_cpu.h: codeword_gemv).
 //
@@ -11,8 +11,9 @@
 //              cb_step[kk] (one fma per block and codebook) into the row's fp32 sums; y[n] = scales[n] * (sum of the
 //              8 lanes). (One step shared by the K codebooks would let their sums add in int32 first, at 14 bits
 //              each for K = 2: twice the error, 1.5e-4 relative on random AQLM 2x8 weights against 7e-5.)
-//   order      4 output rows at a time share each chunk's x16 vector; the threads take tiles of rows in turn. Each
-//              row's sums are formed in one order whatever the tile or thread (deterministic).
+//   order      4 output rows at a time share each chunk's x16 vector (one activation row; with M rows, 8 / M output
+//              rows, each assembled codeword vector multiplied with all M rows' activations); the threads take tiles of
+//              rows in turn. Each output's sums are formed in one order whatever the tile or thread (deterministic).
 //
 // Why not the lookup tables (vq_cpu_lut.cpp) here: one table lookup per code is a dependent byte load, a table load and
 // an add; 14336 inputs of k = 256 tables (3.5 MB) also outgrow L2 and need staging. A bare loop of the lookups with
@@ -124,65 +125,91 @@ BLOCKOPS_TARGET_AVX2 __attribute__((always_inline)) inline __m256i chunk_codewor
   }
 }
 
-// Rows [n0, n0 + R) of y (R <= kRowsAtOnce), all blocks. steps [blocks][K]: x_step[b] * cb_step[kk].
-template <int D, int K, int R>
+BLOCKOPS_TARGET_AVX2 __attribute__((always_inline)) inline __m256i load_x(const int16_t* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+
+// Output rows [n0, n0 + R) of y [M, out] for M activation rows, all blocks. x16 [M][in]; steps [M][blocks][K]:
+// x_step[m][b] * cb_step[kk]. One activation row keeps its 4 activation vectors of a block in registers; with more,
+// they are memory operands of vpmaddwd (L1), each assembled codeword vector serving all M rows.
+template <int D, int K, int M, int R>
 BLOCKOPS_TARGET_AVX2 __attribute__((always_inline)) inline void rows_product(const uint8_t* codes, int64_t P,
-                                                                            int64_t blocks, const int16_t* x16,
+                                                                            int64_t in, const int16_t* x16,
                                                                             const float* steps, const int16_t* cb,
                                                                             const float* scales, int64_t n0,
-                                                                            float* y) {
+                                                                            int64_t out, float* y) {
   constexpr int64_t kCodesPerBlock = kBlockInputs / D * K;  // 16 (d4 K1, d8 K2) or 8 (d8 K1) or 32 (d4 K2)
   constexpr int kWords = (kCodesPerBlock + 7) / 8;
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  constexpr int kChunks = kBlockInputs / kChunkInputs;
+  const int64_t blocks = in / kBlockInputs;
+  __m256 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
-    __m256i xv[kBlockInputs / kChunkInputs];
-    for (int c = 0; c < 4; ++c) {
-      xv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + b * kBlockInputs + c * kChunkInputs));
+    const int16_t* xb = x16 + b * kBlockInputs;  // chunk c of activation row m at xb + m * in + c * kChunkInputs
+    __m256i xv[kChunks];
+    if constexpr (M == 1) {
+      for (int c = 0; c < kChunks; ++c) xv[c] = load_x(xb + c * kChunkInputs);
     }
-    __m256 step[K];
-    for (int kk = 0; kk < K; ++kk) step[kk] = _mm256_broadcast_ss(steps + b * K + kk);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       uint64_t words[kWords];
       std::memcpy(words, codes + (n0 + r) * P + b * kCodesPerBlock, kCodesPerBlock);
 #pragma GCC unroll 2
       for (int kk = 0; kk < K; ++kk) {
-        __m256i sums = _mm256_setzero_si256();
+        __m256i sums[M];
+        for (int m = 0; m < M; ++m) sums[m] = _mm256_setzero_si256();
 #pragma GCC unroll 4
-        for (int c = 0; c < 4; ++c) {
-          sums = _mm256_add_epi32(sums, _mm256_madd_epi16(chunk_codewords<D, K>(words, cb, c, kk), xv[c]));
+        for (int c = 0; c < kChunks; ++c) {
+          const __m256i w = chunk_codewords<D, K>(words, cb, c, kk);
+#pragma GCC unroll 4
+          for (int m = 0; m < M; ++m) {
+            const __m256i xc = M == 1 ? xv[c] : load_x(xb + m * in + c * kChunkInputs);
+            sums[m] = _mm256_add_epi32(sums[m], _mm256_madd_epi16(w, xc));
+          }
         }
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), step[kk], acc[r]);
+        for (int m = 0; m < M; ++m) {
+          const __m256 step = _mm256_broadcast_ss(steps + (m * blocks + b) * K + kk);
+          acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[m]), step, acc[r][m]);
+        }
       }
     }
   }
   for (int r = 0; r < R; ++r) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    y[n0 + r] = scales[n0 + r] * _mm_cvtss_f32(h);
+    for (int m = 0; m < M; ++m) {
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r][m]), _mm256_extractf128_ps(acc[r][m], 1));
+      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_add_ss(h, _mm_movehdup_ps(h));
+      y[m * out + n0 + r] = scales[n0 + r] * _mm_cvtss_f32(h);
+    }
   }
 }
 
-template <int D, int K>
+// Output rows [n0, n1): kRowsAtOnce at a time (fewer with more activation rows: at most 8 fp32 sums in registers),
+// then one at a time.
+template <int D, int K, int M>
 BLOCKOPS_TARGET_AVX2 void tile_product(const uint8_t* codes, const Geometry& g, const int16_t* x16,
                                        const float* steps, const int16_t* cb, const float* scales, int64_t n0,
                                        int64_t n1, float* y) {
-  const int64_t P = g.positions(), blocks = g.in() / kBlockInputs;
+  constexpr int kR = M == 1 ? kRowsAtOnce : 8 / M;
+  const int64_t P = g.positions(), in = g.in();
   int64_t n = n0;
-  for (; n + kRowsAtOnce <= n1; n += kRowsAtOnce) {
-    rows_product<D, K, kRowsAtOnce>(codes, P, blocks, x16, steps, cb, scales, n, y);
-  }
-  for (; n < n1; ++n) rows_product<D, K, 1>(codes, P, blocks, x16, steps, cb, scales, n, y);
+  for (; n + kR <= n1; n += kR) rows_product<D, K, M, kR>(codes, P, in, x16, steps, cb, scales, n, g.out, y);
+  for (; n < n1; ++n) rows_product<D, K, M, 1>(codes, P, in, x16, steps, cb, scales, n, g.out, y);
 }
 
 using TileFn = void (*)(const uint8_t*, const Geometry&, const int16_t*, const float*, const int16_t*, const float*,
                         int64_t, int64_t, float*);
 
-TileFn pick_tile(const Geometry& g) {
-  if (g.d == 4) return g.K == 1 ? &tile_product<4, 1> : &tile_product<4, 2>;
-  return g.K == 1 ? &tile_product<8, 1> : &tile_product<8, 2>;
+template <int M>
+TileFn pick_tile_rows(const Geometry& g) {
+  if (g.d == 4) return g.K == 1 ? &tile_product<4, 1, M> : &tile_product<4, 2, M>;
+  return g.K == 1 ? &tile_product<8, 1, M> : &tile_product<8, 2, M>;
+}
+
+TileFn pick_tile(const Geometry& g, int64_t rows) {
+  static_assert(kCodewordMaxRows == 2, "a tile function per row count up to kCodewordMaxRows");
+  return rows == 1 ? pick_tile_rows<1>(g) : pick_tile_rows<2>(g);
 }
 
 }  // namespace
@@ -191,7 +218,8 @@ TileFn pick_tile(const Geometry& g) {
 bool use_codewords(const Geometry& g, CodeType type, int64_t rows) {
 #if BLOCKOPS_X86_DISPATCH
   // On VBMI CPUs the byte-plane kernel takes these (exact fp32 tables for fp32 activations, and faster there).
-  return cpu_has_avx2_fma() && !cpu_has_avx512_vbmi() && type == CodeType::kU8 && rows == 1 && g.k == 256 &&
+  return cpu_has_avx2_fma() && !cpu_has_avx512_vbmi() && type == CodeType::kU8 && rows >= 1 &&
+         rows <= kCodewordMaxRows && g.k == 256 &&
          (g.d == 4 || g.d == 8) && (g.K == 1 || g.K == 2) && g.in() % kBlockInputs == 0 && g.in() > 0 && g.out > 0;
 #else
   (void)g, (void)type, (void)rows;
@@ -200,30 +228,31 @@ bool use_codewords(const Geometry& g, CodeType type, int64_t rows) {
 }
 
 bool codeword_gemv(const float* x, const uint8_t* codes, const float* cb32, const float* scales, const Geometry& g,
-                   float* y) {
+                   int64_t rows, float* y) {
 #if BLOCKOPS_X86_DISPATCH
-  const int64_t in = g.in();
-  std::vector<int16_t> x16(static_cast<size_t>(in));
-  const int64_t blocks = in / kBlockInputs;
-  std::vector<float> x_steps(static_cast<size_t>(blocks)), cb_steps(static_cast<size_t>(g.K));
-  std::vector<float> steps(static_cast<size_t>(blocks * g.K));
+  const int64_t in = g.in(), blocks = in / kBlockInputs;
+  std::vector<int16_t> x16(static_cast<size_t>(rows * in));
+  std::vector<float> x_steps(static_cast<size_t>(rows * blocks)), cb_steps(static_cast<size_t>(g.K));
+  std::vector<float> steps(static_cast<size_t>(rows * blocks * g.K));
   std::vector<int16_t> cb16(static_cast<size_t>(g.K * g.k * g.d));
-  if (!quantize_activations(x, in, x16.data(), x_steps.data())) return false;
+  for (int64_t m = 0; m < rows; ++m) {
+    if (!quantize_activations(x + m * in, in, x16.data() + m * in, x_steps.data() + m * blocks)) return false;
+  }
   if (!quantize_codebooks(cb32, g, cb16.data(), cb_steps.data())) return false;
-  for (int64_t b = 0; b < blocks; ++b)
-    for (int64_t kk = 0; kk < g.K; ++kk) steps[b * g.K + kk] = x_steps[b] * cb_steps[kk];
-  const TileFn tile = pick_tile(g);
+  for (int64_t i = 0; i < rows * blocks; ++i)
+    for (int64_t kk = 0; kk < g.K; ++kk) steps[i * g.K + kk] = x_steps[i] * cb_steps[kk];
+  const TileFn tile = pick_tile(g, rows);
   const int64_t tiles = (g.out + kTileRows - 1) / kTileRows;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), tiles), 1, [&](int64_t, int64_t) {
     for (int64_t t = next++; t < tiles; t = next++) {
-      tile(codes, g, x16.data(), steps.data(), cb16.data(), scales, t * kTileRows,
-           std::min(g.out, (t + 1) * kTileRows), y);
+      tile(codes, g, x16.data(), steps.data(), cb16.data(), scales, t * kTileRows, std::min(g.out, (t + 1) * kTileRows),
+           y);
     }
   });
   return true;
 #else
-  (void)x, (void)codes, (void)cb32, (void)scales, (void)g, (void)y;
+  (void)x, (void)codes, (void)cb32, (void)scales, (void)g, (void)rows, (void)y;
   return false;
 #endif
 }

@@ -378,21 +378,22 @@ def codeword_calls():
 
 
 def codeword_bound(x, codes, codebooks, scales):
-    """[1, out]: the most the fixed-point codewords and activations can move each output: per weight, half a step of
-    each of its codewords' codebooks times |x|, plus (|weight| + that) times half the activation's step."""
+    """[rows, out]: the most the fixed-point codewords and activations can move each output: per weight, half a step
+    of each of its codewords' codebooks times |x|, plus (|weight| + that) times half the activation's step."""
     (out, groups, K), (_, k, d) = codes.shape, codebooks.shape
     cb = codebooks.double()
     half_cb = (cb.abs().reshape(K, -1).amax(-1) / CODEWORD_FIXED_MAX / 2).sum()        # per weight, K codewords
-    xd = x.double().reshape(-1)
-    half_x = (xd.abs().reshape(-1, CODEWORD_BLOCK).amax(-1) / CODEWORD_FIXED_MAX / 2).repeat_interleave(CODEWORD_BLOCK)
+    xd = x.double().reshape(-1, groups * d)
+    half_x = xd.abs().reshape(xd.shape[0], -1, CODEWORD_BLOCK).amax(-1) / CODEWORD_FIXED_MAX / 2
+    half_x = half_x.repeat_interleave(CODEWORD_BLOCK, dim=1)                            # [rows, in]
     w = ref_vq_dequantize(codes, codebooks).double()                                   # unscaled [out, in]
-    per_row = xd.abs().sum() * half_cb + (w.abs() + half_cb) @ half_x
+    per_output = xd.abs().sum(1, keepdim=True) * half_cb + half_x @ (w.abs() + half_cb).t()
     s = scales.double().abs() if scales is not None else torch.ones(out, dtype=torch.float64)
-    return (per_row * s).unsqueeze(0)
+    return per_output * s
 
 
 def assert_within_codewords(y, exact, magnitudes, x, codes, codebooks, scales, what=""):
-    """y (x's dtype, one row) against the exact result rounded to that dtype: one unit in the last place, the
+    """y (x's dtype, [rows, out]) against the exact result rounded to that dtype: one unit in the last place, the
     fixed-point bound and 2^-20 of the summed magnitudes |x| @ |W_hat|^T for the fp32 conversions and sums; fp32
     outputs also within 2e-4 of the exact result's norm (the issue's limit is 1e-3; measured 6-8e-5; a step 0.1%
     off exceeds it)."""
@@ -413,14 +414,14 @@ def codeword_checks():
         codes, codebooks, scales = make_weights(out, groups, K, 256, d, seed=out)
         codebooks[-1] *= 3  # codebooks of different ranges: one step each
         w = ref_vq_dequantize(codes, codebooks, scales).double()
-        for dtype in DTYPES:
+        for dtype, rows in zip(DTYPES, (1, 2, 2)):
             bias = torch.randn(out, generator=gen).to(dtype)
-            x = (torch.randn(1, groups * d, generator=gen) * torch.linspace(0.01, 4, groups * d)).to(dtype)
+            x = (torch.randn(rows, groups * d, generator=gen) * torch.linspace(0.01, 4, groups * d)).to(dtype)
             before = codeword_calls()
             with kernel_ran("vq_linear", "cpu"):
                 y = vq.vq_linear(x, codes, codebooks, scales, bias)
             assert codeword_calls() == before + 1, what
-            assert y.dtype == dtype and y.shape == (1, out), what
+            assert y.dtype == dtype and y.shape == (rows, out), what
             exact = x.double() @ w.t() + bias.double()
             assert_within_codewords(y, exact, x.double().abs() @ w.abs().t(), x, codes, codebooks, scales,
                                     f"{what} {dtype}")
@@ -432,9 +433,13 @@ def codeword_checks():
             results.append(vq.vq_linear(x, codes, codebooks, scales))
         torch.set_num_threads(2)
         assert all(torch.equal(results[0], r) for r in results[1:]), what
-    # Not taken: two rows, inputs not a multiple of 64, k below 256, int16 codes; the exact table or direct kernels
+        # Each row of a two-row call is its one-row call, bit for bit (the same sums in the same order).
+        x2 = torch.cat([x, torch.randn(1, groups * d, generator=gen)])
+        y2 = vq.vq_linear(x2, codes, codebooks, scales)
+        assert torch.equal(y2[:1], results[0]) and torch.equal(y2[1:], vq.vq_linear(x2[1:], codes, codebooks, scales))
+    # Not taken: three rows, inputs not a multiple of 64, k below 256, int16 codes; the exact table or direct kernels
     # give the reference's result there.
-    for rows, out, groups, K, k, d, dt in ((2, 64, 64, 1, 256, 4, torch.uint8), (1, 64, 15, 1, 256, 4, torch.uint8),
+    for rows, out, groups, K, k, d, dt in ((3, 64, 64, 1, 256, 4, torch.uint8), (1, 64, 15, 1, 256, 4, torch.uint8),
                                             (1, 64, 64, 1, 255, 4, torch.uint8), (1, 64, 64, 1, 256, 4, torch.int16),
                                             (1, 64, 32, 1, 256, 2, torch.uint8)):
         codes, codebooks, scales = make_weights(out, groups, K, k, d, code_dtype=dt)
@@ -462,11 +467,12 @@ def codeword_checks():
 
 
 def test_avx2_codeword_kernel():
-    """BLOCKOPS_CPU_ISA=avx2: one row of uint8 codes with k = 256, d = 4 or 8, K = 1 or 2 and inputs a multiple of 64
-    takes the int16 codeword kernel: within the fixed-point bound (codeword_bound) and 2e-4 relative error for every
-    activation dtype with bias, rows past the last group of 4, codebooks of different ranges, activations of
-    different ranges per block; the same output for 1, 2 and 3 threads; the exact kernels where it does not apply
-    and for NaN / inf activations or codebook entries."""
+    """BLOCKOPS_CPU_ISA=avx2: one or two rows of uint8 codes with k = 256, d = 4 or 8, K = 1 or 2 and inputs a multiple
+    of 64 take the int16 codeword kernel: within the fixed-point bound (codeword_bound) and 2e-4 relative error for
+    every activation dtype with bias, output rows past the last group of 4, codebooks of different ranges,
+    activations of different ranges per block; the same output for 1, 2 and 3 threads, and each row of a two-row
+    call bitwise its one-row call; the exact kernels where it does not apply (three rows, ...) and for NaN / inf
+    activations or codebook entries."""
     run_with_cpu_isa("avx2", f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
                              "import test_vq; test_vq.codeword_checks()")
 
