@@ -231,13 +231,15 @@ at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
   const at::Tensor cb32 = contiguous_fp32(codebooks);
   const std::vector<float> s = scale_vector(scales, g.out);
   at::Tensor y32 = at::empty({rows, g.out}, x32.options());
-  const bool codewords = !planes && !f64 && use_codewords(g, w.type, rows) &&
-                         codeword_gemv(x32.const_data_ptr<float>(), static_cast<const uint8_t*>(codes.const_data_ptr()),
-                                       cb32.const_data_ptr<float>(), s.data(), g, rows, y32.mutable_data_ptr<float>());
-  const int largest = codewords ? -1 : planes ? plane_gemv(x32.const_data_ptr<float>(), static_cast<const uint8_t*>(codes.const_data_ptr()),
-                                          cb32.const_data_ptr<float>(), s.data(), g, rows, x.scalar_type() == at::kFloat,
-                                          y32.mutable_data_ptr<float>())
-                               : -1;
+  const uint8_t* codes8 = static_cast<const uint8_t*>(codes.const_data_ptr());  // read as uint8 only where uint8
+  // The codeword and byte-plane kernels take disjoint cases (use_codewords: k = 256, no VBMI). Each returns "not
+  // run" (false, -1) for activations its int16 arithmetic cannot hold; the exact table kernel below takes them.
+  const float* xp = x32.const_data_ptr<float>();
+  const float* cbp = cb32.const_data_ptr<float>();
+  float* yp = y32.mutable_data_ptr<float>();
+  const bool codewords = use_codewords(g, w.type, rows) && codeword_gemv(xp, codes8, cbp, s.data(), g, rows, yp);
+  const int largest =
+      planes && !codewords ? plane_gemv(xp, codes8, cbp, s.data(), g, rows, x.scalar_type() == at::kFloat, yp) : -1;
   if (codewords) {
     codewords_counter.hit();
   } else if (largest >= 0) {

@@ -34,9 +34,10 @@ uint32_t lut_gemv(bool avx2, const float* x, const void* codes, CodeType type, c
 bool use_byte_planes(const Geometry& g, CodeType type, bool fp32_x, int64_t rows);
 
 // y = x @ W_hat^T on the byte-plane kernel (only where use_byte_planes). The VBMI variant: exact = fp32 tables (for
-// fp32 activations), else int16 tables; the AVX2 sub-table variant: int16 tables for every activation dtype. Returns the largest code: codes >= k read zero
-// tables (never out of bounds) and the caller reports them. Returns -1 without writing y where the AVX2 variant's
-// int16 tables cannot hold the activations (a NaN or infinity): the caller runs the exact table kernel instead.
+// fp32 activations), else int16 tables; the AVX2 sub-table variant: int16 tables for every activation dtype. Returns
+// the largest code: codes >= k read zero tables (never out of bounds) and the caller reports them. Returns -1
+// without writing y where the AVX2 variant's int16 tables cannot hold the activations (a NaN or infinity): the
+// caller runs the exact table kernel instead.
 int plane_gemv(const float* x, const uint8_t* codes, const float* cb32, const float* scales, const Geometry& g,
                int64_t rows, bool exact, float* y);
 

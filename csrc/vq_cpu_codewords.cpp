@@ -11,9 +11,9 @@
 //              cb_step[kk] (one fma per block and codebook) into the row's fp32 sums; y[n] = scales[n] * (sum of the
 //              8 lanes). (One step shared by the K codebooks would let their sums add in int32 first, at 14 bits
 //              each for K = 2: twice the error, 1.5e-4 relative on random AQLM 2x8 weights against 7e-5.)
-//   order      4 output rows at a time share each chunk's x16 vector (one activation row; with M rows, 8 / M output
-//              rows, each assembled codeword vector multiplied with all M rows' activations); the threads take tiles of
-//              rows in turn. Each output's sums are formed in one order whatever the tile or thread (deterministic).
+//   order      4 output rows at a time share each chunk's x16 vector (with two activation rows, each assembled
+//              codeword vector is multiplied with both rows' activations); the threads take tiles of rows in turn.
+//              Each output's sums are formed in one order whatever the tile or thread (deterministic).
 //
 // Why not the lookup tables (vq_cpu_lut.cpp) here: one table lookup per code is a dependent byte load, a table load and
 // an add; 14336 inputs of k = 256 tables (3.5 MB) also outgrow L2 and need staging. A bare loop of the lookups with
@@ -32,7 +32,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
-#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -53,7 +52,8 @@ namespace {
 constexpr int kFixedMax = 16383;       // 15 bits: see the int32 bound above
 constexpr int64_t kBlockInputs = 64;   // inputs per activation step: 4 chunks of 16
 constexpr int64_t kChunkInputs = 16;   // inputs per vpmaddwd (16 int16 lanes)
-constexpr int64_t kRowsAtOnce = 4;     // output rows sharing each x16 vector
+constexpr int kRowsAtOnce = 4;         // output rows sharing each x16 vector (with two activation rows: 8 fp32
+                                       // sums in registers, which 4 activation rows would exceed)
 constexpr int64_t kTileRows = 64;      // output rows per hand-out: ~230K codes at 14336 inputs (~40 us)
 
 // x16 and the per-block steps of one activation row. Returns false if x holds a NaN or an infinity.
@@ -195,16 +195,16 @@ BLOCKOPS_TARGET_AVX2 __attribute__((always_inline)) inline void rows_product(con
   }
 }
 
-// Output rows [n0, n1): kRowsAtOnce at a time (fewer with more activation rows: at most 8 fp32 sums in registers),
-// then one at a time.
+// Output rows [n0, n1): kRowsAtOnce at a time, then one at a time.
 template <int D, int K, int M>
 BLOCKOPS_TARGET_AVX2 void tile_product(const uint8_t* codes, const Geometry& g, const int16_t* x16,
                                        const float* steps, const int16_t* cb, const float* scales, int64_t n0,
                                        int64_t n1, float* y) {
-  constexpr int kR = M == 1 ? kRowsAtOnce : 8 / M;
   const int64_t P = g.positions(), in = g.in();
   int64_t n = n0;
-  for (; n + kR <= n1; n += kR) rows_product<D, K, M, kR>(codes, P, in, x16, steps, cb, scales, n, g.out, y);
+  for (; n + kRowsAtOnce <= n1; n += kRowsAtOnce) {
+    rows_product<D, K, M, kRowsAtOnce>(codes, P, in, x16, steps, cb, scales, n, g.out, y);
+  }
   for (; n < n1; ++n) rows_product<D, K, M, 1>(codes, P, in, x16, steps, cb, scales, n, g.out, y);
 }
 

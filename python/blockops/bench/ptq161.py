@@ -54,7 +54,8 @@ class Config:
 
 
 QUICK_CPU = [Config(4096, 11008, 1), Config(4096, 11008, 4), Config(4096, 4096, 64)]
-FULL_CPU = [Config(i, o, m) for i, o in _LLAMA for m in (1, 4, 16, 64)] + [Config(2048, 5632, 1), Config(4096, 4096, 512)]
+FULL_CPU = [Config(i, o, m) for i, o in _LLAMA for m in (1, 4, 16, 64)] + \
+           [Config(2048, 5632, 1), Config(4096, 4096, 512)]
 
 
 def packed_weights(c: Config, device: str, factor_dtype=torch.float16) -> tuple[dict, int]:

@@ -13,7 +13,8 @@ x, codes, codebooks and scales; the reference weight of each weight (``ref_vq_de
 timed, and shared by the rows of that weight. Tolerance (``tolerance()``): fp32 outputs 2e-4, tests/test_vq.py's
 contract: exact fp32 tables or decoded fp32 blocks with fp32 accumulation (about 1e-6 measured), except 1-2 rows of
 k <= 64 codes (every AVX2 CPU), whose sub-table kernel rounds its tables to int16 (4e-5 measured on
-the 3-bit rows; the same 2e-4 as the low-bit 16-bit fixed-point path); fp16/bf16 outputs
+the 3-bit rows), and 1-2 rows of k = 256 codes on AVX2 CPUs without VBMI, whose codeword kernel rounds codewords and
+activations to int16 (6-8e-5): the same 2e-4 as the low-bit 16-bit fixed-point path; fp16/bf16 outputs
 1e-5 + 2 units of the dtype's rounding u: y is rounded once to its dtype (<= u of max |y|), and on the paths that
 round W_hat to x's dtype before the product (bf16 blocks + GEMM on the CPU above the GEMV rows, mma.sync tiles on
 CUDA) that adds a sum of independent roundings, well under u of max |y|; the byte-plane kernel's int16 tables (bf16
@@ -210,7 +211,8 @@ def _run_cpu(device: str, configs: list[Config], refs: SharedReferences) -> list
         reference_ms = time_ms(lambda: ref_vq_linear(x32, codes, codebooks, scales), device)
         # Both activation dtypes: fp32 runs the fp32 table kernel, bf16 (small batches, AVX-512 VBMI) the
         # int16 byte-plane one (1-2 rows of k <= 64 codes take the int16 sub-table kernel with either dtype, on
-        # every AVX2 CPU); each against dense F.linear in fp32 and bf16.
+        # every AVX2 CPU; 1-2 rows of k = 256 codes the int16 codeword kernel on AVX2 CPUs without VBMI); each
+        # against dense F.linear in fp32 and bf16.
         for x_dtype in (torch.float32, torch.bfloat16):
             x = x32.to(x_dtype)
             _, w_ref = refs.get(_weight_key(c), lambda: ref_vq_dequantize(codes, codebooks, scales))
